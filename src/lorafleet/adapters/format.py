@@ -1,0 +1,209 @@
+"""The adapter as data: PEFT's directory format (adapter_config.json + adapter_model.safetensors).
+
+lorafleet's own metadata (base fingerprint, method, creation time) rides in the safetensors
+header under the key "lorafleet" as a JSON string; PEFT ignores header keys it does not know,
+so every directory written here still loads in PEFT and vLLM unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lorafleet.errors import LorafleetError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+META_KEY = "lorafleet"
+# Pickle-based files are never opened: loading them can run arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+SUPPORTED_PEFT_TYPES = ("LORA", "MISS")
+
+
+class AdapterError(LorafleetError):
+    """An adapter that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: Path | str, problem: str):
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass
+class Adapter:
+    """A PEFT adapter in memory: its config dict, its tensors (PEFT's on-disk keys), our metadata."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type", "")).upper()
+
+    @property
+    def rank(self) -> int:
+        return int(self.config.get("r", 0))
+
+    @property
+    def alpha(self) -> float | None:
+        return self.config.get("lora_alpha") if self.peft_type == "LORA" else None
+
+    @property
+    def method(self) -> str:
+        """lora | rslora | dora | bone | bat | mini (from the config, not from our metadata)."""
+        if self.peft_type == "MISS":
+            init = self.config.get("init_weights", True)
+            return init if isinstance(init, str) else "bone"
+        if self.config.get("use_dora"):
+            return "dora"
+        return "rslora" if self.config.get("use_rslora") else "lora"
+
+    @property
+    def targets(self) -> list[str] | str:
+        targets = self.config.get("target_modules") or []
+        return targets if isinstance(targets, str) else sorted(targets)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    def where(self, name: str = CONFIG_NAME) -> Path | str:
+        return self.path / name if self.path is not None else name
+
+
+def _json_default(value):
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _read_config(path: Path) -> dict:
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise AdapterError(file, "missing (not a PEFT adapter directory)")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise AdapterError(file, "empty file")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AdapterError(file, f"invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(file, f"JSON is a {type(config).__name__}, expected an object")
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "BONE":
+        raise AdapterError(
+            file, "peft_type BONE was removed from PEFT; convert it to MISS (same math)"
+        )
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        known = ", ".join(SUPPORTED_PEFT_TYPES)
+        raise AdapterError(file, f"unknown peft_type {config.get('peft_type')!r} (expected {known})")
+    return config
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    file = path / WEIGHTS_NAME
+    if not file.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterError(
+                path / pickles[0],
+                "pickle weights are never loaded (unsafe); save the adapter as safetensors",
+            )
+        raise AdapterError(file, "missing")
+    if file.stat().st_size == 0:
+        raise AdapterError(file, "empty file")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open API)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(file, f"not a valid safetensors file ({exc})") from exc
+    if not tensors:
+        raise AdapterError(file, "holds no tensors")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterError(file, f"tensor {key} has non-finite values (NaN or inf)")
+    meta = {}
+    if META_KEY in header:
+        try:
+            meta = json.loads(header[META_KEY])
+        except json.JSONDecodeError:
+            meta = {}
+    return tensors, meta if isinstance(meta, dict) else {}
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    """Read a PEFT adapter directory without unpickling anything; file-level checks only."""
+    path = Path(path)
+    if not path.exists():
+        raise AdapterError(path, "no such adapter directory")
+    if not path.is_dir():
+        raise AdapterError(path, "not a directory (an adapter is a PEFT adapter directory)")
+    config = _read_config(path)
+    tensors, meta = _read_tensors(path)
+    return Adapter(config=config, tensors=tensors, meta=meta, path=path)
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Write through a temp file in the same directory, then rename over the target."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _model_card(adapter: Adapter) -> str:
+    meta = adapter.meta
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {adapter.config.get('base_model_name_or_path') or 'unknown'}",
+        "tags: [lorafleet, " + adapter.method + "]",
+        "---",
+        "",
+        f"# {adapter.method} adapter written by lorafleet",
+        "",
+        f"- method: {adapter.method}, rank {adapter.rank}"
+        + (f", alpha {adapter.alpha}" if adapter.alpha is not None else ""),
+        f"- targets: {adapter.targets}",
+        f"- parameters: {adapter.num_parameters:,}",
+        f"- base fingerprint: {meta.get('base_fingerprint', 'unknown')}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_adapter(path: str | Path, adapter: Adapter) -> Path:
+    """Write `adapter` as a PEFT directory. Each file is replaced atomically; the config goes
+    last, so a crash mid-write never leaves a config that points at missing weights."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for key, t in adapter.tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterError(path / WEIGHTS_NAME, f"refusing to write non-finite tensor {key}")
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in adapter.tensors.items()}
+    header = {"format": "pt", META_KEY: json.dumps(adapter.meta, sort_keys=True)}
+    # Drop an older config first: a crash below then leaves "config missing", never an old
+    # config paired with new weights.
+    (path / CONFIG_NAME).unlink(missing_ok=True)
+    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
+    config_text = json.dumps(adapter.config, indent=2, sort_keys=True, default=_json_default)
+    card = _model_card(adapter)
+    _atomic_write(path / "README.md", lambda tmp: Path(tmp).write_text(card))
+    _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text + "\n"))
+    adapter.path = path
+    return path

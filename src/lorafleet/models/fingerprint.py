@@ -1,0 +1,33 @@
+"""A base model's fingerprint: architecture + parameter shapes + a hash of a few weight slices."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+# How many leading elements of each sampled tensor enter the hash: enough to tell two
+# trainings or two checkpoints apart, small enough to stay well under a millisecond.
+SAMPLE_ELEMENTS = 4096
+
+
+def _bf16_bytes(t: torch.Tensor) -> bytes:
+    # Hash bf16-rounded values so the same weights loaded as fp32, fp16 or bf16 agree.
+    flat = t.detach().flatten()[:SAMPLE_ELEMENTS].to("cpu", torch.bfloat16)
+    return flat.view(torch.int16).numpy().tobytes()
+
+
+def fingerprint(model: nn.Module) -> str:
+    """`<model_type>-<16 hex>`; equal for the same weights whatever dtype or file they came from."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None) or model.__class__.__name__.lower()
+    params = list(model.named_parameters())  # named_parameters() lists a tied weight once
+    digest = hashlib.sha256(model_type.encode())
+    for name, p in params:
+        digest.update(f"{name}:{tuple(p.shape)};".encode())
+    if params:
+        picks = sorted({0, len(params) // 2, len(params) - 1})
+        for i in picks:
+            digest.update(_bf16_bytes(params[i][1]))
+    return f"{model_type}-{digest.hexdigest()[:16]}"

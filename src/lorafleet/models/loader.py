@@ -1,0 +1,143 @@
+"""Load a base model and its tokenizer; GGUF files are de-quantised once and cached as safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from lorafleet.errors import LorafleetError
+from lorafleet.models.fingerprint import fingerprint
+from lorafleet.models.sources import BaseSource, embedded_gguf_path, resolve_base
+from lorafleet.paths import cache_dir
+
+MARKER = "lorafleet-cache.json"  # written last: a cache dir without it is incomplete
+
+
+@dataclass
+class Base:
+    """A loaded base model with what adapters need to know about it."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: object
+    fingerprint: str
+    source: BaseSource
+    from_cache: bool
+    load_seconds: float
+
+
+@contextmanager
+def _quiet_transformers(show_progress: bool):
+    """Silence transformers' warnings (and its progress bars unless the work is long)."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    if not show_progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def _cache_key(source: BaseSource) -> str:
+    if source.embedded is not None:
+        return f"{source.name}-{source.embedded.cache_tag()}"
+    stat = Path(source.location).stat()
+    ident = f"{Path(source.location).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{Path(source.location).stem}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def converted_dir(source: BaseSource) -> Path:
+    """Where the de-quantised safetensors copy of a GGUF base lives."""
+    return cache_dir() / "models" / _cache_key(source)
+
+
+def _gguf_file(source: BaseSource) -> Path:
+    if source.embedded is not None:
+        return embedded_gguf_path(source.embedded, cache_dir() / "gguf")
+    return Path(source.location)
+
+
+def _convert_gguf(source: BaseSource, target: Path) -> None:
+    """De-quantise a GGUF file with transformers and save it (model + tokenizer) atomically."""
+    gguf = _gguf_file(source)
+    print(
+        f"lorafleet: converting {gguf.name} to safetensors (first use only) -> {target}",
+        file=sys.stderr,
+    )
+    with _quiet_transformers(show_progress=True):
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The de-quantised weights are plain tensors; drop the GGUF quantizer so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with _quiet_transformers(show_progress=False):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"source": str(gguf), "name": source.name}))
+        if target.exists():  # a stale or half-written copy from an older run
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _from_dir(path: str | Path, dtype: torch.dtype, show_progress: bool = False):
+    with _quiet_transformers(show_progress=show_progress):
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model, tokenizer
+
+
+def load_base(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Base:
+    """Load `default`, `gemma-270m`, a model dir, a .gguf file or a hub id, in eval mode."""
+    start = time.perf_counter()
+    source = resolve_base(name)
+    from_cache = False
+    try:
+        if source.kind in ("embedded", "gguf"):
+            target = converted_dir(source)
+            from_cache = (target / MARKER).is_file()
+            if not from_cache:
+                _convert_gguf(source, target)
+            model, tokenizer = _from_dir(target, dtype)
+        elif source.kind == "dir":
+            model, tokenizer = _from_dir(source.location, dtype)
+        else:
+            model, tokenizer = _from_dir(source.location, dtype, show_progress=True)
+    except LorafleetError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        where = "the hub (are you online?)" if source.kind == "hub" else source.location
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise LorafleetError(f"could not load base '{name}' from {where}: {first}") from exc
+    model.to(device).eval()
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Base(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=fingerprint(model),
+        source=source,
+        from_cache=from_cache,
+        load_seconds=time.perf_counter() - start,
+    )

@@ -106,7 +106,9 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
     seed: int | None = typer.Option(None, "--seed", help="Seed for sampling."),
-    no_chat: bool = typer.Option(False, "--no-chat", help="Send the prompt without the chat template."),
+    no_chat: bool = typer.Option(
+        False, "--no-chat", help="Send the prompt without the chat template."
+    ),
     force: bool = ForceOpt,
     max_rank: int = MaxRankOpt,
 ):

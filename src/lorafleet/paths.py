@@ -13,7 +13,7 @@ def cache_dir() -> Path:
 
 
 def data_dir() -> Path | None:
-    """The real data sets: `$LORAFLEET_DATA`, else `../shared/data` beside the checkout if present."""
+    """The real data sets: `$LORAFLEET_DATA`, else `../shared/data` beside the checkout."""
     env = os.environ.get("LORAFLEET_DATA")
     if env:
         return Path(env).expanduser()

@@ -44,9 +44,7 @@ def load_adapter(
 ) -> tuple[Adapter, PeftModel]:
     """Read, check and attach an adapter directory; errors name the file and the problem."""
     adapter = read_adapter(path)
-    check_adapter(
-        adapter, model, base_fingerprint=base_fingerprint, max_rank=max_rank, force=force
-    )
+    check_adapter(adapter, model, base_fingerprint=base_fingerprint, max_rank=max_rank, force=force)
     return adapter, attach(model, adapter, adapter_name)
 
 

@@ -37,7 +37,7 @@ class AdapterError(LorafleetError):
 
 @dataclass
 class Adapter:
-    """A PEFT adapter in memory: its config dict, its tensors (PEFT's on-disk keys), our metadata."""
+    """A PEFT adapter in memory: config dict, tensors (PEFT's on-disk keys), our metadata."""
 
     config: dict
     tensors: dict[str, torch.Tensor]
@@ -107,7 +107,9 @@ def _read_config(path: Path) -> dict:
         )
     if peft_type not in SUPPORTED_PEFT_TYPES:
         known = ", ".join(SUPPORTED_PEFT_TYPES)
-        raise AdapterError(file, f"unknown peft_type {config.get('peft_type')!r} (expected {known})")
+        raise AdapterError(
+            file, f"unknown peft_type {config.get('peft_type')!r} (expected {known})"
+        )
     return config
 
 

@@ -1,4 +1,4 @@
-"""Adapter methods by name (lora, rslora, dora, bone) as PEFT configs, with A Note on LoRA's defaults."""
+"""Adapter methods by name (lora, rslora, dora, bone) as PEFT configs, with sane defaults."""
 
 from __future__ import annotations
 

@@ -24,12 +24,16 @@ def _rank_for(adapter: Adapter, module: str) -> int:
 
 def _check_rank(adapter: Adapter, max_rank: int) -> None:
     ranks = {"r": adapter.config.get("r")}
-    ranks.update({f"rank_pattern[{k}]": v for k, v in (adapter.config.get("rank_pattern") or {}).items()})
+    ranks.update(
+        {f"rank_pattern[{k}]": v for k, v in (adapter.config.get("rank_pattern") or {}).items()}
+    )
     for where, r in ranks.items():
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise AdapterError(adapter.where(), f"{where} must be a positive integer, got {r!r}")
         if r > max_rank:
-            raise AdapterError(adapter.where(), f"rank {r} ({where}) is above the limit of {max_rank}")
+            raise AdapterError(
+                adapter.where(), f"rank {r} ({where}) is above the limit of {max_rank}"
+            )
 
 
 def _target_matches(target: str, names: list[str]) -> bool:
@@ -48,12 +52,15 @@ def _check_targets(adapter: Adapter, linear_names: list[str]) -> None:
         except re.error as exc:
             raise AdapterError(adapter.where(), f"target_modules regex is invalid ({exc})") from exc
         if not ok:
-            raise AdapterError(adapter.where(), f"target_modules {targets!r} matches no layer of the base")
+            raise AdapterError(
+                adapter.where(), f"target_modules {targets!r} matches no layer of the base"
+            )
         return
     missing = [t for t in targets if not _target_matches(str(t), linear_names)]
     if missing:
         raise AdapterError(
-            adapter.where(), f"target modules the base lacks: {', '.join(map(str, sorted(missing)))}"
+            adapter.where(),
+            f"target modules the base lacks: {', '.join(map(str, sorted(missing)))}",
         )
 
 
@@ -98,8 +105,9 @@ def _check_tensors(adapter: Adapter, model: nn.Module) -> None:
             if name in params:
                 if tuple(tensor.shape) != tuple(params[name].shape):
                     raise AdapterError(
-                        file, f"tensor {key} has shape {tuple(tensor.shape)}, "
-                        f"the base's {name} is {tuple(params[name].shape)}"
+                        file,
+                        f"tensor {key} has shape {tuple(tensor.shape)}, "
+                        f"the base's {name} is {tuple(params[name].shape)}",
                     )
                 continue
             raise AdapterError(file, f"unexpected tensor {key} for peft_type {adapter.peft_type}")
@@ -108,7 +116,9 @@ def _check_tensors(adapter: Adapter, model: nn.Module) -> None:
         if module is None:
             raise AdapterError(file, f"tensor {key} targets {module_name}, which the base lacks")
         if not isinstance(module, nn.Linear):
-            raise AdapterError(file, f"{module_name} is a {type(module).__name__}, not a linear layer")
+            raise AdapterError(
+                file, f"{module_name} is a {type(module).__name__}, not a linear layer"
+            )
         expected = _expected_shape(adapter, suffix, module, _rank_for(adapter, module_name))
         if tuple(tensor.shape) != expected:
             raise AdapterError(
@@ -118,7 +128,9 @@ def _check_tensors(adapter: Adapter, model: nn.Module) -> None:
     if adapter.peft_type == "LORA":
         for module_name, parts in seen.items():
             if not {"lora_A.weight", "lora_B.weight"} <= parts:
-                raise AdapterError(file, f"{module_name} has only {sorted(parts)}; LoRA needs A and B")
+                raise AdapterError(
+                    file, f"{module_name} has only {sorted(parts)}; LoRA needs A and B"
+                )
     if not seen:
         raise AdapterError(file, f"holds no {adapter.peft_type} weights")
 

@@ -1,7 +1,7 @@
 """Base models: embedded defaults, local dirs, .gguf files and hub ids; fingerprints; generation."""
 
-from lorafleet.models.fingerprint import fingerprint
 from lorafleet.linear_layers import block_linear_modules, target_names
+from lorafleet.models.fingerprint import fingerprint
 from lorafleet.models.inspect import describe_model
 from lorafleet.models.loader import Base, load_base
 from lorafleet.models.sources import EMBEDDED, BaseSource, resolve_base

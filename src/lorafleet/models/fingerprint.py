@@ -18,11 +18,28 @@ def _bf16_bytes(t: torch.Tensor) -> bytes:
     return flat.view(torch.int16).numpy().tobytes()
 
 
+def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The base model's own parameters under their own names, also when PEFT has wrapped it:
+    adapter weights are left out and PEFT's `base_model.model.` / `.base_layer` are undone."""
+    adapter_params: set[int] = set()
+    for module in model.modules():
+        for attr in getattr(module, "adapter_layer_names", ()):  # PEFT's tuner layers
+            adapter_params.update(id(p) for p in getattr(module, attr).parameters())
+    params = []
+    for name, p in model.named_parameters():  # lists a tied weight once
+        if id(p) in adapter_params:
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        params.append((name, p))
+    return params
+
+
 def fingerprint(model: nn.Module) -> str:
-    """`<model_type>-<16 hex>`; equal for the same weights whatever dtype or file they came from."""
+    """`<model_type>-<16 hex>`; equal for the same weights whatever dtype or file they came from,
+    and whether or not adapters are attached."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) or model.__class__.__name__.lower()
-    params = list(model.named_parameters())  # named_parameters() lists a tied weight once
+    params = _base_parameters(model)
     digest = hashlib.sha256(model_type.encode())
     for name, p in params:
         digest.update(f"{name}:{tuple(p.shape)};".encode())

@@ -1,4 +1,4 @@
-"""What a base model offers adapters: its family, size and the linear layers that can be targeted."""
+"""What a base model offers adapters: family, size and the linear layers to target."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Load a base model and its tokenizer; GGUF files are de-quantised once and cached as safetensors."""
+"""Load a base model and tokenizer; GGUF files are de-quantised once and cached as safetensors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Resolve what the user typed as `--base` into a source: embedded GGUF, local dir, .gguf file, hub id."""
+"""Resolve a `--base` value into a source: embedded GGUF, local dir, .gguf file or hub id."""
 
 from __future__ import annotations
 
@@ -67,7 +67,9 @@ def resolve_base(name: str) -> BaseSource:
     """Turn a `--base` value into a BaseSource, or raise a one-line LorafleetError."""
     name = name.strip()
     if not name:
-        raise LorafleetError("--base is empty: use default, gemma-270m, a model dir or a .gguf file")
+        raise LorafleetError(
+            "--base is empty: use default, gemma-270m, a model dir or a .gguf file"
+        )
     if name in EMBEDDED:
         emb = EMBEDDED[name]
         return BaseSource(name, "embedded", emb.module, emb.display_name, emb)

@@ -130,6 +130,29 @@ def generate(
     typer.echo(text)
 
 
+bench_app = typer.Typer(
+    help="Benchmarks (not tests): each prints a table and writes its figures as JSON.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("load")
+def bench_load(
+    models: list[str] = typer.Option(["default"], "--model", "-m", help="Repeat for several."),
+    json_out: Path = typer.Option(Path("bench/results/load.json"), "--json"),
+):
+    """Cold (GGUF de-quantising) vs warm (cached) load time of base models.
+
+    Example:
+
+        lorafleet bench load --model default --model gemma-270m
+    """
+    from lorafleet.bench.load import run
+
+    run(models, json_out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): each prints a table and writes its figures as JSON (`lorafleet bench`)."""
+"""Benchmarks (not tests): each prints a table and writes its figures as JSON."""
 
 from __future__ import annotations
 

@@ -40,6 +40,9 @@ def default_tokenizer():
 def tiny_llama_config(vocab_size: int = 49152, hidden: int = 64, layers: int = 2) -> LlamaConfig:
     """A 2-layer, 64-wide Llama shaped like SmolLM2 (GQA, tied embeddings)."""
     return LlamaConfig(
+        # Wider than the usual 0.02: with a frozen tied head that small, the logits of a
+        # 64-wide model could move by only ~1 nat and no adapter could visibly learn.
+        initializer_range=0.1,
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=hidden * 2,

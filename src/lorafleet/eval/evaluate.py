@@ -1,0 +1,81 @@
+"""Evaluate a model on an ExampleSet: its task metric plus target-token loss and perplexity."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+from lorafleet.data import ExampleSet, encode_all
+from lorafleet.errors import LorafleetError
+from lorafleet.eval.metrics import accuracy, contains, exact_match, perplexity
+from lorafleet.eval.scoring import choice_logprobs, generate_greedy, token_loss
+
+METRICS = ("accuracy", "exact_match", "contains", "perplexity")
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, unit="ex")
+
+
+def evaluate(
+    model,
+    tokenizer,
+    examples: ExampleSet,
+    *,
+    metrics: tuple[str, ...] | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    max_length: int = 1024,
+    show_progress: bool = False,
+    return_predictions: bool = False,
+) -> dict:
+    """Returns {"examples", metric: value, "loss", "perplexity", ["predictions"]}; the default
+    metric is the data set's own (accuracy for choice tasks, exact match for generation)."""
+    metrics = tuple(metrics or (examples.metric, "perplexity"))
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise LorafleetError(f"unknown metric {unknown[0]!r}: use {', '.join(METRICS)}")
+    rows = examples.examples
+    result: dict = {"examples": len(rows)}
+    was_training = model.training
+    model.eval()
+    try:
+        if "accuracy" in metrics:
+            if any(not ex.choices for ex in rows):
+                raise LorafleetError(f"{examples.name}: accuracy needs examples with choices")
+            total = sum(len(ex.choices) for ex in rows)
+            with _progress_bar(total, "scoring choices", show_progress) as bar:
+                scores = choice_logprobs(
+                    model, tokenizer, rows, batch_size=batch_size, max_length=max_length,
+                    progress=bar.update if bar else None,
+                )  # fmt: skip
+            predicted = scores.argmax(dim=1).tolist()
+            result["accuracy"] = accuracy(predicted, [ex.label for ex in rows])
+            if return_predictions:
+                result["predictions"] = [
+                    ex.choices[p] for ex, p in zip(rows, predicted, strict=True)
+                ]
+        if "exact_match" in metrics or "contains" in metrics:
+            with _progress_bar(len(rows), "generating", show_progress) as bar:
+                texts = generate_greedy(
+                    model, tokenizer, [ex.prompt for ex in rows], max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, progress=bar.update if bar else None,
+                )  # fmt: skip
+            refs = [ex.target for ex in rows]
+            for name, fn in (("exact_match", exact_match), ("contains", contains)):
+                if name in metrics:
+                    result[name] = fn(texts, refs, examples.answer_marker)
+            if return_predictions:
+                result["predictions"] = texts
+        if "perplexity" in metrics:
+            encoded, _ = encode_all(rows, tokenizer, max_length)
+            loss, tokens = token_loss(
+                model, encoded, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size
+            )
+            result.update(loss=loss, perplexity=perplexity(loss), target_tokens=tokens)
+    finally:
+        model.train(was_training)
+    return result

@@ -177,6 +177,7 @@ def train(
         0, "--eval-every", help="Validate every N steps (0: at the end)."
     ),
     eval_limit: int | None = typer.Option(200, "--eval-limit", help="Validation rows used."),
+    val_metric: list[str] = typer.Option([], "--val-metric", help="Validation metric; repeatable."),
     train_limit: int | None = typer.Option(
         None, "--train-limit", help="Use only the first N rows."
     ),
@@ -208,7 +209,8 @@ def train(
         weight_decay=weight_decay, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
         max_grad_norm=max_grad_norm, max_length=max_length, on_overflow=on_overflow,
         packing=packing, seed=seed, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-        eval_every=eval_every, eval_limit=eval_limit, train_limit=train_limit,
+        eval_every=eval_every, eval_limit=eval_limit, val_metrics=tuple(val_metric) or None,
+        train_limit=train_limit,
         save_every=save_every, keep_checkpoints=keep_checkpoints, chat=not no_chat, resume=resume,
     )  # fmt: skip
     trainer = Trainer(cfg)
@@ -298,6 +300,58 @@ def bench_load(
     from lorafleet.bench.load import run
 
     run(models, json_out)
+
+
+@bench_app.command("train")
+def bench_train(
+    base: str = typer.Option("default", "--base", "-b", help=BASE_HELP),
+    data: str = typer.Option("sst2", "--data", "-d"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    steps: int = typer.Option(6, "--steps", min=1, help="Timed steps per round (after 2 warmup)."),
+    rounds: int = typer.Option(2, "--rounds", min=1, help="Alternating rounds per variant."),
+    no_chat: bool = typer.Option(True, "--no-chat/--chat"),
+    json_out: Path = typer.Option(Path("bench/results/train_step.json"), "--json"),
+):
+    """Training step time of lorafleet vs a plain PEFT + transformers loop, and peak memory.
+
+    Example:
+
+        lorafleet bench train --base default --data sst2 --batch-size 8
+    """
+    import tempfile
+
+    from lorafleet.bench.train_step import run
+
+    with tempfile.TemporaryDirectory() as scratch:
+        run(base, data, batch_size, steps, rounds, not no_chat, json_out, scratch)
+
+
+@bench_app.command("rslora")
+def bench_rslora(
+    base: str = typer.Option("default", "--base", "-b", help=BASE_HELP),
+    data: str = typer.Option("gsm8k", "--data", "-d"),
+    ranks: list[int] = typer.Option([4, 16, 64, 256], "--rank", "-r", help="Repeatable."),
+    alpha: float = typer.Option(16.0, "--alpha"),
+    steps: int = typer.Option(30, "--steps", min=1),
+    lr: float = typer.Option(5e-4, "--lr"),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    max_length: int = typer.Option(128, "--max-length", min=8),
+    train_limit: int = typer.Option(2000, "--train-limit", min=1),
+    eval_limit: int = typer.Option(40, "--eval-limit", min=1),
+    no_chat: bool = typer.Option(True, "--no-chat/--chat"),
+    out_dir: Path = typer.Option(Path("runs/rslora"), "--out"),
+    json_out: Path = typer.Option(Path("bench/results/rslora.json"), "--json"),
+):
+    """rsLoRA reproduction: ranks x {alpha/r, alpha/sqrt(r)} on the same data and steps.
+
+    Example:
+
+        lorafleet bench rslora --base default --data gsm8k --steps 30
+    """
+    from lorafleet.bench.rslora import run
+
+    run(base, data, ranks, alpha, steps, lr, batch_size, max_length, train_limit, eval_limit,
+        not no_chat, out_dir, json_out)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

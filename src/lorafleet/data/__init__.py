@@ -1,6 +1,6 @@
 """Data for training and evaluation: user files, built-in tasks, prompt masking, batching."""
 
-from lorafleet.data.encode import Collator, Encoded, encode, encode_all, pack
+from lorafleet.data.encode import Collator, Encoded, bos_to_add, encode, encode_all, pack
 from lorafleet.data.examples import DataError, Example, ExampleSet
 from lorafleet.data.load import load_examples, split_name
 from lorafleet.data.tasks import BUILTIN_TASKS, BuiltinTask
@@ -12,6 +12,7 @@ __all__ = [
     "DataError",
     "Encoded",
     "Example",
+    "bos_to_add",
     "ExampleSet",
     "encode",
     "encode_all",

@@ -34,7 +34,7 @@ def _check(max_length: int, on_overflow: str) -> None:
         raise DataError(f"max_length must be a whole number >= 2, got {max_length!r}")
 
 
-def _bos_to_add(tokenizer: Any) -> int | None:
+def bos_to_add(tokenizer: Any) -> int | None:
     """The BOS id when the tokenizer adds one by default (Llama-style), else None.
 
     Prompt and target are tokenised without special tokens so that the loss boundary is exact;
@@ -94,7 +94,7 @@ def encode(
     encoded, _ = _build(
         prompt,
         target,
-        bos=_bos_to_add(tokenizer),
+        bos=bos_to_add(tokenizer),
         eos=tokenizer.eos_token_id,
         max_length=max_length,
         on_overflow=on_overflow,
@@ -115,7 +115,7 @@ def encode_all(
     items = list(examples.examples if isinstance(examples, ExampleSet) else examples)
     prompts = _ids(tokenizer, [e.prompt for e in items])
     targets = _ids(tokenizer, [e.target for e in items])
-    bos, eos = _bos_to_add(tokenizer), tokenizer.eos_token_id
+    bos, eos = bos_to_add(tokenizer), tokenizer.eos_token_id
     encoded: list[Encoded] = []
     truncated = dropped = 0
     for prompt, target in zip(prompts, targets, strict=True):

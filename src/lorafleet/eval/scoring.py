@@ -7,11 +7,18 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from lorafleet.data import Collator, Encoded, Example
+from lorafleet.data import Collator, Encoded, Example, bos_to_add
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    """Prompt tokens exactly as training saw them (with the BOS the tokenizer would add)."""
+    ids = _token_ids(tokenizer, text)
+    bos = bos_to_add(tokenizer)
+    return [bos, *ids] if bos is not None and ids[:1] != [bos] else ids
 
 
 @torch.inference_mode()
@@ -24,7 +31,7 @@ def choice_logprobs(
     the left, as in training."""
     pairs: list[tuple[int, int, list[int], int]] = []  # (example, choice, ids, n_choice_tokens)
     for i, ex in enumerate(examples):
-        prompt = _token_ids(tokenizer, ex.prompt)
+        prompt = _prompt_ids(tokenizer, ex.prompt)
         for c, choice in enumerate(ex.choices or ()):
             target = _token_ids(tokenizer, choice)
             ids = (prompt + target)[-max_length:]
@@ -59,7 +66,7 @@ def generate_greedy(
 ) -> list[str]:  # fmt: skip
     """Greedy continuations of each prompt (left-padded batches), special tokens removed."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [_token_ids(tokenizer, p) for p in prompts]
+    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda k: -len(encoded[k]))
     for start in range(0, len(order), batch_size):

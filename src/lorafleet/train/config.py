@@ -41,6 +41,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     eval_every: int = 0  # 0 = only at the end
     eval_limit: int | None = 200
+    val_metrics: tuple[str, ...] | None = None  # None: the validation set's own metric
     train_limit: int | None = None
     save_every: int = 50
     keep_checkpoints: int = 2

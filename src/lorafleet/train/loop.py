@@ -199,8 +199,8 @@ class Trainer:
             self.dist.barrier()
             return None
         figures = evaluate(
-            self.model, self.base.tokenizer, self.val_set, batch_size=self.cfg.batch_size,
-            max_length=self.cfg.max_length,
+            self.model, self.base.tokenizer, self.val_set, metrics=self.cfg.val_metrics,
+            batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
         )  # fmt: skip
         self.model.train()
         record = {"split": "val", "step": step, "val_loss": figures.get("loss")}

@@ -1,0 +1,91 @@
+"""The `lorafleet` command line: thin Typer commands over the library (no logic here)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import typer
+
+from lorafleet.errors import LorafleetError
+
+app = typer.Typer(
+    name="lorafleet",
+    help="Train, calibrate, federate, compose, transfer and serve LoRA adapters on one base model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+BASE_HELP = "Base model: default, gemma-270m, a model directory, a .gguf file or a hub id."
+BaseOpt = typer.Option(..., "--base", "-b", help=BASE_HELP)
+AdapterOpt = typer.Option(None, "--adapter", "-a", help="A PEFT adapter directory to attach.")
+ForceOpt = typer.Option(False, "--force", help="Load an adapter trained on another base anyway.")
+MaxRankOpt = typer.Option(256, "--max-rank", min=1, help="Refuse adapters above this rank.")
+
+
+def _load(base: str, adapter: Path | None, force: bool, max_rank: int):
+    # Heavy imports happen here so `lorafleet --help` stays fast.
+    from lorafleet.adapters import load_adapter
+    from lorafleet.models import load_base
+
+    loaded = load_base(base)
+    if adapter is None:
+        return loaded, None, loaded.model
+    info, model = load_adapter(
+        adapter, loaded.model, base_fingerprint=loaded.fingerprint, max_rank=max_rank, force=force
+    )
+    return loaded, info, model
+
+
+def _print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    for section, values in report.items():
+        table = Table(title=section, show_header=False, title_justify="left")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} x{v}" for k, v in value.items())
+            elif isinstance(value, list):
+                value = ", ".join(map(str, value))
+            elif isinstance(value, int) and not isinstance(value, bool):
+                value = f"{value:,}"
+            elif isinstance(value, float):
+                value = f"{value:.4g}"
+            table.add_row(key, str(value))
+        Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Library deprecation chatter is for developers; users see lorafleet's own messages.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        result = app(args=argv, prog_name="lorafleet", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except typer.TyperException as exc:  # Typer's usage errors (bad or missing options)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            return 0  # Typer has already printed the help
+        typer.echo(f"lorafleet: error: {' '.join(exc.format_message().split())}", err=True)
+        return 2
+    except LorafleetError as exc:
+        typer.echo(f"lorafleet: error: {exc}", err=True)
+        return 2
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("lorafleet: interrupted", err=True)
+        return 130
+    except Exception as exc:  # one line, not a traceback; LORAFLEET_DEBUG=1 re-raises
+        if os.environ.get("LORAFLEET_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        typer.echo(f"lorafleet: internal error: {type(exc).__name__}: {first}", err=True)
+        return 1
+
+
+# The command modules register themselves on `app` when imported.
+from lorafleet.cli import bench_cmds, model_cmds, train_cmds  # noqa: E402, F401

@@ -1,0 +1,7 @@
+"""`python -m lorafleet.cli ...` (used by torchrun)."""
+
+import sys
+
+from lorafleet.cli import main
+
+sys.exit(main())

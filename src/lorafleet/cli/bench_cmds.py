@@ -1,0 +1,83 @@
+"""`lorafleet bench ...`: benchmarks that print a table and write JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lorafleet.cli import BASE_HELP, app
+
+bench_app = typer.Typer(
+    help="Benchmarks (not tests): each prints a table and writes its figures as JSON.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("load")
+def bench_load(
+    models: list[str] = typer.Option(["default"], "--model", "-m", help="Repeat for several."),
+    json_out: Path = typer.Option(Path("bench/results/load.json"), "--json"),
+):
+    """Cold (GGUF de-quantising) vs warm (cached) load time of base models.
+
+    Example:
+
+        lorafleet bench load --model default --model gemma-270m
+    """
+    from lorafleet.bench.load import run
+
+    run(models, json_out)
+
+
+@bench_app.command("train")
+def bench_train(
+    base: str = typer.Option("default", "--base", "-b", help=BASE_HELP),
+    data: str = typer.Option("sst2", "--data", "-d"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    steps: int = typer.Option(6, "--steps", min=1, help="Timed steps per round (after 2 warmup)."),
+    rounds: int = typer.Option(2, "--rounds", min=1, help="Alternating rounds per variant."),
+    no_chat: bool = typer.Option(True, "--no-chat/--chat"),
+    json_out: Path = typer.Option(Path("bench/results/train_step.json"), "--json"),
+):
+    """Training step time of lorafleet vs a plain PEFT + transformers loop, and peak memory.
+
+    Example:
+
+        lorafleet bench train --base default --data sst2 --batch-size 8
+    """
+    import tempfile
+
+    from lorafleet.bench.train_step import run
+
+    with tempfile.TemporaryDirectory() as scratch:
+        run(base, data, batch_size, steps, rounds, not no_chat, json_out, scratch)
+
+
+@bench_app.command("rslora")
+def bench_rslora(
+    base: str = typer.Option("default", "--base", "-b", help=BASE_HELP),
+    data: str = typer.Option("gsm8k", "--data", "-d"),
+    ranks: list[int] = typer.Option([4, 16, 64, 256], "--rank", "-r", help="Repeatable."),
+    alpha: float = typer.Option(16.0, "--alpha"),
+    steps: int = typer.Option(30, "--steps", min=1),
+    lr: float = typer.Option(5e-4, "--lr"),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    max_length: int = typer.Option(128, "--max-length", min=8),
+    train_limit: int = typer.Option(2000, "--train-limit", min=1),
+    eval_limit: int = typer.Option(40, "--eval-limit", min=1),
+    no_chat: bool = typer.Option(True, "--no-chat/--chat"),
+    out_dir: Path = typer.Option(Path("runs/rslora"), "--out"),
+    json_out: Path = typer.Option(Path("bench/results/rslora.json"), "--json"),
+):
+    """rsLoRA reproduction: ranks x {alpha/r, alpha/sqrt(r)} on the same data and steps.
+
+    Example:
+
+        lorafleet bench rslora --base default --data gsm8k --steps 30
+    """
+    from lorafleet.bench.rslora import run
+
+    run(base, data, ranks, alpha, steps, lr, batch_size, max_length, train_limit, eval_limit,
+        not no_chat, out_dir, json_out)  # fmt: skip

@@ -1,0 +1,82 @@
+"""`lorafleet info` and `lorafleet generate`: look at a base model and an adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from lorafleet.cli import AdapterOpt, BaseOpt, ForceOpt, MaxRankOpt, _load, _print_report, app
+
+
+@app.command()
+def info(
+    base: str = BaseOpt,
+    adapter: Path | None = AdapterOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    force: bool = ForceOpt,
+    max_rank: int = MaxRankOpt,
+):
+    """Describe a base model (family, size, targetable layers) and optionally an adapter.
+
+    Examples:
+
+        lorafleet info --base default
+
+        lorafleet info --base default --adapter runs/sst2 --json
+    """
+    from lorafleet.adapters import describe_adapter
+    from lorafleet.models import describe_model
+
+    loaded, adapter_obj, _ = _load(base, adapter, force, max_rank)
+    report = {
+        "base": {
+            "name": base,
+            "model": loaded.source.display_name,
+            **describe_model(loaded.model),
+            "fingerprint": loaded.fingerprint,
+            "load_seconds": round(loaded.load_seconds, 2),
+            "from_cache": loaded.from_cache,
+        }
+    }
+    if adapter_obj is not None:
+        report["adapter"] = describe_adapter(adapter_obj, loaded.fingerprint)
+        report["adapter"]["compatible"] = True  # check_adapter passed (or --force)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    _print_report(report)
+
+
+@app.command()
+def generate(
+    base: str = BaseOpt,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
+    adapter: Path | None = AdapterOpt,
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1, max=8192),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for sampling."),
+    no_chat: bool = typer.Option(
+        False, "--no-chat", help="Send the prompt without the chat template."
+    ),
+    force: bool = ForceOpt,
+    max_rank: int = MaxRankOpt,
+):
+    """Generate a reply (greedy by default) and print only the generated text.
+
+    Examples:
+
+        lorafleet generate --base default --prompt "What is the capital of France?"
+
+        lorafleet generate --base default --adapter runs/sst2 --prompt "Great film!" --max-tokens 8
+    """
+    from lorafleet.models.generation import generate_text
+
+    loaded, _, model = _load(base, adapter, force, max_rank)
+    text = generate_text(
+        model, loaded.tokenizer, prompt, max_tokens=max_tokens, chat=not no_chat,
+        temperature=temperature, top_p=top_p, seed=seed,
+    )  # fmt: skip
+    typer.echo(text)

@@ -59,3 +59,12 @@ def test_refuses_to_write_non_finite_values(adapter, tmp_path):
     with pytest.raises(AdapterError, match="non-finite"):
         write_adapter(tmp_path / "a", adapter)
     assert not (tmp_path / "a" / "adapter_config.json").exists()
+
+
+def test_in_memory_adapter_looks_like_one_read_from_disk(adapter, tmp_path, tiny_model):
+    from lorafleet.adapters import attach
+
+    assert adapter.peft_type == "LORA" and adapter.method == "lora"
+    write_adapter(tmp_path / "a", adapter)
+    assert read_adapter(tmp_path / "a").config == adapter.config
+    attach(tiny_model, adapter)  # no round trip through files needed

@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from torch import nn
 
 from lorafleet import __version__
-from lorafleet.adapters.format import WEIGHTS_NAME, Adapter, AdapterError, read_adapter
+from lorafleet.adapters.format import WEIGHTS_NAME, Adapter, AdapterError, json_ready, read_adapter
 from lorafleet.adapters.methods import MethodConfig, peft_config_from_dict
 from lorafleet.adapters.validate import DEFAULT_MAX_RANK, check_adapter
 from lorafleet.linear_layers import target_names
@@ -57,7 +57,7 @@ def adapter_from_model(
 ) -> Adapter:
     """Snapshot a PEFT model's adapter as an Adapter (PEFT's exact keys and config)."""
     peft_config = peft_model.peft_config[adapter_name]
-    config = peft_config.to_dict()
+    config = json_ready(peft_config.to_dict())
     config["inference_mode"] = True
     tensors = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     adapter = Adapter(config=config, tensors=dict(tensors))

@@ -87,6 +87,12 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def json_ready(config: dict) -> dict:
+    """A config dict as it reads back from adapter_config.json (enums as strings, sets as
+    sorted lists), so in-memory and on-disk adapters look the same."""
+    return json.loads(json.dumps(config, default=_json_default))
+
+
 def _read_config(path: Path) -> dict:
     file = path / CONFIG_NAME
     if not file.is_file():

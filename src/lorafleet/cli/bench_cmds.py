@@ -81,3 +81,27 @@ def bench_rslora(
 
     run(base, data, ranks, alpha, steps, lr, batch_size, max_length, train_limit, eval_limit,
         not no_chat, out_dir, json_out)  # fmt: skip
+
+
+@bench_app.command("multilora")
+def bench_multilora(
+    base: str = typer.Option("default", "--base", "-b", help=BASE_HELP),
+    rank: int = typer.Option(16, "--rank", "-r", min=1),
+    adapters: list[int] = typer.Option([1, 4, 16, 64], "--adapters", "-k", help="Repeatable."),
+    layers: int = typer.Option(
+        4, "--layers", min=1, help="Decoder layers whose linears are timed."
+    ),
+    repeats: int = typer.Option(5, "--repeats", min=1),
+    threads: int | None = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+    json_out: Path = typer.Option(Path("bench/results/multilora.json"), "--json"),
+):
+    """The batched multi-adapter op vs the base layer and PEFT's mixed batch (decode, prefill).
+
+    Example:
+
+        lorafleet bench multilora --base default --adapters 1 --adapters 16
+    """
+    from lorafleet.bench.multilora import run
+
+    run(base=base, ranks=rank, adapters=adapters, json_out=json_out, repeats=repeats,
+        layers=layers, threads=threads)  # fmt: skip

@@ -1,0 +1,166 @@
+"""Benchmark: the stacked multi-adapter op vs the base layers alone and PEFT's mixed batch.
+
+On the real model's linears (the first `layers` decoder layers, all 7 linears each), for decode
+(`decode_rows` rows, one token each) and prefill (`prefill_shape` = sequences x tokens), with K
+resident adapters spread over the rows (row or sequence i uses adapter i mod K, so at most
+min(K, sequences) are distinct in a batch). Per case: rows/s of base + delta through
+MultiLoRALinear, relative to the base layers alone and to PEFT's `Linear(x, adapter_names=...)`
+holding the same K adapters, timed side by side (interleaved; median of `repeats`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafleet.bench import print_table, write_json
+
+DEFAULT_ADAPTERS = (1, 4, 16, 64)
+
+
+def _layer_index(name: str) -> int | None:
+    return next((int(part) for part in name.split(".") if part.isdigit()), None)
+
+
+def _median_seconds(fns: dict, repeats: int, target_s: float = 0.1) -> dict[str, float]:
+    """Median seconds per call of each fn, interleaved so drift on a busy machine hits all."""
+    inner = {}
+    for name, fn in fns.items():
+        fn()  # warm up (allocator, plans, lazy init)
+        start = time.perf_counter()
+        fn()
+        inner[name] = max(1, int(target_s / max(time.perf_counter() - start, 1e-6)))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            times[name].append((time.perf_counter() - start) / inner[name])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _peft_layers(linears: list[nn.Linear], stacks, k: int, rank: int) -> list[nn.Module]:
+    """PEFT LoRA Linear layers over the same base linears, holding the same K adapters."""
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as LoraLinear
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank)
+    layers = []
+    for linear, (A, Bt) in zip(linears, stacks, strict=True):
+        layer = LoraLinear(linear, "a1", config=config, r=rank, lora_alpha=2 * rank)
+        for s in range(2, k + 1):
+            layer.update_layer(f"a{s}", rank, lora_alpha=2 * rank, config=config)
+        with torch.no_grad():
+            for s in range(1, k + 1):
+                layer.lora_A[f"a{s}"].weight.copy_(A[s])
+                layer.lora_B[f"a{s}"].weight.copy_(Bt[s].T)
+        layers.append(layer.eval())
+    return layers
+
+
+def _timed_fns(linears, ours, peft, context, xs, slots) -> dict:
+    names = [f"a{s}" for s in slots]
+
+    def base():
+        for lin in linears:
+            lin(xs[lin.in_features])
+
+    def multi(path=None):
+        context.path = path
+        context.set_slots(slots)  # once per forward: the plan is rebuilt, and timed
+        for layer in ours:
+            layer(xs[layer.base_layer.in_features])
+
+    def peft_mixed():
+        for layer in peft:
+            layer(xs[layer.in_features], adapter_names=names)
+
+    return {
+        "base": base, "ours": multi, "peft": peft_mixed,
+        "segmented": lambda: multi("segmented"), "gathered": lambda: multi("gathered"),
+    }  # fmt: skip
+
+
+@torch.inference_mode()
+def run(
+    base: str = "default",
+    ranks: int = 16,
+    adapters: list[int] = DEFAULT_ADAPTERS,
+    decode_rows: int = 16,
+    prefill_shape: tuple[int, int] = (16, 64),
+    json_out: str | Path = "bench/results/multilora.json",
+    repeats: int = 5,
+    layers: int = 4,
+    threads: int | None = None,
+) -> list[dict]:
+    """Time decode and prefill per K in `adapters`; print a table, write JSON
+    ({"benchmark": "multilora", ..., "records": [...]}), and return the records.
+
+    `layers`: how many decoder layers' linears to run (4 of SmolLM2 already stream from memory
+    rather than cache, as a whole model does). `threads`: torch CPU threads (None = as set)."""
+    if threads:
+        torch.set_num_threads(threads)
+    from lorafleet.layers import MultiLoRAContext, MultiLoRALinear
+    from lorafleet.linear_layers import block_linear_modules
+    from lorafleet.models import load_base
+
+    model = load_base(base).model
+    named = {
+        n: m for n, m in block_linear_modules(model).items()
+        if (i := _layer_index(n)) is not None and i < layers
+    }  # fmt: skip
+    linears = list(named.values())
+    max_k, gen = max(adapters), torch.Generator().manual_seed(0)
+    # Random, non-zero weights in [S, r, d_in] / [S, r, d_out] (slot 0 = no adapter).
+    stacks = []
+    for lin in linears:
+        d_out, d_in = lin.weight.shape
+        A = torch.randn(max_k + 1, ranks, d_in, generator=gen) / d_in**0.5
+        Bt = torch.randn(max_k + 1, ranks, d_out, generator=gen) / ranks**0.5
+        stacks.append((A, Bt))
+    context = MultiLoRAContext()
+    ours = [MultiLoRALinear(lin, context, max_k, ranks) for lin in linears]
+    for layer, (A, Bt) in zip(ours, stacks, strict=True):
+        for s in range(1, max_k + 1):
+            layer.set_slot(s, A[s], Bt[s].T, 2.0)
+
+    records = []
+    phases = {"decode": (decode_rows,), "prefill": tuple(prefill_shape)}
+    for phase, lead in phases.items():
+        xs = {d: torch.randn(*lead, d, generator=gen) for d in {lin.in_features for lin in linears}}
+        tokens = torch.Size(lead).numel()
+        for k in adapters:
+            slots = [i % k + 1 for i in range(lead[0])]  # per row (decode) / sequence (prefill)
+            peft = _peft_layers(linears, stacks, k, ranks)
+            fns = _timed_fns(linears, ours, peft, context, xs, slots)
+            if phase == "prefill":  # gathering per row at prefill only repeats what decode shows
+                del fns["segmented"], fns["gathered"]
+            t = _median_seconds(fns, repeats)
+            context.path = None
+            context.set_slots(slots)
+            record = {
+                "phase": phase, "adapters": k, "distinct_in_batch": len(set(slots)),
+                "path": context.plan(torch.Size(lead), torch.device("cpu")).path,
+                "tokens_per_s": tokens / t["ours"], "vs_base": t["base"] / t["ours"],
+                "vs_peft": t["peft"] / t["ours"], "peft_vs_base": t["base"] / t["peft"],
+            }  # fmt: skip
+            for path in ("segmented", "gathered"):
+                if path in t:
+                    record[f"{path}_vs_base"] = t["base"] / t[path]
+            records.append(record)
+            print_table([record], list(record))
+            del peft
+    context.clear()
+    columns = ["phase", "adapters", "distinct_in_batch", "path", "tokens_per_s", "vs_base",
+               "vs_peft", "peft_vs_base", "segmented_vs_base", "gathered_vs_base"]  # fmt: skip
+    print_table([{c: r.get(c, "-") for c in columns} for r in records], columns)
+    figures = {"benchmark": "multilora", "base": base, "rank": ranks, "layers": layers,
+               "linears": len(linears), "decode_rows": decode_rows, "repeats": repeats,
+               "prefill_shape": list(prefill_shape), "records": records}  # fmt: skip
+    print(f"wrote {write_json(json_out, figures)}")
+    return records

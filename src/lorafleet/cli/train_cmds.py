@@ -76,7 +76,7 @@ def train(
 
         lorafleet train --base default --data my.jsonl --method rslora --rank 64 --out runs/x
 
-        torchrun --standalone --nproc-per-node 2 -m lorafleet.cli train --data sst2 --out runs/ddp
+        torchrun --standalone --nproc-per-node 2 -m lorafleet.cli train -b default -d sst2 -o ddp
     """
     from lorafleet.adapters import parse_targets
     from lorafleet.train import TrainConfig, Trainer

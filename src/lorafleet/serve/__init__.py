@@ -1,0 +1,33 @@
+"""Serving: the batched multi-adapter engine (continuous batching, KV cache, sampling)."""
+
+from lorafleet.serve.engine import AdapterSource, Engine
+from lorafleet.serve.kv_cache import KVCache
+from lorafleet.serve.model_runner import RUNNERS, LlamaRunner, ModelRunner, runner_class
+from lorafleet.serve.scheduler import AdapterGate, Batch, Scheduler
+from lorafleet.serve.sequence import (
+    FINISH_REASONS,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+    Status,
+    TokenEvent,
+)
+
+__all__ = [
+    "FINISH_REASONS",
+    "RUNNERS",
+    "AdapterGate",
+    "AdapterSource",
+    "Batch",
+    "Engine",
+    "KVCache",
+    "LlamaRunner",
+    "ModelRunner",
+    "RequestOutput",
+    "SamplingParams",
+    "Scheduler",
+    "Sequence",
+    "Status",
+    "TokenEvent",
+    "runner_class",
+]

@@ -1,0 +1,321 @@
+"""The serving engine: requests for many adapters decoded together, joining and leaving per step."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import torch
+
+from lorafleet.adapters import Adapter
+from lorafleet.errors import LorafleetError
+from lorafleet.layers import inject_multilora
+from lorafleet.models import Base
+from lorafleet.serve.model_runner import runner_class
+from lorafleet.serve.sampler import advance, default_eos_ids, holdback, sample
+from lorafleet.serve.scheduler import Scheduler
+from lorafleet.serve.sequence import RequestOutput, SamplingParams, Sequence, Status, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class AdapterSource(Protocol):
+    """Where the engine turns for an adapter that is not resident (the tiered registry)."""
+
+    def prepare(self, name: str) -> str | None:
+        """Start making `name` resident (through `Engine.load_adapter`, e.g. from a background
+        thread) and return None, so requests for it wait; or return a one-line reason it can
+        never be served, so they fail alone. Called at add time and at every step while such a
+        request waits, so it must be idempotent and quick."""
+        ...
+
+
+class Engine:
+    """One base model, up to `max_slots` resident LoRA adapters, continuous batching.
+
+    The base model is changed in place: its block linears become MultiLoRA layers (call
+    `close()` to put them back). Each `step()` admits waiting requests (FIFO, within
+    `max_batch_size` running sequences and `max_batch_tokens` prompt tokens), runs one forward
+    that prefills them and decodes every running sequence, samples, and retires what finished.
+    KV memory is preallocated for `max_batch_size` sequences of `max_seq_len` tokens
+    (`stats()["kv_bytes"]`). Public methods hold one re-entrant lock, so a server may call
+    `add_request` / `cancel` / `load_adapter` from other threads (or `cancel` from an
+    `on_token` callback) while a loop steps; never call `step()` from a callback."""
+
+    def __init__(self, base: Base, *, max_slots: int = 8, max_rank: int = 16,
+                 max_batch_size: int = 16, max_batch_tokens: int = 2048,
+                 max_seq_len: int | None = None, targets: list[str] | None = None,
+                 adapter_source: AdapterSource | None = None,
+                 seed: int | None = None):  # fmt: skip
+        model, config = base.model, base.model.config
+        cls = runner_class(model)  # refuse before the model is touched
+        max_pos = int(getattr(config, "max_position_embeddings", 2048))
+        max_seq_len = min(2048, max_pos) if max_seq_len is None else max_seq_len
+        for what, value, low in (("max_slots", max_slots, 0), ("max_rank", max_rank, 1),
+                                 ("max_batch_size", max_batch_size, 1),
+                                 ("max_batch_tokens", max_batch_tokens, 1),
+                                 ("max_seq_len", max_seq_len, 2)):  # fmt: skip
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise LorafleetError(f"{what} must be an integer >= {low}, got {value!r}")
+        if max_seq_len > max_pos:
+            raise LorafleetError(f"max_seq_len {max_seq_len} is above the model's {max_pos}")
+        self.base, self.tokenizer = base, base.tokenizer
+        self.adapter_source = adapter_source  # the registry's hook; may be set after creation
+        self.max_slots, self.max_seq_len = max_slots, max_seq_len
+        self.max_batch_tokens = max_batch_tokens
+        self.handle = inject_multilora(model, targets, max_slots, max_rank) if max_slots else None
+        context = self.handle.context if self.handle is not None else None
+        self.runner = cls(model, context, max_batch_size, max_seq_len)
+        self.kv = self.runner.kv
+        self.scheduler = Scheduler(self.kv, self, max_batch_size, max_batch_tokens)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.eos_ids = default_eos_ids(model, self.tokenizer)
+        device = self.runner.device
+        # Unseeded requests share the engine's generator (reproducible given the engine seed).
+        self.generator = torch.Generator(device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+        self._requests: dict[int, Sequence] = {}  # every unfinished request
+        self._finished: list[RequestOutput] = []  # finished since the last step() returned
+        self._adapters: dict[str, int] = {}  # resident adapter name -> slot
+        self.steps = 0
+        self.generated_tokens = 0
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_request(self, prompt: list[int] | str, adapter: str | None = None,
+                    params: SamplingParams | None = None,
+                    on_token: Callable[[TokenEvent], None] | None = None) -> int:  # fmt: skip
+        """Queue a request (adapter None = the base) and return its id. A bad prompt or an
+        unknown adapter fails only this request: it finishes with finish_reason "error"."""
+        params = params if params is not None else SamplingParams()
+        if isinstance(prompt, str):
+            prompt = self.tokenizer(prompt)["input_ids"]
+        with self._lock:
+            seq = Sequence(next(self._ids), [int(t) for t in prompt], adapter, params, on_token)
+            if params.seed is not None:
+                seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
+            self._requests[seq.request_id] = seq
+            problem = self._check_prompt(seq.prompt_ids) or self._check_adapter(adapter)
+            if problem:
+                self._fail(seq, problem)
+            else:
+                self.scheduler.add(seq)
+            return seq.request_id
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop a request now and free its KV memory; False if it is unknown or already done."""
+        with self._lock:
+            seq = self._requests.get(request_id)
+            if seq is None or seq.finished:
+                return False
+            self._finish(seq, "cancelled")
+            return True
+
+    def step(self) -> list[RequestOutput]:
+        """Admit, run one forward over the whole batch, sample, retire. Returns the requests
+        that finished since the last call (including cancelled and failed ones)."""
+        with self._lock:
+            self._recheck_waiting()
+            batch = self.scheduler.schedule()
+            if batch:
+                self._run(batch.prefill, batch.decode)
+            finished, self._finished = self._finished, []
+            return finished
+
+    def generate(self, requests: Iterable) -> list[RequestOutput]:
+        """Run `(prompt, adapter, params)` tuples (adapter and params optional) to completion;
+        outputs in input order. For offline use: it consumes step()'s results."""
+        ids = [self.add_request(*(r if isinstance(r, tuple) else (r,))) for r in requests]
+        results: dict[int, RequestOutput] = {}
+        while len(results) < len(ids):
+            done = self.step()
+            results.update((out.request_id, out) for out in done)
+            if not done and not self.scheduler.running:
+                time.sleep(0.001)  # only waiting on adapters a registry is loading
+        return [results[i] for i in ids]
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._requests)
+
+    # -- adapters (the direct-slot API a registry builds on) ----------------------------------
+
+    def adapter_ready(self, name: str | None) -> bool:
+        return name is None or name in self._adapters
+
+    def slot_of(self, name: str | None) -> int:
+        return 0 if name is None else self._adapters[name]
+
+    def adapter_in_use(self, name: str) -> int:
+        """Running requests pinning `name`; it cannot be unloaded while this is > 0."""
+        with self._lock:
+            return self.scheduler.in_use(name)
+
+    def loaded_adapters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._adapters)
+
+    def load_adapter(self, name: str, adapter: Adapter, *, force: bool = False) -> int:
+        """Copy a LoRA/rsLoRA adapter into a free slot (or its own, if `name` is resident and
+        idle) and return the slot. Every check runs before anything is copied."""
+        if self.handle is None:
+            raise LorafleetError("this engine has no adapter slots (max_slots=0)")
+        if not isinstance(name, str) or not name.strip():
+            raise LorafleetError(f"an adapter name must be a non-empty string, got {name!r}")
+        theirs = adapter.meta.get("base_fingerprint")
+        if theirs and theirs != self.base.fingerprint and not force:
+            raise LorafleetError(
+                f"adapter {name}: trained on another base (fingerprint {theirs}, this base is "
+                f"{self.base.fingerprint})"
+            )
+        with self._lock:
+            if name in self._adapters:
+                self._refuse_in_use(name, "replaced")
+                slot = self._adapters[name]
+            else:
+                free = sorted(set(range(1, self.max_slots + 1)) - set(self._adapters.values()))
+                if not free:
+                    raise LorafleetError(
+                        f"all {self.max_slots} adapter slots are taken; unload one first"
+                    )
+                slot = free[0]
+            self.handle.load_slot(slot, adapter)
+            self._adapters[name] = slot
+            return slot
+
+    def unload_adapter(self, name: str) -> None:
+        """Free `name`'s slot; refused while a running request uses it. Waiting requests for
+        it wait again (or fail, with no AdapterSource to reload it)."""
+        with self._lock:
+            if name not in self._adapters:
+                raise LorafleetError(f"adapter {name} is not loaded")
+            self._refuse_in_use(name, "unloaded")
+            self.handle.clear_slot(self._adapters.pop(name))
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "waiting": len(self.scheduler.waiting),
+                "running": len(self.scheduler.running),
+                "kv_free_slots": self.kv.free_slots,
+                "kv_used_slots": self.kv.used_slots,
+                "kv_bytes": self.kv.bytes,
+                "adapters_loaded": len(self._adapters),
+                "adapter_slots": self.max_slots,
+                "steps": self.steps,
+                "generated_tokens": self.generated_tokens,
+            }
+
+    def close(self) -> None:
+        """Fail what is unfinished and give the base model its plain linears back."""
+        with self._lock:
+            for seq in list(self._requests.values()):
+                self._fail(seq, "the engine was closed")
+            if self.handle is not None:
+                self.handle.remove()
+                self.handle = None
+            self._adapters.clear()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _refuse_in_use(self, name: str, what: str) -> None:
+        users = self.scheduler.in_use(name)
+        if users:
+            raise LorafleetError(
+                f"adapter {name} is in use by {users} running request(s) and cannot be {what} now"
+            )
+
+    def _check_prompt(self, ids: list[int]) -> str | None:
+        if not ids:
+            return "the prompt is empty"
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            return f"the prompt has token ids outside the vocabulary (0..{self.vocab_size - 1})"
+        if len(ids) >= self.max_seq_len:
+            return f"the prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len}"
+        if len(ids) > self.max_batch_tokens:
+            return f"the prompt has {len(ids)} tokens; max_batch_tokens is {self.max_batch_tokens}"
+        return None
+
+    def _check_adapter(self, name: str | None) -> str | None:
+        """None when `name` is resident or a source is loading it; else why it cannot be."""
+        if self.adapter_ready(name):
+            return None
+        if self.adapter_source is not None:
+            return self.adapter_source.prepare(name)
+        loaded = ", ".join(sorted(self._adapters)) or "none"
+        return f"unknown adapter {name!r} (loaded: {loaded})"
+
+    def _recheck_waiting(self) -> None:
+        """Fail waiting requests whose adapter can no longer be served (asked once per name)."""
+        verdicts: dict[str, str | None] = {}
+        for seq in list(self.scheduler.waiting):
+            if not self.adapter_ready(seq.adapter):
+                if seq.adapter not in verdicts:
+                    verdicts[seq.adapter] = self._check_adapter(seq.adapter)
+                if verdicts[seq.adapter]:
+                    self._fail(seq, verdicts[seq.adapter])
+
+    def _run(self, prefill: list[Sequence], decode: list[Sequence]) -> None:
+        seqs = prefill + decode
+        try:
+            logits = self.runner.run(prefill, decode)  # [B, vocab]
+        except Exception as exc:  # a failed forward fails its batch, never the engine
+            log.exception("engine forward failed")
+            for seq in seqs:
+                self._fail(seq, f"the forward pass failed: {type(exc).__name__}: {exc}")
+            return
+        tokens = sample(logits, seqs, self.generator)
+        self.steps += 1
+        for seq, token in zip(seqs, tokens, strict=True):
+            if not seq.finished:  # an on_token callback may have cancelled it meanwhile
+                seq.num_cached = seq.num_tokens  # the prompt, or one more token, is now cached
+                self._append(seq, token)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        reason = advance(seq, token, self.eos_ids, self._decode, self.max_seq_len)
+        self.generated_tokens += 1
+        if reason is not None:
+            self._finish(seq, reason, token)
+        else:
+            self._emit(seq, token)
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None or not ids:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _emit(self, seq: Sequence, token: int | None) -> None:
+        end = len(seq.text) if seq.finished else len(seq.text) - holdback(seq.text, seq.params.stop)
+        delta = seq.text[seq.emitted : end] if end > seq.emitted else ""
+        seq.emitted = max(seq.emitted, end)
+        if seq.on_token is None:
+            return
+        event = TokenEvent(seq.request_id, token, delta, seq.finished, seq.finish_reason)
+        try:
+            seq.on_token(event)
+        except Exception as exc:  # a broken callback fails its own request only
+            log.exception("on_token callback of request %s failed", seq.request_id)
+            if not seq.finished:
+                self._fail(seq, f"on_token callback failed: {type(exc).__name__}: {exc}")
+
+    def _finish(self, seq: Sequence, reason: str, token: int | None = None,
+                error: str | None = None) -> None:  # fmt: skip
+        """Retire a sequence: free its KV slot and adapter pin, send the final event."""
+        self.scheduler.remove(seq)
+        seq.finish_reason, seq.error = reason, error
+        self._requests.pop(seq.request_id, None)
+        self._finished.append(seq.output())
+        self._emit(seq, token)
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        if seq.status is not Status.FINISHED:
+            self._finish(seq, "error", error=" ".join(str(message).split()))

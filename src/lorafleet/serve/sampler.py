@@ -1,0 +1,108 @@
+"""Pick each sequence's next token (greedy or temperature/top-k/top-p) and decide when it stops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from lorafleet.serve.sequence import SamplingParams, Sequence
+
+
+def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Scale by temperature, then keep each row's top_k (0 = all), then its smallest set of
+    tokens whose probability reaches top_p (1 = all); dropped tokens get -inf. The order is
+    transformers' (temperature, top-k, top-p).
+
+    logits: [n, V] float; temperature (> 0), top_p: [n] float; top_k: [n] long -> [n, V]."""
+    x = logits / temperature[:, None]  # [n, V]
+    vocab = x.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))  # [n]
+    if bool((k < vocab).any()):
+        kth = torch.topk(x, int(k.max()), dim=-1).values  # [n, k_max], descending
+        threshold = kth.gather(-1, (k - 1)[:, None])  # [n, 1]: each row's k-th largest value
+        x = x.masked_fill(x < threshold, float("-inf"))
+    if bool((top_p < 1).any()):
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)  # [n, V]
+        probs = sorted_x.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # [n, V]: mass of the tokens ranked above
+        # A token stays while the tokens above it hold less than top_p (the first always stays).
+        drop_sorted = before >= top_p[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocab order
+        x = x.masked_fill(drop, float("-inf"))
+    return x
+
+
+def sample(logits: Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> list[int]:
+    """One token per row of logits [B, V]: argmax for greedy sequences, else a draw from the
+    filtered distribution with the sequence's own generator (seeded) or `generator`."""
+    tokens = logits.argmax(dim=-1).tolist()  # [B]
+    sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if not sampled:
+        return tokens
+    params = [seqs[i].params for i in sampled]
+    device = logits.device
+    x = filter_logits(
+        logits[sampled],  # [n, V]
+        torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device),
+        torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+        torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device),
+    )
+    probs = x.softmax(dim=-1)  # [n, V]
+    for row, i in enumerate(sampled):
+        # One draw per sequence from its own generator: a seeded request gives the same tokens
+        # whatever else shares its batch.
+        gen = seqs[i].generator or generator
+        tokens[i] = int(torch.multinomial(probs[row], 1, generator=gen))
+    return tokens
+
+
+def default_eos_ids(model, tokenizer) -> tuple[int, ...]:
+    """The ids that end generation by default: the generation config's, as transformers uses."""
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    return ()
+
+
+def stop_ids(params: SamplingParams, eos_ids: tuple[int, ...]) -> set[int]:
+    """The ids that end a sequence: its own stop ids, plus EOS unless it ignores EOS."""
+    return set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+
+
+def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string starts in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def holdback(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` a stream must hold back: what could still turn
+    into a stop string, and a trailing partial UTF-8 character (decoded as U+FFFD)."""
+    keep = max((len(s) - 1 for s in stops), default=0)
+    partial = len(text) - len(text.rstrip("\ufffd"))
+    return min(len(text), max(keep, partial))
+
+
+def advance(seq: Sequence, token: int, eos_ids: tuple[int, ...],
+            decode: Callable[[list[int]], str], max_seq_len: int) -> str | None:  # fmt: skip
+    """Append a sampled token to `seq`, update its text, and return why it ends ("stop" or
+    "length") or None. A stop id stays in the token ids but not in the text; text from a stop
+    string on is cut off."""
+    seq.generated.append(token)
+    reason, text_ids = None, seq.generated
+    if token in stop_ids(seq.params, eos_ids):
+        reason, text_ids = "stop", seq.generated[:-1]
+    # The whole generated text is decoded again: tokenizers that merge across token
+    # boundaries (SentencePiece spaces, multi-byte characters) stay exact this way.
+    text = decode(text_ids)
+    cut = find_stop(text, seq.params.stop) if seq.params.stop else None
+    if cut is not None:
+        reason, text = "stop", text[:cut]
+    seq.text = text
+    if reason is None and (len(seq.generated) >= seq.params.max_tokens
+                           or seq.num_tokens >= max_seq_len):  # fmt: skip
+        reason = "length"
+    return reason

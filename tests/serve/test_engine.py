@@ -296,7 +296,9 @@ def test_unsupported_architecture_is_refused(tokenizer):
     base = Base("gpt2-tiny", model, tokenizer, "gpt2-x", None, False, 0.0)
     with pytest.raises(LorafleetError) as err:
         Engine(base)
-    assert str(err.value) == "model type gpt2 is not supported by the engine (supported: llama)"
+    assert str(err.value) == (
+        "model type gpt2 is not supported by the engine (supported: llama, gemma3_text)"
+    )
     assert isinstance(model.transformer.h[0].attn.c_attn, torch.nn.Module)  # left untouched
 
 

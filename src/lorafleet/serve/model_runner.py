@@ -28,6 +28,7 @@ class StepInputs:
     decode_range: tuple[int, int] | None  # (first, end) when decode_slots is a contiguous range
     decode_max_len: int  # longest context among decode rows (its new token included)
     last_rows: Tensor  # [B] long, the row whose logits pick each sequence's next token
+    decode_min_len: int = 0  # shortest context among decode rows (bounds sliding-window reads)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -39,8 +40,8 @@ class ModelRunner:
     """Architecture-independent parts: the KV cache, packing sequences into rows, attention.
 
     A subclass per model family implements `forward` over its own module layout (see
-    LlamaRunner); a Gemma3 runner adds its embedding scale, q/k norms, sandwich norms and
-    sliding-window layers there, reusing `attend` (which would take a window argument)."""
+    LlamaRunner, Gemma3Runner) and calls `write_kv` and `attend` per layer; `attend` takes a
+    sliding window for local-attention layers."""
 
     model_type = ""
 
@@ -54,6 +55,10 @@ class ModelRunner:
         self.kv = KVCache(
             layers, max_seqs, kv_heads, max_len, self.head_dim, self.dtype, self.device
         )
+
+    @classmethod
+    def check(cls, model: nn.Module) -> None:
+        """Raise a one-line LorafleetError if this runner cannot serve `model`'s config."""
 
     def geometry(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) for the KV cache."""
@@ -93,6 +98,7 @@ class ModelRunner:
             decode_range=(first, first + len(kv_slots)) if contiguous else None,
             decode_max_len=max((s.num_cached + 1 for s in decode), default=0),
             last_rows=torch.tensor(last, **as_long),
+            decode_min_len=min((s.num_cached + 1 for s in decode), default=0),
         )
 
     @torch.inference_mode()
@@ -122,33 +128,48 @@ class ModelRunner:
             v_cache[inputs.decode_slots, :, pos] = v[p:]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, inputs: StepInputs,
-               scale: float) -> Tensor:  # fmt: skip
+               scale: float, window: int | None = None) -> Tensor:  # fmt: skip
         """Causal attention of every row over its own sequence, after `write_kv`.
 
         q: [T, heads, D], k, v: [T, kv_heads, D] (this step's rows) -> [T, heads, D]. Prefill
         sequences attend over their own fresh rows (nothing is cached before them); decode rows
-        over their sequence's cached prefix, batched with a length mask. GQA via SDPA."""
+        over their sequence's cached prefix, batched with a length mask. GQA via SDPA.
+        `window` (sliding-window layers): the query at position i sees only keys j with
+        i - window < j <= i, its last `window` positions, as transformers' sliding mask."""
         out = torch.empty_like(q)  # [T, H, D]; every row is written below
         for _, start, n in inputs.prefill:
             rows = slice(start, start + n)
             qs = q[rows].transpose(0, 1).unsqueeze(0)  # [n, H, D] -> [1, H, n, D]
             ks = k[rows].transpose(0, 1).unsqueeze(0)  # [n, Hkv, D] -> [1, Hkv, n, D]
             vs = v[rows].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                               enable_gqa=True)  # fmt: skip
+            if window is None or n <= window:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                   enable_gqa=True)  # fmt: skip
+            else:
+                ahead = torch.arange(n, device=q.device)
+                ahead = ahead[:, None] - ahead[None, :]  # [n, n]: query pos - key pos
+                band = (ahead >= 0) & (ahead < window)  # [n, n], broadcast over batch and heads
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=scale,
+                                                   enable_gqa=True)  # fmt: skip
             out[rows] = o[0].transpose(0, 1)  # [1, H, n, D] -> [n, H, D]
         p = inputs.n_prefill_rows
         if p < q.shape[0]:
             length = inputs.decode_max_len
+            # With a window, no decode row sees a key before `first_key`: skip reading them.
+            first_key = 0 if window is None else max(0, inputs.decode_min_len - window)
+            keys = slice(first_key, length)  # L = length - first_key positions
             k_cache, v_cache = self.kv.layer(layer)  # [S, Hkv, max_len, D]
             if inputs.decode_range is not None:
                 first, end = inputs.decode_range
-                kd, vd = k_cache[first:end, :, :length], v_cache[first:end, :, :length]  # views
+                kd, vd = k_cache[first:end, :, keys], v_cache[first:end, :, keys]  # views
             else:
-                kd = k_cache[:, :, :length].index_select(0, inputs.decode_slots)  # [n, Hkv, L, D]
-                vd = v_cache[:, :, :length].index_select(0, inputs.decode_slots)
-            lens = inputs.positions[p:] + 1  # [n_dec]: context incl. this step's token
-            mask = torch.arange(length, device=q.device) < lens[:, None]  # [n_dec, L]
+                kd = k_cache[:, :, keys].index_select(0, inputs.decode_slots)  # [n, Hkv, L, D]
+                vd = v_cache[:, :, keys].index_select(0, inputs.decode_slots)
+            lens = inputs.positions[p:, None] + 1  # [n_dec, 1]: context incl. this step's token
+            key_pos = torch.arange(first_key, length, device=q.device)  # [L]
+            mask = key_pos < lens  # [n_dec, L]
+            if window is not None:
+                mask &= key_pos >= lens - window
             qd = q[p:].unsqueeze(2)  # [n_dec, H, D] -> [n_dec, H, 1, D]
             mask = mask[:, None, None, :]  # [n_dec, L] -> [n_dec, 1, 1, L], over heads and query
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask,
@@ -198,11 +219,15 @@ class LlamaRunner(ModelRunner):
         return self.model.lm_head(last).float()  # [B, vocab]
 
 
-RUNNERS: dict[str, type[ModelRunner]] = {"llama": LlamaRunner}
+# Other families live in their own modules and subclass ModelRunner (defined above).
+from lorafleet.serve.gemma3_runner import Gemma3Runner  # noqa: E402
+
+RUNNERS: dict[str, type[ModelRunner]] = {"llama": LlamaRunner, "gemma3_text": Gemma3Runner}
 
 
 def runner_class(model: nn.Module) -> type[ModelRunner]:
-    """The runner for `model`'s architecture, or a one-line LorafleetError."""
+    """The runner for `model`'s architecture, or a one-line LorafleetError (before the engine
+    changes the model)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     cls = RUNNERS.get(model_type)
     if cls is None or not hasattr(getattr(model, "model", None), "layers"):
@@ -211,4 +236,5 @@ def runner_class(model: nn.Module) -> type[ModelRunner]:
             f"model type {model_type or type(model).__name__} is not supported by the engine "
             f"(supported: {supported})"
         )
+    cls.check(model)
     return cls

@@ -1,0 +1,187 @@
+"""Pieces of the adapter registry: names and paths, file stamps, the CPU LRU, staging, failures."""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from lorafleet.adapters import Adapter
+from lorafleet.adapters.format import CONFIG_NAME, WEIGHTS_NAME
+from lorafleet.errors import LorafleetError
+
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MB = 1024 * 1024
+
+# What identifies one version of an adapter's files: (mtime_ns, size) of each, None if absent.
+Stamp = tuple
+
+
+def name_problem(name) -> str | None:
+    """Why `name` cannot name an adapter, or None. Names become directory names and URL parts,
+    so only [A-Za-z0-9._-]{1,64}, and never "." or ".." (they would walk the directory tree)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        return f"invalid adapter name {name!r}: use 1 to 64 of A-Z a-z 0-9 . _ -"
+    if set(name) == {"."}:
+        return f"invalid adapter name {name!r}: it cannot be only dots"
+    return None
+
+
+def check_name(name) -> str:
+    problem = name_problem(name)
+    if problem:
+        raise LorafleetError(problem)
+    return name
+
+
+def resolve_inside(path: str | Path, root: Path | None) -> Path:
+    """`path` as an absolute, symlink-free path; refused (one line) when `root` is set and the
+    path leaves it, which catches `..` parts and symlinks pointing elsewhere alike."""
+    path = Path(path).expanduser()
+    if root is not None and not path.is_absolute():
+        path = root / path
+    resolved = path.resolve()
+    if root is not None and not resolved.is_relative_to(root.resolve()):
+        raise LorafleetError(f"adapter path {path} is outside the adapters directory {root}")
+    if not (resolved / CONFIG_NAME).is_file():
+        raise LorafleetError(f"{path} is not an adapter directory (no {CONFIG_NAME})")
+    return resolved
+
+
+def stamp(path: Path) -> Stamp:
+    """Changes whenever the adapter's config or weights file is rewritten (or appears/vanishes)."""
+    out = []
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            st = (path / name).stat()
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def tensor_bytes(adapter: Adapter) -> int:
+    return sum(t.numel() * t.element_size() for t in adapter.tensors.values())
+
+
+@dataclass
+class CpuEntry:
+    adapter: Adapter
+    nbytes: int
+    stamp: Stamp
+
+
+class CpuCache:
+    """Validated adapters in CPU memory, least recently used first out, bounded by tensor bytes.
+    Not thread-safe on its own: the registry calls it under its lock."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity = int(capacity_bytes)
+        self.entries: OrderedDict[str, CpuEntry] = OrderedDict()
+        self.nbytes = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, name: str) -> CpuEntry | None:
+        entry = self.entries.get(name)
+        if entry is not None:
+            self.entries.move_to_end(name)
+        return entry
+
+    def touch(self, name: str) -> None:
+        if name in self.entries:
+            self.entries.move_to_end(name)
+
+    def put(self, name: str, adapter: Adapter, stamp: Stamp) -> list[str]:
+        """Insert as most recent; return the names evicted to stay within capacity (an adapter
+        bigger than the whole capacity is not kept at all)."""
+        self.pop(name)
+        entry = CpuEntry(adapter, tensor_bytes(adapter), stamp)
+        self.entries[name] = entry
+        self.nbytes += entry.nbytes
+        evicted = []
+        while self.nbytes > self.capacity and self.entries:
+            old, dropped = self.entries.popitem(last=False)
+            self.nbytes -= dropped.nbytes
+            if old != name:
+                evicted.append(old)
+        return evicted
+
+    def pop(self, name: str) -> CpuEntry | None:
+        entry = self.entries.pop(name, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+        return entry
+
+
+class Failures:
+    """Reasons adapters failed, each kept for `ttl_s` seconds or until its files change, so a
+    burst of requests for a broken adapter reads its files once."""
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self.entries: dict[str, tuple[str, float, Stamp]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def remember(self, name: str, reason: str, stamp: Stamp) -> str:
+        reason = " ".join(reason.split())
+        self.entries[name] = (reason, time.monotonic(), stamp)
+        return reason
+
+    def get(self, name: str, current: Stamp) -> str | None:
+        """The remembered reason, or None (and forget it) once expired or the files changed."""
+        entry = self.entries.get(name)
+        if entry is None:
+            return None
+        reason, when, stamp = entry
+        if time.monotonic() - when < self.ttl_s and stamp == current:
+            return reason
+        del self.entries[name]
+        return None
+
+    def pop(self, name: str) -> None:
+        self.entries.pop(name, None)
+
+
+def meta_reference(config) -> torch.nn.Module:
+    """The base's un-injected module tree on the meta device (no memory): what check_adapter
+    validates against, since the engine's own model has MultiLoRA layers in place of linears.
+    Build it on the caller's thread: transformers sets the global default dtype meanwhile."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+
+
+def slot_format(handle) -> tuple[torch.device, torch.dtype] | None:
+    """The device and dtype of the engine's adapter slots (None without slots)."""
+    layer = next(iter(handle.layers.values()), None) if handle is not None else None
+    return None if layer is None else (layer.lora_A.device, layer.lora_A.dtype)
+
+
+def to_slot_format(adapter: Adapter, fmt, copy: bool = True) -> Adapter | None:
+    """`adapter` itself when its tensors already have the slots' device and dtype; else a copy
+    that has them, or None when `copy` is False."""
+    if fmt is None or all(
+        t.device == fmt[0] and (not t.is_floating_point() or t.dtype == fmt[1])
+        for t in adapter.tensors.values()
+    ):
+        return adapter
+    if not copy:
+        return None
+    device, dtype = fmt
+    tensors = {
+        k: t.to(device, dtype if t.is_floating_point() else t.dtype)
+        for k, t in adapter.tensors.items()
+    }
+    return Adapter(dict(adapter.config), tensors, dict(adapter.meta), adapter.path)

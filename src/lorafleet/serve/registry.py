@@ -1,0 +1,399 @@
+"""The tiered adapter registry: adapters on disk -> a CPU-memory LRU -> the engine's slots."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from pathlib import Path
+
+from lorafleet.adapters import (
+    DEFAULT_MAX_RANK,
+    Adapter,
+    AdapterError,
+    check_adapter,
+    fingerprint_status,
+    read_adapter,
+)
+from lorafleet.adapters.format import CONFIG_NAME
+from lorafleet.errors import LorafleetError
+from lorafleet.serve.adapter_store import (
+    MB,
+    CpuCache,
+    Failures,
+    Stamp,
+    check_name,
+    meta_reference,
+    name_problem,
+    resolve_inside,
+    slot_format,
+    stamp,
+    to_slot_format,
+)
+
+log = logging.getLogger(__name__)
+
+COUNTERS = ("hits", "cpu_hits", "misses", "loads", "evictions_cpu", "evictions_slot", "failures")
+
+
+class AdapterRegistry:
+    """Adapters by name, in three tiers, served through an `Engine` (its `AdapterSource`).
+
+    - disk: each sub-directory of `adapters_dir` holding an adapter_config.json (named by the
+      directory), plus those added with `add(name, path)`;
+    - CPU memory: read and validated adapters, least recently used out past `cpu_cache_mb` MB
+      of tensors (dropping one there never touches the slots);
+    - resident: the engine's slots. A full engine frees the least recently used slot whose
+      adapter no running request pins (nor a waiting one queued before the request asking),
+      or else the request waits and the next `prepare` tries again.
+
+    `prepare(name)` only looks things up and returns: reading, validating (`check_adapter`
+    against `reference_model`, by default the base built on the meta device; the fingerprint;
+    `max_rank`; the slots' own checks) and moving to the slots' device run on `loader_threads`
+    background threads, one load per name at a time. The copy into a slot needs the engine's
+    lock, as any step does: the loader takes it if free, else the next `prepare` (called by the
+    engine's step while a request waits) does it. A bad adapter gives a one-line reason, kept
+    for `failure_ttl_s` or until its files change, so only its requests fail and a burst of
+    them reads its files once. Thread-safe: lock order is always engine, then registry.
+    The registry sets itself as `engine.adapter_source`."""
+
+    def __init__(self, engine, adapters_dir: str | Path | None = None, *,
+                 cpu_cache_mb: float = 512, max_rank: int | None = None,
+                 base_fingerprint: str | None = None, reference_model=None,
+                 loader_threads: int = 1, force: bool = False,
+                 failure_ttl_s: float = 10.0):  # fmt: skip
+        if not isinstance(cpu_cache_mb, (int, float)) or not cpu_cache_mb >= 0:
+            raise LorafleetError(f"cpu_cache_mb must be a number >= 0, got {cpu_cache_mb!r}")
+        if not isinstance(loader_threads, int) or loader_threads < 1:
+            raise LorafleetError(f"loader_threads must be an integer >= 1, got {loader_threads!r}")
+        if adapters_dir is not None:
+            adapters_dir = Path(adapters_dir).expanduser().resolve()
+            if not adapters_dir.is_dir():
+                raise LorafleetError(f"adapters directory {adapters_dir} does not exist")
+        current = engine.adapter_source
+        if current is not None and not getattr(current, "_closed", False):
+            raise LorafleetError("this engine already has an adapter source; close it first")
+        handle = engine.handle
+        self.engine = engine
+        self.adapters_dir = adapters_dir
+        # By default the slots' own rank limit: anything above it could never be served.
+        self.max_rank = max_rank or (handle.max_rank if handle is not None else DEFAULT_MAX_RANK)
+        self.base_fingerprint = base_fingerprint or engine.base.fingerprint
+        self.force = force
+        self.reference = reference_model
+        if reference_model is None and handle is not None:
+            try:
+                self.reference = meta_reference(engine.base.model.config)
+            except Exception as exc:  # an exotic model: the slots' checks still apply
+                log.warning("no reference model to validate adapters against: %s", exc)
+        # Steps hold the engine's lock; so does every slot change made here.
+        self._engine_lock = getattr(engine, "_lock", None) or threading.RLock()
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="lorafleet-load")
+        self._closed = False
+        self._paths: dict[str, Path] = {}
+        self._hidden: set[str] = set()  # removed names that directory discovery must skip
+        self._gens: dict[str, int] = {}  # bumped by add/remove: an older load is then void
+        self._jobs: dict[str, Future] = {}
+        self._staged: dict[str, Adapter] = {}  # validated, on the slots' device, awaiting a slot
+        self._failures = Failures(failure_ttl_s)
+        self._cpu = CpuCache(int(cpu_cache_mb * MB))
+        self._recency: dict[str, int] = {}
+        self._clock = itertools.count(1)
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.rescan()
+        engine.adapter_source = self
+
+    # -- the engine's hook ------------------------------------------------------------------
+
+    def prepare(self, name: str) -> str | None:
+        """None when `name` is resident, loading or waiting for a free slot (its requests
+        wait); else a one-line reason it cannot be served (its requests fail). Quick: any
+        disk read happens on a loader thread. Call it per request to prefetch and count hits."""
+        try:
+            with self._engine_lock, self._lock:
+                return self._prepare(name)
+        except Exception as exc:  # the engine's step must never die of a registry bug
+            log.exception("prepare(%r) failed", name)
+            text = str(exc) if isinstance(exc, LorafleetError) else f"{type(exc).__name__}: {exc}"
+            return " ".join(f"adapter {name!r} cannot be served: {text}".split())
+
+    def _prepare(self, name: str) -> str | None:
+        problem = name_problem(name)
+        if problem:
+            return problem
+        self._note_in_use()
+        if self.engine.adapter_ready(name):
+            self.counters["hits"] += 1
+            self._touch(name)
+            return None
+        if self._closed:
+            return "the adapter registry is closed"
+        if self.engine.handle is None:
+            return "this engine has no adapter slots (max_slots=0 or closed)"
+        path = self._path_of(name)
+        if path is None:
+            return f"unknown adapter {name!r}"
+        reason = self._failures.get(name, stamp(path)) if name in self._failures else None
+        if reason or name in self._jobs:
+            return reason
+        if name in self._staged:
+            return self._install(name)
+        entry = self._cpu.get(name)
+        if entry is not None and entry.stamp != stamp(path):
+            self._cpu.pop(name)  # rewritten on disk since it was read: read it again
+            entry = None
+        if entry is None:
+            self.counters["misses"] += 1
+            self._submit(name, path, None)
+            return None
+        self.counters["cpu_hits"] += 1
+        staged = to_slot_format(entry.adapter, slot_format(self.engine.handle), copy=False)
+        if staged is None:  # another device or dtype: the copy there runs on a loader thread
+            self._submit(name, path, entry.adapter)
+            return None
+        self._staged[name] = staged
+        return self._install(name)
+
+    # -- disk tier ----------------------------------------------------------------------------
+
+    def add(self, name: str, path: str | Path) -> None:
+        """Register an adapter directory under `name`; with an adapters_dir set, the path
+        (relative to it, or absolute) must stay inside it."""
+        check_name(name)
+        resolved = resolve_inside(path, self.adapters_dir)
+        with self._engine_lock, self._lock:
+            current = self._path_of(name)
+            if current is not None and current.resolve() != resolved:
+                raise LorafleetError(f"adapter {name} is already registered; remove it first")
+            if current is None:
+                self._paths[name] = resolved
+                self._hidden.discard(name)
+                self._gens[name] = self._gens.get(name, 0) + 1
+
+    def remove(self, name: str) -> None:
+        """Forget `name` in every tier (its slot too); refused while a request uses it."""
+        check_name(name)
+        with self._engine_lock, self._lock:
+            if self._path_of(name) is None:
+                raise LorafleetError(f"unknown adapter {name!r}")
+            users = self._users(name)
+            if users:
+                raise LorafleetError(
+                    f"adapter {name} is in use by {users} request(s) and cannot be removed now"
+                )
+            if self.engine.adapter_ready(name):
+                self.engine.unload_adapter(name)
+            for table in (self._paths, self._staged, self._recency, self._jobs):
+                table.pop(name, None)
+            self._cpu.pop(name)
+            self._failures.pop(name)
+            self._gens[name] = self._gens.get(name, 0) + 1
+            self._hidden.add(name)
+
+    def rescan(self) -> None:
+        """Pick up adapter directories that appeared in adapters_dir."""
+        if self.adapters_dir is None:
+            return
+        try:
+            children = sorted(self.adapters_dir.iterdir())
+        except OSError as exc:
+            log.warning("cannot list %s: %s", self.adapters_dir, exc)
+            return
+        with self._lock:
+            for child in children:
+                if child.name not in self._paths:
+                    self._path_of(child.name)
+
+    def names(self) -> list[str]:
+        """Every adapter that can be asked for: on disk now, or resident."""
+        self.rescan()
+        with self._lock:
+            known = dict(self._paths)
+        ready = self.engine.adapter_ready
+        return sorted(n for n, p in known.items() if (p / CONFIG_NAME).is_file() or ready(n))
+
+    def _path_of(self, name: str) -> Path | None:
+        path = self._paths.get(name)
+        if path is None and self.adapters_dir is not None and name not in self._hidden:
+            candidate = self.adapters_dir / name
+            if name_problem(name) is None and (candidate / CONFIG_NAME).is_file():
+                self._paths[name] = path = candidate
+        return path
+
+    # -- loading (loader threads) --------------------------------------------------------------
+
+    def _submit(self, name: str, path: Path, source: Adapter | None) -> None:
+        # The stamp is taken before reading: files rewritten during the read count as changed.
+        args = (name, path, self._gens.get(name, 0), stamp(path), source)
+        self._jobs[name] = self._pool.submit(self._load, *args)
+
+    def _load(self, name: str, path: Path, gen: int, st: Stamp, source: Adapter | None) -> None:
+        """Read + validate (or take `source` from the CPU tier), then move to the slots' device."""
+        adapter = staged = reason = None
+        try:
+            adapter = source if source is not None else read_adapter(path)
+            if source is None:
+                self._validate(adapter)
+            # The slots' device and dtype now, so the copy into a slot (under the engine's
+            # lock) is device to device; the CPU tier keeps the CPU tensors.
+            staged = to_slot_format(adapter, slot_format(self.engine.handle))
+        except LorafleetError as exc:
+            reason = str(exc)
+        except Exception as exc:  # a loader bug fails this adapter, not the server
+            log.exception("loading adapter %s failed", name)
+            reason = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            if self._gens.get(name, 0) != gen or name not in self._paths:
+                return  # removed or re-added meanwhile: this result is stale
+            self._jobs.pop(name, None)
+            if reason is not None:
+                self._fail(name, st, reason)
+                return
+            if source is None:
+                self.counters["evictions_cpu"] += len(self._cpu.put(name, adapter, st))
+            self._staged[name] = staged
+        # Install now if the engine is between steps; else its next prepare() does it.
+        if self._engine_lock.acquire(blocking=False):
+            try:
+                with self._lock:
+                    if name in self._staged and not self.engine.adapter_ready(name):
+                        self._install(name)
+            except Exception:
+                log.exception("installing adapter %s failed", name)
+            finally:
+                self._engine_lock.release()
+
+    def _validate(self, adapter: Adapter) -> None:
+        if self.reference is not None:
+            check_adapter(adapter, self.reference, base_fingerprint=self.base_fingerprint,
+                          max_rank=self.max_rank, force=self.force)  # fmt: skip
+        elif fingerprint_status(adapter, self.base_fingerprint) == "mismatch" and not self.force:
+            raise AdapterError(adapter.where(), "trained on another base (fingerprint "
+                               f"{adapter.meta['base_fingerprint']})")  # fmt: skip
+        handle = self.engine.handle
+        if handle is None:
+            raise LorafleetError("the engine has no adapter slots (closed?)")
+        # The slots' own checks (LoRA / rsLoRA only, their max rank, injected targets) now,
+        # before a slot is freed for an adapter that could not go in it.
+        handle._weights(adapter)
+
+    # -- resident tier (engine lock and registry lock held) -------------------------------------
+
+    def _install(self, name: str) -> str | None:
+        engine = self.engine
+        if len(engine.loaded_adapters()) >= engine.max_slots:
+            victim = self._victim(name)
+            if victim is None and not any(n in self._paths for n in engine.loaded_adapters()):
+                return "every adapter slot holds an adapter loaded outside the registry"
+            if victim is None:
+                return None  # every slot is pinned: wait, and try again on the next prepare
+            engine.unload_adapter(victim)
+            self.counters["evictions_slot"] += 1
+            log.info("adapter %s left its slot for %s", victim, name)
+        adapter = self._staged.pop(name)
+        try:
+            engine.load_adapter(name, adapter, force=self.force)
+        except LorafleetError as exc:
+            self._cpu.pop(name)
+            return self._fail(name, stamp(self._paths[name]), str(exc))
+        self.counters["loads"] += 1
+        self._touch(name)
+        return None
+
+    def _victim(self, name: str) -> str | None:
+        """The least recently used resident adapter of ours that no running request pins and
+        no request queued before `name`'s first one waits for (later ones may wait again:
+        FIFO, so a busy adapter cannot keep `name` out forever)."""
+        waiting = list(self.engine.scheduler.waiting)
+        first = min((s.request_id for s in waiting if s.adapter == name), default=math.inf)
+        wanted = {s.adapter for s in waiting if s.request_id < first}
+        candidates = [
+            n for n in self.engine.loaded_adapters()
+            if n != name and n in self._paths and n not in wanted
+            and not self.engine.adapter_in_use(n)
+        ]  # fmt: skip
+        return min(candidates, key=lambda n: self._recency.get(n, 0), default=None)
+
+    def _users(self, name: str) -> int:
+        waiting = self.engine.scheduler.waiting
+        return self.engine.adapter_in_use(name) + sum(1 for s in waiting if s.adapter == name)
+
+    def _note_in_use(self) -> None:
+        # The engine does not tell us when a resident adapter serves a request, so recency
+        # comes from prepare() calls and from what runs whenever we look (the running batch
+        # is small; the waiting queue may not be, and its adapters are protected anyway).
+        for seq in self.engine.scheduler.running:
+            if seq.adapter is not None:
+                self._recency[seq.adapter] = next(self._clock)
+
+    def _touch(self, name: str) -> None:
+        self._recency[name] = next(self._clock)
+        self._cpu.touch(name)
+
+    # -- failures -----------------------------------------------------------------------------
+
+    def _fail(self, name: str, st: Stamp, message: str) -> str:
+        if self.adapters_dir is not None:  # paths relative to the adapters dir in messages
+            message = message.replace(str(self.adapters_dir) + os.sep, "")
+        reason = self._failures.remember(name, f"adapter {name!r} cannot be served: {message}", st)
+        self.counters["failures"] += 1
+        log.warning("%s", reason)
+        return reason
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def state(self, name: str) -> str | None:
+        """resident | loading | staged | cpu | failed | disk, or None for an unknown name."""
+        if name_problem(name):
+            return None
+        with self._engine_lock, self._lock:
+            if self.engine.adapter_ready(name):
+                return "resident"
+            if self._path_of(name) is None:
+                return None
+            for state, table in (("loading", self._jobs), ("staged", self._staged),
+                                 ("cpu", self._cpu), ("failed", self._failures)):  # fmt: skip
+                if name in table:
+                    return state
+            return "disk"
+
+    def stats(self) -> dict:
+        """Counters (hits, cpu_hits, misses, loads, evictions_cpu, evictions_slot, failures)
+        and gauges (resident, cpu_mb, cpu_adapters, loading, known) for metrics."""
+        with self._engine_lock, self._lock:
+            return {
+                **self.counters,
+                "resident": len(self.engine.loaded_adapters()),
+                "cpu_mb": self._cpu.nbytes / MB,
+                "cpu_adapters": len(self._cpu),
+                "loading": len(self._jobs),
+                "known": len(self._paths),
+            }
+
+    def cpu_adapters(self) -> list[str]:
+        """Names in the CPU tier, least recently used first."""
+        with self._lock:
+            return list(self._cpu.entries)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the loads in flight now; False if some are still running after `timeout`."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        return not wait_futures(jobs, timeout=timeout).not_done
+
+    def close(self) -> None:
+        """Stop the loader threads (loads in flight finish; queued ones are dropped)."""
+        with self._lock:
+            self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> AdapterRegistry:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

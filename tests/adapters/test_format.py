@@ -61,10 +61,11 @@ def test_refuses_to_write_non_finite_values(adapter, tmp_path):
     assert not (tmp_path / "a" / "adapter_config.json").exists()
 
 
-def test_in_memory_adapter_looks_like_one_read_from_disk(adapter, tmp_path, tiny_model):
+def test_in_memory_adapter_looks_like_one_read_from_disk(adapter, tmp_path, tokenizer):
     from lorafleet.adapters import attach
+    from lorafleet.models.tiny import tiny_llama
 
     assert adapter.peft_type == "LORA" and adapter.method == "lora"
     write_adapter(tmp_path / "a", adapter)
     assert read_adapter(tmp_path / "a").config == adapter.config
-    attach(tiny_model, adapter)  # no round trip through files needed
+    attach(tiny_llama(0, vocab_size=len(tokenizer)), adapter)  # no round trip through files

@@ -20,3 +20,35 @@ def tiny_base(tokenizer) -> Base:
     """A fresh tiny Llama (seed 0) as a Base; the engine changes its model in place."""
     model = tiny_llama(0, vocab_size=len(tokenizer))
     return Base("tiny", model, tokenizer, fingerprint(model), None, False, 0.0)
+
+
+class RunnerCheck:
+    """Drives `engine.runner.run` step by step and checks every row's logits against a
+    reference transformers model per adapter (`refs[None]` = the plain base)."""
+
+    def __init__(self, engine, refs: dict, prompt_ids: list[list[int]], atol: float = 1e-5):
+        self.engine, self.refs, self.prompt_ids, self.atol = engine, refs, prompt_ids, atol
+
+    def seq(self, i: int, name: str | None, kv_slot: int):
+        from lorafleet.serve import SamplingParams, Sequence
+
+        s = Sequence(i, self.prompt_ids[i], name, SamplingParams())
+        s.kv_slot, s.lora_slot = kv_slot, self.engine.slot_of(name)
+        return s
+
+    def expected(self, s):
+        import torch
+
+        ids = torch.tensor([s.prompt_ids + s.generated])
+        return self.refs[s.adapter](input_ids=ids).logits[0, -1]
+
+    def check(self, prefill: list, decode: list) -> None:
+        """One engine step; then feed each row's greedy token back, as the engine would."""
+        import torch
+
+        logits = self.engine.runner.run(prefill, decode)  # [B, vocab]
+        assert logits.shape[0] == len(prefill) + len(decode)
+        for s, row in zip(prefill + decode, logits, strict=True):
+            torch.testing.assert_close(row, self.expected(s), atol=self.atol, rtol=0)
+            s.num_cached = s.num_tokens
+            s.generated.append(int(row.argmax()))

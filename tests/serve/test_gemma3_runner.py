@@ -6,13 +6,13 @@ import pytest
 import torch
 from helpers import randomize_adapter
 from peft import LoraConfig, get_peft_model
-from serve_helpers import TARGETS
+from serve_helpers import TARGETS, RunnerCheck
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel
 
 from lorafleet.adapters import adapter_from_model, attach
 from lorafleet.errors import LorafleetError
 from lorafleet.models import Base, fingerprint, load_base
-from lorafleet.serve import Engine, SamplingParams, Sequence, runner_class
+from lorafleet.serve import Engine, SamplingParams, runner_class
 from lorafleet.serve.gemma3_runner import Gemma3Runner
 
 WINDOW = 4  # shorter than most prompts, so the sliding layers really slide
@@ -103,21 +103,8 @@ def test_gemma3_runner_logits_match_transformers(gemma_engine, gemma_refs, promp
     assert isinstance(engine.runner, Gemma3Runner)
     assert engine.runner.windows == [WINDOW, None, WINDOW]
 
-    def seq(i, name, kv_slot):
-        s = Sequence(i, prompt_ids[i], name, SamplingParams())
-        s.kv_slot, s.lora_slot = kv_slot, engine.slot_of(name)
-        return s
-
-    def expected(s):
-        ids = torch.tensor([s.prompt_ids + s.generated])
-        return gemma_refs[s.adapter](input_ids=ids).logits[0, -1]
-
-    def check(prefill, decode):
-        logits = engine.runner.run(prefill, decode)  # [B, vocab]
-        for s, row in zip(prefill + decode, logits, strict=True):
-            torch.testing.assert_close(row, expected(s), atol=1e-5, rtol=0)
-            s.num_cached = s.num_tokens
-            s.generated.append(int(row.argmax()))
+    run = RunnerCheck(engine, gemma_refs, prompt_ids)
+    seq, check, expected = run.seq, run.check, run.expected
 
     a, b = seq(0, "lora4", kv_slot=2), seq(2, None, kv_slot=0)  # 11 tokens and 1 token
     assert len(a.prompt_ids) > 2 * WINDOW and len(b.prompt_ids) < WINDOW

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from serve_helpers import tiny_base
+from serve_helpers import RunnerCheck, tiny_base
 
 from lorafleet.adapters import attach
 from lorafleet.models.tiny import tiny_llama
-from lorafleet.serve import Engine, KVCache, SamplingParams, Sequence
+from lorafleet.serve import Engine, KVCache
 
 
 @torch.no_grad()
@@ -19,22 +19,8 @@ def test_runner_logits_match_transformers(tokenizer, adapters, prompt_ids):
     for name in ("lora4", "rslora8"):
         refs[name] = attach(tiny_llama(0, vocab_size=len(tokenizer)), adapters[name])
 
-    def seq(i, name, kv_slot):
-        s = Sequence(i, prompt_ids[i], name, SamplingParams())
-        s.kv_slot, s.lora_slot = kv_slot, engine.slot_of(name)
-        return s
-
-    def expected(s):
-        ids = torch.tensor([s.prompt_ids + s.generated])
-        return refs[s.adapter](input_ids=ids).logits[0, -1]
-
-    def check(prefill, decode):
-        logits = engine.runner.run(prefill, decode)  # [B, vocab]
-        assert logits.shape == (len(prefill) + len(decode), len(tokenizer))
-        for s, row in zip(prefill + decode, logits, strict=True):
-            torch.testing.assert_close(row, expected(s), atol=1e-5, rtol=0)
-            s.num_cached = s.num_tokens
-            s.generated.append(int(row.argmax()))
+    run = RunnerCheck(engine, refs, prompt_ids)
+    seq, check = run.seq, run.check
 
     a, b = seq(0, "lora4", kv_slot=2), seq(1, None, kv_slot=0)
     check([a, b], [])  # two prompts of different lengths packed in one forward

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
+from helpers import randomize_adapter
+from peft import get_peft_model
+
+from lorafleet.adapters import Adapter, adapter_from_model
 from lorafleet.models import Base, fingerprint
 from lorafleet.models.tiny import tiny_llama
+from lorafleet.serve import Engine, SamplingParams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = [
@@ -52,3 +59,28 @@ class RunnerCheck:
             torch.testing.assert_close(row, self.expected(s), atol=self.atol, rtol=0)
             s.num_cached = s.num_tokens
             s.generated.append(int(row.argmax()))
+
+
+# --- registry tests ---
+
+GREEDY = SamplingParams(max_tokens=8)
+NAMES = ["attn2", "lora4", "lora4b", "rslora8"]
+
+
+def peft_adapter(tokenizer, config, seed, fp) -> Adapter:
+    """A PEFT adapter on the seed-0 tiny base with random non-zero weights."""
+    config.task_type = "CAUSAL_LM"
+    model = get_peft_model(tiny_llama(0, vocab_size=len(tokenizer)), config)
+    randomize_adapter(model, seed=seed, scale=0.2)
+    return adapter_from_model(model, base_fingerprint=fp)
+
+
+def run_to_end(engine: Engine, limit: int = 500) -> dict:
+    outputs = {}
+    for _ in range(limit):
+        outputs.update((o.request_id, o) for o in engine.step())
+        if not engine.has_unfinished():
+            return outputs
+        if not engine.scheduler.running:
+            threading.Event().wait(0.002)  # only waiting on a loader thread
+    raise AssertionError("the engine did not finish")

@@ -105,3 +105,31 @@ def bench_multilora(
 
     run(base=base, ranks=rank, adapters=adapters, json_out=json_out, repeats=repeats,
         layers=layers, threads=threads)  # fmt: skip
+
+
+@bench_app.command("engine")
+def bench_engine(
+    base: str = typer.Option("default", "--base", "-b", help=BASE_HELP),
+    requests: int = typer.Option(32, "--requests", min=1),
+    adapters: int = typer.Option(
+        16, "--adapters", "-k", min=1, help="Request i uses adapter i % k."
+    ),
+    prompt_tokens: int = typer.Option(100, "--prompt-tokens", min=1),
+    new_tokens: int = typer.Option(
+        64, "--new-tokens", min=1, help="Generated per request (EOS ignored)."
+    ),
+    rank: int = typer.Option(16, "--rank", "-r", min=1),
+    quick: bool = typer.Option(False, "--quick", help="8 requests, 4 adapters, 32+16 tokens."),
+    json_out: Path = typer.Option(Path("bench/results/engine.json"), "--json"),
+):
+    """Engine throughput (many adapters at once) vs PEFT one request at a time, and vs batching
+    on the base alone (the engine, transformers' static batch and its generate_batch).
+
+    Example:
+
+        lorafleet bench engine --base default --requests 32 --adapters 16
+    """
+    from lorafleet.bench.engine import run
+
+    run(base=base, requests=requests, adapters=adapters, prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens, rank=rank, json_out=json_out, quick=quick)  # fmt: skip

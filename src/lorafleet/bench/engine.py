@@ -1,0 +1,291 @@
+"""Benchmark: the serving engine's throughput on many requests for many adapters, against
+transformers + PEFT one request at a time, the engine on the base only, transformers' static
+batch and (when the installed transformers has it) its continuous-batching `generate_batch`.
+
+Every variant runs in its own spawned process (so its peak RSS is its own) on the same prompts,
+greedy, with EOS ignored so each request generates exactly `new_tokens` tokens. tokens/s is the
+generated tokens over the wall time of generation only (loading excluded)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue as queue_mod
+import resource
+import time
+from pathlib import Path
+
+from lorafleet.bench import print_table, write_json
+
+SEED = 1234
+SCALE = 0.02  # random adapter weights: large enough to change the tokens, small enough to stay sane
+
+
+def _prompts(tokenizer, requests: int, prompt_tokens: int) -> list[list[int]]:
+    """`requests` prompts of exactly `prompt_tokens` ids, cut from real text (gsm8k rows)."""
+    from lorafleet.data import load_examples
+
+    need = requests * prompt_tokens
+    limit = max(16, need // 40)
+    while True:
+        rows = load_examples("gsm8k", tokenizer, chat=False, limit=limit).examples
+        text = "\n\n".join(r.prompt + r.target for r in rows)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= need or len(rows) < limit:
+            break
+        limit *= 2
+    if len(ids) < need:  # a short data file: reuse it
+        ids = (ids * (need // max(1, len(ids)) + 1))[:need]
+    return [ids[i * prompt_tokens : (i + 1) * prompt_tokens] for i in range(requests)]
+
+
+def _adapters(model, count: int, rank: int) -> list:
+    """`count` LoRA adapters on every linear layer, random non-zero weights (fixed seeds)."""
+    import torch
+
+    from lorafleet.adapters import MethodConfig, adapter_from_model, new_adapter
+
+    peft_model = new_adapter(model, MethodConfig(method="lora", rank=rank, alpha=2.0 * rank))
+    out = []
+    for i in range(count):
+        gen = torch.Generator().manual_seed(SEED + i)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(SCALE * torch.randn(p.shape, generator=gen))
+        adapter = adapter_from_model(peft_model)
+        adapter.tensors = {k: v.detach().clone() for k, v in adapter.tensors.items()}
+        out.append(adapter)
+    peft_model.unload()  # the base model, its linears restored
+    return out
+
+
+def _setup(base: str, requests: int, adapters: int, prompt_tokens: int, rank: int, need: bool):
+    import torch
+
+    from lorafleet.models import load_base
+
+    torch.manual_seed(0)
+    loaded = load_base(base)
+    loaded.model.eval()
+    prompts = _prompts(loaded.tokenizer, requests, prompt_tokens)
+    made = _adapters(loaded.model, adapters, rank) if need else []
+    return loaded, prompts, made
+
+
+def _engine(cfg: dict, with_adapters: bool) -> dict:
+    from lorafleet.serve.engine import Engine
+    from lorafleet.serve.sequence import SamplingParams
+
+    loaded, prompts, made = _setup(cfg["base"], cfg["requests"], cfg["adapters"],
+                                   cfg["prompt_tokens"], cfg["rank"], with_adapters)  # fmt: skip
+    n, p, new = cfg["requests"], cfg["prompt_tokens"], cfg["new_tokens"]
+    engine = Engine(loaded, max_slots=max(1, cfg["adapters"]), max_rank=cfg["rank"],
+                    max_batch_size=n, max_batch_tokens=max(n * p, p + 1),
+                    max_seq_len=p + new + 8)  # fmt: skip
+    names = [f"a{i}" for i in range(len(made))]
+    for name, adapter in zip(names, made, strict=True):
+        engine.load_adapter(name, adapter)
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    engine.generate([(prompts[0][:8], names[0] if names else None,
+                      SamplingParams(max_tokens=2, ignore_eos=True))])  # warmup  # fmt: skip
+    reqs = [(ids, names[i % len(names)] if with_adapters else None, params)
+            for i, ids in enumerate(prompts)]  # fmt: skip
+    start = time.perf_counter()
+    outs = engine.generate(reqs)
+    seconds = time.perf_counter() - start
+    bad = [o for o in outs if o.finish_reason == "error"]
+    if bad:
+        raise RuntimeError(f"engine request failed: {bad[0].error}")
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"tokens": tokens, "seconds": seconds, "request0": list(outs[0].token_ids)}
+
+
+def _sequential_peft(cfg: dict) -> dict:
+    import torch
+    from peft import set_peft_model_state_dict
+
+    from lorafleet.adapters import attach
+    from lorafleet.adapters.methods import peft_config_from_dict
+
+    loaded, prompts, made = _setup(cfg["base"], cfg["requests"], cfg["adapters"],
+                                   cfg["prompt_tokens"], cfg["rank"], True)  # fmt: skip
+    new, tok = cfg["new_tokens"], loaded.tokenizer
+    names = [f"a{i}" for i in range(len(made))]
+    model = attach(loaded.model, made[0], names[0])
+    for name, adapter in zip(names[1:], made[1:], strict=True):
+        config = peft_config_from_dict(adapter.config)
+        config.inference_mode = True
+        model.add_adapter(name, config)
+        set_peft_model_state_dict(model, adapter.tensors, adapter_name=name)
+    model.eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def gen(ids, n):
+        x = torch.tensor([ids])
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                             max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)  # fmt: skip
+        return out[0, len(ids) :]
+
+    with torch.inference_mode():
+        model.set_adapter(names[0])
+        gen(prompts[0][:8], 2)  # warmup
+        tokens, first = 0, None
+        start = time.perf_counter()
+        for i, ids in enumerate(prompts):
+            model.set_adapter(names[i % len(names)])
+            out = gen(ids, new)
+            tokens += len(out)
+            first = out.tolist() if first is None else first
+        seconds = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": seconds, "request0": first}
+
+
+def _static_batch(cfg: dict) -> dict:
+    import torch
+
+    loaded, prompts, _ = _setup(cfg["base"], cfg["requests"], cfg["adapters"],
+                                cfg["prompt_tokens"], cfg["rank"], False)  # fmt: skip
+    new, tok, model = cfg["new_tokens"], loaded.tokenizer, loaded.model
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(len(p) for p in prompts)  # left padding (the prompts are all one length here)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        model.generate(input_ids=ids[:2, :8], attention_mask=mask[:2, :8], do_sample=False,
+                       max_new_tokens=2, min_new_tokens=2, pad_token_id=pad)  # warmup  # fmt: skip
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)  # fmt: skip
+        seconds = time.perf_counter() - start
+    gen = out[:, width:]
+    return {"tokens": int(gen.numel()), "seconds": seconds, "request0": gen[0].tolist()}
+
+
+def _generate_batch(cfg: dict) -> dict:
+    import torch
+    from transformers import GenerationConfig
+
+    loaded, prompts, _ = _setup(cfg["base"], cfg["requests"], cfg["adapters"],
+                                cfg["prompt_tokens"], cfg["rank"], False)  # fmt: skip
+    new, tok, model = cfg["new_tokens"], loaded.tokenizer, loaded.model
+    if not hasattr(model, "generate_batch"):
+        raise RuntimeError("the installed transformers has no model.generate_batch")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None,
+                              pad_token_id=pad)  # fmt: skip
+    with torch.inference_mode():
+        model.generate_batch([prompts[0][:8]], generation_config=config, max_new_tokens=2)
+        start = time.perf_counter()
+        results = model.generate_batch(prompts, generation_config=config, max_new_tokens=new)
+        seconds = time.perf_counter() - start
+    outs = list(results.values())
+    if len(outs) != len(prompts) or any(o.error for o in outs):
+        errors = [o.error for o in outs if o.error]
+        raise RuntimeError(f"{len(outs)}/{len(prompts)} results; {errors[:1]}")
+    tokens = sum(len(o.generated_tokens) for o in outs)
+    if tokens != len(prompts) * new:
+        raise RuntimeError(f"generated {tokens} tokens, expected {len(prompts) * new}")
+    return {"tokens": tokens, "seconds": seconds, "request0": list(outs[0].generated_tokens)}
+
+
+VARIANTS = {
+    "engine": lambda cfg: _engine(cfg, True),
+    "engine_all_base": lambda cfg: _engine(cfg, False),
+    "sequential_peft": _sequential_peft,
+    "static_batch": _static_batch,
+    "generate_batch": _generate_batch,
+}
+
+
+def _child(name: str, cfg: dict, queue) -> None:
+    try:
+        result = VARIANTS[name](cfg)
+    except Exception as exc:  # recorded as null with the reason
+        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
+    queue.put(result)
+
+
+def _run_variant(ctx, name: str, cfg: dict, limit_s: float) -> dict:
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, cfg, queue))
+    proc.start()
+    deadline = time.monotonic() + limit_s
+    result = None
+    while result is None:
+        try:
+            result = queue.get(timeout=2)
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                result = {"error": f"the process exited with code {proc.exitcode}"}
+            elif time.monotonic() > deadline:
+                proc.kill()
+                result = {"error": f"no result within {limit_s:.0f} s"}
+    proc.join(timeout=30)
+    if proc.is_alive():
+        proc.kill()
+    return result
+
+
+def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_tokens: int = 100,
+        new_tokens: int = 64, rank: int = 16, json_out: str | Path = "bench/results/engine.json",
+        quick: bool = False, limit_s: float = 900.0) -> dict:  # fmt: skip
+    if quick:
+        requests, adapters, new_tokens, prompt_tokens = 8, 4, 16, 32
+    cfg = {"base": base, "requests": requests, "adapters": adapters, "rank": rank,
+           "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}  # fmt: skip
+    ctx = mp.get_context("spawn")
+    raw, variants, reasons, rows = {}, {}, {}, []
+    for name in VARIANTS:
+        print(f"running {name} ...", flush=True)
+        raw[name] = r = _run_variant(ctx, name, cfg, limit_s)
+        if "error" in r:
+            print(f"  {name}: {r['error']}", flush=True)
+            reasons[name] = r["error"]
+            variants[name] = None
+            rows.append({"variant": name, "tokens": None, "seconds": None, "tokens_per_s": None,
+                         "peak_rss_mb": round(r["peak_rss_mb"])})  # fmt: skip
+            continue
+        variants[name] = {
+            "tokens_per_s": r["tokens"] / r["seconds"],
+            "seconds": r["seconds"],
+            "peak_rss_mb": round(r["peak_rss_mb"]),
+            "tokens": r["tokens"],
+        }
+        rows.append({"variant": name, **variants[name]})
+        print(f"  {name}: {r['tokens']} tokens in {r['seconds']:.1f} s", flush=True)
+
+    def tps(name):
+        return variants[name]["tokens_per_s"] if variants.get(name) else None
+
+    def ratio(a, b):
+        return tps(a) / tps(b) if tps(a) and tps(b) else None
+
+    parity = None
+    if "request0" in raw["engine"] and "request0" in raw["sequential_peft"]:
+        parity = raw["engine"]["request0"] == raw["sequential_peft"]["request0"]
+    figures = {
+        "benchmark": "engine",
+        "base": base,
+        "tokens_per_s": tps("engine"),
+        "vs_sequential": ratio("engine", "sequential_peft"),
+        "vs_all_base": ratio("engine", "engine_all_base"),
+        "all_base_vs_static_batch": ratio("engine_all_base", "static_batch"),
+        "all_base_vs_generate_batch": ratio("engine_all_base", "generate_batch"),
+        "peak_rss_mb": variants["engine"]["peak_rss_mb"] if variants["engine"] else None,
+        "parity_request0": parity,
+        "variants": variants,
+        "errors": reasons,
+        "requests": requests,
+        "adapters": adapters,
+        "rank": rank,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+    }
+    print_table(rows, ["variant", "tokens", "seconds", "tokens_per_s", "peak_rss_mb"])
+    for key in ("vs_sequential", "vs_all_base", "all_base_vs_static_batch",
+                "all_base_vs_generate_batch", "parity_request0"):  # fmt: skip
+        value = figures[key]
+        print(f"{key} = {value:.3f}" if isinstance(value, float) else f"{key} = {value}")
+    print(f"wrote {write_json(json_out, figures)}")
+    return figures

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_helpers import tiny_base
+from serve_helpers import run_to_end, tiny_base
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lorafleet.adapters import Adapter
@@ -14,16 +14,6 @@ from lorafleet.models import Base
 from lorafleet.serve import Engine, SamplingParams, TokenEvent
 
 GREEDY = SamplingParams(max_tokens=12)
-
-
-def run_to_end(engine: Engine, limit: int = 200) -> dict:
-    """Step until nothing is left; request id -> output."""
-    outputs = {}
-    for _ in range(limit):
-        outputs.update((o.request_id, o) for o in engine.step())
-        if not engine.has_unfinished():
-            return outputs
-    raise AssertionError("the engine did not finish")
 
 
 def assert_idle(engine: Engine) -> None:

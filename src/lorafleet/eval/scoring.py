@@ -14,10 +14,10 @@ def _token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _prompt_ids(tokenizer, text: str) -> list[int]:
-    """Prompt tokens exactly as training saw them (with the BOS the tokenizer would add)."""
+def _prompt_ids(tokenizer, text: str, bos: int | None) -> list[int]:
+    """Prompt tokens exactly as training saw them (`bos` = bos_to_add(tokenizer), computed
+    once per call site: it tokenises a probe string)."""
     ids = _token_ids(tokenizer, text)
-    bos = bos_to_add(tokenizer)
     return [bos, *ids] if bos is not None and ids[:1] != [bos] else ids
 
 
@@ -29,9 +29,10 @@ def choice_logprobs(
     """Sum of log p(choice tokens | prompt) for every (example, choice): [N, max_choices],
     -inf where an example has fewer choices. Prompts longer than max_length lose tokens on
     the left, as in training."""
+    bos = bos_to_add(tokenizer)
     pairs: list[tuple[int, int, list[int], int]] = []  # (example, choice, ids, n_choice_tokens)
     for i, ex in enumerate(examples):
-        prompt = _prompt_ids(tokenizer, ex.prompt)
+        prompt = _prompt_ids(tokenizer, ex.prompt, bos)
         for c, choice in enumerate(ex.choices or ()):
             target = _token_ids(tokenizer, choice)
             ids = (prompt + target)[-max_length:]
@@ -66,7 +67,8 @@ def generate_greedy(
 ) -> list[str]:  # fmt: skip
     """Greedy continuations of each prompt (left-padded batches), special tokens removed."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    bos = bos_to_add(tokenizer)
+    encoded = [_prompt_ids(tokenizer, p, bos) for p in prompts]
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda k: -len(encoded[k]))
     for start in range(0, len(order), batch_size):

@@ -74,6 +74,28 @@ def test_paths_match_per_row_reference(path, case, transposed):
     assert (got[idx == 0] == 0).all()
 
 
+@pytest.mark.parametrize(
+    "idx, contiguous, padded, identity",
+    [
+        ([1, 1, 2, 2, 3, 3], True, False, True),  # grouped in place, full groups: pure views
+        ([3, 1, 2, 1, 2, 3], True, False, False),  # full groups, rows gathered
+        ([1, 2, 2, 2, 3, 0], True, True, False),  # uneven groups: padded and masked
+        ([1, 3, 3, 1], False, False, False),  # slots 1 and 3: weights index-selected
+        ([0, 3, 1, 3, 3, 0, 1], False, True, False),
+    ],
+)
+def test_gathered_group_layout_cases(idx, contiguous, padded, identity):
+    A, B, scale = _stack([4, 1, 3])
+    idx = torch.tensor(idx)
+    lay = plan_rows(idx, "gathered").groups
+    assert (lay.weights is not None) == contiguous
+    assert (lay.pad is not None) == padded
+    assert lay.identity == identity
+    x = torch.randn(len(idx), A.shape[2], dtype=torch.float64)
+    got = lora_delta_gathered(x, A, B, scale, idx)
+    torch.testing.assert_close(got, _reference(x, A, B, scale, idx), atol=1e-12, rtol=0)
+
+
 def test_paths_float32_and_scale_folded_into_b():
     A, B, scale = _stack([8, 2, 5, 8], d_in=64, d_out=48, dtype=torch.float32)
     A = A / 8  # unit-sized outputs, as in a model, so an absolute tolerance means something
@@ -90,8 +112,9 @@ def test_dispatcher_picks_documented_path():
     assert choose_path(0, 0) == "none"
     assert choose_path(16, 16) == "gathered"  # decode: one row per adapter
     assert choose_path(16, 8) == "gathered"
-    assert choose_path(16, 4) == "segmented"
-    assert choose_path(16, 1) == "segmented"
+    assert choose_path(16, 4) == "gathered"
+    assert choose_path(64, 2) == "segmented"
+    assert choose_path(16, 1) == "gathered"
     assert choose_path(1024, 16) == "segmented"  # prefill: 16 sequences x 64 tokens
     assert plan_rows(torch.arange(1, 17)).path == "gathered"
     assert plan_rows(torch.arange(1, 17).repeat_interleave(64)).path == "segmented"

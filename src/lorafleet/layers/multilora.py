@@ -18,7 +18,12 @@ Two paths compute the delta:
 - segmented (SGMV): rows grouped by slot (a stable sort), one matmul pair per distinct non-zero
   slot on views of A[s] and B[s] (nothing is gathered), scattered back. Slot-0 rows cost nothing.
   Best for prefill, where many rows share an adapter.
-- gathered (BGMV): A[idx] and B[idx] gathered per row, then two `torch.bmm`. No Python loop.
+- gathered (BGMV): the rows are gathered into one zero-padded group per distinct slot,
+  xg: [G, m, d_in] (m = most rows of any slot), and two `torch.bmm` run over the groups with
+  A[slots]: [G, r, d_in] and B[slots]. No Python loop, and each resident adapter's weights are
+  read once per layer, not once per row: when the batch's slots form a contiguous range (the
+  engine hands out slots 1, 2, ...), A[lo:hi] is a view and nothing is copied at all. Padding
+  rows are masked to 0 before the second matmul and added to row 0, which adds exactly 0.0.
   Best for decode, where rows are about as many as distinct adapters.
 `choose_path` picks segmented when rows per distinct adapter >= SEGMENT_MIN_ROWS_PER_SLOT.
 
@@ -34,10 +39,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-# Measured on this project's 2-core CPU with SmolLM2's shapes, 16 decode rows: at 2 rows per
-# adapter one bmm over gathered weights beats the loop of matmul pairs (0.63 vs 0.54 of base),
-# at 8 the per-slot GEMMs win (no gather copy, each adapter read once: 0.68 vs 0.64); 4 is a tie.
-SEGMENT_MIN_ROWS_PER_SLOT = 4
+# Measured on this project's 2-core CPU with SmolLM2's shapes (7 linears, rank 16, best of 25):
+# the grouped bmm beats the loop of per-slot matmul pairs up to ~16 rows per adapter (0.85 vs
+# 0.55 of base at 64 rows / 4 adapters); at 64 rows per adapter the per-slot GEMMs win (0.99 vs
+# 0.80). Prefill (whole prompts per adapter) lands on segmented, decode on gathered.
+SEGMENT_MIN_ROWS_PER_SLOT = 32
 PATHS = ("segmented", "gathered")
 
 
@@ -53,6 +59,26 @@ class SlotPlan:
     rows: Tensor | None  # [T_nz] long
     slots: Tensor  # [T_nz] long
     segments: tuple[tuple[int, int, int], ...]
+    groups: GroupLayout | None = None  # the gathered path's layout (None for other paths)
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """The gathered path's rows in G zero-padded groups of m, one group per distinct slot.
+
+    `src`: [G*m] long, the row of x (and of y) each group position holds; padding positions
+    hold row 0 and are masked by `pad`: [G, m, 1] bool (None when no group is padded).
+    `weights`: a slice lo:hi of the slot axis when the distinct slots are exactly lo..hi-1
+    (a view, no copy), else `slot_index`: [G] long for index_select. `identity`: src is
+    0..T-1 (rows already grouped, no padding): x and y are viewed as [G, m, d], no gather."""
+
+    n_groups: int
+    per_group: int
+    src: Tensor
+    pad: Tensor | None
+    weights: slice | None
+    slot_index: Tensor
+    identity: bool
 
 
 def choose_path(n_rows: int, n_distinct: int) -> str:
@@ -86,7 +112,35 @@ def plan_rows(idx: Tensor, path: str | None = None) -> SlotPlan:
         rows, grouped = None, idx  # already grouped (e.g. an engine's prefill layout)
     else:
         rows, grouped = order[n_zero:], sorted_slots[n_zero:]  # [T_nz], [T_nz]
-    return SlotPlan(chosen, rows, grouped, tuple(segments))
+    groups = None
+    if chosen == "gathered":
+        groups = _group_layout(order[n_zero:], segments, rows is None, idx.device)
+    return SlotPlan(chosen, rows, grouped, tuple(segments), groups)
+
+
+def _group_layout(order: Tensor, segments: list, in_place: bool, device) -> GroupLayout:
+    """Lay the grouped rows `order` ([T_nz], segment by segment) out as G groups of m."""
+    n_groups = len(segments)
+    per_group = max(end - start for _, start, end in segments)
+    slot_ids = [slot for slot, _, _ in segments]
+    lo, hi = slot_ids[0], slot_ids[-1] + 1
+    weights = slice(lo, hi) if hi - lo == n_groups else None  # sorted and distinct: contiguous
+    slot_index = torch.tensor(slot_ids, dtype=torch.long, device=device)  # [G]
+    uniform = all(end - start == per_group for _, start, end in segments)
+    if uniform:
+        src = order  # [G*m]: every group is full
+        pad = None
+    else:
+        # position p of group g holds the segment's p-th row, or padding (row 0, masked)
+        offsets = torch.arange(per_group, device=device)  # [m]
+        starts = torch.tensor([s for _, s, _ in segments], device=device)  # [G]
+        counts = torch.tensor([e - s for _, s, e in segments], device=device)  # [G]
+        where = starts[:, None] + offsets[None, :]  # [G, m] index into `order`
+        pad = offsets[None, :] >= counts[:, None]  # [G, m]
+        src = order[where.clamp(max=order.numel() - 1)].masked_fill(pad, 0).reshape(-1)  # [G*m]
+        pad = pad.unsqueeze(-1)  # [G, m, 1]
+    identity = in_place and pad is None
+    return GroupLayout(n_groups, per_group, src, pad, weights, slot_index, identity)
 
 
 def add_lora_segmented_(y, x, A, B, scale, plan: SlotPlan, ranks=None) -> Tensor:
@@ -118,28 +172,42 @@ def add_lora_segmented_(y, x, A, B, scale, plan: SlotPlan, ranks=None) -> Tensor
 
 
 def add_lora_gathered_(y, x, A, B, scale, plan: SlotPlan, rank=None) -> Tensor:
-    """y += delta with A[idx], B[idx] gathered per row and two batched matmuls (BGMV); in place.
+    """y += delta with rows gathered into one group per slot and two batched matmuls (BGMV).
 
     y: [T, d_out], x: [T, d_in] (same dtype as A, B); `rank` (optional) is the largest rank
-    resident in A and B (the rest is zero padding, not computed)."""
+    resident in A and B (the rest is zero padding, not computed). In place."""
     r = A.shape[1] if rank is None else rank
     if r == 0:
         return y
+    lay = plan.groups if plan.groups is not None else _regroup(plan, x.device)
+    G, m = lay.n_groups, lay.per_group
     Bt = B.transpose(1, 2)  # [S, r_max, d_out]
-    if r < A.shape[1]:
-        A, Bt = A[:, :r], Bt[:, :r]  # [S, r, d_in], [S, r, d_out]
-    slots = plan.slots  # [n] (n = T_nz)
-    xg = x if plan.rows is None else x.index_select(0, plan.rows)  # [n, d_in]
-    Ag = A.index_select(0, slots)  # [n, r, d_in]
-    Bg = Bt.index_select(0, slots)  # [n, r, d_out]
-    h = torch.bmm(xg.unsqueeze(1), Ag.transpose(1, 2))  # [n, 1, d_in] @ [n, d_in, r] -> [n, 1, r]
-    if scale is not None:
-        h.mul_(scale.index_select(0, slots)[:, None, None])  # [n, 1, 1]
-    if plan.rows is None:
-        y.unsqueeze(1).baddbmm_(h, Bg)  # [n, 1, d_out] += [n, 1, r] @ [n, r, d_out]
+    if lay.weights is not None:
+        Ag, Bg = A[lay.weights, :r], Bt[lay.weights, :r]  # views: [G, r, d_in], [G, r, d_out]
     else:
-        y.index_add_(0, plan.rows, torch.bmm(h, Bg).squeeze(1))  # [n, d_out] scattered back
+        Ag = A[:, :r].index_select(0, lay.slot_index)  # [G, r, d_in], one copy per adapter
+        Bg = Bt[:, :r].index_select(0, lay.slot_index)  # [G, r, d_out]
+    if lay.identity:
+        xg = x.view(G, m, x.shape[1])  # [T, d_in] -> [G, m, d_in]
+    else:
+        xg = x.index_select(0, lay.src).view(G, m, x.shape[1])  # [G*m, d_in] -> [G, m, d_in]
+    h = torch.bmm(xg, Ag.transpose(1, 2))  # [G, m, d_in] @ [G, d_in, r] -> [G, m, r]
+    if scale is not None:
+        h.mul_(scale.index_select(0, lay.slot_index)[:, None, None])  # [G, 1, 1]
+    if lay.pad is not None:
+        h.masked_fill_(lay.pad, 0.0)  # padding rows contribute exactly 0
+    if lay.identity:
+        y.view(G, m, y.shape[1]).baddbmm_(h, Bg)  # [G, m, d_out] += [G, m, r] @ [G, r, d_out]
+    else:
+        out = torch.bmm(h, Bg).view(G * m, y.shape[1])  # [G, m, d_out] -> [G*m, d_out]
+        y.index_add_(0, lay.src, out)  # scatter back; padding adds 0.0 to row 0
     return y
+
+
+def _regroup(plan: SlotPlan, device) -> GroupLayout:
+    """The group layout for a plan made for another path (a caller forcing "gathered")."""
+    order = plan.rows if plan.rows is not None else torch.arange(plan.slots.numel(), device=device)
+    return _group_layout(order, list(plan.segments), plan.rows is None, device)
 
 
 def apply_plan_(y, x, A, B, scale, plan: SlotPlan, ranks=None) -> Tensor:

@@ -120,6 +120,14 @@ class Engine:
             self._finish(seq, "cancelled")
             return True
 
+    def cancel_all(self) -> int:
+        """Cancel every unfinished request (shutdown); returns how many."""
+        with self._lock:
+            ids = list(self._requests)
+            for request_id in ids:
+                self.cancel(request_id)
+            return len(ids)
+
     def step(self) -> list[RequestOutput]:
         """Admit, run one forward over the whole batch, sample, retire. Returns the requests
         that finished since the last call (including cancelled and failed ones)."""
@@ -299,7 +307,8 @@ class Engine:
         seq.emitted = max(seq.emitted, end)
         if seq.on_token is None:
             return
-        event = TokenEvent(seq.request_id, token, delta, seq.finished, seq.finish_reason)
+        event = TokenEvent(seq.request_id, token, delta, seq.finished, seq.finish_reason,
+                           seq.error)
         try:
             seq.on_token(event)
         except Exception as exc:  # a broken callback fails its own request only

@@ -238,7 +238,7 @@ class AdapterRegistry:
         try:
             adapter = source if source is not None else read_adapter(path)
             if source is None:
-                self._validate(adapter)
+                self.validate(adapter)
             # The slots' device and dtype now, so the copy into a slot (under the engine's
             # lock) is device to device; the CPU tier keeps the CPU tensors.
             staged = to_slot_format(adapter, slot_format(self.engine.handle))
@@ -268,7 +268,8 @@ class AdapterRegistry:
             finally:
                 self._engine_lock.release()
 
-    def _validate(self, adapter: Adapter) -> None:
+    def validate(self, adapter: Adapter) -> None:
+        """Raise a one-line error unless `adapter` can be served here (what a load checks)."""
         if self.reference is not None:
             check_adapter(adapter, self.reference, base_fingerprint=self.base_fingerprint,
                           max_rank=self.max_rank, force=self.force)  # fmt: skip

@@ -81,6 +81,7 @@ class TokenEvent:
     text: str
     finished: bool
     finish_reason: str | None = None
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass(frozen=True)

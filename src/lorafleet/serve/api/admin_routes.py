@@ -1,0 +1,156 @@
+"""Admin routes (admin key only): add an adapter (a path in the adapters dir, or an upload),
+remove one, list them with their tier."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
+
+from lorafleet.adapters import read_adapter
+from lorafleet.errors import LorafleetError
+from lorafleet.serve.api.auth import valid_name
+from lorafleet.serve.api.errors import APIError
+from lorafleet.serve.api.schemas import AddAdapter
+from lorafleet.serve.api.state import ServerState, admin, state_of
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(admin)])
+UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _check_name(state: ServerState, name) -> str:
+    if not valid_name(name):
+        raise APIError(400, f"bad adapter name {name!r}: use [A-Za-z0-9._-]{{1,64}}, not "
+                       "starting with a dot", code="invalid_name", param="name")  # fmt: skip
+    if name == state.config.model_name:
+        raise APIError(400, f"{name!r} is the base model's name", code="invalid_name",
+                       param="name")  # fmt: skip
+    if state.registry is None:
+        raise APIError(400, "this server has no adapter registry", code="no_registry")
+    return name
+
+
+def _validate_dir(state: ServerState, path: Path) -> None:
+    """Read and check the adapter now, so a bad one is refused at once (never half-added)."""
+    try:
+        state.registry.validate(read_adapter(path))
+    except LorafleetError as exc:
+        where = state.adapters_dir
+        message = str(exc).replace(str(where) + os.sep, "") if where else str(exc)
+        raise APIError(400, message, code="invalid_adapter") from None
+
+
+@router.get("/adapters")
+def list_adapters(request: Request) -> dict:
+    state = state_of(request)
+    names = state.adapter_names()
+    return {"adapters": [{"name": n, "state": state.registry.state(n) if state.registry else
+                          "resident", "private_to": state.auth.owner.get(n)} for n in names],
+            "stats": state.registry.stats() if state.registry else {}}  # fmt: skip
+
+
+@router.post("/adapters", status_code=201)
+async def add_adapter(request: Request) -> dict:
+    state = state_of(request)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        return await _upload(state, request)
+    try:
+        body = AddAdapter.model_validate_json(await request.body())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        msg = "the request body is not valid JSON" if first.get("type") == "json_invalid" \
+            else f"{where}: {first.get('msg')}"  # fmt: skip
+        raise APIError(400, msg, code="invalid_request") from None
+    name = _check_name(state, body.name)
+    if state.adapters_dir is None:
+        raise APIError(400, "the server has no adapters directory", code="no_adapters_dir")
+    try:
+        from lorafleet.serve.adapter_store import resolve_inside
+
+        path = resolve_inside(body.path, state.adapters_dir)
+    except LorafleetError as exc:
+        raise APIError(400, str(exc), code="invalid_path", param="path") from None
+    if not path.is_dir():
+        raise APIError(400, f"{body.path}: no such adapter directory", code="invalid_path",
+                       param="path")  # fmt: skip
+    await asyncio.to_thread(_validate_dir, state, path)
+    try:
+        state.registry.add(name, path)
+    except LorafleetError as exc:
+        raise APIError(409, str(exc), code="conflict") from None
+    return {"name": name, "path": str(path.relative_to(state.adapters_dir)), "added": True}
+
+
+async def _upload(state: ServerState, request: Request) -> dict:
+    """A PEFT adapter as multipart: field `name` plus files adapter_config.json and
+    adapter_model.safetensors; written to ADAPTERS_DIR/NAME through a temp dir + rename."""
+    limit = int(state.config.max_upload_mb * 2**20)
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise APIError(413, f"the upload is over {state.config.max_upload_mb:g} MB",
+                       code="too_large")  # fmt: skip
+    try:
+        form = await request.form(max_files=4, max_fields=4)
+    except Exception as exc:
+        raise APIError(400, f"bad multipart body: {exc}", code="invalid_request") from None
+    name = _check_name(state, form.get("name"))
+    root = state.adapters_dir
+    if root is None:
+        raise APIError(400, "the server has no adapters directory", code="no_adapters_dir")
+    files = {}
+    for key, value in form.multi_items():
+        if key == "name":
+            continue
+        filename = Path(getattr(value, "filename", "") or "").name
+        if filename not in UPLOAD_FILES or not hasattr(value, "read"):
+            raise APIError(400, f"unexpected upload field {key!r}: send only "
+                           f"{', '.join(UPLOAD_FILES)} (safetensors, never pickles)",
+                           code="invalid_upload")  # fmt: skip
+        files[filename] = value
+    missing = [f for f in UPLOAD_FILES if f not in files]
+    if missing:
+        raise APIError(400, f"missing upload file(s): {', '.join(missing)}", code="invalid_upload")
+    target = root / name
+    if target.exists() or (state.registry.state(name) is not None):
+        raise APIError(409, f"adapter {name} already exists; delete it first", code="conflict")
+    tmp = Path(tempfile.mkdtemp(prefix=f".upload-{name}-", dir=root))
+    try:
+        total = 0
+        for filename, upload in files.items():
+            data = await upload.read()
+            total += len(data)
+            if total > limit:
+                raise APIError(413, f"the upload is over {state.config.max_upload_mb:g} MB",
+                               code="too_large")  # fmt: skip
+            (tmp / filename).write_bytes(data)
+        await asyncio.to_thread(_validate_dir, state, tmp)
+        os.replace(tmp, target)  # atomic: the adapter appears whole or not at all
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        state.registry.add(name, target)
+    except LorafleetError as exc:
+        raise APIError(409, str(exc), code="conflict") from None
+    return {"name": name, "path": name, "added": True}
+
+
+@router.delete("/adapters/{name}")
+def delete_adapter(name: str, request: Request) -> dict:
+    state = state_of(request)
+    _check_name(state, name)
+    if state.registry.state(name) is None:
+        raise APIError(404, f"unknown adapter {name!r}", code="not_found")
+    try:
+        state.registry.remove(name)
+    except LorafleetError as exc:
+        status = 409 if "in use" in str(exc) else 404
+        code = "conflict" if status == 409 else "not_found"
+        raise APIError(status, str(exc), code=code) from None
+    return {"name": name, "deleted": True}

@@ -1,0 +1,68 @@
+"""The FastAPI app: OpenAI-compatible, LoRAX-style and admin routes, health, metrics, playground."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from lorafleet.serve.api import errors
+from lorafleet.serve.api.admin_routes import router as admin_router
+from lorafleet.serve.api.lorax_routes import router as lorax_router
+from lorafleet.serve.api.openai_routes import router as openai_router
+from lorafleet.serve.api.state import ServerState, admin, state_of
+
+
+def playground_html() -> str:
+    return resources.files("lorafleet.serve.api").joinpath("web/playground.html").read_text()
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """An app serving `state`'s engine; the engine loop starts and stops with the app."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.loop.start()
+        try:
+            yield
+        finally:
+            state.closing = True
+            # Finish what is in flight (up to the grace period), cancel the rest.
+            await asyncio.to_thread(state.loop.stop, state.config.shutdown_grace_s)
+
+    about = "One base model, many LoRA adapters: OpenAI-compatible serving."
+    app = FastAPI(title="lorafleet", version="0.1", lifespan=lifespan, description=about)
+    app.state.lorafleet = state
+    errors.install(app)
+    app.include_router(openai_router)
+    app.include_router(lorax_router)
+    app.include_router(admin_router)
+
+    @app.get("/health")
+    def health(request: Request):
+        st = state_of(request)
+        stats = st.engine.stats()
+        body = {"status": "shutting_down" if st.closing else "ok",
+                "model": st.config.model_name, "waiting": stats["waiting"],
+                "running": stats["running"],
+                "resident_adapters": stats["adapters_loaded"]}  # fmt: skip
+        return JSONResponse(body, status_code=503 if st.closing else 200)
+
+    def metrics_guard(request: Request):
+        # With auth on, metrics name private adapters: admins only.
+        if state_of(request).auth.enabled:
+            admin(request)
+
+    @app.get("/metrics", dependencies=[Depends(metrics_guard)])
+    def metrics(request: Request) -> Response:
+        body = state_of(request).metrics.render()
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def playground() -> HTMLResponse:
+        return HTMLResponse(playground_html())
+
+    return app

@@ -1,0 +1,74 @@
+"""Prometheus metrics of one server (its own registry, so several apps in a process never mix)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _EngineCollector:
+    """Reads gauges and the registry's counters at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, engine, registry):
+        self.engine, self.registry = engine, registry
+
+    def collect(self):
+        stats = self.engine.stats()
+        for name, key, doc in (
+            ("lorafleet_queue_depth", "waiting", "Requests waiting to be admitted."),
+            ("lorafleet_running_requests", "running", "Requests decoding now."),
+            ("lorafleet_kv_free_slots", "kv_free_slots", "Free KV-cache sequence slots."),
+            ("lorafleet_resident_adapters", "adapters_loaded", "Adapters in engine slots."),
+        ):
+            yield GaugeMetricFamily(name, doc, value=stats[key])
+        if self.registry is None:
+            return
+        reg = self.registry.stats()
+        yield GaugeMetricFamily("lorafleet_adapter_cpu_cache_mb", "CPU adapter cache size (MB).",
+                                value=reg.get("cpu_mb", 0.0))  # fmt: skip
+        for key, doc in (("hits", "Requests whose adapter was resident."),
+                         ("cpu_hits", "Adapter loads served from the CPU cache."),
+                         ("misses", "Requests whose adapter was not resident."),
+                         ("loads", "Adapters read from disk."),
+                         ("failures", "Adapter loads that failed."),
+                         ("evictions_slot", "Adapters evicted from engine slots."),
+                         ("evictions_cpu", "Adapters evicted from the CPU cache.")):  # fmt: skip
+            yield CounterMetricFamily(f"lorafleet_adapter_cache_{key}", doc, value=reg.get(key, 0))
+
+
+class Metrics:
+    """Counters and histograms the routes update; `render()` is the /metrics body."""
+
+    def __init__(self, engine, registry=None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lorafleet_requests", "Requests by endpoint, adapter and status.",
+                                ["endpoint", "adapter", "status"], registry=r)  # fmt: skip
+        self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens in.", ["adapter"],
+                                     registry=r)  # fmt: skip
+        self.generated_tokens = Counter("lorafleet_generated_tokens", "Tokens generated.",
+                                        ["adapter"], registry=r)  # fmt: skip
+        self.ttft = Histogram("lorafleet_time_to_first_token_seconds", "Time to first token.",
+                              ["adapter"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.tpot = Histogram("lorafleet_time_per_output_token_seconds",
+                              "Mean time between output tokens of a request.", ["adapter"],
+                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        r.register(_EngineCollector(engine, registry))
+
+    def finished(self, endpoint: str, adapter: str, status: int, stream=None) -> None:
+        self.requests.labels(endpoint, adapter, str(status)).inc()
+        if stream is None:
+            return
+        self.prompt_tokens.labels(adapter).inc(stream.prompt_tokens)
+        self.generated_tokens.labels(adapter).inc(stream.completion_tokens)
+        if stream.first_token_at is not None:
+            self.ttft.labels(adapter).observe(stream.first_token_at - stream.started)
+            if stream.completion_tokens > 1 and stream.last_token_at is not None:
+                span = stream.last_token_at - stream.first_token_at
+                per = span / (stream.completion_tokens - 1)
+                self.tpot.labels(adapter).observe(per)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

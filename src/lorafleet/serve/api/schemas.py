@@ -1,0 +1,95 @@
+"""Request bodies of the HTTP API (pydantic): OpenAI's completions and chat, LoRAX's generate.
+
+Unknown fields are accepted and ignored (clients send extras); known fields of the wrong type or
+out of range are a 400 naming the field."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+MAX_TOKENS_CAP = 1_000_000  # beyond any context: larger is a typo, refused before the context check
+Stop = str | Annotated[list[str], Field(max_length=16)] | None
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class _Sampling(_Body):
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=0)] | None = None
+    seed: StrictInt | None = None
+    stop: Stop = None
+    n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None  # one choice per request
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(_Sampling):
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    prompt: (
+        str
+        | Annotated[list[StrictInt], Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+    )
+    echo: StrictBool = False
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
+
+
+class MergedAdapters(_Body):
+    ids: list[str]
+    weights: list[float] | None = None
+    merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
+    density: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+class GenerateParameters(_Body):
+    adapter_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    max_new_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] = 20
+    temperature: Annotated[float, Field(ge=0, le=100)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=0)] | None = None
+    do_sample: StrictBool = False
+    seed: StrictInt | None = None
+    stop: Annotated[list[str], Field(max_length=16)] = []
+    merged_adapters: MergedAdapters | None = None
+
+
+class GenerateRequest(_Body):
+    inputs: Annotated[str, Field(min_length=1)]
+    parameters: GenerateParameters = GenerateParameters()
+
+
+class AddAdapter(_Body):
+    name: str
+    path: str

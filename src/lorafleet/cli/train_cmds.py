@@ -128,6 +128,12 @@ def eval_cmd(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the figures here."),
     force: bool = ForceOpt,
     max_rank: int = MaxRankOpt,
+    bayes: bool = typer.Option(
+        False, "--bayes", help="MAP vs Laplace-LoRA calibration (after `lorafleet calibrate`)."
+    ),
+    fed: Path | None = typer.Option(
+        None, "--fed", help="A `lorafleet fed` run dir: base + its residual + its global adapter."
+    ),
 ):
     """Evaluate the base model or an adapter: task metric, loss and perplexity.
 
@@ -136,12 +142,26 @@ def eval_cmd(
         lorafleet eval --base default --data sst2 --limit 500
 
         lorafleet eval --base default --adapter runs/clutrr --data clutrr --json clutrr.json
+
+        lorafleet eval -b default -a runs/sst2 --data sst2 --bayes --json sst2-calibration.json
+
+        lorafleet eval --base default --fed runs/fed --data sst2 --limit 500
     """
     from lorafleet.data import load_examples
     from lorafleet.eval import evaluate
 
-    loaded, _, model = _load(base, adapter, force, max_rank)
+    if fed is not None:  # a federated run's global model
+        from lorafleet.fed.residual import load_fed_model
+
+        loaded, _, model = load_fed_model(base, fed, force, max_rank, adapter=adapter)
+    else:
+        loaded, _, model = _load(base, adapter, force, max_rank)
     examples = load_examples(data, loaded.tokenizer, split=split, chat=not no_chat, limit=limit)
+    if bayes:  # accuracy, ECE, NLL, Brier for MAP vs Laplace, reliability diagram, JSON
+        from lorafleet.cli.bayes_cmds import eval_bayes
+
+        return eval_bayes(model, loaded.tokenizer, adapter, examples, json_out=json_out,
+                          batch_size=batch_size, max_length=max_length)  # fmt: skip
     figures = evaluate(
         model, loaded.tokenizer, examples, metrics=tuple(metric) or None, batch_size=batch_size,
         max_new_tokens=max_new_tokens, max_length=max_length, show_progress=True,

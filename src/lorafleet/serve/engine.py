@@ -307,8 +307,7 @@ class Engine:
         seq.emitted = max(seq.emitted, end)
         if seq.on_token is None:
             return
-        event = TokenEvent(seq.request_id, token, delta, seq.finished, seq.finish_reason,
-                           seq.error)
+        event = TokenEvent(seq.request_id, token, delta, seq.finished, seq.finish_reason, seq.error)
         try:
             seq.on_token(event)
         except Exception as exc:  # a broken callback fails its own request only

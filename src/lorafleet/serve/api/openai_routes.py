@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -144,6 +146,8 @@ async def completions(body: CompletionRequest, request: Request,
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]
+    if body.class_choices is not None:
+        return await _classify(state, body, prompt, who)
     ids = list(prompt) if isinstance(prompt, list) else state.tokenizer(prompt)["input_ids"]
     rid, created = gen.new_id("cmpl"), gen.now()
     echo = state.tokenizer.decode(ids) if body.echo else ""
@@ -164,6 +168,27 @@ async def completions(body: CompletionRequest, request: Request,
 
     return await _respond(state, request, body, "completions", ids, who,
                           COMPLETIONS_DEFAULT_MAX_TOKENS, chunk, final)  # fmt: skip
+
+
+async def _classify(state: ServerState, body: CompletionRequest, prompt, who) -> dict:
+    """Laplace-LoRA class probabilities of `class_choices` after `prompt` (no generation)."""
+    adapter = state.resolve(body.model, who)
+    if adapter is None:
+        raise APIError(400, "class_choices needs a calibrated adapter, not the base model",
+                       code="not_calibrated", param="class_choices")  # fmt: skip
+    if not isinstance(prompt, str):
+        prompt = state.tokenizer.decode(prompt)
+    ids = state.tokenizer(prompt)["input_ids"]
+    gen.check_prompt(state, ids)
+    out = await asyncio.to_thread(state.classifier.probs, adapter, prompt, body.class_choices)
+    best = max(range(len(out["probs"])), key=out["probs"].__getitem__)
+    state.metrics.finished("classify", adapter, 200)
+    return {"id": gen.new_id("cmpl"), "object": "text_completion", "created": gen.now(),
+            "model": body.model,
+            "choices": [{"index": 0, "text": body.class_choices[best], "logprobs": None,
+                         "finish_reason": "stop", "class_probs": out}],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": 0,
+                      "total_tokens": len(ids)}}  # fmt: skip
 
 
 def _completion_chunk(rid, created, model, text, reason) -> dict:

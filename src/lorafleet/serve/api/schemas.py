@@ -41,6 +41,10 @@ class CompletionRequest(_Sampling):
         | Annotated[list[str], Field(min_length=1, max_length=1)]
     )
     echo: StrictBool = False
+    # lorafleet extension: score these labels instead of generating (Laplace-LoRA probabilities
+    # for a calibrated adapter); the answer's choice carries `class_probs`.
+    class_choices: Annotated[list[Annotated[str, Field(min_length=1)]],
+                             Field(min_length=2, max_length=32)] | None = None  # fmt: skip
 
 
 class TextPart(_Body):

@@ -49,8 +49,11 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
+        from lorafleet.serve.api.classify import Classifier
+
         self.loop = EngineLoop(self.engine, self.config.max_waiting)
         self.metrics = Metrics(self.engine, self.registry)
+        self.classifier = Classifier(self.engine, self.registry)
 
     @property
     def tokenizer(self):

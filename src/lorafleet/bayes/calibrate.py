@@ -1,0 +1,161 @@
+"""Calibrate an adapter (fit, tune, save) and evaluate MAP vs Laplace: what the CLI calls."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from lorafleet.bayes.capture import class_items
+from lorafleet.bayes.fit import KfacFactors, LaplaceConfig, fit_kfac
+from lorafleet.bayes.io import save_factors
+from lorafleet.bayes.metrics import calibration_report, reliability_diagram
+from lorafleet.bayes.predictive import (
+    LINKS,
+    glm_predictive_grid,
+    map_predictive,
+    sampled_predictive,
+)
+from lorafleet.bayes.prior import evidence, tune_prior
+from lorafleet.data import ExampleSet
+from lorafleet.errors import LorafleetError
+
+TUNE_METHODS = ("evidence", "val")
+# Prior precisions tried on validation data: the evidence optimum times these factors.
+VAL_FACTORS = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e3)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, unit="ex")
+
+
+def _pad(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _labels(examples: ExampleSet) -> torch.Tensor:
+    if any(ex.label is None for ex in examples):
+        raise LorafleetError(f"{examples.name}: every example needs a label")
+    return torch.tensor([ex.label for ex in examples])
+
+
+def calibrate(
+    model, tokenizer, adapter_dir: str | Path, train: ExampleSet, val: ExampleSet | None = None,
+    *, config: LaplaceConfig | None = None, tune: str = "evidence", max_length: int = 512,
+    show_progress: bool = False, weight_samples: int = 0,
+) -> dict:  # fmt: skip
+    """Fit KFAC factors on `train`, tune the prior precision (evidence, or validation NLL when
+    tune="val"), save them beside the adapter and return a report of the figures (with
+    `weight_samples` > 0 also the weight-sampling predictive on `val`)."""
+    if tune not in TUNE_METHODS:
+        raise LorafleetError(f"--tune must be one of {', '.join(TUNE_METHODS)}, got {tune!r}")
+    if tune == "val" and val is None:
+        raise LorafleetError("--tune val needs validation data (--val)")
+    cfg = config or LaplaceConfig()
+    pad = _pad(tokenizer)
+    items = class_items(tokenizer, train.examples, max_length=max_length, name=train.name)
+    val_items = None
+    if val is not None:
+        val_items = class_items(tokenizer, val.examples, max_length=max_length, name=val.name)
+    start = time.perf_counter()
+    with _bar(len(items), "fitting KFAC factors", show_progress) as bar:
+        factors = fit_kfac(model, items, cfg, pad=pad, progress=bar.update if bar else None)
+    fit_s = time.perf_counter() - start
+    lam, curve = tune_prior(factors)
+    report: dict = {
+        "train_examples": factors.n, "parameters": factors.n_params,
+        "train_log_lik": factors.log_lik, "evidence_prior_precision": lam,
+        "log_evidence": evidence(factors, lam), "fit_seconds": fit_s,
+    }  # fmt: skip
+    tuning: dict = {"method": tune, "evidence_curve": curve}
+    if val_items is not None:
+        labels = _labels(val)
+        grid = [lam * f for f in VAL_FACTORS]
+        with _bar(len(val_items), "validation grid", show_progress) as bar:
+            preds = glm_predictive_grid(
+                model, val_items, factors, grid, pad=pad, batch_size=cfg.batch_size,
+                progress=bar.update if bar else None,
+            )  # fmt: skip
+        table = [{"prior_precision": g, **calibration_report(p.probs, labels)}
+                 for g, p in zip(grid, preds, strict=True)]  # fmt: skip
+        tuning["val_grid"] = table
+        if tune == "val":
+            lam = min(table, key=lambda row: row["nll"])["prior_precision"]
+        chosen = next(row for row in table if row["prior_precision"] == lam)
+        map_probs = map_predictive(model, val_items, batch_size=cfg.batch_size, pad=pad).probs
+        report["val_map"] = calibration_report(map_probs, labels)
+        report["val_laplace"] = {k: chosen[k] for k in ("accuracy", "ece", "nll", "brier")}
+        if weight_samples > 0:
+            factors.prior_precision = lam
+            with _bar(weight_samples, "weight samples", show_progress) as bar:
+                sampled = sampled_predictive(
+                    model, val_items, factors, samples=weight_samples, batch_size=cfg.batch_size,
+                    pad=pad, progress=bar.update if bar else None,
+                )  # fmt: skip
+            report["val_laplace_sampled"] = calibration_report(sampled.probs, labels)
+    factors.prior_precision = lam
+    report["prior_precision"] = lam
+    report["tune"] = tune
+    report["seconds"] = time.perf_counter() - start
+    path = save_factors(adapter_dir, factors, extra={"tuning": tuning})
+    report["factors"] = str(path)
+    return report
+
+
+def evaluate_bayes(
+    model, tokenizer, factors: KfacFactors, examples: ExampleSet, *, link: str = "mc",
+    samples: int = 2000, weight_samples: int = 0, max_length: int = 1024, batch_size: int = 8,
+    plot: str | Path | None = None, show_progress: bool = False, seed: int = 0,
+    also: dict[str, float] | None = None,
+) -> dict:  # fmt: skip
+    """MAP vs Laplace (GLM predictive; optionally weight sampling) on labelled choice data:
+    {"map": {accuracy, ece, nll, brier}, "laplace": {...}, "prior_precision": lam, ...}.
+    `also` {name: lam}: Laplace at other prior precisions too, from the same pass
+    ("laplace_<name>": {..., "prior_precision"})."""
+    if link not in LINKS:
+        raise LorafleetError(f"--link must be one of {', '.join(LINKS)}, got {link!r}")
+    if factors.prior_precision is None:
+        raise LorafleetError("the Laplace factors have no tuned prior precision; run calibrate")
+    pad = _pad(tokenizer)
+    items = class_items(tokenizer, examples.examples, max_length=max_length, name=examples.name)
+    labels = _labels(examples)
+    also = dict(also or {})
+    with _bar(len(items), "Laplace predictive", show_progress) as bar:
+        glm, *others = glm_predictive_grid(
+            model, items, factors, [factors.prior_precision, *also.values()], link=link,
+            samples=samples, batch_size=batch_size, seed=seed, pad=pad,
+            progress=bar.update if bar else None,
+        )  # fmt: skip
+    map_probs = torch.softmax(glm.logits, dim=-1)
+    result = {
+        "map": calibration_report(map_probs, labels),
+        "laplace": calibration_report(glm.probs, labels),
+        "prior_precision": factors.prior_precision,
+        "examples": len(items),
+        "link": link,
+        # Posterior std of the logit contrasts f_c - f_0: how much the Laplace layer softens.
+        "mean_logit_std": float(glm.cov.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().mean()),
+    }
+    curves = {"MAP": map_probs, f"Laplace (GLM, {link})": glm.probs}
+    for (name, lam), pred in zip(also.items(), others, strict=True):
+        result[f"laplace_{name}"] = {**calibration_report(pred.probs, labels),
+                                     "prior_precision": lam}  # fmt: skip
+        curves[f"Laplace ({name}, lam {lam:.3g})"] = pred.probs
+    if weight_samples > 0:
+        with _bar(weight_samples, "weight samples", show_progress) as bar:
+            sampled = sampled_predictive(
+                model, items, factors, samples=weight_samples, batch_size=batch_size, seed=seed,
+                pad=pad, progress=bar.update if bar else None,
+            )  # fmt: skip
+        result["laplace_sampled"] = calibration_report(sampled.probs, labels)
+        result["weight_samples"] = weight_samples
+        curves[f"Laplace (sampled x{weight_samples})"] = sampled.probs
+    if plot is not None:
+        result["plot"] = str(reliability_diagram(curves, labels, plot, title=examples.name))
+    return result

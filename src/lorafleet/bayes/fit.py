@@ -1,0 +1,165 @@
+"""Fit KFAC factors of the restricted-label Fisher over a LoRA adapter's A and B weights.
+
+For one LoRA Linear with weight W (d_out x d_in), the per-example Jacobian of a logit is
+sum_t e_t a_t^T (positions t). KFAC-reduce (Eschenhagen et al., 2023) approximates it by
+e_bar a_bar^T, with a_bar the mean input over the prompt positions and e_bar the summed output
+gradient, which is exact for one position. The Fisher of the C-way softmax over the restricted
+logits f is J^T Lambda J with Lambda = diag(p) - p p^T ("exact" labels: every class weighted by
+p), or J^T u u^T J with u = p - onehot(y), y drawn from p ("sampled" labels, as the paper).
+Lambda 1 = 0, so the same Fisher is taken over the contrasts g = f_{1:} - f_0 with
+Lambda_g = diag(p_{1:}) - p_{1:} p_{1:}^T (u_g = u_{1:}): one backward pass fewer per example.
+Summed over n examples the factors are
+
+    Q = sum_n a_bar a_bar^T    (input factor)
+    G = sum_n E_n Lambda_n E_n^T   (output-gradient factor, E_n = [e_bar for each contrast])
+
+and the curvature of the block is H ~ (1/n) Q (x) G (vec column-major).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafleet.bayes.capture import ClassItem, batches, capture, lora_layers, lora_weight
+from lorafleet.bayes.factors import Factor, FactorAccumulator, softmax_hessian, sqrt_psd
+from lorafleet.errors import LorafleetError
+
+LABEL_MODES = ("exact", "sampled")
+
+
+@dataclass
+class LaplaceConfig:
+    """How to fit the factors: low-rank threshold and rank, label mode, batching."""
+
+    n_kfac: int = 10  # rank kept for factors larger than `threshold`
+    threshold: int = 512  # factors with a dimension above this are low-rank + diagonal
+    labels: str = "exact"  # exact | sampled
+    batch_size: int = 8
+    seed: int = 0  # for sampled labels
+
+    def __post_init__(self):
+        for name in ("n_kfac", "threshold", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LorafleetError(f"{name} must be a positive whole number, got {value!r}")
+        if self.labels not in LABEL_MODES:
+            raise LorafleetError(f"labels must be one of {', '.join(LABEL_MODES)}, got "
+                                 f"{self.labels!r}")  # fmt: skip
+
+
+@dataclass
+class ModuleFactors:
+    """The four Kronecker factors of one LoRA module (A: r x d_in, B: d_out x r)."""
+
+    A_in: Factor  # d_in x d_in (large)
+    A_out: Factor  # r x r
+    B_in: Factor  # r x r
+    B_out: Factor  # d_out x d_out (large)
+
+    def block(self, part: str) -> tuple[Factor, Factor]:
+        """(small r x r factor, large factor) of the oriented block (see posterior.py)."""
+        return (self.A_out, self.A_in) if part == "A" else (self.B_in, self.B_out)
+
+
+@dataclass
+class KfacFactors:
+    """KFAC factors of a whole adapter plus what the marginal likelihood needs."""
+
+    modules: dict[str, ModuleFactors]
+    n: int  # training examples
+    log_lik: float  # sum of log p(y | x) over them at the MAP, restricted softmax
+    theta_sq: float  # squared norm of all LoRA A and B weights at the MAP
+    config: dict = field(default_factory=dict)
+    prior_precision: float | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def n_params(self) -> int:
+        total = 0
+        for m in self.modules.values():
+            total += m.A_out.dim * m.A_in.dim + m.B_in.dim * m.B_out.dim
+        return total
+
+    def blocks(self):
+        """(module, part, small factor, large factor) for every A and B block."""
+        for name, m in self.modules.items():
+            for part in ("A", "B"):
+                yield (name, part, *m.block(part))
+
+
+def _mean_over_prompt(act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(act.dtype)  # [B, T, 1]
+    return (act * m).sum(1) / m.sum(1)  # [B, d_in]
+
+
+def fit_kfac(
+    model: nn.Module, items: Sequence[ClassItem], config: LaplaceConfig | None = None, *,
+    adapter_name: str = "default", pad: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> KfacFactors:  # fmt: skip
+    """One pass over labelled `items`: KFAC factors of every LoRA module, log-likelihood, norm."""
+    cfg = config or LaplaceConfig()
+    layers = lora_layers(model, adapter_name)
+    if any(it.label is None for it in items):
+        raise LorafleetError("fitting Laplace factors needs labelled examples")
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def acc(dim: int) -> FactorAccumulator:
+        return FactorAccumulator(dim, rank=cfg.n_kfac if dim > cfg.threshold else None)
+
+    accs: dict[tuple[str, str], FactorAccumulator] = {}
+    for name, layer in layers.items():
+        r, d_in = lora_weight(layer, "A", adapter_name).shape
+        d_out = lora_weight(layer, "B", adapter_name).shape[0]
+        accs[(name, "A_in")], accs[(name, "A_out")] = acc(d_in), acc(r)
+        accs[(name, "B_in")], accs[(name, "B_out")] = acc(r), acc(d_out)
+    was_training = model.training
+    model.eval()  # no dropout: the factors are of the deterministic MAP network
+    log_lik, n = 0.0, 0
+    try:
+        for idx in batches(items, cfg.batch_size):
+            chunk = [items[i] for i in idx]
+            cap = capture(model, layers, chunk, adapter_name=adapter_name, pad=pad)
+            labels = torch.tensor([it.label for it in chunk])
+            logp = F.log_softmax(cap.f, dim=-1)  # [B, C]
+            log_lik += float(logp[torch.arange(len(chunk)), labels].sum())
+            n += len(chunk)
+            p = logp.exp()
+            q = p[:, 1:]  # the contrasts' share of the softmax Hessian / gradient
+            if cfg.labels == "exact":
+                weights = sqrt_psd(softmax_hessian(q).double()).float()  # [B, C-1, C-1]
+            else:
+                y = torch.multinomial(p, 1, generator=gen).squeeze(1)
+                onehot = F.one_hot(y, p.shape[1]).float()[:, 1:]
+                weights = (q - onehot).unsqueeze(-1)  # [B, C-1, 1]
+            for name in layers:
+                for part in ("A", "B"):
+                    act, grad = cap.acts[(name, part)], cap.grads[(name, part)]
+                    accs[(name, f"{part}_in")].add(_mean_over_prompt(act, cap.mask))
+                    e_bar = grad.sum(2).permute(1, 2, 0)  # [C-1, B, T, o] -> [B, o, C-1]
+                    vectors = e_bar @ weights  # [B, o, C'] : E_n Lambda_n^(1/2)
+                    accs[(name, f"{part}_out")].add(vectors.transpose(1, 2))  # rows [B*C', o]
+            if progress:
+                progress(len(chunk))
+    finally:
+        model.train(was_training)
+    if not math.isfinite(log_lik):
+        raise LorafleetError("the adapter's log-likelihood on the data is not finite")
+    modules = {
+        name: ModuleFactors(*(accs[(name, k)].factor() for k in ("A_in", "A_out", "B_in", "B_out")))
+        for name in layers
+    }
+    theta_sq = sum(
+        float(lora_weight(layer, part, adapter_name).detach().float().pow(2).sum())
+        for layer in layers.values()
+        for part in ("A", "B")
+    )
+    config = {"n_kfac": cfg.n_kfac, "threshold": cfg.threshold, "labels": cfg.labels,
+              "seed": cfg.seed, "adapter_name": adapter_name}  # fmt: skip
+    return KfacFactors(modules, n, log_lik, theta_sq, config)

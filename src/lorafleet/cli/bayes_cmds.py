@@ -1,0 +1,133 @@
+"""`lorafleet calibrate` (Laplace-LoRA) and the `eval --bayes` report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from lorafleet.cli import BaseOpt, ForceOpt, MaxRankOpt, _load, _print_report, app
+from lorafleet.errors import LorafleetError
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@app.command()
+def calibrate(
+    base: str = BaseOpt,
+    adapter: Path = typer.Option(
+        ..., "--adapter", "-a", help="The LoRA adapter directory; the factors are saved in it."
+    ),
+    data: str = typer.Option(
+        ..., "--data", "-d", help="Training data (built-in task or file) of the adapter."
+    ),
+    val: str | None = typer.Option(
+        None, "--val", help="Validation data: figures reported, and used by --tune val."
+    ),
+    split: str = typer.Option("train", "--split", help="Split of --data (built-in tasks)."),
+    val_split: str = typer.Option("validation", "--val-split", help="Split of --val."),
+    train_limit: int | None = typer.Option(
+        None, "--train-limit", min=1, help="Use the first N rows of --data."
+    ),
+    val_limit: int | None = typer.Option(200, "--val-limit", min=1, help="Validation rows used."),
+    n_kfac: int = typer.Option(
+        10, "--n-kfac", min=1, help="Rank kept for large Kronecker factors."
+    ),
+    threshold: int = typer.Option(
+        512, "--threshold", min=1, help="Factors larger than this are low-rank + diagonal."
+    ),
+    labels: str = typer.Option(
+        "exact", "--labels", help="Fisher labels: exact (all classes) | sampled (one draw)."
+    ),
+    tune: str = typer.Option(
+        "evidence", "--tune", help="Prior precision by: evidence (marginal likelihood) | val."
+    ),
+    weight_samples: int = typer.Option(
+        0, "--weight-samples", min=0, help="Also report the weight-sampling predictive on --val."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    max_length: int = typer.Option(512, "--max-length", min=8),
+    seed: int = typer.Option(0, "--seed"),
+    no_chat: bool = typer.Option(False, "--no-chat", help="Plain prompts, no chat template."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the report here."),
+    force: bool = ForceOpt,
+    max_rank: int = MaxRankOpt,
+):
+    """Fit Laplace-LoRA (KFAC factors over the LoRA weights), tune the prior precision and save
+    laplace.safetensors + laplace.json in the adapter directory.
+
+    Needs classification / multiple-choice data (examples with choices, e.g. sst2, strategyqa);
+    then `lorafleet eval --bayes` reports MAP vs Laplace calibration.
+
+    Examples:
+
+        lorafleet calibrate --base default --adapter runs/sst2 --data sst2 --train-limit 500
+
+        lorafleet calibrate -b default -a runs/sqa --data strategyqa --val strategyqa --tune val
+    """
+    from lorafleet.bayes import LaplaceConfig
+    from lorafleet.bayes import calibrate as calibrate_adapter
+    from lorafleet.data import load_examples
+
+    cfg = LaplaceConfig(n_kfac=n_kfac, threshold=threshold, labels=labels, batch_size=batch_size,
+                        seed=seed)  # fmt: skip
+    loaded, _, model = _load(base, adapter, force, max_rank)
+    tok = loaded.tokenizer
+    train = load_examples(data, tok, split=split, chat=not no_chat, limit=train_limit)
+    val_set = None
+    if val is not None:
+        val_set = load_examples(val, tok, split=val_split, chat=not no_chat, limit=val_limit)
+    report = calibrate_adapter(
+        model, tok, adapter, train, val_set, config=cfg, tune=tune, max_length=max_length,
+        show_progress=True, weight_samples=weight_samples,
+    )  # fmt: skip
+    shown = {k: v for k, v in report.items() if not isinstance(v, dict)}
+    sections = {"calibration": shown}
+    sections.update({k: v for k, v in report.items() if isinstance(v, dict)})
+    _print_report(sections)
+    if json_out is not None:
+        _write_json(json_out, {"base": base, "adapter": str(adapter), "data": data, **report})
+        typer.echo(f"wrote {json_out}")
+    typer.echo(f"Laplace factors written to {report['factors']}")
+    return 0
+
+
+def eval_bayes(
+    model, tokenizer, adapter: Path | None, examples, *, json_out: Path | None,
+    batch_size: int, max_length: int,
+) -> int:  # fmt: skip
+    """`lorafleet eval --bayes`: MAP vs Laplace figures, a reliability diagram and the JSON."""
+    from lorafleet.bayes import evaluate_bayes, load_factors
+    from lorafleet.bayes.io import read_info
+
+    if adapter is None:
+        raise LorafleetError("--bayes needs --adapter (a calibrated LoRA adapter)")
+    factors = load_factors(adapter)
+    # When calibrate saw validation data, also show the prior precision it liked best there.
+    grid = (read_info(adapter).get("tuning") or {}).get("val_grid") or []
+    best = min(grid, key=lambda row: row["nll"])["prior_precision"] if grid else None
+    also = {"val_tuned": best} if best and best != factors.prior_precision else {}
+    if json_out is not None:
+        plot = json_out.with_name(json_out.stem + ".reliability.png")
+    else:
+        plot = Path(adapter) / f"reliability-{examples.name}.png"
+    figures = evaluate_bayes(
+        model, tokenizer, factors, examples, batch_size=batch_size, max_length=max_length,
+        plot=plot, show_progress=True, also=also,
+    )  # fmt: skip
+    sections = {"MAP": figures["map"], "Laplace-LoRA": figures["laplace"]}
+    if "laplace_val_tuned" in figures:
+        sections["Laplace-LoRA, prior tuned on --val"] = figures["laplace_val_tuned"]
+    _print_report(sections)
+    typer.echo(f"prior precision {figures['prior_precision']:.4g}; reliability diagram {plot}")
+    if json_out is not None:
+        _write_json(json_out, figures)
+        typer.echo(f"wrote {json_out}")
+    return 0

@@ -42,6 +42,11 @@ BAD_BODIES = [
     b'{"model": "tiny", "prompt": [99999999]}',
     b'{"model": "tiny", "prompt": []}',
     b'{"model": "tiny", "prompt": ""}',
+    # found by the fuzzer: ints past 64 bits used to overflow inside torch / the tokenizer (500)
+    b'{"model": "tiny", "prompt": "x", "seed": 1180591620717411303424}',
+    b'{"model": "tiny", "prompt": "x", "top_k": 1180591620717411303424}',
+    b'{"model": "tiny", "prompt": [1180591620717411303424], "echo": true}',
+    b'{"model": "tiny", "prompt": [1180591620717411303424], "class_choices": ["a", "b"]}',
 ]
 
 

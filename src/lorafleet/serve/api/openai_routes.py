@@ -146,9 +146,10 @@ async def completions(body: CompletionRequest, request: Request,
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]
+    ids = list(prompt) if isinstance(prompt, list) else state.tokenizer(prompt)["input_ids"]
+    gen.check_prompt(state, ids)  # before any decoding of caller-given ids
     if body.class_choices is not None:
         return await _classify(state, body, prompt, who)
-    ids = list(prompt) if isinstance(prompt, list) else state.tokenizer(prompt)["input_ids"]
     rid, created = gen.new_id("cmpl"), gen.now()
     echo = state.tokenizer.decode(ids) if body.echo else ""
 

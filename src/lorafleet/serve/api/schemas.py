@@ -10,6 +10,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 MAX_TOKENS_CAP = 1_000_000  # beyond any context: larger is a typo, refused before the context check
+# torch takes 64-bit seeds and k; larger ints would overflow inside the sampler (a 500, not a 400)
+Seed = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
+TopK = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
 
 
@@ -25,8 +28,8 @@ class _Sampling(_Body):
     max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[StrictInt, Field(ge=0)] | None = None
-    seed: StrictInt | None = None
+    top_k: TopK | None = None
+    seed: Seed | None = None
     stop: Stop = None
     n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None  # one choice per request
     stream: StrictBool = False
@@ -82,9 +85,9 @@ class GenerateParameters(_Body):
     max_new_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] = 20
     temperature: Annotated[float, Field(ge=0, le=100)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[StrictInt, Field(ge=0)] | None = None
+    top_k: TopK | None = None
     do_sample: StrictBool = False
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     stop: Annotated[list[str], Field(max_length=16)] = []
     merged_adapters: MergedAdapters | None = None
 

@@ -50,7 +50,7 @@ def demo(
     cfg = DemoConfig(base=base, out=out, tasks=task or None, quick=quick, retrain=retrain)
     runner = Demo(cfg, say=lambda line: typer.echo(line, err=True))
     results = runner.run()
-    table = Table(title="[3/3] held-out scores: base model vs task adapter", title_justify="left")
+    table = Table(title="[3/4] held-out scores: base model vs task adapter", title_justify="left")
     for col in ("task", "metric", "rows", "base", "adapter", "gain", "train (s)"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for name, row in results["tasks"].items():
@@ -71,6 +71,7 @@ def demo(
     names = state.adapter_names()
     url = f"http://{host}:{port}"
     typer.echo(f"\n[4/4] serving {base} + adapters {', '.join(names)} on {url} (Ctrl-C stops)")
-    typer.echo(examples_text(url, names[0] if names else base, base))
+    example = "sst2" if "sst2" in names else (names[0] if names else base)
+    typer.echo(examples_text(url, example, base))
     serve_forever(state, host, port)
     return 0

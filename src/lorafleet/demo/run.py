@@ -62,7 +62,7 @@ class Demo:
         began = time.perf_counter()
         self.base = load_base(self.cfg.base)
         how = "from the cache" if self.base.from_cache else "converted and cached"
-        self.say(f"[1/3] base model {self.cfg.base} loaded {how} in "
+        self.say(f"[1/4] base model {self.cfg.base} loaded {how} in "
                  f"{time.perf_counter() - began:.1f} s")  # fmt: skip
         return self.base
 
@@ -133,7 +133,7 @@ class Demo:
         for i, plan in enumerate(self.cfg.plans, 1):
             stamp = self._stamp(plan)
             row = rows.get(plan.task)
-            self.say(f"[2/3] task {i}/{len(self.cfg.plans)}: {plan.task}")
+            self.say(f"[2/4] task {i}/{len(self.cfg.plans)}: {plan.task}")
             seconds, reused = self.train(plan)
             if reused:
                 reused_now.add(plan.task)

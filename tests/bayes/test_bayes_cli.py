@@ -28,11 +28,11 @@ def labelled_file(tmp_path_factory):
     return path
 
 
-def _adapter(base_dir, out, method="lora"):
+def _adapter(base_dir, out, method="lora", seed=3):
     base = load_base(str(base_dir))
     model = new_adapter(base.model, MethodConfig(method=method, rank=4, alpha=8,
                                                  targets=["q_proj", "v_proj"]))  # fmt: skip
-    randomize_adapter(model, seed=3, scale=0.2)
+    randomize_adapter(model, seed=seed, scale=0.2)
     write_peft_adapter(out, adapter_from_model(model, base_fingerprint=base.fingerprint))
     return out
 
@@ -121,7 +121,7 @@ def test_eval_bayes_without_factors_is_one_line_exit_2(
 def test_stale_factors_are_refused(run_cli, tiny_base_dir, labelled_file, tmp_path):
     adapter = _adapter(tiny_base_dir, tmp_path / "stale")
     assert run_cli("calibrate", *_common(tiny_base_dir, adapter, labelled_file))[0] == 0
-    _adapter(tiny_base_dir, adapter)  # rewritten: another random adapter, same directory
+    _adapter(tiny_base_dir, adapter, seed=4)  # rewritten: other weights, same directory
     code, _, err = run_cli("eval", *_common(tiny_base_dir, adapter, labelled_file), "--bayes")
     assert code == 2 and "other adapter weights" in err and err.count("\n") == 1
 

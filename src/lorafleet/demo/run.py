@@ -156,7 +156,6 @@ class Demo:
         results = {"base": self.base.fingerprint,
                    "tasks": {t: {**r, "reused": t in reused_now} for t, r in rows.items()
                              if t in wanted}}  # fmt: skip
-        _write_json(self.cfg.out / RESULTS, {"base": self.base.fingerprint, "tasks": rows})
         results["chart"] = str(bar_chart(results["tasks"], self.cfg.out / "results.png"))
         return results
 

@@ -77,9 +77,10 @@ class EngineLoop:
                 self._wake.clear()
                 continue
             try:
-                ran = self.engine.stats()["running"]
+                # Read the running set directly: stats() builds a dict under the lock per step.
+                ran = bool(self.engine.scheduler.running)
                 self.engine.step()
-                if not ran and not self.engine.stats()["running"]:
+                if not ran and not self.engine.scheduler.running:
                     time.sleep(0.002)  # only waiting for an adapter being loaded
             except Exception:  # the engine fails batches itself; this is a last resort
                 self.failed_steps += 1

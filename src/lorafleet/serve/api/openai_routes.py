@@ -60,7 +60,7 @@ def chat_prompt_ids(tokenizer, messages) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-async def _start(state: ServerState, request: Request, endpoint: str, model: str, who,
+async def _start(state: ServerState, request: Request, model: str, who,
                  ids: list[int], params_kw: dict, default_max: int):  # fmt: skip
     adapter = state.resolve(model, who)
     gen.check_prompt(state, ids)
@@ -82,7 +82,7 @@ async def _respond(state: ServerState, request: Request, body, endpoint: str, id
           "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
           "seed": body.seed, "stop": body.stop}  # fmt: skip
     try:
-        adapter, stream, first = await _start(state, request, endpoint, body.model, who, ids, kw,
+        adapter, stream, first = await _start(state, request, body.model, who, ids, kw,
                                               default_max)  # fmt: skip
     except APIError as exc:
         state.metrics.finished(endpoint, "-" if exc.status == 404 else body.model, exc.status)

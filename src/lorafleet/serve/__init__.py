@@ -2,8 +2,8 @@
 
 from lorafleet.serve.engine import AdapterSource, Engine
 from lorafleet.serve.kv_cache import KVCache
-from lorafleet.serve.model_runner import RUNNERS, LlamaRunner, ModelRunner, runner_class
 from lorafleet.serve.registry import AdapterRegistry
+from lorafleet.serve.runners import RUNNERS, LlamaRunner, ModelRunner, runner_class
 from lorafleet.serve.scheduler import AdapterGate, Batch, Scheduler
 from lorafleet.serve.sequence import (
     FINISH_REASONS,

@@ -15,7 +15,7 @@ from lorafleet.adapters import Adapter
 from lorafleet.errors import LorafleetError
 from lorafleet.layers import inject_multilora
 from lorafleet.models import Base
-from lorafleet.serve.model_runner import runner_class
+from lorafleet.serve.runners import runner_class
 from lorafleet.serve.sampler import advance, default_eos_ids, holdback, sample
 from lorafleet.serve.scheduler import Scheduler
 from lorafleet.serve.sequence import RequestOutput, SamplingParams, Sequence, Status, TokenEvent

@@ -13,7 +13,7 @@ from lorafleet.adapters import adapter_from_model, attach
 from lorafleet.errors import LorafleetError
 from lorafleet.models import Base, fingerprint, load_base
 from lorafleet.serve import Engine, SamplingParams, runner_class
-from lorafleet.serve.gemma3_runner import Gemma3Runner
+from lorafleet.serve.runners import Gemma3Runner
 
 WINDOW = 4  # shorter than most prompts, so the sliding layers really slide
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from lorafleet.errors import LorafleetError
 from lorafleet.layers import MultiLoRAContext
-from lorafleet.serve.model_runner import ModelRunner, StepInputs, rotate_half
+from lorafleet.serve.runners.base import ModelRunner, StepInputs, rotate_half
 
 SLIDING = "sliding_attention"
 
@@ -49,12 +49,6 @@ class Gemma3Runner(ModelRunner):
             window if kind == SLIDING and window and window < max_len else None
             for kind in self.layer_types
         ]
-
-    def geometry(self) -> tuple[int, int, int]:
-        config = self.model.config
-        head_dim = getattr(config, "head_dim", None)
-        head_dim = head_dim or config.hidden_size // config.num_attention_heads
-        return config.num_hidden_layers, config.num_key_value_heads, head_dim
 
     def rotary(self, h: Tensor, positions: Tensor, kind: str) -> tuple[Tensor, Tensor]:
         """cos, sin: [T, 1, D] (broadcast over heads) for h: [T, d], positions: [T], one kind."""

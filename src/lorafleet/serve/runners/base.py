@@ -1,4 +1,4 @@
-"""The engine's own forward over a transformers model's weights: packed rows, KV cache, SDPA."""
+"""What every runner shares: packed step rows, the KV cache, attention, RoPE's rotate_half."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorafleet.errors import LorafleetError
 from lorafleet.layers import MultiLoRAContext
 from lorafleet.serve.kv_cache import KVCache
 from lorafleet.serve.sequence import Sequence
@@ -32,6 +31,7 @@ class StepInputs:
 
 
 def rotate_half(x: Tensor) -> Tensor:
+    """RoPE's rotation of the last dim: [..., D] -> [..., D], halves swapped, first negated."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -61,8 +61,12 @@ class ModelRunner:
         """Raise a one-line LorafleetError if this runner cannot serve `model`'s config."""
 
     def geometry(self) -> tuple[int, int, int]:
-        """(layers, kv heads, head dim) for the KV cache."""
-        raise NotImplementedError
+        """(layers, kv heads, head dim) for the KV cache, from the model's config (head_dim, or
+        hidden size / heads when the config has none)."""
+        config = self.model.config
+        head_dim = getattr(config, "head_dim", None)
+        head_dim = head_dim or config.hidden_size // config.num_attention_heads
+        return config.num_hidden_layers, config.num_key_value_heads, head_dim
 
     def forward(self, inputs: StepInputs) -> Tensor:
         raise NotImplementedError
@@ -176,65 +180,3 @@ class ModelRunner:
                                                scale=scale, enable_gqa=True)  # fmt: skip
             out[p:] = o.squeeze(2)  # [n_dec, H, 1, D] -> [n_dec, H, D]
         return out
-
-
-class LlamaRunner(ModelRunner):
-    """LlamaForCausalLM (SmolLM2, Llama 2/3): RMSNorm, RoPE from the model's own rotary module
-    (so rope scaling variants match transformers), GQA attention, SwiGLU MLP, tied or untied
-    head. The q/k/v/o and MLP linears are called as modules, so MultiLoRA layers apply."""
-
-    model_type = "llama"
-
-    def geometry(self) -> tuple[int, int, int]:
-        config = self.model.config
-        head_dim = getattr(config, "head_dim", None)
-        head_dim = head_dim or config.hidden_size // config.num_attention_heads
-        return config.num_hidden_layers, config.num_key_value_heads, head_dim
-
-    def forward(self, inputs: StepInputs) -> Tensor:
-        """input_ids, positions, row_slots: [T] -> logits [B, vocab] float32 at `last_rows`.
-
-        Per layer: h [T, d] -> RMSNorm -> q [T, H, D], k, v [T, Hkv, D] -> RoPE(q, k) ->
-        cache write -> attention [T, H, D] -> o_proj [T, d] (+ residual) -> RMSNorm -> MLP [T, d]
-        (+ residual). The final norm and the head run on the B last rows only."""
-        body = self.model.model
-        h = body.embed_tokens(inputs.input_ids)  # [T, d]
-        # The model's rotary module gives cos, sin: [1, T, D] for position ids [1, T].
-        cos, sin = body.rotary_emb(h, inputs.positions.unsqueeze(0))
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, D], broadcast over heads
-        head_dim = self.head_dim
-        for index, layer in enumerate(body.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)  # [T, d]
-            q = attn.q_proj(x).view(x.shape[0], -1, head_dim)  # [T, H*D] -> [T, H, D]
-            k = attn.k_proj(x).view(x.shape[0], -1, head_dim)  # [T, Hkv*D] -> [T, Hkv, D]
-            v = attn.v_proj(x).view(x.shape[0], -1, head_dim)  # [T, Hkv*D] -> [T, Hkv, D]
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            self.write_kv(index, k, v, inputs)
-            o = self.attend(index, q, k, v, inputs, attn.scaling)  # [T, H, D]
-            h = h + attn.o_proj(o.reshape(x.shape[0], -1))  # [T, H, D] -> [T, H*D] -> [T, d]
-            h = h + layer.mlp(layer.post_attention_layernorm(h))  # [T, d]
-        last = body.norm(h.index_select(0, inputs.last_rows))  # [B, d]
-        return self.model.lm_head(last).float()  # [B, vocab]
-
-
-# Other families live in their own modules and subclass ModelRunner (defined above).
-from lorafleet.serve.gemma3_runner import Gemma3Runner  # noqa: E402
-
-RUNNERS: dict[str, type[ModelRunner]] = {"llama": LlamaRunner, "gemma3_text": Gemma3Runner}
-
-
-def runner_class(model: nn.Module) -> type[ModelRunner]:
-    """The runner for `model`'s architecture, or a one-line LorafleetError (before the engine
-    changes the model)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    cls = RUNNERS.get(model_type)
-    if cls is None or not hasattr(getattr(model, "model", None), "layers"):
-        supported = ", ".join(RUNNERS)
-        raise LorafleetError(
-            f"model type {model_type or type(model).__name__} is not supported by the engine "
-            f"(supported: {supported})"
-        )
-    cls.check(model)
-    return cls

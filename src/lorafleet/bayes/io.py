@@ -116,3 +116,10 @@ def read_info(adapter_dir: str | Path) -> dict:
         return json.loads(file.read_text()) if file.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
+
+
+def val_tuned_prior(adapter_dir: str | Path) -> float | None:
+    """The prior precision with the lowest validation NLL when calibrate saw validation data
+    (laplace.json's tuning.val_grid), else None."""
+    grid = (read_info(adapter_dir).get("tuning") or {}).get("val_grid") or []
+    return min(grid, key=lambda row: row["nll"])["prior_precision"] if grid else None

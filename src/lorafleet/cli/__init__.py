@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 
 import typer
 
@@ -18,45 +17,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-
-BASE_HELP = "Base model: default, gemma-270m, a model directory, a .gguf file or a hub id."
-BaseOpt = typer.Option(..., "--base", "-b", help=BASE_HELP)
-AdapterOpt = typer.Option(None, "--adapter", "-a", help="A PEFT adapter directory to attach.")
-ForceOpt = typer.Option(False, "--force", help="Load an adapter trained on another base anyway.")
-MaxRankOpt = typer.Option(256, "--max-rank", min=1, help="Refuse adapters above this rank.")
-
-
-def _load(base: str, adapter: Path | None, force: bool, max_rank: int):
-    # Heavy imports happen here so `lorafleet --help` stays fast.
-    from lorafleet.adapters import load_adapter
-    from lorafleet.models import load_base
-
-    loaded = load_base(base)
-    if adapter is None:
-        return loaded, None, loaded.model
-    info, model = load_adapter(
-        adapter, loaded.model, base_fingerprint=loaded.fingerprint, max_rank=max_rank, force=force
-    )
-    return loaded, info, model
-
-
-def _print_report(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    for section, values in report.items():
-        table = Table(title=section, show_header=False, title_justify="left")
-        for key, value in values.items():
-            if isinstance(value, dict):
-                value = ", ".join(f"{k} x{v}" for k, v in value.items())
-            elif isinstance(value, list):
-                value = ", ".join(map(str, value))
-            elif isinstance(value, int) and not isinstance(value, bool):
-                value = f"{value:,}"
-            elif isinstance(value, float):
-                value = f"{value:.4g}"
-            table.add_row(key, str(value))
-        Console().print(table)
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import typer
 
-from lorafleet.cli import BaseOpt, ForceOpt, MaxRankOpt, _load, _print_report, app
+from lorafleet.cli import app
+from lorafleet.cli.common import load_model, print_report, write_json
+from lorafleet.cli.options import BaseOpt, ForceOpt, MaxRankOpt, NoChatOpt, SeedOpt
 from lorafleet.errors import LorafleetError
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 @app.command()
@@ -54,8 +47,8 @@ def calibrate(
     ),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     max_length: int = typer.Option(512, "--max-length", min=8),
-    seed: int = typer.Option(0, "--seed"),
-    no_chat: bool = typer.Option(False, "--no-chat", help="Plain prompts, no chat template."),
+    seed: int = SeedOpt,
+    no_chat: bool = NoChatOpt,
     json_out: Path | None = typer.Option(None, "--json", help="Also write the report here."),
     force: bool = ForceOpt,
     max_rank: int = MaxRankOpt,
@@ -78,7 +71,7 @@ def calibrate(
 
     cfg = LaplaceConfig(n_kfac=n_kfac, threshold=threshold, labels=labels, batch_size=batch_size,
                         seed=seed)  # fmt: skip
-    loaded, _, model = _load(base, adapter, force, max_rank)
+    loaded, _, model = load_model(base, adapter, force, max_rank)
     tok = loaded.tokenizer
     train = load_examples(data, tok, split=split, chat=not no_chat, limit=train_limit)
     val_set = None
@@ -91,9 +84,9 @@ def calibrate(
     shown = {k: v for k, v in report.items() if not isinstance(v, dict)}
     sections = {"calibration": shown}
     sections.update({k: v for k, v in report.items() if isinstance(v, dict)})
-    _print_report(sections)
+    print_report(sections)
     if json_out is not None:
-        _write_json(json_out, {"base": base, "adapter": str(adapter), "data": data, **report})
+        write_json(json_out, {"base": base, "adapter": str(adapter), "data": data, **report})
         typer.echo(f"wrote {json_out}")
     typer.echo(f"Laplace factors written to {report['factors']}")
     return 0
@@ -105,14 +98,13 @@ def eval_bayes(
 ) -> int:  # fmt: skip
     """`lorafleet eval --bayes`: MAP vs Laplace figures, a reliability diagram and the JSON."""
     from lorafleet.bayes import evaluate_bayes, load_factors
-    from lorafleet.bayes.io import read_info
+    from lorafleet.bayes.io import val_tuned_prior
 
     if adapter is None:
         raise LorafleetError("--bayes needs --adapter (a calibrated LoRA adapter)")
     factors = load_factors(adapter)
     # When calibrate saw validation data, also show the prior precision it liked best there.
-    grid = (read_info(adapter).get("tuning") or {}).get("val_grid") or []
-    best = min(grid, key=lambda row: row["nll"])["prior_precision"] if grid else None
+    best = val_tuned_prior(adapter)
     also = {"val_tuned": best} if best and best != factors.prior_precision else {}
     if json_out is not None:
         plot = json_out.with_name(json_out.stem + ".reliability.png")
@@ -125,9 +117,9 @@ def eval_bayes(
     sections = {"MAP": figures["map"], "Laplace-LoRA": figures["laplace"]}
     if "laplace_val_tuned" in figures:
         sections["Laplace-LoRA, prior tuned on --val"] = figures["laplace_val_tuned"]
-    _print_report(sections)
+    print_report(sections)
     typer.echo(f"prior precision {figures['prior_precision']:.4g}; reliability diagram {plot}")
     if json_out is not None:
-        _write_json(json_out, figures)
+        write_json(json_out, figures)
         typer.echo(f"wrote {json_out}")
     return 0

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli import BASE_HELP, app
+from lorafleet.cli import app
+from lorafleet.cli.options import BaseDefaultOpt
 
 bench_app = typer.Typer(
     help="Benchmarks (not tests): each prints a table and writes its figures as JSON.",
@@ -33,7 +34,7 @@ def bench_load(
 
 @bench_app.command("train")
 def bench_train(
-    base: str = typer.Option("default", "--base", "-b", help=BASE_HELP),
+    base: str = BaseDefaultOpt,
     data: str = typer.Option("sst2", "--data", "-d"),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     steps: int = typer.Option(6, "--steps", min=1, help="Timed steps per round (after 2 warmup)."),
@@ -57,7 +58,7 @@ def bench_train(
 
 @bench_app.command("rslora")
 def bench_rslora(
-    base: str = typer.Option("default", "--base", "-b", help=BASE_HELP),
+    base: str = BaseDefaultOpt,
     data: str = typer.Option("gsm8k", "--data", "-d"),
     ranks: list[int] = typer.Option([4, 16, 64, 256], "--rank", "-r", help="Repeatable."),
     alpha: float = typer.Option(16.0, "--alpha"),
@@ -85,7 +86,7 @@ def bench_rslora(
 
 @bench_app.command("multilora")
 def bench_multilora(
-    base: str = typer.Option("default", "--base", "-b", help=BASE_HELP),
+    base: str = BaseDefaultOpt,
     rank: int = typer.Option(16, "--rank", "-r", min=1),
     adapters: list[int] = typer.Option([1, 4, 16, 64], "--adapters", "-k", help="Repeatable."),
     layers: int = typer.Option(
@@ -109,7 +110,7 @@ def bench_multilora(
 
 @bench_app.command("engine")
 def bench_engine(
-    base: str = typer.Option("default", "--base", "-b", help=BASE_HELP),
+    base: str = BaseDefaultOpt,
     requests: int = typer.Option(32, "--requests", min=1),
     adapters: int = typer.Option(
         16, "--adapters", "-k", min=1, help="Request i uses adapter i % k."

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli import BASE_HELP, app
+from lorafleet.cli import app
+from lorafleet.cli.options import BaseDefaultOpt, PortOpt
 
 
 @app.command()
 def demo(
-    base: str = typer.Option("default", "--base", "-b", help=BASE_HELP),
+    base: str = BaseDefaultOpt,
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Adapters, figures, chart."),
     task: list[str] = typer.Option(
         [], "--task", "-t", help="sst2 | strategyqa | clutrr; repeatable (default: all three)."
@@ -24,7 +25,7 @@ def demo(
     ),
     no_serve: bool = typer.Option(False, "--no-serve", help="Stop after the table and chart."),
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    port: int = PortOpt,
 ):
     """Fine-tune task adapters from the shared data, compare each with the base, then serve them.
 
@@ -64,10 +65,12 @@ def demo(
     typer.echo(f"chart: {results['chart']}   figures: {out / 'results.json'}")
     if no_serve:
         return 0
+    from lorafleet.bayes.serving import laplace_classifier
     from lorafleet.serve.api import ServerConfig
     from lorafleet.serve.api.server import build_state, serve_forever
 
-    state = build_state(runner.base, runner.adapters, config=ServerConfig(model_name=base))
+    config = ServerConfig(model_name=base)
+    state = build_state(runner.base, runner.adapters, config=config, classifier=laplace_classifier)
     names = state.adapter_names()
     url = f"http://{host}:{port}"
     typer.echo(f"\n[4/4] serving {base} + adapters {', '.join(names)} on {url} (Ctrl-C stops)")

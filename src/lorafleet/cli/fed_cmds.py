@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli import BaseOpt, app
+from lorafleet.cli import app
+from lorafleet.cli.options import FED_APP, FED_RUN, FLOWER_LINK, fed_config, with_options
 
 fed_app = typer.Typer(
     help="Federated fine-tuning: FedEx-LoRA (exact), FedAvg and FFA-LoRA; simulated or on Flower.",
@@ -17,75 +18,15 @@ fed_app = typer.Typer(
 )
 app.add_typer(fed_app, name="fed")
 
-DataOpt = typer.Option(
-    ..., "--data", "-d", help="A built-in task (sst2, ...) or a data file, split among clients."
-)
-OutOpt = typer.Option(
-    ..., "--out", "-o",
-    help="Run dir: global/adapter/, global/residual.safetensors, metrics.json, state/.",
-)  # fmt: skip
-ClientsOpt = typer.Option(4, "--clients", "-n", help="Number of clients (data partitions).")
-RoundsOpt = typer.Option(3, "--rounds", "-R")
-LocalStepsOpt = typer.Option(
-    10, "--local-steps", "-S", help="Optimizer steps per client and round."
-)
-AggregationOpt = typer.Option("fedex", "--aggregation", help="fedex | fedavg | ffa")
-SplitOpt = typer.Option("iid", "--split", help="iid | dirichlet:ALPHA (non-IID; small = skewed).")
-SplitByOpt = typer.Option("label", "--split-by", help="Dirichlet over `label` or a data field.")
-ValOpt = typer.Option(None, "--val", help="Held-out data (default: a built-in task's validation).")
-MethodOpt = typer.Option("lora", "--method", help="lora | rslora")
-RankOpt = typer.Option(8, "--rank", "-r")
-AlphaOpt = typer.Option(16.0, "--alpha")
-TargetsOpt = typer.Option("all-linear", "--targets", help="all-linear, or e.g. q_proj,v_proj")
-LrOpt = typer.Option(1e-3, "--lr")
-BatchOpt = typer.Option(8, "--batch-size")
-MaxLenOpt = typer.Option(512, "--max-length")
-SeedOpt = typer.Option(0, "--seed")
-EvalLimitOpt = typer.Option(200, "--eval-limit", help="Validation rows scored each round.")
-TrainLimitOpt = typer.Option(None, "--train-limit", help="Use only the first N training rows.")
-MinClientsOpt = typer.Option(
-    1, "--min-clients", help="Aggregate a round only if at least this many clients replied."
-)
-TimeoutOpt = typer.Option(
-    None, "--client-timeout", help="Seconds a client may take per round; later replies are skipped."
-)
-NormBoundOpt = typer.Option(
-    10.0, "--norm-bound", help="Drop a client whose update norm is over this x the others' median."
-)
-NoChatOpt = typer.Option(False, "--no-chat", help="Plain prompts, no chat template.")
-ResumeOpt = typer.Option(False, "--resume", help="Continue from the last saved round in --out.")
-SuperlinkOpt = typer.Option(
-    "127.0.0.1:8000", "--superlink", help="SuperLink address, host:port (Flower's default: 8000)."
-)
-InsecureOpt = typer.Option(False, "--insecure", help="No TLS (tests on one machine only).")
-RootCertOpt = typer.Option(
-    None, "--root-certificates", help="CA certificate (PEM) that signed the SuperLink's TLS cert."
-)
-
-
-def _config(**kw):
-    from lorafleet.adapters import parse_targets
-    from lorafleet.fed import FedConfig
-
-    kw["targets"] = parse_targets(kw["targets"])
-    return FedConfig(**kw)
-
 
 @fed_app.command()
+@with_options(run=FED_RUN)
 def simulate(
-    base: str = BaseOpt, data: str = DataOpt, out: Path = OutOpt, clients: int = ClientsOpt,
-    rounds: int = RoundsOpt, local_steps: int = LocalStepsOpt, aggregation: str = AggregationOpt,
-    split: str = SplitOpt, split_by: str = SplitByOpt, val: str | None = ValOpt,
-    method: str = MethodOpt, rank: int = RankOpt, alpha: float = AlphaOpt,
-    targets: str = TargetsOpt, lr: float = LrOpt, batch_size: int = BatchOpt,
-    max_length: int = MaxLenOpt, seed: int = SeedOpt, eval_limit: int = EvalLimitOpt,
-    train_limit: int | None = TrainLimitOpt, min_clients: int = MinClientsOpt,
-    client_timeout: float | None = TimeoutOpt, norm_bound: float = NormBoundOpt,
+    run: dict,
     save_clients: bool = typer.Option(
         False, "--save-clients", help="Also keep DIR/round-R/client-K/ and clients.json."
     ),
-    no_chat: bool = NoChatOpt, resume: bool = ResumeOpt,
-):  # fmt: skip
+):
     """Simulate N clients in this process: each round every client trains on its partition,
     then the server aggregates and scores the global model on held-out data.
 
@@ -105,31 +46,15 @@ def simulate(
     """
     from lorafleet.fed.simulate import run_simulation
 
-    cfg = _config(
-        base=base, data=data, out=out, clients=clients, rounds=rounds, local_steps=local_steps,
-        aggregation=aggregation, split=split, split_by=split_by, val=val, method=method,
-        rank=rank, alpha=alpha, targets=targets, lr=lr, batch_size=batch_size,
-        max_length=max_length, seed=seed, eval_limit=eval_limit, train_limit=train_limit,
-        min_clients=min_clients, client_timeout=client_timeout, norm_bound=norm_bound,
-        save_clients=save_clients, chat=not no_chat, resume=resume,
-    )  # fmt: skip
+    cfg = fed_config(run, save_clients=save_clients)
     run_simulation(cfg)
+    out = run["out"]
     typer.echo(f"global model written to {out}/global (metrics: {out}/metrics.json)")
 
 
 @fed_app.command()
-def server(
-    base: str = BaseOpt, data: str = DataOpt, out: Path = OutOpt, clients: int = ClientsOpt,
-    rounds: int = RoundsOpt, local_steps: int = LocalStepsOpt, aggregation: str = AggregationOpt,
-    split: str = SplitOpt, split_by: str = SplitByOpt, val: str | None = ValOpt,
-    method: str = MethodOpt, rank: int = RankOpt, alpha: float = AlphaOpt,
-    targets: str = TargetsOpt, lr: float = LrOpt, batch_size: int = BatchOpt,
-    max_length: int = MaxLenOpt, seed: int = SeedOpt, eval_limit: int = EvalLimitOpt,
-    train_limit: int | None = TrainLimitOpt, min_clients: int = MinClientsOpt,
-    client_timeout: float | None = TimeoutOpt, norm_bound: float = NormBoundOpt,
-    no_chat: bool = NoChatOpt, resume: bool = ResumeOpt, superlink: str = SuperlinkOpt,
-    insecure: bool = InsecureOpt, root_certificates: Path | None = RootCertOpt,
-):  # fmt: skip
+@with_options(run=FED_RUN, link=FLOWER_LINK)
+def server(run: dict, link: dict):
     """Run the federated training on Flower: submit lorafleet's Flower app to a running
     SuperLink (`flwr run ... --stream`) and follow the log until the last round.
 
@@ -152,15 +77,8 @@ def server(
     """
     from lorafleet.fed.launch import run_server
 
-    cfg = _config(
-        base=base, data=data, out=out, clients=clients, rounds=rounds, local_steps=local_steps,
-        aggregation=aggregation, split=split, split_by=split_by, val=val, method=method,
-        rank=rank, alpha=alpha, targets=targets, lr=lr, batch_size=batch_size,
-        max_length=max_length, seed=seed, eval_limit=eval_limit, train_limit=train_limit,
-        min_clients=min_clients, client_timeout=client_timeout, norm_bound=norm_bound,
-        chat=not no_chat, resume=resume,
-    )  # fmt: skip
-    code = run_server(cfg, superlink, insecure=insecure, root_certificates=root_certificates)
+    cfg = fed_config(run)
+    code = run_server(cfg, **link)
     if code != 0:
         typer.echo(f"lorafleet: error: flwr run exited with status {code}", err=True)
         return 1
@@ -169,12 +87,11 @@ def server(
 
 
 @fed_app.command()
+@with_options(link=FLOWER_LINK)
 def client(
+    link: dict,
     partition: int = typer.Option(..., "--partition", "-k", help="This client's id, 0..N-1."),
     partitions: int = typer.Option(..., "--partitions", "-n", help="N, the run's --clients."),
-    superlink: str = SuperlinkOpt,
-    insecure: bool = InsecureOpt,
-    root_certificates: Path | None = RootCertOpt,
     port: int = typer.Option(9094, "--port", help="Local port of the SuperNode's ClientApp API."),
     data: str | None = typer.Option(
         None, "--data", help="This client's own data file (default: its partition of the run's)."
@@ -196,21 +113,18 @@ def client(
     from lorafleet.fed.launch import flower_env, supernode_command
 
     cmd = supernode_command(
-        superlink, partition, partitions, insecure=insecure, root_certificates=root_certificates,
-        port=port, data=data, base=base, auth_private_key=auth_private_key,
+        partition=partition, partitions=partitions, port=port, data=data, base=base,
+        auth_private_key=auth_private_key, **link,
     )  # fmt: skip
     os.execve(cmd[0], cmd, flower_env())
 
 
 @fed_app.command("app")
+@with_options(run=FED_APP)
 def app_cmd(
-    base: str = BaseOpt, data: str = DataOpt, out: Path = OutOpt,
+    run: dict,
     app_dir: Path = typer.Option(..., "--app-dir", help="Where to write the Flower app."),
-    clients: int = ClientsOpt, rounds: int = RoundsOpt, local_steps: int = LocalStepsOpt,
-    aggregation: str = AggregationOpt, split: str = SplitOpt, split_by: str = SplitByOpt,
-    rank: int = RankOpt, alpha: float = AlphaOpt, targets: str = TargetsOpt, lr: float = LrOpt,
-    batch_size: int = BatchOpt, seed: int = SeedOpt, min_clients: int = MinClientsOpt,
-):  # fmt: skip
+):
     """Write lorafleet's Flower app (a pyproject.toml) to run with plain `flwr run`.
 
     Examples:
@@ -221,10 +135,5 @@ def app_cmd(
     """
     from lorafleet.fed.launch import write_app
 
-    cfg = _config(
-        base=base, data=data, out=out.resolve(), clients=clients, rounds=rounds,
-        local_steps=local_steps, aggregation=aggregation, split=split, split_by=split_by,
-        rank=rank, alpha=alpha, targets=targets, lr=lr, batch_size=batch_size, seed=seed,
-        min_clients=min_clients,
-    )  # fmt: skip
+    cfg = fed_config({**run, "out": run["out"].resolve()})
     typer.echo(f"wrote {write_app(app_dir, cfg) / 'pyproject.toml'}")

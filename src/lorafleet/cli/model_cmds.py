@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli import AdapterOpt, BaseOpt, ForceOpt, MaxRankOpt, _load, _print_report, app
+from lorafleet.cli import app
+from lorafleet.cli.common import load_model, print_report
+from lorafleet.cli.options import AdapterOpt, BaseOpt, FedDirOpt, ForceOpt, MaxRankOpt
 
 
 @app.command()
@@ -29,7 +31,7 @@ def info(
     from lorafleet.adapters import describe_adapter
     from lorafleet.models import describe_model
 
-    loaded, adapter_obj, _ = _load(base, adapter, force, max_rank)
+    loaded, adapter_obj, _ = load_model(base, adapter, force, max_rank)
     report = {
         "base": {
             "name": base,
@@ -46,7 +48,7 @@ def info(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    _print_report(report)
+    print_report(report)
 
 
 @app.command()
@@ -63,9 +65,7 @@ def generate(
     ),
     force: bool = ForceOpt,
     max_rank: int = MaxRankOpt,
-    fed: Path | None = typer.Option(
-        None, "--fed", help="A `lorafleet fed` run dir: base + its residual + its global adapter."
-    ),
+    fed: Path | None = FedDirOpt,
 ):
     """Generate a reply (greedy by default) and print only the generated text.
 
@@ -79,12 +79,7 @@ def generate(
     """
     from lorafleet.models.generation import generate_text
 
-    if fed is not None:  # a federated run's global model
-        from lorafleet.fed.residual import load_fed_model
-
-        loaded, _, model = load_fed_model(base, fed, force, max_rank, adapter=adapter)
-    else:
-        loaded, _, model = _load(base, adapter, force, max_rank)
+    loaded, _, model = load_model(base, adapter, force, max_rank, fed)
     text = generate_text(
         model, loaded.tokenizer, prompt, max_tokens=max_tokens, chat=not no_chat,
         temperature=temperature, top_p=top_p, seed=seed,

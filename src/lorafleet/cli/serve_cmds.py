@@ -6,17 +6,18 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli import BASE_HELP, app
+from lorafleet.cli import app
+from lorafleet.cli.options import BaseOpt, PortOpt
 
 
 @app.command()
 def serve(
-    base: str = typer.Option(..., "--base", "-b", help=BASE_HELP),
+    base: str = BaseOpt,
     adapters: Path | None = typer.Option(
         None, "--adapters", help="Directory of adapter directories (each served by its name)."
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
-    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    port: int = PortOpt,
     auth: Path | None = typer.Option(
         None, "--auth", help="JSON/YAML: admin_keys and tenants (keys, private_adapters)."
     ),
@@ -47,6 +48,7 @@ def serve(
         curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json'
         -d '{"model": "sst2", "messages": [{"role": "user", "content": "Hi"}]}'
     """
+    from lorafleet.bayes.serving import laplace_classifier
     from lorafleet.errors import LorafleetError
     from lorafleet.models import load_base
     from lorafleet.serve.api import AuthConfig, ServerConfig
@@ -61,7 +63,7 @@ def serve(
                               max_seq_len=max_seq_len, cpu_cache_mb=cpu_cache_mb)  # fmt: skip
     config = ServerConfig(model_name=model_name or base, max_waiting=max_queue,
                           shutdown_grace_s=shutdown_grace)  # fmt: skip
-    state = build_state(loaded, adapters, auth_config, settings, config)
+    state = build_state(loaded, adapters, auth_config, settings, config, laplace_classifier)
     names = state.adapter_names()
     typer.echo(f"lorafleet: serving {config.model_name} + {len(names)} adapter(s) "
                f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}) on "

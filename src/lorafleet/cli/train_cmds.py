@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import typer
 
-from lorafleet.cli import AdapterOpt, BaseOpt, ForceOpt, MaxRankOpt, _load, _print_report, app
+from lorafleet.cli import app
+from lorafleet.cli.bayes_cmds import eval_bayes
+from lorafleet.cli.common import load_model, print_report, write_json
+from lorafleet.cli.options import (
+    AdapterOpt,
+    BaseOpt,
+    FedDirOpt,
+    ForceOpt,
+    MaxRankOpt,
+    NoChatOpt,
+    SeedOpt,
+)
 
 
 @app.command()
@@ -48,7 +57,7 @@ def train(
         "truncate", "--on-overflow", help="truncate (prompt, from the left) | drop"
     ),
     packing: bool = typer.Option(False, "--packing"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SeedOpt,
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 (autocast)"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     eval_every: int = typer.Option(
@@ -61,7 +70,7 @@ def train(
     ),
     save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps."),
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints"),
-    no_chat: bool = typer.Option(False, "--no-chat", help="Plain prompts, no chat template."),
+    no_chat: bool = NoChatOpt,
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the newest checkpoint in --out."
     ),
@@ -131,9 +140,7 @@ def eval_cmd(
     bayes: bool = typer.Option(
         False, "--bayes", help="MAP vs Laplace-LoRA calibration (after `lorafleet calibrate`)."
     ),
-    fed: Path | None = typer.Option(
-        None, "--fed", help="A `lorafleet fed` run dir: base + its residual + its global adapter."
-    ),
+    fed: Path | None = FedDirOpt,
 ):
     """Evaluate the base model or an adapter: task metric, loss and perplexity.
 
@@ -150,16 +157,9 @@ def eval_cmd(
     from lorafleet.data import load_examples
     from lorafleet.eval import evaluate
 
-    if fed is not None:  # a federated run's global model
-        from lorafleet.fed.residual import load_fed_model
-
-        loaded, _, model = load_fed_model(base, fed, force, max_rank, adapter=adapter)
-    else:
-        loaded, _, model = _load(base, adapter, force, max_rank)
+    loaded, _, model = load_model(base, adapter, force, max_rank, fed)
     examples = load_examples(data, loaded.tokenizer, split=split, chat=not no_chat, limit=limit)
     if bayes:  # accuracy, ECE, NLL, Brier for MAP vs Laplace, reliability diagram, JSON
-        from lorafleet.cli.bayes_cmds import eval_bayes
-
         return eval_bayes(model, loaded.tokenizer, adapter, examples, json_out=json_out,
                           batch_size=batch_size, max_length=max_length)  # fmt: skip
     figures = evaluate(
@@ -168,10 +168,7 @@ def eval_cmd(
     )  # fmt: skip
     report = {"base": base, "adapter": str(adapter) if adapter else None, "data": data,
               "split": split, **figures}  # fmt: skip
-    _print_report({"evaluation": report})
+    print_report({"evaluation": report})
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_out.with_name(json_out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, json_out)
+        write_json(json_out, report)
         typer.echo(f"wrote {json_out}")

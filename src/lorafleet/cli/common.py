@@ -1,0 +1,62 @@
+"""Helpers the command modules share: load a base (+ adapter or fed run), print a report table,
+write a JSON file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def load_model(
+    base: str, adapter: Path | None, force: bool, max_rank: int, fed: Path | None = None
+):
+    """(loaded base, adapter info or None, model): the base with `adapter` attached, or the
+    global model of the `lorafleet fed` run directory `fed`."""
+    # Heavy imports happen here so `lorafleet --help` stays fast.
+    if fed is not None:
+        from lorafleet.fed.residual import load_fed_model
+
+        return load_fed_model(base, fed, force, max_rank, adapter=adapter)
+    from lorafleet.adapters import load_adapter
+    from lorafleet.models import load_base
+
+    loaded = load_base(base)
+    if adapter is None:
+        return loaded, None, loaded.model
+    info, model = load_adapter(
+        adapter, loaded.model, base_fingerprint=loaded.fingerprint, max_rank=max_rank, force=force
+    )
+    return loaded, info, model
+
+
+def _cell(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} x{v}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_report(report: dict) -> None:
+    """One two-column table per section of {section: {key: value}}."""
+    from rich.console import Console
+    from rich.table import Table
+
+    for section, values in report.items():
+        table = Table(title=section, show_header=False, title_justify="left")
+        for key, value in values.items():
+            table.add_row(key, _cell(value))
+        Console().print(table)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write `payload` as indented JSON, atomically (a .tmp file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)

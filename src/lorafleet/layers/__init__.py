@@ -1,9 +1,9 @@
-"""Torch modules PEFT lacks: the stacked multi-adapter linear (SGMV/BGMV)."""
+"""Torch modules PEFT lacks: the stacked multi-adapter linear (SGMV/BGMV), rows over mixtures."""
 
+from lorafleet.layers.linear import MultiLoRAContext, MultiLoRALinear
+from lorafleet.layers.mixture import MixtureGate, MixturePlan, RowMixture, plan_mixtures
 from lorafleet.layers.multilora import (
     SEGMENT_MIN_ROWS_PER_SLOT,
-    MultiLoRAContext,
-    MultiLoRALinear,
     SlotPlan,
     choose_path,
     lora_delta,
@@ -15,15 +15,19 @@ from lorafleet.layers.slots import MultiLoRAError, MultiLoRAModel, inject_multil
 
 __all__ = [
     "SEGMENT_MIN_ROWS_PER_SLOT",
+    "MixtureGate",
+    "MixturePlan",
     "MultiLoRAContext",
     "MultiLoRAError",
     "MultiLoRALinear",
     "MultiLoRAModel",
+    "RowMixture",
     "SlotPlan",
     "choose_path",
     "inject_multilora",
     "lora_delta",
     "lora_delta_gathered",
     "lora_delta_segmented",
+    "plan_mixtures",
     "plan_rows",
 ]

@@ -1,4 +1,4 @@
-"""The batched multi-adapter LoRA op (Punica's SGMV/BGMV in plain PyTorch) and its linear layer.
+"""The batched multi-adapter LoRA op (Punica's SGMV/BGMV in plain PyTorch): semantics and paths.
 
 Semantics. Per targeted linear, the resident adapters are stacked in slots:
 
@@ -27,9 +27,26 @@ Two paths compute the delta:
   Best for decode, where rows are about as many as distinct adapters.
 `choose_path` picks segmented when rows per distinct adapter >= SEGMENT_MIN_ROWS_PER_SLOT.
 
+Mixtures (layers/mixture.py). A row may use K slots s_1..s_K at once (a per-request mixture,
+or MoLE's experts) with weights w: [K] fixed for the request, or w: [n, K] per row computed in
+every layer by a gate (`MixtureGate`: layer name, the rows' input x: [n, d_in], the slots, and
+optionally each candidate's delta [n, K, d_out] -> [n, K]):
+
+    y[i] = base(x)[i] + sum_k w[i, k] * scale[s_k] * (x[i] @ A[s_k].T) @ B[s_k].T
+
+which is exactly one adapter of rank sum_k r_k with A = cat_k(A[s_k]) (rows) and
+B = cat_k(w_k scale[s_k] B[s_k]) (columns) at scale 1: PEFT's `cat` combination. Single-adapter
+rows keep the path above untouched (a mixture row has slot 0 in the row map, and `[(s, 1.0)]`
+is served as a plain slot-s row by the engine). Mixture rows become entries (row, slot, weight),
+one per row and candidate, planned by `plan_rows` over the entries' slots like rows: the same
+two paths, with each entry's weight multiplied into h = x @ A.T and the scatter-add summing a
+row's K entries. A gate that reads the candidates' deltas gets them computed per mixture.
+
 Layout: B is best passed as `Bt.transpose(1, 2)` of a contiguous Bt: [S, r_max, d_out] (what
-MultiLoRALinear stores): each slot's rank-k rows of A and Bt are then contiguous, so slicing a
-rank or gathering a slot copies contiguous memory. Any strides give the same result.
+MultiLoRALinear in layers/linear.py stores): each slot's rank-k rows of A and Bt are then
+contiguous, so slicing a rank or gathering a slot copies contiguous memory. Any strides give
+the same result. The batch's map (slots per row or per sequence, and the row mixtures) lives
+in a MultiLoRAContext shared by every layer, which builds the plans once per forward.
 """
 
 from __future__ import annotations
@@ -37,7 +54,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 # Measured on this project's 2-core CPU with SmolLM2's shapes (7 linears, rank 16, best of 25):
 # the grouped bmm beats the loop of per-slot matmul pairs up to ~16 rows per adapter (0.85 vs
@@ -143,11 +160,12 @@ def _group_layout(order: Tensor, segments: list, in_place: bool, device) -> Grou
     return GroupLayout(n_groups, per_group, src, pad, weights, slot_index, identity)
 
 
-def add_lora_segmented_(y, x, A, B, scale, plan: SlotPlan, ranks=None) -> Tensor:
+def add_lora_segmented_(y, x, A, B, scale, plan: SlotPlan, ranks=None, weights=None) -> Tensor:
     """y += delta over the rows of `plan`, one matmul pair per distinct slot (SGMV); in place.
 
     y: [T, d_out], x: [T, d_in] (same dtype as A, B); `ranks[s]` (optional) is slot s's true
-    rank, 0 = not adapted here (skipped)."""
+    rank, 0 = not adapted here (skipped); `weights` (optional, mixtures): [T_nz], a factor per
+    position of the plan's grouped rows."""
     Bt = B.transpose(1, 2)  # [S, r_max, d_out]
     xs = x if plan.rows is None else x.index_select(0, plan.rows)  # [T_nz, d_in], grouped
     # Rows already grouped in place add straight into y; others go through a buffer that is
@@ -162,6 +180,8 @@ def add_lora_segmented_(y, x, A, B, scale, plan: SlotPlan, ranks=None) -> Tensor
         h = xs[start:end] @ A[slot, :r].T  # [n, d_in] @ [d_in, r] -> [n, r]
         if scale is not None:
             h.mul_(scale[slot])
+        if weights is not None:
+            h.mul_(weights[start:end, None])  # [n, r] * [n, 1]
         if out is None:
             y[start:end].addmm_(h, Bt[slot, :r])  # += [n, r] @ [r, d_out]
         else:
@@ -171,11 +191,12 @@ def add_lora_segmented_(y, x, A, B, scale, plan: SlotPlan, ranks=None) -> Tensor
     return y
 
 
-def add_lora_gathered_(y, x, A, B, scale, plan: SlotPlan, rank=None) -> Tensor:
+def add_lora_gathered_(y, x, A, B, scale, plan: SlotPlan, rank=None, weights=None) -> Tensor:
     """y += delta with rows gathered into one group per slot and two batched matmuls (BGMV).
 
     y: [T, d_out], x: [T, d_in] (same dtype as A, B); `rank` (optional) is the largest rank
-    resident in A and B (the rest is zero padding, not computed). In place."""
+    resident in A and B (the rest is zero padding, not computed); `weights` (optional,
+    mixtures): [G*m], a factor per group position. In place."""
     r = A.shape[1] if rank is None else rank
     if r == 0:
         return y
@@ -194,6 +215,8 @@ def add_lora_gathered_(y, x, A, B, scale, plan: SlotPlan, rank=None) -> Tensor:
     h = torch.bmm(xg, Ag.transpose(1, 2))  # [G, m, d_in] @ [G, d_in, r] -> [G, m, r]
     if scale is not None:
         h.mul_(scale.index_select(0, lay.slot_index)[:, None, None])  # [G, 1, 1]
+    if weights is not None:
+        h.mul_(weights.view(G, m, 1))  # [G*m] -> [G, m, 1]
     if lay.pad is not None:
         h.masked_fill_(lay.pad, 0.0)  # padding rows contribute exactly 0
     if lay.identity:
@@ -237,116 +260,3 @@ def lora_delta_segmented(x: Tensor, A: Tensor, B: Tensor, scale: Tensor | None, 
 def lora_delta_gathered(x: Tensor, A: Tensor, B: Tensor, scale: Tensor | None, idx: Tensor):
     """The delta by the gathered (BGMV) path; shapes as in lora_delta."""
     return lora_delta(x, A, B, scale, idx, "gathered")
-
-
-class MultiLoRAContext:
-    """The batch's row -> slot map, shared by every MultiLoRALinear of a model.
-
-    The engine calls `set_slots` before each forward with one slot per row ([*lead] matching
-    x's leading dims, e.g. [batch, seq]) or one per sequence ([batch]; expanded over the
-    sequence). The plan is built once per forward and reused by every layer; replace the map
-    with `set_slots` rather than editing the tensor in place. Not thread-safe."""
-
-    def __init__(self, path: str | None = None):
-        self.path = path  # force "segmented" / "gathered" (benchmarks, tests); None = choose
-        self._slots: Tensor | None = None
-        self._plans: dict[tuple, SlotPlan] = {}
-
-    @property
-    def row_slots(self) -> Tensor | None:
-        return self._slots
-
-    def set_slots(self, slots) -> None:
-        """Set the slot map (tensor or list of ints), or None for no adapters."""
-        self._plans = {}
-        self._slots = None if slots is None else torch.as_tensor(slots, dtype=torch.long)
-
-    def clear(self) -> None:
-        self.set_slots(None)
-
-    def plan(self, lead: torch.Size, device: torch.device) -> SlotPlan | None:
-        """The plan for an input with leading dims `lead`, or None when no map is set."""
-        if self._slots is None:
-            return None
-        key = (tuple(lead), device)
-        if key not in self._plans:
-            slots, n_rows = self._slots.to(device), lead.numel()
-            if slots.numel() != n_rows:
-                if len(lead) < 2 or slots.numel() != lead[0]:
-                    raise ValueError(
-                        f"row_slots has {slots.numel()} entries; the input has leading dims "
-                        f"{tuple(lead)} ({n_rows} rows, or one slot per sequence)"
-                    )
-                slots = slots.reshape(-1).repeat_interleave(n_rows // lead[0])  # [B] -> [B*S]
-            self._plans[key] = plan_rows(slots, self.path)
-        return self._plans[key]
-
-
-class MultiLoRALinear(nn.Module):
-    """An nn.Linear (shared and frozen, not copied) plus stacked adapter slots; see module doc.
-
-    Buffers: `lora_A` [S, r_max, d_in]; `lora_B` [S, d_out, r_max], a transposed view of the
-    contiguous `lora_Bt` [S, r_max, d_out] holding scale[s] * B_s (the scale is folded in at
-    load, so the hot path skips a multiply); `scale` [S] records the folded factors."""
-
-    def __init__(self, base_layer: nn.Linear, context: MultiLoRAContext, max_slots: int,
-                 max_rank: int):  # fmt: skip
-        super().__init__()
-        self.base_layer = base_layer
-        self.context = context
-        w = base_layer.weight
-        slots = max_slots + 1  # slot 0 = no adapter
-        d_out, d_in = w.shape
-        kw = {"dtype": w.dtype, "device": w.device}
-        # Not persistent: the model's state_dict keeps only the base weights.
-        self.register_buffer("lora_A", torch.zeros(slots, max_rank, d_in, **kw), persistent=False)
-        self.register_buffer("lora_Bt", torch.zeros(slots, max_rank, d_out, **kw), persistent=False)
-        self.register_buffer("scale", torch.zeros(slots, **kw), persistent=False)
-        self.ranks = [0] * slots  # each slot's true rank in this layer (0 = not adapted)
-        self.rank = 0  # the largest resident rank: what the gathered path computes with
-
-    @property
-    def lora_B(self) -> Tensor:
-        return self.lora_Bt.transpose(1, 2)  # [S, d_out, r_max], a view
-
-    @torch.no_grad()
-    def set_slot(self, slot: int, A: Tensor, B: Tensor, scale: float) -> None:
-        """Copy one adapter's A: (r, d_in), B: (d_out, r) into `slot` (no new buffers)."""
-        r = A.shape[0]
-        self.lora_A[slot, :r].copy_(A)
-        self.lora_A[slot, r:].zero_()
-        bt = self.lora_Bt[slot, :r]  # [r, d_out]
-        bt.copy_(B.T)
-        bt.mul_(scale)
-        self.lora_Bt[slot, r:].zero_()
-        self.scale[slot] = scale
-        self.ranks[slot] = r
-        self.rank = max(self.ranks)
-
-    @torch.no_grad()
-    def clear_slot(self, slot: int) -> None:
-        self.lora_A[slot].zero_()
-        self.lora_Bt[slot].zero_()
-        self.scale[slot] = 0.0
-        self.ranks[slot] = 0
-        self.rank = max(self.ranks)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)  # [..., d_out]
-        plan = self.context.plan(x.shape[:-1], x.device)
-        if plan is None or plan.path == "none" or self.rank == 0:
-            return y  # exactly the base layer
-        top = plan.segments[-1][0]  # segments are sorted by slot
-        if top >= len(self.ranks):
-            raise ValueError(f"slot {top} is out of range: this layer has 0..{len(self.ranks) - 1}")
-        x2 = x.reshape(-1, x.shape[-1])  # [..., d_in] -> [T, d_in]
-        y2 = y.view(-1, y.shape[-1])  # [..., d_out] -> [T, d_out], shares y's memory
-        if plan.path == "segmented":
-            add_lora_segmented_(y2, x2, self.lora_A, self.lora_B, None, plan, self.ranks)
-        else:
-            add_lora_gathered_(y2, x2, self.lora_A, self.lora_B, None, plan, self.rank)
-        return y
-
-    def extra_repr(self) -> str:
-        slots, r, _ = self.lora_A.shape
-        return f"slots={slots - 1}, max_rank={r}"

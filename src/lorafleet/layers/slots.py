@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lorafleet.adapters.format import Adapter
 from lorafleet.errors import LorafleetError
-from lorafleet.layers.multilora import MultiLoRAContext, MultiLoRALinear
+from lorafleet.layers.linear import MultiLoRAContext, MultiLoRALinear
 from lorafleet.linear_layers import block_linear_modules
 
 PREFIX = "base_model.model."
@@ -42,8 +42,9 @@ def _label(adapter: Adapter) -> str:
 class MultiLoRAModel:
     """A causal LM whose target linears are MultiLoRALinear layers sharing one context.
 
-    Slots 1..max_slots hold adapters, slot 0 is "no adapter". Set the batch's slots with
-    `set_slots` (or `with handle.slots(...)`) before calling `handle.model(...)`."""
+    Slots 1..max_slots hold adapters, slot 0 is "no adapter". Set the batch's slots (and row
+    mixtures) with `with handle.slots(...)` (or `handle.context.set_slots`) before calling
+    `handle.model(...)`."""
 
     def __init__(self, model: nn.Module, layers: dict[str, MultiLoRALinear],
                  context: MultiLoRAContext, max_slots: int, max_rank: int):  # fmt: skip
@@ -52,14 +53,11 @@ class MultiLoRAModel:
         self.context = context
         self.max_slots = max_slots
         self.max_rank = max_rank
-        self.loaded: dict[int, str] = {}  # slot -> adapter label
-
-    def set_slots(self, slots) -> None:
-        self.context.set_slots(slots)
 
     @contextmanager
-    def slots(self, slots):
-        self.context.set_slots(slots)
+    def slots(self, slots, mixtures=()):
+        """Within the block, rows use `slots` (see MultiLoRAContext.set_slots) and `mixtures`."""
+        self.context.set_slots(slots, mixtures)
         try:
             yield self.model
         finally:
@@ -132,13 +130,11 @@ class MultiLoRAModel:
                 layer.set_slot(slot, *weights[name])
             else:
                 layer.clear_slot(slot)
-        self.loaded[slot] = _label(adapter)
 
     def clear_slot(self, slot: int) -> None:
         slot = self._check_slot(slot)
         for layer in self.layers.values():
             layer.clear_slot(slot)
-        self.loaded.pop(slot, None)
 
     def remove(self) -> nn.Module:
         """Put the original linears back and return the model (the slots are dropped)."""
@@ -181,6 +177,6 @@ def inject_multilora(model: nn.Module, targets: list[str] | None = None, max_slo
     layers = {}
     for name, linear in candidates.items():
         linear.requires_grad_(False)  # shared and frozen
-        layers[name] = MultiLoRALinear(linear, context, max_slots, max_rank)
+        layers[name] = MultiLoRALinear(linear, context, max_slots, max_rank, name)
         _set_submodule(model, name, layers[name])
     return MultiLoRAModel(model, layers, context, max_slots, max_rank)

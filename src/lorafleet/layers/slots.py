@@ -68,7 +68,7 @@ class MultiLoRAModel:
             raise MultiLoRAError(f"slot {slot!r} is out of range: use 1..{self.max_slots}")
         return slot
 
-    def _weights(self, adapter: Adapter) -> dict[str, tuple[Tensor, Tensor, float]]:
+    def slot_weights(self, adapter: Adapter) -> dict[str, tuple[Tensor, Tensor, float]]:
         """module name -> (A, B, scale), after every check (nothing is copied before this)."""
         where, config = _label(adapter), adapter.config
         # An in-memory config (adapter_from_model) holds PEFT's PeftType enum, not its string.
@@ -124,7 +124,7 @@ class MultiLoRAModel:
         """Copy a LoRA adapter's weights into `slot` of every layer (no new buffers); layers
         the adapter does not target get zeros. All checks run before anything is copied."""
         slot = self._check_slot(slot)
-        weights = self._weights(adapter)
+        weights = self.slot_weights(adapter)
         for name, layer in self.layers.items():
             if name in weights:
                 layer.set_slot(slot, *weights[name])

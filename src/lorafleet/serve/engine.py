@@ -327,3 +327,8 @@ class Engine:
     def _fail(self, seq: Sequence, message: str) -> None:
         if seq.status is not Status.FINISHED:
             self._finish(seq, "error", error=" ".join(str(message).split()))
+
+    def exclusive(self):
+        """A context manager that holds the engine between steps: no forward runs and no slot
+        changes while it is held (e.g. while a copy of the model is taken)."""
+        return self._lock

@@ -217,6 +217,11 @@ class AdapterRegistry:
         ready = self.engine.adapter_ready
         return sorted(n for n, p in known.items() if (p / CONFIG_NAME).is_file() or ready(n))
 
+    def path_of(self, name: str) -> Path | None:
+        """The directory adapter `name` is read from, or None when it is not known here."""
+        with self._lock:
+            return self._path_of(name)
+
     def _path_of(self, name: str) -> Path | None:
         path = self._paths.get(name)
         if path is None and self.adapters_dir is not None and name not in self._hidden:
@@ -281,7 +286,7 @@ class AdapterRegistry:
             raise LorafleetError("the engine has no adapter slots (closed?)")
         # The slots' own checks (LoRA / rsLoRA only, their max rank, injected targets) now,
         # before a slot is freed for an adapter that could not go in it.
-        handle._weights(adapter)
+        handle.slot_weights(adapter)
 
     # -- resident tier (engine lock and registry lock held) -------------------------------------
 

@@ -57,13 +57,15 @@ def auth_file(tmp_path_factory) -> Path:
     return path
 
 
-def start(tokenizer, adapters_dir, auth=None, settings=SETTINGS, **config) -> ServerThread:
+def start(tokenizer, adapters_dir, auth=None, settings=SETTINGS, classifier=None,
+          **config) -> ServerThread:  # fmt: skip
     state = build_state(
         tiny_base(tokenizer),
         adapters_dir,
         auth or AuthConfig.off(),
         settings,
         ServerConfig(model_name="tiny", **config),
+        classifier,
     )
     return ServerThread(state).start()
 

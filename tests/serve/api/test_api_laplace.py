@@ -10,6 +10,7 @@ from conftest import start
 
 from lorafleet.adapters import attach, read_adapter
 from lorafleet.bayes import calibrate, laplace_class_probs, load_factors
+from lorafleet.bayes.serving import laplace_classifier
 from lorafleet.data import load_examples
 from lorafleet.models.tiny import tiny_llama
 
@@ -29,7 +30,7 @@ def calibrated_dir(tmp_path_factory, adapters_dir, tokenizer):
 
 
 def test_class_probs_for_a_calibrated_adapter(tokenizer, calibrated_dir):
-    srv = start(tokenizer, calibrated_dir)
+    srv = start(tokenizer, calibrated_dir, classifier=laplace_classifier)
     try:
         body = {"model": "calib", "prompt": PROMPT, "class_choices": CHOICES}
         r = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)

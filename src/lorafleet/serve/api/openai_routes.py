@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.serve.api import generation as gen
 from lorafleet.serve.api.auth import Principal
+from lorafleet.serve.api.classify import class_probs, not_calibrated
 from lorafleet.serve.api.errors import APIError, model_not_found
 from lorafleet.serve.api.schemas import ChatCompletionRequest, CompletionRequest
 from lorafleet.serve.api.state import ServerState, principal, state_of
@@ -175,13 +176,13 @@ async def _classify(state: ServerState, body: CompletionRequest, prompt, who) ->
     """Laplace-LoRA class probabilities of `class_choices` after `prompt` (no generation)."""
     adapter = state.resolve(body.model, who)
     if adapter is None:
-        raise APIError(400, "class_choices needs a calibrated adapter, not the base model",
-                       code="not_calibrated", param="class_choices")  # fmt: skip
+        raise not_calibrated("class_choices needs a calibrated adapter, not the base model")
     if not isinstance(prompt, str):
         prompt = state.tokenizer.decode(prompt)
     ids = state.tokenizer(prompt)["input_ids"]
     gen.check_prompt(state, ids)
-    out = await asyncio.to_thread(state.classifier.probs, adapter, prompt, body.class_choices)
+    choices = body.class_choices
+    out = await asyncio.to_thread(class_probs, state.classifier, adapter, prompt, choices)
     best = max(range(len(out["probs"])), key=out["probs"].__getitem__)
     state.metrics.finished("classify", adapter, 200)
     return {"id": gen.new_id("cmpl"), "object": "text_completion", "created": gen.now(),

@@ -6,12 +6,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.app import create_app
 from lorafleet.serve.api.auth import AuthConfig
+from lorafleet.serve.api.classify import Classifier
 from lorafleet.serve.api.state import ServerConfig, ServerState
 
 
@@ -28,9 +30,10 @@ class EngineSettings:
 
 
 def build_state(base, adapters_dir: str | Path | None, auth: AuthConfig | None = None,
-                settings: EngineSettings | None = None,
-                config: ServerConfig | None = None) -> ServerState:  # fmt: skip
-    """Engine over `base` (a loaded Base), registry over `adapters_dir`, and the app state."""
+                settings: EngineSettings | None = None, config: ServerConfig | None = None,
+                classifier: Callable[..., Classifier] | None = None) -> ServerState:  # fmt: skip
+    """Engine over `base` (a loaded Base), registry over `adapters_dir`, and the app state.
+    `classifier(engine, registry)` builds what answers `class_choices` (none: a 400)."""
     from lorafleet.serve import AdapterRegistry, Engine
 
     s = settings or EngineSettings()
@@ -42,7 +45,8 @@ def build_state(base, adapters_dir: str | Path | None, auth: AuthConfig | None =
     clash = config.model_name in registry.names()
     if clash:
         raise LorafleetError(f"an adapter is named {config.model_name!r}, like the base model")
-    return ServerState(engine, registry, auth or AuthConfig.off(), config)
+    made = classifier(engine, registry) if classifier is not None else None
+    return ServerState(engine, registry, auth or AuthConfig.off(), config, made)
 
 
 def _max_positions(base) -> int:

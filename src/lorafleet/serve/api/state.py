@@ -11,6 +11,7 @@ from fastapi import Request
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.auth import AuthConfig, Principal, valid_name
 from lorafleet.serve.api.bridge import EngineLoop
+from lorafleet.serve.api.classify import Classifier
 from lorafleet.serve.api.errors import APIError, model_not_found
 from lorafleet.serve.api.metrics import Metrics
 
@@ -43,17 +44,15 @@ class ServerState:
     registry: object | None
     auth: AuthConfig
     config: ServerConfig
+    classifier: Classifier | None = None  # class_choices' probabilities (the CLI's Laplace one)
     loop: EngineLoop = field(init=False)
     metrics: Metrics = field(init=False)
     closing: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
-        from lorafleet.serve.api.classify import Classifier
-
         self.loop = EngineLoop(self.engine, self.config.max_waiting)
         self.metrics = Metrics(self.engine, self.registry)
-        self.classifier = Classifier(self.engine, self.registry)
 
     @property
     def tokenizer(self):

@@ -26,6 +26,8 @@ META_KEY = "lorafleet"
 # Pickle-based files are never opened: loading them can run arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SUPPORTED_PEFT_TYPES = ("LORA", "MISS")
+_UMASK = os.umask(0o022)  # read the process umask (the only way) and put it straight back
+os.umask(_UMASK)
 
 
 class AdapterError(LorafleetError):
@@ -173,6 +175,21 @@ def atomic_write(target: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_json(path: str | Path, value, *, default=None) -> Path:
+    """Write `value` as indented JSON (trailing newline) through `atomic_write`: readers see the
+    old file or the new one, never half of one. Creates the parent directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(value, indent=2, default=default) + "\n"
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a JSON report is a normal file
+
+    atomic_write(path, write)
+    return path
 
 
 def _model_card(adapter: Adapter) -> str:

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import re
 
-from peft.utils.other import get_pattern_key
 from torch import nn
 
 from lorafleet.adapters.format import WEIGHTS_NAME, Adapter, AdapterError
+from lorafleet.adapters.lora_keys import (
+    PEFT_PREFIX,
+    LoraKeyError,
+    lora_pairs,
+    module_rank,
+    split_key,
+    strip_prefix,
+)
 
 DEFAULT_MAX_RANK = 256
-PREFIX = "base_model.model."
-# PEFT's on-disk tensor suffixes per peft_type (the adapter name is dropped on disk).
-LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
-MISS_SUFFIXES = ("miss_block",)
-
-
-def _rank_for(adapter: Adapter, module: str) -> int:
-    pattern = adapter.config.get("rank_pattern") or {}
-    key = get_pattern_key(list(pattern), module)
-    return int(pattern.get(key, adapter.rank))
+# The tensor parts (lora_keys.split_key) each peft_type may hold.
+LORA_PARTS = ("A", "B", "lora_magnitude_vector")
+MISS_PARTS = ("miss_block",)
 
 
 def _check_rank(adapter: Adapter, max_rank: int) -> None:
@@ -64,15 +64,15 @@ def _check_targets(adapter: Adapter, linear_names: list[str]) -> None:
         )
 
 
-def _expected_shape(adapter: Adapter, suffix: str, module: nn.Linear, r: int) -> tuple[int, ...]:
+def _expected_shape(adapter: Adapter, part: str, module: nn.Linear, r: int) -> tuple[int, ...]:
     out_f, in_f = module.out_features, module.in_features
     if adapter.config.get("fan_in_fan_out"):
         in_f, out_f = out_f, in_f
-    if suffix == "lora_A.weight":
+    if part == "A":
         return (r, in_f)
-    if suffix == "lora_B.weight":
+    if part == "B":
         return (out_f, r)
-    if suffix == "lora_magnitude_vector":
+    if part == "lora_magnitude_vector":
         return (out_f,)
     init = adapter.config.get("init_weights", True)  # miss_block
     if init == "bat":
@@ -82,26 +82,17 @@ def _expected_shape(adapter: Adapter, suffix: str, module: nn.Linear, r: int) ->
     return (r, out_f)
 
 
-def _split_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
-    if not key.startswith(PREFIX):
-        return None
-    for suffix in suffixes:
-        if key.endswith("." + suffix):
-            return key[len(PREFIX) : -len(suffix) - 1], suffix
-    return None
-
-
 def _check_tensors(adapter: Adapter, model: nn.Module) -> None:
     file = adapter.where(WEIGHTS_NAME)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    suffixes = LORA_SUFFIXES if adapter.peft_type == "LORA" else MISS_SUFFIXES
-    seen: dict[str, set[str]] = {}
+    parts = LORA_PARTS if adapter.peft_type == "LORA" else MISS_PARTS
+    seen: set[str] = set()
     for key, tensor in adapter.tensors.items():
-        split = _split_key(key, suffixes)
-        if split is None:
+        split = split_key(key)
+        if split is None or split[1] not in parts:
             # modules_to_save stores full copies of base weights under the base's own names.
-            name = key[len(PREFIX) :] if key.startswith(PREFIX) else None
+            name = strip_prefix(key) if key.startswith(PEFT_PREFIX) else None
             if name in params:
                 if tuple(tensor.shape) != tuple(params[name].shape):
                     raise AdapterError(
@@ -111,7 +102,7 @@ def _check_tensors(adapter: Adapter, model: nn.Module) -> None:
                     )
                 continue
             raise AdapterError(file, f"unexpected tensor {key} for peft_type {adapter.peft_type}")
-        module_name, suffix = split
+        module_name, part = split
         module = modules.get(module_name)
         if module is None:
             raise AdapterError(file, f"tensor {key} targets {module_name}, which the base lacks")
@@ -119,18 +110,18 @@ def _check_tensors(adapter: Adapter, model: nn.Module) -> None:
             raise AdapterError(
                 file, f"{module_name} is a {type(module).__name__}, not a linear layer"
             )
-        expected = _expected_shape(adapter, suffix, module, _rank_for(adapter, module_name))
+        r = module_rank(adapter.config, module_name)
+        expected = _expected_shape(adapter, part, module, r)
         if tuple(tensor.shape) != expected:
             raise AdapterError(
                 file, f"tensor {key} has shape {tuple(tensor.shape)}, expected {expected}"
             )
-        seen.setdefault(module_name, set()).add(suffix)
+        seen.add(module_name)
     if adapter.peft_type == "LORA":
-        for module_name, parts in seen.items():
-            if not {"lora_A.weight", "lora_B.weight"} <= parts:
-                raise AdapterError(
-                    file, f"{module_name} has only {sorted(parts)}; LoRA needs A and B"
-                )
+        try:
+            lora_pairs(adapter.tensors, strict=False)
+        except LoraKeyError as exc:
+            raise AdapterError(file, str(exc)) from exc
     if not seen:
         raise AdapterError(file, f"holds no {adapter.peft_type} weights")
 

@@ -1,7 +1,7 @@
 """Aggregation rules for federated LoRA as pure functions over adapter tensors.
 
-Every rule takes the clients' adapter tensors under PEFT's on-disk keys
-(`base_model.model.<module>.lora_A.weight`, `...lora_B.weight`) and per-client weights (numbers
+Every rule takes the clients' adapter tensors under PEFT's on-disk keys (adapters.lora_keys:
+`base_model.model.<module>.lora_A.weight`, `...lora_B.weight`) and per-client weights (numbers
 of examples; normalised here). Sums run in float64 so the exactness of FedEx-LoRA is not hidden
 behind float32 rounding; results come back in the clients' dtype.
 
@@ -23,13 +23,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorafleet.adapters.lora_keys import (
+    PEFT_PREFIX,
+    LoraKeyError,
+    base_weight_name,
+    lora_pairs,
+    peft_key,
+    split_key,
+    uniform_scale,
+)
 from lorafleet.errors import LorafleetError
 
 log = logging.getLogger("lorafleet.fed")
 
-A_SUFFIX = ".lora_A.weight"
-B_SUFFIX = ".lora_B.weight"
-PEFT_PREFIX = "base_model.model."
 AGGREGATIONS = ("fedex", "fedavg", "ffa")
 
 Tensors = dict[str, torch.Tensor]
@@ -54,40 +60,27 @@ class Dropped:
 
 
 def lora_modules(tensors: Tensors) -> dict[str, tuple[str, str]]:
-    """{module prefix: (A key, B key)} for every LoRA pair; anything else is an error."""
-    pairs: dict[str, tuple[str, str]] = {}
-    for key in tensors:
-        if key.endswith(A_SUFFIX):
-            prefix = key[: -len(A_SUFFIX)]
-        elif key.endswith(B_SUFFIX):
-            prefix = key[: -len(B_SUFFIX)]
-        else:
-            raise LorafleetError(
-                f"tensor {key} is not a LoRA A/B weight: federated aggregation supports plain "
-                "LoRA and rsLoRA adapters only"
-            )
-        pairs[prefix] = (prefix + A_SUFFIX, prefix + B_SUFFIX)
-    for prefix, (a, b) in pairs.items():
-        if a not in tensors or b not in tensors:
-            raise LorafleetError(f"module {prefix} lacks its {'A' if a not in tensors else 'B'}")
-    return pairs
-
-
-def base_weight_name(module_prefix: str) -> str:
-    """The base model's own weight name for a PEFT module prefix:
-    `base_model.model.model.layers.0.self_attn.q_proj` -> `model.layers.0.self_attn.q_proj.weight`.
-    """
-    return module_prefix.removeprefix(PEFT_PREFIX) + ".weight"
+    """{module prefix (`base_model.model.<module>`): (A key, B key)} for every LoRA pair;
+    anything else is an error."""
+    try:
+        pairs = lora_pairs(tensors)
+    except LoraKeyError as exc:
+        raise LorafleetError(
+            f"{exc}: federated aggregation supports plain LoRA and rsLoRA adapters only"
+        ) from exc
+    return {PEFT_PREFIX + m: (peft_key(m, "A"), peft_key(m, "B")) for m in pairs}
 
 
 def lora_scale(config: dict) -> float:
     """The LoRA scale s of an adapter config: alpha / r, or alpha / sqrt(r) for rsLoRA."""
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise LorafleetError("federated aggregation needs one rank and alpha for every module")
     if config.get("use_dora"):
         raise LorafleetError("federated aggregation does not support DoRA (use lora or rslora)")
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    try:
+        return uniform_scale(config)
+    except LoraKeyError as exc:
+        raise LorafleetError(
+            "federated aggregation needs one rank and alpha for every module"
+        ) from exc
 
 
 def normalise(weights: list[float]) -> list[float]:
@@ -200,6 +193,11 @@ def _shape_problem(tensors: Tensors, reference: Tensors) -> str | None:
     return None
 
 
+def _is_a(key: str) -> bool:
+    split = split_key(key)
+    return split is not None and split[1] == "A"
+
+
 def _delta_norm(tensors: Tensors, reference: Tensors) -> float:
     return math.sqrt(
         sum(
@@ -238,9 +236,7 @@ def validate_updates(
             problem = f"weight must be a positive number of examples, got {w!r}"
         if problem is None and frozen_a:
             moved = [
-                k
-                for k in reference
-                if k.endswith(A_SUFFIX) and not torch.equal(u.tensors[k], reference[k])
+                k for k in reference if _is_a(k) and not torch.equal(u.tensors[k], reference[k])
             ]
             if moved:
                 problem = f"changed the frozen A ({moved[0]}) under FFA-LoRA"

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lorafleet.adapters.lora_keys import base_name, is_adapter_param
 from lorafleet.errors import LorafleetError
 
 RESIDUAL_FILE = "residual.safetensors"
@@ -28,9 +29,8 @@ def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     (`base_model.model.` and `.base_layer.` undone; adapter weights left out)."""
     out = {}
     for name, p in model.named_parameters():
-        if "lora_" in name or "miss_" in name:
-            continue
-        out[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = p
+        if not is_adapter_param(name):
+            out[base_name(name)] = p
     return out
 
 

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
-from peft.utils.other import get_pattern_key
 from torch import Tensor, nn
 
 from lorafleet.adapters.format import Adapter
+from lorafleet.adapters.lora_keys import LoraKeyError, lora_pairs, module_rank, module_scale
 from lorafleet.errors import LorafleetError
 from lorafleet.layers.linear import MultiLoRAContext, MultiLoRALinear
 from lorafleet.linear_layers import block_linear_modules
 
-PREFIX = "base_model.model."
-SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 # LoraConfig options that change the forward beyond base + scale * B A x (or add weights we
 # have no place for); an adapter using any of them is refused rather than served wrong.
 UNSUPPORTED = {
@@ -81,28 +78,21 @@ class MultiLoRAModel:
         for key, what in UNSUPPORTED.items():
             if config.get(key):
                 raise MultiLoRAError(f"{where}: {what} is not supported by batched serving")
-        pairs: dict[str, dict[str, Tensor]] = {}
-        for key, tensor in adapter.tensors.items():
-            suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
-            if suffix is None or not key.startswith(PREFIX):
-                raise MultiLoRAError(f"{where}: tensor {key} is not a LoRA A/B weight")
-            pairs.setdefault(key[len(PREFIX) : -len(suffix)], {})[suffix.split(".")[1]] = tensor
+        try:
+            pairs = lora_pairs(adapter.tensors)
+        except LoraKeyError as exc:
+            raise MultiLoRAError(f"{where}: {exc}") from exc
         if not pairs:
             raise MultiLoRAError(f"{where}: holds no LoRA weights")
-        rank_pattern = config.get("rank_pattern") or {}
-        alpha_pattern = config.get("alpha_pattern") or {}
         weights = {}
-        for name, pair in sorted(pairs.items()):
+        for name, (A, B) in sorted(pairs.items()):
             layer = self.layers.get(name)
             if layer is None:
                 raise MultiLoRAError(
                     f"{where}: targets {name}, which is not a multi-LoRA layer of this model "
                     f"({len(self.layers)} injected)"
                 )
-            if set(pair) != {"lora_A", "lora_B"}:
-                raise MultiLoRAError(f"{where}: {name} has only {sorted(pair)}; LoRA needs A and B")
-            A, B = pair["lora_A"], pair["lora_B"]
-            r = int(rank_pattern.get(get_pattern_key(list(rank_pattern), name), adapter.rank))
+            r = module_rank(config, name)
             d_out, d_in = layer.base_layer.weight.shape
             if A.shape != (r, d_in) or B.shape != (d_out, r):
                 raise MultiLoRAError(
@@ -113,11 +103,7 @@ class MultiLoRAModel:
                 raise MultiLoRAError(
                     f"{where}: rank {r} ({name}) is above this model's max_rank {self.max_rank}"
                 )
-            alpha = float(alpha_pattern.get(get_pattern_key(list(alpha_pattern), name),
-                                            config.get("lora_alpha", 8)))  # fmt: skip
-            # PEFT's scaling rule (tuners/lora/layer.py update_layer).
-            scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-            weights[name] = (A, B, scale)
+            weights[name] = (A, B, module_scale(config, name))
         return weights
 
     def load_slot(self, slot: int, adapter: Adapter) -> None:

@@ -7,6 +7,8 @@ import hashlib
 import torch
 from torch import nn
 
+from lorafleet.adapters.lora_keys import base_name
+
 # How many leading elements of each sampled tensor enter the hash: enough to tell two
 # trainings or two checkpoints apart, small enough to stay well under a millisecond.
 SAMPLE_ELEMENTS = 4096
@@ -29,8 +31,7 @@ def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     for name, p in model.named_parameters():  # lists a tied weight once
         if id(p) in adapter_params:
             continue
-        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        params.append((name, p))
+        params.append((base_name(name), p))
     return params
 
 

@@ -1,14 +1,13 @@
 """A client's round: start from the global model, train S local steps, return the adapter.
 
-The step itself is lorafleet.train's `Trainer.train_step` (same loss normalisation, clipping
-and data order as `lorafleet train`); only the optimizer is fresh each round, as in the
-FedEx-LoRA reference, and under FFA-LoRA the A matrices are frozen.
+The step is lorafleet.train's public `StepRunner` with the default `LanguageModelStep` (same
+loss normalisation, clipping and data order as `lorafleet train`); only the optimizer is fresh
+each round, as in the FedEx-LoRA reference, and under FFA-LoRA the A matrices are frozen.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -16,14 +15,21 @@ from torch import nn
 
 from lorafleet.adapters import MethodConfig, adapter_from_model, new_adapter
 from lorafleet.adapters.methods import peft_config_from_dict
-from lorafleet.data import Collator, Encoded
+from lorafleet.data import Encoded
 from lorafleet.errors import LorafleetError
 from lorafleet.fed.aggregate import ClientUpdate, base_weight_name, lora_modules
 from lorafleet.fed.config import FedConfig
 from lorafleet.fed.residual import base_parameters
-from lorafleet.train import TrainConfig, Trainer
-from lorafleet.train.distributed import Distributed
-from lorafleet.train.loop import lr_lambda
+from lorafleet.train import (
+    Batches,
+    Distributed,
+    LanguageModelStep,
+    OptimizerConfig,
+    ScheduleConfig,
+    StepRunner,
+    build_optimizer,
+    build_scheduler,
+)
 
 
 class ClientTimeout(LorafleetError):
@@ -103,31 +109,24 @@ def local_train(
     """Train `cfg.local_steps` steps on `data` from the model's current (global) state."""
     if not data:
         raise LorafleetError(f"client {client} has no training examples")
-    tcfg = TrainConfig(
-        base=cfg.base, data=cfg.data, out=cfg.out, steps=cfg.local_steps, lr=cfg.lr,
-        batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm, warmup=cfg.warmup,
-        max_length=cfg.max_length, seed=local_seed(cfg.seed, round_, client),
-        method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, chat=cfg.chat,
-    )  # fmt: skip
-    trainer = Trainer(tcfg)
-    # The pieces Trainer.setup() would build from a whole run, built here for one client.
-    trainer.dist = Distributed(device=next(model.parameters()).device)
-    trainer.model = model
-    trainer.train = data
-    trainer.global_batch = cfg.batch_size
-    trainer.params = [p for p in model.parameters() if p.requires_grad]
-    trainer.optimizer = torch.optim.AdamW(trainer.params, lr=cfg.lr, weight_decay=0.0)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        trainer.optimizer, lr_lambda(cfg.local_steps, cfg.warmup)
+    lm_step = LanguageModelStep()  # trains what requires grad: B, and A unless FFA
+    optimizer = build_optimizer(
+        lm_step.param_groups(model), OptimizerConfig(cfg.lr, 0.0, cfg.max_grad_norm)
     )
-    trainer.collate = Collator(pad_token_id)
-    trainer.autocast = nullcontext()
+    scheduler = build_scheduler(optimizer, ScheduleConfig(cfg.local_steps, cfg.warmup))
+    batches = Batches(
+        data, batch_size=cfg.batch_size, pad_token_id=pad_token_id,
+        seed=local_seed(cfg.seed, round_, client),
+        dist=Distributed(device=next(model.parameters()).device),
+    )  # fmt: skip
+    run_step = StepRunner(
+        model, lm_step, batches, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm
+    )
     model.train()
     losses = []
     try:
         for step in range(cfg.local_steps):
-            loss, _, _ = trainer.train_step(step)
-            losses.append(loss)
+            losses.append(run_step(step).loss)
             if deadline is not None and clock() > deadline:
                 raise ClientTimeout(
                     f"client {client} timed out after step {step + 1}/{cfg.local_steps}"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorafleet.adapters import METHODS
 from lorafleet.errors import LorafleetError
+from lorafleet.train.builders import DataConfig, OptimizerConfig
 
 DTYPES = ("fp32", "bf16")
 
@@ -78,6 +80,18 @@ class TrainConfig:
             raise LorafleetError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.eval_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise LorafleetError("--eval-every, --max-grad-norm and --weight-decay must be >= 0")
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(self.max_length, self.on_overflow, self.packing)
+
+    def optimizer_config(self) -> OptimizerConfig:
+        return OptimizerConfig(self.lr, self.weight_decay, self.max_grad_norm)
+
+    def total_steps(self, n_examples: int, global_batch: int) -> int:
+        """`steps`, or the steps that cover `epochs` passes over `n_examples`."""
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * n_examples / global_batch))
+        return int(self.steps)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -1,30 +1,41 @@
-"""The fine-tuning loop.
+"""The fine-tuning recipe: build the pieces, run the steps, checkpoint, log.
 
 A plain PyTorch loop over a PEFT model rather than transformers' Trainer or TRL's SFTTrainer:
 resuming must replay the exact data order and RNG (the order is a pure function of seed and
-step, see order.py), data parallelism only needs the adapter's gradients summed (see
-distributed.py), and BiLoRA's bi-level steps and MoLE's gate training will plug in their own
-`train_step`. Everything else (models, PEFT layers, loss) is transformers and PEFT.
+step, see order.py), data parallelism only needs the trainable gradients summed (see
+distributed.py), and BiLoRA's bi-level steps, MoLE's gate training and Trans-LoRA's synthetic
+data plug in through public seams: a `TrainStep` (step.py), in-memory examples and a model
+builder (builders.py). Everything else (models, PEFT layers, loss) is transformers and PEFT.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import signal
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from peft import set_peft_model_state_dict
 
-from lorafleet.adapters import MethodConfig, adapter_from_model, new_adapter, write_adapter
-from lorafleet.data import Collator, Encoded, encode_all, load_examples, pack
+from lorafleet.adapters import adapter_from_model, write_adapter
+from lorafleet.data import ExampleSet, load_examples
 from lorafleet.errors import LorafleetError
 from lorafleet.eval import evaluate
 from lorafleet.models import load_base
+from lorafleet.train.builders import (
+    InMemoryExamples,
+    ModelBuilder,
+    ScheduleConfig,
+    build_data,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    example_set,
+    lr_lambda,
+    train_only,
+)
 from lorafleet.train.checkpoint import (
     checkpoints_dir,
     latest_checkpoint,
@@ -35,124 +46,101 @@ from lorafleet.train.checkpoint import (
 )
 from lorafleet.train.config import TrainConfig
 from lorafleet.train.distributed import Distributed
-from lorafleet.train.order import global_batch, rank_slice
 from lorafleet.train.plot import plot_metrics
+from lorafleet.train.step import Batches, LanguageModelStep, StepResult, StepRunner, TrainStep
+
+__all__ = ["METRICS_FILE", "Trainer", "lr_lambda"]
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
-    """Linear warmup over `warmup` x total steps, then cosine decay to zero."""
-    warm = int(round(warmup * total))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _target_tokens(e: Encoded) -> int:
-    return sum(1 for label in e.labels[1:] if label != -100)  # position 0 is never predicted
-
-
 class Trainer:
-    """Build with a TrainConfig, call `run()`. `on_step(step, loss)` is called after every
-    optimizer step; `request_stop()` (wired to SIGINT/SIGTERM) ends the run after the current
-    step with a checkpoint."""
+    """Build with a TrainConfig, call `run()`.
 
-    def __init__(self, cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = None):
+    `step` replaces the loss and the parameter groups (default: next-token loss on every
+    adapter parameter); `examples` / `val_examples` replace `cfg.data` / the validation data
+    with in-memory examples (`cfg.data` then only names them); `model` builds the trained
+    model from the base (default: a fresh adapter of `cfg`'s method). `on_step(step, loss)` is
+    called after every optimizer step; `request_stop()` (wired to SIGINT/SIGTERM) ends the run
+    after the current step with a checkpoint."""
+
+    def __init__(
+        self, cfg: TrainConfig, *, step: TrainStep | None = None,
+        examples: InMemoryExamples | None = None, val_examples: InMemoryExamples | None = None,
+        model: ModelBuilder = build_model, on_step: Callable[[int, float], None] | None = None,
+    ):  # fmt: skip
+        if step is not None and not isinstance(step, TrainStep):
+            raise LorafleetError("step must have param_groups(model) and loss(model, batch)")
         self.cfg = cfg
+        self.step = step or LanguageModelStep()
+        self.examples, self.val_examples = examples, val_examples
+        self.build_model = model
         self.on_step = on_step
         self.stop_signal: int | None = None
         self.dist = Distributed.from_env()
 
-    # --- setup -------------------------------------------------------------------------
+    # --- setup: the recipe, top to bottom -------------------------------------------------
     def setup(self) -> None:
         cfg, dist = self.cfg, self.dist
         torch.manual_seed(cfg.seed)
         self.base = load_base(cfg.base, device=str(dist.device))
         tok = self.base.tokenizer
-        train_set = load_examples(
-            cfg.data, tok, split="train", chat=cfg.chat, limit=cfg.train_limit
-        )
-        encoded, self.data_stats = encode_all(
-            train_set, tok, cfg.max_length, on_overflow=cfg.on_overflow
-        )
-        self.train = pack(encoded, cfg.max_length) if cfg.packing else encoded
-        if not self.train:
-            raise LorafleetError(f"{cfg.data}: no training examples left after length handling")
+        train_set = self._train_set()
+        self.train, self.data_stats = build_data(train_set, tok, cfg.data_config())
         self.val_set = self._val_set(train_set)
-        self.global_batch = cfg.batch_size * cfg.grad_accum * dist.world
-        if cfg.epochs is not None:
-            self.total_steps = max(1, math.ceil(cfg.epochs * len(self.train) / self.global_batch))
-        else:
-            self.total_steps = cfg.steps
-        method = MethodConfig(cfg.method, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout)
-        self.model = new_adapter(self.base.model, method)
-        if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        self.model.train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.total_steps, cfg.warmup)
+        self.model = self.build_model(self.base.model, cfg).train()
+        self.batches = Batches(
+            self.train, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
+            pad_token_id=tok.pad_token_id, dist=dist,
+        )  # fmt: skip
+        self.total_steps = cfg.total_steps(len(self.train), self.batches.global_size)
+        groups = self.step.param_groups(self.model)
+        train_only(self.model, groups)
+        self.optimizer = build_optimizer(groups, cfg.optimizer_config())
+        self.scheduler = build_scheduler(self.optimizer, ScheduleConfig(self.total_steps,
+                                                                        cfg.warmup))  # fmt: skip
+        autocast = (
+            torch.autocast(dist.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else None
         )
-        self.collate = Collator(tok.pad_token_id)
-        self.autocast = (
-            torch.autocast(dist.device.type, dtype=torch.bfloat16)
-            if cfg.dtype == "bf16"
-            else nullcontext()
-        )
+        self.runner = StepRunner(
+            self.model, self.step, self.batches, self.optimizer, self.scheduler,
+            max_grad_norm=cfg.max_grad_norm, autocast=autocast,
+        )  # fmt: skip
 
-    def _val_set(self, train_set):
-        cfg = self.cfg
+    def _train_set(self) -> ExampleSet:
+        cfg, tok = self.cfg, self.base.tokenizer
+        if self.examples is not None:
+            return example_set(self.examples, tok, name=cfg.data, chat=cfg.chat,
+                               limit=cfg.train_limit)  # fmt: skip
+        return load_examples(cfg.data, tok, split="train", chat=cfg.chat, limit=cfg.train_limit)
+
+    def _val_set(self, train_set: ExampleSet) -> ExampleSet | None:
+        cfg, tok = self.cfg, self.base.tokenizer
+        if self.val_examples is not None:
+            return example_set(self.val_examples, tok, name=cfg.val or f"{cfg.data} (validation)",
+                               chat=cfg.chat, limit=cfg.eval_limit)  # fmt: skip
         source = cfg.val
-        if source is None and train_set.name == cfg.data and not Path(cfg.data).exists():
+        from_file = self.examples is not None or Path(cfg.data).exists()
+        if source is None and train_set.name == cfg.data and not from_file:
             source = cfg.data  # a built-in task: use its validation split
         if source is None:
             return None
-        return load_examples(
-            source, self.base.tokenizer, split="validation", chat=cfg.chat, limit=cfg.eval_limit
-        )
+        return load_examples(source, tok, split="validation", chat=cfg.chat, limit=cfg.eval_limit)
 
     # --- one optimizer step --------------------------------------------------------------
-    def train_step(self, step: int) -> tuple[float, float, int]:
-        """Forward/backward over this rank's share of global batch `step`, sum the adapter
-        gradients across ranks, clip, update. Returns (loss, grad norm, input tokens)."""
-        cfg, dist = self.cfg, self.dist
-        indices = global_batch(len(self.train), self.global_batch, step, cfg.seed)
-        # Normalise by the global batch's target tokens so the summed gradient is the gradient
-        # of the mean token loss, whatever the split across ranks and micro-batches.
-        n_tokens = max(1, sum(_target_tokens(self.train[i]) for i in indices))
-        mine = rank_slice(indices, dist.rank, dist.world)
-        loss_sum = torch.zeros((), device=dist.device)
-        input_tokens = 0
-        for start in range(0, len(mine), cfg.batch_size):
-            batch = self.collate([self.train[i] for i in mine[start : start + cfg.batch_size]])
-            batch = {k: v.to(dist.device) for k, v in batch.items()}
-            with self.autocast:
-                out = self.model(**batch, num_items_in_batch=n_tokens)  # loss = sum NLL / n_tokens
-            out.loss.backward()
-            loss_sum += out.loss.detach() * n_tokens
-            input_tokens += int(batch["attention_mask"].sum())
-        grads = [p.grad for p in self.params if p.grad is not None]
-        dist.sum_(grads + [loss_sum])
-        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss_sum) / n_tokens, float(norm), input_tokens * dist.world
+    def train_step(self, step: int) -> StepResult:
+        """Optimizer step `step` (0-based) through the runner: forward/backward over this
+        rank's share of the global batch, gradients summed across ranks, clip, update."""
+        return self.runner(step)
 
     # --- checkpoints and metrics -----------------------------------------------------------
     def _adapter(self, meta: dict | None = None):
         return adapter_from_model(
             self.model, base_fingerprint=self.base.fingerprint, extra_meta=meta
         )
+
+    def _trainable(self):
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _save(self, step: int) -> Path | None:
         path = None
@@ -161,6 +149,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(),
+                # Every trained parameter, adapter or not (a MoLE gate, a norm), by name.
+                "trainable": {n: p.detach().cpu().clone() for n, p in self._trainable()},
             }
             path = save_checkpoint(
                 self.cfg.out, step, self._adapter(), state, self.cfg.keep_checkpoints
@@ -174,6 +164,11 @@ class Trainer:
             raise LorafleetError(f"{checkpoints_dir(self.cfg.out)}: no checkpoint to resume from")
         adapter, state = load_checkpoint(ckpt)
         set_peft_model_state_dict(self.model, adapter.tensors)
+        saved = state.get("trainable", {})
+        with torch.no_grad():
+            for name, p in self._trainable():
+                if name in saved:
+                    p.copy_(saved[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -188,6 +183,22 @@ class Trainer:
                 ]
                 metrics.write_text("".join(line + "\n" for line in kept))
         return step
+
+    def _train_record(self, step: int, result: StepResult, tokens_per_s: float | None) -> dict:
+        lrs = self.scheduler.get_last_lr()
+        record = {
+            "split": "train", "step": step, "loss": result.loss, "grad_norm": result.grad_norm,
+            "lr": lrs[0], "tokens": result.tokens, "tokens_per_s": tokens_per_s,
+            "epoch": step * self.batches.global_size / len(self.train),
+        }  # fmt: skip
+        if len(lrs) > 1:  # one lr per named parameter group
+            groups = self.optimizer.param_groups
+            record.update({f"lr_{g['name']}": lr for g, lr in zip(groups, lrs, strict=True)})
+        clash = sorted(set(result.logs) & set(record))
+        if clash:
+            raise LorafleetError(f"the step logs {clash[0]!r}, a name the trainer logs itself")
+        record.update(result.logs)
+        return record
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -253,22 +264,18 @@ class Trainer:
         step, last_saved, tokens, clock = start, start, 0, time.perf_counter()
         try:
             while step < self.total_steps:
-                loss, norm, step_tokens = self.train_step(step)
+                result = self.train_step(step)
                 step += 1
-                tokens += step_tokens
+                tokens += result.tokens
                 elapsed = time.perf_counter() - clock
-                record = {
-                    "split": "train", "step": step, "loss": loss, "grad_norm": norm,
-                    "lr": self.scheduler.get_last_lr()[0], "tokens": step_tokens,
-                    "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
-                    "epoch": step * self.global_batch / len(self.train),
-                }  # fmt: skip
+                record = self._train_record(step, result, tokens / elapsed if elapsed > 0 else None)
                 self._log(record)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}")
+                    bar.set_postfix(loss=f"{result.loss:.4f}",
+                                    tok_s=f"{record['tokens_per_s'] or 0:.0f}")  # fmt: skip
                 if self.on_step:
-                    self.on_step(step, loss)
+                    self.on_step(step, result.loss)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
                     self.validate(step)
                 stop = self._agreed_stop()

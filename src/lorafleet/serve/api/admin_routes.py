@@ -16,6 +16,7 @@ from lorafleet.adapters import read_adapter
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.auth import valid_name
 from lorafleet.serve.api.errors import APIError
+from lorafleet.serve.api.responses import AdapterAdded, AdapterDeleted, AdapterInfo, AdapterList
 from lorafleet.serve.api.schemas import AddAdapter
 from lorafleet.serve.api.state import ServerState, admin, state_of
 
@@ -45,17 +46,18 @@ def _validate_dir(state: ServerState, path: Path) -> None:
         raise APIError(400, message, code="invalid_adapter") from None
 
 
-@router.get("/adapters")
-def list_adapters(request: Request) -> dict:
+@router.get("/adapters", response_model=None)
+def list_adapters(request: Request) -> AdapterList:
     state = state_of(request)
-    names = state.adapter_names()
-    return {"adapters": [{"name": n, "state": state.registry.state(n) if state.registry else
-                          "resident", "private_to": state.auth.owner.get(n)} for n in names],
-            "stats": state.registry.stats() if state.registry else {}}  # fmt: skip
+    reg = state.registry
+    adapters = [AdapterInfo(name=n, state=reg.state(n) if reg else "resident",
+                            private_to=state.auth.owner.get(n))
+                for n in state.adapter_names()]  # fmt: skip
+    return AdapterList(adapters=adapters, stats=reg.stats() if reg else {})
 
 
-@router.post("/adapters", status_code=201)
-async def add_adapter(request: Request) -> dict:
+@router.post("/adapters", status_code=201, response_model=None)
+async def add_adapter(request: Request) -> AdapterAdded:
     state = state_of(request)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
@@ -85,10 +87,10 @@ async def add_adapter(request: Request) -> dict:
         state.registry.add(name, path)
     except LorafleetError as exc:
         raise APIError(409, str(exc), code="conflict") from None
-    return {"name": name, "path": str(path.relative_to(state.adapters_dir)), "added": True}
+    return AdapterAdded(name=name, path=str(path.relative_to(state.adapters_dir)))
 
 
-async def _upload(state: ServerState, request: Request) -> dict:
+async def _upload(state: ServerState, request: Request) -> AdapterAdded:
     """A PEFT adapter as multipart: field `name` plus files adapter_config.json and
     adapter_model.safetensors; written to ADAPTERS_DIR/NAME through a temp dir + rename."""
     limit = int(state.config.max_upload_mb * 2**20)
@@ -138,11 +140,11 @@ async def _upload(state: ServerState, request: Request) -> dict:
         state.registry.add(name, target)
     except LorafleetError as exc:
         raise APIError(409, str(exc), code="conflict") from None
-    return {"name": name, "path": name, "added": True}
+    return AdapterAdded(name=name, path=name)
 
 
-@router.delete("/adapters/{name}")
-def delete_adapter(name: str, request: Request) -> dict:
+@router.delete("/adapters/{name}", response_model=None)
+def delete_adapter(name: str, request: Request) -> AdapterDeleted:
     state = state_of(request)
     _check_name(state, name)
     if state.registry.state(name) is None:
@@ -153,4 +155,4 @@ def delete_adapter(name: str, request: Request) -> dict:
         status = 409 if "in use" in str(exc) else 404
         code = "conflict" if status == 409 else "not_found"
         raise APIError(status, str(exc), code=code) from None
-    return {"name": name, "deleted": True}
+    return AdapterDeleted(name=name)

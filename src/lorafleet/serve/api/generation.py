@@ -9,6 +9,7 @@ import time
 import uuid
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.bridge import QueueFull, Stream
@@ -27,7 +28,10 @@ def now() -> int:
     return int(time.time())
 
 
-def sse(payload: dict | str) -> bytes:
+def sse(payload: BaseModel | dict | str) -> bytes:
+    """One server-sent event: `data: <compact JSON or the string>` and a blank line."""
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump(mode="json")
     body = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {body}\n\n".encode()
 

@@ -1,0 +1,163 @@
+"""Response bodies of the HTTP API (pydantic), beside the request bodies in schemas.py.
+
+Field order is the wire order. Optional keys that some answers lack are subclasses (never a
+null field), so every body keeps today's exact keys; lists of a base type serialize their items
+as what they are (`SerializeAsAny`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, SerializeAsAny
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt: int, completion: int) -> Usage:
+        return cls(prompt_tokens=prompt, completion_tokens=completion,
+                   total_tokens=prompt + completion)  # fmt: skip
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class AdapterCard(ModelCard):
+    parent: str
+    root: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SerializeAsAny[ModelCard]]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ClassifyChoice(CompletionChoice):
+    class_probs: dict  # labels, probs, method, ... (the classifier's answer)
+
+
+class Completion(BaseModel):
+    """A /v1/completions answer, or one of its stream chunks (then without usage)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[SerializeAsAny[CompletionChoice]]
+
+
+class CompletionWithUsage(Completion):
+    usage: Usage
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDeltaChoice(BaseModel):
+    index: int = 0
+    delta: dict[str, str]  # {"role", "content"} first, then {"content"}, {} at the end
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatDeltaChoice]
+
+
+class UsageChunk(BaseModel):
+    """The last stream chunk when stream_options.include_usage: no choices, the usage."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list = []
+    usage: Usage
+
+
+class GenerateDetails(BaseModel):
+    finish_reason: str | None
+    generated_tokens: int
+    prompt_tokens: int
+
+
+class Generated(BaseModel):
+    generated_text: str
+    details: GenerateDetails
+
+
+class StreamToken(BaseModel):
+    id: int
+    text: str
+    logprob: None = None
+    special: bool = False
+
+
+class GenerateEvent(BaseModel):
+    """One /generate_stream event; the last carries generated_text and details."""
+
+    token: StreamToken | None
+    generated_text: str | None
+    details: GenerateDetails | None
+
+
+class GenerateFailed(GenerateEvent):
+    error: str
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    state: str | None
+    private_to: str | None
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterInfo]
+    stats: dict
+
+
+class AdapterAdded(BaseModel):
+    name: str
+    path: str
+    added: bool = True
+
+
+class AdapterDeleted(BaseModel):
+    name: str
+    deleted: bool = True

@@ -1,14 +1,7 @@
 """Adapters as data: PEFT's directory format, validation against a base, attaching through PEFT."""
 
 from lorafleet.adapters.attach import adapter_from_model, attach, load_adapter, new_adapter
-from lorafleet.adapters.format import (
-    Adapter,
-    AdapterError,
-    atomic_write,
-    atomic_write_json,
-    read_adapter,
-    write_adapter,
-)
+from lorafleet.adapters.format import Adapter, AdapterError, read_adapter, write_adapter
 from lorafleet.adapters.lora_keys import (
     PEFT_PREFIX,
     LoraKeyError,
@@ -41,8 +34,6 @@ __all__ = [
     "LoraKeyError",
     "MethodConfig",
     "adapter_from_model",
-    "atomic_write",
-    "atomic_write_json",
     "attach",
     "base_name",
     "base_weight_name",

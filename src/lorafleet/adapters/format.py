@@ -8,8 +8,6 @@ so every directory written here still loads in PEFT and vLLM unchanged.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -19,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lorafleet.errors import LorafleetError
+from lorafleet.fsutil import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -26,8 +25,6 @@ META_KEY = "lorafleet"
 # Pickle-based files are never opened: loading them can run arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SUPPORTED_PEFT_TYPES = ("LORA", "MISS")
-_UMASK = os.umask(0o022)  # read the process umask (the only way) and put it straight back
-os.umask(_UMASK)
 
 
 class AdapterError(LorafleetError):
@@ -163,33 +160,6 @@ def read_adapter(path: str | Path) -> Adapter:
     config = _read_config(path)
     tensors, meta = _read_tensors(path)
     return Adapter(config=config, tensors=tensors, meta=meta, path=path)
-
-
-def atomic_write(target: Path, write) -> None:
-    """Write through a temp file in the same directory, then rename over the target."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_json(path: str | Path, value, *, default=None) -> Path:
-    """Write `value` as indented JSON (trailing newline) through `atomic_write`: readers see the
-    old file or the new one, never half of one. Creates the parent directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(value, indent=2, default=default) + "\n"
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a JSON report is a normal file
-
-    atomic_write(path, write)
-    return path
 
 
 def _model_card(adapter: Adapter) -> str:

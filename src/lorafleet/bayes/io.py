@@ -11,10 +11,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lorafleet.adapters.format import WEIGHTS_NAME, atomic_write
+from lorafleet.adapters.format import WEIGHTS_NAME
 from lorafleet.bayes.factors import Factor
 from lorafleet.bayes.fit import KfacFactors, ModuleFactors
 from lorafleet.errors import LorafleetError
+from lorafleet.fsutil import atomic_write, atomic_write_json
 
 FACTORS_NAME = "laplace.safetensors"
 INFO_NAME = "laplace.json"
@@ -57,8 +58,7 @@ def save_factors(adapter_dir: str | Path, factors: KfacFactors, extra: dict | No
         "adapter_sha256": adapter_digest(adapter_dir),
         **(extra or {}),
     }
-    text = json.dumps(info, indent=2) + "\n"
-    atomic_write(adapter_dir / INFO_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_json(adapter_dir / INFO_NAME, info)
     return adapter_dir / FACTORS_NAME
 
 

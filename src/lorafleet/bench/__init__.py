@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 
 import torch
+
+from lorafleet.fsutil import atomic_write_json
 
 
 def machine() -> str:
@@ -19,12 +20,7 @@ def machine() -> str:
 
 
 def write_json(path: str | Path, figures: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"machine": machine(), **figures}, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, {"machine": machine(), **figures})
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

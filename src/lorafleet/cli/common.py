@@ -3,9 +3,9 @@ write a JSON file."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
+
+from lorafleet.fsutil import atomic_write_json
 
 
 def load_model(
@@ -55,8 +55,5 @@ def print_report(report: dict) -> None:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write `payload` as indented JSON, atomically (a .tmp file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write `payload` as indented JSON, atomically (a temp file, then a rename)."""
+    atomic_write_json(path, payload)

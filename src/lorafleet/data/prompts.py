@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.data.examples import DataError
+from lorafleet.models.chat import chat_prompt, has_chat_template
 
 # Labelled rows ({"text", "label"}): the options are the file's distinct labels.
 LABELLED_CHAT = "{text}\n\nReply with one label from: {options}."
@@ -21,19 +22,12 @@ CHOICE_CHAT = "{question}\nOptions:\n{options}\nReply with the correct option, e
 CHOICE_PLAIN = "Question: {question}\nOptions:\n{options}\nAnswer:"
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
-
-
 def render_chat(tokenizer: Any, messages: list[dict], where: str) -> str:
     """The prompt before an assistant reply: `messages` through the chat template."""
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return chat_prompt(tokenizer, messages)
     except Exception as exc:  # jinja raises TemplateError, some templates raise their own
         raise DataError(f"{where}: the tokenizer's chat template failed ({exc})") from exc
-    if not isinstance(text, str):  # older transformers may return a list for batched input
-        text = text[0]
-    return text
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lorafleet.demo.plan import TaskPlan, plans
 from lorafleet.errors import LorafleetError
+from lorafleet.fsutil import atomic_write_json
 
 PLAN_FILE = "demo_plan.json"
 RESULTS = "results.json"
@@ -32,12 +33,6 @@ class DemoConfig:
     def __post_init__(self):
         self.out = Path(self.out)
         self.plans = plans(self.tasks, self.quick)
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path):
@@ -84,7 +79,7 @@ class Demo:
             shutil.rmtree(work, ignore_errors=True)
         resume = (work / "checkpoints").is_dir()
         work.mkdir(parents=True, exist_ok=True)
-        _write_json(work / PLAN_FILE, self._stamp(plan))
+        atomic_write_json(work / PLAN_FILE, self._stamp(plan))
         tc = TrainConfig(base=self.cfg.base, data=plan.task, out=work, rank=plan.rank,
                          alpha=plan.alpha, steps=plan.steps, lr=plan.lr,
                          batch_size=plan.batch_size, max_length=plan.max_length,
@@ -151,7 +146,9 @@ class Demo:
             rows[plan.task] = {"stamp": stamp, "base": base_fig, "adapter": adapter_fig,
                                "train_seconds": round(seconds, 1) if not reused else
                                (row or {}).get("train_seconds")}  # fmt: skip
-            _write_json(self.cfg.out / RESULTS, {"base": self.base.fingerprint, "tasks": rows})
+            atomic_write_json(
+                self.cfg.out / RESULTS, {"base": self.base.fingerprint, "tasks": rows}
+            )
         wanted = {p.task for p in self.cfg.plans}
         results = {"base": self.base.fingerprint,
                    "tasks": {t: {**r, "reused": t in reused_now} for t, r in rows.items()

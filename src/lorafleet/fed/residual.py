@@ -8,8 +8,6 @@ model is base + residual + adapter; `load_fed_model` builds it for `eval` and `g
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 
 from lorafleet.adapters.lora_keys import base_name, is_adapter_param
 from lorafleet.errors import LorafleetError
+from lorafleet.fsutil import atomic_write
 
 RESIDUAL_FILE = "residual.safetensors"
 META_KEY = "lorafleet"
@@ -65,14 +64,8 @@ def write_residual(path: Path, residual: dict[str, torch.Tensor], meta: dict) ->
     """Atomically write a residual file (an empty one is valid: fedavg/ffa, or round 0)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in residual.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    header = {META_KEY: json.dumps(meta, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     return path
 
 

@@ -32,21 +32,11 @@ from lorafleet.fed.aggregate import (
 from lorafleet.fed.config import FedConfig
 from lorafleet.fed.local import BaseSnapshot, load_global
 from lorafleet.fed.residual import RESIDUAL_FILE, add_residuals, read_residual, write_residual
+from lorafleet.fsutil import atomic_write_json
 
 STATE_DIR = "state"
 METRICS_FILE = "metrics.json"
 KEEP_STATES = 2
-
-
-def _atomic_json(path: Path, value) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        Path(tmp).write_text(json.dumps(value, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def latest_state(out: Path) -> Path | None:
@@ -192,7 +182,7 @@ class FedServer:
             write_adapter(target, Adapter(self.adapter_config, u.tensors, meta))
             entries.append({"client": u.client, "dir": str(target.resolve()),
                             "weight": weights[u.client]})  # fmt: skip
-        _atomic_json(folder / "clients.json", entries)
+        atomic_write_json(folder / "clients.json", entries)
 
     def _save_state(self) -> None:
         states = self.cfg.out / STATE_DIR
@@ -220,7 +210,7 @@ class FedServer:
         write_adapter(out / "global" / "adapter", self._adapter(self._meta()))
         write_residual(out / "global" / RESIDUAL_FILE, self.residual, self._meta())
         metrics = {"config": self.cfg.to_dict(), **self.extra, "rounds": self.history}
-        _atomic_json(out / METRICS_FILE, metrics)
+        atomic_write_json(out / METRICS_FILE, metrics)
         plot_rounds(self.history, out / "metrics.png")
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from lorafleet.models.chat import chat_prompt, has_chat_template
+
 
 def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     """Token ids for a prompt, wrapped in the tokenizer's chat template when it has one."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        # transformers 5 returns a BatchEncoding here; older versions a plain list.
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    if chat and has_chat_template(tokenizer):
+        return chat_prompt(tokenizer, [{"role": "user", "content": prompt}], tokenize=True)
     return tokenizer(prompt)["input_ids"]
 
 

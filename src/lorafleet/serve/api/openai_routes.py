@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from lorafleet.models.chat import chat_prompt, has_chat_template
 from lorafleet.serve.api import generation as gen
 from lorafleet.serve.api.auth import Principal
 from lorafleet.serve.api.classify import class_probs, not_calibrated
@@ -67,10 +68,8 @@ def chat_prompt_ids(tokenizer, messages) -> list[int]:
     """The base's chat template applied (generation prompt added); a plain fallback without one."""
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
              for m in messages]  # fmt: skip
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
-        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
-        return [int(t) for t in ids]
+    if has_chat_template(tokenizer):
+        return chat_prompt(tokenizer, turns, tokenize=True)
     text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
     return tokenizer(text)["input_ids"]
 
@@ -93,7 +92,7 @@ async def _respond(state: ServerState, request: Request, rec: RequestRecord, bod
     """Run one request; `chunk(text, finish_reason)` and `final(text, stream)` shape the output."""
     kw = {"max_tokens": getattr(body, "max_completion_tokens", None) or body.max_tokens,
           "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-          "seed": body.seed, "stop": body.stop}  # fmt: skip
+          "seed": body.seed, "stop": body.stop, "ignore_eos": body.ignore_eos}  # fmt: skip
     stream, first = await _start(state, request, rec, body.model, who, ids, kw, default_max)
     if first is None:  # the client left before the first token
         return rec.client_closed()

@@ -59,22 +59,23 @@ class Trainer:
 
     `step` replaces the loss and the parameter groups (default: next-token loss on every
     adapter parameter); `examples` / `val_examples` replace `cfg.data` / the validation data
-    with in-memory examples (`cfg.data` then only names them); `model` builds the trained
-    model from the base (default: a fresh adapter of `cfg`'s method). `on_step(step, loss)` is
-    called after every optimizer step; `request_stop()` (wired to SIGINT/SIGTERM) ends the run
-    after the current step with a checkpoint."""
+    with in-memory examples (`cfg.data` then only names them); `model_builder(base model,
+    cfg)` builds the trained model (default: a fresh adapter of `cfg`'s method).
+    `on_step(step, loss)` is called after every optimizer step; `request_stop()` (wired to
+    SIGINT/SIGTERM) ends the run after the current step with a checkpoint."""
 
     def __init__(
         self, cfg: TrainConfig, *, step: TrainStep | None = None,
         examples: InMemoryExamples | None = None, val_examples: InMemoryExamples | None = None,
-        model: ModelBuilder = build_model, on_step: Callable[[int, float], None] | None = None,
+        model_builder: ModelBuilder = build_model,
+        on_step: Callable[[int, float], None] | None = None,
     ):  # fmt: skip
         if step is not None and not isinstance(step, TrainStep):
             raise LorafleetError("step must have param_groups(model) and loss(model, batch)")
         self.cfg = cfg
         self.step = step or LanguageModelStep()
         self.examples, self.val_examples = examples, val_examples
-        self.build_model = model
+        self.model_builder = model_builder
         self.on_step = on_step
         self.stop_signal: int | None = None
         self.dist = Distributed.from_env()
@@ -88,11 +89,12 @@ class Trainer:
         train_set = self._train_set()
         self.train, self.data_stats = build_data(train_set, tok, cfg.data_config())
         self.val_set = self._val_set(train_set)
-        self.model = self.build_model(self.base.model, cfg).train()
+        self.model = self.model_builder(self.base.model, cfg).train()
         self.batches = Batches(
             self.train, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
             pad_token_id=tok.pad_token_id, dist=dist,
         )  # fmt: skip
+        self.collate = self.batches.collate  # pads a list of Encoded into a model batch
         self.total_steps = cfg.total_steps(len(self.train), self.batches.global_size)
         groups = self.step.param_groups(self.model)
         train_only(self.model, groups)

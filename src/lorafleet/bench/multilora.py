@@ -5,7 +5,10 @@ On the real model's linears (the first `layers` decoder layers, all 7 linears ea
 resident adapters spread over the rows (row or sequence i uses adapter i mod K, so at most
 min(K, sequences) are distinct in a batch). Per case: rows/s of base + delta through
 MultiLoRALinear, relative to the base layers alone and to PEFT's `Linear(x, adapter_names=...)`
-holding the same K adapters, timed side by side (interleaved; median of `repeats`).
+holding the same K adapters, timed side by side (interleaved; median of `repeats`). For K >= 2,
+a record with 2 adapters per row (row or sequence i mixes adapters i and i+1 mod K, weights
+0.5 each, as the engine passes one mixture per decode row or prefill sequence) gives the cost
+of a mixture row next to a single-adapter row (`vs_single`, timed in the same interleave).
 """
 
 from __future__ import annotations
@@ -63,7 +66,14 @@ def _peft_layers(linears: list[nn.Linear], stacks, k: int, rank: int) -> list[nn
     return layers
 
 
-def _timed_fns(linears, ours, peft, context, xs, slots) -> dict:
+def _mixtures(slots: list[int], k: int) -> list:
+    """Unit i (a decode row, or a prefill sequence) mixes its slot and the next one (mod K)."""
+    from lorafleet.layers import RowMixture
+
+    return [RowMixture((i,), (s, s % k + 1), (0.5, 0.5)) for i, s in enumerate(slots)]
+
+
+def _timed_fns(linears, ours, peft, context, xs, slots, k) -> dict:
     names = [f"a{s}" for s in slots]
 
     def base():
@@ -80,9 +90,30 @@ def _timed_fns(linears, ours, peft, context, xs, slots) -> dict:
         for layer in peft:
             layer(xs[layer.in_features], adapter_names=names)
 
-    return {
+    def mixture():
+        context.path = None
+        context.set_slots([0] * len(slots), _mixtures(slots, k))  # rows index the units
+        for layer in ours:
+            layer(xs[layer.base_layer.in_features])
+
+    fns = {
         "base": base, "ours": multi, "peft": peft_mixed,
         "segmented": lambda: multi("segmented"), "gathered": lambda: multi("gathered"),
+    }  # fmt: skip
+    if k >= 2:
+        fns["mixture"] = mixture
+    return fns
+
+
+def _mixture_record(context, lead, phase: str, k: int, slots, t: dict) -> dict:
+    """The 2-adapters-per-row record, relative to the base and to the single-adapter rows."""
+    context.set_slots([0] * len(slots), _mixtures(slots, k))
+    plan = context.mixture_plan(torch.Size(lead), torch.device("cpu"))
+    return {
+        "phase": phase, "adapters": k, "adapters_per_row": 2,
+        "distinct_in_batch": len(set(slots) | {s % k + 1 for s in slots}),
+        "path": plan.plan.path, "tokens_per_s": torch.Size(lead).numel() / t["mixture"],
+        "vs_base": t["base"] / t["mixture"], "vs_single": t["ours"] / t["mixture"],
     }  # fmt: skip
 
 
@@ -137,14 +168,15 @@ def run(
         for k in adapters:
             slots = [i % k + 1 for i in range(lead[0])]  # per row (decode) / sequence (prefill)
             peft = _peft_layers(linears, stacks, k, ranks)
-            fns = _timed_fns(linears, ours, peft, context, xs, slots)
+            fns = _timed_fns(linears, ours, peft, context, xs, slots, k)
             if phase == "prefill":  # gathering per row at prefill only repeats what decode shows
                 del fns["segmented"], fns["gathered"]
             t = _median_seconds(fns, repeats)
             context.path = None
             context.set_slots(slots)
             record = {
-                "phase": phase, "adapters": k, "distinct_in_batch": len(set(slots)),
+                "phase": phase, "adapters": k, "adapters_per_row": 1,
+                "distinct_in_batch": len(set(slots)),
                 "path": context.plan(torch.Size(lead), torch.device("cpu")).path,
                 "tokens_per_s": tokens / t["ours"], "vs_base": t["base"] / t["ours"],
                 "vs_peft": t["peft"] / t["ours"], "peft_vs_base": t["base"] / t["peft"],
@@ -154,10 +186,14 @@ def run(
                     record[f"{path}_vs_base"] = t["base"] / t[path]
             records.append(record)
             print_table([record], list(record))
+            if "mixture" in t:
+                records.append(_mixture_record(context, lead, phase, k, slots, t))
+                print_table([records[-1]], list(records[-1]))
             del peft
     context.clear()
-    columns = ["phase", "adapters", "distinct_in_batch", "path", "tokens_per_s", "vs_base",
-               "vs_peft", "peft_vs_base", "segmented_vs_base", "gathered_vs_base"]  # fmt: skip
+    columns = ["phase", "adapters", "adapters_per_row", "distinct_in_batch", "path",
+               "tokens_per_s", "vs_base", "vs_single", "vs_peft", "peft_vs_base",
+               "segmented_vs_base", "gathered_vs_base"]  # fmt: skip
     print_table([{c: r.get(c, "-") for c in columns} for r in records], columns)
     figures = {"benchmark": "multilora", "base": base, "rank": ranks, "layers": layers,
                "linears": len(linears), "decode_rows": decode_rows, "repeats": repeats,

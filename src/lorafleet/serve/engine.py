@@ -18,7 +18,15 @@ from lorafleet.models import Base
 from lorafleet.serve.runners import runner_class
 from lorafleet.serve.sampler import advance, default_eos_ids, holdback, sample
 from lorafleet.serve.scheduler import Scheduler
-from lorafleet.serve.sequence import RequestOutput, SamplingParams, Sequence, Status, TokenEvent
+from lorafleet.serve.sequence import (
+    Mixture,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+    Status,
+    TokenEvent,
+    resolve_adapter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +99,25 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def add_request(self, prompt: list[int] | str, adapter: str | None = None,
+    def add_request(self, prompt: list[int] | str,
+                    adapter: str | Mixture | Iterable[tuple[str, float]] | None = None,
                     params: SamplingParams | None = None,
                     on_token: Callable[[TokenEvent], None] | None = None) -> int:  # fmt: skip
-        """Queue a request (adapter None = the base) and return its id. A bad prompt or an
-        unknown adapter fails only this request: it finishes with finish_reason "error"."""
+        """Queue a request (adapter None = the base; a name; or a mixture: a `Mixture` or
+        (name, weight) pairs, all of them resident and pinned while it runs) and return its
+        id. A bad mixture raises (one line); a bad prompt or an unknown adapter fails only
+        this request: it finishes with finish_reason "error"."""
         params = params if params is not None else SamplingParams()
+        adapter, mixture = resolve_adapter(adapter)
         if isinstance(prompt, str):
             prompt = self.tokenizer(prompt)["input_ids"]
         with self._lock:
-            seq = Sequence(next(self._ids), [int(t) for t in prompt], adapter, params, on_token)
+            seq = Sequence(next(self._ids), [int(t) for t in prompt], adapter, params, on_token,
+                           mixture=mixture)  # fmt: skip
             if params.seed is not None:
                 seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
             self._requests[seq.request_id] = seq
-            problem = self._check_prompt(seq.prompt_ids) or self._check_adapter(adapter)
+            problem = self._check_prompt(seq.prompt_ids) or self._check_adapters(seq)
             if problem:
                 self._fail(seq, problem)
             else:
@@ -262,15 +275,22 @@ class Engine:
         loaded = ", ".join(sorted(self._adapters)) or "none"
         return f"unknown adapter {name!r} (loaded: {loaded})"
 
+    def _check_adapters(self, seq: Sequence) -> str | None:
+        """None when every adapter `seq` needs is resident or being loaded; else why not."""
+        if len(seq.adapters) > max(self.max_slots, 1):
+            return f"the mixture has {len(seq.adapters)} adapters; there are {self.max_slots} slots"
+        return next(filter(None, map(self._check_adapter, seq.adapters)), None)
+
     def _recheck_waiting(self) -> None:
-        """Fail waiting requests whose adapter can no longer be served (asked once per name)."""
+        """Fail waiting requests whose adapters can no longer be served (asked once per name)."""
         verdicts: dict[str, str | None] = {}
         for seq in list(self.scheduler.waiting):
-            if not self.adapter_ready(seq.adapter):
-                if seq.adapter not in verdicts:
-                    verdicts[seq.adapter] = self._check_adapter(seq.adapter)
-                if verdicts[seq.adapter]:
-                    self._fail(seq, verdicts[seq.adapter])
+            for name in seq.adapters:
+                if name not in verdicts and not self.adapter_ready(name):
+                    verdicts[name] = self._check_adapter(name)
+                if verdicts.get(name):
+                    self._fail(seq, verdicts[name])
+                    break
 
     def _run(self, prefill: list[Sequence], decode: list[Sequence]) -> None:
         seqs = prefill + decode

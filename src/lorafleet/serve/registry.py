@@ -316,8 +316,10 @@ class AdapterRegistry:
         no request queued before `name`'s first one waits for (later ones may wait again:
         FIFO, so a busy adapter cannot keep `name` out forever)."""
         waiting = list(self.engine.scheduler.waiting)
-        first = min((s.request_id for s in waiting if s.adapter == name), default=math.inf)
-        wanted = {s.adapter for s in waiting if s.request_id < first}
+        first = min((s.request_id for s in waiting if name in s.adapters), default=math.inf)
+        # A mixture's other adapters count as wanted by it too (<=), so loading one part
+        # never evicts another part of the same request.
+        wanted = {n for s in waiting if s.request_id <= first for n in s.adapters}
         candidates = [
             n for n in self.engine.loaded_adapters()
             if n != name and n in self._paths and n not in wanted
@@ -327,15 +329,15 @@ class AdapterRegistry:
 
     def _users(self, name: str) -> int:
         waiting = self.engine.scheduler.waiting
-        return self.engine.adapter_in_use(name) + sum(1 for s in waiting if s.adapter == name)
+        return self.engine.adapter_in_use(name) + sum(1 for s in waiting if name in s.adapters)
 
     def _note_in_use(self) -> None:
         # The engine does not tell us when a resident adapter serves a request, so recency
         # comes from prepare() calls and from what runs whenever we look (the running batch
         # is small; the waiting queue may not be, and its adapters are protected anyway).
         for seq in self.engine.scheduler.running:
-            if seq.adapter is not None:
-                self._recency[seq.adapter] = next(self._clock)
+            for name in seq.adapters:
+                self._recency[name] = next(self._clock)
 
     def _touch(self, name: str) -> None:
         self._recency[name] = next(self._clock)

@@ -31,14 +31,6 @@ class Batch:
     prefill: list[Sequence] = field(default_factory=list)
     decode: list[Sequence] = field(default_factory=list)
 
-    @property
-    def seqs(self) -> list[Sequence]:
-        return self.prefill + self.decode
-
-    @property
-    def prefill_tokens(self) -> int:
-        return sum(len(s.prompt_ids) for s in self.prefill)
-
     def __bool__(self) -> bool:
         return bool(self.prefill or self.decode)
 
@@ -66,9 +58,6 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> Batch:
         """Admit what fits (allocating KV slots, fixing each one's adapter slot), then return
         the admitted sequences as prefill and all earlier running ones as decode."""
@@ -79,14 +68,17 @@ class Scheduler:
         for seq in list(self.waiting):
             if len(self.running) >= self.max_batch_size or self.kv.free_slots == 0:
                 break
-            if not self.gate.adapter_ready(seq.adapter):
-                continue  # its adapter is loading (or was evicted): it waits, others may go
+            if not all(self.gate.adapter_ready(name) for name in seq.adapters):
+                continue  # an adapter is loading (or was evicted): it waits, others may go
             if len(seq.prompt_ids) > budget:
                 break
             budget -= len(seq.prompt_ids)
             self.waiting.remove(seq)
             seq.kv_slot = self.kv.allocate()
-            seq.lora_slot = self.gate.slot_of(seq.adapter)  # pinned while running
+            if seq.mixture is None:  # its adapters are pinned while it runs (in_use)
+                seq.lora_slot = self.gate.slot_of(seq.adapter)
+            else:
+                seq.mix_slots = tuple(self.gate.slot_of(name) for name in seq.adapters)
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.prefill.append(seq)
@@ -106,5 +98,6 @@ class Scheduler:
         seq.status = Status.FINISHED
 
     def in_use(self, adapter: str) -> int:
-        """How many running sequences pin `adapter` (it must not be unloaded while > 0)."""
-        return sum(1 for s in self.running if s.adapter == adapter)
+        """How many running sequences pin `adapter`, alone or in a mixture (it must not be
+        unloaded while > 0)."""
+        return sum(1 for s in self.running if adapter in s.adapters)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +64,65 @@ def _is_number(value) -> bool:
     return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
+@dataclass(frozen=True)
+class Mixture:
+    """Several adapters in one request: delta = sum_k weight_k * s_k B_k A_k x, computed per
+    row in the batched op (no merged copy; equal to PEFT's `cat` merge of the same list).
+    `entries`: (adapter name, weight) pairs, distinct names, finite weights (one-line
+    LorafleetError otherwise). `Mixture.of` also takes a list of pairs or a {name: weight} map."""
+
+    entries: tuple[tuple[str, float], ...]
+
+    def __post_init__(self):
+        entries = tuple(self.entries)
+        if not entries:
+            raise LorafleetError("a mixture needs at least one (adapter, weight) pair")
+        for entry in entries:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                raise LorafleetError(f"a mixture entry must be (adapter, weight), got {entry!r}")
+            name, weight = entry
+            if not isinstance(name, str) or not name.strip():
+                raise LorafleetError(f"a mixture adapter name must be a non-empty string: {name!r}")
+            if not _is_number(weight):
+                raise LorafleetError(f"mixture weight for {name} must be finite, got {weight!r}")
+        names = [name for name, _ in entries]
+        if len(set(names)) != len(names):
+            raise LorafleetError(f"a mixture names an adapter twice: {names}")
+        object.__setattr__(self, "entries", tuple((n, float(w)) for n, w in entries))
+
+    @classmethod
+    def of(cls, value: Mixture | Iterable | dict) -> Mixture:
+        if isinstance(value, Mixture):
+            return value
+        if isinstance(value, dict):
+            return cls(tuple(value.items()))
+        return cls(tuple(value))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.entries)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(weight for _, weight in self.entries)
+
+    @property
+    def label(self) -> str:
+        """The mixture as text, e.g. "a*0.7+b*0.3" (RequestOutput.adapter)."""
+        return "+".join(f"{name}*{weight:g}" for name, weight in self.entries)
+
+
+def resolve_adapter(spec) -> tuple[str | None, Mixture | None]:
+    """(adapter, mixture) for a request's adapter spec: None (the base), a name, a Mixture or
+    (name, weight) pairs. A one-adapter mixture at weight 1.0 is that adapter (its exact path)."""
+    if spec is None or isinstance(spec, str):
+        return spec, None
+    mixture = Mixture.of(spec)
+    if len(mixture.entries) == 1 and mixture.weights[0] == 1.0:
+        return mixture.names[0], None
+    return mixture.label, mixture
+
+
 class Status(enum.Enum):
     WAITING = "waiting"  # added, not yet admitted (no KV memory, batch full, adapter loading)
     RUNNING = "running"  # admitted: holds a KV slot and pins its adapter
@@ -104,19 +163,28 @@ class Sequence:
 
     request_id: int
     prompt_ids: list[int]
-    adapter: str | None  # None = the base model
+    adapter: str | None  # None = the base model; a mixture's label for a mixture
     params: SamplingParams
     on_token: Callable[[TokenEvent], None] | None = None
+    mixture: Mixture | None = None  # several adapters at once (then `adapter` is its label)
     generated: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     error: str | None = None
     kv_slot: int | None = None  # row of the KV cache while RUNNING
-    lora_slot: int = 0  # adapter slot while RUNNING (0 = base)
+    lora_slot: int = 0  # adapter slot while RUNNING (0 = base, and for a mixture)
+    mix_slots: tuple[int, ...] = ()  # a mixture's adapter slots while RUNNING
     num_cached: int = 0  # tokens whose K/V are in the cache
     generator: torch.Generator | None = None  # own RNG when seeded
     text: str = ""  # decoded generated text (stop string cut off once found)
     emitted: int = 0  # characters of `text` already sent to on_token
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The adapters this request needs resident (and pins while running)."""
+        if self.mixture is not None:
+            return self.mixture.names
+        return () if self.adapter is None else (self.adapter,)
 
     @property
     def num_tokens(self) -> int:

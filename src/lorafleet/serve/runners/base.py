@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorafleet.layers import MultiLoRAContext
+from lorafleet.layers import MultiLoRAContext, RowMixture
 from lorafleet.serve.kv_cache import KVCache
 from lorafleet.serve.sequence import Sequence
 
@@ -28,6 +28,7 @@ class StepInputs:
     decode_max_len: int  # longest context among decode rows (its new token included)
     last_rows: Tensor  # [B] long, the row whose logits pick each sequence's next token
     decode_min_len: int = 0  # shortest context among decode rows (bounds sliding-window reads)
+    mixtures: list[RowMixture] = field(default_factory=list)  # rows over several adapters
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -73,7 +74,7 @@ class ModelRunner:
 
     def build(self, prefill: list[Sequence], decode: list[Sequence]) -> StepInputs:
         """Pack a step's sequences into rows (prefill prompts from position 0, then decodes)."""
-        ids, positions, slots, segments, last = [], [], [], [], []
+        ids, positions, slots, segments, last, mixtures = [], [], [], [], [], []
         for seq in prefill:
             start, n = len(ids), len(seq.prompt_ids)
             ids += seq.prompt_ids
@@ -81,10 +82,15 @@ class ModelRunner:
             slots += [seq.lora_slot] * n
             segments.append((seq.kv_slot, start, n))
             last.append(start + n - 1)
+            if seq.mixture is not None:  # its rows have slot 0 in the map
+                mixtures.append(RowMixture(range(start, start + n), seq.mix_slots,
+                                           seq.mixture.weights))  # fmt: skip
         n_prefill = len(ids)
         for seq in decode:
             # The last sampled token is not in the cache yet: it is this step's input.
             last.append(len(ids))
+            if seq.mixture is not None:
+                mixtures.append(RowMixture((len(ids),), seq.mix_slots, seq.mixture.weights))
             ids.append(seq.last_token)
             positions.append(seq.num_cached)
             slots.append(seq.lora_slot)
@@ -103,6 +109,7 @@ class ModelRunner:
             decode_max_len=max((s.num_cached + 1 for s in decode), default=0),
             last_rows=torch.tensor(last, **as_long),
             decode_min_len=min((s.num_cached + 1 for s in decode), default=0),
+            mixtures=mixtures,
         )
 
     @torch.inference_mode()
@@ -110,7 +117,8 @@ class ModelRunner:
         """Logits [B, vocab] (float32) for prefill + decode sequences, in that order."""
         inputs = self.build(prefill, decode)
         if self.context is not None:
-            self.context.set_slots(inputs.row_slots if inputs.row_slots.any() else None)
+            row_slots = inputs.row_slots if inputs.row_slots.any() else None
+            self.context.set_slots(row_slots, inputs.mixtures)
         try:
             return self.forward(inputs)
         finally:

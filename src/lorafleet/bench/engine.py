@@ -22,7 +22,7 @@ SEED = 1234
 SCALE = 0.02  # random adapter weights: large enough to change the tokens, small enough to stay sane
 
 
-def _prompts(tokenizer, requests: int, prompt_tokens: int) -> list[list[int]]:
+def gsm8k_prompts(tokenizer, requests: int, prompt_tokens: int) -> list[list[int]]:
     """`requests` prompts of exactly `prompt_tokens` ids, cut from real text (gsm8k rows)."""
     from lorafleet.data import load_examples
 
@@ -40,7 +40,7 @@ def _prompts(tokenizer, requests: int, prompt_tokens: int) -> list[list[int]]:
     return [ids[i * prompt_tokens : (i + 1) * prompt_tokens] for i in range(requests)]
 
 
-def _adapters(model, count: int, rank: int) -> list:
+def random_adapters(model, count: int, rank: int) -> list:
     """`count` LoRA adapters on every linear layer, random non-zero weights (fixed seeds)."""
     import torch
 
@@ -69,8 +69,8 @@ def _setup(base: str, requests: int, adapters: int, prompt_tokens: int, rank: in
     torch.manual_seed(0)
     loaded = load_base(base)
     loaded.model.eval()
-    prompts = _prompts(loaded.tokenizer, requests, prompt_tokens)
-    made = _adapters(loaded.model, adapters, rank) if need else []
+    prompts = gsm8k_prompts(loaded.tokenizer, requests, prompt_tokens)
+    made = random_adapters(loaded.model, adapters, rank) if need else []
     return loaded, prompts, made
 
 

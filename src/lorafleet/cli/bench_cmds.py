@@ -134,3 +134,35 @@ def bench_engine(
 
     run(base=base, requests=requests, adapters=adapters, prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, rank=rank, json_out=json_out, quick=quick)  # fmt: skip
+
+
+@bench_app.command("serve")
+def bench_serve(
+    base: str = BaseDefaultOpt,
+    clients: list[int] = typer.Option(
+        [1, 8, 32, 64], "--clients", "-n", min=1, help="Concurrent streaming clients; repeatable."
+    ),
+    adapters: int = typer.Option(4, "--adapters", "-k", min=1, help="Client i uses adapter i % k."),
+    base_share: bool = typer.Option(False, "--base-share", help="Some clients use the base too."),
+    adapters_dir: Path | None = typer.Option(
+        None, "--adapters-dir", help="Serve these adapters (e.g. runs/demo/adapters), not random."
+    ),
+    prompt_tokens: int = typer.Option(32, "--prompt-tokens", min=1),
+    new_tokens: int = typer.Option(48, "--new-tokens", min=1, help="Per request (EOS ignored)."),
+    rank: int = typer.Option(16, "--rank", "-r", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; seeded."),
+    max_batch_size: int = typer.Option(64, "--max-batch-size", min=1),
+    json_out: Path = typer.Option(Path("bench/results/serve.json"), "--json"),
+):
+    """Concurrent streaming HTTP clients vs the engine in-process on the same requests:
+    total tokens/s, TTFT and time per output token (p50/p99), /health latency under load.
+
+    Example:
+
+        lorafleet bench serve --base default --clients 1 --clients 32 --adapters 4
+    """
+    from lorafleet.bench.serve import run
+
+    run(base=base, clients=tuple(clients), adapters=adapters, base_share=base_share,
+        adapters_dir=adapters_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rank=rank,
+        temperature=temperature, max_batch_size=max_batch_size, json_out=json_out)  # fmt: skip

@@ -6,6 +6,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -50,9 +51,16 @@ class Engine:
     `max_batch_size` running sequences and `max_batch_tokens` prompt tokens), runs one forward
     that prefills them and decodes every running sequence, samples, and retires what finished.
     KV memory is preallocated for `max_batch_size` sequences of `max_seq_len` tokens
-    (`stats()["kv_bytes"]`). Public methods hold one re-entrant lock, so a server may call
-    `add_request` / `cancel` / `load_adapter` from other threads (or `cancel` from an
-    `on_token` callback) while a loop steps; never call `step()` from a callback."""
+    (`stats()["kv_bytes"]`).
+
+    Threads: a step holds one re-entrant lock for its whole forward. `add_request`, `cancel`
+    and `stats` never wait for it, so an asyncio server may call them on its event loop while
+    another thread steps: when no step runs they act at once; during a step a request or
+    cancel goes into a thread-safe inbox that the next step drains first (so it joins that
+    step's batch), and `stats` returns the snapshot taken at the end of the last step.
+    `load_adapter` / `unload_adapter` take the lock (they change slots a forward reads): call
+    them from a worker thread, not an event loop. `cancel` may be called from an `on_token`
+    callback; never call `step()` from one."""
 
     def __init__(self, base: Base, *, max_slots: int = 8, max_rank: int = 16,
                  max_batch_size: int = 16, max_batch_tokens: int = 2048,
@@ -90,12 +98,16 @@ class Engine:
         else:
             self.generator.manual_seed(seed)
         self._lock = threading.RLock()
+        # Requests and cancels that arrived during a step (deque appends/pops are atomic).
+        self._inbox: deque[tuple[str, Sequence | int]] = deque()
         self._ids = itertools.count()
         self._requests: dict[int, Sequence] = {}  # every unfinished request
         self._finished: list[RequestOutput] = []  # finished since the last step() returned
         self._adapters: dict[str, int] = {}  # resident adapter name -> slot
         self.steps = 0
         self.generated_tokens = 0
+        self.peak_running = 0  # the most sequences one forward has run (batching, observed)
+        self._snapshot = self._take_snapshot()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -105,50 +117,51 @@ class Engine:
                     on_token: Callable[[TokenEvent], None] | None = None) -> int:  # fmt: skip
         """Queue a request (adapter None = the base; a name; or a mixture: a `Mixture` or
         (name, weight) pairs, all of them resident and pinned while it runs) and return its
-        id. A bad mixture raises (one line); a bad prompt or an unknown adapter fails only
-        this request: it finishes with finish_reason "error"."""
+        id; never waits for a step. A bad mixture raises (one line); a bad prompt or an
+        unknown adapter fails only this request: it finishes with finish_reason "error"."""
         params = params if params is not None else SamplingParams()
         adapter, mixture = resolve_adapter(adapter)
         if isinstance(prompt, str):
             prompt = self.tokenizer(prompt)["input_ids"]
-        with self._lock:
-            seq = Sequence(next(self._ids), [int(t) for t in prompt], adapter, params, on_token,
-                           mixture=mixture)  # fmt: skip
-            if params.seed is not None:
-                seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
-            self._requests[seq.request_id] = seq
-            problem = self._check_prompt(seq.prompt_ids) or self._check_adapters(seq)
-            if problem:
-                self._fail(seq, problem)
-            else:
-                self.scheduler.add(seq)
-            return seq.request_id
+        seq = Sequence(next(self._ids), [int(t) for t in prompt], adapter, params, on_token,
+                       mixture=mixture)  # fmt: skip
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
+        self._now_or_next_step("add", seq)
+        return seq.request_id
 
     def cancel(self, request_id: int) -> bool:
-        """Stop a request now and free its KV memory; False if it is unknown or already done."""
-        with self._lock:
-            seq = self._requests.get(request_id)
-            if seq is None or seq.finished:
-                return False
-            self._finish(seq, "cancelled")
-            return True
+        """Stop a request and free its KV memory: now, or at the start of the next step when
+        one is running. False if the request is unknown or already done."""
+        pending = any(kind == "add" and item.request_id == request_id
+                      for kind, item in list(self._inbox))  # fmt: skip
+        seq = self._requests.get(request_id)
+        if not pending and (seq is None or seq.finished):
+            return False
+        self._now_or_next_step("cancel", request_id)
+        return True
 
     def cancel_all(self) -> int:
         """Cancel every unfinished request (shutdown); returns how many."""
         with self._lock:
+            self._drain_inbox()
             ids = list(self._requests)
             for request_id in ids:
-                self.cancel(request_id)
+                self._cancel_now(request_id)
+            self._snapshot = self._take_snapshot()
             return len(ids)
 
     def step(self) -> list[RequestOutput]:
         """Admit, run one forward over the whole batch, sample, retire. Returns the requests
         that finished since the last call (including cancelled and failed ones)."""
         with self._lock:
+            self._drain_inbox()
             self._recheck_waiting()
             batch = self.scheduler.schedule()
+            self._snapshot = self._take_snapshot()  # what stats() shows during the forward
             if batch:
                 self._run(batch.prefill, batch.decode)
+            self._snapshot = self._take_snapshot()
             finished, self._finished = self._finished, []
             return finished
 
@@ -165,8 +178,8 @@ class Engine:
         return [results[i] for i in ids]
 
     def has_unfinished(self) -> bool:
-        with self._lock:
-            return bool(self._requests)
+        """Requests added and not finished (lock-free: requests in the inbox count)."""
+        return bool(self._inbox) or bool(self._requests)
 
     # -- adapters (the direct-slot API a registry builds on) ----------------------------------
 
@@ -182,8 +195,7 @@ class Engine:
             return self.scheduler.in_use(name)
 
     def loaded_adapters(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._adapters)
+        return dict(self._adapters)  # a copy; slot changes replace entries under the lock
 
     def load_adapter(self, name: str, adapter: Adapter, *, force: bool = False) -> int:
         """Copy a LoRA/rsLoRA adapter into a free slot (or its own, if `name` is resident and
@@ -223,18 +235,31 @@ class Engine:
             self.handle.clear_slot(self._adapters.pop(name))
 
     def stats(self) -> dict:
-        with self._lock:
-            return {
-                "waiting": len(self.scheduler.waiting),
-                "running": len(self.scheduler.running),
-                "kv_free_slots": self.kv.free_slots,
-                "kv_used_slots": self.kv.used_slots,
-                "kv_bytes": self.kv.bytes,
-                "adapters_loaded": len(self._adapters),
-                "adapter_slots": self.max_slots,
-                "steps": self.steps,
-                "generated_tokens": self.generated_tokens,
-            }
+        """waiting, running, KV and adapter slot use, steps, tokens, peak_running. Never waits:
+        between steps the figures are current, during a step they are those of its batch
+        (requests that arrived meanwhile, in the inbox, count as waiting)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._snapshot = self._take_snapshot()
+            finally:
+                self._lock.release()
+        snapshot = dict(self._snapshot)
+        snapshot["waiting"] += sum(1 for kind, _ in list(self._inbox) if kind == "add")
+        return snapshot
+
+    def _take_snapshot(self) -> dict:
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "kv_free_slots": self.kv.free_slots,
+            "kv_used_slots": self.kv.used_slots,
+            "kv_bytes": self.kv.bytes,
+            "adapters_loaded": len(self._adapters),
+            "adapter_slots": self.max_slots,
+            "steps": self.steps,
+            "generated_tokens": self.generated_tokens,
+            "peak_running": self.peak_running,
+        }
 
     def close(self) -> None:
         """Fail what is unfinished and give the base model its plain linears back."""
@@ -247,6 +272,39 @@ class Engine:
             self._adapters.clear()
 
     # -- internals --------------------------------------------------------------------------
+
+    def _now_or_next_step(self, kind: str, item: Sequence | int) -> None:
+        """Apply a request or cancel now if no step holds the lock, else leave it in the inbox
+        for the next step; either way the caller never waits for a forward pass."""
+        self._inbox.append((kind, item))
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain_inbox()
+                self._snapshot = self._take_snapshot()
+            finally:
+                self._lock.release()
+
+    def _drain_inbox(self) -> None:
+        """Apply queued requests and cancels in arrival order (lock held)."""
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                self._admit(item)
+            else:
+                self._cancel_now(item)
+
+    def _admit(self, seq: Sequence) -> None:
+        self._requests[seq.request_id] = seq
+        problem = self._check_prompt(seq.prompt_ids) or self._check_adapters(seq)
+        if problem:
+            self._fail(seq, problem)
+        else:
+            self.scheduler.add(seq)
+
+    def _cancel_now(self, request_id: int) -> None:
+        seq = self._requests.get(request_id)
+        if seq is not None and not seq.finished:
+            self._finish(seq, "cancelled")
 
     def _refuse_in_use(self, name: str, what: str) -> None:
         users = self.scheduler.in_use(name)
@@ -303,6 +361,7 @@ class Engine:
             return
         tokens = sample(logits, seqs, self.generator)
         self.steps += 1
+        self.peak_running = max(self.peak_running, len(seqs))
         for seq, token in zip(seqs, tokens, strict=True):
             if not seq.finished:  # an on_token callback may have cancelled it meanwhile
                 seq.num_cached = seq.num_tokens  # the prompt, or one more token, is now cached

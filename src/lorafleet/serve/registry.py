@@ -58,7 +58,9 @@ class AdapterRegistry:
     lock, as any step does: the loader takes it if free, else the next `prepare` (called by the
     engine's step while a request waits) does it. A bad adapter gives a one-line reason, kept
     for `failure_ttl_s` or until its files change, so only its requests fail and a burst of
-    them reads its files once. Thread-safe: lock order is always engine, then registry.
+    them reads its files once. Thread-safe: lock order is always engine, then registry;
+    `add`, `state`, `stats` and `names` take the registry's lock alone (a server calls them
+    on its event loop, which must not wait for a step).
     The registry sets itself as `engine.adapter_source`."""
 
     def __init__(self, engine, adapters_dir: str | Path | None = None, *,
@@ -91,7 +93,7 @@ class AdapterRegistry:
             except Exception as exc:  # an exotic model: the slots' checks still apply
                 log.warning("no reference model to validate adapters against: %s", exc)
         # Steps hold the engine's lock; so does every slot change made here.
-        self._engine_lock = getattr(engine, "_lock", None) or threading.RLock()
+        self._engine_lock = engine.exclusive()  # re-entrant; also tried without blocking
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="lorafleet-load")
         self._closed = False
@@ -166,7 +168,7 @@ class AdapterRegistry:
         (relative to it, or absolute) must stay inside it."""
         check_name(name)
         resolved = resolve_inside(path, self.adapters_dir)
-        with self._engine_lock, self._lock:
+        with self._lock:  # registry tables only: no need to wait for a step
             current = self._path_of(name)
             if current is not None and current.resolve() != resolved:
                 raise LorafleetError(f"adapter {name} is already registered; remove it first")
@@ -359,7 +361,9 @@ class AdapterRegistry:
         """resident | loading | staged | cpu | failed | disk, or None for an unknown name."""
         if name_problem(name):
             return None
-        with self._engine_lock, self._lock:
+        # The registry lock alone: a server asks this per request on its event loop, which
+        # must never wait for a step (the engine's slot table is read without its lock).
+        with self._lock:
             if self.engine.adapter_ready(name):
                 return "resident"
             if self._path_of(name) is None:
@@ -373,7 +377,7 @@ class AdapterRegistry:
     def stats(self) -> dict:
         """Counters (hits, cpu_hits, misses, loads, evictions_cpu, evictions_slot, failures)
         and gauges (resident, cpu_mb, cpu_adapters, loading, known) for metrics."""
-        with self._engine_lock, self._lock:
+        with self._lock:  # not the engine's: metrics never wait for a step
             return {
                 **self.counters,
                 "resident": len(self.engine.loaded_adapters()),

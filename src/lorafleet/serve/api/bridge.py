@@ -54,6 +54,10 @@ class Stream:
 class EngineLoop:
     """Steps `engine` on a daemon thread while it has work; `submit` from the event loop.
 
+    The event loop never waits for a forward pass: `submit` and `cancel` go through the
+    engine's lock-free request path (a request arriving during a step joins the next one)
+    and the queue depth is read from the engine's stats snapshot. Tokens reach each stream
+    through `call_soon_threadsafe` as the engine produces them.
     `max_waiting` bounds the queue of admitted-but-not-running requests (QueueFull past it).
     `stop(grace)` lets running requests finish for `grace` seconds, then cancels the rest."""
 

@@ -34,6 +34,7 @@ class _Sampling(_Body):
     n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None  # one choice per request
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens tokens (benchmarks)
 
 
 class CompletionRequest(_Sampling):

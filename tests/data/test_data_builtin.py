@@ -103,6 +103,7 @@ def test_missing_data_dir_says_where_to_put_files(tmp_path, monkeypatch, tokeniz
     message = str(info.value)
     assert "sst2" in message and "$LORAFLEET_DATA" in message and str(tmp_path) in message
     assert "\n" not in message
-    monkeypatch.setattr(tasks, "data_dir", lambda: None)
-    with pytest.raises(DataError, match=r"gsm8k.*\$LORAFLEET_DATA"):
+    monkeypatch.setattr(tasks, "data_dir", lambda: None)  # then the hub: here an empty mirror
+    monkeypatch.setenv("LORAFLEET_HUB_DIR", str(tmp_path / "no-hub"))
+    with pytest.raises(DataError, match=r"gsm8k.*openai/gsm8k.*\$LORAFLEET_DATA"):
         load_examples("gsm8k", tokenizer, split="validation")

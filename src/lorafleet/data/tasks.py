@@ -1,14 +1,16 @@
-"""The built-in tasks (sst2, strategyqa, clutrr, gsm8k), read in place from the shared data dir."""
+"""The built-in tasks (sst2, strategyqa, clutrr, gsm8k): local files, else their hub datasets."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lorafleet.data.examples import ACCURACY, EXACT_MATCH, DataError, Example, ExampleSet
 from lorafleet.data.files import field
+from lorafleet.data.hub import HubSource, clutrr_row, hub_rows
 from lorafleet.data.prompts import Prompter
 from lorafleet.data.readers import iter_rows
 from lorafleet.paths import data_dir
@@ -42,6 +44,7 @@ class BuiltinTask:
     # When > 0 the validation split is the LAST `holdout` rows of the train file (gsm8k ships
     # one file), and train is the rest, so the two never overlap.
     holdout: int = 0
+    hub: HubSource | None = None  # read when neither $LORAFLEET_DATA nor ../shared/data exists
 
 
 def _choice(prompt: str, names: tuple[str, ...], label: int, where: str, p: Prompter) -> Example:
@@ -88,6 +91,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
             {"train": "sst2/train.tsv", "validation": "sst2/validation.tsv"},
             ACCURACY,
             _sst2,
+            hub=HubSource("stanfordnlp/sst2"),
         ),
         BuiltinTask(
             "clutrr",
@@ -96,6 +100,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
             EXACT_MATCH,
             _generation(CLUTRR_CHAT, CLUTRR_PLAIN),
             answer_marker="####",
+            hub=HubSource("CLUTRR/v1", "gen_train234_test2to10", row=clutrr_row),
         ),
         BuiltinTask(
             "strategyqa",
@@ -103,6 +108,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
             {"train": "strategyqa/train.jsonl", "validation": "strategyqa/dev.jsonl"},
             ACCURACY,
             _strategyqa,
+            hub=HubSource("ChilleD/StrategyQA", splits={"validation": "test"}),
         ),
         BuiltinTask(
             "gsm8k",
@@ -112,6 +118,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
             _generation(GSM8K_CHAT, GSM8K_PLAIN),
             answer_marker="####",
             holdout=500,
+            hub=HubSource("openai/gsm8k", "main", splits={"validation": "train"}),
         ),
     )
 }
@@ -122,25 +129,37 @@ def load_builtin(
 ) -> ExampleSet:
     """The examples of one split of a built-in task (the first `limit` rows when given)."""
     root = data_dir()
-    folder = task.files["train"].split("/")[0]
-    wanted = ", ".join(sorted({f.split("/")[-1] for f in task.files.values()}))
-    if root is None:
-        raise DataError(
-            f"built-in task '{task.name}' needs its data files: put {folder}/ ({wanted}) in a "
-            "folder and set $LORAFLEET_DATA to it (no ../shared/data was found beside the checkout)"
-        )
-    path = root / task.files[split]
-    if not path.is_file():
-        raise DataError(
-            f"built-in task '{task.name}': {path} not found; put the {folder} files ({wanted}) "
-            f"in {root / folder} or set $LORAFLEET_DATA to a folder that has {folder}/"
-        )
-    rows = iter_rows(path)
+    rows = _local_rows(task, split, root) if root is not None else _hub_rows(task, split)
     if task.holdout:
         every = list(rows)  # row parsing is cheap; only the kept rows get templated
         rows = iter(every[-task.holdout :] if split == "validation" else every[: -task.holdout])
     prompter = Prompter.for_tokenizer(tokenizer, chat)
     examples = [task.convert(row, where, prompter) for where, row in itertools.islice(rows, limit)]
     if not examples:
-        raise DataError(f"{path}: no usable rows (empty file)")
+        raise DataError(f"built-in task '{task.name}' ({split}): no usable rows (empty data)")
     return ExampleSet(examples, task.name, task.metric, task.answer_marker)
+
+
+def _wanted(task: BuiltinTask) -> tuple[str, str]:
+    """The task's folder and its file names, for the messages that say where to put them."""
+    folder = task.files["train"].split("/")[0]
+    return folder, ", ".join(sorted({f.split("/")[-1] for f in task.files.values()}))
+
+
+def _local_rows(task: BuiltinTask, split: str, root: Path) -> Iterator[tuple[str, dict]]:
+    folder, wanted = _wanted(task)
+    path = root / task.files[split]
+    if not path.is_file():
+        raise DataError(
+            f"built-in task '{task.name}': {path} not found; put the {folder} files ({wanted}) "
+            f"in {root / folder} or set $LORAFLEET_DATA to a folder that has {folder}/"
+        )
+    return iter_rows(path)
+
+
+def _hub_rows(task: BuiltinTask, split: str) -> Iterator[tuple[str, dict]]:
+    folder, wanted = _wanted(task)
+    hint = f"to use local files, put {folder}/ ({wanted}) in a folder and set $LORAFLEET_DATA to it"
+    if task.hub is None:
+        raise DataError(f"built-in task '{task.name}' needs its data files: {hint}")
+    return hub_rows(task.hub, split, task.name, hint)

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 from lorafleet.cli import (  # noqa: E402, F401
     bayes_cmds,
     bench_cmds,
+    compose_cmds,
     demo_cmds,
     fed_cmds,
     model_cmds,

@@ -32,12 +32,19 @@ def serve(
     cpu_cache_mb: float = typer.Option(512.0, "--cpu-cache-mb", min=0),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests before 429."),
     shutdown_grace: float = typer.Option(10.0, "--shutdown-grace", min=0),
+    max_mixture: int = typer.Option(
+        8, "--max-mixture", min=1, help="Adapters one request may mix (adapters / mix: ids)."
+    ),
+    merge_cache_mb: float = typer.Option(
+        256.0, "--merge-cache-mb", min=0, help="Memory for ties / dare merges (LRU by bytes)."
+    ),
 ):
     """Serve the base model and every adapter in --adapters over HTTP.
 
     OpenAI-compatible (`/v1/models`, `/v1/completions`, `/v1/chat/completions`, streaming),
     LoRAX-style `/generate` and `/generate_stream`, admin routes, `/health`, `/metrics`, and a
-    playground page at `/`. `model` names an adapter; the base's name means no adapter.
+    playground page at `/`. `model` names an adapter; the base's name means no adapter;
+    `mix:a*0.7+b*0.3` (or an `adapters` list) mixes adapters per request.
 
     Examples:
 
@@ -47,8 +54,12 @@ def serve(
 
         curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json'
         -d '{"model": "sst2", "messages": [{"role": "user", "content": "Hi"}]}'
+
+        curl localhost:8000/v1/completions -H 'Content-Type: application/json'
+        -d '{"model": "mix:sst2*0.7+clutrr*0.3", "prompt": "Hi"}'
     """
     from lorafleet.bayes.serving import laplace_classifier
+    from lorafleet.compose import merge_adapters
     from lorafleet.errors import LorafleetError
     from lorafleet.models import load_base
     from lorafleet.serve.api import AuthConfig, ServerConfig
@@ -62,8 +73,10 @@ def serve(
                               max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
                               max_seq_len=max_seq_len, cpu_cache_mb=cpu_cache_mb)  # fmt: skip
     config = ServerConfig(model_name=model_name or base, max_waiting=max_queue,
-                          shutdown_grace_s=shutdown_grace)  # fmt: skip
-    state = build_state(loaded, adapters, auth_config, settings, config, laplace_classifier)
+                          shutdown_grace_s=shutdown_grace, max_mixture=max_mixture,
+                          merge_cache_mb=merge_cache_mb)  # fmt: skip
+    state = build_state(loaded, adapters, auth_config, settings, config, laplace_classifier,
+                        merge_adapters)  # fmt: skip
     names = state.adapter_names()
     typer.echo(f"lorafleet: serving {config.model_name} + {len(names)} adapter(s) "
                f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}) on "

@@ -68,14 +68,15 @@ def test_bad_chat_and_generate_bodies(server):
     assert_openai_error(r, 404)
     merged = {"ids": ["alpha", "beta"], "weights": [0.5, 0.5], "merge_strategy": "ties"}
     r = post(server, "/generate", json={"inputs": "x", "parameters": {"merged_adapters": merged}})
-    assert_openai_error(r, 400)
-    assert "not supported yet" in r.json()["error"]["message"]
+    assert_openai_error(r, 400)  # no merge backend here (see tests/serve/api/test_api_mixture.py)
+    assert "not available" in r.json()["error"]["message"]
 
 
 def test_lorax_generate_and_stream_agree(server):
     body = {"inputs": "Once upon a time", "parameters": {"adapter_id": "beta", "max_new_tokens": 6}}
     full = post(server, "/generate", json=body).json()
-    assert full["details"]["generated_tokens"] == 6 or full["details"]["finish_reason"] == "stop"
+    stopped = full["details"]["finish_reason"] in ("eos_token", "stop_sequence")
+    assert full["details"]["generated_tokens"] == 6 or stopped
     with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=60) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data:")]
     import json

@@ -11,8 +11,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class _EngineCollector:
     """Reads gauges and the registry's counters at scrape time (no bookkeeping on the hot path)."""
 
-    def __init__(self, engine, registry):
-        self.engine, self.registry = engine, registry
+    def __init__(self, engine, registry, merged=None):
+        self.engine, self.registry, self.merged = engine, registry, merged
 
     def collect(self):
         stats = self.engine.stats()
@@ -23,6 +23,8 @@ class _EngineCollector:
             ("lorafleet_resident_adapters", "adapters_loaded", "Adapters in engine slots."),
         ):
             yield GaugeMetricFamily(name, doc, value=stats[key])
+        if self.merged is not None:
+            yield from _merge_cache_metrics(self.merged.stats())
         if self.registry is None:
             return
         reg = self.registry.stats()
@@ -38,10 +40,25 @@ class _EngineCollector:
             yield CounterMetricFamily(f"lorafleet_adapter_cache_{key}", doc, value=reg.get(key, 0))
 
 
+def _merge_cache_metrics(stats: dict):
+    yield GaugeMetricFamily("lorafleet_merged_adapter_cache_mb",
+                            "Merged (ties / dare) virtual adapters in memory (MB).",
+                            value=stats["mb"])  # fmt: skip
+    yield GaugeMetricFamily("lorafleet_merged_adapters", "Merged virtual adapters cached.",
+                            value=stats["adapters"])  # fmt: skip
+    yield CounterMetricFamily("lorafleet_merged_adapter_merges", "Merges computed.",
+                              value=stats["merges"])  # fmt: skip
+    yield CounterMetricFamily(
+        "lorafleet_merged_adapter_evictions",
+        "Merged adapters dropped from the cache.",
+        value=stats["evictions"],
+    )
+
+
 class Metrics:
     """Counters and histograms the routes update; `render()` is the /metrics body."""
 
-    def __init__(self, engine, registry=None):
+    def __init__(self, engine, registry=None, merged=None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("lorafleet_requests", "Requests by endpoint, adapter and status.",
@@ -55,7 +72,7 @@ class Metrics:
         self.tpot = Histogram("lorafleet_time_per_output_token_seconds",
                               "Mean time between output tokens of a request.", ["adapter"],
                               buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        r.register(_EngineCollector(engine, registry))
+        r.register(_EngineCollector(engine, registry, merged))
 
     def finished(self, endpoint: str, adapter: str, status: int, stream=None) -> None:
         self.requests.labels(endpoint, adapter, str(status)).inc()

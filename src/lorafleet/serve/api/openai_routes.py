@@ -9,9 +9,10 @@ from fastapi.responses import StreamingResponse
 
 from lorafleet.models.chat import chat_prompt, has_chat_template
 from lorafleet.serve.api import generation as gen
+from lorafleet.serve.api import mixtures
 from lorafleet.serve.api.auth import Principal
 from lorafleet.serve.api.classify import class_probs, not_calibrated
-from lorafleet.serve.api.errors import model_not_found
+from lorafleet.serve.api.errors import APIError, model_not_found
 from lorafleet.serve.api.recording import CLIENT_CLOSED, RequestRecord, record
 from lorafleet.serve.api.responses import (
     AdapterCard,
@@ -74,10 +75,10 @@ def chat_prompt_ids(tokenizer, messages) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-async def _start(state: ServerState, request: Request, rec: RequestRecord, model: str, who,
+async def _start(state: ServerState, request: Request, rec: RequestRecord, body, who,
                  ids: list[int], params_kw: dict, default_max: int):  # fmt: skip
-    adapter = state.resolve(model, who)
-    rec.started(adapter or state.config.model_name)
+    adapter, label = await mixtures.openai_adapter(state, who, body.model, body.adapters)
+    rec.started(label)
     gen.check_prompt(state, ids)
     params = gen.sampling(state, len(ids), default=default_max, **params_kw)
     stream = await gen.submit(state, ids, adapter, params)
@@ -93,7 +94,7 @@ async def _respond(state: ServerState, request: Request, rec: RequestRecord, bod
     kw = {"max_tokens": getattr(body, "max_completion_tokens", None) or body.max_tokens,
           "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
           "seed": body.seed, "stop": body.stop, "ignore_eos": body.ignore_eos}  # fmt: skip
-    stream, first = await _start(state, request, rec, body.model, who, ids, kw, default_max)
+    stream, first = await _start(state, request, rec, body, who, ids, kw, default_max)
     if first is None:  # the client left before the first token
         return rec.client_closed()
     if first.finished and first.finish_reason == "error":
@@ -183,6 +184,9 @@ async def _complete(state: ServerState, request: Request, rec: RequestRecord,
 async def _classify(state: ServerState, rec: RequestRecord, body: CompletionRequest, prompt,
                     who) -> CompletionWithUsage:  # fmt: skip
     """Class probabilities of `class_choices` after `prompt` (no generation)."""
+    if body.adapters is not None or body.model.startswith(mixtures.MIX_PREFIX):
+        raise APIError(400, "class_choices scores one calibrated adapter, not a mixture",
+                       code="invalid_request", param="class_choices")  # fmt: skip
     adapter = state.resolve(body.model, who)
     if adapter is None:
         raise not_calibrated("class_choices needs a calibrated adapter, not the base model")

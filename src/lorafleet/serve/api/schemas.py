@@ -37,7 +37,25 @@ class _Sampling(_Body):
     ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens tokens (benchmarks)
 
 
-class CompletionRequest(_Sampling):
+Weight = Annotated[float, Field(allow_inf_nan=False)]
+MAX_PARTS = 64  # a hard cap on any mixture's length; the server's --max-mixture is below it
+
+
+class AdapterWeight(_Body):
+    """One part of a mixture: `{"name": "sst2", "weight": 0.7}` (weight 1 by default)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    weight: Weight = 1.0
+
+
+class _Adapters(_Sampling):
+    # lorafleet extension: a mixture of adapters per request (`model` = the base or one of them)
+    adapters: Annotated[list[AdapterWeight], Field(min_length=1, max_length=MAX_PARTS)] | None = (
+        None
+    )
+
+
+class CompletionRequest(_Adapters):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     prompt: (
         str
@@ -68,17 +86,22 @@ class ChatMessage(_Body):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_Adapters):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
 
 
 class MergedAdapters(_Body):
-    ids: list[str]
-    weights: list[float] | None = None
+    """LoRAX's per-request merge: weights default to 1 each; density and the sign method are
+    for ties / dare_*."""
+
+    ids: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
+                   Field(min_length=1, max_length=MAX_PARTS)]  # fmt: skip
+    weights: Annotated[list[Weight], Field(max_length=MAX_PARTS)] | None = None
     merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
     density: Annotated[float, Field(gt=0, le=1)] = 1.0
+    majority_sign_method: Literal["total", "frequency"] = "total"
 
 
 class GenerateParameters(_Body):

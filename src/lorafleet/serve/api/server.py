@@ -14,6 +14,7 @@ from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.app import create_app
 from lorafleet.serve.api.auth import AuthConfig
 from lorafleet.serve.api.classify import Classifier
+from lorafleet.serve.api.merge_cache import MergeCache, MergeFn
 from lorafleet.serve.api.state import ServerConfig, ServerState
 
 
@@ -31,9 +32,11 @@ class EngineSettings:
 
 def build_state(base, adapters_dir: str | Path | None, auth: AuthConfig | None = None,
                 settings: EngineSettings | None = None, config: ServerConfig | None = None,
-                classifier: Callable[..., Classifier] | None = None) -> ServerState:  # fmt: skip
+                classifier: Callable[..., Classifier] | None = None,
+                merge: MergeFn | None = None) -> ServerState:  # fmt: skip
     """Engine over `base` (a loaded Base), registry over `adapters_dir`, and the app state.
-    `classifier(engine, registry)` builds what answers `class_choices` (none: a 400)."""
+    `classifier(engine, registry)` builds what answers `class_choices` (none: a 400);
+    `merge` (lorafleet.compose.merge_adapters) serves ties / dare merges (none: a 400)."""
     from lorafleet.serve import AdapterRegistry, Engine
 
     s = settings or EngineSettings()
@@ -46,7 +49,8 @@ def build_state(base, adapters_dir: str | Path | None, auth: AuthConfig | None =
     if clash:
         raise LorafleetError(f"an adapter is named {config.model_name!r}, like the base model")
     made = classifier(engine, registry) if classifier is not None else None
-    return ServerState(engine, registry, auth or AuthConfig.off(), config, made)
+    merged = MergeCache(engine, registry, merge, config.merge_cache_mb) if merge else None
+    return ServerState(engine, registry, auth or AuthConfig.off(), config, made, merged)
 
 
 def _max_positions(base) -> int:

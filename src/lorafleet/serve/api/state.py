@@ -26,14 +26,19 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     max_upload_mb: float = 512.0
     retry_after_s: int = 1
+    max_mixture: int = 8  # adapters one request may mix (`adapters`, `mix:`, merged_adapters)
+    merge_cache_mb: float = 256.0  # ties / dare merges kept as virtual adapters (LRU by bytes)
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             raise LorafleetError("the served model name must be a non-empty string")
         for what, value in (("max_waiting", self.max_waiting),
-                            ("default_max_tokens", self.default_max_tokens)):  # fmt: skip
+                            ("default_max_tokens", self.default_max_tokens),
+                            ("max_mixture", self.max_mixture)):  # fmt: skip
             if not isinstance(value, int) or value < 1:
                 raise LorafleetError(f"{what} must be an integer >= 1, got {value!r}")
+        if not self.merge_cache_mb >= 0:
+            raise LorafleetError(f"merge_cache_mb must be >= 0, got {self.merge_cache_mb!r}")
         if self.shutdown_grace_s < 0 or self.max_upload_mb <= 0:
             raise LorafleetError("shutdown grace must be >= 0 and the upload limit > 0")
 
@@ -45,6 +50,7 @@ class ServerState:
     auth: AuthConfig
     config: ServerConfig
     classifier: Classifier | None = None  # class_choices' probabilities (the CLI's Laplace one)
+    merged: object | None = None  # ties / dare merges as virtual adapters (a MergeCache)
     loop: EngineLoop = field(init=False)
     metrics: Metrics = field(init=False)
     closing: bool = False
@@ -52,7 +58,7 @@ class ServerState:
 
     def __post_init__(self):
         self.loop = EngineLoop(self.engine, self.config.max_waiting)
-        self.metrics = Metrics(self.engine, self.registry)
+        self.metrics = Metrics(self.engine, self.registry, self.merged)
 
     @property
     def tokenizer(self):

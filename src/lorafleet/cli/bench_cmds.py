@@ -168,3 +168,50 @@ def bench_serve(
         adapters_dir=adapters_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rank=rank,
         temperature=temperature, max_batch_size=max_batch_size, reps=reps,
         json_out=json_out)  # fmt: skip
+
+
+@bench_app.command("merged")
+def bench_merged(
+    base: str = BaseDefaultOpt,
+    rank: int = typer.Option(16, "--rank", "-r", min=1),
+    batch: int = typer.Option(8, "--batch", min=1, help="Requests in the batch."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1),
+    new_tokens: int = typer.Option(32, "--new-tokens", min=1, help="Decoded (EOS ignored)."),
+    reps: int = typer.Option(3, "--reps", min=1, help="Alternating runs; best of."),
+    json_out: Path = typer.Option(Path("bench/results/merged.json"), "--json"),
+):
+    """One adapter merged into the base (`merge --into-base`) vs attached unmerged through PEFT:
+    prefill and decode tokens/s (A Note on LoRA's merged-vs-unmerged trade-off).
+
+    Example:
+
+        lorafleet bench merged --base default --rank 16 --batch 8
+    """
+    from lorafleet.bench.merged import run
+
+    run(base=base, rank=rank, batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+        reps=reps, json_out=json_out)  # fmt: skip
+
+
+@bench_app.command("merges")
+def bench_merges(
+    base: str = BaseDefaultOpt,
+    adapters_dir: Path = typer.Option(
+        Path("runs/demo/adapters"), "--adapters-dir", help="sst2/, strategyqa/, clutrr/ adapters."
+    ),
+    density: float = typer.Option(0.5, "--density", help="ties / dare_ties density."),
+    seed: int = typer.Option(0, "--seed", help="DARE's drop seed."),
+    quick: bool = typer.Option(False, "--quick", help="The demo's --quick eval sizes."),
+    json_out: Path = typer.Option(Path("bench/results/merges.json"), "--json"),
+):
+    """Each demo task adapter alone vs the linear, TIES and DARE-TIES merges of all three,
+    scored on every task (table, JSON and chart): the baseline MoLE must beat.
+
+    Example:
+
+        lorafleet bench merges --base default --adapters-dir runs/demo/adapters
+    """
+    from lorafleet.bench.merges import run
+
+    run(base=base, adapters_dir=adapters_dir, density=density, seed=seed, quick=quick,
+        json_out=json_out)  # fmt: skip

@@ -17,7 +17,14 @@ from lorafleet.errors import LorafleetError
 from lorafleet.layers import inject_multilora
 from lorafleet.models import Base
 from lorafleet.serve.runners import runner_class
-from lorafleet.serve.sampler import advance, default_eos_ids, holdback, sample
+from lorafleet.serve.sampler import (
+    advance,
+    default_eos_ids,
+    holdback,
+    prompt_logprobs,
+    sample,
+    sampled_logprobs,
+)
 from lorafleet.serve.scheduler import Scheduler
 from lorafleet.serve.sequence import (
     Mixture,
@@ -359,15 +366,32 @@ class Engine:
             for seq in seqs:
                 self._fail(seq, f"the forward pass failed: {type(exc).__name__}: {exc}")
             return
+        logits, extra = logits[: len(seqs)], logits[len(seqs) :]  # extra: prompt positions
         tokens = sample(logits, seqs, self.generator)
+        logprobs = sampled_logprobs(logits, seqs, tokens)
+        self._prompt_logprobs(prefill, extra)
         self.steps += 1
         self.peak_running = max(self.peak_running, len(seqs))
-        for seq, token in zip(seqs, tokens, strict=True):
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             if not seq.finished:  # an on_token callback may have cancelled it meanwhile
                 seq.num_cached = seq.num_tokens  # the prompt, or one more token, is now cached
-                self._append(seq, token)
+                self._append(seq, token, logprob)
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _prompt_logprobs(self, prefill: list[Sequence], logits: torch.Tensor) -> None:
+        """Give each prefill sequence that asks its prompt logprobs, from the runner's extra
+        rows (its first n - 1 prompt positions, in prefill order)."""
+        row = 0
+        for seq in prefill:
+            k = seq.params.prompt_logprobs
+            if k is not None:
+                n = len(seq.prompt_ids) - 1
+                seq.prompt_logprobs = prompt_logprobs(logits[row : row + n], seq.prompt_ids, k)
+                row += n
+
+    def _append(self, seq: Sequence, token: int, logprob=None) -> None:
+        if logprob is not None:
+            seq.logprobs = seq.logprobs if seq.logprobs is not None else []
+            seq.logprobs.append(logprob)
         reason = advance(seq, token, self.eos_ids, self._decode, self.max_seq_len)
         self.generated_tokens += 1
         if reason is not None:
@@ -386,7 +410,11 @@ class Engine:
         seq.emitted = max(seq.emitted, end)
         if seq.on_token is None:
             return
-        event = TokenEvent(seq.request_id, token, delta, seq.finished, seq.finish_reason, seq.error)
+        logprob = seq.logprobs[-1] if token is not None and seq.logprobs else None
+        prompt = tuple(seq.prompt_logprobs) if seq.events == 0 and seq.prompt_logprobs else None
+        seq.events += 1
+        event = TokenEvent(seq.request_id, token, delta, seq.finished, seq.finish_reason,
+                           seq.error, logprob, prompt)  # fmt: skip
         try:
             seq.on_token(event)
         except Exception as exc:  # a broken callback fails its own request only

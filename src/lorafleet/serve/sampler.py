@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lorafleet.serve.sequence import SamplingParams, Sequence
+from lorafleet.serve.sequence import SamplingParams, Sequence, TokenLogprob
 
 
 def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
@@ -56,6 +56,41 @@ def sample(logits: Tensor, seqs: list[Sequence], generator: torch.Generator | No
         gen = seqs[i].generator or generator
         tokens[i] = int(torch.multinomial(probs[row], 1, generator=gen))
     return tokens
+
+
+def token_logprobs(logits: Tensor, ids: list[int], k: int) -> list[TokenLogprob]:
+    """Each row's log-probability of ids[row] and its k most likely tokens, from the
+    log-softmax of the raw logits (before temperature/top-k/top-p: OpenAI's and vLLM's
+    figures). logits: [n, V] float32, len(ids) == n."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    chosen = logp.gather(-1, torch.tensor(ids, device=logp.device)[:, None])[:, 0].tolist()
+    top_v, top_i = torch.topk(logp, k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    top_v, top_i = top_v.tolist(), top_i.tolist()  # [n, k] each
+    return [TokenLogprob(t, c, tuple(zip(i, v, strict=True)))
+            for t, c, i, v in zip(ids, chosen, top_i, top_v, strict=True)]  # fmt: skip
+
+
+def sampled_logprobs(logits: Tensor, seqs: list[Sequence],
+                     tokens: list[int]) -> list[TokenLogprob | None]:  # fmt: skip
+    """The sampled token's TokenLogprob for the rows whose request asked (None for others):
+    rows grouped by k, one log-softmax per group. logits [B, V], one row per sequence."""
+    out: list[TokenLogprob | None] = [None] * len(seqs)
+    by_k: dict[int, list[int]] = {}
+    for i, seq in enumerate(seqs):
+        if seq.params.logprobs is not None:
+            by_k.setdefault(seq.params.logprobs, []).append(i)
+    for k, rows in by_k.items():
+        index = torch.tensor(rows, device=logits.device)
+        found = token_logprobs(logits.index_select(0, index), [tokens[i] for i in rows], k)
+        for i, value in zip(rows, found, strict=True):
+            out[i] = value
+    return out
+
+
+def prompt_logprobs(logits: Tensor, prompt_ids: list[int], k: int) -> list[TokenLogprob | None]:
+    """A prompt's per-token logprobs: None for the first token (nothing predicts it), then
+    prompt_ids[i] under the logits of position i - 1. logits: [n - 1, V] for n prompt ids."""
+    return [None, *token_logprobs(logits, prompt_ids[1:], k)]
 
 
 def default_eos_ids(model, tokenizer) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ import torch
 from lorafleet.errors import LorafleetError
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+MAX_LOGPROBS = 20  # the most top alternatives a request may ask per token (OpenAI's limit)
 
 
 @dataclass
@@ -20,7 +21,10 @@ class SamplingParams:
 
     temperature 0 = greedy; top_k 0 = off; top_p 1 = off. `stop` strings end the sequence
     (the stop string is not part of the text); `stop_token_ids` too, and so does the model's
-    EOS unless `ignore_eos`. A `seed` gives the request its own generator (reproducible)."""
+    EOS unless `ignore_eos`. A `seed` gives the request its own generator (reproducible).
+    `logprobs` k (0..20, None = off): each generated token's log-probability and the k most
+    likely alternatives; `prompt_logprobs` k: the same for every prompt token but the first
+    (see TokenLogprob for the distribution). Requests that ask for neither pay nothing."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -30,6 +34,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -50,6 +56,10 @@ class SamplingParams:
             raise LorafleetError(f"stop must be non-empty strings, got {list(self.stop)!r}")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise LorafleetError(f"stop_token_ids must be token ids, got {self.stop_token_ids!r}")
+        for what in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, what)
+            if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+                raise LorafleetError(f"{what} must be an integer in 0..{MAX_LOGPROBS}, got {k!r}")
 
     @property
     def greedy(self) -> bool:
@@ -130,6 +140,19 @@ class Status(enum.Enum):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability and the `k` most likely tokens at its position, best first.
+
+    The distribution is the log-softmax of the model's raw logits at that position (what
+    OpenAI and vLLM report): before temperature, top-k and top-p, so a value does not depend
+    on how the token was sampled and equals transformers' `log_softmax(logits)`."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) pairs, descending
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """What a streaming client gets per token: the new token (None on a final event after a
     cancel or error) and the text it completes; text may lag a token (a partial UTF-8 character,
@@ -141,6 +164,9 @@ class TokenEvent:
     finished: bool
     finish_reason: str | None = None
     error: str | None = None  # why, when finish_reason is "error"
+    logprob: TokenLogprob | None = None  # token_id's, when the request asked for logprobs
+    # every prompt token's but the first (None for it), on a request's first event, if asked
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +181,8 @@ class RequestOutput:
     text: str
     finish_reason: str
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt id (first None)
 
 
 @dataclass(eq=False)
@@ -178,6 +206,9 @@ class Sequence:
     generator: torch.Generator | None = None  # own RNG when seeded
     text: str = ""  # decoded generated text (stop string cut off once found)
     emitted: int = 0  # characters of `text` already sent to on_token
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when params ask
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # set by the prefill, when asked
+    events: int = 0  # events sent to on_token (the first carries prompt_logprobs)
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -207,4 +238,6 @@ class Sequence:
             text=self.text,
             finish_reason=self.finish_reason or "error",
             error=self.error,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
         )

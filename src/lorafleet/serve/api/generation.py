@@ -52,7 +52,8 @@ def check_prompt(state: ServerState, ids: list[int]) -> None:
 
 def sampling(state: ServerState, n_prompt: int, *, max_tokens: int | None, default: int,
              temperature: float | None, top_p: float | None, top_k: int | None,
-             seed: int | None, stop, ignore_eos: bool = False) -> SamplingParams:  # fmt: skip
+             seed: int | None, stop, ignore_eos: bool = False, logprobs: int | None = None,
+             prompt_logprobs: int | None = None) -> SamplingParams:  # fmt: skip
     """SamplingParams for a request; a 400 when prompt + max_tokens exceed the context."""
     room = state.engine.max_seq_len - n_prompt
     if max_tokens is None:
@@ -66,7 +67,8 @@ def sampling(state: ServerState, n_prompt: int, *, max_tokens: int | None, defau
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
             top_p=1.0 if top_p is None else float(top_p), top_k=top_k or 0, seed=seed,
-            stop=tuple(s for s in stop if s), ignore_eos=ignore_eos,
+            stop=tuple(s for s in stop if s), ignore_eos=ignore_eos, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
     except LorafleetError as exc:
         raise APIError(400, str(exc), code="invalid_request") from None

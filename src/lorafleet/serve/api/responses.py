@@ -39,10 +39,37 @@ class ModelList(BaseModel):
     data: list[SerializeAsAny[ModelCard]]
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions logprobs: per token its text, logprob and top alternatives
+    ({text: logprob}); null logprob and top_logprobs for an echoed prompt's first token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChatLogprobs(BaseModel):
+    """OpenAI's chat logprobs: one entry per generated token."""
+
+    content: list[TokenLogprobOut]
+    refusal: None = None
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -72,7 +99,7 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -88,7 +115,7 @@ class ChatCompletion(BaseModel):
 class ChatDeltaChoice(BaseModel):
     index: int = 0
     delta: dict[str, str]  # {"role", "content"} first, then {"content"}, {} at the end
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -117,16 +144,23 @@ class GenerateDetails(BaseModel):
     prompt_tokens: int
 
 
-class Generated(BaseModel):
-    generated_text: str
-    details: GenerateDetails
-
-
 class StreamToken(BaseModel):
     id: int
     text: str
-    logprob: None = None
+    logprob: float | None = None  # the raw log-softmax of the token (TGI's figure)
     special: bool = False
+
+
+class GenerateTokenDetails(GenerateDetails):
+    """/generate's details when the request asks `details: true` (TGI): every token."""
+
+    prefill: list = []
+    tokens: list[StreamToken]
+
+
+class Generated(BaseModel):
+    generated_text: str
+    details: SerializeAsAny[GenerateDetails]
 
 
 class GenerateEvent(BaseModel):

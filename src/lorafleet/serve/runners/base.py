@@ -26,7 +26,9 @@ class StepInputs:
     decode_slots: Tensor  # [n_dec] long, KV slot per decode row
     decode_range: tuple[int, int] | None  # (first, end) when decode_slots is a contiguous range
     decode_max_len: int  # longest context among decode rows (its new token included)
-    last_rows: Tensor  # [B] long, the row whose logits pick each sequence's next token
+    # [B + P] long: the row whose logits pick each sequence's next token, then the P prompt
+    # rows of prefill sequences that ask for prompt_logprobs (the runners' head reads these)
+    last_rows: Tensor
     decode_min_len: int = 0  # shortest context among decode rows (bounds sliding-window reads)
     mixtures: list[RowMixture] = field(default_factory=list)  # rows over several adapters
 
@@ -94,6 +96,9 @@ class ModelRunner:
             ids.append(seq.last_token)
             positions.append(seq.num_cached)
             slots.append(seq.lora_slot)
+        for seq, (_, start, n) in zip(prefill, segments, strict=True):
+            if seq.params.prompt_logprobs is not None:  # positions 0..n-2 score tokens 1..n-1
+                last += range(start, start + n - 1)
         kv_slots = [seq.kv_slot for seq in decode]
         first = kv_slots[0] if kv_slots else 0
         contiguous = bool(kv_slots) and kv_slots == list(range(first, first + len(kv_slots)))
@@ -114,7 +119,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, prefill: list[Sequence], decode: list[Sequence]) -> Tensor:
-        """Logits [B, vocab] (float32) for prefill + decode sequences, in that order."""
+        """Logits [B, vocab] (float32) for prefill + decode sequences, in that order; then,
+        only for prefill sequences whose params ask for prompt_logprobs (in prefill order),
+        their n - 1 first prompt positions' logits (n = prompt length)."""
         inputs = self.build(prefill, decode)
         if self.context is not None:
             row_slots = inputs.row_slots if inputs.row_slots.any() else None

@@ -75,8 +75,9 @@ def _setup(base: str, requests: int, adapters: int, prompt_tokens: int, rank: in
 
 
 def _engine_pair(cfg: dict) -> dict:
-    """The engine with adapters and on the base only, in one process, alternating runs (best
-    of `reps` each): their ratio is then robust to other load on the machine."""
+    """The engine with adapters, on the base only, and with every request mixing two adapters
+    (0.5 each, in the batched op), in one process, alternating runs (best of `reps` each): their
+    ratios are then robust to other load on the machine."""
     from lorafleet.serve.engine import Engine
     from lorafleet.serve.sequence import SamplingParams
 
@@ -93,9 +94,8 @@ def _engine_pair(cfg: dict) -> dict:
     engine.generate([(prompts[0][:8], names[0], SamplingParams(max_tokens=2, ignore_eos=True))])
     best, out = {}, {}
     for _ in range(cfg.get("reps", 2)):
-        for kind in ("engine", "engine_all_base"):
-            reqs = [(ids, names[i % len(names)] if kind == "engine" else None, params)
-                    for i, ids in enumerate(prompts)]  # fmt: skip
+        for kind in ("engine", "engine_all_base", "engine_mix2"):
+            reqs = [(ids, _spec(kind, names, i), params) for i, ids in enumerate(prompts)]
             start = time.perf_counter()
             outs = engine.generate(reqs)
             seconds = time.perf_counter() - start
@@ -107,6 +107,16 @@ def _engine_pair(cfg: dict) -> dict:
                 out[kind] = {"tokens": sum(len(o.token_ids) for o in outs), "seconds": seconds,
                              "request0": list(outs[0].token_ids)}  # fmt: skip
     return {"pair": out}
+
+
+def _spec(kind: str, names: list[str], i: int):
+    """Request i's adapter: its own, none, or (engine_mix2) its own and the next at 0.5 each."""
+    if kind == "engine_all_base":
+        return None
+    own = names[i % len(names)]
+    if kind == "engine_mix2" and len(names) > 1:
+        return [(own, 0.5), (names[(i + 1) % len(names)], 0.5)]
+    return own
 
 
 def _sequential_peft(cfg: dict) -> dict:
@@ -251,7 +261,7 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
         if "pair" in r:  # one process measured both engine variants
             results += [(k, {**v, "peak_rss_mb": r["peak_rss_mb"]}) for k, v in r["pair"].items()]
         elif name == "engine_pair":
-            results += [("engine", r), ("engine_all_base", r)]
+            results += [("engine", r), ("engine_all_base", r), ("engine_mix2", r)]
         else:
             results.append((name, r))
     for name, r in results:
@@ -288,6 +298,7 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
         "tokens_per_s": tps("engine"),
         "vs_sequential": ratio("engine", "sequential_peft"),
         "vs_all_base": ratio("engine", "engine_all_base"),
+        "mix2_vs_single": ratio("engine_mix2", "engine"),
         "all_base_vs_static_batch": ratio("engine_all_base", "static_batch"),
         "all_base_vs_generate_batch": ratio("engine_all_base", "generate_batch"),
         "peak_rss_mb": variants["engine"]["peak_rss_mb"] if variants["engine"] else None,
@@ -301,7 +312,7 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
         "new_tokens": new_tokens,
     }
     print_table(rows, ["variant", "tokens", "seconds", "tokens_per_s", "peak_rss_mb"])
-    for key in ("vs_sequential", "vs_all_base", "all_base_vs_static_batch",
+    for key in ("vs_sequential", "vs_all_base", "mix2_vs_single", "all_base_vs_static_batch",
                 "all_base_vs_generate_batch", "parity_request0"):  # fmt: skip
         value = figures[key]
         print(f"{key} = {value:.3f}" if isinstance(value, float) else f"{key} = {value}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli import app
+from lorafleet.cli.app import app
 from lorafleet.cli.common import load_model, print_report, write_json
 from lorafleet.cli.options import BaseOpt, ForceOpt, MaxRankOpt, NoChatOpt, SeedOpt
 from lorafleet.errors import LorafleetError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli import app
+from lorafleet.cli.app import app
 from lorafleet.cli.options import BaseDefaultOpt
 
 bench_app = typer.Typer(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli import app
+from lorafleet.cli.app import app
 from lorafleet.cli.options import FED_APP, FED_RUN, FLOWER_LINK, fed_config, with_options
 
 fed_app = typer.Typer(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli import app
+from lorafleet.cli.app import app
 from lorafleet.cli.common import load_model, print_report
 from lorafleet.cli.options import AdapterOpt, BaseOpt, FedDirOpt, ForceOpt, MaxRankOpt
 

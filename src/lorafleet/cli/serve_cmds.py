@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli import app
+from lorafleet.cli.app import app
 from lorafleet.cli.options import BaseOpt, PortOpt
 
 
@@ -38,6 +38,7 @@ def serve(
     merge_cache_mb: float = typer.Option(
         256.0, "--merge-cache-mb", min=0, help="Memory for ties / dare merges (LRU by bytes)."
     ),
+    max_n: int = typer.Option(8, "--max-n", min=1, help="Choices one OpenAI request may ask (n)."),
 ):
     """Serve the base model and every adapter in --adapters over HTTP.
 
@@ -57,6 +58,9 @@ def serve(
 
         curl localhost:8000/v1/completions -H 'Content-Type: application/json'
         -d '{"model": "mix:sst2*0.7+clutrr*0.3", "prompt": "Hi"}'
+
+        curl localhost:8000/v1/completions -H 'Content-Type: application/json'
+        -d '{"model": "sst2", "prompt": "Hi", "logprobs": 5, "n": 3, "seed": 1}'
     """
     from lorafleet.bayes.serving import laplace_classifier
     from lorafleet.compose import merge_adapters
@@ -74,7 +78,7 @@ def serve(
                               max_seq_len=max_seq_len, cpu_cache_mb=cpu_cache_mb)  # fmt: skip
     config = ServerConfig(model_name=model_name or base, max_waiting=max_queue,
                           shutdown_grace_s=shutdown_grace, max_mixture=max_mixture,
-                          merge_cache_mb=merge_cache_mb)  # fmt: skip
+                          merge_cache_mb=merge_cache_mb, max_n=max_n)  # fmt: skip
     state = build_state(loaded, adapters, auth_config, settings, config, laplace_classifier,
                         merge_adapters)  # fmt: skip
     names = state.adapter_names()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.cli import app
+from lorafleet.cli.app import app
 from lorafleet.cli.bayes_cmds import eval_bayes
 from lorafleet.cli.common import load_model, print_report, write_json
 from lorafleet.cli.options import (
@@ -35,7 +35,9 @@ def train(
     val: str | None = typer.Option(
         None, "--val", help="Validation data (default: a built-in task's validation split)."
     ),
-    method: str = typer.Option("lora", "--method", help="lora | rslora | dora | bone"),
+    method: str = typer.Option(
+        "lora", "--method", help="lora | rslora | dora | bone | bat | bilora"
+    ),
     rank: int = typer.Option(16, "--rank", "-r"),
     alpha: float = typer.Option(32.0, "--alpha"),
     targets: str = typer.Option(
@@ -74,6 +76,15 @@ def train(
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the newest checkpoint in --out."
     ),
+    bilevel: str | None = typer.Option(
+        None, "--bilevel", help="bilora: first (default) | second (unrolled) | joint (control)."
+    ),
+    bilevel_split: float | None = typer.Option(
+        None, "--bilevel-split", help="bilora: fraction of the data in D1 (default 0.8)."
+    ),
+    ortho_weight: float | None = typer.Option(
+        None, "--ortho-weight", help="bilora: weight of ||P'P - I||^2 + ||QQ' - I||^2 (0.1)."
+    ),
 ):
     """Fine-tune an adapter. Ctrl-C or SIGTERM saves a checkpoint; --resume continues it.
 
@@ -85,10 +96,13 @@ def train(
 
         lorafleet train --base default --data my.jsonl --method rslora --rank 64 --out runs/x
 
+        lorafleet train --base default --data sst2 --method bilora --bilevel second --out runs/bi
+
         torchrun --standalone --nproc-per-node 2 -m lorafleet.cli train -b default -d sst2 -o ddp
     """
     from lorafleet.adapters import parse_targets
     from lorafleet.train import TrainConfig, Trainer
+    from lorafleet.train.bilora import BiLoRATrainer, bilora_options
 
     cfg = TrainConfig(
         base=base, data=data, out=out, val=val, method=method, rank=rank, alpha=alpha,
@@ -99,8 +113,9 @@ def train(
         eval_every=eval_every, eval_limit=eval_limit, val_metrics=tuple(val_metric) or None,
         train_limit=train_limit,
         save_every=save_every, keep_checkpoints=keep_checkpoints, chat=not no_chat, resume=resume,
+        extra=bilora_options(method, bilevel, bilevel_split, ortho_weight),
     )  # fmt: skip
-    trainer = Trainer(cfg)
+    trainer = BiLoRATrainer(cfg) if method == "bilora" else Trainer(cfg)
     result = trainer.run()
     if not trainer.dist.is_main:
         return 0

@@ -162,3 +162,28 @@ def test_errors_stop_and_api_key(page, server, tmp_path):
         page.locator("#api-key").dispatch_event("change")
     assert req.value.headers.get("authorization") == "Bearer k-123"
     assert page.evaluate("localStorage.getItem('lorafleet.apiKey')") == "k-123"
+
+
+def test_mix_slider_compares_the_mix_with_each_adapter(page, server, tmp_path):
+    page.check("#mix")
+    assert page.locator("#mix-weight").is_visible()
+    page.select_option("#mix-a", "alpha")
+    page.select_option("#mix-b", "beta")
+    page.fill("#mix-weight", "0.7")  # a range input: sets the slider and fires input
+    assert page.locator("#mix-label").text_content().strip() == "0.70 A + 0.30 B"
+    mix = "mix:alpha*0.7+beta*0.3"
+    prompt = [{"role": "user", "content": "Name a color."}]
+    ask(page, prompt[0]["content"])
+    alpha = check_answer(page, server, "alpha", prompt)
+    mixed = check_answer(page, server, mix, prompt)
+    beta = check_answer(page, server, "beta", prompt)
+    columns = page.locator(".column")
+    assert columns.count() == 3
+    assert [columns.nth(i).locator(".answer").get_attribute("data-model") for i in range(3)] == [
+        "alpha", mix, "beta"]  # fmt: skip
+    assert alpha != beta and mixed  # the mix column equals the API's mix answer (checked above)
+    screenshot(page, tmp_path, "playground-mix-alpha-beta.png")
+    # The slider moves the mix; the conversation goes on with the new weights.
+    page.wait_for_selector("#send:not([disabled])")
+    page.fill("#mix-weight", "0.2")
+    assert page.locator(".column").nth(1).locator("h2").text_content() == "mix:alpha*0.2+beta*0.8"

@@ -12,12 +12,27 @@ from lorafleet import __version__
 from lorafleet.adapters.format import WEIGHTS_NAME, Adapter, AdapterError, json_ready, read_adapter
 from lorafleet.adapters.methods import MethodConfig, peft_config_from_dict
 from lorafleet.adapters.validate import DEFAULT_MAX_RANK, check_adapter
-from lorafleet.linear_layers import target_names
+from lorafleet.errors import LorafleetError
+from lorafleet.linear_layers import block_linear_modules, target_names
 
 
 def new_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap `model` with a fresh, trainable adapter (B or the Bone block starts at zero)."""
-    return get_peft_model(model, config.peft_config(target_names(model)), adapter_name)
+    """Wrap `model` with a fresh, trainable adapter (B or the Bone / Bat block starts at zero)."""
+    peft_config = config.peft_config(target_names(model))
+    if config.method == "bat":
+        _check_bat_blocks(model, list(peft_config.target_modules), config.rank)
+    return get_peft_model(model, peft_config, adapter_name)
+
+
+def _check_bat_blocks(model: nn.Module, targets: list[str], r: int) -> None:
+    """Bat splits each adapted weight into r x r blocks: in and out features must divide by r."""
+    for name, linear in block_linear_modules(model).items():
+        targeted = any(name == t or name.endswith("." + t) for t in targets)
+        if targeted and (linear.in_features % r or linear.out_features % r):
+            raise LorafleetError(
+                f"--method bat needs every adapted linear divisible into {r}x{r} blocks; "
+                f"{name} is {linear.out_features}x{linear.in_features} (choose another --rank)"
+            )
 
 
 def attach(model: nn.Module, adapter: Adapter, adapter_name: str = "default") -> PeftModel:

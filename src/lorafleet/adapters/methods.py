@@ -1,4 +1,4 @@
-"""Adapter methods by name (lora, rslora, dora, bone) as PEFT configs, with sane defaults."""
+"""Adapter methods by name (lora, rslora, dora, bone, bat, bilora) as PEFT configs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from lorafleet.errors import LorafleetError
 
-METHODS = ("lora", "rslora", "dora", "bone")
+METHODS = ("lora", "rslora", "dora", "bone", "bat", "bilora")
+# Bone / Bat live on in PEFT as MiSS: Bone is its default init (a block-sharing delta, LoRA with
+# A fixed to [I_r ... I_r]); Bat (init_weights="bat") is the paper's first form, W' = W (I + b) + b
+# per r x r block, and needs every adapted linear's in and out features divisible by r.
+MISS_INIT = {"bone": True, "bat": "bat"}
 # "A Note on LoRA": adapt every linear layer of the blocks; small ranks suffice.
 DEFAULT_RANK = 16
 DEFAULT_ALPHA = 32.0
@@ -40,15 +44,16 @@ class MethodConfig:
 
     def peft_config(self, default_targets: list[str]) -> PeftConfig:
         targets = list(self.targets or default_targets)
-        if self.method == "bone":
-            # Bone lives on in PEFT as MiSS; its default init is Bone's block-sharing form.
+        if self.method in MISS_INIT:
             return MissConfig(
                 r=self.rank, target_modules=targets, miss_dropout=self.dropout,
-                init_weights=True, task_type="CAUSAL_LM",
+                init_weights=MISS_INIT[self.method], task_type="CAUSAL_LM",
             )  # fmt: skip
+        # BiLoRA trains P diag(lambda) Q (train/bilora.py) and is saved as plain LoRA with
+        # B = P diag(lambda), A = Q and alpha = r, so its scale is exactly 1.
         return LoraConfig(
             r=self.rank,
-            lora_alpha=self.alpha,
+            lora_alpha=float(self.rank) if self.method == "bilora" else self.alpha,
             target_modules=targets,
             lora_dropout=self.dropout,
             use_rslora=self.method == "rslora",

@@ -1,0 +1,249 @@
+"""BiLoRA training: P diag(lambda) Q per linear, P and Q on D1 (lower level), lambda on D2.
+
+The training data is split once into D1 / D2 (`bilevel_split` of it in D1; seeded, so the same
+seed gives the same split). Optimizer steps alternate: even steps are upper-level steps
+(lambda on a D2 batch, P and Q held constant), odd steps lower-level steps (P and Q on a D1
+batch plus `ortho_weight` x the orthogonality regulariser, lambda held constant). Variants:
+
+- `first` (the default): the upper step uses grad_lambda L2(P, Q, lambda), the first-order
+  approximation. It costs one forward/backward per step, like LoRA, and the spec marks the
+  paper's exact hypergradient as uncertain, so the cheap variant is the default.
+- `second`: the one-step unrolled hypergradient (DARTS): with V = {P, Q},
+  V' = V - xi grad_V L1(V, lambda), the upper step uses
+  grad_lambda L2(V', lambda) - xi [grad_lambda L1(V+, lambda) - grad_lambda L1(V-, lambda)] / 2e,
+  V+- = V +- e grad_V' L2(V', lambda), e = 0.01 / ||grad_V' L2||, xi = the run's --lr.
+  About four forward/backward passes per upper step.
+- `joint`: the control without bi-level optimisation: every P, Q and lambda on all the data
+  with the regulariser, each step.
+
+Saved as plain PEFT LoRA (A = Q, B = P diag(lambda), alpha = r so the scale is exactly 1); the
+lorafleet metadata says it was trained with BiLoRA, and how.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lorafleet.adapters import peft_key
+from lorafleet.errors import LorafleetError
+from lorafleet.layers.bilora import (
+    SV_ATTR,
+    add_pseudo_svd,
+    constant_values,
+    constant_vectors,
+    fold,
+    orthogonality,
+    pseudo_svd_layers,
+    values,
+    vectors,
+)
+from lorafleet.train.builders import ParamGroup, build_model
+from lorafleet.train.config import TrainConfig
+from lorafleet.train.loop import Trainer
+from lorafleet.train.step import Batch, Batches, StepOutput
+
+BILEVEL = ("first", "second", "joint")
+DEFAULTS = {"bilevel": "first", "bilevel_split": 0.8, "ortho_weight": 0.1}
+FD_RADIUS = 0.01  # DARTS' finite-difference step, divided by ||grad_V' L2||
+
+
+@dataclass(frozen=True)
+class BiLoRAConfig:
+    """BiLoRA's own settings (ride in TrainConfig.extra, so train_config.json records them)."""
+
+    bilevel: str = "first"
+    bilevel_split: float = 0.8
+    ortho_weight: float = 0.1
+
+    def __post_init__(self):
+        if self.bilevel not in BILEVEL:
+            raise LorafleetError(f"--bilevel must be one of {', '.join(BILEVEL)}, "
+                                 f"got {self.bilevel!r}")  # fmt: skip
+        if not 0 < self.bilevel_split < 1:
+            raise LorafleetError(f"--bilevel-split must be in (0, 1), got {self.bilevel_split}")
+        if self.ortho_weight < 0:
+            raise LorafleetError(f"--ortho-weight must be >= 0, got {self.ortho_weight}")
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> BiLoRAConfig:
+        return cls(**{k: cfg.extra.get(k, v) for k, v in DEFAULTS.items()})
+
+
+def bilora_options(method: str, bilevel=None, bilevel_split=None, ortho_weight=None) -> dict:
+    """TrainConfig.extra for the CLI's BiLoRA options (checked); they need --method bilora."""
+    given = {"bilevel": bilevel, "bilevel_split": bilevel_split, "ortho_weight": ortho_weight}
+    given = {k: v for k, v in given.items() if v is not None}
+    if method != "bilora":
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise LorafleetError(f"{flag} applies to --method bilora only")
+        return {}
+    return asdict(BiLoRAConfig(**given))
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """D1 and D2 as sorted indices into n examples: a seeded permutation, D1 its first
+    round(fraction n) (each side keeps at least one)."""
+    if n < 2:
+        raise LorafleetError(
+            f"BiLoRA splits the data into D1 and D2: it needs >= 2 examples, got {n}"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    n1 = min(n - 1, max(1, round(fraction * n)))
+    return sorted(perm[:n1]), sorted(perm[n1:])
+
+
+def is_upper(step: int) -> bool:
+    """Even steps update lambda (upper level), odd steps P and Q (lower level)."""
+    return step % 2 == 0
+
+
+@dataclass
+class BilevelBatch(Batch):
+    """An upper-level micro-batch (from D2) and, for `second`, its paired D1 micro-batch."""
+
+    lower: Batch | None = None
+
+
+class BilevelBatches(Batches):
+    """D1 batches on lower steps, D2 batches on upper steps (each a pure function of seed and
+    step, as for every run). len() and global_size describe D1."""
+
+    def __init__(self, d1, d2, *, pair: bool, **kw):
+        super().__init__(d1, **kw)
+        self.upper = Batches(d2, **{**kw, "seed": kw.get("seed", 0) + 1})
+        self.pair = pair
+
+    def for_step(self, step: int):
+        if not is_upper(step):
+            yield from super().for_step(step)
+            return
+        lowers = super().for_step(step) if self.pair else None
+        for b in self.upper.for_step(step):
+            lower = next(lowers, None) if lowers is not None else None
+            yield BilevelBatch(b.inputs, b.num_items, b.share, b.step, lower)
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return model(**batch.inputs, num_items_in_batch=batch.num_items).loss
+
+
+class BiLoRAStep:
+    """The TrainStep of every BiLoRA variant (see the module doc); logs `ortho` and `upper`."""
+
+    def __init__(self, config: BiLoRAConfig, xi: float):
+        self.config, self.xi = config, xi
+
+    def param_groups(self, model: nn.Module) -> list[ParamGroup]:
+        layers = pseudo_svd_layers(model)
+        return [ParamGroup("vectors", vectors(layers)), ParamGroup("values", values(layers))]
+
+    def loss(self, model: nn.Module, batch: Batch) -> StepOutput:
+        layers = pseudo_svd_layers(model)
+        gamma = self.config.ortho_weight
+        if self.config.bilevel == "joint":
+            reg = orthogonality(layers)
+            loss = lm_loss(model, batch) + batch.share * gamma * reg
+            return StepOutput(loss, {"ortho": reg, "upper": 0.0})
+        if not is_upper(batch.step):
+            reg = orthogonality(layers)
+            with constant_values(layers):
+                loss = lm_loss(model, batch) + batch.share * gamma * reg
+            return StepOutput(loss, {"ortho": reg, "upper": 0.0})
+        with torch.no_grad():
+            reg = orthogonality(layers)
+        if self.config.bilevel == "first" or getattr(batch, "lower", None) is None:
+            with constant_vectors(layers):
+                loss = lm_loss(model, batch)
+            return StepOutput(loss, {"ortho": reg, "upper": 1.0})
+        return StepOutput(self._unrolled(model, layers, batch), {"ortho": reg, "upper": 1.0})
+
+    def _unrolled(self, model, layers, batch: BilevelBatch) -> torch.Tensor:
+        """A loss whose value is L2(V') and whose gradient is the one-step hypergradient on
+        lambda (nothing on P, Q)."""
+        V, lam, xi = vectors(layers), values(layers), self.xi
+        saved = [v.detach().clone() for v in V]
+        lower_obj = lm_loss(model, batch.lower) + batch.lower.share * self.config.ortho_weight * (
+            orthogonality(layers)
+        )
+        g1 = torch.autograd.grad(lower_obj, V)
+        with torch.no_grad():
+            for v, g in zip(V, g1, strict=True):
+                v.sub_(xi * g)  # V' = V - xi grad_V L1
+        upper = lm_loss(model, batch)
+        grads = torch.autograd.grad(upper, lam + V)
+        g_lam, g_v = grads[: len(lam)], grads[len(lam) :]
+        eps = FD_RADIUS / max(float(torch.sqrt(sum((g**2).sum() for g in g_v))), 1e-12)
+        plus = self._lower_lambda_grad(model, batch.lower, V, saved, g_v, eps)
+        minus = self._lower_lambda_grad(model, batch.lower, V, saved, g_v, -eps)
+        with torch.no_grad():
+            for v, s in zip(V, saved, strict=True):
+                v.copy_(s)
+        hyper = [g - xi * (p - m) / (2 * eps) for g, p, m in zip(g_lam, plus, minus, strict=True)]
+        surrogate = sum((p * h.detach()).sum() for p, h in zip(lam, hyper, strict=True))
+        return surrogate - surrogate.detach() + upper.detach()
+
+    @staticmethod
+    def _lower_lambda_grad(model, lower: Batch, V, saved, direction, eps):
+        """grad_lambda L1 at V = saved + eps * direction."""
+        with torch.no_grad():
+            for v, s, d in zip(V, saved, direction, strict=True):
+                v.copy_(s + eps * d)
+        layers = pseudo_svd_layers(model)
+        with constant_vectors(layers):
+            return torch.autograd.grad(lm_loss(model, lower), values(layers))
+
+
+def build_bilora_model(base_model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """A LoRA model with scale 1 whose layers are P diag(lambda) Q (layers/bilora.py)."""
+    model = build_model(base_model, cfg)
+    add_pseudo_svd(model, seed=cfg.seed)
+    return model
+
+
+class BiLoRATrainer(Trainer):
+    """The trainer with BiLoRA's step, model, D1/D2 batches and folded adapter."""
+
+    def __init__(self, cfg: TrainConfig, **kw):
+        if cfg.method != "bilora":
+            raise LorafleetError(f"BiLoRATrainer trains --method bilora, not {cfg.method}")
+        if cfg.gradient_checkpointing:
+            raise LorafleetError("--method bilora does not support --gradient-checkpointing")
+        self.bilora = BiLoRAConfig.of(cfg)
+        step = BiLoRAStep(self.bilora, xi=cfg.lr)
+        super().__init__(cfg, step=step, model_builder=build_bilora_model, **kw)
+        self.split_sizes: tuple[int, int] | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        if self.bilora.bilevel == "joint":
+            return
+        d1, d2 = split_indices(len(self.train), self.bilora.bilevel_split, self.cfg.seed)
+        self.split_sizes = (len(d1), len(d2))
+        self.batches = BilevelBatches(
+            [self.train[i] for i in d1], [self.train[i] for i in d2],
+            pair=self.bilora.bilevel == "second", batch_size=self.cfg.batch_size,
+            grad_accum=self.cfg.grad_accum, seed=self.cfg.seed,
+            pad_token_id=self.base.tokenizer.pad_token_id, dist=self.dist,
+        )  # fmt: skip
+        self.runner.batches = self.batches
+        self.collate = self.batches.collate
+
+    def _adapter(self, meta: dict | None = None):
+        adapter = super()._adapter(meta)
+        # PEFT's state dict picks lambda up too; the saved adapter is plain LoRA without it.
+        adapter.tensors = {k: v for k, v in adapter.tensors.items() if f".{SV_ATTR}." not in k}
+        for module, (A, B) in fold(pseudo_svd_layers(self.model)).items():
+            if peft_key(module, "B") not in adapter.tensors:
+                raise LorafleetError(f"{module}: no LoRA weights to fold lambda into")
+            adapter.tensors[peft_key(module, "A")] = A.cpu()
+            adapter.tensors[peft_key(module, "B")] = B.cpu()
+        adapter.meta["method"] = "bilora"
+        adapter.meta["bilora"] = {
+            **asdict(self.bilora), "split_sizes": self.split_sizes, "upper_steps": "even",
+            "saved_as": "lora: A = Q, B = P diag(lambda), alpha = r",
+        }  # fmt: skip
+        return adapter

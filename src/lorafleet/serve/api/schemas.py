@@ -14,6 +14,9 @@ MAX_TOKENS_CAP = 1_000_000  # beyond any context: larger is a typo, refused befo
 Seed = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 TopK = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
+MAX_N_CAP = 128  # choices per request; the server's --max-n (default 8) is below it
+MAX_PROMPTS = 32  # prompts in one /v1/completions batch
+TopLogprobs = Annotated[StrictInt, Field(ge=0, le=20)]  # OpenAI's limit
 
 
 class _Body(BaseModel):
@@ -25,13 +28,14 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
-    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
+    # 0 only with /v1/completions' echo (score the prompt, generate nothing); the route checks
+    max_tokens: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS_CAP)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: TopK | None = None
     seed: Seed | None = None
     stop: Stop = None
-    n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None  # one choice per request
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N_CAP)] | None = None  # --max-n is below
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens tokens (benchmarks)
@@ -60,9 +64,12 @@ class CompletionRequest(_Adapters):
     prompt: (
         str
         | Annotated[list[StrictInt], Field(min_length=1)]
-        | Annotated[list[str], Field(min_length=1, max_length=1)]
-    )
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]],
+                    Field(min_length=1, max_length=MAX_PROMPTS)]
+    )  # fmt: skip
     echo: StrictBool = False
+    logprobs: TopLogprobs | None = None  # top alternatives per token (legacy shape)
     # lorafleet extension: score these labels instead of generating (Laplace-LoRA probabilities
     # for a calibrated adapter); the answer's choice carries `class_probs`.
     class_choices: Annotated[list[Annotated[str, Field(min_length=1)]],
@@ -90,6 +97,8 @@ class ChatCompletionRequest(_Adapters):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: TopLogprobs | None = None
 
 
 class MergedAdapters(_Body):

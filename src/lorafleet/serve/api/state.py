@@ -28,13 +28,15 @@ class ServerConfig:
     retry_after_s: int = 1
     max_mixture: int = 8  # adapters one request may mix (`adapters`, `mix:`, merged_adapters)
     merge_cache_mb: float = 256.0  # ties / dare merges kept as virtual adapters (LRU by bytes)
+    max_n: int = 8  # choices one OpenAI request may ask for (`n`)
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             raise LorafleetError("the served model name must be a non-empty string")
         for what, value in (("max_waiting", self.max_waiting),
                             ("default_max_tokens", self.default_max_tokens),
-                            ("max_mixture", self.max_mixture)):  # fmt: skip
+                            ("max_mixture", self.max_mixture),
+                            ("max_n", self.max_n)):  # fmt: skip
             if not isinstance(value, int) or value < 1:
                 raise LorafleetError(f"{what} must be an integer >= 1, got {value!r}")
         if not self.merge_cache_mb >= 0:

@@ -23,6 +23,7 @@ from lorafleet.adapters import adapter_from_model, write_adapter
 from lorafleet.data import ExampleSet, load_examples
 from lorafleet.errors import LorafleetError
 from lorafleet.eval import evaluate
+from lorafleet.fsutil import atomic_write_json
 from lorafleet.models import load_base
 from lorafleet.train.builders import (
     InMemoryExamples,
@@ -304,7 +305,7 @@ class Trainer:
         if dist.is_main:
             train_meta = {"steps": step, "data": cfg.data, "seed": cfg.seed, "lr": cfg.lr}
             write_adapter(cfg.out, self._adapter({"train": train_meta}))
-            (cfg.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            atomic_write_json(cfg.out / "train_config.json", cfg.to_dict())
             result["plot"] = str(plot_metrics(cfg.out / METRICS_FILE, cfg.out / "loss.png"))
         dist.close()
         return result

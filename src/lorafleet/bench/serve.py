@@ -215,7 +215,8 @@ def _best(old: dict | None, new: dict) -> dict:
 
 
 def run(base: str = "default", clients: tuple[int, ...] = (1, 8, 32, 64), adapters: int = 4,
-        base_share: bool = False, adapters_dir: str | Path | None = None,
+        base_share: bool = False, base_only: bool = False,
+        adapters_dir: str | Path | None = None,
         prompt_tokens: int = 32, new_tokens: int = 48, rank: int = 16,
         temperature: float = 0.0, max_batch_size: int = 64, reps: int = 2,
         json_out: str | Path = "bench/results/serve.json") -> dict:  # fmt: skip
@@ -235,7 +236,7 @@ def run(base: str = "default", clients: tuple[int, ...] = (1, 8, 32, 64), adapte
     http: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         names, root = _adapter_names(loaded, adapters_dir, adapters, rank, scratch)
-        names = names + [None] if base_share else names
+        names = [None] if base_only else names + [None] if base_share else names
         settings = {"max_adapters": max(1, len([n for n in names if n])), "max_rank": rank,
                     "max_batch_size": max_batch_size,
                     "max_batch_tokens": max(2048, max_batch_size * prompt_tokens),

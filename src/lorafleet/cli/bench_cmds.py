@@ -144,6 +144,7 @@ def bench_serve(
     ),
     adapters: int = typer.Option(4, "--adapters", "-k", min=1, help="Client i uses adapter i % k."),
     base_share: bool = typer.Option(False, "--base-share", help="Some clients use the base too."),
+    base_only: bool = typer.Option(False, "--base-only", help="Every client uses the base."),
     adapters_dir: Path | None = typer.Option(
         None, "--adapters-dir", help="Serve these adapters (e.g. runs/demo/adapters), not random."
     ),
@@ -165,6 +166,7 @@ def bench_serve(
     from lorafleet.bench.serve import run
 
     run(base=base, clients=tuple(clients), adapters=adapters, base_share=base_share,
+        base_only=base_only,
         adapters_dir=adapters_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rank=rank,
         temperature=temperature, max_batch_size=max_batch_size, reps=reps,
         json_out=json_out)  # fmt: skip

@@ -277,12 +277,13 @@ def _assert_refused(handle, slot, adapter, match):
 def test_refusals(tokenizer, adapters):
     handle = inject_multilora(tiny_llama(0, vocab_size=len(tokenizer)), max_slots=2, max_rank=4)
     handle.load_slot(1, adapters[0])
-    dora = _peft_adapter(
-        tokenizer, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), seed=1
-    )
-    _assert_refused(handle, 2, dora, "DoRA")
+    # DoRA, Bone and Bat are served (tests/serve/test_serve_methods.py); other PEFT types not.
     miss = _peft_adapter(tokenizer, MissConfig(r=4, target_modules=["q_proj"]), seed=1)
-    _assert_refused(handle, 2, miss, "MISS")
+    loha = copy.copy(miss)
+    loha.config = {**miss.config, "peft_type": "LOHA"}
+    _assert_refused(handle, 2, loha, "peft_type LOHA cannot be served batched")
+    big_bone = _peft_adapter(tokenizer, MissConfig(r=8, target_modules=["q_proj"]), seed=1)
+    _assert_refused(handle, 2, big_bone, "rank 8 .* above this model's max_rank 4")
     _assert_refused(handle, 2, adapters[1], "rank 8 .* above this model's max_rank 4")
     _assert_refused(handle, 3, adapters[0], "slot 3 is out of range: use 1..2")
     _assert_refused(handle, 0, adapters[0], "slot 0 is out of range")

@@ -49,8 +49,9 @@ def bad_dir(tmp_path, tokenizer, disk, base_fp) -> Path:
     write_adapter(root / "badshape", Adapter(good.config, shapes, dict(good.meta)))
     configs = {
         "bigrank": LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj"]),
-        "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"]),
-        "bone": MissConfig(r=4, target_modules=["q_proj"]),
+        # DoRA and Bone are served (test_serve_methods.py); above max_rank they are not.
+        "bigdora": LoraConfig(r=16, lora_alpha=8, use_dora=True, target_modules=["q_proj"]),
+        "bigbone": MissConfig(r=16, target_modules=["q_proj"]),
     }
     for i, (name, config) in enumerate(configs.items()):
         write_adapter(root / name, peft_adapter(tokenizer, config, 50 + i, base_fp))
@@ -63,8 +64,8 @@ BAD = {
     "otherbase": "trained on another base",
     "badshape": "has shape (4, 65)",
     "bigrank": "rank 16",
-    "dora": "DoRA",
-    "bone": "MISS",
+    "bigdora": "rank 16",
+    "bigbone": "rank 16",
 }
 
 

@@ -81,6 +81,18 @@ def split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def module_parts(tensors: Mapping[str, T]) -> dict[str, dict[str, T]]:
+    """{module: {part: tensor}} over every PEFT adapter tensor (A, B, lora_magnitude_vector,
+    miss_block), in first-seen order; a key that is none of them is an error."""
+    parts: dict[str, dict[str, T]] = {}
+    for key, tensor in tensors.items():
+        split = split_key(key)
+        if split is None:
+            raise LoraKeyError(f"tensor {key} is not a LoRA / DoRA / MiSS adapter weight")
+        parts.setdefault(split[0], {})[split[1]] = tensor
+    return parts
+
+
 def lora_pairs(tensors: Mapping[str, T], *, strict: bool = True) -> dict[str, tuple[T, T]]:
     """{module: (A, B)} in first-seen order. A module with only one of A and B is an error;
     so is (when `strict`) any tensor that is not a LoRA A/B weight."""

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from lorafleet.layers.mixture import MixturePlan, RowMixture, add_mixture_, expand, plan_mixtures
 from lorafleet.layers.multilora import SlotPlan, add_lora_gathered_, add_lora_segmented_, plan_rows
+from lorafleet.layers.served import SlotEntry
 
 
 class MultiLoRAContext:
@@ -83,7 +84,9 @@ class MultiLoRALinear(nn.Module):
 
     Buffers: `lora_A` [S, r_max, d_in]; `lora_B` [S, d_out, r_max], a transposed view of the
     contiguous `lora_Bt` [S, r_max, d_out] holding scale[s] * B_s (the scale is folded in at
-    load, so the hot path skips a multiply); `scale` [S] records the folded factors."""
+    load, so the hot path skips a multiply); `scale` [S] records the folded factors. DoRA slots
+    also have a ratio [d_out] in `ratios`, Bat slots a dense delta [d_out, d_in] in `dense`
+    (slot -> tensor; see layers/served.py)."""
 
     def __init__(self, base_layer: nn.Linear, context: MultiLoRAContext, max_slots: int,
                  max_rank: int, name: str = ""):  # fmt: skip
@@ -101,6 +104,8 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("scale", torch.zeros(slots, **kw), persistent=False)
         self.ranks = [0] * slots  # each slot's true rank in this layer (0 = not adapted)
         self.rank = 0  # the largest resident rank: what the gathered path computes with
+        self.ratios: dict[int, Tensor] = {}  # DoRA: m / ||W + s B A||_row per slot, [d_out]
+        self.dense: dict[int, Tensor] = {}  # Bat: W' - W per slot, [d_out, d_in]
 
     @property
     def lora_B(self) -> Tensor:
@@ -121,7 +126,21 @@ class MultiLoRALinear(nn.Module):
         self.rank = max(self.ranks)
 
     @torch.no_grad()
+    def load_entry(self, slot: int, entry: SlotEntry) -> None:
+        """Put one adapter's SlotEntry (LoRA part, DoRA ratio, Bat delta) into `slot`."""
+        self.clear_slot(slot)
+        w = self.base_layer.weight
+        if entry.A is not None:
+            self.set_slot(slot, entry.A, entry.B, entry.scale)
+        if entry.ratio is not None:
+            self.ratios[slot] = entry.ratio.to(w)
+        if entry.dense is not None:
+            self.dense[slot] = entry.dense.to(w)
+
+    @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
+        self.ratios.pop(slot, None)
+        self.dense.pop(slot, None)
         self.lora_A[slot].zero_()
         self.lora_Bt[slot].zero_()
         self.scale[slot] = 0.0
@@ -130,7 +149,7 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)  # [..., d_out]
-        if self.rank == 0:
+        if self.rank == 0 and not self.dense:
             return y  # no adapter resident here: exactly the base layer
         plan = self.context.plan(x.shape[:-1], x.device)
         mix = self.context.mixture_plan(x.shape[:-1], x.device)
@@ -142,12 +161,37 @@ class MultiLoRALinear(nn.Module):
             self._check_slot(plan.segments[-1][0])  # segments are sorted by slot
             if plan.path == "segmented":
                 add_lora_segmented_(y2, x2, self.lora_A, self.lora_B, None, plan, self.ranks)
-            else:
+            elif self.rank:
                 add_lora_gathered_(y2, x2, self.lora_A, self.lora_B, None, plan, self.rank)
+            if self.ratios or self.dense:
+                self._per_row_methods(y2, x2, plan)
         if mix is not None:
             self._check_slot(mix.entries.top)
+            if self.ratios or self.dense:
+                self._check_mixable(mix)
             add_mixture_(y2, x2, self.lora_A, self.lora_Bt, self.ranks, mix, self.name)
         return y
+
+    def _per_row_methods(self, y2: Tensor, x2: Tensor, plan: SlotPlan) -> None:
+        """Bat rows: y += x dW^T. DoRA rows (their LoRA term already added): y = r * (y - b) + b."""
+        bias = self.base_layer.bias
+        for slot, start, end in plan.segments:
+            if slot not in self.dense and slot not in self.ratios:
+                continue
+            rows = slice(start, end) if plan.rows is None else plan.rows[start:end]
+            if slot in self.dense:
+                y2[rows] += x2[rows] @ self.dense[slot].T  # [n, d_in] @ [d_in, d_out]
+            if slot in self.ratios:
+                out = y2[rows] if bias is None else y2[rows] - bias
+                out = out * self.ratios[slot]  # [n, d_out] * [d_out]
+                y2[rows] = out if bias is None else out + bias
+
+    def _check_mixable(self, mix: MixturePlan) -> None:
+        slots = set(mix.entries.slots.tolist())
+        slots.update(s for _, _, direct in mix.entries.direct for s in direct)
+        bad = sorted(slots & (set(self.ratios) | set(self.dense)))
+        if bad:
+            raise ValueError(f"slot {bad[0]} holds a DoRA or Bat adapter, which cannot be mixed")
 
     def _check_slot(self, top: int) -> None:
         if top >= len(self.ranks):

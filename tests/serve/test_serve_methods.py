@@ -106,3 +106,18 @@ def test_engine_greedy_parity_for_every_method(tokenizer, method_adapters, promp
         assert outputs[rid].token_ids == ref[0, x.shape[1] :].tolist(), name
         seen.add(tuple(ref[0, x.shape[1] :].tolist()))
     assert len(seen) >= 5  # the methods differ from each other and the base
+
+
+def test_engine_fails_a_mixture_with_a_dora_part_alone(tokenizer, method_adapters, prompt_ids):
+    engine = Engine(tiny_base(tokenizer), max_slots=4, max_rank=8, max_seq_len=128)
+    for name in ("lora4", "dora4", "bat8"):
+        engine.load_adapter(name, method_adapters[name])
+    params = SamplingParams(max_tokens=4)
+    ok = engine.add_request(prompt_ids[0], "lora4", params)
+    dora_mix = engine.add_request(prompt_ids[1], [("lora4", 0.5), ("dora4", 0.5)], params)
+    bat_mix = engine.add_request(prompt_ids[2], [("bat8", 0.5), ("lora4", 0.5)], params)
+    outputs = run_to_end(engine)
+    assert outputs[ok].finish_reason == "length" and len(outputs[ok].token_ids) == 4
+    for rid, part in ((dora_mix, "dora4"), (bat_mix, "bat8")):
+        assert outputs[rid].finish_reason == "error", outputs[rid]
+        assert f"adapter {part} (DoRA or Bat) cannot be part of a mixture" in outputs[rid].error

@@ -356,6 +356,18 @@ class Engine:
                 if verdicts.get(name):
                     self._fail(seq, verdicts[name])
                     break
+        # After every load above: a mixture whose resident part is served per row only.
+        for seq in list(self.scheduler.waiting):
+            if seq.mixture is not None and (problem := self._unmixable(seq)):
+                self._fail(seq, problem)
+
+    def _unmixable(self, seq: Sequence) -> str | None:
+        """Why a mixture cannot run (a resident part served per row only: DoRA, Bat), or None.
+        Checked before admission, so such a part fails its own request, never the batch."""
+        for name in seq.adapters:
+            if self.adapter_ready(name) and not self.handle.mixable(self.slot_of(name)):
+                return f"adapter {name} (DoRA or Bat) cannot be part of a mixture"
+        return None
 
     def _run(self, prefill: list[Sequence], decode: list[Sequence]) -> None:
         seqs = prefill + decode

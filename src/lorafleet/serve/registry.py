@@ -286,7 +286,7 @@ class AdapterRegistry:
         handle = self.engine.handle
         if handle is None:
             raise LorafleetError("the engine has no adapter slots (closed?)")
-        # The slots' own checks (LoRA / rsLoRA only, their max rank, injected targets) now,
+        # The slots' own checks (supported methods, their max rank, injected targets) now,
         # before a slot is freed for an adapter that could not go in it.
         handle.slot_weights(adapter)
 

@@ -6,7 +6,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -16,6 +15,7 @@ from lorafleet.adapters import Adapter
 from lorafleet.errors import LorafleetError
 from lorafleet.layers import inject_multilora
 from lorafleet.models import Base
+from lorafleet.serve.intake import Intake
 from lorafleet.serve.runners import runner_class
 from lorafleet.serve.sampler import (
     advance,
@@ -105,8 +105,7 @@ class Engine:
         else:
             self.generator.manual_seed(seed)
         self._lock = threading.RLock()
-        # Requests and cancels that arrived during a step (deque appends/pops are atomic).
-        self._inbox: deque[tuple[str, Sequence | int]] = deque()
+        self.intake = Intake(self._lock, self._apply, self._refresh_snapshot)
         self._ids = itertools.count()
         self._requests: dict[int, Sequence] = {}  # every unfinished request
         self._finished: list[RequestOutput] = []  # finished since the last step() returned
@@ -134,41 +133,39 @@ class Engine:
                        mixture=mixture)  # fmt: skip
         if params.seed is not None:
             seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
-        self._now_or_next_step("add", seq)
+        self.intake.offer("add", seq)
         return seq.request_id
 
     def cancel(self, request_id: int) -> bool:
         """Stop a request and free its KV memory: now, or at the start of the next step when
         one is running. False if the request is unknown or already done."""
-        pending = any(kind == "add" and item.request_id == request_id
-                      for kind, item in list(self._inbox))  # fmt: skip
         seq = self._requests.get(request_id)
-        if not pending and (seq is None or seq.finished):
+        if not self.intake.holds_add(request_id) and (seq is None or seq.finished):
             return False
-        self._now_or_next_step("cancel", request_id)
+        self.intake.offer("cancel", request_id)
         return True
 
     def cancel_all(self) -> int:
         """Cancel every unfinished request (shutdown); returns how many."""
         with self._lock:
-            self._drain_inbox()
+            self.intake.drain()
             ids = list(self._requests)
             for request_id in ids:
                 self._cancel_now(request_id)
-            self._snapshot = self._take_snapshot()
+            self._refresh_snapshot()
             return len(ids)
 
     def step(self) -> list[RequestOutput]:
         """Admit, run one forward over the whole batch, sample, retire. Returns the requests
         that finished since the last call (including cancelled and failed ones)."""
         with self._lock:
-            self._drain_inbox()
+            self.intake.drain()
             self._recheck_waiting()
             batch = self.scheduler.schedule()
-            self._snapshot = self._take_snapshot()  # what stats() shows during the forward
+            self._refresh_snapshot()  # what stats() shows during the forward
             if batch:
                 self._run(batch.prefill, batch.decode)
-            self._snapshot = self._take_snapshot()
+            self._refresh_snapshot()
             finished, self._finished = self._finished, []
             return finished
 
@@ -186,7 +183,7 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         """Requests added and not finished (lock-free: requests in the inbox count)."""
-        return bool(self._inbox) or bool(self._requests)
+        return bool(self.intake) or bool(self._requests)
 
     # -- adapters (the direct-slot API a registry builds on) ----------------------------------
 
@@ -247,12 +244,15 @@ class Engine:
         (requests that arrived meanwhile, in the inbox, count as waiting)."""
         if self._lock.acquire(blocking=False):
             try:
-                self._snapshot = self._take_snapshot()
+                self._refresh_snapshot()
             finally:
                 self._lock.release()
         snapshot = dict(self._snapshot)
-        snapshot["waiting"] += sum(1 for kind, _ in list(self._inbox) if kind == "add")
+        snapshot["waiting"] += self.intake.pending_adds()
         return snapshot
+
+    def _refresh_snapshot(self) -> None:
+        self._snapshot = self._take_snapshot()
 
     def _take_snapshot(self) -> dict:
         return {
@@ -280,25 +280,12 @@ class Engine:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _now_or_next_step(self, kind: str, item: Sequence | int) -> None:
-        """Apply a request or cancel now if no step holds the lock, else leave it in the inbox
-        for the next step; either way the caller never waits for a forward pass."""
-        self._inbox.append((kind, item))
-        if self._lock.acquire(blocking=False):
-            try:
-                self._drain_inbox()
-                self._snapshot = self._take_snapshot()
-            finally:
-                self._lock.release()
-
-    def _drain_inbox(self) -> None:
-        """Apply queued requests and cancels in arrival order (lock held)."""
-        while self._inbox:
-            kind, item = self._inbox.popleft()
-            if kind == "add":
-                self._admit(item)
-            else:
-                self._cancel_now(item)
+    def _apply(self, kind: str, item: Sequence | int) -> None:
+        """A request or cancel from the intake (lock held)."""
+        if kind == "add":
+            self._admit(item)
+        else:
+            self._cancel_now(item)
 
     def _admit(self, seq: Sequence) -> None:
         self._requests[seq.request_id] = seq

@@ -9,6 +9,7 @@ from lorafleet.cli import (  # noqa: E402, F401
     compose_cmds,
     demo_cmds,
     fed_cmds,
+    mole_cmds,
     model_cmds,
     serve_cmds,
     train_cmds,

@@ -5,15 +5,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorafleet.errors import LorafleetError
 from lorafleet.fsutil import atomic_write_json
 
 
 def load_model(
-    base: str, adapter: Path | None, force: bool, max_rank: int, fed: Path | None = None
-):
-    """(loaded base, adapter info or None, model): the base with `adapter` attached, or the
-    global model of the `lorafleet fed` run directory `fed`."""
+    base: str, adapter: Path | None, force: bool, max_rank: int, fed: Path | None = None,
+    mole: Path | None = None, mask: list[str] | None = None,
+):  # fmt: skip
+    """(loaded base, adapter info or None, model): the base with `adapter` attached, the
+    global model of the `lorafleet fed` run directory `fed`, or the MoLE directory `mole`
+    (its experts `mask`ed)."""
     # Heavy imports happen here so `lorafleet --help` stays fast.
+    if mask and mole is None:
+        raise LorafleetError("--mask drops experts of a --mole; give --mole DIR")
+    if mole is not None:
+        if adapter is not None or fed is not None:
+            raise LorafleetError("give --mole, --adapter or --fed, not several")
+        from lorafleet.compose.mole import load_mole_base
+
+        loaded, handle = load_mole_base(base, mole, mask or ())
+        return loaded, None, handle.model
     if fed is not None:
         from lorafleet.fed.residual import load_fed_model
 

@@ -9,7 +9,15 @@ import typer
 
 from lorafleet.cli.app import app
 from lorafleet.cli.common import load_model, print_report
-from lorafleet.cli.options import AdapterOpt, BaseOpt, FedDirOpt, ForceOpt, MaxRankOpt
+from lorafleet.cli.options import (
+    AdapterOpt,
+    BaseOpt,
+    FedDirOpt,
+    ForceOpt,
+    MaskOpt,
+    MaxRankOpt,
+    MoleDirOpt,
+)
 
 
 @app.command()
@@ -66,6 +74,8 @@ def generate(
     force: bool = ForceOpt,
     max_rank: int = MaxRankOpt,
     fed: Path | None = FedDirOpt,
+    mole: Path | None = MoleDirOpt,
+    mask: list[str] = MaskOpt,
 ):
     """Generate a reply (greedy by default) and print only the generated text.
 
@@ -76,10 +86,12 @@ def generate(
         lorafleet generate --base default --adapter runs/sst2 --prompt "Great film!" --max-tokens 8
 
         lorafleet generate --base default --fed runs/fed --prompt "Great film!" --max-tokens 8
+
+        lorafleet generate --base default --mole runs/mole --mask clutrr --prompt "Great film!"
     """
     from lorafleet.models.generation import generate_text
 
-    loaded, _, model = load_model(base, adapter, force, max_rank, fed)
+    loaded, _, model = load_model(base, adapter, force, max_rank, fed, mole, mask)
     text = generate_text(
         model, loaded.tokenizer, prompt, max_tokens=max_tokens, chat=not no_chat,
         temperature=temperature, top_p=top_p, seed=seed,

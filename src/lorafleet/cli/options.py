@@ -21,6 +21,12 @@ FedDirOpt = typer.Option(
 )
 NoChatOpt = typer.Option(False, "--no-chat", help="Plain prompts, no chat template.")
 SeedOpt = typer.Option(0, "--seed")
+MoleDirOpt = typer.Option(
+    None, "--mole", help="A MoLE directory (`lorafleet mole train`): its experts + gates."
+)
+MaskOpt = typer.Option(
+    [], "--mask", help="Drop this MoLE expert, renormalise the rest; repeatable."
+)
 PortOpt = typer.Option(8000, "--port", min=1, max=65535)
 
 

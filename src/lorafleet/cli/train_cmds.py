@@ -14,7 +14,9 @@ from lorafleet.cli.options import (
     BaseOpt,
     FedDirOpt,
     ForceOpt,
+    MaskOpt,
     MaxRankOpt,
+    MoleDirOpt,
     NoChatOpt,
     SeedOpt,
 )
@@ -156,6 +158,8 @@ def eval_cmd(
         False, "--bayes", help="MAP vs Laplace-LoRA calibration (after `lorafleet calibrate`)."
     ),
     fed: Path | None = FedDirOpt,
+    mole: Path | None = MoleDirOpt,
+    mask: list[str] = MaskOpt,
 ):
     """Evaluate the base model or an adapter: task metric, loss and perplexity.
 
@@ -168,11 +172,13 @@ def eval_cmd(
         lorafleet eval -b default -a runs/sst2 --data sst2 --bayes --json sst2-calibration.json
 
         lorafleet eval --base default --fed runs/fed --data sst2 --limit 500
+
+        lorafleet eval --base default --mole runs/mole --data sst2 --mask clutrr
     """
     from lorafleet.data import load_examples
     from lorafleet.eval import evaluate
 
-    loaded, _, model = load_model(base, adapter, force, max_rank, fed)
+    loaded, _, model = load_model(base, adapter, force, max_rank, fed, mole, mask)
     examples = load_examples(data, loaded.tokenizer, split=split, chat=not no_chat, limit=limit)
     if bayes:  # accuracy, ECE, NLL, Brier for MAP vs Laplace, reliability diagram, JSON
         return eval_bayes(model, loaded.tokenizer, adapter, examples, json_out=json_out,
@@ -181,7 +187,7 @@ def eval_cmd(
         model, loaded.tokenizer, examples, metrics=tuple(metric) or None, batch_size=batch_size,
         max_new_tokens=max_new_tokens, max_length=max_length, show_progress=True,
     )  # fmt: skip
-    report = {"base": base, "adapter": str(adapter) if adapter else None, "data": data,
+    report = {"base": base, "adapter": str(adapter or mole or "") or None, "data": data,
               "split": split, **figures}  # fmt: skip
     print_report({"evaluation": report})
     if json_out is not None:

@@ -228,3 +228,11 @@ def load_mole(path: str | Path, model: nn.Module, base_fingerprint: str | None =
     gates.eval()
     mole.mask(list(mask))
     return mole
+
+
+def load_mole_base(base: str, path: str | Path, mask: Sequence[str] = ()):
+    """(loaded base, MoleModel): load the base `base` and attach the MoLE directory `path`."""
+    from lorafleet.models import load_base
+
+    loaded = load_base(base)
+    return loaded, load_mole(path, loaded.model, loaded.fingerprint, mask)

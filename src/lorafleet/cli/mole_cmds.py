@@ -1,0 +1,77 @@
+"""`lorafleet mole train`: a Mixture of LoRA Experts (per-layer gates over frozen adapters)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lorafleet.cli.app import app
+from lorafleet.cli.common import print_report
+from lorafleet.cli.options import BaseOpt, NoChatOpt, SeedOpt
+
+mole_app = typer.Typer(
+    help="Mixture of LoRA Experts (MoLE): gates per layer over frozen adapters.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(mole_app, name="mole")
+
+
+@mole_app.command("train")
+def train(
+    base: str = BaseOpt,
+    expert: list[str] = typer.Option(..., "--expert", "-e", help="NAME=DIR, repeatable."),
+    data: list[str] = typer.Option(
+        ..., "--data", "-d", help="TASK_OR_FILE[@WEIGHT], repeatable: sampled in proportion."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="The MoLE directory to write."),
+    steps: int = typer.Option(100, "--steps", min=1),
+    lr: float = typer.Option(5e-3, "--lr", min=0.0),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    balance_weight: float = typer.Option(
+        0.01, "--balance-weight", min=0.0, help="beta of the balancing loss -log prod_i q_i."
+    ),
+    temperature: float = typer.Option(1.0, "--temperature", min=1e-6, help="Softmax tau."),
+    gate: str = typer.Option(
+        "outputs",
+        "--gate",
+        help="outputs (the paper: on the experts' outputs) | input (the "
+        "official code: on the layer input).",
+    ),  # fmt: skip
+    train_limit: int | None = typer.Option(
+        None, "--train-limit", min=1, help="Rows read from each source."
+    ),
+    max_length: int = typer.Option(512, "--max-length", min=8),
+    save_every: int = typer.Option(50, "--save-every", min=1),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/."),
+    no_chat: bool = NoChatOpt,
+    seed: int = SeedOpt,
+):
+    """Train only the gates (one per adapted layer; experts and base frozen) on a mix of
+    tasks, then write OUT/mole_config.json (experts by relative path and sha256, gate variant,
+    temperature, base fingerprint) and OUT/gates.safetensors.
+
+    Examples:
+
+        lorafleet mole train -b default -e sst2=runs/sst2 -e clutrr=runs/clutrr -e sqa=runs/sqa
+        -d sst2 -d clutrr -d strategyqa --train-limit 200 --steps 100 -o runs/mole
+
+        lorafleet mole train -b default -e a=A -e b=B -d mixed.jsonl --gate input -o runs/mole
+
+        lorafleet eval -b default --mole runs/mole -d sst2 --mask clutrr
+    """
+    from lorafleet.compose.mole import MoleError, parse_expert
+    from lorafleet.compose.mole_train import MoleTrainConfig, train_mole
+
+    if gate not in ("outputs", "input"):
+        raise MoleError(f"--gate must be outputs or input, got {gate!r}")
+    cfg = MoleTrainConfig(
+        base=base, experts=[parse_expert(e) for e in expert], data=data, out=out, steps=steps,
+        lr=lr, batch_size=batch_size, balance_weight=balance_weight, temperature=temperature,
+        variant=gate, train_limit=train_limit, max_length=max_length, chat=not no_chat,
+        seed=seed, save_every=save_every, resume=resume,
+    )  # fmt: skip
+    summary = train_mole(cfg)
+    print_report({"mole": summary})
+    typer.echo(f"wrote {out}")

@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from compose_helpers import make_adapter, peft_deltas, tiny
+from compose_helpers import make_adapter, tiny
+from mole_helpers import reference_logits
 from safetensors.torch import load_file
 
 from lorafleet.adapters import attach, write_adapter
@@ -78,37 +79,6 @@ def _random_gates(mole, seed=0):
     with torch.no_grad():
         for p in mole.gates.parameters():
             p.copy_(3.0 * torch.randn(p.shape, generator=gen))
-
-
-def reference_logits(tokenizer, specs, gates, input_ids, keep=None):
-    """base + sum_k g_k(x) s_k B_k A_k x per layer, the deltas from PEFT's own layers, with
-    plain forward hooks on the tiny Llama (no multi-LoRA op)."""
-    model = tiny(tokenizer)
-    adapters = [a.adapter for a in read_experts(specs)]
-    deltas = [peft_deltas(tokenizer, a) for a in adapters]  # weight name -> [d_out, d_in]
-    names = gates.layer_names
-
-    def hook(name):
-        def fn(module, args, y):
-            x = args[0]
-            d = torch.stack([(x.double() @ dk[name + ".weight"].T if name + ".weight" in dk
-                              else torch.zeros_like(y, dtype=torch.float64)) for dk in deltas],
-                            dim=-2)  # [..., K, d_out]  # fmt: skip
-            flat_x, flat_d = x.reshape(-1, x.shape[-1]), d.reshape(-1, *d.shape[-2:])
-            feats = flat_d.reshape(flat_d.shape[0], -1) if gates.variant == "outputs" else flat_x
-            feats = torch.nn.functional.normalize(feats.double(), dim=-1)
-            W = gates.weight[name.replace(".", "__")].detach().double()
-            g = gate_probs(feats @ W.T, gates.temperature, keep)  # [n, K]
-            mix = (g[:, :, None] * flat_d).sum(1).reshape(y.shape)
-            return (y.double() + mix).to(y.dtype)
-
-        return fn
-
-    mods = dict(model.named_modules())
-    for name in names:
-        mods[name].register_forward_hook(hook(name))
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
 
 
 @pytest.mark.parametrize("variant", ["outputs", "input"])

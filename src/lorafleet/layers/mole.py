@@ -80,15 +80,22 @@ class MoleGates(nn.Module):
         # Training goes through the direct (differentiable) mixture path for both variants.
         return self.variant == "outputs" or self.training
 
-    def set_mask(self, dropped: Iterable[int]) -> None:
-        """Drop these experts (indices) at inference; the rest are renormalised."""
+    def keep_mask(self, dropped: Iterable[int]) -> Tensor | None:
+        """[K] bool: False for the dropped experts (indices); None when none is dropped."""
         dropped = set(dropped)
         if not dropped:
-            self.keep = None
-            return
+            return None
         if len(dropped) >= self.n_experts:
             raise ValueError("the mask drops every expert; keep at least one")
-        self.keep = torch.tensor([i not in dropped for i in range(self.n_experts)])
+        return torch.tensor([i not in dropped for i in range(self.n_experts)])
+
+    def set_mask(self, dropped: Iterable[int]) -> None:
+        """Drop these experts (indices) at inference; the rest are renormalised."""
+        self.keep = self.keep_mask(dropped)
+
+    def masked(self, dropped: Iterable[int]) -> MaskedGates:
+        """A MixtureGate over these gates with the experts `dropped` (one per request)."""
+        return MaskedGates(self, self.keep_mask(dropped))
 
     def logits(self, layer: str, x: Tensor, deltas: Tensor | None) -> Tensor:
         """[n, K] gate logits for rows x: [n, d_in] (deltas: [n, K, d_out])."""
@@ -109,7 +116,15 @@ class MoleGates(nn.Module):
                 deltas: Tensor | None = None) -> Tensor:  # fmt: skip
         if len(slots) != self.n_experts:
             raise ValueError(f"{len(slots)} slots for a MoLE of {self.n_experts} experts")
-        keep = None if self.keep is None else self.keep.to(x.device)
+        return self.weights(layer, x, deltas, self.keep)
+
+    def weights(self, layer: str, x: Tensor, deltas: Tensor | None,
+                keep: Tensor | None = None) -> Tensor:  # fmt: skip
+        """[n, K] weights for rows x (in x's dtype), experts outside `keep` dropped. A layer
+        without a gate (no expert adapts it; another adapter made it run) gets zeros."""
+        if gate_key(layer) not in self.weight:
+            return x.new_zeros(x.shape[0], self.n_experts)
+        keep = None if keep is None else keep.to(x.device)
         w = gate_probs(self.logits(layer, x, deltas), self.temperature, keep)
         if self.training:
             self.recorded.append(w)
@@ -119,3 +134,37 @@ class MoleGates(nn.Module):
         """The weights recorded since the last call (and forget them)."""
         out, self.recorded = self.recorded, []
         return out
+
+
+class MaskedGates:
+    """MoleGates with a fixed expert mask: a MixtureGate of its own, so requests with
+    different masks share one set of gates."""
+
+    def __init__(self, gates: MoleGates, keep: Tensor | None):
+        self.gates, self.keep = gates, keep
+
+    @property
+    def wants_deltas(self) -> bool:
+        return self.gates.wants_deltas
+
+    def __call__(self, layer: str, x: Tensor, slots: tuple[int, ...],
+                 deltas: Tensor | None = None) -> Tensor:  # fmt: skip
+        if len(slots) != self.gates.n_experts:
+            raise ValueError(f"{len(slots)} slots for a MoLE of {self.gates.n_experts} experts")
+        return self.gates.weights(layer, x, deltas, self.keep)
+
+
+def gates_from_tensors(tensors: Mapping[str, Tensor], variant: str,
+                       temperature: float) -> MoleGates:  # fmt: skip
+    """MoleGates holding `tensors` (layer name -> W [K, width]) as saved, without a model."""
+    K = {int(t.shape[0]) for t in tensors.values()}
+    if len(K) != 1:
+        raise ValueError("the gates disagree on the number of experts")
+    k = K.pop()
+    div = 1 if variant == "input" else k
+    layers = {n: (int(t.shape[1]), int(t.shape[1]) // div) for n, t in tensors.items()}
+    gates = MoleGates(layers, k, variant=variant, temperature=temperature)
+    with torch.no_grad():
+        for n, t in tensors.items():
+            gates.weight[gate_key(n)].copy_(t)
+    return gates.eval()

@@ -79,9 +79,14 @@ class Mixture:
     """Several adapters in one request: delta = sum_k weight_k * s_k B_k A_k x, computed per
     row in the batched op (no merged copy; equal to PEFT's `cat` merge of the same list).
     `entries`: (adapter name, weight) pairs, distinct names, finite weights (one-line
-    LorafleetError otherwise). `Mixture.of` also takes a list of pairs or a {name: weight} map."""
+    LorafleetError otherwise). `Mixture.of` also takes a list of pairs or a {name: weight} map.
+    With a `gate` (a layers.MixtureGate, e.g. MoLE's gates) the weights are computed per row
+    and layer by the gate over the adapters in this order (the pairs' weights are unused);
+    `name` then labels the mixture."""
 
     entries: tuple[tuple[str, float], ...]
+    gate: object = None
+    name: str | None = None
 
     def __post_init__(self):
         entries = tuple(self.entries)
@@ -119,6 +124,8 @@ class Mixture:
     @property
     def label(self) -> str:
         """The mixture as text, e.g. "a*0.7+b*0.3" (RequestOutput.adapter)."""
+        if self.name is not None:
+            return self.name
         return "+".join(f"{name}*{weight:g}" for name, weight in self.entries)
 
 
@@ -128,7 +135,7 @@ def resolve_adapter(spec) -> tuple[str | None, Mixture | None]:
     if spec is None or isinstance(spec, str):
         return spec, None
     mixture = Mixture.of(spec)
-    if len(mixture.entries) == 1 and mixture.weights[0] == 1.0:
+    if len(mixture.entries) == 1 and mixture.weights[0] == 1.0 and mixture.gate is None:
         return mixture.names[0], None
     return mixture.label, mixture
 

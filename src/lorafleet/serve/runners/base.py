@@ -85,14 +85,13 @@ class ModelRunner:
             segments.append((seq.kv_slot, start, n))
             last.append(start + n - 1)
             if seq.mixture is not None:  # its rows have slot 0 in the map
-                mixtures.append(RowMixture(range(start, start + n), seq.mix_slots,
-                                           seq.mixture.weights))  # fmt: skip
+                mixtures.append(_row_mixture(range(start, start + n), seq))
         n_prefill = len(ids)
         for seq in decode:
             # The last sampled token is not in the cache yet: it is this step's input.
             last.append(len(ids))
             if seq.mixture is not None:
-                mixtures.append(RowMixture((len(ids),), seq.mix_slots, seq.mixture.weights))
+                mixtures.append(_row_mixture((len(ids),), seq))
             ids.append(seq.last_token)
             positions.append(seq.num_cached)
             slots.append(seq.lora_slot)
@@ -195,3 +194,9 @@ class ModelRunner:
                                                scale=scale, enable_gqa=True)  # fmt: skip
             out[p:] = o.squeeze(2)  # [n_dec, H, 1, D] -> [n_dec, H, D]
         return out
+
+
+def _row_mixture(rows, seq: Sequence) -> RowMixture:
+    """A mixture request's rows: fixed weights, or its gate's per-row weights (MoLE)."""
+    gate = seq.mixture.gate
+    return RowMixture(rows, seq.mix_slots, None if gate else seq.mixture.weights, gate=gate)

@@ -1,0 +1,66 @@
+"""A MoLE directory served by the engine: its experts resident together, its gates per row."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from lorafleet.compose.mole import GATES_FILE, MoleError, mole_experts, read_mole_config
+from lorafleet.layers.mole import MoleGates, gates_from_tensors
+from lorafleet.serve.sequence import Mixture
+
+
+@dataclass
+class ServedMole:
+    """A MoLE loaded into an engine: `adapters` are the engine's names for its experts (in
+    the gates' order); `mixture(mask)` is what a request passes as its adapter."""
+
+    name: str
+    experts: list[str]
+    adapters: list[str]
+    gates: MoleGates
+
+    def mixture(self, mask: Sequence[str] = ()) -> Mixture:
+        unknown = [m for m in mask if m not in self.experts]
+        if unknown:
+            raise MoleError(f"mask {unknown[0]}: not an expert of {self.name} "
+                            f"({', '.join(self.experts)})")  # fmt: skip
+        try:
+            gate = self.gates.masked(self.experts.index(m) for m in mask)
+        except ValueError as exc:
+            raise MoleError(f"{self.name}: {exc}") from exc
+        return Mixture(tuple((a, 1.0) for a in self.adapters), gate=gate, name=self.name)
+
+    def describe(self) -> dict:
+        return {"id": self.name, "experts": list(self.experts), "variant": self.gates.variant,
+                "temperature": self.gates.temperature}  # fmt: skip
+
+
+def read_gates(path: str | Path) -> MoleGates:
+    """The gates of the MoLE directory `path` (no model needed)."""
+    config = read_mole_config(path)
+    saved = load_file(str(Path(path) / GATES_FILE))
+    tensors = {k.removesuffix(".gate"): v for k, v in saved.items()}
+    try:
+        gates = gates_from_tensors(tensors, config["variant"], float(config["temperature"]))
+    except (ValueError, KeyError) as exc:
+        raise MoleError(f"{path}: {GATES_FILE}: {exc}") from exc
+    if gates.n_experts != len(config["experts"]):
+        raise MoleError(f"{path}: {GATES_FILE} gates {gates.n_experts} experts, the config "
+                        f"lists {len(config['experts'])}")  # fmt: skip
+    return gates
+
+
+def serve_mole(engine, name: str, path: str | Path) -> ServedMole:
+    """Load the MoLE directory `path` into `engine` under `name` (each expert checked, then
+    resident as NAME/EXPERT); returns what requests use."""
+    experts = mole_experts(path, engine.base.fingerprint)
+    gates = read_gates(path).to(engine.runner.device)
+    adapters = []
+    for e in experts:
+        adapters.append(f"{name}/{e.name}")
+        engine.load_adapter(adapters[-1], e.adapter)
+    return ServedMole(name, [e.name for e in experts], adapters, gates)

@@ -108,3 +108,40 @@ def test_served_mole_refusals(tokenizer, moles):
             serve_mole(other, "mix", root / "mole-input")
     finally:
         other.close()
+
+
+def test_http_serves_a_mole_dir_by_name_with_masks(tokenizer, moles):
+    import httpx
+
+    from lorafleet.compose.mole_serve import MoleCatalog
+    from lorafleet.serve.api import AuthConfig, ServerConfig
+    from lorafleet.serve.api.server import EngineSettings, ServerThread, build_state
+
+    root, _, _ = moles  # e0, e1, e2 and the MoLE dirs mole-outputs, mole-input side by side
+    settings = EngineSettings(max_adapters=4, max_rank=8, max_batch_size=8,
+                              max_batch_tokens=256, max_seq_len=64)  # fmt: skip
+    state = build_state(_base(tokenizer), root, AuthConfig.off(), settings,
+                        ServerConfig(model_name="tiny"), None, None, MoleCatalog)  # fmt: skip
+    srv = ServerThread(state).start()
+    try:
+        cards = httpx.get(srv.url + "/v1/models", timeout=30).json()["data"]
+        card = next(c for c in cards if c["id"] == "mole-input")
+        assert card["experts"] == ["e0", "e1", "e2"]
+
+        def text(model, **extra):
+            body = {"model": model, "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0,
+                    **extra}  # fmt: skip
+            r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        full, only_e1, e1 = text("mole-input"), text("mole-input", mask=["e0", "e2"]), text("e1")
+        assert only_e1 == e1 and full != e1
+        for model, mask, message in (("mole-input", ["nope"], "not an expert of mole-input"),
+                                     ("e1", ["e0"], "is not one")):  # fmt: skip
+            body = {"model": model, "prompt": "hi", "max_tokens": 2, "mask": mask}
+            r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 400 and message in r.json()["error"]["message"]
+            assert r.json()["error"]["param"] == "mask"
+    finally:
+        srv.stop()

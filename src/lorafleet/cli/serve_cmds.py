@@ -61,9 +61,13 @@ def serve(
 
         curl localhost:8000/v1/completions -H 'Content-Type: application/json'
         -d '{"model": "sst2", "prompt": "Hi", "logprobs": 5, "n": 3, "seed": 1}'
+
+        curl localhost:8000/v1/completions -H 'Content-Type: application/json'
+        -d '{"model": "my-mole", "prompt": "Hi", "mask": ["clutrr"]}'
     """
     from lorafleet.bayes.serving import laplace_classifier
     from lorafleet.compose import merge_adapters
+    from lorafleet.compose.mole_serve import MoleCatalog
     from lorafleet.errors import LorafleetError
     from lorafleet.models import load_base
     from lorafleet.serve.api import AuthConfig, ServerConfig
@@ -80,7 +84,7 @@ def serve(
                           shutdown_grace_s=shutdown_grace, max_mixture=max_mixture,
                           merge_cache_mb=merge_cache_mb, max_n=max_n)  # fmt: skip
     state = build_state(loaded, adapters, auth_config, settings, config, laplace_classifier,
-                        merge_adapters)  # fmt: skip
+                        merge_adapters, MoleCatalog)  # fmt: skip
     names = state.adapter_names()
     typer.echo(f"lorafleet: serving {config.model_name} + {len(names)} adapter(s) "
                f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}) on "

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from lorafleet.compose.mole import GATES_FILE, MoleError, mole_experts, read_mole_config
+from lorafleet.compose.mole import (
+    GATES_FILE,
+    MoleError,
+    is_mole_dir,
+    mole_experts,
+    read_mole_config,
+)
 from lorafleet.layers.mole import MoleGates, gates_from_tensors
 from lorafleet.serve.sequence import Mixture
 
@@ -64,3 +70,40 @@ def serve_mole(engine, name: str, path: str | Path) -> ServedMole:
         adapters.append(f"{name}/{e.name}")
         engine.load_adapter(adapters[-1], e.adapter)
     return ServedMole(name, [e.name for e in experts], adapters, gates)
+
+
+class MoleCatalog:
+    """The MoLE directories inside a server's adapters directory, served by name: each
+    expert is registered with the registry as MOLE.EXPERT (loaded on demand, resident
+    together while a request runs), the gates are read once. `spec(name, mask)` is the
+    engine adapter spec of a request. Every MoLE is checked at startup (one line if bad)."""
+
+    def __init__(self, engine, registry):
+        self.moles: dict[str, ServedMole] = {}
+        root = getattr(registry, "adapters_dir", None)
+        if root is None:
+            return
+        for path in sorted(p for p in Path(root).iterdir() if is_mole_dir(p)):
+            self.moles[path.name] = self._register(engine, registry, path)
+
+    @staticmethod
+    def _register(engine, registry, path: Path) -> ServedMole:
+        experts = mole_experts(path, engine.base.fingerprint)
+        gates = read_gates(path).to(engine.runner.device)
+        names = []
+        for e in experts:
+            names.append(f"{path.name}.{e.name}")
+            registry.add(names[-1], e.path)
+        return ServedMole(path.name, [e.name for e in experts], names, gates)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.moles
+
+    def names(self) -> list[str]:
+        return sorted(self.moles)
+
+    def spec(self, name: str, mask: Sequence[str] = ()) -> Mixture:
+        return self.moles[name].mixture(mask)
+
+    def experts(self, name: str) -> list[str]:
+        return list(self.moles[name].experts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.auth import Principal
 from lorafleet.serve.api.errors import APIError
 from lorafleet.serve.api.state import ServerState
@@ -119,9 +120,19 @@ async def engine_spec(state: ServerState, mix: MixRequest):
     return await merged.adapter_for(mix)
 
 
-async def openai_adapter(state: ServerState, who: Principal, model: str, adapters):
-    """(engine adapter spec, metrics label) of an OpenAI request: the base, an adapter or a
-    mixture."""
+async def openai_adapter(state: ServerState, who: Principal, model: str, adapters,
+                         mask: list[str] | None = None):  # fmt: skip
+    """(engine adapter spec, metrics label) of an OpenAI request: the base, an adapter, a
+    mixture or a MoLE (its experts `mask`ed)."""
+    if state.moles is not None and model in state.moles and state.auth.can_use(who, model):
+        if adapters is not None:
+            raise bad("adapters", f"{model} is a MoLE; it takes no adapters field")
+        try:
+            return state.moles.spec(model, mask or ()), model
+        except LorafleetError as exc:
+            raise bad("mask", str(exc)) from None
+    if mask:
+        raise bad("mask", f"mask drops experts of a MoLE model; {model} is not one")
     mix = from_openai(state, who, model, adapters)
     if mix is None:
         adapter = state.resolve(model, who)

@@ -21,6 +21,7 @@ from lorafleet.serve.api.responses import (
     CompletionWithUsage,
     ModelCard,
     ModelList,
+    MoleCard,
     Usage,
 )
 from lorafleet.serve.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -36,6 +37,9 @@ def _model_card(state: ServerState, name: str) -> ModelCard:
     if name == base:
         return ModelCard(id=name, created=state.created, owned_by=BASE_OWNER)
     owner = state.auth.owner.get(name, BASE_OWNER)
+    if state.moles is not None and name in state.moles:
+        return MoleCard(id=name, created=state.created, owned_by=owner, parent=base, root=name,
+                        experts=state.moles.experts(name))  # fmt: skip
     return AdapterCard(id=name, created=state.created, owned_by=owner, parent=base, root=name)
 
 
@@ -67,7 +71,8 @@ def chat_prompt_ids(tokenizer, messages) -> list[int]:
 async def _start(state: ServerState, request: Request, rec: RequestRecord, body, who,
                  prompts: list[list[int]], params_kw: dict, default_max: int):  # fmt: skip
     """Submit n choices per prompt; (choices, False when the client left meanwhile)."""
-    adapter, label = await mixtures.openai_adapter(state, who, body.model, body.adapters)
+    adapter, label = await mixtures.openai_adapter(state, who, body.model, body.adapters,
+                                                   body.mask)  # fmt: skip
     rec.started(label)
     n = choices_mod.check_n(state, body.n)
     for ids in prompts:

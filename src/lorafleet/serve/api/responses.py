@@ -34,6 +34,10 @@ class AdapterCard(ModelCard):
     root: str
 
 
+class MoleCard(AdapterCard):
+    experts: list[str]  # a MoLE's experts, in its gates' order
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[SerializeAsAny[ModelCard]]

@@ -57,6 +57,8 @@ class _Adapters(_Sampling):
     adapters: Annotated[list[AdapterWeight], Field(min_length=1, max_length=MAX_PARTS)] | None = (
         None
     )
+    # lorafleet extension: MoLE experts to drop (the rest renormalised), `model` being a MoLE
+    mask: Annotated[list[str], Field(max_length=MAX_PARTS)] | None = None
 
 
 class CompletionRequest(_Adapters):

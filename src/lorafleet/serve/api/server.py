@@ -33,10 +33,12 @@ class EngineSettings:
 def build_state(base, adapters_dir: str | Path | None, auth: AuthConfig | None = None,
                 settings: EngineSettings | None = None, config: ServerConfig | None = None,
                 classifier: Callable[..., Classifier] | None = None,
-                merge: MergeFn | None = None) -> ServerState:  # fmt: skip
+                merge: MergeFn | None = None,
+                moles: Callable | None = None) -> ServerState:  # fmt: skip
     """Engine over `base` (a loaded Base), registry over `adapters_dir`, and the app state.
     `classifier(engine, registry)` builds what answers `class_choices` (none: a 400);
-    `merge` (lorafleet.compose.merge_adapters) serves ties / dare merges (none: a 400)."""
+    `merge` (lorafleet.compose.merge_adapters) serves ties / dare merges (none: a 400);
+    `moles(engine, registry)` (lorafleet.compose.mole_serve.MoleCatalog) serves MoLE dirs."""
     from lorafleet.serve import AdapterRegistry, Engine
 
     s = settings or EngineSettings()
@@ -50,7 +52,8 @@ def build_state(base, adapters_dir: str | Path | None, auth: AuthConfig | None =
         raise LorafleetError(f"an adapter is named {config.model_name!r}, like the base model")
     made = classifier(engine, registry) if classifier is not None else None
     merged = MergeCache(engine, registry, merge, config.merge_cache_mb) if merge else None
-    return ServerState(engine, registry, auth or AuthConfig.off(), config, made, merged)
+    catalog = moles(engine, registry) if moles is not None else None
+    return ServerState(engine, registry, auth or AuthConfig.off(), config, made, merged, catalog)
 
 
 def _max_positions(base) -> int:

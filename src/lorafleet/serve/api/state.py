@@ -53,6 +53,7 @@ class ServerState:
     config: ServerConfig
     classifier: Classifier | None = None  # class_choices' probabilities (the CLI's Laplace one)
     merged: object | None = None  # ties / dare merges as virtual adapters (a MergeCache)
+    moles: object | None = None  # MoLE dirs served by name (compose.mole_serve.MoleCatalog)
     loop: EngineLoop = field(init=False)
     metrics: Metrics = field(init=False)
     closing: bool = False
@@ -71,9 +72,10 @@ class ServerState:
         return getattr(self.registry, "adapters_dir", None)
 
     def adapter_names(self) -> list[str]:
+        moles = self.moles.names() if self.moles is not None else []
         if self.registry is not None:
-            return [n for n in self.registry.names() if n != self.config.model_name]
-        return sorted(self.engine.loaded_adapters())
+            return [n for n in self.registry.names() if n != self.config.model_name] + moles
+        return sorted(self.engine.loaded_adapters()) + moles
 
     def resolve(self, model: str, who: Principal) -> str | None:
         """The adapter `model` names for this caller (None = the base), or a 404."""
@@ -81,6 +83,8 @@ class ServerState:
             return None
         if not valid_name(model) or not self.auth.can_use(who, model):
             raise model_not_found(model)
+        if self.moles is not None and model in self.moles:
+            return model
         if self.registry is not None:
             if self.registry.state(model) is None:
                 raise model_not_found(model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from lorafleet.cli import (  # noqa: E402, F401
     bayes_cmds,
     bench_cmds,
+    change_cmds,
     compose_cmds,
     demo_cmds,
     fed_cmds,

@@ -1,0 +1,132 @@
+"""The entry points `lorafleet change` calls: train, apply, evaluate, write example images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lorafleet.change import apply as ap
+from lorafleet.change.evaluate import BASELINES, evaluate, predictions, quads
+from lorafleet.change.grid import save_grid
+from lorafleet.change.photos import load_photo
+from lorafleet.change.sampling import seen_edit, unseen_edit
+from lorafleet.change.store import ChangeConfig, load_model
+from lorafleet.change.train import Trainer
+from lorafleet.errors import LorafleetError
+from lorafleet.fsutil import atomic_write_json
+
+
+def train_model(cfg: ChangeConfig, out: Path, resume: bool = False, quiet: bool = False) -> Path:
+    """Pre-train the editor, then the hypernetwork, with a progress bar per phase."""
+    from tqdm.auto import tqdm
+
+    trainer = Trainer(cfg, out, resume=resume)
+    bars: dict = {}
+
+    def progress(phase, step, total, losses):
+        if quiet:
+            return
+        if phase not in bars:
+            bars[phase] = tqdm(total=total, initial=step - 1, desc=phase, unit="step")
+        bars[phase].update(1)
+        bars[phase].set_postfix({k: f"{v:.4f}" for k, v in losses.items()}, refresh=False)
+
+    try:
+        return trainer.run(progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def apply_change(model: Path, image: Path, out: Path, before: Path | None = None,
+                 after: Path | None = None, lora: Path | None = None,
+                 save_lora: Path | None = None) -> dict:  # fmt: skip
+    """Edit `image` the way before -> after shows (or with a saved LoC adapter); write a PNG."""
+    if (before is None) != (after is None):
+        raise LorafleetError("give both --before and --after (the example pair)")
+    if (before is None) == (lora is None):
+        raise LorafleetError("give either an example pair (--before/--after) or --lora DIR")
+    cfg, editor, hyper = load_model(model)
+    x = ap.read_png(image)
+    scale = 1.0
+    if lora is not None:
+        delta, scale = ap.load_lora(lora, editor)
+    else:
+        delta = ap.emit_lora(hyper, ap.read_png(before), ap.read_png(after), cfg.image_size)
+        if save_lora is not None:
+            ap.save_lora(save_lora, delta, cfg.rank, {"loc_model": str(model)})
+    ap.write_png(out, ap.edit(editor, delta, x, scale))
+    return {"out": str(out), "size": list(x.shape[-2:]), "lora": str(save_lora or lora or "")}
+
+
+def _grid_rows(qs, models, rows_per_group: int) -> list[dict]:
+    picked, seen_count = [], {}
+    for q in qs:
+        if seen_count.get(q["group"], 0) < rows_per_group and q["edit"] not in {
+            p["edit"] for p in picked if p["group"] == q["group"]
+        }:
+            seen_count[q["group"]] = seen_count.get(q["group"], 0) + 1
+            picked.append(q)
+    rows = []
+    for q in picked:
+        preds = predictions(q, models)
+        row = {"label": f"{q['group']}: {q['label']}", "A": q["a"], "A'": q["a2"], "B": q["b"]}
+        rows.append({**row, "true B'": q["b2"], **preds})
+    return rows
+
+
+def evaluate_models(models: dict[str, Path], out: Path, per_edit: int = 8, seed: int = 0,
+                    rows_per_group: int = 8) -> dict:  # fmt: skip
+    """Score each LoC model (label -> dir) and the baselines; write results.json and grid.png."""
+    from tqdm.auto import tqdm
+
+    loaded = {}
+    size = None
+    for label, folder in models.items():
+        cfg, editor, hyper = load_model(folder)
+        if size not in (None, cfg.image_size):
+            raise LorafleetError("the models were trained at different image sizes")
+        size = cfg.image_size
+        loaded[label] = (editor, hyper)
+    torch.manual_seed(seed)
+    qs = quads(seed, per_edit, size)
+    with tqdm(total=len(qs), desc="evaluating", unit="quad") as bar:
+        results = evaluate(loaded, qs, lambda i, n: bar.update(1))
+    results["settings"] = {"models": {k: str(v) for k, v in models.items()},
+                           "per_edit": per_edit, "seed": seed}  # fmt: skip
+    out = Path(out)
+    atomic_write_json(out / "results.json", results)
+    columns = ["A", "A'", "B", "true B'", *loaded, *BASELINES]
+    save_grid(out / "grid.png", _grid_rows(qs, loaded, rows_per_group), columns)
+    return results
+
+
+def write_examples(out: Path, edit: str = "hue", unseen: bool = False, seed: int = 0) -> dict:
+    """An example pair and a query from held-out photos (+ the true answer) as PNGs."""
+    g = torch.Generator().manual_seed(seed)
+    e = unseen_edit(g, edit) if unseen else seen_edit(g, edit)
+    a = load_photo("chelsea")[None, :, 20:84, 40:104]
+    b = load_photo("sklearn:china")[None, :, 40:104, 60:124]
+    out = Path(out)
+    files = {"before.png": a, "after.png": e(a), "image.png": b, "truth.png": e(b)}
+    for name, x in files.items():
+        ap.write_png(out / name, x)
+    atomic_write_json(out / "edit.json", {"edit": e.label()})
+    return {"edit": e.label(), "files": [str(out / n) for n in files]}
+
+
+def results_table(results: dict) -> str:
+    """Markdown table of mean PSNR / SSIM per group and method."""
+    groups = results["groups"]
+    methods = list(next(iter(groups.values())))
+    lines = ["| edits | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for group, row in groups.items():
+        cells = [f"{row[m]['psnr']:.2f} / {row[m]['ssim']:.3f}" for m in methods]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

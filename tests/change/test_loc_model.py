@@ -55,6 +55,11 @@ def test_reverse_loss_uses_the_negated_lora():
     assert float((losses["reverse"] - F.mse_loss(editor(a2, lora), a)).abs().detach()) > 1e-6
     no_rev = ChangeConfig(**{**TINY.__dict__, "reverse": False})
     assert set(pair_losses(editor, hyper, a, a2, no_rev)) == {"forward"}
+    quad = ChangeConfig(**{**TINY.__dict__, "quad_weight": 0.5})
+    b, b2 = _images(seed=3)
+    with torch.no_grad():
+        got = pair_losses(editor, hyper, a, a2, quad, b, b2)["quad"]
+        torch.testing.assert_close(got, 0.5 * F.mse_loss(editor(b, lora), b2))
 
 
 def test_emitted_lora_through_peft_equals_the_hypernetwork_path(tmp_path):

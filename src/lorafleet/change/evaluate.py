@@ -29,6 +29,15 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(structural_similarity(a, b, channel_axis=0, data_range=1.0, win_size=7))
 
 
+def _textured(photos, size: int, g: torch.Generator, min_std: float = 0.06) -> torch.Tensor:
+    """A crop [1, 3, size, size] with some texture (flat sky shows no edit); 20 tries at most."""
+    for _ in range(20):
+        crop = random_crops(photos, 1, size, g)
+        if float(crop.std()) >= min_std:
+            break
+    return crop
+
+
 def quads(seed: int, per_edit: int, size: int) -> list[dict]:
     """`per_edit` quads for each evaluated edit, on crops of the held-out photos."""
     g = torch.Generator().manual_seed(10_000 + seed)
@@ -36,8 +45,7 @@ def quads(seed: int, per_edit: int, size: int) -> list[dict]:
     out = []
     for _ in range(per_edit):
         for group, edit in eval_edits(g):
-            a, b = random_crops(photos, 2, size, g)
-            a, b = a[None], b[None]
+            a, b = _textured(photos, size, g), _textured(photos, size, g)
             out.append({"group": group, "edit": edit.name, "label": edit.label(),
                         "a": a, "a2": edit(a), "b": b, "b2": edit(b)})  # fmt: skip
     return out

@@ -62,13 +62,15 @@ def apply_change(model: Path, image: Path, out: Path, before: Path | None = None
 
 
 def _grid_rows(qs, models, rows_per_group: int) -> list[dict]:
-    picked, seen_count = [], {}
+    """One quad per edit type, evenly spread over each group's types."""
+    firsts: dict = {}
     for q in qs:
-        if seen_count.get(q["group"], 0) < rows_per_group and q["edit"] not in {
-            p["edit"] for p in picked if p["group"] == q["group"]
-        }:
-            seen_count[q["group"]] = seen_count.get(q["group"], 0) + 1
-            picked.append(q)
+        firsts.setdefault(q["group"], {}).setdefault(q["edit"], q)
+    picked = []
+    for by_type in firsts.values():
+        types = list(by_type.values())
+        step = max(1.0, len(types) / rows_per_group)
+        picked += [types[int(i * step)] for i in range(min(rows_per_group, len(types)))]
     rows = []
     for q in picked:
         preds = predictions(q, models)
@@ -78,7 +80,7 @@ def _grid_rows(qs, models, rows_per_group: int) -> list[dict]:
 
 
 def evaluate_models(models: dict[str, Path], out: Path, per_edit: int = 8, seed: int = 0,
-                    rows_per_group: int = 8) -> dict:  # fmt: skip
+                    rows_per_group: int = 9) -> dict:  # fmt: skip
     """Score each LoC model (label -> dir) and the baselines; write results.json and grid.png."""
     from tqdm.auto import tqdm
 

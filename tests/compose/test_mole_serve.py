@@ -73,11 +73,13 @@ def test_served_mole_equals_the_reference_next_to_plain_rows(tokenizer, moles, v
         requests = [(prompts[0], served.mixture(), PARAMS), (prompts[1], "plain", PARAMS),
                     (prompts[2], served.mixture(["e1"]), PARAMS),
                     (prompts[1], served.mixture(["e0", "e2"]), PARAMS),
-                    (prompts[1], "mix/e1", PARAMS)]  # fmt: skip
+                    (prompts[1], "mix/e1", PARAMS),
+                    (prompts[2], served.mixture(), PARAMS)]  # fmt: skip
         together = engine.generate(requests)  # one batch: MoLE rows next to plain rows
         alone = [engine.generate([r])[0] for r in requests]
     finally:
         engine.close()
+    # Rows 0 and 5 share one gate object: the batch coalesces them into one gate call.
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     assert together[0].adapter == "mix"
     keep = torch.tensor([True, False, True])

@@ -9,6 +9,8 @@ holding the same K adapters, timed side by side (interleaved; median of `repeats
 a record with 2 adapters per row (row or sequence i mixes adapters i and i+1 mod K, weights
 0.5 each, as the engine passes one mixture per decode row or prefill sequence) gives the cost
 of a mixture row next to a single-adapter row (`vs_single`, timed in the same interleave).
+For K >= 3, MoLE records (3 experts per row, weights from per-layer gates per token, gate on
+the experts' outputs or on the layer input) give the cost of a MoLE row the same way.
 """
 
 from __future__ import annotations
@@ -73,6 +75,20 @@ def _mixtures(slots: list[int], k: int) -> list:
     return [RowMixture((i,), (s, s % k + 1), (0.5, 0.5)) for i, s in enumerate(slots)]
 
 
+def _moles(ours, slots: list[int], k: int) -> dict:
+    """MoLE rows: unit i gates its slot and the next two (mod K), per gate variant."""
+    from lorafleet.layers import RowMixture
+    from lorafleet.layers.mole import MoleGates
+
+    shapes = {m.name: (m.base_layer.in_features, m.base_layer.out_features) for m in ours}
+    out = {}
+    for variant in ("outputs", "input"):
+        gates = MoleGates(shapes, 3, variant=variant).eval()
+        out[f"mole_{variant}"] = [RowMixture((i,), (s, s % k + 1, (s + 1) % k + 1), gate=gates)
+                                  for i, s in enumerate(slots)]  # fmt: skip
+    return out
+
+
 def _timed_fns(linears, ours, peft, context, xs, slots, k) -> dict:
     names = [f"a{s}" for s in slots]
 
@@ -102,6 +118,16 @@ def _timed_fns(linears, ours, peft, context, xs, slots, k) -> dict:
     }  # fmt: skip
     if k >= 2:
         fns["mixture"] = mixture
+    if k >= 3:
+        for name, rows in _moles(ours, slots, k).items():
+
+            def mole(rows=rows):
+                context.path = None
+                context.set_slots([0] * len(slots), rows)
+                for layer in ours:
+                    layer(xs[layer.base_layer.in_features])
+
+            fns[name] = mole
     return fns
 
 
@@ -155,7 +181,7 @@ def run(
         Bt = torch.randn(max_k + 1, ranks, d_out, generator=gen) / ranks**0.5
         stacks.append((A, Bt))
     context = MultiLoRAContext()
-    ours = [MultiLoRALinear(lin, context, max_k, ranks) for lin in linears]
+    ours = [MultiLoRALinear(lin, context, max_k, ranks, name) for name, lin in named.items()]
     for layer, (A, Bt) in zip(ours, stacks, strict=True):
         for s in range(1, max_k + 1):
             layer.set_slot(s, A[s], Bt[s].T, 2.0)
@@ -188,6 +214,13 @@ def run(
             print_table([record], list(record))
             if "mixture" in t:
                 records.append(_mixture_record(context, lead, phase, k, slots, t))
+                print_table([records[-1]], list(records[-1]))
+            for name in (n for n in t if n.startswith("mole_")):
+                records.append({
+                    "phase": phase, "adapters": k, "adapters_per_row": 3, "path": name,
+                    "tokens_per_s": tokens / t[name], "vs_base": t["base"] / t[name],
+                    "vs_single": t["ours"] / t[name],
+                })  # fmt: skip
                 print_table([records[-1]], list(records[-1]))
             del peft
     context.clear()

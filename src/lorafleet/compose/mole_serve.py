@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -28,16 +28,20 @@ class ServedMole:
     experts: list[str]
     adapters: list[str]
     gates: MoleGates
+    _gates: dict = field(default_factory=dict, repr=False)  # mask -> its MaskedGates
 
     def mixture(self, mask: Sequence[str] = ()) -> Mixture:
         unknown = [m for m in mask if m not in self.experts]
         if unknown:
             raise MoleError(f"mask {unknown[0]}: not an expert of {self.name} "
                             f"({', '.join(self.experts)})")  # fmt: skip
-        try:
-            gate = self.gates.masked(self.experts.index(m) for m in mask)
-        except ValueError as exc:
-            raise MoleError(f"{self.name}: {exc}") from exc
+        dropped = tuple(sorted({self.experts.index(m) for m in mask}))
+        if dropped not in self._gates:  # one gate object per mask: the batch coalesces them
+            try:
+                self._gates[dropped] = self.gates.masked(dropped)
+            except ValueError as exc:
+                raise MoleError(f"{self.name}: {exc}") from exc
+        gate = self._gates[dropped]
         return Mixture(tuple((a, 1.0) for a in self.adapters), gate=gate, name=self.name)
 
     def describe(self) -> dict:

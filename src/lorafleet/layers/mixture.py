@@ -70,9 +70,29 @@ class Entries:
     top: int  # the largest slot any entry or direct mixture uses
 
 
+def coalesce(mixtures: Sequence[RowMixture]) -> list[RowMixture]:
+    """Gated mixtures with the same gate object and slots as one mixture over all their rows
+    (a gate's weights are per row, so this changes nothing but the number of gate calls: one
+    per layer for all of a MoLE's requests rather than one per request)."""
+    out, by_gate = [], {}
+    for mix in mixtures:
+        if mix.gate is None:
+            out.append(mix)
+            continue
+        key = (id(mix.gate), tuple(mix.slots))
+        if key in by_gate:
+            first = out[by_gate[key]]
+            out[by_gate[key]] = replace(first, rows=[*first.rows, *mix.rows])
+        else:
+            by_gate[key] = len(out)
+            out.append(mix)
+    return out
+
+
 def expand(mixtures: Sequence[RowMixture], n_units: int, per_unit: int, device) -> Entries:
     """Entries for `mixtures` whose rows index `n_units` units of `per_unit` rows each (1 for a
     per-row map; the sequence length for a per-sequence map)."""
+    mixtures = coalesce(mixtures)
     rows, slots, fixed, gated, direct, top, count = [], [], [], [], [], 0, 0
     offsets = torch.arange(per_unit, device=device)  # [per_unit]
     for mix in mixtures:

@@ -10,7 +10,7 @@ import torch
 
 from lorafleet.bayes.capture import class_items
 from lorafleet.bayes.fit import KfacFactors, LaplaceConfig, fit_kfac
-from lorafleet.bayes.io import save_factors
+from lorafleet.bayes.io import INIT_NAME, read_init, save_factors
 from lorafleet.bayes.metrics import calibration_report, reliability_diagram
 from lorafleet.bayes.predictive import (
     LINKS,
@@ -18,11 +18,12 @@ from lorafleet.bayes.predictive import (
     map_predictive,
     sampled_predictive,
 )
-from lorafleet.bayes.prior import evidence, tune_prior
+from lorafleet.bayes.prior import GRID_LOG10, PRIORS, evidence, group_lams, tune_prior
 from lorafleet.data import ExampleSet
 from lorafleet.errors import LorafleetError
 
 TUNE_METHODS = ("evidence", "val")
+DEFAULT_PRIOR = "b-only"
 # Prior precisions tried on validation data: the evidence optimum times these factors.
 VAL_FACTORS = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e3)
 
@@ -48,13 +49,23 @@ def _labels(examples: ExampleSet) -> torch.Tensor:
 def calibrate(
     model, tokenizer, adapter_dir: str | Path, train: ExampleSet, val: ExampleSet | None = None,
     *, config: LaplaceConfig | None = None, tune: str = "evidence", max_length: int = 512,
-    show_progress: bool = False, weight_samples: int = 0,
+    show_progress: bool = False, weight_samples: int = 0, prior: str = DEFAULT_PRIOR,
 ) -> dict:  # fmt: skip
     """Fit KFAC factors on `train`, tune the prior precision (evidence, or validation NLL when
-    tune="val"), save them beside the adapter and return a report of the figures (with
-    `weight_samples` > 0 also the weight-sampling predictive on `val`)."""
+    tune="val") of the `prior` kind (prior.PRIORS), save them beside the adapter and return a
+    report of the figures (with `weight_samples` > 0 also the weight-sampling predictive on
+    `val`); report["warnings"] lists tuned precisions on the edge of their search range."""
     if tune not in TUNE_METHODS:
         raise LorafleetError(f"--tune must be one of {', '.join(TUNE_METHODS)}, got {tune!r}")
+    if prior not in PRIORS:
+        raise LorafleetError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+    init = read_init(adapter_dir)
+    if prior == "init" and init is None:
+        raise LorafleetError(
+            f"--prior init needs {Path(adapter_dir) / INIT_NAME} (the adapter's weights before "
+            "training, which PEFT drew from the torch RNG and cannot be rebuilt afterwards); "
+            "use --prior b-only"
+        )
     if tune == "val" and val is None:
         raise LorafleetError("--tune val needs validation data (--val)")
     cfg = config or LaplaceConfig()
@@ -65,15 +76,20 @@ def calibrate(
         val_items = class_items(tokenizer, val.examples, max_length=max_length, name=val.name)
     start = time.perf_counter()
     with _bar(len(items), "fitting KFAC factors", show_progress) as bar:
-        factors = fit_kfac(model, items, cfg, pad=pad, progress=bar.update if bar else None)
+        factors = fit_kfac(model, items, cfg, pad=pad, progress=bar.update if bar else None,
+                           init=init)  # fmt: skip
     fit_s = time.perf_counter() - start
-    lam, curve = tune_prior(factors)
+    lam, curve = tune_prior(factors, prior=prior)
     report: dict = {
         "train_examples": factors.n, "parameters": factors.n_params,
-        "train_log_lik": factors.log_lik, "evidence_prior_precision": lam,
+        "train_log_lik": factors.log_lik, "prior": prior, "evidence_prior_precision": lam,
         "log_evidence": evidence(factors, lam), "fit_seconds": fit_s,
     }  # fmt: skip
-    tuning: dict = {"method": tune, "evidence_curve": curve}
+    span = f"1e{GRID_LOG10[0]:g}..1e{GRID_LOG10[1]:g}"
+    warnings = [f"the evidence's optimum for the {g} weights lies on the edge of the searched "
+                f"range {span}" for g in factors.edge]  # fmt: skip
+    tuning: dict = {"method": tune, "prior": prior, "evidence_curve": curve,
+                    "group_precisions": group_lams(factors, lam)}  # fmt: skip
     if val_items is not None:
         labels = _labels(val)
         grid = [lam * f for f in VAL_FACTORS]
@@ -87,6 +103,10 @@ def calibrate(
         tuning["val_grid"] = table
         if tune == "val":
             lam = min(table, key=lambda row: row["nll"])["prior_precision"]
+            if lam in (grid[0], grid[-1]):
+                span = f"{VAL_FACTORS[0]:g}..{VAL_FACTORS[-1]:g}"
+                warnings.append("the validation NLL is lowest at the edge of its grid "
+                                f"(evidence x {span})")  # fmt: skip
         chosen = next(row for row in table if row["prior_precision"] == lam)
         map_probs = map_predictive(model, val_items, batch_size=cfg.batch_size, pad=pad).probs
         report["val_map"] = calibration_report(map_probs, labels)
@@ -101,7 +121,9 @@ def calibrate(
             report["val_laplace_sampled"] = calibration_report(sampled.probs, labels)
     factors.prior_precision = lam
     report["prior_precision"] = lam
+    report["group_precisions"] = group_lams(factors, lam)
     report["tune"] = tune
+    report["warnings"] = warnings
     report["seconds"] = time.perf_counter() - start
     path = save_factors(adapter_dir, factors, extra={"tuning": tuning})
     report["factors"] = str(path)
@@ -137,6 +159,7 @@ def evaluate_bayes(
         "map": calibration_report(map_probs, labels),
         "laplace": calibration_report(glm.probs, labels),
         "prior_precision": factors.prior_precision,
+        "prior": factors.prior,
         "examples": len(items),
         "link": link,
         # Posterior std of the logit contrasts f_c - f_0: how much the Laplace layer softens.

@@ -19,13 +19,14 @@ and the curvature of the block is H ~ (1/n) Q (x) G (vec column-major).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafleet.adapters.lora_keys import strip_prefix
 from lorafleet.bayes.capture import ClassItem, batches, capture, lora_layers, lora_weight
 from lorafleet.bayes.factors import Factor, FactorAccumulator, softmax_hessian, sqrt_psd
 from lorafleet.errors import LorafleetError
@@ -76,7 +77,13 @@ class KfacFactors:
     log_lik: float  # sum of log p(y | x) over them at the MAP, restricted softmax
     theta_sq: float  # squared norm of all LoRA A and B weights at the MAP
     config: dict = field(default_factory=dict)
-    prior_precision: float | None = None
+    prior_precision: float | None = None  # lam of the reference group (see prior.py)
+    # ||theta_b||^2 and ||theta_b - theta_b(init)||^2 per (module, part) block; {} when unknown
+    block_sq: dict = field(default_factory=dict)
+    init_sq: dict = field(default_factory=dict)
+    prior: str = "zero"  # the prior's kind (prior.PRIORS)
+    ratios: dict = field(default_factory=dict)  # group -> its lam / prior_precision (default 1)
+    edge: list = field(default_factory=list)  # groups whose tuned lam is on the search's edge
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -92,6 +99,10 @@ class KfacFactors:
             for part in ("A", "B"):
                 yield (name, part, *m.block(part))
 
+    def block_size(self, name: str, part: str) -> int:
+        small, big = self.modules[name].block(part)
+        return small.dim * big.dim
+
 
 def _mean_over_prompt(act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(act.dtype)  # [B, T, 1]
@@ -102,8 +113,11 @@ def fit_kfac(
     model: nn.Module, items: Sequence[ClassItem], config: LaplaceConfig | None = None, *,
     adapter_name: str = "default", pad: int = 0,
     progress: Callable[[int], None] | None = None,
+    init: Mapping[tuple[str, str], torch.Tensor] | None = None,
 ) -> KfacFactors:  # fmt: skip
-    """One pass over labelled `items`: KFAC factors of every LoRA module, log-likelihood, norm."""
+    """One pass over labelled `items`: KFAC factors of every LoRA module, log-likelihood, norms
+    (with `init` {(module, part): initial weight}, module named as in the adapter file, also
+    the distance from the initialisation)."""
     cfg = config or LaplaceConfig()
     layers = lora_layers(model, adapter_name)
     if any(it.label is None for it in items):
@@ -155,11 +169,25 @@ def fit_kfac(
         name: ModuleFactors(*(accs[(name, k)].factor() for k in ("A_in", "A_out", "B_in", "B_out")))
         for name in layers
     }
-    theta_sq = sum(
-        float(lora_weight(layer, part, adapter_name).detach().float().pow(2).sum())
-        for layer in layers.values()
-        for part in ("A", "B")
-    )
+    block_sq, init_sq = _block_norms(layers, adapter_name, init)
     config = {"n_kfac": cfg.n_kfac, "threshold": cfg.threshold, "labels": cfg.labels,
               "seed": cfg.seed, "adapter_name": adapter_name}  # fmt: skip
-    return KfacFactors(modules, n, log_lik, theta_sq, config)
+    return KfacFactors(modules, n, log_lik, sum(block_sq.values()), config, block_sq=block_sq,
+                       init_sq=init_sq)  # fmt: skip
+
+
+def _block_norms(layers, adapter_name, init) -> tuple[dict, dict]:
+    """{(module, part): ||W||^2} and, given `init`, {(module, part): ||W - W_init||^2}."""
+    block_sq, init_sq = {}, {}
+    for name, layer in layers.items():
+        for part in ("A", "B"):
+            w = lora_weight(layer, part, adapter_name).detach().float().cpu()
+            block_sq[(name, part)] = float(w.pow(2).sum())
+            if init is None:
+                continue
+            w0 = init.get((strip_prefix(name), part))
+            if w0 is None or tuple(w0.shape) != tuple(w.shape):
+                raise LorafleetError(f"{name}: the recorded initial lora_{part} weight is "
+                                     f"missing or of another shape")  # fmt: skip
+            init_sq[(name, part)] = float((w - w0.float()).pow(2).sum())
+    return block_sq, init_sq

@@ -12,8 +12,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lorafleet.adapters.format import WEIGHTS_NAME
+from lorafleet.adapters.lora_keys import lora_pairs
 from lorafleet.bayes.factors import Factor
 from lorafleet.bayes.fit import KfacFactors, ModuleFactors
+from lorafleet.bayes.prior import PRIORS
 from lorafleet.errors import LorafleetError
 from lorafleet.fsutil import atomic_write, atomic_write_json
 
@@ -21,6 +23,30 @@ FACTORS_NAME = "laplace.safetensors"
 INFO_NAME = "laplace.json"
 FORMAT = "lorafleet-laplace-kfac"
 FACTOR_KEYS = ("A_in", "A_out", "B_in", "B_out")
+# The adapter's weights as initialised before training (PEFT keys), written by whoever trained
+# it (e.g. bench/laplace_prior_train.py); `--prior init` centres the prior there.
+INIT_NAME = "lora_init.safetensors"
+
+
+def read_init(adapter_dir: str | Path) -> dict[tuple[str, str], torch.Tensor] | None:
+    """{(module, part): initial weight} from the adapter's lora_init.safetensors; None if absent."""
+    file = Path(adapter_dir) / INIT_NAME
+    if not file.is_file():
+        return None
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise LorafleetError(f"{file}: not a valid safetensors file ({exc})") from exc
+    pairs = lora_pairs(tensors, strict=False)
+    return {(m, part): w for m, (a, b) in pairs.items() for part, w in (("A", a), ("B", b))}
+
+
+def _keyed(blocks: dict) -> dict:
+    return {f"{name}|{part}": v for (name, part), v in blocks.items()}
+
+
+def _unkeyed(blocks: dict | None) -> dict:
+    return {tuple(k.rsplit("|", 1)): float(v) for k, v in (blocks or {}).items()}
 
 
 def adapter_digest(adapter_dir: str | Path) -> str | None:
@@ -53,6 +79,10 @@ def save_factors(adapter_dir: str | Path, factors: KfacFactors, extra: dict | No
         "theta_sq": factors.theta_sq,
         "n_params": factors.n_params,
         "prior_precision": factors.prior_precision,
+        "prior": factors.prior,
+        "prior_ratios": factors.ratios,
+        "block_sq": _keyed(factors.block_sq),
+        "init_sq": _keyed(factors.init_sq),
         "config": factors.config,
         "modules": list(factors.modules),
         "adapter_sha256": adapter_digest(adapter_dir),
@@ -103,9 +133,14 @@ def load_factors(adapter_dir: str | Path, *, check_adapter: bool = True) -> Kfac
     lam = info.get("prior_precision")
     if lam is not None and not (isinstance(lam, (int, float)) and lam > 0 and math.isfinite(lam)):
         raise LorafleetError(f"{info_file}: prior_precision must be positive, got {lam!r}")
+    prior = info.get("prior", "zero")
+    if prior not in PRIORS:
+        raise LorafleetError(f"{info_file}: unknown prior {prior!r}")
     return KfacFactors(
         modules, int(info["n"]), float(info["log_lik"]), float(info["theta_sq"]),
         dict(info.get("config") or {}), None if lam is None else float(lam),
+        block_sq=_unkeyed(info.get("block_sq")), init_sq=_unkeyed(info.get("init_sq")),
+        prior=prior, ratios={k: float(v) for k, v in (info.get("prior_ratios") or {}).items()},
     )  # fmt: skip
 
 

@@ -1,4 +1,14 @@
-"""Prior precision: the whole-adapter posterior for a given lam, and lam by maximum evidence."""
+"""Prior over the LoRA weights: its kind, the posterior for a precision, tuning by evidence.
+
+Kinds (`PRIORS`), all Gaussian with precision lam per group of weight blocks:
+- zero: N(0, 1/lam) on every A and B weight (the paper's prior; one lam).
+- init: N(theta_init, 1/lam) on every weight, centred at the adapter's initialisation (A's
+  random kaiming-uniform draw, B = 0); needs the recorded initial weights.
+- parts: N(0, 1/lam_A) on the A weights, N(0, 1/lam_B) on the B weights, each lam tuned.
+- b-only: A fixed at its fitted value, N(0, 1/lam) on the B weights (which start at 0), so the
+  prior is centred at the initialisation without recording it.
+The log evidence is a sum over groups, so each group's lam is tuned on its own.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +18,48 @@ import torch
 
 from lorafleet.bayes.fit import KfacFactors
 from lorafleet.bayes.posterior import BlockPosterior, log_evidence
+from lorafleet.errors import LorafleetError
 
+PRIORS = ("zero", "init", "parts", "b-only")
 # log10 of the prior precisions searched (then refined between the best grid neighbours).
-GRID_LOG10 = (-4.0, 6.0)
-GRID_POINTS = 61
+GRID_LOG10 = (-4.0, 7.0)
+GRID_POINTS = 67
+
+
+def group_of(prior: str, part: str) -> str | None:
+    """The precision group of an A or B block under `prior`; None: the block is held fixed."""
+    if prior == "parts":
+        return part
+    if prior == "b-only":
+        return "B" if part == "B" else None
+    return "all"
+
+
+def check_prior(factors: KfacFactors, prior: str) -> None:
+    if prior not in PRIORS:
+        raise LorafleetError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+    if prior == "init" and not factors.init_sq:
+        raise LorafleetError("--prior init needs the adapter's initial weights "
+                             "(lora_init.safetensors); use --prior b-only")  # fmt: skip
+
+
+def group_lams(factors: KfacFactors, prior_precision: float) -> dict[str, float]:
+    groups = {group_of(factors.prior, p) for _, p, _, _ in factors.blocks()} - {None}
+    return {g: prior_precision * factors.ratios.get(g, 1.0) for g in groups}
 
 
 class AdapterPosterior:
-    """The block posteriors of every LoRA A and B weight for one prior precision."""
+    """The block posteriors of the LoRA weights the prior covers, for one prior precision
+    (the reference group's lam; other groups at their tuned ratio to it)."""
 
     def __init__(self, factors: KfacFactors, prior_precision: float):
         self.prior_precision = float(prior_precision)
-        self.blocks = {
-            (name, part): BlockPosterior(small, big, prior_precision, factors.n)
-            for name, part, small, big in factors.blocks()
-        }
+        lams = group_lams(factors, self.prior_precision)
+        self.blocks = {}
+        for name, part, small, big in factors.blocks():
+            group = group_of(factors.prior, part)
+            if group is not None:
+                self.blocks[(name, part)] = BlockPosterior(small, big, lams[group], factors.n)
 
     def logdet(self) -> float:
         return sum(b.logdet() for b in self.blocks.values())
@@ -40,37 +77,81 @@ def posterior(factors: KfacFactors, prior_precision: float | None = None) -> Ada
     return factors._cache[key]
 
 
+def _group_sq(factors: KfacFactors, prior: str, group: str) -> float:
+    norms = factors.init_sq if prior == "init" else factors.block_sq
+    if not norms:  # factors saved before per-block norms: only the whole-adapter norm
+        return factors.theta_sq
+    return sum(v for (_, part), v in norms.items() if group_of(prior, part) == group)
+
+
+def group_evidence(factors: KfacFactors, prior: str, group: str, lam: float) -> float:
+    """One group's share of the log evidence (without log p(D|theta)) at precision lam."""
+    logdet, size = 0.0, 0
+    for _, part, small, big in factors.blocks():
+        if group_of(prior, part) == group:
+            logdet += BlockPosterior(small, big, lam, factors.n).logdet()
+            size += small.dim * big.dim
+    return log_evidence(0.0, _group_sq(factors, prior, group), logdet, size, lam)
+
+
 def evidence(factors: KfacFactors, prior_precision: float) -> float:
-    """Laplace log marginal likelihood of the training data at this prior precision."""
-    logdet = AdapterPosterior(factors, prior_precision).logdet()
-    return log_evidence(factors.log_lik, factors.theta_sq, logdet, factors.n_params,
-                        prior_precision)  # fmt: skip
+    """Laplace log marginal likelihood of the training data at this prior precision
+    (the reference group's; the others at their ratios)."""
+    lams = group_lams(factors, prior_precision)
+    return factors.log_lik + sum(
+        group_evidence(factors, factors.prior, g, lam) for g, lam in lams.items()
+    )
 
 
-def tune_prior(factors: KfacFactors, *, iters: int = 30) -> tuple[float, list[dict]]:
-    """lam maximising the evidence: a log-spaced grid, then golden-section search in log lam
-    between the best point's neighbours. Returns (lam, [{"prior_precision", "log_evidence"}])."""
+def _maximise(f, iters: int) -> tuple[float, list[tuple[float, float]], bool]:
+    """argmax of f over log10 lam: a grid, then golden-section between the best point's
+    neighbours. Returns (log10 lam, [(log10 lam, f)] on the grid, on the grid's edge)."""
     lo, hi = GRID_LOG10
     grid = torch.linspace(lo, hi, GRID_POINTS).tolist()
-    values = [evidence(factors, 10.0**g) for g in grid]
-    pairs = zip(grid, values, strict=True)
-    curve = [{"prior_precision": 10.0**g, "log_evidence": v} for g, v in pairs]
+    values = [f(g) for g in grid]
     best = max(range(len(grid)), key=lambda i: values[i])
     a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
     ratio = (math.sqrt(5) - 1) / 2
-    # Golden-section on a unimodal bracket; the grid point stays if refinement finds no better.
     x1, x2 = b - ratio * (b - a), a + ratio * (b - a)
-    f1, f2 = evidence(factors, 10.0**x1), evidence(factors, 10.0**x2)
+    f1, f2 = f(x1), f(x2)
     for _ in range(iters):
         if f1 > f2:
             b, x2, f2 = x2, x1, f1
             x1 = b - ratio * (b - a)
-            f1 = evidence(factors, 10.0**x1)
+            f1 = f(x1)
         else:
             a, x1, f1 = x1, x2, f2
             x2 = a + ratio * (b - a)
-            f2 = evidence(factors, 10.0**x2)
+            f2 = f(x2)
     x, fx = (x1, f1) if f1 > f2 else (x2, f2)
     if values[best] >= fx:
         x = grid[best]
-    return 10.0**x, curve
+    return x, list(zip(grid, values, strict=True)), best in (0, len(grid) - 1)
+
+
+def tune_prior(
+    factors: KfacFactors, *, prior: str | None = None, iters: int = 30
+) -> tuple[float, list[dict]]:
+    """Each group's lam maximising the evidence under `prior` (default the factors' kind).
+    Sets factors.prior and factors.ratios (each group's lam over the reference group's, "B" or
+    "all") and returns (reference lam, curve): per grid point {"prior_precision",
+    "log_evidence", "group"}, the group's share plus log p(D|theta) (the whole evidence when
+    there is one group). factors.edge lists the groups whose optimum is on the grid's edge."""
+    prior = factors.prior if prior is None else prior
+    check_prior(factors, prior)
+    groups = sorted({group_of(prior, p) for _, p, _, _ in factors.blocks()} - {None})
+    best, curve, edge = {}, [], []
+    for g in groups:
+        x, points, on_edge = _maximise(
+            lambda x, g=g: group_evidence(factors, prior, g, 10.0**x), iters
+        )
+        best[g] = 10.0**x
+        curve += [{"prior_precision": 10.0**p, "log_evidence": factors.log_lik + v, "group": g}
+                  for p, v in points]  # fmt: skip
+        if on_edge:
+            edge.append(g)
+    ref = "B" if "B" in best else "all"
+    factors.prior, factors.ratios = prior, {g: lam / best[ref] for g, lam in best.items()}
+    factors.edge = edge
+    factors._cache.clear()
+    return best[ref], curve

@@ -42,6 +42,12 @@ def calibrate(
     tune: str = typer.Option(
         "evidence", "--tune", help="Prior precision by: evidence (marginal likelihood) | val."
     ),
+    prior: str = typer.Option(
+        "b-only",
+        "--prior",
+        help="Prior on the LoRA weights: b-only (A fixed, B ~ N(0, 1/lam)) | init (centred at "
+        "lora_init.safetensors) | parts (lam_A, lam_B) | zero (N(0, 1/lam) on A and B).",
+    ),  # fmt: skip
     weight_samples: int = typer.Option(
         0, "--weight-samples", min=0, help="Also report the weight-sampling predictive on --val."
     ),
@@ -64,6 +70,8 @@ def calibrate(
         lorafleet calibrate --base default --adapter runs/sst2 --data sst2 --train-limit 500
 
         lorafleet calibrate -b default -a runs/sqa --data strategyqa --val strategyqa --tune val
+
+        lorafleet calibrate -b default -a runs/sst2 --data sst2 --train-limit 500 --prior zero
     """
     from lorafleet.bayes import LaplaceConfig
     from lorafleet.bayes import calibrate as calibrate_adapter
@@ -79,7 +87,7 @@ def calibrate(
         val_set = load_examples(val, tok, split=val_split, chat=not no_chat, limit=val_limit)
     report = calibrate_adapter(
         model, tok, adapter, train, val_set, config=cfg, tune=tune, max_length=max_length,
-        show_progress=True, weight_samples=weight_samples,
+        show_progress=True, weight_samples=weight_samples, prior=prior,
     )  # fmt: skip
     shown = {k: v for k, v in report.items() if not isinstance(v, dict)}
     sections = {"calibration": shown}
@@ -88,6 +96,8 @@ def calibrate(
     if json_out is not None:
         write_json(json_out, {"base": base, "adapter": str(adapter), "data": data, **report})
         typer.echo(f"wrote {json_out}")
+    for warning in report["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"Laplace factors written to {report['factors']}")
     return 0
 
@@ -118,7 +128,8 @@ def eval_bayes(
     if "laplace_val_tuned" in figures:
         sections["Laplace-LoRA, prior tuned on --val"] = figures["laplace_val_tuned"]
     print_report(sections)
-    typer.echo(f"prior precision {figures['prior_precision']:.4g}; reliability diagram {plot}")
+    typer.echo(f"prior precision {figures['prior_precision']:.4g} ({figures['prior']} prior); "
+               f"reliability diagram {plot}")  # fmt: skip
     if json_out is not None:
         write_json(json_out, figures)
         typer.echo(f"wrote {json_out}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -176,10 +178,16 @@ def test_training_moves_only_the_gates_and_resume_equals_uninterrupted(
     # Initialised N(0, 0.01^2) (max |w| ~0.04 over these sizes): every layer's gate moved.
     assert min(float(w.detach().abs().max()) for w in mole.gates.weight.values()) > 0.1
 
-    # Stop after step 2, resume: the same gates and losses as the uninterrupted run.
+    # Ctrl-C during step 2 stops after it with a checkpoint; resume: the same gates and losses
+    # as the uninterrupted run.
     split = tmp_path / "split"
+
+    def interrupt(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
     first = train_mole(_cfg(tiny_base_dir, experts, data, split, balance_weight=0.1),
-                       on_step=lambda step: step != 2)  # fmt: skip
+                       on_step=interrupt)  # fmt: skip
     assert first["interrupted"] and not (split / "gates.safetensors").exists()
     train_mole(_cfg(tiny_base_dir, experts, data, split, balance_weight=0.1, resume=True))
     torch.testing.assert_close(

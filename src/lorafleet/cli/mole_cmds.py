@@ -73,5 +73,8 @@ def train(
         seed=seed, save_every=save_every, resume=resume,
     )  # fmt: skip
     summary = train_mole(cfg)
+    if summary.get("interrupted"):
+        typer.echo(f"stopped; checkpoint {summary['checkpoint']} (continue with --resume)")
+        return 130
     print_report({"mole": summary})
     typer.echo(f"wrote {out}")

@@ -8,6 +8,7 @@ snapshot a PEFT adapter, which a MoLE model does not have), and resume replays t
 from __future__ import annotations
 
 import json
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -184,7 +185,22 @@ def train_mole(cfg: MoleTrainConfig, on_step=None) -> dict:
 
 
 def _run(cfg, runner, model, optimizer, scheduler, start, on_step) -> bool:
-    """The steps from `start`, logged and checkpointed; True when on_step stopped the run."""
+    """The steps from `start`, logged and checkpointed; True when on_step or a signal
+    (SIGINT / SIGTERM: after the current step, with a checkpoint) stopped the run."""
+    stop = []
+    try:
+        previous = {s: signal.signal(s, lambda *_: stop.append(1))
+                    for s in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    except ValueError:  # not the main thread: no handlers
+        previous = {}
+    try:
+        return _steps(cfg, runner, model, optimizer, scheduler, start, on_step, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _steps(cfg, runner, model, optimizer, scheduler, start, on_step, stop) -> bool:
     from tqdm.auto import tqdm
 
     out = Path(cfg.out)
@@ -201,7 +217,8 @@ def _run(cfg, runner, model, optimizer, scheduler, start, on_step) -> bool:
             bar.set_postfix(loss=f"{result.loss:.4f}", balance=f"{result.logs['balance']:.3f}")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 _save_state(out, step + 1, model, optimizer, scheduler)
-            if on_step is not None and on_step(step + 1) is False:
+            stopped = (on_step is not None and on_step(step + 1) is False) or stop
+            if stopped and step + 1 < cfg.steps:
                 _save_state(out, step + 1, model, optimizer, scheduler)
                 return True
     return False

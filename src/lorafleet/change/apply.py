@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lorafleet.adapters import Adapter, lora_pairs, module_scale, peft_key, read_adapter
 from lorafleet.adapters import write_adapter as write_peft
 from lorafleet.change.editor import MULTIPLE, Editor, Lora
+from lorafleet.change.grid import png_writer
 from lorafleet.change.hyper import HyperNet
 from lorafleet.errors import LorafleetError
 from lorafleet.fsutil import atomic_write
@@ -51,7 +52,7 @@ def write_png(path: str | Path, x: torch.Tensor) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = (x[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+    atomic_write(path, png_writer(lambda tmp: Image.fromarray(arr).save(tmp, format="PNG")))
     return path
 
 

@@ -13,7 +13,7 @@ from lorafleet.change.hyper import HyperNet
 from lorafleet.change.photos import load_photos, random_crops
 from lorafleet.change.sampling import eval_edits
 
-BASELINES = ("identity", "copy", "difference")
+BASELINES = ("G alone", "identity", "copy", "difference")
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -60,6 +60,9 @@ def loc_edit(editor: Editor, hyper: HyperNet, a, a2, b) -> torch.Tensor:
 def predictions(q: dict, models: dict[str, tuple[Editor, HyperNet]]) -> dict[str, torch.Tensor]:
     """Every method's B' for one quad: the LoC models by label, then the baselines."""
     out = {name: loc_edit(e, h, q["a"], q["a2"], q["b"]) for name, (e, h) in models.items()}
+    editor = next(iter(models.values()))[0]
+    with torch.no_grad():
+        out["G alone"] = editor(q["b"]).clamp(0, 1)  # the frozen editor's own floor, no LoRA
     out["identity"] = q["b"]
     out["copy"] = q["a2"]
     out["difference"] = (q["b"] + q["a2"] - q["a"]).clamp(0, 1)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lorafleet.fsutil import atomic_write
+
+PNG_MODE = 0o644  # mkstemp alone would leave 0600
+
+
+def png_writer(save):
+    """`save(tmp)`, then the usual file permissions."""
+
+    def write(tmp: str) -> None:
+        save(tmp)
+        os.chmod(tmp, PNG_MODE)
+
+    return write
 
 
 def _tile(x: torch.Tensor, scale: int) -> np.ndarray:
@@ -34,5 +47,5 @@ def save_grid(path: Path, rows: list[dict], columns: list[str], scale: int = 3) 
             canvas.paste(Image.fromarray(_tile(row[name], scale)), (left + j * (size + pad), y))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    atomic_write(path, png_writer(lambda tmp: canvas.save(tmp, format="PNG")))
     return path

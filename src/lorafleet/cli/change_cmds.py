@@ -123,8 +123,9 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="Seed for the held-out quads."),
 ):
     """Score LoC models on held-out photos: PSNR / SSIM of G(H(A,A'), B) against the true B',
-    for seen and unseen edits, beside the identity (B), copy (A') and pixel-difference
-    (B + A' - A) baselines. Writes DIR/results.json and a picture grid DIR/grid.png (rows:
+    for seen and unseen edits, beside the frozen editor alone (G(B), its reconstruction floor)
+    and the identity (B), copy (A') and pixel-difference (B + A' - A) baselines.
+    Writes DIR/results.json and a picture grid DIR/grid.png (rows:
     edits; columns: A, A', B, true B', each model, the baselines).
 
     Examples:

@@ -8,6 +8,7 @@
 # _ROWS-1, which no tuning saw. Linearised predictive, Monte-Carlo link (2000 draws, seed 0).
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ result = {
     "priors": {},
 }
 posts, names = [], []
-for prior in PRIORS:
+for prior in os.environ.get("PRIORS", ",".join(PRIORS)).split(","):
     if prior == "init" and not factors.init_sq:
         continue
     f = copy.copy(factors)
@@ -133,7 +134,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylim(-400, 20)
         ax.set_title(f"{result['task']}: prior {prior} (red: val-tuned)", fontsize=9)
         ax.set_xlabel("prior precision")
-        ax.legend(fontsize=7, loc="lower left")
+        if len(info["groups"]) <= 4:
+            ax.legend(fontsize=7, loc="lower left")
     axes[0].set_ylabel("log evidence - max")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

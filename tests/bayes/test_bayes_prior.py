@@ -175,3 +175,17 @@ def test_calibrate_cli_reports_the_prior_and_refuses_init_without_a_record(
     assert report["prior"] == "parts" and set(report["group_precisions"]) == {"A", "B"}
     assert isinstance(report["warnings"], list)
     assert json.loads((adapter / "laplace.json").read_text())["prior"] == "parts"
+
+
+def test_b_layers_tunes_one_precision_per_module_each_at_its_dense_optimum():
+    model, init = _from_random_init(3.0)
+    factors = fit_kfac(model, random_items(16, seed=3), init=init)
+    lam, _ = tune_prior(factors, prior="b-layers")
+    lams = group_lams(factors, lam)
+    assert set(lams) == {f"B {name}" for name in factors.modules}
+    grid = [10.0**x for x in torch.linspace(-3, 4, 71).tolist()]
+    terms = {g: _dense_terms(factors, g) for g in grid}
+    for name in factors.modules:
+        best = max(grid, key=lambda g, name=name: terms[g][(name, "B")])
+        assert abs(math.log10(lams[f"B {name}"] / best)) <= 0.1 + 1e-6
+    assert {part for _, part in AdapterPosterior(factors, lam).blocks} == {"B"}

@@ -7,6 +7,7 @@ Kinds (`PRIORS`), all Gaussian with precision lam per group of weight blocks:
 - parts: N(0, 1/lam_A) on the A weights, N(0, 1/lam_B) on the B weights, each lam tuned.
 - b-only: A fixed at its fitted value, N(0, 1/lam) on the B weights (which start at 0), so the
   prior is centred at the initialisation without recording it.
+- b-layers: as b-only with one lam per adapted module (prior_precision: their geometric mean).
 The log evidence is a sum over groups, so each group's lam is tuned on its own.
 """
 
@@ -20,18 +21,20 @@ from lorafleet.bayes.fit import KfacFactors
 from lorafleet.bayes.posterior import BlockPosterior, log_evidence
 from lorafleet.errors import LorafleetError
 
-PRIORS = ("zero", "init", "parts", "b-only")
+PRIORS = ("zero", "init", "parts", "b-only", "b-layers")
 # log10 of the prior precisions searched (then refined between the best grid neighbours).
 GRID_LOG10 = (-4.0, 7.0)
 GRID_POINTS = 67
 
 
-def group_of(prior: str, part: str) -> str | None:
-    """The precision group of an A or B block under `prior`; None: the block is held fixed."""
+def group_of(prior: str, part: str, name: str = "") -> str | None:
+    """The precision group of module `name`'s A or B block under `prior`; None: held fixed."""
     if prior == "parts":
         return part
     if prior == "b-only":
         return "B" if part == "B" else None
+    if prior == "b-layers":
+        return f"B {name}" if part == "B" else None
     return "all"
 
 
@@ -44,7 +47,7 @@ def check_prior(factors: KfacFactors, prior: str) -> None:
 
 
 def group_lams(factors: KfacFactors, prior_precision: float) -> dict[str, float]:
-    groups = {group_of(factors.prior, p) for _, p, _, _ in factors.blocks()} - {None}
+    groups = {group_of(factors.prior, p, n) for n, p, _, _ in factors.blocks()} - {None}
     return {g: prior_precision * factors.ratios.get(g, 1.0) for g in groups}
 
 
@@ -57,7 +60,7 @@ class AdapterPosterior:
         lams = group_lams(factors, self.prior_precision)
         self.blocks = {}
         for name, part, small, big in factors.blocks():
-            group = group_of(factors.prior, part)
+            group = group_of(factors.prior, part, name)
             if group is not None:
                 self.blocks[(name, part)] = BlockPosterior(small, big, lams[group], factors.n)
 
@@ -81,14 +84,14 @@ def _group_sq(factors: KfacFactors, prior: str, group: str) -> float:
     norms = factors.init_sq if prior == "init" else factors.block_sq
     if not norms:  # factors saved before per-block norms: only the whole-adapter norm
         return factors.theta_sq
-    return sum(v for (_, part), v in norms.items() if group_of(prior, part) == group)
+    return sum(v for (n, part), v in norms.items() if group_of(prior, part, n) == group)
 
 
 def group_evidence(factors: KfacFactors, prior: str, group: str, lam: float) -> float:
     """One group's share of the log evidence (without log p(D|theta)) at precision lam."""
     logdet, size = 0.0, 0
-    for _, part, small, big in factors.blocks():
-        if group_of(prior, part) == group:
+    for name, part, small, big in factors.blocks():
+        if group_of(prior, part, name) == group:
             logdet += BlockPosterior(small, big, lam, factors.n).logdet()
             size += small.dim * big.dim
     return log_evidence(0.0, _group_sq(factors, prior, group), logdet, size, lam)
@@ -139,7 +142,7 @@ def tune_prior(
     there is one group). factors.edge lists the groups whose optimum is on the grid's edge."""
     prior = factors.prior if prior is None else prior
     check_prior(factors, prior)
-    groups = sorted({group_of(prior, p) for _, p, _, _ in factors.blocks()} - {None})
+    groups = sorted({group_of(prior, p, n) for n, p, _, _ in factors.blocks()} - {None})
     best, curve, edge = {}, [], []
     for g in groups:
         x, points, on_edge = _maximise(
@@ -150,7 +153,12 @@ def tune_prior(
                   for p, v in points]  # fmt: skip
         if on_edge:
             edge.append(g)
-    ref = "B" if "B" in best else "all"
+    ref = "B" if "B" in best else "all" if "all" in best else None
+    if ref is None:  # one group per layer: the reference is their geometric mean
+        mean = math.exp(sum(math.log(v) for v in best.values()) / len(best))
+        factors.prior, factors.ratios = prior, {g: lam / mean for g, lam in best.items()}
+        factors.edge, factors._cache = edge, {}
+        return mean, curve
     factors.prior, factors.ratios = prior, {g: lam / best[ref] for g, lam in best.items()}
     factors.edge = edge
     factors._cache.clear()

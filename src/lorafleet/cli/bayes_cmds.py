@@ -45,8 +45,9 @@ def calibrate(
     prior: str = typer.Option(
         "b-only",
         "--prior",
-        help="Prior on the LoRA weights: b-only (A fixed, B ~ N(0, 1/lam)) | init (centred at "
-        "lora_init.safetensors) | parts (lam_A, lam_B) | zero (N(0, 1/lam) on A and B).",
+        help="Prior on the LoRA weights: b-only (A fixed, B ~ N(0, 1/lam)) | b-layers (b-only, "
+        "one lam per module) | init (centred at lora_init.safetensors) | parts (lam_A, lam_B) "
+        "| zero (N(0, 1/lam) on A and B).",
     ),  # fmt: skip
     weight_samples: int = typer.Option(
         0, "--weight-samples", min=0, help="Also report the weight-sampling predictive on --val."

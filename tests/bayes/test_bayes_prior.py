@@ -189,3 +189,13 @@ def test_b_layers_tunes_one_precision_per_module_each_at_its_dense_optimum():
         best = max(grid, key=lambda g, name=name: terms[g][(name, "B")])
         assert abs(math.log10(lams[f"B {name}"] / best)) <= 0.1 + 1e-6
     assert {part for _, part in AdapterPosterior(factors, lam).blocks} == {"B"}
+
+
+def test_an_optimum_on_the_edge_of_the_search_range_is_flagged():
+    factors = fit_kfac(tiny_lora(seed=1), random_items(8, seed=1))
+    tune_prior(factors, prior="b-only")
+    assert factors.edge == []
+    # B at its init (norm 0): the evidence only grows with lam, up to the range's top.
+    factors.block_sq = {k: 0.0 if k[1] == "B" else v for k, v in factors.block_sq.items()}
+    lam, _ = tune_prior(factors, prior="b-only")
+    assert factors.edge == ["B"] and lam > 1e4

@@ -25,6 +25,7 @@ PRIORS = ("zero", "init", "parts", "b-only", "b-layers")
 # log10 of the prior precisions searched (then refined between the best grid neighbours).
 GRID_LOG10 = (-4.0, 7.0)
 GRID_POINTS = 67
+EDGE_TOL = 0.01  # nats
 
 
 def group_of(prior: str, part: str, name: str = "") -> str | None:
@@ -108,7 +109,7 @@ def evidence(factors: KfacFactors, prior_precision: float) -> float:
 
 def _maximise(f, iters: int) -> tuple[float, list[tuple[float, float]], bool]:
     """argmax of f over log10 lam: a grid, then golden-section between the best point's
-    neighbours. Returns (log10 lam, [(log10 lam, f)] on the grid, on the grid's edge)."""
+    neighbours. Returns (log10 lam, [(log10 lam, f)] on the grid, optimum on the range's edge)."""
     lo, hi = GRID_LOG10
     grid = torch.linspace(lo, hi, GRID_POINTS).tolist()
     values = [f(g) for g in grid]
@@ -129,7 +130,10 @@ def _maximise(f, iters: int) -> tuple[float, list[tuple[float, float]], bool]:
     x, fx = (x1, f1) if f1 > f2 else (x2, f2)
     if values[best] >= fx:
         x = grid[best]
-    return x, list(zip(grid, values, strict=True)), best in (0, len(grid) - 1)
+    # On the edge: an end of the range is as good as the optimum (within EDGE_TOL nats), so
+    # the range does not bracket it (a flat or monotone evidence).
+    on_edge = max(values[0], values[-1]) >= max(fx, values[best]) - EDGE_TOL
+    return x, list(zip(grid, values, strict=True)), on_edge
 
 
 def tune_prior(

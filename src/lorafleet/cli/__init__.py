@@ -10,8 +10,8 @@ from lorafleet.cli import (  # noqa: E402, F401
     compose_cmds,
     demo_cmds,
     fed_cmds,
-    mole_cmds,
     model_cmds,
+    mole_cmds,
     serve_cmds,
     train_cmds,
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -219,6 +220,7 @@ def run(base: str = "default", clients: tuple[int, ...] = (1, 8, 32, 64), adapte
         adapters_dir: str | Path | None = None,
         prompt_tokens: int = 32, new_tokens: int = 48, rank: int = 16,
         temperature: float = 0.0, max_batch_size: int = 64, reps: int = 2,
+        threads: int | None = None,
         json_out: str | Path = "bench/results/serve.json") -> dict:  # fmt: skip
     """Each N in `clients`, `reps` times: the engine in-process, then the same requests over
     HTTP (alternating, best run of each kept, so their ratio holds under other load)."""
@@ -228,6 +230,9 @@ def run(base: str = "default", clients: tuple[int, ...] = (1, 8, 32, 64), adapte
     from lorafleet.models import load_base
     from lorafleet.serve.api.server import EngineSettings, build_state
 
+    # The same torch threads on both sides (the server's own default: all cores but one).
+    threads = threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     loaded = load_base(base)
     loaded.model.eval()
@@ -240,8 +245,9 @@ def run(base: str = "default", clients: tuple[int, ...] = (1, 8, 32, 64), adapte
         settings = {"max_adapters": max(1, len([n for n in names if n])), "max_rank": rank,
                     "max_batch_size": max_batch_size,
                     "max_batch_tokens": max(2048, max_batch_size * prompt_tokens),
-                    "max_seq_len": prompt_tokens + new_tokens + 8}  # fmt: skip
-        state = build_state(loaded, root, settings=EngineSettings(**settings))
+                    "max_seq_len": prompt_tokens + new_tokens + 8, "threads": threads}  # fmt: skip
+        engine_settings = EngineSettings(**{k: v for k, v in settings.items() if k != "threads"})
+        state = build_state(loaded, root, settings=engine_settings)
         server = ServerProcess(base, root, settings, "base")
         try:
             server.wait_ready()

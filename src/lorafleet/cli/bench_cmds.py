@@ -154,6 +154,9 @@ def bench_serve(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; seeded."),
     max_batch_size: int = typer.Option(64, "--max-batch-size", min=1),
     reps: int = typer.Option(2, "--reps", min=1, help="Alternating runs per N; the best is kept."),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="torch threads, both sides (default: serve's, cores - 1)."
+    ),
     json_out: Path = typer.Option(Path("bench/results/serve.json"), "--json"),
 ):
     """Concurrent streaming HTTP clients vs the engine in-process on the same requests:
@@ -168,7 +171,7 @@ def bench_serve(
     run(base=base, clients=tuple(clients), adapters=adapters, base_share=base_share,
         base_only=base_only,
         adapters_dir=adapters_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rank=rank,
-        temperature=temperature, max_batch_size=max_batch_size, reps=reps,
+        temperature=temperature, max_batch_size=max_batch_size, reps=reps, threads=threads,
         json_out=json_out)  # fmt: skip
 
 

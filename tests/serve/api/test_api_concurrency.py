@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import torch
 from conftest import PUBLIC, start
 
 CLIENTS, TOKENS = 16, 8
@@ -115,3 +116,23 @@ def test_event_loop_never_waits_for_a_forward(tokenizer, adapters_dir):
     assert health["running"] == 1 and health["waiting"] == 1, health
     assert [kind for kind, _, _ in log].count("done") == 2
     assert stats["peak_running"] == 2  # the second joined the first's batch at the next step
+
+
+def test_engine_threads_apply_to_the_forward_passes_only(tokenizer, adapters_dir):
+    srv = start(tokenizer, adapters_dir, engine_threads=1)
+    seen: list[int] = []
+    run = srv.state.engine.runner.run
+
+    def spy(prefill, decode):
+        seen.append(torch.get_num_threads())
+        return run(prefill, decode)
+
+    srv.state.engine.runner.run = spy
+    before = torch.get_num_threads()
+    try:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+        assert httpx.post(srv.url + "/v1/completions", json=body, timeout=60).status_code == 200
+    finally:
+        srv.stop()
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before  # the test's own thread is untouched

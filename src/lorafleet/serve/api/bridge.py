@@ -8,6 +8,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from lorafleet.serve.engine import Engine
 from lorafleet.serve.sequence import SamplingParams, TokenEvent
 
@@ -61,9 +63,10 @@ class EngineLoop:
     `max_waiting` bounds the queue of admitted-but-not-running requests (QueueFull past it).
     `stop(grace)` lets running requests finish for `grace` seconds, then cancels the rest."""
 
-    def __init__(self, engine: Engine, max_waiting: int = 256):
+    def __init__(self, engine: Engine, max_waiting: int = 256, threads: int | None = None):
         self.engine = engine
         self.max_waiting = max_waiting
+        self.threads = threads  # torch's intra-op threads for the forward passes
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -75,6 +78,9 @@ class EngineLoop:
         self._thread.start()
 
     def _run(self) -> None:
+        if self.threads:
+            # Set on this thread: it is the one whose forward passes use the thread pool.
+            torch.set_num_threads(self.threads)
         while not self._stopping.is_set():
             if not self.engine.has_unfinished():
                 self._wake.wait(0.05)

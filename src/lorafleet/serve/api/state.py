@@ -29,6 +29,7 @@ class ServerConfig:
     max_mixture: int = 8  # adapters one request may mix (`adapters`, `mix:`, merged_adapters)
     merge_cache_mb: float = 256.0  # ties / dare merges kept as virtual adapters (LRU by bytes)
     max_n: int = 8  # choices one OpenAI request may ask for (`n`)
+    engine_threads: int | None = None  # torch threads of the engine thread (None = torch's)
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name.strip():
@@ -39,6 +40,10 @@ class ServerConfig:
                             ("max_n", self.max_n)):  # fmt: skip
             if not isinstance(value, int) or value < 1:
                 raise LorafleetError(f"{what} must be an integer >= 1, got {value!r}")
+        if self.engine_threads is not None and (
+            not isinstance(self.engine_threads, int) or self.engine_threads < 1
+        ):
+            raise LorafleetError(f"engine_threads must be >= 1, got {self.engine_threads!r}")
         if not self.merge_cache_mb >= 0:
             raise LorafleetError(f"merge_cache_mb must be >= 0, got {self.merge_cache_mb!r}")
         if self.shutdown_grace_s < 0 or self.max_upload_mb <= 0:
@@ -60,7 +65,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
-        self.loop = EngineLoop(self.engine, self.config.max_waiting)
+        self.loop = EngineLoop(self.engine, self.config.max_waiting, self.config.engine_threads)
         self.metrics = Metrics(self.engine, self.registry, self.merged)
 
     @property

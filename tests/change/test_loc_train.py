@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -18,8 +19,16 @@ TINY_ARGS = ["--steps", "3", "--editor-steps", "3", "--width", "4", "--image-siz
              "--batch", "2", "--quiet"]  # fmt: skip
 
 
-def test_short_training_beats_identity_on_held_out_photos(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One torch thread for this test only (set_num_threads is process-wide for the caller)."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_short_training_beats_identity_on_held_out_photos(tmp_path, one_thread):
     cfg = ChangeConfig(image_size=16, width=8, dim=32, depth=1, editor_steps=20, steps=40,
                        batch=8, editor_lr=5e-3, lr=2e-3, edit_types="invert")  # fmt: skip
     Trainer(cfg, tmp_path / "m").run()

@@ -42,7 +42,8 @@ def test_mixed_rslora_lora_patterns_and_targets_equal_the_exact_delta(
     exact = logits_of(exact_model(tokenizer, adapters, weights), input_ids)
     got = merged_logits(tokenizer, merged, input_ids)
     assert rel(exact, base) > 0.05  # the adapters really move the logits
-    assert torch.allclose(got, exact, atol=1e-5, rtol=0)
+    # float32 logits up to ~4 computed in two orders (folded vs unmerged): ~1e-5 of noise.
+    assert torch.allclose(got, exact, atol=1e-5, rtol=1e-5)
     assert merged.meta["merge"]["method"] == method
     assert [a["weight"] for a in merged.meta["merge"]["adapters"]] == weights
 

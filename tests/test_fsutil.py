@@ -28,3 +28,23 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
     atomic_write_json(path, {"v": {2}}, default=sorted)
     assert json.loads(path.read_text()) == {"v": [2]}
+
+
+def test_atomic_dir_replaces_whole_or_leaves_the_old_one(tmp_path):
+    from lorafleet.fsutil import atomic_dir
+
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    try:
+        with atomic_dir(target) as tmp:
+            (tmp / "b.txt").write_text("half")
+            raise RuntimeError("crash mid-write")
+    except RuntimeError:
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left behind
+    assert [p.name for p in target.iterdir()] == ["a.txt"]  # the old one intact
+    with atomic_dir(target) as tmp:
+        (tmp / "c.txt").write_text("two")
+    assert [p.name for p in target.iterdir()] == ["c.txt"]  # replaced whole

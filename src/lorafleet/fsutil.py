@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _UMASK = os.umask(0o022)  # read the process umask (the only way) and put it straight back
@@ -38,3 +40,20 @@ def atomic_write_json(path: str | Path, value, *, default=None) -> Path:
 
     atomic_write(path, write)
     return path
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, prefix: str | None = None) -> Iterator[Path]:
+    """Yield a temp directory beside `target` to fill; on success it replaces `target` whole
+    (an older one is removed first), on an exception it is deleted: all or nothing."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

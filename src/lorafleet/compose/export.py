@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +10,7 @@ from torch import nn
 
 from lorafleet.adapters.lora_keys import base_weight_name
 from lorafleet.errors import LorafleetError
+from lorafleet.fsutil import atomic_dir
 
 RECIPE_FILE = "lorafleet-merge.json"
 
@@ -40,16 +38,8 @@ def write_model_dir(model, tokenizer, out: Path, recipe: dict) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LorafleetError(f"{out}: exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

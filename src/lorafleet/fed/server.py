@@ -8,9 +8,7 @@ so a crash leaves the previous round intact); `resume` continues from the newest
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from lorafleet.fed.aggregate import (
 from lorafleet.fed.config import FedConfig
 from lorafleet.fed.local import BaseSnapshot, load_global
 from lorafleet.fed.residual import RESIDUAL_FILE, add_residuals, read_residual, write_residual
-from lorafleet.fsutil import atomic_write_json
+from lorafleet.fsutil import atomic_dir, atomic_write_json
 
 STATE_DIR = "state"
 METRICS_FILE = "metrics.json"
@@ -187,20 +185,12 @@ class FedServer:
     def _save_state(self) -> None:
         states = self.cfg.out / STATE_DIR
         states.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".round.", dir=states))
-        try:
+        with atomic_dir(states / f"round-{self.round}", prefix=".round.") as tmp:
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
             save_file(tensors, str(tmp / "adapter.safetensors"))
             write_residual(tmp / RESIDUAL_FILE, self.residual, self._meta())
             state = {"round": self.round, "config": self.cfg.to_dict(), "history": self.history}
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
-            final = states / f"round-{self.round}"
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         old = sorted(states.glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
         for path in old[:-KEEP_STATES]:
             shutil.rmtree(path, ignore_errors=True)

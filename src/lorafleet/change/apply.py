@@ -25,24 +25,43 @@ MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
 
 def read_png(path: str | Path) -> torch.Tensor:
     """A PNG as float [1, 3, H, W] in [0, 1]; a one-line error for anything else."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise LorafleetError(f"{path}: no such image file")
+    return _decode(path, str(path))
+
+
+def decode_png(data: bytes, what: str = "image") -> torch.Tensor:
+    """PNG bytes (e.g. an upload) as float [1, 3, H, W] in [0, 1]; the same checks as read_png,
+    the one-line errors naming `what`."""
+    import io
+
+    if not data:
+        raise LorafleetError(f"{what}: empty file (send a PNG image)")
+    return _decode(io.BytesIO(data), what)
+
+
+def _decode(source, what: str) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             if img.format != "PNG":
-                raise LorafleetError(f"{path}: not a PNG image ({img.format}); convert it to PNG")
+                raise LorafleetError(f"{what}: not a PNG image ({img.format}); convert it to PNG")
             if img.mode not in MODES:
-                raise LorafleetError(f"{path}: unsupported PNG mode {img.mode} (use RGB or L)")
+                raise LorafleetError(f"{what}: unsupported PNG mode {img.mode} (use RGB or L)")
             if max(img.size) > MAX_SIDE or min(img.size) < MIN_SIDE:
                 w, h = img.size
-                raise LorafleetError(f"{path}: {w}x{h} px; sides must be {MIN_SIDE}-{MAX_SIDE} px")
+                raise LorafleetError(f"{what}: {w}x{h} px; sides must be {MIN_SIDE}-{MAX_SIDE} px")
             rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise LorafleetError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
+            ValueError) as exc:  # fmt: skip
+        raise LorafleetError(f"{what}: not a readable image ({exc.__class__.__name__})") from exc
     return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 def write_png(path: str | Path, x: torch.Tensor) -> Path:
@@ -51,9 +70,20 @@ def write_png(path: str | Path, x: torch.Tensor) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = (x[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    arr = _to_uint8(x)
     atomic_write(path, png_writer(lambda tmp: Image.fromarray(arr).save(tmp, format="PNG")))
     return path
+
+
+def png_bytes(x: torch.Tensor) -> bytes:
+    """[1, 3, H, W] in [0, 1] as the bytes of an RGB PNG (the same pixels write_png writes)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_to_uint8(x)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -105,18 +105,24 @@ def evaluate_models(models: dict[str, Path], out: Path, per_edit: int = 8, seed:
     return results
 
 
-def write_examples(out: Path, edit: str = "hue", unseen: bool = False, seed: int = 0) -> dict:
-    """An example pair and a query from held-out photos (+ the true answer) as PNGs."""
+def example_images(edit: str = "hue", unseen: bool = False, seed: int = 0):
+    """(edit label, {"before", "after", "image", "truth": [1, 3, 64, 64]}) cut from held-out
+    photos: an example pair and a query with its true answer."""
     g = torch.Generator().manual_seed(seed)
     e = unseen_edit(g, edit) if unseen else seen_edit(g, edit)
     a = load_photo("chelsea")[None, :, 20:84, 40:104]
     b = load_photo("sklearn:china")[None, :, 40:104, 60:124]
+    return e.label(), {"before": a, "after": e(a), "image": b, "truth": e(b)}
+
+
+def write_examples(out: Path, edit: str = "hue", unseen: bool = False, seed: int = 0) -> dict:
+    """An example pair and a query from held-out photos (+ the true answer) as PNGs."""
+    label, images = example_images(edit, unseen, seed)
     out = Path(out)
-    files = {"before.png": a, "after.png": e(a), "image.png": b, "truth.png": e(b)}
-    for name, x in files.items():
-        ap.write_png(out / name, x)
-    atomic_write_json(out / "edit.json", {"edit": e.label()})
-    return {"edit": e.label(), "files": [str(out / n) for n in files]}
+    for name, x in images.items():
+        ap.write_png(out / f"{name}.png", x)
+    atomic_write_json(out / "edit.json", {"edit": label})
+    return {"edit": label, "files": [str(out / f"{n}.png") for n in images]}
 
 
 def results_table(results: dict) -> str:

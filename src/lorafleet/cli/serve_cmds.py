@@ -47,13 +47,25 @@ def serve(
         help="torch threads for the forward passes (default: all CPU cores but one, which is "
         "left to HTTP; on 2 cores that serves 32 clients 1.5x faster, see BENCHMARKS.md).",
     ),
+    change: Path | None = typer.Option(
+        None, "--change", help="A `lorafleet change train` dir: serves POST /v1/images/edits."
+    ),
+    change_loras: Path | None = typer.Option(
+        None,
+        "--change-loras",
+        help="Folder of LoRAs saved by `change apply --save-lora` "
+        "(requests name one as `lora`); needs --change.",
+    ),
 ):
     """Serve the base model and every adapter in --adapters over HTTP.
 
     OpenAI-compatible (`/v1/models`, `/v1/completions`, `/v1/chat/completions`, streaming),
     LoRAX-style `/generate` and `/generate_stream`, admin routes, `/health`, `/metrics`, and a
     playground page at `/`. `model` names an adapter; the base's name means no adapter;
-    `mix:a*0.7+b*0.3` (or an `adapters` list) mixes adapters per request.
+    `mix:a*0.7+b*0.3` (or an `adapters` list) mixes adapters per request. With `--change DIR`
+    (a LoRA of Change model), `POST /v1/images/edits` edits an image the way a before/after
+    pair shows (multipart PNGs `before`, `after`, `image`; the edited PNG back), and the
+    playground gets an "Edit by example" tab.
 
     Examples:
 
@@ -72,8 +84,14 @@ def serve(
 
         curl localhost:8000/v1/completions -H 'Content-Type: application/json'
         -d '{"model": "my-mole", "prompt": "Hi", "mask": ["clutrr"]}'
+
+        lorafleet serve --base default --change runs/loc --change-loras runs/loc-loras
+
+        curl localhost:8000/v1/images/edits -F before=@A.png -F after=@A2.png -F image=@B.png
+        -o B2.png
     """
     from lorafleet.bayes.serving import laplace_classifier
+    from lorafleet.change.serving import ChangeEditor
     from lorafleet.compose import merge_adapters
     from lorafleet.compose.mole_serve import MoleCatalog
     from lorafleet.errors import LorafleetError
@@ -84,6 +102,9 @@ def serve(
     if adapters is not None and not adapters.is_dir():
         raise LorafleetError(f"--adapters {adapters}: no such directory")
     auth_config = AuthConfig.load(auth) if auth is not None else AuthConfig.off()
+    if change_loras is not None and change is None:
+        raise LorafleetError("--change-loras needs --change DIR (the LoC model they belong to)")
+    editor = ChangeEditor(change, change_loras) if change is not None else None
     loaded = load_base(base)
     settings = EngineSettings(max_adapters=max_adapters, max_rank=max_rank,
                               max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
@@ -93,10 +114,13 @@ def serve(
                           merge_cache_mb=merge_cache_mb, max_n=max_n,
                           engine_threads=threads or max(1, (os.cpu_count() or 2) - 1))  # fmt: skip
     state = build_state(loaded, adapters, auth_config, settings, config, laplace_classifier,
-                        merge_adapters, MoleCatalog)  # fmt: skip
+                        merge_adapters, MoleCatalog, editor)  # fmt: skip
     names = state.adapter_names()
     typer.echo(f"lorafleet: serving {config.model_name} + {len(names)} adapter(s) "
                f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}) on "
                f"http://{host}:{port}  (playground: http://{host}:{port}/)", err=True)  # fmt: skip
+    if editor is not None:
+        typer.echo(f"lorafleet: image edits by example with LoC model {editor.name} at "
+                   f"http://{host}:{port}/v1/images/edits", err=True)  # fmt: skip
     serve_forever(state, host, port)
     return 0

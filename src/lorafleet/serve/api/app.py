@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from lorafleet.serve.api import errors
 from lorafleet.serve.api.admin_routes import router as admin_router
+from lorafleet.serve.api.image_edits import router as image_router
 from lorafleet.serve.api.lorax_routes import router as lorax_router
 from lorafleet.serve.api.openai_routes import router as openai_router
 from lorafleet.serve.api.state import ServerState, admin, state_of
@@ -40,6 +41,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(lorax_router)
     app.include_router(admin_router)
+    app.include_router(image_router)
 
     @app.get("/health")
     def health(request: Request):

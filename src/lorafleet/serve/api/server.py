@@ -14,6 +14,7 @@ from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.app import create_app
 from lorafleet.serve.api.auth import AuthConfig
 from lorafleet.serve.api.classify import Classifier
+from lorafleet.serve.api.image_edits import ImageEditor
 from lorafleet.serve.api.merge_cache import MergeCache, MergeFn
 from lorafleet.serve.api.state import ServerConfig, ServerState
 
@@ -34,11 +35,13 @@ def build_state(base, adapters_dir: str | Path | None, auth: AuthConfig | None =
                 settings: EngineSettings | None = None, config: ServerConfig | None = None,
                 classifier: Callable[..., Classifier] | None = None,
                 merge: MergeFn | None = None,
-                moles: Callable | None = None) -> ServerState:  # fmt: skip
+                moles: Callable | None = None,
+                image_editor: ImageEditor | None = None) -> ServerState:  # fmt: skip
     """Engine over `base` (a loaded Base), registry over `adapters_dir`, and the app state.
     `classifier(engine, registry)` builds what answers `class_choices` (none: a 400);
     `merge` (lorafleet.compose.merge_adapters) serves ties / dare merges (none: a 400);
-    `moles(engine, registry)` (lorafleet.compose.mole_serve.MoleCatalog) serves MoLE dirs."""
+    `moles(engine, registry)` (lorafleet.compose.mole_serve.MoleCatalog) serves MoLE dirs;
+    `image_editor` (lorafleet.change.serving.ChangeEditor) serves /v1/images/edits."""
     from lorafleet.serve import AdapterRegistry, Engine
 
     s = settings or EngineSettings()
@@ -53,7 +56,8 @@ def build_state(base, adapters_dir: str | Path | None, auth: AuthConfig | None =
     made = classifier(engine, registry) if classifier is not None else None
     merged = MergeCache(engine, registry, merge, config.merge_cache_mb) if merge else None
     catalog = moles(engine, registry) if moles is not None else None
-    return ServerState(engine, registry, auth or AuthConfig.off(), config, made, merged, catalog)
+    return ServerState(engine, registry, auth or AuthConfig.off(), config, made, merged, catalog,
+                       image_editor)  # fmt: skip
 
 
 def _max_positions(base) -> int:

@@ -59,6 +59,7 @@ class ServerState:
     classifier: Classifier | None = None  # class_choices' probabilities (the CLI's Laplace one)
     merged: object | None = None  # ties / dare merges as virtual adapters (a MergeCache)
     moles: object | None = None  # MoLE dirs served by name (compose.mole_serve.MoleCatalog)
+    image_editor: object | None = None  # POST /v1/images/edits (image_edits.ImageEditor)
     loop: EngineLoop = field(init=False)
     metrics: Metrics = field(init=False)
     closing: bool = False

@@ -1,0 +1,228 @@
+"""POST /v1/images/edits (LoRA of Change in the server): the same pixels as `change apply`, bad
+images answered 400 in OpenAI's shape, a clear 404 without a LoC model, off the event loop."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from serve_helpers import tiny_base
+
+import lorafleet.serve.api.image_edits as image_edits
+from lorafleet.change.run import apply_change, example_images
+from lorafleet.change.serving import ChangeEditor
+from lorafleet.change.store import ChangeConfig, build, save_model
+from lorafleet.serve.api import AuthConfig, ServerConfig
+from lorafleet.serve.api.server import EngineSettings, ServerThread, build_state
+
+TINY = ChangeConfig(image_size=16, width=4, dim=16, depth=1)
+URL = "/v1/images/edits"
+
+
+def tiny_loc(folder):
+    """A tiny LoC model whose hypernetwork emits non-zero LoRAs (random head weights)."""
+    editor, hyper = build(TINY)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in hyper.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return save_model(folder, TINY, editor, hyper)
+
+
+def png(path, size, seed, mode="RGB"):
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).convert(mode).save(path, format="PNG")
+    return path
+
+
+@pytest.fixture(scope="module")
+def loc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loc")
+    files = {"before": png(root / "a.png", (24, 24), 0), "after": png(root / "a2.png", (24, 24), 1),
+             "image": png(root / "b.png", (30, 22), 2)}  # fmt: skip
+    (root / "loras").mkdir()
+    return {"model": tiny_loc(root / "model"), "loras": root / "loras", "root": root, **files}
+
+
+@pytest.fixture(scope="module")
+def loc_server(tokenizer, loc):
+    settings = EngineSettings(max_adapters=2, max_rank=8, max_seq_len=128)
+    state = build_state(tiny_base(tokenizer), None, AuthConfig.off(), settings,
+                        ServerConfig(model_name="tiny"),
+                        image_editor=ChangeEditor(loc["model"], loc["loras"]))  # fmt: skip
+    srv = ServerThread(state).start()
+    yield srv
+    srv.stop()
+
+
+def post(srv, files=None, data=None, **kw):
+    return httpx.post(srv.url + URL, files=files, data=data, timeout=60, **kw)
+
+
+def pair_files(loc, **override):
+    names = {"before": loc["before"], "after": loc["after"], "image": loc["image"], **override}
+    return {k: (f"{k}.png", v.read_bytes() if hasattr(v, "read_bytes") else v, "image/png")
+            for k, v in names.items() if v is not None}  # fmt: skip
+
+
+def pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "PNG" and img.mode == "RGB"
+        return np.asarray(img)
+
+
+def assert_openai_error(r, status, needle, param="missing"):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert needle in err["message"], err
+    assert "\n" not in err["message"] and "Traceback" not in err["message"]
+    if param != "missing":
+        assert err["param"] == param, err
+
+
+def test_edit_equals_the_python_apply_api_and_saved_loras_reuse_it(loc_server, loc, tmp_path):
+    r = post(loc_server, pair_files(loc))
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png" and r.headers["x-lorafleet-model"] == "model"
+    got = pixels(r.content)
+    assert got.shape == (22, 30, 3)  # B's own size
+    apply_change(loc["model"], loc["image"], tmp_path / "ref.png", loc["before"], loc["after"],
+                 save_lora=loc["loras"] / "warm")  # fmt: skip
+    ref = pixels((tmp_path / "ref.png").read_bytes())
+    assert np.array_equal(got, ref)
+    assert not np.array_equal(got, pixels(loc["image"].read_bytes()))  # it did edit the image
+    # OpenAI's JSON shape: the same PNG as base64.
+    r = post(loc_server, pair_files(loc), data={"response_format": "b64_json", "model": "model"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert isinstance(body["created"], int) and len(body["data"]) == 1
+    assert np.array_equal(pixels(base64.b64decode(body["data"][0]["b64_json"])), ref)
+    # The saved LoRA by name, without a pair: the same edit.
+    info = httpx.get(loc_server.url + "/v1/images/editor", timeout=30).json()
+    assert (
+        info["loras"] == ["warm"] and info["model"] == "model" and "unseen:hue" in info["examples"]
+    )
+    r = post(loc_server, pair_files(loc, before=None, after=None), data={"lora": "warm"})
+    assert r.status_code == 200, r.text
+    assert np.array_equal(pixels(r.content), ref)
+
+
+def test_bad_images_and_fields_get_400_in_openai_shape(loc_server, loc, tmp_path, monkeypatch):
+    jpeg, deep, wide = io.BytesIO(), tmp_path / "deep.png", tmp_path / "wide.png"
+    Image.new("RGB", (20, 20)).save(jpeg, format="JPEG")
+    Image.new("I;16", (20, 20)).save(deep)
+    Image.new("RGB", (2100, 10)).save(wide)
+    cases = [  # (files override, extra data, needle, param)
+        ({"image": b"just some text, not an image"}, {}, "not a readable image", "image"),
+        ({"before": b""}, {}, "empty file", "before"),
+        ({"after": jpeg.getvalue()}, {}, "not a PNG image (JPEG)", "after"),
+        ({"image": deep.read_bytes()}, {}, "unsupported PNG mode I;16", "image"),
+        ({"image": wide.read_bytes()}, {}, "2100x10 px; sides must be 8-2048 px", "image"),
+        ({"image": None}, {}, "image: missing", "image"),
+        ({"after": None}, {}, "give both before and after", None),
+        ({}, {"lora": "warm"}, "give either an example pair", None),
+        ({}, {"n": "2"}, "only n=1", "n"),
+        ({}, {"response_format": "url"}, "one of png, b64_json", "response_format"),
+        ({}, {"style": "x"}, "unknown field 'style'", "style"),
+    ]
+    loc["loras"].joinpath("warm").mkdir(exist_ok=True)
+    (loc["loras"] / "warm" / "adapter_config.json").touch(exist_ok=True)
+    for override, data, needle, param in cases:
+        r = post(loc_server, pair_files(loc, **override), data)
+        assert_openai_error(r, 400, needle, param)
+    # An image as a text field, and a JSON body instead of multipart.
+    r = post(loc_server, pair_files(loc, image=None), {"image": "b.png"})
+    assert_openai_error(r, 400, "image: must be a file", "image")
+    r = httpx.post(loc_server.url + URL, json={"image": "x"}, timeout=30)
+    assert_openai_error(r, 400, "send multipart/form-data")
+    # Over the byte limit (lowered here to 1 KB): refused before decoding.
+    monkeypatch.setattr(image_edits, "MAX_IMAGE_MB", 1 / 1024)
+    r = post(loc_server, pair_files(loc))
+    assert_openai_error(r, 400, "the image is over", "before")
+    monkeypatch.undo()
+    # Unknown names: 404s.
+    assert_openai_error(post(loc_server, pair_files(loc), {"model": "other"}), 404, "`other`")
+    r = post(loc_server, pair_files(loc, before=None, after=None), {"lora": "nope"})
+    assert_openai_error(r, 404, "no saved LoRA named 'nope'", "lora")
+    # The server is still fine.
+    assert post(loc_server, pair_files(loc)).status_code == 200
+
+
+def test_without_a_loc_model_the_routes_say_how_to_start_one(loc_server, loc, monkeypatch):
+    monkeypatch.setattr(loc_server.state, "image_editor", None)
+    r = post(loc_server, pair_files(loc))
+    assert_openai_error(r, 404, "start it with `lorafleet serve --change DIR`")
+    assert r.json()["error"]["code"] == "no_image_editor"
+    r = httpx.get(loc_server.url + "/v1/images/editor", timeout=30)
+    assert_openai_error(r, 404, "--change DIR")
+
+
+def test_bundled_examples_are_the_cli_examples(loc_server):
+    r = httpx.get(loc_server.url + "/v1/images/examples/tint", timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    label, ref = example_images("tint")
+    assert body["label"] == label and set(body["images"]) == {"before", "after", "image", "truth"}
+    for name, x in ref.items():
+        want = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        assert np.array_equal(pixels(base64.b64decode(body["images"][name])), want)
+    r = httpx.get(loc_server.url + "/v1/images/examples/unseen:posterize", timeout=30)
+    assert r.status_code == 200 and "posterize" in r.json()["label"]
+    r = httpx.get(loc_server.url + "/v1/images/examples/posterize", timeout=30)
+    assert_openai_error(r, 404, "no example 'posterize'")  # held out of training: unseen only
+
+
+class SlowEditor:
+    """An editor that blocks until released: the edit must run on a worker thread."""
+
+    name = "slow"
+
+    def __init__(self):
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def info(self):
+        return {"loras": [], "examples": []}
+
+    def edit(self, image, before, after, lora):
+        self.started.set()
+        assert self.release.wait(30)
+        return image
+
+    def example(self, example_id):
+        raise AssertionError("not used")
+
+
+def test_an_edit_in_progress_blocks_neither_http_nor_the_engine(loc_server, loc, monkeypatch):
+    slow = SlowEditor()
+    monkeypatch.setattr(loc_server.state, "image_editor", slow)
+    result = {}
+
+    def run():
+        result["r"] = post(loc_server, pair_files(loc))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert slow.started.wait(30)
+        assert httpx.get(loc_server.url + "/health", timeout=10).status_code == 200
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 3, "temperature": 0}
+        r = httpx.post(loc_server.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200 and not result  # generated while the edit still waits
+    finally:
+        slow.release.set()
+        thread.join(30)
+    assert result["r"].status_code == 200 and result["r"].content == loc["image"].read_bytes()
+
+
+def test_cli_serve_refuses_bad_loc_options_in_one_line(run_cli, tmp_path):
+    code, _, err = run_cli("serve", "--base", "tiny", "--change-loras", tmp_path)
+    assert code == 2 and "--change-loras needs --change" in err and len(err.splitlines()) == 1
+    code, _, err = run_cli("serve", "--base", "tiny", "--change", tmp_path)
+    assert code == 2 and "not a `lorafleet change train` directory" in err

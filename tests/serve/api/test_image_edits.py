@@ -226,3 +226,75 @@ def test_cli_serve_refuses_bad_loc_options_in_one_line(run_cli, tmp_path):
     assert code == 2 and "--change-loras needs --change" in err and len(err.splitlines()) == 1
     code, _, err = run_cli("serve", "--base", "tiny", "--change", tmp_path)
     assert code == 2 and "not a `lorafleet change train` directory" in err
+
+
+# --- the playground's "Edit by example" tab, in headless Debian chromium ---
+
+
+@pytest.fixture(scope="module")
+def edit_page(loc_server):
+    from playwright.sync_api import sync_playwright
+    from test_playground import ARGS, CHROMIUM, MISSING
+
+    if not CHROMIUM.exists():  # test_playground's test_chromium_is_installed fails then
+        pytest.fail(MISSING, pytrace=False)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 820})
+        page.set_default_timeout(20_000)
+        urls, errors = [], []
+        page.on("request", lambda r: urls.append(r.url))
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(loc_server.url)
+        yield page
+        browser.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+    outside = [u for u in urls if not u.startswith((loc_server.url, "blob:"))]
+    assert outside == [], f"the page reached outside the server: {outside}"
+
+
+def shown_result(page) -> bytes:
+    """The PNG the tab shows as the result (read back from its blob: URL)."""
+    page.wait_for_selector('#edit-result[data-state="done"]')
+    b64 = page.evaluate("""async () => {
+        const buf = await (await fetch(document.getElementById("edit-result").src)).arrayBuffer();
+        return btoa(String.fromCharCode(...new Uint8Array(buf))); }""")
+    return base64.b64decode(b64)
+
+
+def test_playground_tab_edits_an_example_and_uploads(edit_page, loc_server, loc, tmp_path):
+    from test_playground import screenshot
+
+    page = edit_page
+    page.click("#tab-edit")
+    assert page.locator("#edit").is_visible() and page.locator("#chat").is_hidden()
+    assert page.locator("#prompt").is_hidden()
+    # A bundled example: the pair and the image appear, the result equals the API's answer.
+    page.select_option("#edit-example", "tint")
+    page.wait_for_selector('#edit[data-example="tint"]')
+    assert page.locator("#edit-fig-truth").is_visible()
+    page.click("#edit-run")
+    got = shown_result(page)
+    ex = httpx.get(loc_server.url + "/v1/images/examples/tint", timeout=30).json()["images"]
+    files = {
+        k: (f"{k}.png", base64.b64decode(ex[k]), "image/png") for k in ("before", "after", "image")
+    }
+    assert np.array_equal(pixels(got), pixels(post(loc_server, files).content))
+    assert page.locator("#edit-stats").text_content().startswith("64×64 px · ")
+    screenshot(page, tmp_path, "playground-edit-by-example.png")
+    # Uploaded images: the result is `change apply`'s (the same pixels as the Python API).
+    for key in ("before", "after", "image"):
+        page.set_input_files(f"#edit-{key}", str(loc[key]))
+    assert page.locator("#edit-example").input_value() == ""
+    page.click("#edit-run")
+    apply_change(loc["model"], loc["image"], tmp_path / "ref.png", loc["before"], loc["after"])
+    assert np.array_equal(pixels(shown_result(page)), pixels((tmp_path / "ref.png").read_bytes()))
+    # A text file as the image: the server's one-line 400 is shown, no result.
+    (tmp_path / "notes.png").write_text("not an image")
+    page.set_input_files("#edit-image", str(tmp_path / "notes.png"))
+    page.click("#edit-run")
+    page.wait_for_selector('#edit-result[data-state="error"]', state="attached")
+    assert "400: image: not a readable image" in page.locator("#error").text_content()
+    # Back to the chat tab: the chat is there again.
+    page.click("#tab-chat")
+    assert page.locator("#prompt").is_visible() and page.locator("#edit").is_hidden()

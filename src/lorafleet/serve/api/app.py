@@ -17,8 +17,8 @@ from lorafleet.serve.api.openai_routes import router as openai_router
 from lorafleet.serve.api.state import ServerState, admin, state_of
 
 
-def playground_html() -> str:
-    return resources.files("lorafleet.serve.api").joinpath("web/playground.html").read_text()
+def playground_html(name: str = "playground.html") -> str:
+    return resources.files("lorafleet.serve.api").joinpath(f"web/{name}").read_text()
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -66,5 +66,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def playground() -> HTMLResponse:
         return HTMLResponse(playground_html())
+
+    @app.get("/playground/edit.js", include_in_schema=False)
+    def playground_edit_js() -> Response:  # the "Edit by example" tab
+        return Response(playground_html("edit.js"), media_type="text/javascript; charset=utf-8")
 
     return app

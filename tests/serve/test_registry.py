@@ -29,11 +29,14 @@ def test_serves_adapters_from_disk_like_a_direct_load(make, prompts, expected, r
         "misses": 4, "loads": 4, "failures": 0, "evictions_slot": 0}  # fmt: skip
     assert (stats["resident"], stats["cpu_adapters"]) == (4, 4) and stats["cpu_mb"] > 0
     assert all(thread != "MainThread" for _, thread in reads)  # read off the caller's thread
-    # Resident now: served again without touching the disk; a prepare() call is a hit.
+    # Resident now: served again without touching the disk; each request (5 name an
+    # adapter) and each prepare() call is a hit.
+    hits = stats["hits"]
     again = engine.generate([(prompts[i], n, GREEDY) for n, i in plan])
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]
     assert len(reads) == 4 and registry.stats()["misses"] == 4
-    assert registry.prepare("lora4") is None and registry.stats()["hits"] == 1
+    assert registry.stats()["hits"] == hits + 5 and registry.stats()["slot_hit_rate"] > 0.5
+    assert registry.prepare("lora4") is None and registry.stats()["hits"] == hits + 6
     assert registry.state("lora4") == "resident" and registry.state("nope") is None
 
 

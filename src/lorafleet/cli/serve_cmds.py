@@ -31,6 +31,12 @@ def serve(
     max_batch_tokens: int = typer.Option(2048, "--max-batch-tokens", min=1),
     max_seq_len: int = typer.Option(1024, "--max-seq-len", min=2),
     cpu_cache_mb: float = typer.Option(512.0, "--cpu-cache-mb", min=0),
+    cpu_cache_bytes: str | None = typer.Option(
+        None,
+        "--cpu-cache-bytes",
+        help="Byte budget of the CPU adapter tier, e.g. 512MB or 2GB (replaces --cpu-cache-mb); "
+        "least recently used adapters leave it, never one a running request uses.",
+    ),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests before 429."),
     shutdown_grace: float = typer.Option(10.0, "--shutdown-grace", min=0),
     max_mixture: int = typer.Option(
@@ -73,6 +79,8 @@ def serve(
 
         lorafleet serve --base default --adapters runs/adapters --auth auth.json --port 9000
 
+        lorafleet serve --base default --adapters runs/many --max-adapters 32 --cpu-cache-bytes 2GB
+
         curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json'
         -d '{"model": "sst2", "messages": [{"role": "user", "content": "Hi"}]}'
 
@@ -96,9 +104,12 @@ def serve(
     from lorafleet.compose.mole_serve import MoleCatalog
     from lorafleet.errors import LorafleetError
     from lorafleet.models import load_base
+    from lorafleet.serve.adapter_store import parse_size
     from lorafleet.serve.api import AuthConfig, ServerConfig
     from lorafleet.serve.api.server import EngineSettings, build_state, serve_forever
 
+    if cpu_cache_bytes is not None:
+        parse_size(cpu_cache_bytes)  # a bad size is a one-line error before the model loads
     if adapters is not None and not adapters.is_dir():
         raise LorafleetError(f"--adapters {adapters}: no such directory")
     auth_config = AuthConfig.load(auth) if auth is not None else AuthConfig.off()
@@ -108,7 +119,8 @@ def serve(
     loaded = load_base(base)
     settings = EngineSettings(max_adapters=max_adapters, max_rank=max_rank,
                               max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
-                              max_seq_len=max_seq_len, cpu_cache_mb=cpu_cache_mb)  # fmt: skip
+                              max_seq_len=max_seq_len, cpu_cache_mb=cpu_cache_mb,
+                              cpu_cache_bytes=cpu_cache_bytes)  # fmt: skip
     config = ServerConfig(model_name=model_name or base, max_waiting=max_queue,
                           shutdown_grace_s=shutdown_grace, max_mixture=max_mixture,
                           merge_cache_mb=merge_cache_mb, max_n=max_n,

@@ -12,12 +12,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from lorafleet.adapters import Adapter
+from lorafleet.adapters import Adapter, AdapterError, check_adapter, fingerprint_status
 from lorafleet.adapters.format import CONFIG_NAME, WEIGHTS_NAME
 from lorafleet.errors import LorafleetError
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MB = 1024 * 1024
+SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]?i?b?)\s*", re.IGNORECASE)
+UNITS = {"": 1, "k": 1024, "m": MB, "g": 1024 * MB, "t": 1024 * 1024 * MB}
 
 # What identifies one version of an adapter's files: (mtime_ns, size) of each, None if absent.
 Stamp = tuple
@@ -66,6 +68,19 @@ def stamp(path: Path) -> Stamp:
     return tuple(out)
 
 
+def parse_size(text: str | int | float) -> int:
+    """Bytes from `512MB`, `2GB`, `1.5g`, `800k` or a plain number (units are binary: 1 GB =
+    1024^3 bytes, as memory is counted); a one-line error for anything else."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and text >= 0:
+        return int(text)
+    match = SIZE_RE.fullmatch(str(text))
+    if match is None:
+        raise LorafleetError(f"cannot read {text!r} as a size: use e.g. 512MB, 2GB or 1000000")
+    number, unit = match.groups()
+    letter = unit[:1].lower()
+    return int(float(number) * UNITS[letter if letter in UNITS else ""])
+
+
 def tensor_bytes(adapter: Adapter) -> int:
     return sum(t.numel() * t.element_size() for t in adapter.tensors.values())
 
@@ -79,10 +94,13 @@ class CpuEntry:
 
 class CpuCache:
     """Validated adapters in CPU memory, least recently used first out, bounded by tensor bytes.
-    Not thread-safe on its own: the registry calls it under its lock."""
+    `pinned(name)` (adapters running requests use) are skipped when evicting, so the cache may
+    stay over capacity until they are done (`shrink` then). Not thread-safe on its own: the
+    registry calls it under its lock."""
 
-    def __init__(self, capacity_bytes: int):
+    def __init__(self, capacity_bytes: int, pinned=lambda name: False):
         self.capacity = int(capacity_bytes)
+        self.pinned = pinned
         self.entries: OrderedDict[str, CpuEntry] = OrderedDict()
         self.nbytes = 0
 
@@ -109,11 +127,19 @@ class CpuCache:
         entry = CpuEntry(adapter, tensor_bytes(adapter), stamp)
         self.entries[name] = entry
         self.nbytes += entry.nbytes
+        if entry.nbytes > self.capacity:
+            self.pop(name)
+        return [old for old in self.shrink() if old != name]
+
+    def shrink(self) -> list[str]:
+        """Evict least recently used entries (never pinned ones) until within capacity; returns
+        their names (the newest goes too when the pinned ones fill the capacity)."""
         evicted = []
-        while self.nbytes > self.capacity and self.entries:
-            old, dropped = self.entries.popitem(last=False)
-            self.nbytes -= dropped.nbytes
-            if old != name:
+        for old in list(self.entries):
+            if self.nbytes <= self.capacity:
+                break
+            if not self.pinned(old):
+                self.pop(old)
                 evicted.append(old)
         return evicted
 
@@ -153,6 +179,23 @@ class Failures:
 
     def pop(self, name: str) -> None:
         self.entries.pop(name, None)
+
+
+def check_servable(adapter: Adapter, reference, base_fingerprint: str, max_rank: int, handle,
+                   force: bool = False) -> None:  # fmt: skip
+    """Raise a one-line error unless `adapter` fits `reference` (the base's module tree, or
+    None: the fingerprint alone), `max_rank` and the slots behind `handle`."""
+    if reference is not None:
+        check_adapter(adapter, reference, base_fingerprint=base_fingerprint, max_rank=max_rank,
+                      force=force)  # fmt: skip
+    elif fingerprint_status(adapter, base_fingerprint) == "mismatch" and not force:
+        raise AdapterError(adapter.where(), "trained on another base (fingerprint "
+                           f"{adapter.meta['base_fingerprint']})")  # fmt: skip
+    if handle is None:
+        raise LorafleetError("the engine has no adapter slots (closed?)")
+    # The slots' own checks (supported methods, their max rank, injected targets) now,
+    # before a slot is freed for an adapter that could not go in it.
+    handle.slot_weights(adapter)
 
 
 def meta_reference(config) -> torch.nn.Module:

@@ -319,8 +319,9 @@ class Engine:
         return None
 
     def _check_adapter(self, name: str | None) -> str | None:
-        """None when `name` is resident or a source is loading it; else why it cannot be."""
-        if self.adapter_ready(name):
+        """None when `name` is resident or a source is loading it; else why it cannot be.
+        A source is asked about resident names too (its hit counts and recency)."""
+        if name is None or (self.adapter_ready(name) and self.adapter_source is None):
             return None
         if self.adapter_source is not None:
             return self.adapter_source.prepare(name)

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
-from lorafleet.adapters import (
-    DEFAULT_MAX_RANK,
-    Adapter,
-    AdapterError,
-    check_adapter,
-    fingerprint_status,
-    read_adapter,
-)
+from lorafleet.adapters import DEFAULT_MAX_RANK, Adapter, read_adapter
 from lorafleet.adapters.format import CONFIG_NAME
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.adapter_store import (
@@ -27,17 +20,19 @@ from lorafleet.serve.adapter_store import (
     Failures,
     Stamp,
     check_name,
+    check_servable,
     meta_reference,
     name_problem,
+    parse_size,
     resolve_inside,
     slot_format,
     stamp,
     to_slot_format,
 )
+from lorafleet.serve.residency import count_users, pick_victim, running_adapters
+from lorafleet.serve.tier_stats import COUNTERS, LoadTimes, tier_rates
 
 log = logging.getLogger(__name__)
-
-COUNTERS = ("hits", "cpu_hits", "misses", "loads", "evictions_cpu", "evictions_slot", "failures")
 
 
 class AdapterRegistry:
@@ -45,8 +40,9 @@ class AdapterRegistry:
 
     - disk: each sub-directory of `adapters_dir` holding an adapter_config.json (named by the
       directory), plus those added with `add(name, path)`;
-    - CPU memory: read and validated adapters, least recently used out past `cpu_cache_mb` MB
-      of tensors (dropping one there never touches the slots);
+    - CPU memory: read and validated adapters, least recently used out past `cpu_cache_bytes`
+      bytes of tensors (e.g. "2GB"; or `cpu_cache_mb`), never one a running request uses
+      (dropping one there never touches the slots);
     - resident: the engine's slots. A full engine frees the least recently used slot whose
       adapter no running request pins (nor a waiting one queued before the request asking),
       or else the request waits and the next `prepare` tries again.
@@ -54,7 +50,9 @@ class AdapterRegistry:
     `prepare(name)` only looks things up and returns: reading, validating (`check_adapter`
     against `reference_model`, by default the base built on the meta device; the fingerprint;
     `max_rank`; the slots' own checks) and moving to the slots' device run on `loader_threads`
-    background threads, one load per name at a time. The copy into a slot needs the engine's
+    background threads, one load per name at a time, at most `prefetch` loaded or loading and
+    not yet in a slot (the rest are asked again, in queue order, at the next steps), so the
+    other rows keep decoding while adapters load. The copy into a slot needs the engine's
     lock, as any step does: the loader takes it if free, else the next `prepare` (called by the
     engine's step while a request waits) does it. A bad adapter gives a one-line reason, kept
     for `failure_ttl_s` or until its files change, so only its requests fail and a burst of
@@ -64,14 +62,17 @@ class AdapterRegistry:
     The registry sets itself as `engine.adapter_source`."""
 
     def __init__(self, engine, adapters_dir: str | Path | None = None, *,
-                 cpu_cache_mb: float = 512, max_rank: int | None = None,
+                 cpu_cache_mb: float = 512, cpu_cache_bytes: int | str | None = None,
+                 max_rank: int | None = None,
                  base_fingerprint: str | None = None, reference_model=None,
-                 loader_threads: int = 1, force: bool = False,
+                 loader_threads: int = 1, prefetch: int | None = None, force: bool = False,
                  failure_ttl_s: float = 10.0):  # fmt: skip
         if not isinstance(cpu_cache_mb, (int, float)) or not cpu_cache_mb >= 0:
             raise LorafleetError(f"cpu_cache_mb must be a number >= 0, got {cpu_cache_mb!r}")
-        if not isinstance(loader_threads, int) or loader_threads < 1:
-            raise LorafleetError(f"loader_threads must be an integer >= 1, got {loader_threads!r}")
+        budget = int(cpu_cache_mb * MB) if cpu_cache_bytes is None else parse_size(cpu_cache_bytes)
+        for what, value in (("loader_threads", loader_threads), ("prefetch", prefetch or 1)):
+            if not isinstance(value, int) or value < 1:
+                raise LorafleetError(f"{what} must be an integer >= 1, got {value!r}")
         if adapters_dir is not None:
             adapters_dir = Path(adapters_dir).expanduser().resolve()
             if not adapters_dir.is_dir():
@@ -103,10 +104,13 @@ class AdapterRegistry:
         self._jobs: dict[str, Future] = {}
         self._staged: dict[str, Adapter] = {}  # validated, on the slots' device, awaiting a slot
         self._failures = Failures(failure_ttl_s)
-        self._cpu = CpuCache(int(cpu_cache_mb * MB))
+        self._running: set[str] = set()  # adapters the running batch used at the last look
+        self._cpu = CpuCache(budget, pinned=self._pinned)
+        self.prefetch = prefetch or max(2 * loader_threads, engine.max_slots)
         self._recency: dict[str, int] = {}
         self._clock = itertools.count(1)
         self.counters = dict.fromkeys(COUNTERS, 0)
+        self.load_times = LoadTimes()  # disk -> CPU -> slots' format, per cold load
         self.rescan()
         engine.adapter_source = self
 
@@ -125,14 +129,14 @@ class AdapterRegistry:
             return " ".join(f"adapter {name!r} cannot be served: {text}".split())
 
     def _prepare(self, name: str) -> str | None:
-        problem = name_problem(name)
-        if problem:
-            return problem
         self._note_in_use()
-        if self.engine.adapter_ready(name):
+        if self.engine.adapter_ready(name):  # also one loaded outside the registry
             self.counters["hits"] += 1
             self._touch(name)
             return None
+        problem = name_problem(name)
+        if problem:
+            return problem
         if self._closed:
             return "the adapter registry is closed"
         if self.engine.handle is None:
@@ -150,11 +154,15 @@ class AdapterRegistry:
             self._cpu.pop(name)  # rewritten on disk since it was read: read it again
             entry = None
         if entry is None:
+            if len(self._jobs) + len(self._staged) >= self.prefetch:
+                return None  # enough loads ahead of it: asked again at the next step
             self.counters["misses"] += 1
             self._submit(name, path, None)
             return None
-        self.counters["cpu_hits"] += 1
         staged = to_slot_format(entry.adapter, slot_format(self.engine.handle), copy=False)
+        if staged is None and len(self._jobs) + len(self._staged) >= self.prefetch:
+            return None
+        self.counters["cpu_hits"] += 1
         if staged is None:  # another device or dtype: the copy there runs on a loader thread
             self._submit(name, path, entry.adapter)
             return None
@@ -183,7 +191,7 @@ class AdapterRegistry:
         with self._engine_lock, self._lock:
             if self._path_of(name) is None:
                 raise LorafleetError(f"unknown adapter {name!r}")
-            users = self._users(name)
+            users = count_users(self.engine, name)
             if users:
                 raise LorafleetError(
                     f"adapter {name} is in use by {users} request(s) and cannot be removed now"
@@ -242,6 +250,7 @@ class AdapterRegistry:
     def _load(self, name: str, path: Path, gen: int, st: Stamp, source: Adapter | None) -> None:
         """Read + validate (or take `source` from the CPU tier), then move to the slots' device."""
         adapter = staged = reason = None
+        start = time.perf_counter()
         try:
             adapter = source if source is not None else read_adapter(path)
             if source is None:
@@ -263,6 +272,7 @@ class AdapterRegistry:
                 return
             if source is None:
                 self.counters["evictions_cpu"] += len(self._cpu.put(name, adapter, st))
+                self.load_times.observe(time.perf_counter() - start)
             self._staged[name] = staged
         # Install now if the engine is between steps; else its next prepare() does it.
         if self._engine_lock.acquire(blocking=False):
@@ -277,25 +287,15 @@ class AdapterRegistry:
 
     def validate(self, adapter: Adapter) -> None:
         """Raise a one-line error unless `adapter` can be served here (what a load checks)."""
-        if self.reference is not None:
-            check_adapter(adapter, self.reference, base_fingerprint=self.base_fingerprint,
-                          max_rank=self.max_rank, force=self.force)  # fmt: skip
-        elif fingerprint_status(adapter, self.base_fingerprint) == "mismatch" and not self.force:
-            raise AdapterError(adapter.where(), "trained on another base (fingerprint "
-                               f"{adapter.meta['base_fingerprint']})")  # fmt: skip
-        handle = self.engine.handle
-        if handle is None:
-            raise LorafleetError("the engine has no adapter slots (closed?)")
-        # The slots' own checks (supported methods, their max rank, injected targets) now,
-        # before a slot is freed for an adapter that could not go in it.
-        handle.slot_weights(adapter)
+        check_servable(adapter, self.reference, self.base_fingerprint, self.max_rank,
+                       self.engine.handle, force=self.force)  # fmt: skip
 
     # -- resident tier (engine lock and registry lock held) -------------------------------------
 
     def _install(self, name: str) -> str | None:
         engine = self.engine
         if len(engine.loaded_adapters()) >= engine.max_slots:
-            victim = self._victim(name)
+            victim = pick_victim(self.engine, name, self._paths, self._recency)
             if victim is None and not any(n in self._paths for n in engine.loaded_adapters()):
                 return "every adapter slot holds an adapter loaded outside the registry"
             if victim is None:
@@ -313,33 +313,20 @@ class AdapterRegistry:
         self._touch(name)
         return None
 
-    def _victim(self, name: str) -> str | None:
-        """The least recently used resident adapter of ours that no running request pins and
-        no request queued before `name`'s first one waits for (later ones may wait again:
-        FIFO, so a busy adapter cannot keep `name` out forever)."""
-        waiting = list(self.engine.scheduler.waiting)
-        first = min((s.request_id for s in waiting if name in s.adapters), default=math.inf)
-        # A mixture's other adapters count as wanted by it too (<=), so loading one part
-        # never evicts another part of the same request.
-        wanted = {n for s in waiting if s.request_id <= first for n in s.adapters}
-        candidates = [
-            n for n in self.engine.loaded_adapters()
-            if n != name and n in self._paths and n not in wanted
-            and not self.engine.adapter_in_use(n)
-        ]  # fmt: skip
-        return min(candidates, key=lambda n: self._recency.get(n, 0), default=None)
-
-    def _users(self, name: str) -> int:
-        waiting = self.engine.scheduler.waiting
-        return self.engine.adapter_in_use(name) + sum(1 for s in waiting if name in s.adapters)
-
     def _note_in_use(self) -> None:
-        # The engine does not tell us when a resident adapter serves a request, so recency
-        # comes from prepare() calls and from what runs whenever we look (the running batch
-        # is small; the waiting queue may not be, and its adapters are protected anyway).
-        for seq in self.engine.scheduler.running:
-            for name in seq.adapters:
-                self._recency[name] = next(self._clock)
+        # The running batch is what recency and the CPU tier's pins come from (a waiting
+        # request's adapters are protected from slot eviction by pick_victim anyway).
+        running = running_adapters(self.engine)
+        for name in running:
+            self._recency[name] = next(self._clock)
+        self._running.clear()
+        self._running.update(running)
+        if self._cpu.nbytes > self._cpu.capacity:  # over budget while pins were held
+            self.counters["evictions_cpu"] += len(self._cpu.shrink())
+
+    def _pinned(self, name: str) -> bool:
+        # A loader thread asks without the engine's lock: the last look, and the batch now.
+        return name in self._running or self.engine.scheduler.in_use(name) > 0
 
     def _touch(self, name: str) -> None:
         self._recency[name] = next(self._clock)
@@ -375,16 +362,25 @@ class AdapterRegistry:
             return "disk"
 
     def stats(self) -> dict:
-        """Counters (hits, cpu_hits, misses, loads, evictions_cpu, evictions_slot, failures)
-        and gauges (resident, cpu_mb, cpu_adapters, loading, known) for metrics."""
+        """Counters (hits: resident when asked; cpu_hits / misses: put in a slot from CPU
+        memory / from disk; loads, evictions_cpu, evictions_slot, failures), gauges
+        (resident, cpu_bytes, cpu_budget_bytes, cpu_mb, cpu_adapters, loading, staged, known),
+        per-tier hit rates, and cold-load p50/p99 seconds, for metrics."""
         with self._lock:  # not the engine's: metrics never wait for a step
             return {
                 **self.counters,
+                **tier_rates(self.counters),
                 "resident": len(self.engine.loaded_adapters()),
+                "cpu_bytes": self._cpu.nbytes,
+                "cpu_budget_bytes": self._cpu.capacity,
                 "cpu_mb": self._cpu.nbytes / MB,
                 "cpu_adapters": len(self._cpu),
                 "loading": len(self._jobs),
+                "staged": len(self._staged),
                 "known": len(self._paths),
+                "cold_loads": self.load_times.count,
+                "cold_load_p50_s": self.load_times.quantile(0.5),
+                "cold_load_p99_s": self.load_times.quantile(0.99),
             }
 
     def cpu_adapters(self) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -30,6 +30,7 @@ class _EngineCollector:
         reg = self.registry.stats()
         yield GaugeMetricFamily("lorafleet_adapter_cpu_cache_mb", "CPU adapter cache size (MB).",
                                 value=reg.get("cpu_mb", 0.0))  # fmt: skip
+        yield from _tier_metrics(self.registry, reg)
         for key, doc in (("hits", "Requests whose adapter was resident."),
                          ("cpu_hits", "Adapter loads served from the CPU cache."),
                          ("misses", "Requests whose adapter was not resident."),
@@ -38,6 +39,28 @@ class _EngineCollector:
                          ("evictions_slot", "Adapters evicted from engine slots."),
                          ("evictions_cpu", "Adapters evicted from the CPU cache.")):  # fmt: skip
             yield CounterMetricFamily(f"lorafleet_adapter_cache_{key}", doc, value=reg.get(key, 0))
+
+
+def _tier_metrics(registry, reg: dict):
+    """The CPU tier in bytes against its budget, per-tier hit rates, cold-load time histogram."""
+    for key, doc in (("cpu_bytes", "Adapter tensor bytes held in the CPU tier."),
+                     ("cpu_budget_bytes", "The CPU tier's byte budget (--cpu-cache-bytes)."),
+                     ("cpu_adapters", "Adapters held in the CPU tier."),
+                     ("loading", "Adapter loads in flight."),
+                     ("staged", "Adapters loaded and waiting for a free slot."),
+                     ("slot_hit_rate", "Share of adapter look-ups found resident."),
+                     ("cpu_hit_rate", "Share of slot loads served from CPU memory.")):  # fmt: skip
+        if reg.get(key) is not None:
+            yield GaugeMetricFamily(f"lorafleet_adapter_{key}", doc, value=reg[key])
+    load_times = getattr(registry, "load_times", None)
+    if load_times is not None:
+        buckets, total = load_times.histogram()
+        family = HistogramMetricFamily(
+            "lorafleet_adapter_cold_load_seconds",
+            "Disk reads of adapters: read, check, stage (seconds).",
+        )
+        family.add_metric([], buckets, total)
+        yield family
 
 
 def _merge_cache_metrics(stats: dict):

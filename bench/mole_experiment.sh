@@ -4,7 +4,7 @@
 #   bench/mole_experiment.sh [DEMO_ADAPTERS_DIR] [OUT]
 #
 # Copies the experts (sst2, strategyqa, clutrr) next to each other under OUT/adapters, merges
-# them (linear sum, normalised average, TIES), trains MoLE gates on a small mixed set from
+# them (normalised average = linear at 1/3 each, TIES and DARE-TIES at density 0.5), trains MoLE gates on a small mixed set from
 # the training splits, then scores on each task's validation rows (the same rows for every
 # configuration): MoLE, each expert alone (-> the oracle), the merges, and MoLE with each
 # expert masked. Writes OUT/eval/*.json and OUT/table.md. Sizes via the variables below.
@@ -27,17 +27,11 @@ for t in "${TASKS[@]}"; do
 done
 E=$OUT/adapters
 experts=(); for t in "${TASKS[@]}"; do experts+=(-a "$t=$E/$t:1"); done
-[ -e "$E/linear-sum" ] || $LF merge -b "$BASE" "${experts[@]}" -m linear -o "$E/linear-sum"
 third=(); for t in "${TASKS[@]}"; do third+=(-a "$t=$E/$t:0.3333333"); done
 [ -e "$E/linear-avg" ] || $LF merge -b "$BASE" "${third[@]}" -m linear -o "$E/linear-avg"
 [ -e "$E/ties" ] || $LF merge -b "$BASE" "${experts[@]}" -m ties --density 0.5 -o "$E/ties"
-
-mole=(); for t in "${TASKS[@]}"; do mole+=(-e "$t=$E/$t"); done
-if [ ! -e "$E/mole/mole_config.json" ]; then
-  resume=(); [ -d "$E/mole/checkpoints" ] && resume=(--resume)
-  $LF mole train -b "$BASE" "${mole[@]}" -d sst2 -d strategyqa -d clutrr --train-limit "$TRAIN_LIMIT" \
-    --steps "$STEPS" --batch-size "$BATCH" --max-length 320 --gate "$GATE" -o "$E/mole" "${resume[@]}"
-fi
+[ -e "$E/dare-ties" ] || $LF merge -b "$BASE" "${experts[@]}" -m dare_ties --density 0.5 --seed 0 \
+  -o "$E/dare-ties"
 
 run_eval() {  # NAME TASK ARGS...
   local name=$1 task=$2; shift 2
@@ -45,10 +39,20 @@ run_eval() {  # NAME TASK ARGS...
   [ -e "$out" ] && return 0
   $LF eval -b "$BASE" -d "$task" --limit "${LIMIT[$task]}" --max-length "${MAXLEN[$task]}" "$@" --json "$out"
 }
+# The merge baselines first (issue 14's table), then the gates and MoLE's rows.
+for task in "${TASKS[@]}"; do
+  for t in "${TASKS[@]}"; do run_eval "expert-$t" "$task" --adapter "$E/$t"; done
+  for m in linear-avg ties dare-ties; do run_eval "$m" "$task" --adapter "$E/$m"; done
+done
+mole=(); for t in "${TASKS[@]}"; do mole+=(-e "$t=$E/$t"); done
+if [ ! -e "$E/mole/mole_config.json" ]; then
+  resume=(); [ -d "$E/mole/checkpoints" ] && resume=(--resume)
+  $LF mole train -b "$BASE" "${mole[@]}" -d sst2 -d strategyqa -d clutrr --train-limit "$TRAIN_LIMIT" \
+    --steps "$STEPS" --batch-size "$BATCH" --max-length 320 --gate "$GATE" -o "$E/mole" "${resume[@]}"
+fi
+
 for task in "${TASKS[@]}"; do
   run_eval mole "$task" --mole "$E/mole"
-  for t in "${TASKS[@]}"; do run_eval "expert-$t" "$task" --adapter "$E/$t"; done
-  for m in linear-avg linear-sum ties; do run_eval "$m" "$task" --adapter "$E/$m"; done
   for t in "${TASKS[@]}"; do run_eval "mole-mask-$t" "$task" --mole "$E/mole" --mask "$t"; done
 done
 
@@ -62,7 +66,7 @@ def score(name, task):
         return None
     r = json.loads(f.read_text())
     return r.get("accuracy", r.get("exact_match"))
-rows = ["mole", *[f"expert-{t}" for t in tasks], "oracle", "linear-avg", "linear-sum", "ties",
+rows = ["mole", *[f"expert-{t}" for t in tasks], "oracle", "linear-avg", "ties", "dare-ties",
         *[f"mole-mask-{t}" for t in tasks]]
 lines = ["| configuration | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
 for name in rows:
@@ -72,4 +76,17 @@ for name in rows:
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
 (out / "table.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+shown = [r for r in rows if all(
+    (score(f"expert-{t}", t) if r == "oracle" else score(r, t)) is not None for t in tasks)]
+fig, ax = plt.subplots(figsize=(10, 4))
+width = 0.8 / max(len(shown), 1)
+for i, name in enumerate(shown):
+    vals = [score(f"expert-{t}", t) if name == "oracle" else score(name, t) for t in tasks]
+    ax.bar([k + i * width for k in range(len(tasks))], vals, width, label=name)
+ax.set_xticks([k + 0.4 - width / 2 for k in range(len(tasks))], tasks)
+ax.set_ylabel("held-out score"); ax.set_ylim(0, 1)
+ax.legend(fontsize=7, ncol=3); fig.tight_layout(); fig.savefig(out / "mole_vs_merges.png", dpi=120)
 EOF

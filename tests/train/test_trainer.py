@@ -57,6 +57,27 @@ def test_training_lowers_the_loss_and_writes_the_run(tiny_base_dir, arithmetic_f
     assert len(list((out / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
 
 
+def test_a_lora_run_records_its_initial_weights_for_the_centred_prior(
+    tiny_base_dir, arithmetic_file, tmp_path
+):
+    """lora_init.safetensors holds the adapter as PEFT initialised it: B zero, A the seeded
+    random draw (the same for the same seed), which training then moves."""
+    inits = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        Trainer(_config(tiny_base_dir, arithmetic_file, out, steps=3, save_every=10)).run()
+        init, trained = load_file(str(out / "lora_init.safetensors")), _adapter_tensors(out)
+        assert init.keys() == trained.keys()
+        for k, t in init.items():
+            if "lora_B" in k:
+                assert not t.any()
+            else:
+                assert t.abs().sum() > 0 and not torch.equal(t, trained[k])
+        inits.append(init)
+    for k in inits[0]:
+        torch.testing.assert_close(inits[0][k], inits[1][k], atol=0, rtol=0)
+
+
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(
     tiny_base_dir, arithmetic_file, tmp_path
 ):

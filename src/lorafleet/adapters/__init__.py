@@ -1,7 +1,14 @@
 """Adapters as data: PEFT's directory format, validation against a base, attaching through PEFT."""
 
 from lorafleet.adapters.attach import adapter_from_model, attach, load_adapter, new_adapter
-from lorafleet.adapters.format import Adapter, AdapterError, read_adapter, write_adapter
+from lorafleet.adapters.format import (
+    INIT_NAME,
+    Adapter,
+    AdapterError,
+    read_adapter,
+    write_adapter,
+    write_init,
+)
 from lorafleet.adapters.lora_keys import (
     PEFT_PREFIX,
     LoraKeyError,
@@ -54,4 +61,6 @@ __all__ = [
     "strip_prefix",
     "uniform_scale",
     "write_adapter",
+    "write_init",
+    "INIT_NAME",
 ]

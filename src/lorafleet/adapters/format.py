@@ -21,6 +21,9 @@ from lorafleet.fsutil import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# The adapter's weights as initialised before training (same keys as WEIGHTS_NAME), written by
+# `lorafleet train` for LoRA/rsLoRA runs: `calibrate --prior init` centres its prior there.
+INIT_NAME = "lora_init.safetensors"
 META_KEY = "lorafleet"
 # Pickle-based files are never opened: loading them can run arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -180,6 +183,14 @@ def _model_card(adapter: Adapter) -> str:
         f"- base fingerprint: {meta.get('base_fingerprint', 'unknown')}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def write_init(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write the adapter's initial weights as PATH/lora_init.safetensors (atomically)."""
+    file = Path(path) / INIT_NAME
+    cpu = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    atomic_write(file, lambda tmp: save_file(cpu, tmp))
+    return file
 
 
 def write_adapter(path: str | Path, adapter: Adapter) -> Path:

@@ -63,7 +63,8 @@ def calibrate(
     if prior == "init" and init is None:
         raise LorafleetError(
             f"--prior init needs {Path(adapter_dir) / INIT_NAME} (the adapter's weights before "
-            "training, which PEFT drew from the torch RNG and cannot be rebuilt afterwards); "
+            "training: `lorafleet train` records it for LoRA and rsLoRA runs; PEFT draws A from "
+            "the torch RNG, so it cannot be rebuilt afterwards); "
             "use --prior b-only"
         )
     if tune == "val" and val is None:

@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lorafleet.adapters.format import WEIGHTS_NAME
+from lorafleet.adapters.format import INIT_NAME, WEIGHTS_NAME
 from lorafleet.adapters.lora_keys import lora_pairs
 from lorafleet.bayes.factors import Factor
 from lorafleet.bayes.fit import KfacFactors, ModuleFactors
@@ -23,9 +23,6 @@ FACTORS_NAME = "laplace.safetensors"
 INFO_NAME = "laplace.json"
 FORMAT = "lorafleet-laplace-kfac"
 FACTOR_KEYS = ("A_in", "A_out", "B_in", "B_out")
-# The adapter's weights as initialised before training (PEFT keys), written by whoever trained
-# it (e.g. bench/laplace_prior_train.py); `--prior init` centres the prior there.
-INIT_NAME = "lora_init.safetensors"
 
 
 def read_init(adapter_dir: str | Path) -> dict[tuple[str, str], torch.Tensor] | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from peft import set_peft_model_state_dict
 
-from lorafleet.adapters import adapter_from_model, write_adapter
+from lorafleet.adapters import adapter_from_model, write_adapter, write_init
 from lorafleet.data import ExampleSet, load_examples
 from lorafleet.errors import LorafleetError
 from lorafleet.eval import evaluate
@@ -250,6 +250,9 @@ class Trainer:
         if self.dist.is_main:
             cfg.out.mkdir(parents=True, exist_ok=True)
             (cfg.out / METRICS_FILE).unlink(missing_ok=True)
+            if cfg.method in ("lora", "rslora"):
+                # Laplace's centred prior (`calibrate --prior init`) needs the random init of A.
+                write_init(cfg.out, self._adapter().tensors)
         return 0
 
     def run(self) -> dict:

@@ -30,13 +30,29 @@ def test_missing_peers_is_one_line_naming_make_bench_peers(tmp_path, run_cli):
     assert len(err.strip().splitlines()) == 1 and "run `make bench-peers` first" in err
 
 
-def test_locate_finds_a_complete_build(tmp_path):
-    found = peer_tools.locate(tmp_path)
+def test_bench_serve_peers_checks_the_build_first(tmp_path, run_cli):
+    code, _, err = run_cli("bench", "serve", "--peers", "--peers-dir", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "make bench-peers" in err
+
+
+def complete_build(root: Path) -> peer_tools.Peers:
+    found = peer_tools.locate(root)
     for path in (found.python, found.server, found.lib_dir / "libllama.so", found.convert):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
+    return found
+
+
+def test_locate_finds_a_complete_build(tmp_path):
+    found = complete_build(tmp_path)
     assert peer_tools.require(tmp_path) == found
     assert found.binding_env()["LLAMA_CPP_LIB_PATH"] == str(found.lib_dir)
+
+
+def test_serve_peer_takes_the_random_bench_adapters_only(tmp_path):
+    complete_build(tmp_path)
+    with pytest.raises(LorafleetError, match="not --adapters-dir"):
+        peers.serve_peer("default", (1,), ["sst2"], [[1, 2]], 4, 2, 8, 1, 1, tmp_path)
 
 
 def test_conversion_inputs_plain_lora_only(tiny_model):

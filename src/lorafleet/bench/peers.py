@@ -16,6 +16,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -226,29 +227,39 @@ def _wait_ready(proc, url: str, log, timeout: float = 600) -> None:
     raise LorafleetError(f"llama-server did not answer /health within {timeout:.0f} s")
 
 
-def run_server(peers, cfg: dict) -> dict:
-    """The concurrent workloads through llama-server: N slots, every LoRA loaded at scale 0."""
+def server_workloads(cfg: dict) -> dict[str, list[dict]]:
+    """`bench engine`'s concurrent workloads as llama-server requests: all on the base, and
+    request i on LoRA i % K."""
+    n, k, prompts = cfg["requests"], len(cfg["loras"]), cfg["prompts"]
+    return {kind: [peer_tools.completion_body(prompts[i % len(prompts)], cfg["new_tokens"],
+                                              None if kind == "all_base" else i % k)
+                   for i in range(n)]
+            for kind in ("all_base", "adapters")}  # fmt: skip
+
+
+def run_server(peers, cfg: dict, workloads: dict[str, list[dict]]) -> dict:
+    """Each workload (a list of request bodies, sent at once by streaming clients) through one
+    llama-server with as many slots as the largest workload, every LoRA loaded at scale 0;
+    best of reps (alternating)."""
     from lorafleet.serve.api.server import free_port
 
-    n, new, prompts, k = cfg["requests"], cfg["new_tokens"], cfg["prompts"], len(cfg["loras"])
+    slots = max(len(bodies) for bodies in workloads.values())
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    slot_ctx = cfg["prompt_tokens"] + new + 8
-    args = peer_tools.server_command(peers, cfg["gguf"], cfg["loras"], n, slot_ctx,
+    slot_ctx = cfg["prompt_tokens"] + cfg["new_tokens"] + 8
+    args = peer_tools.server_command(peers, cfg["gguf"], cfg["loras"], slots, slot_ctx,
                                      cfg["threads"], port)  # fmt: skip
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     best: dict[str, dict] = {}
     try:
         _wait_ready(proc, url, log)
-        warm = [peer_tools.completion_body(prompts[0][:8], 2, i % k if k else None)
+        k = len(cfg["loras"])
+        warm = [peer_tools.completion_body(cfg["prompts"][0][:8], 2, i % k if k else None)
                 for i in range(2)]  # fmt: skip
         asyncio.run(over_server(url, warm))
         for _ in range(cfg["reps"]):
-            for kind in ("all_base", "adapters"):
-                bodies = [peer_tools.completion_body(prompts[i % len(prompts)], new,
-                                                     None if kind == "all_base" else i % k)
-                          for i in range(n)]  # fmt: skip
+            for kind, bodies in workloads.items():
                 best[kind] = _best(best.get(kind), asyncio.run(over_server(url, bodies)))
         rss = peer_tools.peak_rss_mb(proc.pid)
     except LorafleetError as exc:
@@ -286,7 +297,7 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
     print("running llama.cpp binding (single) ...", flush=True)
     results["llama.cpp"] = run_binding(peers, cfg, limit_s)
     print(f"running llama-server ({requests} slots: all_base, adapters) ...", flush=True)
-    results["llama-server"] = run_server(peers, cfg)
+    results["llama-server"] = run_server(peers, cfg, server_workloads(cfg))
     return _report(results, cfg, json_out)
 
 
@@ -339,3 +350,28 @@ def _report(results: dict, cfg: dict, json_out) -> dict:
                "results": results}  # fmt: skip
     print(f"wrote {write_json(json_out, figures)}")
     return figures
+
+
+def serve_peer(base: str, clients: tuple[int, ...], names: list[str | None], prompts: list,
+               new_tokens: int, prompt_tokens: int, rank: int, reps: int, threads: int,
+               peers_dir=None) -> dict:  # fmt: skip
+    """`bench serve`'s requests (client i: adapter names[i % len], prompt i % len) through
+    llama-server, each N of `clients` as one workload: {"workloads": {"N": summary}, ...}."""
+    peers = peer_tools.require(peers_dir)
+    if any(n is not None and not re.fullmatch(r"a\d+", n) for n in names):
+        raise LorafleetError("--peers runs the random bench adapters only, not --adapters-dir")
+    k = sum(n is not None for n in names)
+    cfg = {**prepare(peers, base, k, rank, max(clients), prompt_tokens),
+           "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "reps": reps,
+           "threads": threads}  # fmt: skip
+    cfg["prompts"] = prompts
+
+    def lora(i: int) -> int | None:
+        name = names[i % len(names)]
+        return None if name is None else int(name[1:])
+
+    workloads = {str(n): [peer_tools.completion_body(prompts[i % len(prompts)], new_tokens,
+                                                     lora(i)) for i in range(n)]
+                 for n in clients}  # fmt: skip
+    print(f"llama-server: {max(clients)} slots, {k} GGUF LoRAs", flush=True)
+    return run_server(peers, cfg, workloads)

@@ -220,16 +220,21 @@ def run(base: str = "default", clients: tuple[int, ...] = (1, 8, 32, 64), adapte
         adapters_dir: str | Path | None = None,
         prompt_tokens: int = 32, new_tokens: int = 48, rank: int = 16,
         temperature: float = 0.0, max_batch_size: int = 64, reps: int = 2,
-        threads: int | None = None,
+        threads: int | None = None, peers: bool = False, peers_dir: str | Path | None = None,
         json_out: str | Path = "bench/results/serve.json") -> dict:  # fmt: skip
     """Each N in `clients`, `reps` times: the engine in-process, then the same requests over
-    HTTP (alternating, best run of each kept, so their ratio holds under other load)."""
+    HTTP (alternating, best run of each kept, so their ratio holds under other load). With
+    `peers`, then the same requests through llama-server (lorafleet.bench.peers)."""
     import torch
 
+    from lorafleet.bench import peers as peer_bench
     from lorafleet.bench.engine import gsm8k_prompts
+    from lorafleet.bench.peer_tools import require
     from lorafleet.models import load_base
     from lorafleet.serve.api.server import EngineSettings, build_state
 
+    if peers:
+        require(peers_dir)  # before the long runs, not after
     # The same torch threads on both sides (the server's own default: all cores but one).
     threads = threads or max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(threads)
@@ -266,17 +271,30 @@ def run(base: str = "default", clients: tuple[int, ...] = (1, 8, 32, 64), adapte
             server.stop()
             state.registry.close()
             state.engine.close()
+    llama = {}
+    if peers:
+        if temperature != 0.0:
+            raise LorafleetError("--peers compares greedy decoding only (--temperature 0)")
+        llama = peer_bench.serve_peer(base, clients, names, prompts, new_tokens, prompt_tokens,
+                                      rank, reps, threads, peers_dir)  # fmt: skip
     return _report(base, clients, names, inproc, http, temperature, prompt_tokens, new_tokens,
-                   json_out)  # fmt: skip
+                   json_out, llama)  # fmt: skip
 
 
 def _report(base, clients, names, inproc, http, temperature, prompt_tokens, new_tokens,
-            json_out) -> dict:  # fmt: skip
+            json_out, llama=None) -> dict:  # fmt: skip
     rows, figures = [], {}
     for n in clients:
         ratio = http[n]["tokens_per_s"] / inproc[n]["tokens_per_s"]
         figures[str(n)] = {"in_process": inproc[n], "http": http[n], "http_vs_in_process": ratio}
-        for where, fig in (("in-process", inproc[n]), ("http", http[n])):
+        sides = [("in-process", inproc[n]), ("http", http[n])]
+        peer = (llama or {}).get("workloads", {}).get(str(n))
+        if peer:  # llama-server, same requests over HTTP
+            peer.pop("request0", None)
+            figures[str(n)]["llama_server"] = peer
+            figures[str(n)]["http_vs_llama_server"] = http[n]["tokens_per_s"] / peer["tokens_per_s"]
+            sides.append(("llama-server", peer))
+        for where, fig in sides:
             rows.append({"clients": n, "where": where, "tokens": fig["tokens"],
                          "tok_per_s": fig["tokens_per_s"], "ttft_p50": fig["ttft_p50"],
                          "ttft_p99": fig["ttft_p99"], "tpot_p50": fig["tpot_p50"],
@@ -286,9 +304,12 @@ def _report(base, clients, names, inproc, http, temperature, prompt_tokens, new_
                        "tpot_p50", "tpot_p99", "http/in-proc"])  # fmt: skip
     worst = http[max(clients)].get("health_worst_s")
     print(f"/health worst latency during the {max(clients)}-client run: {worst:.3f} s")
+    if (llama or {}).get("error"):
+        print(f"llama-server: {llama['error']}")
     result = {"benchmark": "serve", "base": base, "adapters": [n or "base" for n in names],
               "temperature": temperature, "prompt_tokens": prompt_tokens,
               "new_tokens": new_tokens, "clients": figures,
-              "health_worst_s": worst}  # fmt: skip
+              "health_worst_s": worst, "llama_server_error": (llama or {}).get("error"),
+              "llama_server_peak_rss_mb": (llama or {}).get("peak_rss_mb")}  # fmt: skip
     print(f"wrote {write_json(json_out, result)}")
     return result

@@ -177,13 +177,20 @@ def bench_serve(
         None, "--threads", min=1, help="torch threads, both sides (default: serve's, cores - 1)."
     ),
     json_out: Path = typer.Option(Path("bench/results/serve.json"), "--json"),
+    peers: bool = typer.Option(
+        False, "--peers", help="Then the same clients against llama-server (make bench-peers)."
+    ),
+    peers_dir: Path | None = typer.Option(None, "--peers-dir", help="Default: build/peers."),
 ):
     """Concurrent streaming HTTP clients vs the engine in-process on the same requests:
     total tokens/s, TTFT and time per output token (p50/p99), /health latency under load.
+    With --peers, the same requests against llama-server too (the adapters as GGUF LoRA).
 
-    Example:
+    Examples:
 
         lorafleet bench serve --base default --clients 1 --clients 32 --adapters 4
+
+        lorafleet bench serve --clients 32 --adapters 16 --peers
     """
     from lorafleet.bench.serve import run
 
@@ -191,7 +198,7 @@ def bench_serve(
         base_only=base_only,
         adapters_dir=adapters_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rank=rank,
         temperature=temperature, max_batch_size=max_batch_size, reps=reps, threads=threads,
-        json_out=json_out)  # fmt: skip
+        peers=peers, peers_dir=peers_dir, json_out=json_out)  # fmt: skip
 
 
 @bench_app.command("merged")

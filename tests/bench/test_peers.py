@@ -72,9 +72,11 @@ def test_conversion_inputs_plain_lora_only(tiny_model):
 
 def test_convert_runs_the_script_per_adapter_in_one_process_atomically(tmp_path):
     # A stand-in for convert_lora_to_gguf.py: writes its --outfile and logs its argv and pid.
+    (tmp_path / "conversion.py").write_text("")  # a sibling package, as the real script has
     script = textwrap.dedent("""
         import os, sys
         from pathlib import Path
+        import conversion
         args = sys.argv[1:]
         out = Path(args[args.index("--outfile") + 1])
         out.write_text(" ".join(args))

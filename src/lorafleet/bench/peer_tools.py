@@ -78,8 +78,9 @@ def convert_command(peers: Peers, base_config_dir: Path, jobs: list[tuple[Path, 
     the base's HF config dir, to f32 (imports paid once: ~25 s each on a loaded 2-core box)."""
     runs = [["--base", str(base_config_dir), "--outfile", str(out), "--outtype", "f32",
              str(adapter_dir)] for adapter_dir, out in jobs]  # fmt: skip
-    driver = ("import json, runpy, sys\n"
+    driver = ("import json, os, runpy, sys\n"
               "script, runs = sys.argv[1], json.loads(sys.argv[2])\n"
+              "sys.path.insert(0, os.path.dirname(script))  # its `conversion` package\n"
               "for args in runs:\n"
               "    sys.argv = [script, *args]\n"
               "    runpy.run_path(script, run_name='__main__')\n")  # fmt: skip

@@ -3,9 +3,12 @@ inputs and driver, llama-server's command and requests, and the binding worker o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -153,3 +156,48 @@ def test_base_gguf_is_the_shipped_file_and_needs_a_gguf_base(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(LorafleetError, match="GGUF base"):
         peers.base_gguf(str(tmp_path))
+
+
+class FakeLlamaServer(BaseHTTPRequestHandler):
+    """/completion streamed as llama-server does (SSE, `tokens` per chunk, a final stop)."""
+
+    bodies: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeLlamaServer.bodies.append(body)
+        if body["n_predict"] < 0:
+            self.send_response(400)
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "bad n_predict"}}')
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        lora = body["lora"][0]["id"] if body["lora"] else 0
+        chunks = [[100 * lora + i] for i in range(body["n_predict"])] + [[]]
+        for i, tokens in enumerate(chunks):
+            event = {"content": "x" * len(tokens), "tokens": tokens, "stop": i == len(chunks) - 1}
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+            self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_over_server_streams_every_request_and_counts_tokens():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLlamaServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    FakeLlamaServer.bodies = []
+    try:
+        bodies = [peer_tools.completion_body([1, 2], 5, lora) for lora in (3, None, 1)]
+        fig = asyncio.run(peers.over_server(url, bodies))
+        assert fig["tokens"] == 15 and fig["request0"] == [300, 301, 302, 303, 304]
+        assert fig["ttft_p50"] is not None and fig["tpot_p50"] is not None
+        loras = sorted(str(b["lora"]) for b in FakeLlamaServer.bodies)
+        assert loras == ["[]", "[{'id': 1, 'scale': 1.0}]", "[{'id': 3, 'scale': 1.0}]"]
+        with pytest.raises(LorafleetError, match="HTTP 400"):
+            asyncio.run(peers.over_server(url, [peer_tools.completion_body([1], -1, None)]))
+    finally:
+        server.shutdown()

@@ -11,6 +11,9 @@ a record with 2 adapters per row (row or sequence i mixes adapters i and i+1 mod
 of a mixture row next to a single-adapter row (`vs_single`, timed in the same interleave).
 For K >= 3, MoLE records (3 experts per row, weights from per-layer gates per token, gate on
 the experts' outputs or on the layer input) give the cost of a MoLE row the same way.
+Per method (`methods`: DoRA, Bone, Bat and a mixed batch cycling LoRA/DoRA/Bone/Bat), records
+with every row's adapter of that method, `vs_lora` timed in the same interleave
+(bench/multilora_methods.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from lorafleet.bench import print_table, write_json
+from lorafleet.errors import LorafleetError
 
 DEFAULT_ADAPTERS = (1, 4, 16, 64)
 
@@ -154,14 +158,22 @@ def run(
     repeats: int = 5,
     layers: int = 4,
     threads: int | None = None,
+    methods: tuple[str, ...] = ("dora", "bone", "bat", "mixed"),
 ) -> list[dict]:
     """Time decode and prefill per K in `adapters`; print a table, write JSON
     ({"benchmark": "multilora", ..., "records": [...]}), and return the records.
 
     `layers`: how many decoder layers' linears to run (4 of SmolLM2 already stream from memory
-    rather than cache, as a whole model does). `threads`: torch CPU threads (None = as set)."""
+    rather than cache, as a whole model does). `threads`: torch CPU threads (None = as set).
+    `methods`: per-method rows (any of dora, bone, bat, mixed; empty: LoRA rows only)."""
+    from lorafleet.bench.multilora_methods import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise LorafleetError(f"unknown --method {unknown[0]!r}: use {', '.join(METHODS)}")
     if threads:
         torch.set_num_threads(threads)
+    from lorafleet.bench.multilora_methods import add_method_fns, method_records
     from lorafleet.layers import MultiLoRAContext, MultiLoRALinear
     from lorafleet.linear_layers import block_linear_modules
     from lorafleet.models import load_base
@@ -197,6 +209,7 @@ def run(
             fns = _timed_fns(linears, ours, peft, context, xs, slots, k)
             if phase == "prefill":  # gathering per row at prefill only repeats what decode shows
                 del fns["segmented"], fns["gathered"]
+            built = add_method_fns(fns, named, stacks, methods, k, ranks, xs, slots, gen)
             t = _median_seconds(fns, repeats)
             context.path = None
             context.set_slots(slots)
@@ -222,14 +235,18 @@ def run(
                     "vs_single": t["ours"] / t[name],
                 })  # fmt: skip
                 print_table([records[-1]], list(records[-1]))
-            del peft
+            for record in method_records(phase, k, tokens, t, built):
+                records.append(record)
+                print_table([record], list(record))
+            del peft, built
     context.clear()
     columns = ["phase", "adapters", "adapters_per_row", "distinct_in_batch", "path",
-               "tokens_per_s", "vs_base", "vs_single", "vs_peft", "peft_vs_base",
+               "tokens_per_s", "vs_base", "vs_single", "vs_lora", "vs_peft", "peft_vs_base",
                "segmented_vs_base", "gathered_vs_base"]  # fmt: skip
     print_table([{c: r.get(c, "-") for c in columns} for r in records], columns)
     figures = {"benchmark": "multilora", "base": base, "rank": ranks, "layers": layers,
                "linears": len(linears), "decode_rows": decode_rows, "repeats": repeats,
-               "prefill_shape": list(prefill_shape), "records": records}  # fmt: skip
+               "prefill_shape": list(prefill_shape), "methods": list(methods),
+               "records": records}  # fmt: skip
     print(f"wrote {write_json(json_out, figures)}")
     return records

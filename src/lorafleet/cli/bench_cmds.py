@@ -40,20 +40,35 @@ def bench_train(
     steps: int = typer.Option(6, "--steps", min=1, help="Timed steps per round (after 2 warmup)."),
     rounds: int = typer.Option(2, "--rounds", min=1, help="Alternating rounds per variant."),
     no_chat: bool = typer.Option(True, "--no-chat/--chat"),
-    json_out: Path = typer.Option(Path("bench/results/train_step.json"), "--json"),
+    method: list[str] = typer.Option(
+        [],
+        "--method",
+        help="Time each method's step next to LoRA's (repeatable): lora, rslora, "
+        "dora, bone, bat, bilora, bilora-second, bilora-joint.",
+    ),  # fmt: skip
+    rank: int = typer.Option(16, "--rank", "-r", min=1, help="With --method: every method's rank."),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Default bench/results/train_step[_methods].json."
+    ),
 ):
-    """Training step time of lorafleet vs a plain PEFT + transformers loop, and peak memory.
+    """Training step time of lorafleet vs a plain PEFT + transformers loop, and peak memory;
+    with --method, lorafleet's step per adapter method next to LoRA's (same rank and batches).
 
-    Example:
+    Examples:
 
         lorafleet bench train --base default --data sst2 --batch-size 8
+
+        lorafleet bench train --base default --method dora --method bone --method bilora
     """
     import tempfile
 
     from lorafleet.bench.train_step import run
 
+    name = "train_step_methods.json" if method else "train_step.json"
+    json_out = json_out or Path("bench/results") / name
     with tempfile.TemporaryDirectory() as scratch:
-        run(base, data, batch_size, steps, rounds, not no_chat, json_out, scratch)
+        run(base, data, batch_size, steps, rounds, not no_chat, json_out, scratch,
+            methods=method or None, rank=rank)  # fmt: skip
 
 
 @bench_app.command("rslora")
@@ -94,18 +109,29 @@ def bench_multilora(
     ),
     repeats: int = typer.Option(5, "--repeats", min=1),
     threads: int | None = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+    method: list[str] = typer.Option(
+        ["dora", "bone", "bat", "mixed"],
+        "--method",
+        help="Per-method rows next to LoRA's (repeatable): dora, bone, bat, mixed; --no-methods "
+        "for LoRA rows only.",
+    ),  # fmt: skip
+    no_methods: bool = typer.Option(False, "--no-methods", help="LoRA rows only."),
     json_out: Path = typer.Option(Path("bench/results/multilora.json"), "--json"),
 ):
-    """The batched multi-adapter op vs the base layer and PEFT's mixed batch (decode, prefill).
+    """The batched multi-adapter op vs the base layer and PEFT's mixed batch (decode, prefill),
+    and DoRA / Bone / Bat rows (and a batch mixing all four methods) next to LoRA rows.
 
-    Example:
+    Examples:
 
         lorafleet bench multilora --base default --adapters 1 --adapters 16
+
+        lorafleet bench multilora --base default --adapters 4 --method dora --method bat
     """
     from lorafleet.bench.multilora import run
 
     run(base=base, ranks=rank, adapters=adapters, json_out=json_out, repeats=repeats,
-        layers=layers, threads=threads)  # fmt: skip
+        layers=layers, threads=threads,
+        methods=() if no_methods else tuple(method))  # fmt: skip
 
 
 @bench_app.command("engine")

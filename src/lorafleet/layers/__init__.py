@@ -1,4 +1,4 @@
-"""Torch modules PEFT lacks: the stacked multi-adapter linear (SGMV/BGMV), rows over mixtures."""
+"""Torch modules PEFT lacks: multi-adapter linears (SGMV/BGMV), row mixtures, int8/int4 linears."""
 
 from lorafleet.layers.linear import MultiLoRAContext, MultiLoRALinear
 from lorafleet.layers.mixture import MixtureGate, MixturePlan, RowMixture, plan_mixtures
@@ -11,6 +11,8 @@ from lorafleet.layers.multilora import (
     lora_delta_segmented,
     plan_rows,
 )
+from lorafleet.layers.quant import QuantLinear, quantize_linears, weight_bytes
+from lorafleet.layers.quant import check_mode as check_quantize
 from lorafleet.layers.slots import MultiLoRAError, MultiLoRAModel, inject_multilora
 
 __all__ = [
@@ -30,4 +32,8 @@ __all__ = [
     "lora_delta_segmented",
     "plan_mixtures",
     "plan_rows",
+    "QuantLinear",
+    "check_quantize",
+    "quantize_linears",
+    "weight_bytes",
 ]

@@ -12,8 +12,10 @@ from lorafleet.cli import (  # noqa: E402, F401
     fed_cmds,
     model_cmds,
     mole_cmds,
+    precision_cmds,
     serve_cmds,
     train_cmds,
+    transfer_cmds,
 )
 from lorafleet.cli.app import USAGE_ERRORS, app, main
 

@@ -37,6 +37,7 @@ class ChangeEditor:
         if loras is not None and not Path(loras).is_dir():
             raise LorafleetError(f"{loras}: no such LoRA directory")
         self.loras_dir = Path(loras) if loras is not None else None
+        self._examples: dict[tuple, dict] = {}  # (id, seed) -> example, a few KB each
 
     def lora_names(self) -> list[str]:
         """The saved LoRAs a request may name (sub-directories holding a PEFT adapter)."""
@@ -74,7 +75,11 @@ class ChangeEditor:
 
         if example_id not in example_ids():
             raise LorafleetError(f"unknown example {example_id!r}")
+        if (example_id, seed) in self._examples:
+            return self._examples[example_id, seed]
         unseen = example_id.startswith(UNSEEN)
         label, images = example_images(example_id.removeprefix(UNSEEN), unseen, seed)
-        return {"id": example_id, "label": label,
-                "images": {k: ap.png_bytes(v) for k, v in images.items()}}  # fmt: skip
+        found = {"id": example_id, "label": label,
+                 "images": {k: ap.png_bytes(v) for k, v in images.items()}}  # fmt: skip
+        self._examples[example_id, seed] = found
+        return found

@@ -108,7 +108,24 @@ def check_fields(editor: ImageEditor, fields: dict) -> str:
     return fmt
 
 
-@router.post("/v1/images/edits", response_model=None)
+def _png_field(what: str) -> dict:
+    return {"type": "string", "format": "binary", "description": what}
+
+
+# The multipart fields in /openapi.json (the route reads the form itself, to answer every
+# problem in OpenAI's shape).
+FORM_SCHEMA = {"type": "object", "required": ["image"], "properties": {
+    "image": _png_field("B: the PNG to edit"),
+    "before": _png_field("A: the example pair's PNG before the edit"),
+    "after": _png_field("A': the example pair's PNG after the edit"),
+    "lora": {"type": "string", "description": "a saved LoRA's name, instead of the pair"},
+    "model": {"type": "string"}, "response_format": {"type": "string", "enum": list(FORMATS)},
+}}  # fmt: skip
+OPENAPI = {"requestBody": {"required": True,
+                          "content": {"multipart/form-data": {"schema": FORM_SCHEMA}}}}  # fmt: skip
+
+
+@router.post("/v1/images/edits", response_model=None, openapi_extra=OPENAPI)
 async def image_edits(request: Request, who: Principal = Depends(principal)) -> Response:
     """Multipart files `image` (B), `before` (A), `after` (A') as PNG; or `image` and `lora` (a
     saved LoRA's name) instead of the pair. Optional `model` (the LoC model's id) and

@@ -120,8 +120,13 @@ for t in tasks:
         st = state(t, s, "trans-lora")
         if st:
             f, g = st.get("filter", {}), st.get("generate", {})
+            metrics = out / t / f"seed{s}" / "trans-lora" / "train" / "metrics.jsonl"
+            train = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+            train_tps = next((r["tokens_per_s"] for r in reversed(train) if r.get("split") == "train"), None)
+            train_tps = f"{train_tps:.0f}" if train_tps else "-"
             lines.append(f"- {t} seed {s}: generated {g.get('generated')} at "
-                         f"{g.get('tokens_per_s')} tok/s; accept rate {f.get('accept_rate')}")
+                         f"{g.get('tokens_per_s')} tok/s; accept rate {f.get('accept_rate')}; "
+                         f"target LoRA training {train_tps} tok/s")
             results.setdefault("runs", {})[f"{t}/seed{s}"] = st
         run = out / t / f"seed{s}" / "trans-lora"
         kept = run / "filtered.jsonl"

@@ -154,6 +154,34 @@ def bench_engine(
     only_peers: bool = typer.Option(False, "--only-peers", help="Only the llama.cpp comparison."),
     peers_dir: Path | None = typer.Option(None, "--peers-dir", help="Default: build/peers."),
     peers_json: Path = typer.Option(Path("bench/results/peers.json"), "--peers-json"),
+    slots: int = typer.Option(
+        32,
+        "--slots",
+        min=1,
+        help="Resident adapter slots; --adapters above it runs the tiered "
+        "registry over adapters written to --adapter-cache (rank --rank on q_proj, v_proj).",
+    ),  # fmt: skip
+    popularity: list[str] = typer.Option(
+        ["uniform", "zipf"],
+        "--popularity",
+        help="With --adapters > --slots: uniform or zipf "
+        "(1.0) draws of each request's adapter; repeatable.",
+    ),  # fmt: skip
+    adapter_cache: Path | None = typer.Option(
+        None,
+        "--adapter-cache",
+        help="Where the tiered run's adapters are written once and "
+        "reused (default runs/bench-adapters/BASE-rRANK-qv).",
+    ),  # fmt: skip
+    cpu_cache: str = typer.Option(
+        "512MB", "--cpu-cache", help="The tiered run's CPU-tier byte budget (e.g. 512MB, 2GB)."
+    ),
+    profile: bool = typer.Option(
+        False,
+        "--profile",
+        help="Instead: split a prefill and a decode step into attention, "
+        "base matmuls, LoRA ops, sampling, other ops and Python; the decode roofline.",
+    ),  # fmt: skip
 ):
     """Engine throughput (many adapters at once) vs PEFT one request at a time, and vs batching
     on the base alone (the engine, transformers' static batch and its generate_batch). With
@@ -165,10 +193,20 @@ def bench_engine(
         lorafleet bench engine --base default --requests 32 --adapters 16
 
         lorafleet bench engine --only-peers --requests 32 --adapters 16
+
+        lorafleet bench engine --adapters 1000 --slots 32 --rank 8 --requests 256 --popularity
+        uniform --popularity zipf --cpu-cache 512MB --prompt-tokens 64 --new-tokens 32
+
+        lorafleet bench engine --profile --requests 32 --adapters 16 --new-tokens 16
     """
     from lorafleet.bench import peers as peer_bench
     from lorafleet.bench.engine import run
     from lorafleet.bench.peer_tools import require
+
+    if profile or adapters > slots:
+        _engine_variants(base, requests, adapters, prompt_tokens, new_tokens, rank, slots,
+                         popularity, adapter_cache, cpu_cache, profile)  # fmt: skip
+        return
 
     if peers or only_peers:
         require(peers_dir)  # before the long runs, not after
@@ -179,6 +217,50 @@ def bench_engine(
         peer_bench.run(base=base, requests=requests, adapters=adapters,
                        prompt_tokens=prompt_tokens, new_tokens=new_tokens, rank=rank,
                        quick=quick, peers_dir=peers_dir, json_out=peers_json)  # fmt: skip
+
+
+def _engine_variants(base, requests, adapters, prompt_tokens, new_tokens, rank, slots,
+                     popularity, adapter_cache, cpu_cache, profile) -> None:  # fmt: skip
+    """bench engine --profile, or the tiered run (--adapters above --slots)."""
+    from lorafleet.errors import LorafleetError
+
+    if profile:
+        from lorafleet.bench.profile import run as run_profile
+
+        run_profile(base=base, requests=requests, adapters=adapters, rank=rank,
+                    prompt_tokens=prompt_tokens, new_tokens=new_tokens)  # fmt: skip
+        return
+    from lorafleet.bench.thousand import POPULARITIES
+    from lorafleet.bench.thousand import run as run_tiered
+
+    bad = sorted(set(popularity) - set(POPULARITIES))
+    if bad:
+        raise LorafleetError(f"--popularity {bad[0]}: use {' or '.join(POPULARITIES)}")
+    run_tiered(base=base, adapters=adapters, slots=slots, requests=requests,
+               popularity=tuple(dict.fromkeys(popularity)), prompt_tokens=prompt_tokens,
+               new_tokens=new_tokens, rank=rank, cache_dir=adapter_cache,
+               cpu_cache=cpu_cache)  # fmt: skip
+
+
+@bench_app.command("stream")
+def bench_stream(
+    mb: int = typer.Option(256, "--mb", min=1, help="MiB per array (far above the caches)."),
+    reps: int = typer.Option(5, "--reps", min=1, help="Best of."),
+    threads: list[int] = typer.Option(
+        [], "--threads", min=1, help="Thread counts (repeatable; default 1 and torch's)."
+    ),
+    json_out: Path = typer.Option(Path("bench/results/stream.json"), "--json"),
+):
+    """STREAM-like memory bandwidth: copy, scale, add, triad over float32 arrays (GB/s), the
+    ceiling a memory-bound decode step is read against (see bench engine --profile).
+
+    Example:
+
+        lorafleet bench stream --mb 256 --threads 1 --threads 2
+    """
+    from lorafleet.bench.stream import run
+
+    run(mb=mb, reps=reps, threads=tuple(threads), json_out=json_out)
 
 
 @bench_app.command("serve")

@@ -16,6 +16,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import re
 import subprocess
 import tempfile
@@ -140,10 +141,16 @@ def run_lorafleet(cfg: dict, limit_s: float) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(cfg, queue))
     proc.start()
+    deadline = time.monotonic() + limit_s
     try:
-        return queue.get(timeout=limit_s)
-    except Exception:
-        return {"error": f"no result within {limit_s:.0f} s (exit code {proc.exitcode})"}
+        while True:
+            try:
+                return queue.get(timeout=2)
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    return {"error": f"the process exited with code {proc.exitcode}"}
+                if time.monotonic() > deadline:
+                    return {"error": f"no result within {limit_s:.0f} s"}
     finally:
         proc.join(timeout=30)
         if proc.is_alive():

@@ -12,6 +12,7 @@ from lorafleet.cli import (  # noqa: E402, F401
     fed_cmds,
     model_cmds,
     mole_cmds,
+    precision_cmds,
     serve_cmds,
     train_cmds,
     transfer_cmds,

@@ -11,11 +11,20 @@ from lorafleet.fsutil import atomic_write_json
 
 def load_model(
     base: str, adapter: Path | None, force: bool, max_rank: int, fed: Path | None = None,
-    mole: Path | None = None, mask: list[str] | None = None,
+    mole: Path | None = None, mask: list[str] | None = None, dtype: str = "float32",
 ):  # fmt: skip
     """(loaded base, adapter info or None, model): the base with `adapter` attached, the
     global model of the `lorafleet fed` run directory `fed`, or the MoLE directory `mole`
-    (its experts `mask`ed)."""
+    (its experts `mask`ed); every parameter (the adapter's too) in `dtype`."""
+    from lorafleet.models import cast_parameters, parse_dtype
+
+    parse_dtype(dtype)  # a bad name fails before anything loads
+    loaded, info, model = _load_model(base, adapter, force, max_rank, fed, mole, mask, dtype)
+    cast_parameters(model, dtype)
+    return loaded, info, model
+
+
+def _load_model(base, adapter, force, max_rank, fed, mole, mask, dtype):
     # Heavy imports happen here so `lorafleet --help` stays fast.
     if mask and mole is None:
         raise LorafleetError("--mask drops experts of a --mole; give --mole DIR")
@@ -33,7 +42,7 @@ def load_model(
     from lorafleet.adapters import load_adapter
     from lorafleet.models import load_base
 
-    loaded = load_base(base)
+    loaded = load_base(base, dtype=dtype)
     if adapter is None:
         return loaded, None, loaded.model
     info, model = load_adapter(

@@ -12,6 +12,7 @@ from lorafleet.cli.common import load_model, print_report
 from lorafleet.cli.options import (
     AdapterOpt,
     BaseOpt,
+    DtypeOpt,
     FedDirOpt,
     ForceOpt,
     MaskOpt,
@@ -76,6 +77,7 @@ def generate(
     fed: Path | None = FedDirOpt,
     mole: Path | None = MoleDirOpt,
     mask: list[str] = MaskOpt,
+    dtype: str = DtypeOpt,
 ):
     """Generate a reply (greedy by default) and print only the generated text.
 
@@ -88,10 +90,12 @@ def generate(
         lorafleet generate --base default --fed runs/fed --prompt "Great film!" --max-tokens 8
 
         lorafleet generate --base default --mole runs/mole --mask clutrr --prompt "Great film!"
+
+        lorafleet generate --base default --dtype bfloat16 --prompt "What is 2 + 2?"
     """
     from lorafleet.models.generation import generate_text
 
-    loaded, _, model = load_model(base, adapter, force, max_rank, fed, mole, mask)
+    loaded, _, model = load_model(base, adapter, force, max_rank, fed, mole, mask, dtype)
     text = generate_text(
         model, loaded.tokenizer, prompt, max_tokens=max_tokens, chat=not no_chat,
         temperature=temperature, top_p=top_p, seed=seed,

@@ -28,6 +28,12 @@ MaskOpt = typer.Option(
     [], "--mask", help="Drop this MoLE expert, renormalise the rest; repeatable."
 )
 PortOpt = typer.Option(8000, "--port", min=1, max=65535)
+DtypeOpt = typer.Option(
+    "float32", "--dtype", help="float32 | bfloat16: base weights, adapters and KV cache."
+)
+QuantizeOpt = typer.Option(
+    "none", "--quantize", help="none | int8 | int4: weight-only base linears (adapters: --dtype)."
+)
 
 
 def option(name: str, annotation, default, *flags: str, **kw) -> inspect.Parameter:

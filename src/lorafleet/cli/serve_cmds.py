@@ -8,12 +8,14 @@ from pathlib import Path
 import typer
 
 from lorafleet.cli.app import app
-from lorafleet.cli.options import BaseOpt, PortOpt
+from lorafleet.cli.options import BaseOpt, DtypeOpt, PortOpt, QuantizeOpt
 
 
 @app.command()
 def serve(
     base: str = BaseOpt,
+    dtype: str = DtypeOpt,
+    quantize: str = QuantizeOpt,
     adapters: Path | None = typer.Option(
         None, "--adapters", help="Directory of adapter directories (each served by its name)."
     ),
@@ -79,6 +81,8 @@ def serve(
 
         lorafleet serve --base default --adapters runs/adapters --auth auth.json --port 9000
 
+        lorafleet serve --base default --adapters runs/adapters --dtype bfloat16 --quantize int8
+
         lorafleet serve --base default --adapters runs/many --max-adapters 32 --cpu-cache-bytes 2GB
 
         curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json'
@@ -103,6 +107,7 @@ def serve(
     from lorafleet.compose import merge_adapters
     from lorafleet.compose.mole_serve import MoleCatalog
     from lorafleet.errors import LorafleetError
+    from lorafleet.layers import check_quantize
     from lorafleet.models import load_base
     from lorafleet.serve.adapter_store import parse_size
     from lorafleet.serve.api import AuthConfig, ServerConfig
@@ -116,11 +121,12 @@ def serve(
     if change_loras is not None and change is None:
         raise LorafleetError("--change-loras needs --change DIR (the LoC model they belong to)")
     editor = ChangeEditor(change, change_loras) if change is not None else None
-    loaded = load_base(base)
+    check_quantize(quantize)
+    loaded = load_base(base, dtype=dtype)
     settings = EngineSettings(max_adapters=max_adapters, max_rank=max_rank,
                               max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
                               max_seq_len=max_seq_len, cpu_cache_mb=cpu_cache_mb,
-                              cpu_cache_bytes=cpu_cache_bytes)  # fmt: skip
+                              cpu_cache_bytes=cpu_cache_bytes, quantize=quantize)  # fmt: skip
     config = ServerConfig(model_name=model_name or base, max_waiting=max_queue,
                           shutdown_grace_s=shutdown_grace, max_mixture=max_mixture,
                           merge_cache_mb=merge_cache_mb, max_n=max_n,

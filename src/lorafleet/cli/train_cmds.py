@@ -12,6 +12,7 @@ from lorafleet.cli.common import load_model, print_report, write_json
 from lorafleet.cli.options import (
     AdapterOpt,
     BaseOpt,
+    DtypeOpt,
     FedDirOpt,
     ForceOpt,
     MaskOpt,
@@ -160,6 +161,7 @@ def eval_cmd(
     fed: Path | None = FedDirOpt,
     mole: Path | None = MoleDirOpt,
     mask: list[str] = MaskOpt,
+    dtype: str = DtypeOpt,
 ):
     """Evaluate the base model or an adapter: task metric, loss and perplexity.
 
@@ -174,11 +176,13 @@ def eval_cmd(
         lorafleet eval --base default --fed runs/fed --data sst2 --limit 500
 
         lorafleet eval --base default --mole runs/mole --data sst2 --mask clutrr
+
+        lorafleet eval --base default --data sst2 --limit 200 --dtype bfloat16
     """
     from lorafleet.data import load_examples
     from lorafleet.eval import evaluate
 
-    loaded, _, model = load_model(base, adapter, force, max_rank, fed, mole, mask)
+    loaded, _, model = load_model(base, adapter, force, max_rank, fed, mole, mask, dtype)
     examples = load_examples(data, loaded.tokenizer, split=split, chat=not no_chat, limit=limit)
     if bayes:  # accuracy, ECE, NLL, Brier for MAP vs Laplace, reliability diagram, JSON
         return eval_bayes(model, loaded.tokenizer, adapter, examples, json_out=json_out,

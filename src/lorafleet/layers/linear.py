@@ -129,7 +129,7 @@ class MultiLoRALinear(nn.Module):
     def load_entry(self, slot: int, entry: SlotEntry) -> None:
         """Put one adapter's SlotEntry (LoRA part, DoRA ratio, Bat delta) into `slot`."""
         self.clear_slot(slot)
-        w = self.base_layer.weight
+        w = self.lora_A  # the base's dtype and device (a quantised base's weight is not read)
         if entry.A is not None:
             self.set_slot(slot, entry.A, entry.B, entry.scale)
         if entry.ratio is not None:

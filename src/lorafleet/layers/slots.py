@@ -115,8 +115,7 @@ class MultiLoRAModel:
                                  f"{'DoRA' if dora else 'LoRA'} needs {', '.join(sorted(wanted))}"
                                  f" ({missing[0]})")  # fmt: skip
         A, B, r = part["A"], part["B"], module_rank(config, name)
-        W = layer.base_layer.weight
-        d_out, d_in = W.shape
+        d_out, d_in = layer.base_layer.out_features, layer.base_layer.in_features
         if A.shape != (r, d_in) or B.shape != (d_out, r):
             raise MultiLoRAError(
                 f"{where}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}, "
@@ -130,6 +129,7 @@ class MultiLoRAModel:
         if m.shape != (d_out,):
             raise MultiLoRAError(f"{where}: {name} has magnitude {tuple(m.shape)}, expected "
                                  f"({d_out},)")  # fmt: skip
+        W = layer.base_layer.weight  # dequantised when the base linear is quantised
         A, B = A.to(W), B.to(W)
         return SlotEntry(A, B, scale, ratio=dora_ratio(W, A, B, scale, m.to(W)))
 

@@ -23,6 +23,18 @@ from lorafleet.models.sources import BaseSource, embedded_gguf_path, resolve_bas
 from lorafleet.paths import cache_dir
 
 MARKER = "lorafleet-cache.json"  # written last: a cache dir without it is incomplete
+# The dtypes a base can be loaded (and served) in: weights, adapter slots and KV cache.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A DTYPES name (also fp32 / bf16) or torch dtype -> torch.dtype, else a one-line error."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    name = {"fp32": "float32", "bf16": "bfloat16"}.get(str(dtype).lower(), str(dtype).lower())
+    if name not in DTYPES:
+        raise LorafleetError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 @dataclass
@@ -100,6 +112,17 @@ def _convert_gguf(source: BaseSource, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@torch.no_grad()
+def cast_parameters(model: torch.nn.Module, dtype: str | torch.dtype) -> torch.nn.Module:
+    """Cast `model`'s floating parameters to `dtype` in place; buffers (RoPE's inv_freq) keep
+    theirs, as transformers' from_pretrained(dtype=...) leaves them."""
+    dtype = parse_dtype(dtype)
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model
+
+
 def _from_dir(path: str | Path, dtype: torch.dtype, show_progress: bool = False):
     with _quiet_transformers(show_progress=show_progress):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -107,9 +130,11 @@ def _from_dir(path: str | Path, dtype: torch.dtype, show_progress: bool = False)
     return model, tokenizer
 
 
-def load_base(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Base:
-    """Load `default`, `gemma-270m`, a model dir, a .gguf file or a hub id, in eval mode."""
+def load_base(name: str, *, dtype: str | torch.dtype = torch.float32, device: str = "cpu") -> Base:
+    """Load `default`, `gemma-270m`, a model dir, a .gguf file or a hub id, in eval mode, with
+    every weight in `dtype` (float32 or bfloat16; a name or a torch dtype)."""
     start = time.perf_counter()
+    dtype = parse_dtype(dtype)
     source = resolve_base(name)
     from_cache = False
     try:

@@ -13,8 +13,8 @@ import torch
 
 from lorafleet.adapters import Adapter
 from lorafleet.errors import LorafleetError
-from lorafleet.layers import inject_multilora
-from lorafleet.models import Base
+from lorafleet.layers import check_quantize, inject_multilora, quantize_linears
+from lorafleet.models import Base, cast_parameters, parse_dtype
 from lorafleet.serve.intake import Intake
 from lorafleet.serve.runners import runner_class
 from lorafleet.serve.sampler import (
@@ -67,15 +67,22 @@ class Engine:
     step's batch), and `stats` returns the snapshot taken at the end of the last step.
     `load_adapter` / `unload_adapter` take the lock (they change slots a forward reads): call
     them from a worker thread, not an event loop. `cancel` may be called from an `on_token`
-    callback; never call `step()` from one."""
+    callback; never call `step()` from one.
+
+    Precision: `dtype` (float32 / bfloat16; None = as loaded) casts the base's parameters in
+    place, and the adapter slots and KV cache take it; `quantize` ("int8" / "int4") replaces
+    the base's block linears by weight-only quantised ones (layers/quant.py; adapters stay in
+    `dtype` beside them). Both stay after `close()`."""
 
     def __init__(self, base: Base, *, max_slots: int = 8, max_rank: int = 16,
                  max_batch_size: int = 16, max_batch_tokens: int = 2048,
                  max_seq_len: int | None = None, targets: list[str] | None = None,
                  adapter_source: AdapterSource | None = None,
-                 seed: int | None = None):  # fmt: skip
+                 seed: int | None = None, dtype: str | torch.dtype | None = None,
+                 quantize: str | None = None):  # fmt: skip
         model, config = base.model, base.model.config
         cls = runner_class(model)  # refuse before the model is touched
+        dtype, quantize = dtype and parse_dtype(dtype), check_quantize(quantize)
         max_pos = int(getattr(config, "max_position_embeddings", 2048))
         max_seq_len = min(2048, max_pos) if max_seq_len is None else max_seq_len
         for what, value, low in (("max_slots", max_slots, 0), ("max_rank", max_rank, 1),
@@ -90,7 +97,10 @@ class Engine:
         self.adapter_source = adapter_source  # the registry's hook; may be set after creation
         self.max_slots, self.max_seq_len = max_slots, max_seq_len
         self.max_batch_tokens = max_batch_tokens
+        if dtype is not None:
+            cast_parameters(model, dtype)
         self.handle = inject_multilora(model, targets, max_slots, max_rank) if max_slots else None
+        self.quantization = quantize_linears(model, quantize)  # {"mode", "quantized", ...}
         context = self.handle.context if self.handle is not None else None
         self.runner = cls(model, context, max_batch_size, max_seq_len)
         self.kv = self.runner.kv

@@ -29,6 +29,7 @@ class EngineSettings:
     max_batch_tokens: int = 2048
     max_seq_len: int = 1024
     cpu_cache_mb: float = 512.0
+    quantize: str = "none"  # weight-only int8 / int4 base linears (layers/quant.py)
     cpu_cache_bytes: int | str | None = None  # e.g. "2GB"; replaces cpu_cache_mb when set
 
 
@@ -48,7 +49,8 @@ def build_state(base, adapters_dir: str | Path | None, auth: AuthConfig | None =
     s = settings or EngineSettings()
     engine = Engine(base, max_slots=s.max_adapters, max_rank=s.max_rank,
                     max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens,
-                    max_seq_len=min(s.max_seq_len, _max_positions(base)))  # fmt: skip
+                    max_seq_len=min(s.max_seq_len, _max_positions(base)),
+                    quantize=s.quantize)  # fmt: skip
     registry = AdapterRegistry(engine, adapters_dir, cpu_cache_mb=s.cpu_cache_mb,
                                cpu_cache_bytes=s.cpu_cache_bytes)  # fmt: skip
     config = config or ServerConfig(model_name=base.name)

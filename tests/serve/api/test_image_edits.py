@@ -193,7 +193,7 @@ class SlowEditor:
 
     def edit(self, image, before, after, lora):
         self.started.set()
-        assert self.release.wait(30)
+        assert self.release.wait(WAIT)
         return image
 
     def example(self, example_id):
@@ -211,7 +211,7 @@ def test_an_edit_in_progress_blocks_neither_http_nor_the_engine(loc_server, loc,
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        assert slow.started.wait(30)
+        assert slow.started.wait(WAIT)
         assert httpx.get(loc_server.url + "/health", timeout=WAIT).status_code == 200
         body = {"model": "tiny", "prompt": "Hi", "max_tokens": 3, "temperature": 0}
         r = httpx.post(loc_server.url + "/v1/completions", json=body, timeout=WAIT)

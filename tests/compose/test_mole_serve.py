@@ -145,5 +145,19 @@ def test_http_serves_a_mole_dir_by_name_with_masks(tokenizer, moles):
             r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
             assert r.status_code == 400 and message in r.json()["error"]["message"]
             assert r.json()["error"]["param"] == "mask"
+
+        # LoRAX's /generate: the MoLE by adapter_id, parameters.mask as the OpenAI mask.
+        def generated(adapter_id, **extra):
+            params = {"adapter_id": adapter_id, "max_new_tokens": 6, **extra}
+            r = httpx.post(srv.url + "/generate", json={"inputs": PROMPTS[1], "parameters": params},
+                           timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+            return r.json()["generated_text"]
+
+        assert generated("mole-input", mask=["e0", "e2"]) == generated("e1") == e1
+        assert generated("mole-input") == full
+        body = {"inputs": "hi", "parameters": {"adapter_id": "e1", "mask": ["e0"]}}
+        r = httpx.post(srv.url + "/generate", json=body, timeout=60)
+        assert r.status_code == 400 and "is not one" in r.json()["error"]["message"]
     finally:
         srv.stop()

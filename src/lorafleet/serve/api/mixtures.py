@@ -143,7 +143,9 @@ async def openai_adapter(state: ServerState, who: Principal, model: str, adapter
 async def lorax_adapter(state: ServerState, who: Principal, params):
     """(engine adapter spec, metrics label) of a LoRAX request (adapter_id or merged_adapters)."""
     mix = from_lorax(state, who, params)
-    if mix is None:
-        adapter = state.resolve(params.adapter_id or state.config.model_name, who)
-        return adapter, adapter or state.config.model_name
+    if mix is None:  # one adapter, the base, or a MoLE with its experts masked
+        name = params.adapter_id or state.config.model_name
+        return await openai_adapter(state, who, name, None, params.mask)
+    if params.mask:
+        raise bad("mask", "mask drops experts of a MoLE adapter_id, not of merged_adapters")
     return await engine_spec(state, mix), mix.label

@@ -125,6 +125,8 @@ class GenerateParameters(_Body):
     seed: Seed | None = None
     stop: Annotated[list[str], Field(max_length=16)] = []
     merged_adapters: MergedAdapters | None = None
+    # lorafleet's extension: experts of a MoLE adapter_id to drop (as the OpenAI routes' mask).
+    mask: Annotated[list[str], Field(max_length=MAX_PARTS)] | None = None
 
 
 class GenerateRequest(_Body):

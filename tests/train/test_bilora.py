@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import train_args
 from helpers import logits
 from peft import PeftModel
 from safetensors import safe_open
@@ -212,8 +213,6 @@ def test_second_order_hypergradient_matches_exact_autograd(
 def test_cli_trains_bilora_second_order_and_refuses_stray_options(
     tiny_base_dir, arithmetic_file, tmp_path, run_cli
 ):
-    from conftest import train_args
-
     out = tmp_path / "cli"
     args = train_args(tiny_base_dir, arithmetic_file, out, "--method", "bilora", "--steps", "2")
     code, stdout, _ = run_cli(*args, "--bilevel", "second", "--bilevel-split", "0.75")

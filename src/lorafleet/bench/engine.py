@@ -10,13 +10,11 @@ generated tokens over the wall time of generation only (loading excluded)."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue as queue_mod
-import resource
 import time
 from pathlib import Path
 
 from lorafleet.bench import print_table, write_json
+from lorafleet.bench.child import run_in_child
 
 SEED = 1234
 SCALE = 0.02  # random adapter weights: large enough to change the tokens, small enough to stay sane
@@ -215,36 +213,6 @@ VARIANTS = {
 }
 
 
-def _child(name: str, cfg: dict, queue) -> None:
-    try:
-        result = VARIANTS[name](cfg)
-    except Exception as exc:  # recorded as null with the reason
-        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
-    queue.put(result)
-
-
-def _run_variant(ctx, name: str, cfg: dict, limit_s: float) -> dict:
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, cfg, queue))
-    proc.start()
-    deadline = time.monotonic() + limit_s
-    result = None
-    while result is None:
-        try:
-            result = queue.get(timeout=2)
-        except queue_mod.Empty:
-            if not proc.is_alive():
-                result = {"error": f"the process exited with code {proc.exitcode}"}
-            elif time.monotonic() > deadline:
-                proc.kill()
-                result = {"error": f"no result within {limit_s:.0f} s"}
-    proc.join(timeout=30)
-    if proc.is_alive():
-        proc.kill()
-    return result
-
-
 def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_tokens: int = 100,
         new_tokens: int = 64, rank: int = 16, json_out: str | Path = "bench/results/engine.json",
         quick: bool = False, limit_s: float = 1800.0, reps: int = 2) -> dict:  # fmt: skip
@@ -252,12 +220,11 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
         requests, adapters, new_tokens, prompt_tokens = 8, 4, 16, 32
     cfg = {"base": base, "requests": requests, "adapters": adapters, "rank": rank,
            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "reps": reps}  # fmt: skip
-    ctx = mp.get_context("spawn")
     raw, variants, reasons, rows = {}, {}, {}, []
     results = []
     for name in VARIANTS:
         print(f"running {name} ...", flush=True)
-        r = _run_variant(ctx, name, cfg, limit_s)
+        r = run_in_child(VARIANTS[name], cfg, limit_s=limit_s)
         if "pair" in r:  # one process measured both engine variants
             results += [(k, {**v, "peak_rss_mb": r["peak_rss_mb"]}) for k, v in r["pair"].items()]
         elif name == "engine_pair":

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing as mp
 import os
-import queue as queue_mod
 import re
 import subprocess
 import tempfile
@@ -24,6 +22,7 @@ import time
 from pathlib import Path
 
 from lorafleet.bench import peer_tools, print_table, write_json
+from lorafleet.bench.child import run_in_child
 from lorafleet.bench.serve import plan, summarise
 from lorafleet.errors import LorafleetError
 
@@ -125,36 +124,13 @@ def _best(old: dict | None, new: dict) -> dict:
     return new if old is None or new["tokens_per_s"] > old["tokens_per_s"] else old
 
 
-def _child(cfg: dict, queue) -> None:
-    import resource
-
-    try:
-        result = {"workloads": _lorafleet(cfg)}
-    except Exception as exc:  # recorded with the reason
-        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put(result)
+def _lorafleet_figures(cfg: dict) -> dict:
+    return {"workloads": _lorafleet(cfg)}
 
 
 def run_lorafleet(cfg: dict, limit_s: float) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(cfg, queue))
-    proc.start()
-    deadline = time.monotonic() + limit_s
-    try:
-        while True:
-            try:
-                return queue.get(timeout=2)
-            except queue_mod.Empty:
-                if not proc.is_alive():
-                    return {"error": f"the process exited with code {proc.exitcode}"}
-                if time.monotonic() > deadline:
-                    return {"error": f"no result within {limit_s:.0f} s"}
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
+    """lorafleet's side in its own process (its own peak RSS), as each peer runs in its own."""
+    return run_in_child(_lorafleet_figures, cfg, limit_s=limit_s)
 
 
 # -- llama.cpp -----------------------------------------------------------------------------------

@@ -10,13 +10,11 @@ with an empty CPU tier); time to first token counts from when all requests were 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import queue as queue_mod
-import resource
 import time
 from pathlib import Path
 
 from lorafleet.bench import print_table, write_json
+from lorafleet.bench.child import run_in_child
 
 SEED = 4321
 SCALE = 0.02
@@ -156,36 +154,6 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else 1000 * seconds
 
 
-def _child(cfg: dict, queue) -> None:
-    try:
-        result = _variant(cfg)
-    except Exception as exc:  # recorded with the reason
-        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
-    queue.put(result)
-
-
-def run_in_process(cfg: dict, limit_s: float) -> dict:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(cfg, results))
-    proc.start()
-    deadline, result = time.monotonic() + limit_s, None
-    while result is None:
-        try:
-            result = results.get(timeout=2)
-        except queue_mod.Empty:
-            if not proc.is_alive():
-                result = {"error": f"the process exited with code {proc.exitcode}"}
-            elif time.monotonic() > deadline:
-                proc.kill()
-                result = {"error": f"no result within {limit_s:.0f} s"}
-    proc.join(timeout=30)
-    if proc.is_alive():
-        proc.kill()
-    return result
-
-
 def run(base: str = "default", adapters: int = 1000, slots: int = 32, requests: int = 256,
         popularity: tuple[str, ...] = POPULARITIES, prompt_tokens: int = 64,
         new_tokens: int = 32, rank: int = 8, cache_dir: str | Path | None = None,
@@ -207,7 +175,9 @@ def run(base: str = "default", adapters: int = 1000, slots: int = 32, requests: 
     for pop, count in plan:
         label = f"{count} adapters, {pop}"
         print(f"running {label} ...", flush=True)
-        r = run_in_process({**common, "popularity": pop, "adapters": count}, limit_s)
+        r = run_in_child(
+            _variant, {**common, "popularity": pop, "adapters": count}, limit_s=limit_s
+        )
         if "error" in r:
             print(f"  {label}: {r['error']}", flush=True)
         else:

@@ -62,13 +62,17 @@ result = {
     "priors": {},
 }
 posts, names = [], []
-for prior in os.environ.get("PRIORS", ",".join(PRIORS)).split(","):
+# FORMS: the evidence forms (prior.EVIDENCE_FORMS); a "quadratic" row is keyed "PRIOR quadratic".
+combos = [(p, form) for p in os.environ.get("PRIORS", ",".join(PRIORS)).split(",")
+          for form in os.environ.get("FORMS", "mode,quadratic").split(",")]  # fmt: skip
+for prior, form in combos:
     if prior == "init" and not factors.init_sq:
         continue
     f = copy.copy(factors)
     f._cache = {}
-    lam, curve = tune_prior(f, prior=prior)
-    result["priors"][prior] = {
+    lam, curve = tune_prior(f, prior=prior, form=form)
+    key = prior if form == "mode" else f"{prior} {form}"
+    result["priors"][key] = {
         "evidence_lam": lam,
         "groups": group_lams(f, lam),
         "edge": f.edge,
@@ -76,8 +80,8 @@ for prior in os.environ.get("PRIORS", ",".join(PRIORS)).split(","):
     }
     for k in VAL_FACTORS:
         posts.append(AdapterPosterior(f, lam * k))
-        names.append((prior, k))
-    print(prior, lam, group_lams(f, lam), flush=True)
+        names.append((key, k))
+    print(key, lam, group_lams(f, lam), f.edge, flush=True)
 layers = lora_layers(model)
 N = len(vitems)
 logits = torch.zeros(N, 2)

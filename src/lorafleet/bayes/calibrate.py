@@ -18,12 +18,20 @@ from lorafleet.bayes.predictive import (
     map_predictive,
     sampled_predictive,
 )
-from lorafleet.bayes.prior import GRID_LOG10, PRIORS, evidence, group_lams, tune_prior
+from lorafleet.bayes.prior import (
+    EVIDENCE_FORMS,
+    GRID_LOG10,
+    PRIORS,
+    group_lams,
+    tune_prior,
+)
+from lorafleet.bayes.prior import evidence as log_evidence_at
 from lorafleet.data import ExampleSet
 from lorafleet.errors import LorafleetError
 
 TUNE_METHODS = ("evidence", "val")
 DEFAULT_PRIOR = "b-only"
+DEFAULT_EVIDENCE = "mode"
 # Prior precisions tried on validation data: the evidence optimum times these factors.
 VAL_FACTORS = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e3)
 
@@ -50,15 +58,21 @@ def calibrate(
     model, tokenizer, adapter_dir: str | Path, train: ExampleSet, val: ExampleSet | None = None,
     *, config: LaplaceConfig | None = None, tune: str = "evidence", max_length: int = 512,
     show_progress: bool = False, weight_samples: int = 0, prior: str = DEFAULT_PRIOR,
+    evidence: str = DEFAULT_EVIDENCE,
 ) -> dict:  # fmt: skip
     """Fit KFAC factors on `train`, tune the prior precision (evidence, or validation NLL when
     tune="val") of the `prior` kind (prior.PRIORS), save them beside the adapter and return a
     report of the figures (with `weight_samples` > 0 also the weight-sampling predictive on
-    `val`); report["warnings"] lists tuned precisions on the edge of their search range."""
+    `val`); the evidence in the `evidence` form (prior.EVIDENCE_FORMS); report["warnings"]
+    lists tuned precisions on the edge of their search range."""
     if tune not in TUNE_METHODS:
         raise LorafleetError(f"--tune must be one of {', '.join(TUNE_METHODS)}, got {tune!r}")
     if prior not in PRIORS:
         raise LorafleetError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+    if evidence not in EVIDENCE_FORMS:
+        raise LorafleetError(
+            f"--evidence must be one of {', '.join(EVIDENCE_FORMS)}, got {evidence!r}"
+        )
     init = read_init(adapter_dir)
     if prior == "init" and init is None:
         raise LorafleetError(
@@ -80,16 +94,18 @@ def calibrate(
         factors = fit_kfac(model, items, cfg, pad=pad, progress=bar.update if bar else None,
                            init=init)  # fmt: skip
     fit_s = time.perf_counter() - start
-    lam, curve = tune_prior(factors, prior=prior)
+    lam, curve = tune_prior(factors, prior=prior, form=evidence)
     report: dict = {
         "train_examples": factors.n, "parameters": factors.n_params,
-        "train_log_lik": factors.log_lik, "prior": prior, "evidence_prior_precision": lam,
-        "log_evidence": evidence(factors, lam), "fit_seconds": fit_s,
+        "train_log_lik": factors.log_lik, "prior": prior, "evidence_form": evidence,
+        "evidence_prior_precision": lam,
+        "log_evidence": log_evidence_at(factors, lam), "fit_seconds": fit_s,
     }  # fmt: skip
     span = f"1e{GRID_LOG10[0]:g}..1e{GRID_LOG10[1]:g}"
     warnings = [f"the evidence's optimum for the {g} weights lies on the edge of the searched "
                 f"range {span}" for g in factors.edge]  # fmt: skip
-    tuning: dict = {"method": tune, "prior": prior, "evidence_curve": curve,
+    tuning: dict = {"method": tune, "prior": prior, "evidence_form": evidence,
+                    "evidence_curve": curve,
                     "group_precisions": group_lams(factors, lam)}  # fmt: skip
     if val_items is not None:
         labels = _labels(val)

@@ -29,6 +29,7 @@ from torch import nn
 from lorafleet.adapters.lora_keys import strip_prefix
 from lorafleet.bayes.capture import ClassItem, batches, capture, lora_layers, lora_weight
 from lorafleet.bayes.factors import Factor, FactorAccumulator, softmax_hessian, sqrt_psd
+from lorafleet.bayes.posterior import orient
 from lorafleet.errors import LorafleetError
 
 LABEL_MODES = ("exact", "sampled")
@@ -81,7 +82,12 @@ class KfacFactors:
     # ||theta_b||^2 and ||theta_b - theta_b(init)||^2 per (module, part) block; {} when unknown
     block_sq: dict = field(default_factory=dict)
     init_sq: dict = field(default_factory=dict)
+    # the oriented weights (posterior.orient) per (module, part) block, and their initial values
+    # when recorded: what the "quadratic" evidence form needs; {} when unknown
+    weights: dict = field(default_factory=dict)
+    init_weights: dict = field(default_factory=dict)
     prior: str = "zero"  # the prior's kind (prior.PRIORS)
+    evidence_form: str = "mode"  # how the evidence treats the weights (prior.EVIDENCE_FORMS)
     ratios: dict = field(default_factory=dict)  # group -> its lam / prior_precision (default 1)
     edge: list = field(default_factory=list)  # groups whose tuned lam is on the search's edge
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -169,25 +175,27 @@ def fit_kfac(
         name: ModuleFactors(*(accs[(name, k)].factor() for k in ("A_in", "A_out", "B_in", "B_out")))
         for name in layers
     }
-    block_sq, init_sq = _block_norms(layers, adapter_name, init)
+    weights, init_weights = _block_weights(layers, adapter_name, init)
+    block_sq = {k: float(w.pow(2).sum()) for k, w in weights.items()}
+    init_sq = {k: float((weights[k] - w0).pow(2).sum()) for k, w0 in init_weights.items()}
     config = {"n_kfac": cfg.n_kfac, "threshold": cfg.threshold, "labels": cfg.labels,
               "seed": cfg.seed, "adapter_name": adapter_name}  # fmt: skip
     return KfacFactors(modules, n, log_lik, sum(block_sq.values()), config, block_sq=block_sq,
-                       init_sq=init_sq)  # fmt: skip
+                       init_sq=init_sq, weights=weights, init_weights=init_weights)  # fmt: skip
 
 
-def _block_norms(layers, adapter_name, init) -> tuple[dict, dict]:
-    """{(module, part): ||W||^2} and, given `init`, {(module, part): ||W - W_init||^2}."""
-    block_sq, init_sq = {}, {}
+def _block_weights(layers, adapter_name, init) -> tuple[dict, dict]:
+    """{(module, part): oriented W} and, given `init`, {(module, part): oriented W_init}."""
+    weights, init_weights = {}, {}
     for name, layer in layers.items():
         for part in ("A", "B"):
             w = lora_weight(layer, part, adapter_name).detach().float().cpu()
-            block_sq[(name, part)] = float(w.pow(2).sum())
+            weights[(name, part)] = orient(part, w).contiguous()
             if init is None:
                 continue
             w0 = init.get((strip_prefix(name), part))
             if w0 is None or tuple(w0.shape) != tuple(w.shape):
                 raise LorafleetError(f"{name}: the recorded initial lora_{part} weight is "
                                      f"missing or of another shape")  # fmt: skip
-            init_sq[(name, part)] = float((w - w0.float()).pow(2).sum())
-    return block_sq, init_sq
+            init_weights[(name, part)] = orient(part, w0.float()).contiguous()
+    return weights, init_weights

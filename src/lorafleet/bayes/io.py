@@ -15,7 +15,7 @@ from lorafleet.adapters.format import INIT_NAME, WEIGHTS_NAME
 from lorafleet.adapters.lora_keys import lora_pairs
 from lorafleet.bayes.factors import Factor
 from lorafleet.bayes.fit import KfacFactors, ModuleFactors
-from lorafleet.bayes.prior import PRIORS
+from lorafleet.bayes.prior import EVIDENCE_FORMS, PRIORS
 from lorafleet.errors import LorafleetError
 from lorafleet.fsutil import atomic_write, atomic_write_json
 
@@ -67,6 +67,9 @@ def save_factors(adapter_dir: str | Path, factors: KfacFactors, extra: dict | No
             f: Factor = getattr(m, key)
             for part in ("U", "s", "d"):
                 tensors[f"{name}.{key}.{part}"] = getattr(f, part).contiguous().float()
+    for tag, blocks in (("w", factors.weights), ("w0", factors.init_weights)):
+        for (name, part), w in blocks.items():
+            tensors[f"{name}.{tag}.{part}"] = w.contiguous().float()
     atomic_write(adapter_dir / FACTORS_NAME, lambda tmp: save_file(tensors, tmp))
     info = {
         "format": FORMAT,
@@ -77,6 +80,7 @@ def save_factors(adapter_dir: str | Path, factors: KfacFactors, extra: dict | No
         "n_params": factors.n_params,
         "prior_precision": factors.prior_precision,
         "prior": factors.prior,
+        "evidence_form": factors.evidence_form,
         "prior_ratios": factors.ratios,
         "block_sq": _keyed(factors.block_sq),
         "init_sq": _keyed(factors.init_sq),
@@ -133,12 +137,24 @@ def load_factors(adapter_dir: str | Path, *, check_adapter: bool = True) -> Kfac
     prior = info.get("prior", "zero")
     if prior not in PRIORS:
         raise LorafleetError(f"{info_file}: unknown prior {prior!r}")
+    form = info.get("evidence_form", "mode")
+    if form not in EVIDENCE_FORMS:
+        raise LorafleetError(f"{info_file}: unknown evidence form {form!r}")
+    weights, init_weights = _weights(tensors, modules, "w"), _weights(tensors, modules, "w0")
     return KfacFactors(
         modules, int(info["n"]), float(info["log_lik"]), float(info["theta_sq"]),
         dict(info.get("config") or {}), None if lam is None else float(lam),
         block_sq=_unkeyed(info.get("block_sq")), init_sq=_unkeyed(info.get("init_sq")),
-        prior=prior, ratios={k: float(v) for k, v in (info.get("prior_ratios") or {}).items()},
+        weights=weights, init_weights=init_weights, prior=prior, evidence_form=form,
+        ratios={k: float(v) for k, v in (info.get("prior_ratios") or {}).items()},
     )  # fmt: skip
+
+
+def _weights(tensors: dict, modules: dict, tag: str) -> dict:
+    """{(module, part): oriented weight} saved under `tag` ({} for files written before)."""
+    found = {(name, part): tensors[f"{name}.{tag}.{part}"] for name in modules
+             for part in ("A", "B") if f"{name}.{tag}.{part}" in tensors}  # fmt: skip
+    return found if len(found) == 2 * len(modules) else {}
 
 
 def read_info(adapter_dir: str | Path) -> dict:

@@ -10,6 +10,10 @@ eigenbasis V of S, row j of V^T X has precision
 
 Dense F (d = 0, U square) gives a diagonal precision in the rotated basis; otherwise P_j is a
 diagonal plus rank k and is inverted with the Woodbury identity, in O(r d k) memory.
+
+`data_fit(X)` is x^T lam H (H + lam I)^-1 x with H = P - lam I the block's curvature: the
+quadratic term of the marginal likelihood of the likelihood's quadratic approximation (see
+prior.py), computed as a sum of non-negative terms so it stays exact where H << lam.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ class BlockPosterior:
         sigma = small.s / n  # [r]
         self.dense = big.is_dense
         self.U = big.U  # [d, k]
-        lam = float(prior_precision)
+        lam = self.lam = float(prior_precision)
         if self.dense:
             # Rotated into both eigenbases the precision is diagonal: lam + sigma_j s_i / n.
-            self.prec = lam + sigma[:, None] * big.s[None, :]  # [r, d]
+            self.h = sigma[:, None] * big.s[None, :]  # [r, d] the curvature's eigenvalues
+            self.prec = lam + self.h  # [r, d]
             return
-        self.M = lam + sigma[:, None] * big.d[None, :]  # [r, d] diagonal part of each P_j
+        self.hd = sigma[:, None] * big.d[None, :]  # [r, d] the curvature's diagonal part
+        self.M = lam + self.hd  # [r, d] diagonal part of each P_j
         # P_j = diag(M_j) + W_j W_j^T with W_j = U diag(sqrt(sigma_j s)).
         self.W = self.U[None] * (sigma[:, None] * big.s[None, :]).sqrt()[:, None, :]  # [r, d, k]
         k = self.U.shape[1]
@@ -60,6 +66,22 @@ class BlockPosterior:
         # L^-1 t per row j: psi_x . psi_y = t_x^T K^-1 t_y.
         psi = torch.linalg.solve_triangular(self.L, t.unsqueeze(-1), upper=False).squeeze(-1)
         return phi, psi.flatten(-2)
+
+    def data_fit(self, X: torch.Tensor) -> float:
+        """x^T lam H (H + lam I)^-1 x for the oriented block X [r, d] (H = P - lam I).
+
+        Dense: sum over the rotated coordinates of x^2 lam h / (lam + h). Low-rank + diagonal:
+        with P = M + W W^T, M = lam + h_d, the same equals x^T lam diag(h_d / M) x +
+        lam^2 ||L^-1 W^T M^-1 x||^2 (Woodbury), both terms >= 0."""
+        lam = self.lam
+        Xr = self.rotate(X.float())  # [r, d]
+        if self.dense:
+            h = self.h.double()
+            return float((Xr.double().pow(2) * (lam * h / (lam + h))).sum())
+        diag = (Xr.double().pow(2) * (lam * self.hd.double() / self.M.double())).sum()
+        t = torch.einsum("rd,rdk->rk", Xr / self.M, self.W)  # [r, k] W_j^T M_j^-1 x_j
+        psi = torch.linalg.solve_triangular(self.L, t.unsqueeze(-1), upper=False)  # [r, k, 1]
+        return float(diag + lam**2 * psi.double().pow(2).sum())
 
     def logdet(self) -> float:
         """log det of the block's posterior precision."""
@@ -94,9 +116,17 @@ def orient(name: str, weight: torch.Tensor) -> torch.Tensor:
 
 
 def log_evidence(
-    log_lik: float, theta_sq: float, logdet: float, n_params: int, prior_precision: float
+    log_lik: float,
+    theta_sq: float,
+    logdet: float,
+    n_params: int,
+    prior_precision: float,
+    data_fit: float | None = None,
 ) -> float:
     """Laplace log marginal likelihood up to a constant in lam:
-    log p(D|theta) - 1/2 [lam ||theta||^2 + logdet(H + lam I) - P log lam]."""
+    log p(D|theta) - 1/2 [lam ||theta||^2 + logdet(H + lam I) - P log lam] (the "mode" form);
+    with `data_fit` (x^T lam H (H + lam I)^-1 x) in place of lam ||theta||^2 (the "quadratic"
+    form, see prior.py)."""
     lam = prior_precision
-    return log_lik - 0.5 * (lam * theta_sq + logdet - n_params * math.log(lam))
+    fit = lam * theta_sq if data_fit is None else data_fit
+    return log_lik - 0.5 * (fit + logdet - n_params * math.log(lam))

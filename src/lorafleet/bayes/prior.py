@@ -9,6 +9,17 @@ Kinds (`PRIORS`), all Gaussian with precision lam per group of weight blocks:
   prior is centred at the initialisation without recording it.
 - b-layers: as b-only with one lam per adapted module (prior_precision: their geometric mean).
 The log evidence is a sum over groups, so each group's lam is tuned on its own.
+
+Evidence forms (`EVIDENCE_FORMS`), i.e. how the trained weights theta enter it:
+- mode: MacKay's formula, log p(D|theta) - 1/2 [lam ||theta||^2 + logdet(H + lam) - P log lam].
+  It assumes theta is the posterior's mode under this very prior (trained with weight decay
+  lam / n); for weights trained without it, every coordinate the optimiser moved counts in
+  ||theta||^2, including the many the data does not determine, and lam is pushed down.
+- quadratic: the exact marginal likelihood of the likelihood's quadratic approximation at theta,
+  int N(theta'; theta, H^-1)-shaped likelihood x N(theta'; 0, 1/lam) d theta', i.e. lam ||theta||^2
+  replaced by theta^T lam H (H + lam)^-1 theta: a coordinate counts only as far as the
+  curvature H pins it down. Its optimum satisfies lam = gamma / ||theta*||^2 with theta* =
+  (H + lam)^-1 H theta the prior-consistent mode. Needs the weights (KfacFactors.weights).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from lorafleet.bayes.posterior import BlockPosterior, log_evidence
 from lorafleet.errors import LorafleetError
 
 PRIORS = ("zero", "init", "parts", "b-only", "b-layers")
+EVIDENCE_FORMS = ("quadratic", "mode")
 # log10 of the prior precisions searched (then refined between the best grid neighbours).
 GRID_LOG10 = (-4.0, 7.0)
 GRID_POINTS = 67
@@ -39,9 +51,17 @@ def group_of(prior: str, part: str, name: str = "") -> str | None:
     return "all"
 
 
-def check_prior(factors: KfacFactors, prior: str) -> None:
+def check_prior(factors: KfacFactors, prior: str, form: str = "mode") -> None:
     if prior not in PRIORS:
         raise LorafleetError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+    if form not in EVIDENCE_FORMS:
+        raise LorafleetError(f"--evidence must be one of {', '.join(EVIDENCE_FORMS)}, got {form!r}")
+    if form == "quadratic" and not factors.weights:
+        raise LorafleetError("--evidence quadratic needs the adapter's weights in the factors "
+                             "(fitted before they were recorded): run calibrate again")  # fmt: skip
+    if form == "quadratic" and prior == "init" and not factors.init_weights:
+        raise LorafleetError("--evidence quadratic with --prior init needs the initial weights "
+                             "in the factors: run calibrate again")  # fmt: skip
     if prior == "init" and not factors.init_sq:
         raise LorafleetError("--prior init needs the adapter's initial weights "
                              "(lora_init.safetensors); use --prior b-only")  # fmt: skip
@@ -88,14 +108,28 @@ def _group_sq(factors: KfacFactors, prior: str, group: str) -> float:
     return sum(v for (n, part), v in norms.items() if group_of(prior, part, n) == group)
 
 
-def group_evidence(factors: KfacFactors, prior: str, group: str, lam: float) -> float:
-    """One group's share of the log evidence (without log p(D|theta)) at precision lam."""
-    logdet, size = 0.0, 0
+def _centred(factors: KfacFactors, prior: str, name: str, part: str):
+    """The oriented block the prior sees: theta, or theta - theta_init under the init prior."""
+    w = factors.weights[(name, part)]
+    return w - factors.init_weights[(name, part)] if prior == "init" else w
+
+
+def group_evidence(
+    factors: KfacFactors, prior: str, group: str, lam: float, form: str | None = None
+) -> float:
+    """One group's share of the log evidence (without log p(D|theta)) at precision lam, in the
+    evidence form `form` (default the factors')."""
+    form = factors.evidence_form if form is None else form
+    logdet, size, fit = 0.0, 0, 0.0
     for name, part, small, big in factors.blocks():
         if group_of(prior, part, name) == group:
-            logdet += BlockPosterior(small, big, lam, factors.n).logdet()
+            block = BlockPosterior(small, big, lam, factors.n)
+            logdet += block.logdet()
             size += small.dim * big.dim
-    return log_evidence(0.0, _group_sq(factors, prior, group), logdet, size, lam)
+            if form == "quadratic":
+                fit += block.data_fit(_centred(factors, prior, name, part))
+    sq = _group_sq(factors, prior, group)
+    return log_evidence(0.0, sq, logdet, size, lam, fit if form == "quadratic" else None)
 
 
 def evidence(factors: KfacFactors, prior_precision: float) -> float:
@@ -137,20 +171,23 @@ def _maximise(f, iters: int) -> tuple[float, list[tuple[float, float]], bool]:
 
 
 def tune_prior(
-    factors: KfacFactors, *, prior: str | None = None, iters: int = 30
+    factors: KfacFactors, *, prior: str | None = None, form: str | None = None, iters: int = 30
 ) -> tuple[float, list[dict]]:
-    """Each group's lam maximising the evidence under `prior` (default the factors' kind).
+    """Each group's lam maximising the evidence (in `form`, EVIDENCE_FORMS; default the
+    factors') under `prior` (default the factors' kind); sets factors.evidence_form too.
     Sets factors.prior and factors.ratios (each group's lam over the reference group's, "B" or
     "all") and returns (reference lam, curve): per grid point {"prior_precision",
     "log_evidence", "group"}, the group's share plus log p(D|theta) (the whole evidence when
     there is one group). factors.edge lists the groups whose optimum is on the grid's edge."""
     prior = factors.prior if prior is None else prior
-    check_prior(factors, prior)
+    form = factors.evidence_form if form is None else form
+    check_prior(factors, prior, form)
+    factors.evidence_form = form
     groups = sorted({group_of(prior, p, n) for n, p, _, _ in factors.blocks()} - {None})
     best, curve, edge = {}, [], []
     for g in groups:
         x, points, on_edge = _maximise(
-            lambda x, g=g: group_evidence(factors, prior, g, 10.0**x), iters
+            lambda x, g=g: group_evidence(factors, prior, g, 10.0**x, form), iters
         )
         best[g] = 10.0**x
         curve += [{"prior_precision": 10.0**p, "log_evidence": factors.log_lik + v, "group": g}

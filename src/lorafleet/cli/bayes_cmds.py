@@ -49,6 +49,14 @@ def calibrate(
         "one lam per module) | init (centred at lora_init.safetensors) | parts (lam_A, lam_B) "
         "| zero (N(0, 1/lam) on A and B).",
     ),  # fmt: skip
+    evidence: str = typer.Option(
+        "mode",
+        "--evidence",
+        help="Evidence form: mode (MacKay's formula; assumes the weights were trained under "
+        "this prior) | quadratic (the likelihood's quadratic approximation at the weights "
+        "integrated against the prior: movement the curvature does not pin down is ignored; "
+        "see docs/calibration.md).",
+    ),  # fmt: skip
     weight_samples: int = typer.Option(
         0, "--weight-samples", min=0, help="Also report the weight-sampling predictive on --val."
     ),
@@ -72,7 +80,8 @@ def calibrate(
 
         lorafleet calibrate -b default -a runs/sqa --data strategyqa --val strategyqa --tune val
 
-        lorafleet calibrate -b default -a runs/sst2 --data sst2 --train-limit 500 --prior zero
+        lorafleet calibrate -b default -a runs/sst2 --data sst2 --train-limit 500 --prior zero \
+            --evidence quadratic
     """
     from lorafleet.bayes import LaplaceConfig
     from lorafleet.bayes import calibrate as calibrate_adapter
@@ -88,7 +97,7 @@ def calibrate(
         val_set = load_examples(val, tok, split=val_split, chat=not no_chat, limit=val_limit)
     report = calibrate_adapter(
         model, tok, adapter, train, val_set, config=cfg, tune=tune, max_length=max_length,
-        show_progress=True, weight_samples=weight_samples, prior=prior,
+        show_progress=True, weight_samples=weight_samples, prior=prior, evidence=evidence,
     )  # fmt: skip
     shown = {k: v for k, v in report.items() if not isinstance(v, dict)}
     sections = {"calibration": shown}

@@ -61,6 +61,9 @@ def labelled(engine):
             type(module).__name__.endswith("Linear") and not hasattr(module, "base_layer")
         ):
             patch(module, "forward", lambda f: _wrap("base_matmul", f))
+    for fused in (*runner.qkv, *runner.gate_up):  # the fused q/k/v and gate/up GEMMs
+        if fused.fused:
+            patch(fused, "base", lambda f: _wrap("base_matmul", f))
     for name in ("add_lora_segmented_", "add_lora_gathered_", "add_mixture_"):
         if hasattr(linear_mod, name):
             patch(linear_mod, name, lambda f: _wrap("lora", f))

@@ -1,5 +1,7 @@
-"""Torch modules PEFT lacks: multi-adapter linears (SGMV/BGMV), row mixtures, int8/int4 linears."""
+"""Torch modules PEFT lacks: multi-adapter linears (SGMV/BGMV), row mixtures, int8/int4 linears,
+fused base projections."""
 
+from lorafleet.layers.fused import FusedProjections, can_fuse
 from lorafleet.layers.linear import MultiLoRAContext, MultiLoRALinear
 from lorafleet.layers.mixture import MixtureGate, MixturePlan, RowMixture, plan_mixtures
 from lorafleet.layers.multilora import (
@@ -17,6 +19,8 @@ from lorafleet.layers.slots import MultiLoRAError, MultiLoRAModel, inject_multil
 
 __all__ = [
     "SEGMENT_MIN_ROWS_PER_SLOT",
+    "FusedProjections",
+    "can_fuse",
     "MixtureGate",
     "MixturePlan",
     "MultiLoRAContext",

@@ -148,7 +148,11 @@ class MultiLoRALinear(nn.Module):
         self.rank = max(self.ranks)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)  # [..., d_out]
+        return self.add_adapters(x, self.base_layer(x))
+
+    def add_adapters(self, x: Tensor, y: Tensor) -> Tensor:
+        """y (the base product of x, [..., d_out]; may be a column block of a wider tensor)
+        plus this layer's adapter terms for the context's rows, added in place; returns y."""
         if self.rank == 0 and not self.dense:
             return y  # no adapter resident here: exactly the base layer
         plan = self.context.plan(x.shape[:-1], x.device)

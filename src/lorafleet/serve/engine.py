@@ -72,14 +72,16 @@ class Engine:
     Precision: `dtype` (float32 / bfloat16; None = as loaded) casts the base's parameters in
     place, and the adapter slots and KV cache take it; `quantize` ("int8" / "int4") replaces
     the base's block linears by weight-only quantised ones (layers/quant.py; adapters stay in
-    `dtype` beside them). Both stay after `close()`."""
+    `dtype` beside them). Both stay after `close()`. `fuse` (default) computes each layer's
+    q/k/v and gate/up base products as one GEMM each (layers/fused.py; the linears' weights
+    become views of the fused one); fuse=False calls every projection alone (benchmarks)."""
 
     def __init__(self, base: Base, *, max_slots: int = 8, max_rank: int = 16,
                  max_batch_size: int = 16, max_batch_tokens: int = 2048,
                  max_seq_len: int | None = None, targets: list[str] | None = None,
                  adapter_source: AdapterSource | None = None,
                  seed: int | None = None, dtype: str | torch.dtype | None = None,
-                 quantize: str | None = None):  # fmt: skip
+                 quantize: str | None = None, fuse: bool = True):  # fmt: skip
         model, config = base.model, base.model.config
         cls = runner_class(model)  # refuse before the model is touched
         dtype, quantize = dtype and parse_dtype(dtype), check_quantize(quantize)
@@ -102,7 +104,7 @@ class Engine:
         self.handle = inject_multilora(model, targets, max_slots, max_rank) if max_slots else None
         self.quantization = quantize_linears(model, quantize)  # {"mode", "quantized", ...}
         context = self.handle.context if self.handle is not None else None
-        self.runner = cls(model, context, max_batch_size, max_seq_len)
+        self.runner = cls(model, context, max_batch_size, max_seq_len, fuse=fuse)
         self.kv = self.runner.kv
         self.scheduler = Scheduler(self.kv, self, max_batch_size, max_batch_tokens)
         self.vocab_size = model.get_input_embeddings().num_embeddings

@@ -7,12 +7,13 @@ from serve_helpers import RunnerCheck, tiny_base
 
 from lorafleet.adapters import attach
 from lorafleet.models.tiny import tiny_llama
-from lorafleet.serve import Engine, KVCache
+from lorafleet.serve import Engine, KVCache, SamplingParams
 
 
 @torch.no_grad()
 def test_runner_logits_match_transformers(tokenizer, adapters, prompt_ids):
     engine = Engine(tiny_base(tokenizer), max_slots=3, max_rank=8, max_batch_size=3)
+    assert engine.runner.fused  # q/k/v and gate/up each one base GEMM (layers/fused.py)
     for name in ("lora4", "rslora8"):
         engine.load_adapter(name, adapters[name])
     refs = {None: tiny_llama(0, vocab_size=len(tokenizer))}
@@ -28,6 +29,22 @@ def test_runner_logits_match_transformers(tokenizer, adapters, prompt_ids):
     check([c], [a, b])  # a prefill and two decodes (KV slots 2, 0: gathered) in one step
     check([], [b, c, a])  # KV slots 0, 1, 2: read as a view of the cache
     check([], [a, c])
+
+
+def test_fused_and_unfused_projections_give_the_same_greedy_tokens(tokenizer, adapters,
+                                                                   prompt_ids):  # fmt: skip
+    outputs = {}
+    for fuse in (True, False):
+        engine = Engine(tiny_base(tokenizer), max_slots=3, max_rank=8, max_batch_size=4,
+                        fuse=fuse)  # fmt: skip
+        assert engine.runner.fused == fuse
+        for name in ("lora4", "rslora8"):
+            engine.load_adapter(name, adapters[name])
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        requests = [(prompt_ids[i], name, params)
+                    for i, name in enumerate(("lora4", None, "rslora8", "lora4"))]  # fmt: skip
+        outputs[fuse] = [out.token_ids for out in engine.generate(requests)]
+    assert outputs[True] == outputs[False]
 
 
 def test_kv_cache_slots():

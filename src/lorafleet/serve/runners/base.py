@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorafleet.layers import MultiLoRAContext, RowMixture
+from lorafleet.layers import FusedProjections, MultiLoRAContext, RowMixture
 from lorafleet.serve.kv_cache import KVCache
 from lorafleet.serve.sequence import Sequence
 
@@ -49,7 +49,7 @@ class ModelRunner:
     model_type = ""
 
     def __init__(self, model: nn.Module, context: MultiLoRAContext | None, max_seqs: int,
-                 max_len: int):  # fmt: skip
+                 max_len: int, fuse: bool = True):  # fmt: skip
         self.model = model
         self.context = context
         param = next(model.parameters())
@@ -58,6 +58,14 @@ class ModelRunner:
         self.kv = KVCache(
             layers, max_seqs, kv_heads, max_len, self.head_dim, self.dtype, self.device
         )
+        # One base GEMM for q/k/v and one for gate/up per layer (layers/fused.py); fuse=False
+        # calls every projection on its own (benchmarks compare the two).
+        blocks = model.model.layers
+        self.qkv = [FusedProjections([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]
+                                     if fuse else []) for b in blocks]  # fmt: skip
+        self.gate_up = [FusedProjections([b.mlp.gate_proj, b.mlp.up_proj] if fuse else [])
+                        for b in blocks]  # fmt: skip
+        self.fused = fuse and all(f.fused for f in self.qkv + self.gate_up)
 
     @classmethod
     def check(cls, model: nn.Module) -> None:
@@ -73,6 +81,24 @@ class ModelRunner:
 
     def forward(self, inputs: StepInputs) -> Tensor:
         raise NotImplementedError
+
+    def project_qkv(self, index: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer `index`'s q, k, v projections of x [T, d]: [T, H*D], [T, Hkv*D], [T, Hkv*D]."""
+        fused = self.qkv[index]
+        if fused.fused:
+            q, k, v = fused(x)
+            return q, k, v
+        attn = self.model.model.layers[index].self_attn
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+
+    def mlp(self, index: int, x: Tensor) -> Tensor:
+        """Layer `index`'s gated MLP, down(act(gate(x)) * up(x)): [T, d] -> [T, d]."""
+        mlp = self.model.model.layers[index].mlp
+        fused = self.gate_up[index]
+        if not fused.fused:
+            return mlp(x)
+        gate, up = fused(x)  # [T, d_ff] each
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def build(self, prefill: list[Sequence], decode: list[Sequence]) -> StepInputs:
         """Pack a step's sequences into rows (prefill prompts from position 0, then decodes)."""

@@ -38,9 +38,9 @@ class Gemma3Runner(ModelRunner):
             )
 
     def __init__(self, model: nn.Module, context: MultiLoRAContext | None, max_seqs: int,
-                 max_len: int):  # fmt: skip
+                 max_len: int, fuse: bool = True):  # fmt: skip
         config = model.config
-        super().__init__(model, context, max_seqs, max_len)
+        super().__init__(model, context, max_seqs, max_len, fuse)
         n = config.num_hidden_layers
         self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
         window = getattr(config, "sliding_window", None)
@@ -76,9 +76,10 @@ class Gemma3Runner(ModelRunner):
             attn = layer.self_attn
             cos, sin = rope[self.layer_types[index]]  # [T, 1, D] each
             x = layer.input_layernorm(h)  # [T, d]
-            q = attn.q_proj(x).view(rows, -1, head_dim)  # [T, H*D] -> [T, H, D]
-            k = attn.k_proj(x).view(rows, -1, head_dim)  # [T, Hkv*D] -> [T, Hkv, D]
-            v = attn.v_proj(x).view(rows, -1, head_dim)  # [T, Hkv*D] -> [T, Hkv, D]
+            q, k, v = self.project_qkv(index, x)  # [T, H*D], [T, Hkv*D], [T, Hkv*D]
+            q = q.view(rows, -1, head_dim)  # [T, H*D] -> [T, H, D]
+            k = k.view(rows, -1, head_dim)  # [T, Hkv*D] -> [T, Hkv, D]
+            v = v.view(rows, -1, head_dim)  # [T, Hkv*D] -> [T, Hkv, D]
             q, k = attn.q_norm(q), attn.k_norm(k)  # RMS over D, per head
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
@@ -86,7 +87,7 @@ class Gemma3Runner(ModelRunner):
             o = self.attend(index, q, k, v, inputs, attn.scaling, window=self.windows[index])
             o = attn.o_proj(o.reshape(rows, -1))  # [T, H, D] -> [T, H*D] -> [T, d]
             h = h + layer.post_attention_layernorm(o)
-            m = layer.mlp(layer.pre_feedforward_layernorm(h))  # [T, d]
+            m = self.mlp(index, layer.pre_feedforward_layernorm(h))  # [T, d]
             h = h + layer.post_feedforward_layernorm(m)
         last = body.norm(h.index_select(0, inputs.last_rows))  # [B, d]
         logits = self.model.lm_head(last)  # [B, vocab]

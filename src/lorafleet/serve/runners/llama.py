@@ -10,7 +10,8 @@ from lorafleet.serve.runners.base import ModelRunner, StepInputs, rotate_half
 class LlamaRunner(ModelRunner):
     """LlamaForCausalLM (SmolLM2, Llama 2/3): RMSNorm, RoPE from the model's own rotary module
     (so rope scaling variants match transformers), GQA attention, SwiGLU MLP, tied or untied
-    head. The q/k/v/o and MLP linears are called as modules, so MultiLoRA layers apply."""
+    head. q/k/v and gate/up share one base GEMM each (layers/fused.py), adapters added per
+    projection, so MultiLoRA layers apply as when each linear is called as a module."""
 
     model_type = "llama"
 
@@ -29,14 +30,15 @@ class LlamaRunner(ModelRunner):
         for index, layer in enumerate(body.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)  # [T, d]
-            q = attn.q_proj(x).view(x.shape[0], -1, head_dim)  # [T, H*D] -> [T, H, D]
-            k = attn.k_proj(x).view(x.shape[0], -1, head_dim)  # [T, Hkv*D] -> [T, Hkv, D]
-            v = attn.v_proj(x).view(x.shape[0], -1, head_dim)  # [T, Hkv*D] -> [T, Hkv, D]
+            q, k, v = self.project_qkv(index, x)  # [T, H*D], [T, Hkv*D], [T, Hkv*D]
+            q = q.view(x.shape[0], -1, head_dim)  # [T, H*D] -> [T, H, D]
+            k = k.view(x.shape[0], -1, head_dim)  # [T, Hkv*D] -> [T, Hkv, D]
+            v = v.view(x.shape[0], -1, head_dim)  # [T, Hkv*D] -> [T, Hkv, D]
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             self.write_kv(index, k, v, inputs)
             o = self.attend(index, q, k, v, inputs, attn.scaling)  # [T, H, D]
             h = h + attn.o_proj(o.reshape(x.shape[0], -1))  # [T, H, D] -> [T, H*D] -> [T, d]
-            h = h + layer.mlp(layer.post_attention_layernorm(h))  # [T, d]
+            h = h + self.mlp(index, layer.post_attention_layernorm(h))  # [T, d]
         last = body.norm(h.index_select(0, inputs.last_rows))  # [B, d]
         return self.model.lm_head(last).float()  # [B, vocab]

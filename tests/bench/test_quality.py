@@ -46,12 +46,14 @@ def test_bench_quality_on_a_tiny_base(run_cli, tiny_base_dir, tmp_path):
 def test_bench_precision_on_a_tiny_base(run_cli, tiny_base_dir, tmp_path):
     out_file = tmp_path / "p.json"
     code, _, err = run_cli("bench", "precision", "--base", tiny_base_dir, "--setting", "int4",
-                           "--requests", "2", "--adapters", "2", "--prompt-tokens", "8",
+                           "--setting", "float32+unfused", "--requests", "2", "--adapters", "2",
+                           "--prompt-tokens", "8",
                            "--new-tokens", "3", "--rank", "2", "--reps", "1",
                            "--json", out_file)  # fmt: skip
     assert code == 0, err
     rows = {r["setting"]: r for r in json.loads(out_file.read_text())["rows"]}
-    assert set(rows) == {"float32+none", "float32+int4"}
+    assert set(rows) == {"float32+none", "float32+int4", "float32+none+unfused"}
+    assert rows["float32+none+unfused"]["adapters_tok_s"] > 0
     assert rows["float32+none"]["adapters_vs_fp32"] == 1.0
     assert rows["float32+int4"]["single_stream_tok_s"] > 0
 

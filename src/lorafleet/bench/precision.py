@@ -1,4 +1,5 @@
-"""Benchmark: the engine's speed in float32, bfloat16 and with int8 / int4 base linears.
+"""Benchmark: the engine's speed in float32, bfloat16 and with int8 / int4 base linears
+(and, with a setting ending in "+unfused", without the fused q/k/v and gate/up GEMMs).
 
 One process holds an engine per setting (each on its own copy of the base, the same random
 adapters loaded into each) and runs every scenario on every engine in turn, `reps` rounds,
@@ -28,15 +29,24 @@ def _engines(base: str, settings, adapters: int, rank: int, requests: int, lengt
     made = random_adapters(load_base(base).model, adapters, rank)
     out = {}
     for text in settings:
-        dtype, quantize = parse_setting(text)
+        (dtype, quantize), fuse = parse_setting(split_fuse(text)[0]), split_fuse(text)[1]
         loaded = load_base(base, dtype=dtype)
         engine = Engine(loaded, max_slots=adapters, max_rank=rank, max_batch_size=requests,
                         max_batch_tokens=max(requests * length, 64), max_seq_len=length + 8,
-                        quantize=quantize)  # fmt: skip
+                        quantize=quantize, fuse=fuse)  # fmt: skip
         for i, adapter in enumerate(made):
             engine.load_adapter(f"a{i}", adapter)
-        out[f"{dtype}+{quantize}"] = (engine, weight_bytes(loaded.model))
+        out[f"{dtype}+{quantize}" + ("" if fuse else "+unfused")] = (
+            engine, weight_bytes(loaded.model)
+        )  # fmt: skip
     return out
+
+
+def split_fuse(text: str) -> tuple[str, bool]:
+    """'float32+unfused' -> ('float32', False): the engine without fused q/k/v and gate/up
+    GEMMs (layers/fused.py); any other setting -> (setting, True)."""
+    parts = [p for p in str(text).split("+") if p.lower() != "unfused"]
+    return "+".join(parts) or "float32", len(parts) == len(str(text).split("+"))
 
 
 def _requests(scenario: str, prompts: list[list[int]], adapters: int, new_tokens: int) -> list:
@@ -68,7 +78,7 @@ def run(base: str = "default", settings=DEFAULT_SETTINGS, requests: int = 32, ad
     from lorafleet.bench.quality import parse_setting
 
     for text in settings:
-        parse_setting(text)  # a bad name fails before anything loads
+        parse_setting(split_fuse(text)[0])  # a bad name fails before anything loads
     settings = tuple(dict.fromkeys(("float32", *settings)))  # float32 first: the reference
     engines = _engines(base, settings, adapters, rank, requests, prompt_tokens + new_tokens)
     first = next(iter(engines.values()))[0]

@@ -11,7 +11,8 @@ from lorafleet.cli.options import BaseDefaultOpt
 
 SettingOpt = typer.Option(
     [], "--setting", "-s",
-    help="bfloat16, int8, int4 or DTYPE+QUANT (e.g. bfloat16+int8); repeatable (default: all).",
+    help="bfloat16, int8, int4 or DTYPE+QUANT (e.g. bfloat16+int8); repeatable (default: all). "
+    "bench precision also takes SETTING+unfused: the engine without fused q/k/v and gate/up.",
 )  # fmt: skip
 
 
@@ -61,6 +62,8 @@ def bench_precision(
         lorafleet bench precision --base default
 
         lorafleet bench precision --requests 8 --adapters 4 --new-tokens 16 --reps 1
+
+        lorafleet bench precision --setting float32+unfused     # fused GEMMs vs not
     """
     from lorafleet.bench.precision import DEFAULT_SETTINGS, run
 

@@ -61,7 +61,7 @@ def labelled(engine):
             type(module).__name__.endswith("Linear") and not hasattr(module, "base_layer")
         ):
             patch(module, "forward", lambda f: _wrap("base_matmul", f))
-    for fused in (*runner.qkv, *runner.gate_up):  # the fused q/k/v and gate/up GEMMs
+    for fused in runner.qkv:  # the fused q/k/v GEMMs
         if fused.fused:
             patch(fused, "base", lambda f: _wrap("base_matmul", f))
     for name in ("add_lora_segmented_", "add_lora_gathered_", "add_mixture_"):

@@ -73,8 +73,8 @@ class Engine:
     place, and the adapter slots and KV cache take it; `quantize` ("int8" / "int4") replaces
     the base's block linears by weight-only quantised ones (layers/quant.py; adapters stay in
     `dtype` beside them). Both stay after `close()`. `fuse` (default) computes each layer's
-    q/k/v and gate/up base products as one GEMM each (layers/fused.py; the linears' weights
-    become views of the fused one); fuse=False calls every projection alone (benchmarks)."""
+    q/k/v base products as one GEMM (layers/fused.py; the linears' weights become views of the
+    fused one); fuse=False calls every projection alone (benchmarks)."""
 
     def __init__(self, base: Base, *, max_slots: int = 8, max_rank: int = 16,
                  max_batch_size: int = 16, max_batch_tokens: int = 2048,

@@ -58,14 +58,13 @@ class ModelRunner:
         self.kv = KVCache(
             layers, max_seqs, kv_heads, max_len, self.head_dim, self.dtype, self.device
         )
-        # One base GEMM for q/k/v and one for gate/up per layer (layers/fused.py); fuse=False
-        # calls every projection on its own (benchmarks compare the two).
+        # One base GEMM for q/k/v per layer (layers/fused.py); fuse=False calls each projection
+        # on its own. gate/up are not fused: measured on the 2-core CPU, one [T, 576] x
+        # [576, 3072] GEMM was 12 % slower than two of [576, 1536] at 32 rows (BENCHMARKS.md).
         blocks = model.model.layers
         self.qkv = [FusedProjections([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]
                                      if fuse else []) for b in blocks]  # fmt: skip
-        self.gate_up = [FusedProjections([b.mlp.gate_proj, b.mlp.up_proj] if fuse else [])
-                        for b in blocks]  # fmt: skip
-        self.fused = fuse and all(f.fused for f in self.qkv + self.gate_up)
+        self.fused = fuse and all(f.fused for f in self.qkv)
 
     @classmethod
     def check(cls, model: nn.Module) -> None:
@@ -90,15 +89,6 @@ class ModelRunner:
             return q, k, v
         attn = self.model.model.layers[index].self_attn
         return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-
-    def mlp(self, index: int, x: Tensor) -> Tensor:
-        """Layer `index`'s gated MLP, down(act(gate(x)) * up(x)): [T, d] -> [T, d]."""
-        mlp = self.model.model.layers[index].mlp
-        fused = self.gate_up[index]
-        if not fused.fused:
-            return mlp(x)
-        gate, up = fused(x)  # [T, d_ff] each
-        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def build(self, prefill: list[Sequence], decode: list[Sequence]) -> StepInputs:
         """Pack a step's sequences into rows (prefill prompts from position 0, then decodes)."""

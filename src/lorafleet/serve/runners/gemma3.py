@@ -87,7 +87,7 @@ class Gemma3Runner(ModelRunner):
             o = self.attend(index, q, k, v, inputs, attn.scaling, window=self.windows[index])
             o = attn.o_proj(o.reshape(rows, -1))  # [T, H, D] -> [T, H*D] -> [T, d]
             h = h + layer.post_attention_layernorm(o)
-            m = self.mlp(index, layer.pre_feedforward_layernorm(h))  # [T, d]
+            m = layer.mlp(layer.pre_feedforward_layernorm(h))  # [T, d]
             h = h + layer.post_feedforward_layernorm(m)
         last = body.norm(h.index_select(0, inputs.last_rows))  # [B, d]
         logits = self.model.lm_head(last)  # [B, vocab]

@@ -10,8 +10,8 @@ from lorafleet.serve.runners.base import ModelRunner, StepInputs, rotate_half
 class LlamaRunner(ModelRunner):
     """LlamaForCausalLM (SmolLM2, Llama 2/3): RMSNorm, RoPE from the model's own rotary module
     (so rope scaling variants match transformers), GQA attention, SwiGLU MLP, tied or untied
-    head. q/k/v and gate/up share one base GEMM each (layers/fused.py), adapters added per
-    projection, so MultiLoRA layers apply as when each linear is called as a module."""
+    head. q/k/v share one base GEMM (layers/fused.py), adapters added per projection, so
+    MultiLoRA layers apply as when each linear is called as a module."""
 
     model_type = "llama"
 
@@ -39,6 +39,6 @@ class LlamaRunner(ModelRunner):
             self.write_kv(index, k, v, inputs)
             o = self.attend(index, q, k, v, inputs, attn.scaling)  # [T, H, D]
             h = h + attn.o_proj(o.reshape(x.shape[0], -1))  # [T, H, D] -> [T, H*D] -> [T, d]
-            h = h + self.mlp(index, layer.post_attention_layernorm(h))  # [T, d]
+            h = h + layer.mlp(layer.post_attention_layernorm(h))  # [T, d]
         last = body.norm(h.index_select(0, inputs.last_rows))  # [B, d]
         return self.model.lm_head(last).float()  # [B, vocab]

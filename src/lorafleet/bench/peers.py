@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lorafleet.bench import peer_tools, print_table, write_json
 from lorafleet.bench.child import run_in_child
-from lorafleet.bench.serve import plan, summarise
+from lorafleet.bench.serve import plan, sse_events, summarise
 from lorafleet.errors import LorafleetError
 
 WORKLOADS = ("all_base", "adapters", "single")
@@ -162,15 +162,7 @@ def run_binding(peers, cfg: dict, limit_s: float) -> dict:
 async def _stream(http, url: str, body: dict, t0: float) -> dict:
     rec = {"ttft": None, "tokens": 0, "last": None, "ids": []}
     async with http.stream("POST", url + "/completion", json=body) as resp:
-        if resp.status_code != 200:
-            raise LorafleetError(f"llama-server HTTP {resp.status_code}: "
-                                 f"{(await resp.aread())[:200]!r}")  # fmt: skip
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                continue
-            event = json.loads(line[5:])
-            if "error" in event:
-                raise LorafleetError(f"llama-server stream error: {event['error']}")
+        async for event in sse_events(resp, "llama-server"):
             if event.get("tokens"):
                 now = time.perf_counter() - t0
                 rec["ttft"] = now if rec["ttft"] is None else rec["ttft"]

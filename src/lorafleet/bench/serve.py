@@ -97,14 +97,7 @@ async def _client(http, url: str, model: str, r: dict, t0: float) -> dict:
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     rec = {"ttft": None, "tokens": 0, "last": None}
     async with http.stream("POST", url + "/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise LorafleetError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                continue
-            event = json.loads(line[5:])
-            if "error" in event:
-                raise LorafleetError(f"stream error: {event['error']}")
+        async for event in sse_events(resp, "lorafleet"):
             now = time.perf_counter() - t0
             if event.get("choices") and event["choices"][0].get("text"):
                 rec["ttft"] = now if rec["ttft"] is None else rec["ttft"]
@@ -112,6 +105,20 @@ async def _client(http, url: str, model: str, r: dict, t0: float) -> dict:
             if event.get("usage"):
                 rec["tokens"] = event["usage"]["completion_tokens"]
     return rec
+
+
+async def sse_events(resp, who: str):
+    """The JSON events of a server-sent-event response (`data: {...}` lines, `[DONE]` skipped);
+    an HTTP error or an event carrying "error" raises one LorafleetError naming `who`."""
+    if resp.status_code != 200:
+        raise LorafleetError(f"{who} HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+            continue
+        event = json.loads(line[5:])
+        if "error" in event:
+            raise LorafleetError(f"{who} stream error: {event['error']}")
+        yield event
 
 
 async def _health_poller(http, url: str, stop: asyncio.Event, worst: list[float]) -> None:

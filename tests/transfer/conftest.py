@@ -39,18 +39,6 @@ TINY_PREPARE = {
     "batch_size": 4,
     "max_new_tokens": 12,
 }
-TINY_RUN = [
-    "--steps",
-    "3",
-    "--rank",
-    "4",
-    "--batch-size",
-    "4",
-    "--max-new-tokens",
-    "12",
-    "--label-tokens",
-    "8",
-]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_RUN
+from transfer_helpers import TINY_RUN
 
 from lorafleet.adapters import load_adapter, read_adapter
 from lorafleet.models import load_base

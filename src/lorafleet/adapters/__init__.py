@@ -5,6 +5,7 @@ from lorafleet.adapters.format import (
     INIT_NAME,
     Adapter,
     AdapterError,
+    content_digest,
     read_adapter,
     write_adapter,
     write_init,
@@ -33,6 +34,7 @@ from lorafleet.adapters.validate import (
 )
 
 __all__ = [
+    "content_digest",
     "DEFAULT_MAX_RANK",
     "METHODS",
     "PEFT_PREFIX",

@@ -7,6 +7,7 @@ so every directory written here still loads in PEFT and vLLM unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum
@@ -183,6 +184,19 @@ def _model_card(adapter: Adapter) -> str:
         f"- base fingerprint: {meta.get('base_fingerprint', 'unknown')}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 over an adapter directory's config and weights files (its content), so a record
+    that names an adapter by path notices when the files change."""
+    h = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        file = Path(path) / name
+        if not file.is_file():
+            raise LorafleetError(f"{path}: not an adapter directory (no {name})")
+        h.update(name.encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()
 
 
 def write_init(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:

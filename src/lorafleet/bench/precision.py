@@ -29,7 +29,8 @@ def _engines(base: str, settings, adapters: int, rank: int, requests: int, lengt
     made = random_adapters(load_base(base).model, adapters, rank)
     out = {}
     for text in settings:
-        (dtype, quantize), fuse = parse_setting(split_fuse(text)[0]), split_fuse(text)[1]
+        clean, fuse = split_fuse(text)
+        dtype, quantize = parse_setting(clean)
         loaded = load_base(base, dtype=dtype)
         engine = Engine(loaded, max_slots=adapters, max_rank=rank, max_batch_size=requests,
                         max_batch_tokens=max(requests * length, 64), max_seq_len=length + 8,
@@ -45,8 +46,9 @@ def _engines(base: str, settings, adapters: int, rank: int, requests: int, lengt
 def split_fuse(text: str) -> tuple[str, bool]:
     """'float32+unfused' -> ('float32', False): the engine without fused q/k/v and gate/up
     GEMMs (layers/fused.py); any other setting -> (setting, True)."""
-    parts = [p for p in str(text).split("+") if p.lower() != "unfused"]
-    return "+".join(parts) or "float32", len(parts) == len(str(text).split("+"))
+    parts = str(text).split("+")
+    kept = [p for p in parts if p.lower() != "unfused"]
+    return "+".join(kept) or "float32", len(kept) == len(parts)
 
 
 def _requests(scenario: str, prompts: list[list[int]], adapters: int, new_tokens: int) -> list:

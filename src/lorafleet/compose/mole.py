@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorafleet.adapters import Adapter, AdapterError, check_adapter, read_adapter
+from lorafleet.adapters import (
+    Adapter,
+    AdapterError,
+    check_adapter,
+    content_digest,
+    read_adapter,
+)
 from lorafleet.adapters.lora_keys import module_parts
 from lorafleet.errors import LorafleetError
 from lorafleet.fsutil import atomic_write, atomic_write_json
@@ -37,18 +42,6 @@ class Expert:
 
 def is_mole_dir(path: str | Path) -> bool:
     return (Path(path) / MOLE_CONFIG).is_file()
-
-
-def expert_digest(path: str | Path) -> str:
-    """sha256 over an adapter directory's config and weights files (its content)."""
-    h = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        file = Path(path) / name
-        if not file.is_file():
-            raise MoleError(f"{path}: not an adapter directory (no {name})")
-        h.update(name.encode())
-        h.update(file.read_bytes())
-    return h.hexdigest()
 
 
 def read_experts(specs: Sequence[tuple[str, str | Path]]) -> list[Expert]:
@@ -155,7 +148,7 @@ def save_mole(out: Path, mole: MoleModel, experts: Sequence[Expert], base_finger
         "format": FORMAT, "version": 1, "variant": gates.variant,
         "temperature": gates.temperature, "base_fingerprint": base_fingerprint,
         "experts": [{"name": e.name, "path": os.path.relpath(e.path.resolve(), out.resolve()),
-                     "sha256": expert_digest(e.path)} for e in experts],
+                     "sha256": content_digest(e.path)} for e in experts],
         **(extra or {}),
     }  # fmt: skip
     atomic_write_json(out / MOLE_CONFIG, config)
@@ -189,7 +182,7 @@ def mole_experts(path: str | Path, base_fingerprint: str | None = None) -> list[
         name, where = item["name"], (root / item["path"])
         if not (where / "adapter_config.json").is_file():
             raise MoleError(f"{path}: expert {name} is missing ({where})")
-        if expert_digest(where) != item["sha256"]:
+        if content_digest(where) != item["sha256"]:
             raise MoleError(f"{path}: expert {name} ({where}) changed since the gates were trained")
         expert = read_experts([(name, where)])[0]
         fp = expert.adapter.meta.get("base_fingerprint")

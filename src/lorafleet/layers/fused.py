@@ -47,9 +47,10 @@ def can_fuse(modules: Sequence[nn.Module]) -> bool:
 class FusedProjections:
     """Callable over x [..., d_in] -> [parts' outputs], each [..., d_out_i] (see module doc)."""
 
-    def __init__(self, modules: Sequence[nn.Module]):
+    def __init__(self, modules: Sequence[nn.Module], fuse: bool = True):
+        """fuse=False (or parts that cannot share a GEMM): call each module, touch nothing."""
         self.modules = list(modules)
-        self.fused = can_fuse(self.modules)
+        self.fused = fuse and can_fuse(self.modules)
         if not self.fused:
             return
         bases = [_base_linear(m) for m in self.modules]

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafleet.adapters import content_digest
 from lorafleet.fsutil import atomic_write_json
 from lorafleet.transfer.task import TaskFormat, TransferError
 
@@ -22,18 +23,6 @@ SEEDS_FILE = "seeds.jsonl"
 DISC_DIR = "discriminator"
 FORMAT = "lorafleet-translora-kit"
 VERSION = 1
-
-
-def adapter_digest(path: str | Path) -> str:
-    """sha256 over an adapter directory's config and weights (its content)."""
-    h = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        file = Path(path) / name
-        if not file.is_file():
-            raise TransferError(f"{path}: not an adapter directory (no {name})")
-        h.update(name.encode())
-        h.update(file.read_bytes())
-    return h.hexdigest()
 
 
 def kit_digest(path: str | Path) -> str:
@@ -80,7 +69,7 @@ class Kit:
                 f"{path}: source adapter not found (the kit points there); pass "
                 "--source-adapter DIR if it moved"
             )
-        if adapter_digest(path) != ref["sha256"]:
+        if content_digest(path) != ref["sha256"]:
             raise TransferError(
                 f"{path}: this is not the source adapter the kit was made with (content hash "
                 "differs)"

@@ -6,12 +6,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.adapters import fingerprint_status, read_adapter, write_adapter
+from lorafleet.adapters import content_digest, fingerprint_status, read_adapter, write_adapter
 from lorafleet.fsutil import atomic_dir
 from lorafleet.models import load_base
 from lorafleet.models.chat import has_chat_template
 from lorafleet.transfer.discriminator import disc_sets, train_discriminator
-from lorafleet.transfer.kit import DISC_DIR, adapter_digest, write_kit
+from lorafleet.transfer.kit import DISC_DIR, write_kit
 from lorafleet.transfer.synth import generate_inputs
 from lorafleet.transfer.task import TransferError, split_rows, task_format, task_rows
 
@@ -86,7 +86,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         "source_base": {"name": cfg.base, "fingerprint": trained.meta.get("base_fingerprint")},
         "source_adapter": {
             "path": str(Path(cfg.adapter).resolve()),
-            "sha256": adapter_digest(cfg.adapter),
+            "sha256": content_digest(cfg.adapter),
         },  # fmt: skip
         "discriminator": disc,
         "synthetic_for_discriminator": {

@@ -62,9 +62,9 @@ class ModelRunner:
         # on its own. gate/up are not fused: measured on the 2-core CPU, one [T, 576] x
         # [576, 3072] GEMM was 12 % slower than two of [576, 1536] at 32 rows (BENCHMARKS.md).
         blocks = model.model.layers
-        self.qkv = [FusedProjections([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]
-                                     if fuse else []) for b in blocks]  # fmt: skip
-        self.fused = fuse and all(f.fused for f in self.qkv)
+        self.qkv = [FusedProjections([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj],
+                                     fuse) for b in blocks]  # fmt: skip
+        self.fused = all(f.fused for f in self.qkv)
 
     @classmethod
     def check(cls, model: nn.Module) -> None:
@@ -83,12 +83,8 @@ class ModelRunner:
 
     def project_qkv(self, index: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Layer `index`'s q, k, v projections of x [T, d]: [T, H*D], [T, Hkv*D], [T, Hkv*D]."""
-        fused = self.qkv[index]
-        if fused.fused:
-            q, k, v = fused(x)
-            return q, k, v
-        attn = self.model.model.layers[index].self_attn
-        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q, k, v = self.qkv[index](x)
+        return q, k, v
 
     def build(self, prefill: list[Sequence], decode: list[Sequence]) -> StepInputs:
         """Pack a step's sequences into rows (prefill prompts from position 0, then decodes)."""

@@ -42,13 +42,14 @@ def sizes(quick: bool) -> dict:
     if quick:
         return dict(bi_rows=32, bi_val=8, bi_steps=4, bi_every=2, bi_batch=8, bone_rows=32,
                     bone_val=8, bone_steps=4, bone_every=2, bone_batch=4, em_rows=8,
-                    seeds=(0,), lrs=(3e-4,))  # fmt: skip
+                    bi_lr=5e-4, bone_max_length=384, seeds=(0,), lrs=(3e-4,))  # fmt: skip
     return dict(
         bi_rows=env("BI_ROWS", 256), bi_val=env("BI_VAL", 300), bi_steps=env("BI_STEPS", 128),
-        bi_every=env("BI_EVERY", 16), bi_batch=16, bone_rows=env("BONE_ROWS", 1200),
-        bone_val=env("BONE_VAL", 100), bone_steps=env("BONE_STEPS", 120),
-        bone_every=env("BONE_EVERY", 20), bone_batch=8, em_rows=env("EM_ROWS", 100),
-        seeds=SEEDS, lrs=LRS,
+        bi_every=env("BI_EVERY", 16), bi_batch=env("BI_BATCH", 16), bi_lr=env("BI_LR", 5e-4),
+        bone_rows=env("BONE_ROWS", 1200), bone_val=env("BONE_VAL", 100),
+        bone_steps=env("BONE_STEPS", 120), bone_every=env("BONE_EVERY", 20),
+        bone_batch=env("BONE_BATCH", 8), bone_max_length=env("BONE_MAX_LENGTH", 384),
+        em_rows=env("EM_ROWS", 100), seeds=SEEDS, lrs=LRS,
     )  # fmt: skip
 
 
@@ -70,7 +71,7 @@ def plan(sz: dict, ranks: dict, base: str) -> list[dict]:
     """Every run, interleaved so a budget cut still leaves comparable rows of both experiments."""
     bi, bone = [], []
     for seed in sz["seeds"]:
-        bi.append([dict(experiment="bilora", variant=v, seed=seed, lr=5e-4) for v in
+        bi.append([dict(experiment="bilora", variant=v, seed=seed, lr=sz["bi_lr"]) for v in
                    BILORA_VARIANTS])  # fmt: skip
     order = sorted(sz["lrs"], key=lambda lr: lr != 3e-4)  # the middle lr first
     for lr in order:
@@ -99,7 +100,7 @@ def config(run: dict, sz: dict, ranks: dict, base: str) -> dict:
         extra = {}
         kw = dict(data="clutrr", train_limit=sz["bone_rows"], eval_limit=sz["bone_val"],
                   steps=sz["bone_steps"], eval_every=sz["bone_every"],
-                  batch_size=sz["bone_batch"], max_length=384,
+                  batch_size=sz["bone_batch"], max_length=sz["bone_max_length"],
                   val_metrics=("perplexity",))  # fmt: skip
         name = f"bone-{method}-lr{run['lr']:g}"
     kw.update(base=base, method=method, rank=r, alpha=2.0 * r, lr=run["lr"], seed=run["seed"],
@@ -130,7 +131,7 @@ def after_run(trainer, run: dict, sz: dict) -> dict:
         return {"train_accuracy": figures["accuracy"], "train_loss": figures.get("loss")}
     rows = load_examples("clutrr", tok, split="validation", limit=sz["em_rows"])
     figures = evaluate(model, tok, rows, metrics=("exact_match",), batch_size=50,
-                       max_new_tokens=24, max_length=384)  # fmt: skip
+                       max_new_tokens=24, max_length=sz["bone_max_length"])  # fmt: skip
     return {"val_exact_match": figures["exact_match"]}
 
 
@@ -146,6 +147,8 @@ def one_run(run: dict, sz: dict, runs_dir: Path) -> dict:
                else Trainer(cfg, on_step=on_step))  # fmt: skip
     start = time.perf_counter()
     result = trainer.run()
+    if result.get("interrupted"):  # SIGINT / SIGTERM: the trainer saved a checkpoint; stop here
+        raise KeyboardInterrupt(f"{run['name']} stopped by a signal at step {result['steps']}")
     record["wall_s"] = time.perf_counter() - start
     record["trainable_params"] = sum(
         p.numel() for p in trainer.model.parameters() if p.requires_grad
@@ -166,7 +169,7 @@ def base_record(model, tok, sz: dict, base: str) -> list[dict]:
     clutrr = load_examples("clutrr", tok, split="validation", limit=sz["em_rows"])
     a = evaluate(model, tok, sst2, metrics=("accuracy",), batch_size=32)
     e = evaluate(model, tok, clutrr, metrics=("exact_match", "perplexity"), batch_size=50,
-                 max_new_tokens=24, max_length=384)  # fmt: skip
+                 max_new_tokens=24, max_length=sz["bone_max_length"])  # fmt: skip
     return [
         {"experiment": "bilora", "variant": "base", "name": "base", "status": "ok",
          "val_accuracy": a["accuracy"], "val_loss": a.get("loss"), "base": base},
@@ -184,6 +187,13 @@ def main() -> int:
                     help="Start no new run after this many seconds.")  # fmt: skip
     ap.add_argument("--bone-rank", type=int, default=int(os.environ.get("LF16_BONE_RANK", 64)))
     ap.add_argument("--bilora-rank", type=int, default=int(os.environ.get("LF16_BI_RANK", 8)))
+    ap.add_argument(
+        "--only",
+        default="",
+        help="Comma-separated run names: run just these "
+        "(e.g. a seed left out earlier); runs.jsonl gets only their lines.",
+    )
+    ap.add_argument("--no-base", action="store_true", help="Skip the base model's evaluation.")
     args = ap.parse_args()
     t0 = time.perf_counter()
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -197,9 +207,17 @@ def main() -> int:
               "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
               "torch": torch.__version__, "quick": args.quick, "ranks": ranks,
               "sizes": {k: v for k, v in sz.items()}, "load_s": loaded.load_seconds}  # fmt: skip
-    records = [header] + base_record(loaded.model, loaded.tokenizer, sz, args.base)
+    records = [header]
+    if not args.no_base:
+        records += base_record(loaded.model, loaded.tokenizer, sz, args.base)
     del loaded
     runs = plan(sz, ranks, args.base)
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {r["name"] for r in runs}
+        if unknown:
+            ap.error(f"--only: no run named {sorted(unknown)[0]!r}")
+        runs = [r for r in runs if r["name"] in wanted]
     print(f"run16: {len(runs)} runs on {device}; ranks {ranks}", flush=True)
     with open(log, "a") as f:
         for r in records:

@@ -171,7 +171,9 @@ def _workload(cfg: dict):
     for name, adapter in zip(names, made, strict=True):
         engine.load_adapter(name, adapter)
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-    reqs = [(ids, names[i % len(names)], params) for i, ids in enumerate(prompts)]
+    reqs = [
+        (ids, names[i % len(names)] if names else None, params) for i, ids in enumerate(prompts)
+    ]  # adapters=0: every request on the base
     return engine, reqs
 
 

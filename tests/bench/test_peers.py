@@ -201,3 +201,42 @@ def test_over_server_streams_every_request_and_counts_tokens():
             asyncio.run(peers.over_server(url, [peer_tools.completion_body([1], -1, None)]))
     finally:
         server.shutdown()
+
+
+def test_settings_are_labelled_and_each_is_compared_with_llama_cpp(tmp_path):
+    assert peers.label("float32") == "lorafleet"
+    assert peers.label("bfloat16+int8") == "lorafleet bfloat16+int8"
+    with pytest.raises(LorafleetError, match="unknown"):
+        peers.label("fp8")
+
+    def fig(tok_s: float) -> dict:
+        return {"tokens": 64, "tokens_per_s": tok_s, "ttft_p50": 0.1, "ttft_p99": 0.2,
+                "tpot_p50": 0.01, "tpot_p99": 0.02}  # fmt: skip
+
+    ours = {k: fig(v) for k, v in (("all_base", 120.0), ("adapters", 100.0), ("single", 20.0))}
+    faster = {k: fig(2 * v["tokens_per_s"]) for k, v in ours.items()}
+    server = {
+        "all_base": {**fig(60.0), "request0": [1]},
+        "adapters": {**fig(40.0), "request0": [2]},
+    }
+    results = {"lorafleet": {"workloads": ours, "peak_rss_mb": 1},
+               "lorafleet bfloat16": {"workloads": faster, "peak_rss_mb": 1},
+               "llama.cpp": {"workloads": {"single": fig(50.0)}, "peak_rss_mb": 1},
+               "llama-server": {"workloads": server, "peak_rss_mb": 1}}  # fmt: skip
+    cfg = {"base": "default", "gguf": "m.gguf", "requests": 4, "loras": [1, 2], "rank": 8,
+           "prompt_tokens": 8, "new_tokens": 16, "single": 1, "threads": 1}  # fmt: skip
+    out = peers._report(results, cfg, tmp_path / "peers.json")
+    fp32, bf16 = (
+        out["targets_by_setting"]["lorafleet"],
+        out["targets_by_setting"]["lorafleet bfloat16"],
+    )
+    assert out["targets"] == fp32
+    assert (
+        fp32["single"]["lorafleet_vs_llama_cpp"] == pytest.approx(0.4) and not fp32["single"]["met"]
+    )
+    assert bf16["single"]["lorafleet_vs_llama_cpp"] == pytest.approx(0.8) and bf16["single"]["met"]
+    assert bf16["adapters"]["lorafleet_vs_llama_cpp"] == pytest.approx(5.0)
+    assert json.loads((tmp_path / "peers.json").read_text())["targets_by_setting"].keys() == {
+        "lorafleet",
+        "lorafleet bfloat16",
+    }

@@ -8,7 +8,8 @@ llama-server for the two concurrent workloads, N parallel slots, the K adapters 
 GGUF LoRA (cached under build/peers/adapters/) and chosen per request through its `lora` field,
 N streaming clients over HTTP. Both sides get the same prompt token ids, greedy, EOS ignored,
 the same thread count, and the same GGUF file: llama.cpp computes on it as shipped (e.g. Q4_1),
-lorafleet on its de-quantised float32 copy."""
+lorafleet on its de-quantised copy, in float32 or in each of `settings` (its own process each:
+"bfloat16", "int8", "bfloat16+int8", ...)."""
 
 from __future__ import annotations
 
@@ -81,16 +82,18 @@ def _lorafleet(cfg: dict) -> dict:
     import torch
 
     from lorafleet.adapters import read_adapter
+    from lorafleet.bench.quality import parse_setting
     from lorafleet.bench.serve import in_process
     from lorafleet.models import load_base
     from lorafleet.serve.engine import Engine
 
     torch.set_num_threads(cfg["threads"])
-    loaded = load_base(cfg["base"])
+    dtype, quantize = parse_setting(cfg.get("setting", "float32"))
+    loaded = load_base(cfg["base"], dtype=dtype)
     n, p, new, prompts = cfg["requests"], cfg["prompt_tokens"], cfg["new_tokens"], cfg["prompts"]
     engine = Engine(loaded, max_slots=max(1, len(cfg["dirs"])), max_rank=cfg["rank"],
                     max_batch_size=n, max_batch_tokens=max(n * p, p + 1),
-                    max_seq_len=p + new + 8)  # fmt: skip
+                    max_seq_len=p + new + 8, quantize=quantize)  # fmt: skip
     names = [f"a{i}" for i in range(len(cfg["dirs"]))]
     for name, d in zip(names, cfg["dirs"], strict=True):
         engine.load_adapter(name, read_adapter(d))
@@ -252,12 +255,22 @@ def run_server(peers, cfg: dict, workloads: dict[str, list[dict]]) -> dict:
 # -- the run -------------------------------------------------------------------------------------
 
 
+def label(setting: str) -> str:
+    """The results key of lorafleet in one setting: "lorafleet" (float32), "lorafleet bfloat16"."""
+    from lorafleet.bench.quality import parse_setting
+
+    parts = [p for p in parse_setting(setting) if p not in ("float32", "none")]
+    return "lorafleet " + "+".join(parts) if parts else "lorafleet"
+
+
 def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_tokens: int = 100,
         new_tokens: int = 64, rank: int = 16, single: int = 4, reps: int = 2,
         threads: int | None = None, peers_dir: str | Path | None = None, quick: bool = False,
-        limit_s: float = 1800.0,
+        limit_s: float = 1800.0, settings: tuple[str, ...] = ("float32",),
         json_out: str | Path = "bench/results/peers.json") -> dict:  # fmt: skip
-    """lorafleet, llama.cpp's binding and llama-server on the three workloads; table + JSON."""
+    """lorafleet (in each of `settings`: dtype / quantisation, e.g. "bfloat16"), llama.cpp's
+    binding and llama-server on the three workloads; table + JSON."""
+    labels = {label(s): s for s in settings}  # a bad setting fails before anything runs
     peers = peer_tools.require(peers_dir)
     if quick:  # the sizes of `bench engine --quick`
         requests, adapters, new_tokens, prompt_tokens = 8, 4, 16, 32
@@ -267,8 +280,9 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
            "threads": threads}  # fmt: skip
     cfg.update(prepare(peers, base, adapters, rank, requests, prompt_tokens))
     results = {}
-    print("running lorafleet (all_base, adapters, single) ...", flush=True)
-    results["lorafleet"] = run_lorafleet(cfg, limit_s)
+    for name, setting in labels.items():
+        print(f"running {name} (all_base, adapters, single) ...", flush=True)
+        results[name] = run_lorafleet({**cfg, "setting": setting}, limit_s)
     print("running llama.cpp binding (single) ...", flush=True)
     results["llama.cpp"] = run_binding(peers, cfg, limit_s)
     print(f"running llama-server ({requests} slots: all_base, adapters) ...", flush=True)
@@ -276,8 +290,8 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
     return _report(results, cfg, json_out)
 
 
-def _ratio(results: dict, kind: str) -> float | None:
-    ours = results["lorafleet"].get("workloads", {}).get(kind)
+def _ratio(results: dict, kind: str, ours_key: str = "lorafleet") -> float | None:
+    ours = results[ours_key].get("workloads", {}).get(kind)
     peer = "llama.cpp" if kind == "single" else "llama-server"
     theirs = results[peer].get("workloads", {}).get(kind)
     if not ours or not theirs or not theirs["tokens_per_s"]:
@@ -301,14 +315,17 @@ def _report(results: dict, cfg: dict, json_out) -> dict:
     if rows:
         print_table(rows, ["system", "workload", "tokens", "tok_per_s", "ttft_p50", "ttft_p99",
                            "tpot_p50", "tpot_p99", "peak_rss_mb"])  # fmt: skip
-    targets = {}
-    for kind, goal in TARGETS.items():
-        ratio = _ratio(results, kind)
-        targets[kind] = {"lorafleet_vs_llama_cpp": ratio, "target": goal,
-                         "met": None if ratio is None else ratio >= goal}  # fmt: skip
-        shown = "n/a" if ratio is None else f"{ratio:.2f}x"
-        verdict = {None: "unknown", True: "met", False: "NOT met"}[targets[kind]["met"]]
-        print(f"{kind}: lorafleet / llama.cpp = {shown} (target >= {goal}x): {verdict}")
+    targets, by_setting = {}, {}
+    for ours in (k for k in results if k.startswith("lorafleet")):
+        found = by_setting[ours] = {}
+        for kind, goal in TARGETS.items():
+            ratio = _ratio(results, kind, ours)
+            found[kind] = {"lorafleet_vs_llama_cpp": ratio, "target": goal,
+                           "met": None if ratio is None else ratio >= goal}  # fmt: skip
+            shown = "n/a" if ratio is None else f"{ratio:.2f}x"
+            verdict = {None: "unknown", True: "met", False: "NOT met"}[found[kind]["met"]]
+            print(f"{kind}: {ours} / llama.cpp = {shown} (target >= {goal}x): {verdict}")
+    targets = by_setting.get("lorafleet") or next(iter(by_setting.values()), {})
     server = results["llama-server"].get("workloads", {})
     lora_changes = None
     if "all_base" in server and "adapters" in server:
@@ -321,6 +338,7 @@ def _report(results: dict, cfg: dict, json_out) -> dict:
                "prompt_tokens": cfg["prompt_tokens"], "new_tokens": cfg["new_tokens"],
                "single_requests": cfg["single"], "threads": cfg["threads"],
                "load_average": os.getloadavg(), "targets": targets,
+               "targets_by_setting": by_setting,
                "llama_server_lora_changes_tokens": lora_changes,
                "results": results}  # fmt: skip
     print(f"wrote {write_json(json_out, figures)}")

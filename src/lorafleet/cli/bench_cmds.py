@@ -154,6 +154,13 @@ def bench_engine(
     only_peers: bool = typer.Option(False, "--only-peers", help="Only the llama.cpp comparison."),
     peers_dir: Path | None = typer.Option(None, "--peers-dir", help="Default: build/peers."),
     peers_json: Path = typer.Option(Path("bench/results/peers.json"), "--peers-json"),
+    setting: list[str] = typer.Option(
+        ["float32"],
+        "--setting",
+        "-s",
+        help="With --peers / --only-peers: lorafleet's dtype / quantisation (float32, "
+        "bfloat16, int8, bfloat16+int8, ...); repeatable, each in its own process.",
+    ),  # fmt: skip
     slots: int = typer.Option(
         32,
         "--slots",
@@ -194,6 +201,8 @@ def bench_engine(
 
         lorafleet bench engine --only-peers --requests 32 --adapters 16
 
+        lorafleet bench engine --only-peers --setting float32 --setting bfloat16
+
         lorafleet bench engine --adapters 1000 --slots 32 --rank 8 --requests 256 --popularity
         uniform --popularity zipf --cpu-cache 512MB --prompt-tokens 64 --new-tokens 32
 
@@ -210,13 +219,16 @@ def bench_engine(
 
     if peers or only_peers:
         require(peers_dir)  # before the long runs, not after
+        for text in setting:
+            peer_bench.label(text)  # a bad --setting: one line now
     if not only_peers:
         run(base=base, requests=requests, adapters=adapters, prompt_tokens=prompt_tokens,
             new_tokens=new_tokens, rank=rank, json_out=json_out, quick=quick)  # fmt: skip
     if peers or only_peers:
         peer_bench.run(base=base, requests=requests, adapters=adapters,
                        prompt_tokens=prompt_tokens, new_tokens=new_tokens, rank=rank,
-                       quick=quick, peers_dir=peers_dir, json_out=peers_json)  # fmt: skip
+                       quick=quick, peers_dir=peers_dir, json_out=peers_json,
+                       settings=tuple(setting))  # fmt: skip
 
 
 def _engine_variants(base, requests, adapters, prompt_tokens, new_tokens, rank, slots,

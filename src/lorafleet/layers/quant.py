@@ -22,12 +22,14 @@ Two paths, chosen per call by the number of rows M = x.numel() / K:
   `aten._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu` on x cast to bfloat16 (fed
   float32 they were 7-30x slower here), the output cast back to x's dtype. They read the
   int8 / int4 bytes directly: the decode step moves 1 or 0.625 bytes per weight.
-- dequantised (M > PACKED_MAX_ROWS, prefill): W_hat is built in float32 for this call and the
-  product runs as one float32 GEMM (faster than the packed kernels and than a bfloat16 GEMM
-  at these sizes on this CPU), cast back to x's dtype. Nothing is cached: memory stays at the
-  quantised bytes.
+- dequantised (M > PACKED_MAX_ROWS, prefill): W_hat is built for this call and the product
+  runs as one GEMM (faster than the packed kernels at these sizes): in float32 for float32 x;
+  for bfloat16 x, W_hat in bfloat16 and a bfloat16 GEMM (measured 3.6x a float32 GEMM at 24 to
+  512 rows over SmolLM2's weights, 2 threads, on a quiet machine: BENCHMARKS.md). Nothing is
+  cached: memory stays at the quantised bytes.
 Both compute x @ W_hat^T with float32 accumulation; the packed path rounds x and y to
-bfloat16, so the two agree to bfloat16 precision, not bit for bit.
+bfloat16 (as the bfloat16 GEMM does W_hat), so the two agree to bfloat16 precision, not bit
+for bit.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ GROUP_SIZE = 32
 # Rows at or below which the packed kernels run. Measured on the project's 2-core CPU (1
 # thread, load average ~8, so rough) over SmolLM2's four linear shapes: packed int8 2.4 ms vs
 # dequantise + float32 GEMM 2.8 ms at 16 rows, 15.2 vs 8.1 ms at 128 rows (a bfloat16 GEMM:
-# 10.1 and 63 ms; float32 dense 2.0 and 8.4 ms).
+# 10.1 and 63 ms; float32 dense 2.0 and 8.4 ms). Re-measured quiet over all of SmolLM2's weights
+# (2 threads, weights streamed from memory, not cached): bfloat16 GEMMs are 2.8-4x float32 at
+# every M from 1 to 512, so the dequantised path runs in bfloat16 when x is (module doc).
 PACKED_MAX_ROWS = 32
 KERNEL_DTYPE = torch.bfloat16
 
@@ -126,6 +130,8 @@ class QuantLinear(nn.Module):
                     xk, self.qweight, GROUP_SIZE, self.scales_and_zeros
                 )
             y = y.to(x.dtype)  # [M, N]
+        elif x2.dtype == torch.bfloat16:  # a bfloat16 GEMM: 3.6x a float32 one here, any M
+            y = F.linear(x2, self.dequantize(torch.bfloat16))  # [M, N]
         else:
             y = F.linear(x2.float(), self.dequantize()).to(x.dtype)  # [M, N]
         if self.bias is not None:

@@ -37,6 +37,7 @@ def labelled(engine):
 
     import lorafleet.layers.linear as linear_mod
     import lorafleet.serve.engine as engine_mod
+    import lorafleet.serve.runners.base as runner_mod
 
     undo = []
 
@@ -56,6 +57,8 @@ def labelled(engine):
         return _wrap(label, sdpa)(q, *args, **kwargs)
 
     patch(F, "scaled_dot_product_attention", lambda f: by_shape)
+    # decode batches of >= GROUPED_MIN_ROWS rows attend through the grouped kernel, not SDPA
+    patch(runner_mod, "grouped_decode_attention", lambda f: _wrap("decode_attention", f))
     for module in engine.base.model.modules():
         if isinstance(module, nn.Linear) or (
             type(module).__name__.endswith("Linear") and not hasattr(module, "base_layer")

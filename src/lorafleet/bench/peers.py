@@ -315,7 +315,7 @@ def _report(results: dict, cfg: dict, json_out) -> dict:
     if rows:
         print_table(rows, ["system", "workload", "tokens", "tok_per_s", "ttft_p50", "ttft_p99",
                            "tpot_p50", "tpot_p99", "peak_rss_mb"])  # fmt: skip
-    targets, by_setting = {}, {}
+    by_setting: dict[str, dict] = {}
     for ours in (k for k in results if k.startswith("lorafleet")):
         found = by_setting[ours] = {}
         for kind, goal in TARGETS.items():

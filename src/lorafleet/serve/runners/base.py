@@ -223,8 +223,9 @@ def grouped_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
 
     q: [n, H, D]; k, v: [n, Hkv, L, D] (any strides, e.g. views of the cache); mask: [n, L]
     bool, True = attend (each row has at least one). H = Hkv * G; query head h reads KV head
-    h // G, as SDPA's enable_gqa. -> [n, H, D] in q's dtype. The scores and softmax are
-    computed in float32. Equals SDPA to float rounding (tests/serve/test_runner_attention.py)."""
+    h // G, as SDPA's enable_gqa. -> [n, H, D] in q's dtype. The products run in q's dtype,
+    the masking and softmax in float32. Equals SDPA to float rounding
+    (tests/serve/runners/test_attention.py)."""
     n, heads, dim = q.shape
     kv_heads = k.shape[1]
     qg = q.view(n, kv_heads, heads // kv_heads, dim)  # [n, H, D] -> [n, Hkv, G, D]

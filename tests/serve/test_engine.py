@@ -227,6 +227,27 @@ def test_seeded_sampling_is_reproducible(make_engine, prompt_ids):
     assert alone != run(False, seed=8)
 
 
+def test_tiny_temperatures_sample_greedily_not_nan(make_engine, prompt_ids):
+    # Found by the API fuzz test: temperature 1e-45 overflowed the logits to inf -> NaN -> 500.
+    def tokens(temperature):
+        engine = make_engine(seed=0)
+        params = SamplingParams(max_tokens=6, temperature=temperature, ignore_eos=True)
+        rid = engine.add_request(prompt_ids[0], "lora4", params)
+        return run_to_end(engine)[rid].token_ids
+
+    greedy = tokens(0.0)
+    assert tokens(1e-45) == greedy and tokens(5e-6) == greedy
+
+
+def test_half_precision_logits_sample_in_float32():
+    from lorafleet.serve.sampler import sample
+    from lorafleet.serve.sequence import Sequence
+
+    logits = torch.tensor([[0.0, 20.0, 19.9, -5.0]], dtype=torch.float16)  # / 1e-4 > fp16 max
+    seq = Sequence(0, [1], None, SamplingParams(temperature=1e-4, seed=3))
+    assert sample(logits, [seq], None) == [1]
+
+
 def test_stop_ids_and_stop_strings(make_engine, reference, prompt_ids, tokenizer):
     ref = reference("lora4", prompt_ids[0])
     engine = make_engine()

@@ -1,6 +1,6 @@
 """Serving: the batched multi-adapter engine (continuous batching, KV cache, sampling)."""
 
-from lorafleet.serve.engine import AdapterSource, Engine
+from lorafleet.serve.engine import Engine
 from lorafleet.serve.kv_cache import KVCache
 from lorafleet.serve.registry import AdapterRegistry
 from lorafleet.serve.runners import RUNNERS, LlamaRunner, ModelRunner, runner_class
@@ -13,6 +13,7 @@ from lorafleet.serve.sequence import (
     Status,
     TokenEvent,
 )
+from lorafleet.serve.slot_table import AdapterSource, SlotTable
 
 __all__ = [
     "FINISH_REASONS",
@@ -29,6 +30,7 @@ __all__ = [
     "SamplingParams",
     "Scheduler",
     "Sequence",
+    "SlotTable",
     "Status",
     "TokenEvent",
     "runner_class",

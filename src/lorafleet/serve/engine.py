@@ -7,13 +7,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol
 
 import torch
 
 from lorafleet.adapters import Adapter
 from lorafleet.errors import LorafleetError
-from lorafleet.layers import check_quantize, inject_multilora, quantize_linears
+from lorafleet.layers import MultiLoRAModel, check_quantize, inject_multilora, quantize_linears
 from lorafleet.models import Base, cast_parameters, parse_dtype
 from lorafleet.serve.intake import Intake
 from lorafleet.serve.runners import runner_class
@@ -35,19 +34,9 @@ from lorafleet.serve.sequence import (
     TokenEvent,
     resolve_adapter,
 )
+from lorafleet.serve.slot_table import AdapterSource, SlotTable
 
 log = logging.getLogger(__name__)
-
-
-class AdapterSource(Protocol):
-    """Where the engine turns for an adapter that is not resident (the tiered registry)."""
-
-    def prepare(self, name: str) -> str | None:
-        """Start making `name` resident (through `Engine.load_adapter`, e.g. from a background
-        thread) and return None, so requests for it wait; or return a one-line reason it can
-        never be served, so they fail alone. Called at add time and at every step while such a
-        request waits, so it must be idempotent and quick."""
-        ...
 
 
 class Engine:
@@ -96,17 +85,17 @@ class Engine:
         if max_seq_len > max_pos:
             raise LorafleetError(f"max_seq_len {max_seq_len} is above the model's {max_pos}")
         self.base, self.tokenizer = base, base.tokenizer
-        self.adapter_source = adapter_source  # the registry's hook; may be set after creation
         self.max_slots, self.max_seq_len = max_slots, max_seq_len
         self.max_batch_tokens = max_batch_tokens
         if dtype is not None:
             cast_parameters(model, dtype)
-        self.handle = inject_multilora(model, targets, max_slots, max_rank) if max_slots else None
+        handle = inject_multilora(model, targets, max_slots, max_rank) if max_slots else None
+        self.slots = SlotTable(handle, max_slots, base.fingerprint, adapter_source)
         self.quantization = quantize_linears(model, quantize)  # {"mode", "quantized", ...}
-        context = self.handle.context if self.handle is not None else None
+        context = handle.context if handle is not None else None
         self.runner = cls(model, context, max_batch_size, max_seq_len, fuse=fuse)
         self.kv = self.runner.kv
-        self.scheduler = Scheduler(self.kv, self, max_batch_size, max_batch_tokens)
+        self.scheduler = Scheduler(self.kv, self.slots, max_batch_size, max_batch_tokens)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_ids = default_eos_ids(model, self.tokenizer)
         device = self.runner.device
@@ -121,7 +110,6 @@ class Engine:
         self._ids = itertools.count()
         self._requests: dict[int, Sequence] = {}  # every unfinished request
         self._finished: list[RequestOutput] = []  # finished since the last step() returned
-        self._adapters: dict[str, int] = {}  # resident adapter name -> slot
         self.steps = 0
         self.generated_tokens = 0
         self.peak_running = 0  # the most sequences one forward has run (batching, observed)
@@ -199,11 +187,25 @@ class Engine:
 
     # -- adapters (the direct-slot API a registry builds on) ----------------------------------
 
+    @property
+    def adapter_source(self) -> AdapterSource | None:
+        """Where non-resident adapters come from (the registry's hook; settable)."""
+        return self.slots.source
+
+    @adapter_source.setter
+    def adapter_source(self, source: AdapterSource | None) -> None:
+        self.slots.source = source
+
+    @property
+    def handle(self) -> MultiLoRAModel | None:
+        """The MultiLoRA layers' handle (None with max_slots=0 or after close())."""
+        return self.slots.handle
+
     def adapter_ready(self, name: str | None) -> bool:
-        return name is None or name in self._adapters
+        return self.slots.adapter_ready(name)
 
     def slot_of(self, name: str | None) -> int:
-        return 0 if name is None else self._adapters[name]
+        return self.slots.slot_of(name)
 
     def adapter_in_use(self, name: str) -> int:
         """Running requests pinning `name`; it cannot be unloaded while this is > 0."""
@@ -211,44 +213,24 @@ class Engine:
             return self.scheduler.in_use(name)
 
     def loaded_adapters(self) -> dict[str, int]:
-        return dict(self._adapters)  # a copy; slot changes replace entries under the lock
+        return self.slots.names()
 
     def load_adapter(self, name: str, adapter: Adapter, *, force: bool = False) -> int:
         """Copy a LoRA/rsLoRA adapter into a free slot (or its own, if `name` is resident and
         idle) and return the slot. Every check runs before anything is copied."""
-        if self.handle is None:
-            raise LorafleetError("this engine has no adapter slots (max_slots=0)")
-        if not isinstance(name, str) or not name.strip():
-            raise LorafleetError(f"an adapter name must be a non-empty string, got {name!r}")
-        theirs = adapter.meta.get("base_fingerprint")
-        if theirs and theirs != self.base.fingerprint and not force:
-            raise LorafleetError(
-                f"adapter {name}: trained on another base (fingerprint {theirs}, this base is "
-                f"{self.base.fingerprint})"
-            )
+        self.slots.check(name, adapter, force=force)
         with self._lock:
-            if name in self._adapters:
+            if name in self.slots:
                 self._refuse_in_use(name, "replaced")
-                slot = self._adapters[name]
-            else:
-                free = sorted(set(range(1, self.max_slots + 1)) - set(self._adapters.values()))
-                if not free:
-                    raise LorafleetError(
-                        f"all {self.max_slots} adapter slots are taken; unload one first"
-                    )
-                slot = free[0]
-            self.handle.load_slot(slot, adapter)
-            self._adapters[name] = slot
-            return slot
+            return self.slots.load(name, adapter)
 
     def unload_adapter(self, name: str) -> None:
         """Free `name`'s slot; refused while a running request uses it. Waiting requests for
         it wait again (or fail, with no AdapterSource to reload it)."""
         with self._lock:
-            if name not in self._adapters:
-                raise LorafleetError(f"adapter {name} is not loaded")
-            self._refuse_in_use(name, "unloaded")
-            self.handle.clear_slot(self._adapters.pop(name))
+            if name in self.slots:
+                self._refuse_in_use(name, "unloaded")
+            self.slots.unload(name)
 
     def stats(self) -> dict:
         """waiting, running, KV and adapter slot use, steps, tokens, peak_running. Never waits:
@@ -273,7 +255,7 @@ class Engine:
             "kv_free_slots": self.kv.free_slots,
             "kv_used_slots": self.kv.used_slots,
             "kv_bytes": self.kv.bytes,
-            "adapters_loaded": len(self._adapters),
+            "adapters_loaded": len(self.slots),
             "adapter_slots": self.max_slots,
             "steps": self.steps,
             "generated_tokens": self.generated_tokens,
@@ -285,10 +267,7 @@ class Engine:
         with self._lock:
             for seq in list(self._requests.values()):
                 self._fail(seq, "the engine was closed")
-            if self.handle is not None:
-                self.handle.remove()
-                self.handle = None
-            self._adapters.clear()
+            self.slots.close()
 
     # -- internals --------------------------------------------------------------------------
 
@@ -301,7 +280,7 @@ class Engine:
 
     def _admit(self, seq: Sequence) -> None:
         self._requests[seq.request_id] = seq
-        problem = self._check_prompt(seq.prompt_ids) or self._check_adapters(seq)
+        problem = self._check_prompt(seq.prompt_ids) or self.slots.problem_with(seq.adapters)
         if problem:
             self._fail(seq, problem)
         else:
@@ -330,44 +309,20 @@ class Engine:
             return f"the prompt has {len(ids)} tokens; max_batch_tokens is {self.max_batch_tokens}"
         return None
 
-    def _check_adapter(self, name: str | None) -> str | None:
-        """None when `name` is resident or a source is loading it; else why it cannot be.
-        A source is asked about resident names too (its hit counts and recency)."""
-        if name is None or (self.adapter_ready(name) and self.adapter_source is None):
-            return None
-        if self.adapter_source is not None:
-            return self.adapter_source.prepare(name)
-        loaded = ", ".join(sorted(self._adapters)) or "none"
-        return f"unknown adapter {name!r} (loaded: {loaded})"
-
-    def _check_adapters(self, seq: Sequence) -> str | None:
-        """None when every adapter `seq` needs is resident or being loaded; else why not."""
-        if len(seq.adapters) > max(self.max_slots, 1):
-            return f"the mixture has {len(seq.adapters)} adapters; there are {self.max_slots} slots"
-        return next(filter(None, map(self._check_adapter, seq.adapters)), None)
-
     def _recheck_waiting(self) -> None:
         """Fail waiting requests whose adapters can no longer be served (asked once per name)."""
         verdicts: dict[str, str | None] = {}
         for seq in list(self.scheduler.waiting):
             for name in seq.adapters:
                 if name not in verdicts and not self.adapter_ready(name):
-                    verdicts[name] = self._check_adapter(name)
+                    verdicts[name] = self.slots.problem(name)
                 if verdicts.get(name):
                     self._fail(seq, verdicts[name])
                     break
         # After every load above: a mixture whose resident part is served per row only.
         for seq in list(self.scheduler.waiting):
-            if seq.mixture is not None and (problem := self._unmixable(seq)):
+            if seq.mixture is not None and (problem := self.slots.unmixable(seq.adapters)):
                 self._fail(seq, problem)
-
-    def _unmixable(self, seq: Sequence) -> str | None:
-        """Why a mixture cannot run (a resident part served per row only: DoRA, Bat), or None.
-        Checked before admission, so such a part fails its own request, never the batch."""
-        for name in seq.adapters:
-            if self.adapter_ready(name) and not self.handle.mixable(self.slot_of(name)):
-                return f"adapter {name} (DoRA or Bat) cannot be part of a mixture"
-        return None
 
     def _run(self, prefill: list[Sequence], decode: list[Sequence]) -> None:
         seqs = prefill + decode

@@ -43,11 +43,12 @@ def sample(logits: Tensor, seqs: list[Sequence], generator: torch.Generator | No
         return tokens
     params = [seqs[i].params for i in sampled]
     device = logits.device
+    # float32 whatever the model's dtype: half-precision logits / a small temperature overflow.
     x = filter_logits(
-        logits[sampled],  # [n, V]
-        torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device),
+        logits[sampled].float(),  # [n, V]
+        torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
         torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-        torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device),
+        torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
     )
     probs = x.softmax(dim=-1)  # [n, V]
     for row, i in enumerate(sampled):

@@ -11,7 +11,7 @@ from lorafleet.serve.sequence import Sequence, Status
 
 
 class AdapterGate(Protocol):
-    """What the scheduler asks about adapters (the engine answers from its slot table; a
+    """What the scheduler asks about adapters (the engine's SlotTable answers; a
     registry makes adapters resident through the engine's load_adapter)."""
 
     def adapter_ready(self, name: str | None) -> bool:

@@ -13,15 +13,18 @@ from lorafleet.errors import LorafleetError
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 MAX_LOGPROBS = 20  # the most top alternatives a request may ask per token (OpenAI's limit)
+# Below this temperature sampling is greedy (vLLM's cut-off too): logits / 1e-45 overflow float32
+# to inf and the softmax gives NaN, and the limit of sampling as temperature -> 0 is the argmax.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop; checked on creation (one-line LorafleetError).
 
-    temperature 0 = greedy; top_k 0 = off; top_p 1 = off. `stop` strings end the sequence
-    (the stop string is not part of the text); `stop_token_ids` too, and so does the model's
-    EOS unless `ignore_eos`. A `seed` gives the request its own generator (reproducible).
+    temperature 0 (or below GREEDY_BELOW) = greedy; top_k 0 = off; top_p 1 = off. `stop`
+    strings end the sequence (the stop string is not part of the text); `stop_token_ids` too,
+    and so does the model's EOS unless `ignore_eos`. A `seed` gives the request its own generator (reproducible).
     `logprobs` k (0..20, None = off): each generated token's log-probability and the k most
     likely alternatives; `prompt_logprobs` k: the same for every prompt token but the first
     (see TokenLogprob for the distribution). Requests that ask for neither pay nothing."""
@@ -63,7 +66,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _is_int(value) -> bool:

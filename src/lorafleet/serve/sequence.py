@@ -24,7 +24,8 @@ class SamplingParams:
 
     temperature 0 (or below GREEDY_BELOW) = greedy; top_k 0 = off; top_p 1 = off. `stop`
     strings end the sequence (the stop string is not part of the text); `stop_token_ids` too,
-    and so does the model's EOS unless `ignore_eos`. A `seed` gives the request its own generator (reproducible).
+    and so does the model's EOS unless `ignore_eos`. A `seed` gives the request its own
+    generator (reproducible).
     `logprobs` k (0..20, None = off): each generated token's log-probability and the k most
     likely alternatives; `prompt_logprobs` k: the same for every prompt token but the first
     (see TokenLogprob for the distribution). Requests that ask for neither pay nothing."""

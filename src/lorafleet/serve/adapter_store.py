@@ -81,6 +81,23 @@ def parse_size(text: str | int | float) -> int:
     return int(float(number) * UNITS[letter if letter in UNITS else ""])
 
 
+def cache_budget(cpu_cache_mb: float, cpu_cache_bytes: int | str | None) -> int:
+    """The CPU tier's budget in bytes: `cpu_cache_bytes` (a size) if given, else the MB."""
+    if not isinstance(cpu_cache_mb, (int, float)) or not cpu_cache_mb >= 0:
+        raise LorafleetError(f"cpu_cache_mb must be a number >= 0, got {cpu_cache_mb!r}")
+    return int(cpu_cache_mb * MB) if cpu_cache_bytes is None else parse_size(cpu_cache_bytes)
+
+
+def adapters_root(path: str | Path | None) -> Path | None:
+    """The adapters directory, resolved; a one-line error when it does not exist."""
+    if path is None:
+        return None
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise LorafleetError(f"adapters directory {root} does not exist")
+    return root
+
+
 def tensor_bytes(adapter: Adapter) -> int:
     return sum(t.numel() * t.element_size() for t in adapter.tensors.values())
 

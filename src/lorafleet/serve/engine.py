@@ -32,6 +32,7 @@ from lorafleet.serve.sequence import (
     Sequence,
     Status,
     TokenEvent,
+    prompt_problem,
     resolve_adapter,
 )
 from lorafleet.serve.slot_table import AdapterSource, SlotTable
@@ -280,7 +281,9 @@ class Engine:
 
     def _admit(self, seq: Sequence) -> None:
         self._requests[seq.request_id] = seq
-        problem = self._check_prompt(seq.prompt_ids) or self.slots.problem_with(seq.adapters)
+        ids = seq.prompt_ids
+        problem = (prompt_problem(ids, self.vocab_size, self.max_seq_len, self.max_batch_tokens)
+                   or self.slots.problem_with(seq.adapters))  # fmt: skip
         if problem:
             self._fail(seq, problem)
         else:
@@ -297,17 +300,6 @@ class Engine:
             raise LorafleetError(
                 f"adapter {name} is in use by {users} running request(s) and cannot be {what} now"
             )
-
-    def _check_prompt(self, ids: list[int]) -> str | None:
-        if not ids:
-            return "the prompt is empty"
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            return f"the prompt has token ids outside the vocabulary (0..{self.vocab_size - 1})"
-        if len(ids) >= self.max_seq_len:
-            return f"the prompt has {len(ids)} tokens; max_seq_len is {self.max_seq_len}"
-        if len(ids) > self.max_batch_tokens:
-            return f"the prompt has {len(ids)} tokens; max_batch_tokens is {self.max_batch_tokens}"
-        return None
 
     def _recheck_waiting(self) -> None:
         """Fail waiting requests whose adapters can no longer be served (asked once per name)."""

@@ -19,11 +19,12 @@ from lorafleet.serve.adapter_store import (
     CpuCache,
     Failures,
     Stamp,
+    adapters_root,
+    cache_budget,
     check_name,
     check_servable,
     meta_reference,
     name_problem,
-    parse_size,
     resolve_inside,
     slot_format,
     stamp,
@@ -67,22 +68,16 @@ class AdapterRegistry:
                  base_fingerprint: str | None = None, reference_model=None,
                  loader_threads: int = 1, prefetch: int | None = None, force: bool = False,
                  failure_ttl_s: float = 10.0):  # fmt: skip
-        if not isinstance(cpu_cache_mb, (int, float)) or not cpu_cache_mb >= 0:
-            raise LorafleetError(f"cpu_cache_mb must be a number >= 0, got {cpu_cache_mb!r}")
-        budget = int(cpu_cache_mb * MB) if cpu_cache_bytes is None else parse_size(cpu_cache_bytes)
+        budget = cache_budget(cpu_cache_mb, cpu_cache_bytes)
         for what, value in (("loader_threads", loader_threads), ("prefetch", prefetch or 1)):
             if not isinstance(value, int) or value < 1:
                 raise LorafleetError(f"{what} must be an integer >= 1, got {value!r}")
-        if adapters_dir is not None:
-            adapters_dir = Path(adapters_dir).expanduser().resolve()
-            if not adapters_dir.is_dir():
-                raise LorafleetError(f"adapters directory {adapters_dir} does not exist")
         current = engine.adapter_source
         if current is not None and not getattr(current, "_closed", False):
             raise LorafleetError("this engine already has an adapter source; close it first")
         handle = engine.handle
         self.engine = engine
-        self.adapters_dir = adapters_dir
+        self.adapters_dir = adapters_root(adapters_dir)
         # By default the slots' own rank limit: anything above it could never be served.
         self.max_rank = max_rank or (handle.max_rank if handle is not None else DEFAULT_MAX_RANK)
         self.base_fingerprint = base_fingerprint or engine.base.fingerprint

@@ -144,6 +144,20 @@ def resolve_adapter(spec) -> tuple[str | None, Mixture | None]:
     return mixture.label, mixture
 
 
+def prompt_problem(ids: list[int], vocab_size: int, max_seq_len: int,
+                   max_batch_tokens: int) -> str | None:  # fmt: skip
+    """Why an engine with these limits cannot take the prompt `ids` (one line), or None."""
+    if not ids:
+        return "the prompt is empty"
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        return f"the prompt has token ids outside the vocabulary (0..{vocab_size - 1})"
+    if len(ids) >= max_seq_len:
+        return f"the prompt has {len(ids)} tokens; max_seq_len is {max_seq_len}"
+    if len(ids) > max_batch_tokens:
+        return f"the prompt has {len(ids)} tokens; max_batch_tokens is {max_batch_tokens}"
+    return None
+
+
 class Status(enum.Enum):
     WAITING = "waiting"  # added, not yet admitted (no KV memory, batch full, adapter loading)
     RUNNING = "running"  # admitted: holds a KV slot and pins its adapter

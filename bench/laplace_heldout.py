@@ -26,9 +26,16 @@ def main(adapter: str, task: str, start: int, stop: int, out: str) -> None:
     best = min(grid, key=lambda row: row["nll"])["prior_precision"]
     rows = load_examples(task, base.tokenizer, split="validation", limit=stop)
     held = ExampleSet(rows.examples[start:stop], rows.name, rows.metric, rows.answer_marker)
-    figures = evaluate_bayes(model, base.tokenizer, factors, held, max_length=128,
-                             also={"val_tuned": best}, show_progress=True,
-                             plot=Path(out).with_suffix(".png"))  # fmt: skip
+    figures = evaluate_bayes(
+        model,
+        base.tokenizer,
+        factors,
+        held,
+        max_length=128,
+        also={"val_tuned": best},
+        show_progress=True,
+        plot=Path(out).with_suffix(".png"),
+    )
     figures["rows"] = [start, stop]
     tmp = Path(out).with_name(Path(out).name + ".tmp")
     tmp.write_text(json.dumps(figures, indent=2) + "\n")

@@ -63,8 +63,11 @@ result = {
 }
 posts, names = [], []
 # FORMS: the evidence forms (prior.EVIDENCE_FORMS); a "quadratic" row is keyed "PRIOR quadratic".
-combos = [(p, form) for p in os.environ.get("PRIORS", ",".join(PRIORS)).split(",")
-          for form in os.environ.get("FORMS", "mode,quadratic").split(",")]  # fmt: skip
+combos = [
+    (p, form)
+    for p in os.environ.get("PRIORS", ",".join(PRIORS)).split(",")
+    for form in os.environ.get("FORMS", "mode,quadratic").split(",")
+]
 for prior, form in combos:
     if prior == "init" and not factors.init_sq:
         continue
@@ -128,11 +131,15 @@ def plot(result: dict, path: Path) -> None:
     for ax, (prior, info) in zip(axes, priors.items(), strict=True):
         scale = info["val_lam"] / info["evidence_lam"]
         for g in sorted({c["group"] for c in info["curve"]}):
-            pts = [(c["prior_precision"], c["log_evidence"]) for c in info["curve"]
-                   if c["group"] == g]  # fmt: skip
+            pts = [
+                (c["prior_precision"], c["log_evidence"]) for c in info["curve"] if c["group"] == g
+            ]
             top = max(v for _, v in pts)
-            line = ax.semilogx([x for x, _ in pts], [v - top for _, v in pts],
-                               label=f"{g}: evidence lam {info['groups'][g]:.3g}")  # fmt: skip
+            line = ax.semilogx(
+                [x for x, _ in pts],
+                [v - top for _, v in pts],
+                label=f"{g}: evidence lam {info['groups'][g]:.3g}",
+            )
             ax.axvline(info["groups"][g], ls=":", c=line[0].get_color())
             ax.axvline(info["groups"][g] * scale, ls="--", c="r")
         ax.set_ylim(-400, 20)

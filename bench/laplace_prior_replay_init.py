@@ -28,8 +28,9 @@ init = {}
 
 def builder(base_model, cfg):
     model = build_model(base_model, cfg)
-    init.update({k: v.detach().clone().contiguous()
-                 for k, v in get_peft_model_state_dict(model).items()})  # fmt: skip
+    init.update(
+        {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    )
     return model
 
 

@@ -8,9 +8,25 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # DESIGN.md's floors; bench (the `lorafleet bench` implementations) sits just under cli.
-FLOORS = {"errors": 0, "fsutil": 0, "adapters": 1, "models": 1, "data": 2, "layers": 2,
-          "train": 3, "eval": 3, "bayes": 3, "serve": 3, "change": 3, "compose": 4, "fed": 4,
-          "transfer": 4, "demo": 4, "bench": 4.5, "cli": 5}  # fmt: skip
+FLOORS = {
+    "errors": 0,
+    "fsutil": 0,
+    "adapters": 1,
+    "models": 1,
+    "data": 2,
+    "layers": 2,
+    "train": 3,
+    "eval": 3,
+    "bayes": 3,
+    "serve": 3,
+    "change": 3,
+    "compose": 4,
+    "fed": 4,
+    "transfer": 4,
+    "demo": 4,
+    "bench": 4.5,
+    "cli": 5,
+}
 # Imports across one floor that are allowed, and why.
 SAME_FLOOR_OK = {
     # PEFT's tensor naming lives in one floor-1 module that imports nothing of lorafleet's
@@ -59,8 +75,9 @@ def test_a_floor_imports_only_floors_below_it():
             here, there = package(mod), package(target)
             if here == there or here not in FLOORS or there not in FLOORS:
                 continue
-            allowed = any(here == a and target.startswith("lorafleet." + b)
-                          for a, b in SAME_FLOOR_OK)  # fmt: skip
+            allowed = any(
+                here == a and target.startswith("lorafleet." + b) for a, b in SAME_FLOOR_OK
+            )
             if FLOORS[there] >= FLOORS[here] and not allowed:
                 bad.append(f"{mod} -> {target}")
     assert not bad, bad

@@ -47,8 +47,10 @@ def test_console_script_bad_base_no_traceback(tmp_path):
     exe = [sys.executable, "-m", "lorafleet.cli"]
     proc = subprocess.run(
         [*exe, "generate", "--base", str(tmp_path / "nope"), "-p", "hi"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"lorafleet: error: {tmp_path / 'nope'}: no such file or directory"

@@ -60,8 +60,15 @@ def test_fed_groups_match_fed_config_fields():
     assert cfg.chat is True and cfg.targets == ["q_proj", "v_proj"] and cfg.rank == 8
     assert {p.name for p in FED_APP} < {p.name for p in FED_RUN}
     with pytest.raises(LorafleetError):
-        fed_config({"base": "b", "data": "d", "out": Path("o"), "targets": "all-linear",
-                    "aggregation": "median"})  # fmt: skip
+        fed_config(
+            {
+                "base": "b",
+                "data": "d",
+                "out": Path("o"),
+                "targets": "all-linear",
+                "aggregation": "median",
+            }
+        )
 
 
 def test_write_json_is_atomic_and_makes_parents(tmp_path):

@@ -44,8 +44,19 @@ def wheel(tmp_path_factory) -> Path:
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
     shutil.copytree(ROOT / "src", tmp / "src", ignore=skip)
     out = tmp / "dist"
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "-q", "-w", str(out), str(tmp))  # fmt: skip
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "-w",
+        str(out),
+        str(tmp),
+    )
     (found,) = out.glob("lorafleet-*.whl")
     return found
 
@@ -56,13 +67,26 @@ def venv(wheel, tmp_path_factory) -> Path:
     env_dir = tmp_path_factory.mktemp("venv") / "v"
     _run(sys.executable, "-m", "venv", "--without-pip", str(env_dir))
     python = env_dir / "bin" / "python"
-    purelib = Path(_run(str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")
-                   .stdout.strip())  # fmt: skip
+    purelib = Path(
+        _run(
+            str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"
+        ).stdout.strip()
+    )
     # Appended after the venv's own site-packages: the wheel's lorafleet wins over the editable one
     # (a .pth line adds a path; the editable install's own .pth hooks in there are not run).
     (purelib / "zz_project_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    _run(sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-         "--no-index", "-q", str(wheel))  # fmt: skip
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(python),
+        "install",
+        "--no-deps",
+        "--no-index",
+        "-q",
+        str(wheel),
+    )
     return env_dir
 
 
@@ -75,14 +99,27 @@ def test_wheel_carries_every_runtime_file(wheel):
 
 def test_installed_wheel_runs_and_serves_the_page(venv, tiny_base_dir, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ""}
-    where = _run(str(venv / "bin" / "python"), "-c", "import lorafleet; print(lorafleet.__file__)",
-                 cwd=tmp_path, env=env).stdout.strip()  # fmt: skip
+    where = _run(
+        str(venv / "bin" / "python"),
+        "-c",
+        "import lorafleet; print(lorafleet.__file__)",
+        cwd=tmp_path,
+        env=env,
+    ).stdout.strip()
     assert where.startswith(str(venv)), where  # the installed copy, not the checkout's src/
     helped = _run(str(venv / "bin" / "lorafleet"), "--help", cwd=tmp_path, env=env).stdout
     assert "serve" in helped and "train" in helped
     port = free_port()
-    cmd = [str(venv / "bin" / "lorafleet"), "serve", "--base", str(tiny_base_dir), "--port",
-           str(port), "--max-seq-len", "64"]  # fmt: skip
+    cmd = [
+        str(venv / "bin" / "lorafleet"),
+        "serve",
+        "--base",
+        str(tiny_base_dir),
+        "--port",
+        str(port),
+        "--max-seq-len",
+        "64",
+    ]
     with (tmp_path / "server.log").open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         try:

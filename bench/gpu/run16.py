@@ -40,17 +40,40 @@ def sizes(quick: bool) -> dict:
     """Run sizes; LF16_* environment variables override the full-size ones."""
     env = lambda k, d: type(d)(os.environ.get(f"LF16_{k}", d))  # noqa: E731
     if quick:
-        return dict(bi_rows=32, bi_val=8, bi_steps=4, bi_every=2, bi_batch=8, bone_rows=32,
-                    bone_val=8, bone_steps=4, bone_every=2, bone_batch=4, em_rows=8,
-                    bi_lr=5e-4, bone_max_length=384, seeds=(0,), lrs=(3e-4,))  # fmt: skip
+        return dict(
+            bi_rows=32,
+            bi_val=8,
+            bi_steps=4,
+            bi_every=2,
+            bi_batch=8,
+            bone_rows=32,
+            bone_val=8,
+            bone_steps=4,
+            bone_every=2,
+            bone_batch=4,
+            em_rows=8,
+            bi_lr=5e-4,
+            bone_max_length=384,
+            seeds=(0,),
+            lrs=(3e-4,),
+        )
     return dict(
-        bi_rows=env("BI_ROWS", 256), bi_val=env("BI_VAL", 300), bi_steps=env("BI_STEPS", 128),
-        bi_every=env("BI_EVERY", 16), bi_batch=env("BI_BATCH", 16), bi_lr=env("BI_LR", 5e-4),
-        bone_rows=env("BONE_ROWS", 1200), bone_val=env("BONE_VAL", 100),
-        bone_steps=env("BONE_STEPS", 120), bone_every=env("BONE_EVERY", 20),
-        bone_batch=env("BONE_BATCH", 8), bone_max_length=env("BONE_MAX_LENGTH", 384),
-        em_rows=env("EM_ROWS", 100), seeds=SEEDS, lrs=LRS,
-    )  # fmt: skip
+        bi_rows=env("BI_ROWS", 256),
+        bi_val=env("BI_VAL", 300),
+        bi_steps=env("BI_STEPS", 128),
+        bi_every=env("BI_EVERY", 16),
+        bi_batch=env("BI_BATCH", 16),
+        bi_lr=env("BI_LR", 5e-4),
+        bone_rows=env("BONE_ROWS", 1200),
+        bone_val=env("BONE_VAL", 100),
+        bone_steps=env("BONE_STEPS", 120),
+        bone_every=env("BONE_EVERY", 20),
+        bone_batch=env("BONE_BATCH", 8),
+        bone_max_length=env("BONE_MAX_LENGTH", 384),
+        em_rows=env("EM_ROWS", 100),
+        seeds=SEEDS,
+        lrs=LRS,
+    )
 
 
 def matched_ranks(model, bone_rank: int, bi_rank: int) -> dict:
@@ -63,16 +86,24 @@ def matched_ranks(model, bone_rank: int, bi_rank: int) -> dict:
     while any(o % r or i % r for o, i in shapes):
         r //= 2
     sum_out, sum_io = sum(o for o, _ in shapes), sum(o + i for o, i in shapes)
-    return {"bone": r, "lora_vs_bone": max(1, round(r * sum_out / sum_io)), "bilora": bi_rank,
-            "linears": len(shapes)}  # fmt: skip
+    return {
+        "bone": r,
+        "lora_vs_bone": max(1, round(r * sum_out / sum_io)),
+        "bilora": bi_rank,
+        "linears": len(shapes),
+    }
 
 
 def plan(sz: dict, ranks: dict, base: str) -> list[dict]:
     """Every run, interleaved so a budget cut still leaves comparable rows of both experiments."""
     bi, bone = [], []
     for seed in sz["seeds"]:
-        bi.append([dict(experiment="bilora", variant=v, seed=seed, lr=sz["bi_lr"]) for v in
-                   BILORA_VARIANTS])  # fmt: skip
+        bi.append(
+            [
+                dict(experiment="bilora", variant=v, seed=seed, lr=sz["bi_lr"])
+                for v in BILORA_VARIANTS
+            ]
+        )
     order = sorted(sz["lrs"], key=lambda lr: lr != 3e-4)  # the middle lr first
     for lr in order:
         bone.append([dict(experiment="bone", variant=m, seed=0, lr=lr) for m in BONE_METHODS])
@@ -90,31 +121,62 @@ def config(run: dict, sz: dict, ranks: dict, base: str) -> dict:
         v = run["variant"]
         method, r = ("lora", ranks["bilora"]) if v == "lora" else ("bilora", ranks["bilora"])
         extra = {} if v == "lora" else {"bilevel": v}
-        kw = dict(data="sst2", train_limit=sz["bi_rows"], eval_limit=sz["bi_val"],
-                  steps=sz["bi_steps"], eval_every=sz["bi_every"], batch_size=sz["bi_batch"],
-                  max_length=256)  # fmt: skip
+        kw = dict(
+            data="sst2",
+            train_limit=sz["bi_rows"],
+            eval_limit=sz["bi_val"],
+            steps=sz["bi_steps"],
+            eval_every=sz["bi_every"],
+            batch_size=sz["bi_batch"],
+            max_length=256,
+        )
         name = f"bilora-{v}-s{run['seed']}"
     else:
         method = run["variant"]
         r = ranks["lora_vs_bone"] if method == "lora" else ranks["bone"]
         extra = {}
-        kw = dict(data="clutrr", train_limit=sz["bone_rows"], eval_limit=sz["bone_val"],
-                  steps=sz["bone_steps"], eval_every=sz["bone_every"],
-                  batch_size=sz["bone_batch"], max_length=sz["bone_max_length"],
-                  val_metrics=("perplexity",))  # fmt: skip
+        kw = dict(
+            data="clutrr",
+            train_limit=sz["bone_rows"],
+            eval_limit=sz["bone_val"],
+            steps=sz["bone_steps"],
+            eval_every=sz["bone_every"],
+            batch_size=sz["bone_batch"],
+            max_length=sz["bone_max_length"],
+            val_metrics=("perplexity",),
+        )
         name = f"bone-{method}-lr{run['lr']:g}"
-    kw.update(base=base, method=method, rank=r, alpha=2.0 * r, lr=run["lr"], seed=run["seed"],
-              save_every=10_000, keep_checkpoints=1)  # fmt: skip
+    kw.update(
+        base=base,
+        method=method,
+        rank=r,
+        alpha=2.0 * r,
+        lr=run["lr"],
+        seed=run["seed"],
+        save_every=10_000,
+        keep_checkpoints=1,
+    )
     return {"name": name, "train": kw, "extra": extra}
 
 
 def cli_command(kw: dict, extra: dict, out: str) -> str:
     """The `lorafleet train` command line that makes the same run."""
-    flags = {"base": kw["base"], "data": kw["data"], "method": kw["method"], "rank": kw["rank"],
-             "alpha": kw["alpha"], "lr": kw["lr"], "steps": kw["steps"],
-             "batch-size": kw["batch_size"], "train-limit": kw["train_limit"],
-             "eval-limit": kw["eval_limit"], "eval-every": kw["eval_every"],
-             "max-length": kw["max_length"], "seed": kw["seed"], "out": out}  # fmt: skip
+    flags = {
+        "base": kw["base"],
+        "data": kw["data"],
+        "method": kw["method"],
+        "rank": kw["rank"],
+        "alpha": kw["alpha"],
+        "lr": kw["lr"],
+        "steps": kw["steps"],
+        "batch-size": kw["batch_size"],
+        "train-limit": kw["train_limit"],
+        "eval-limit": kw["eval_limit"],
+        "eval-every": kw["eval_every"],
+        "max-length": kw["max_length"],
+        "seed": kw["seed"],
+        "out": out,
+    }
     if extra.get("bilevel"):
         flags["bilevel"] = extra["bilevel"]
     parts = ["lorafleet", "train"] + [f"--{k} {shlex.quote(str(v))}" for k, v in flags.items()]
@@ -130,8 +192,15 @@ def after_run(trainer, run: dict, sz: dict) -> dict:
         figures = evaluate(model, tok, rows, metrics=("accuracy",), batch_size=32)
         return {"train_accuracy": figures["accuracy"], "train_loss": figures.get("loss")}
     rows = load_examples("clutrr", tok, split="validation", limit=sz["em_rows"])
-    figures = evaluate(model, tok, rows, metrics=("exact_match",), batch_size=50,
-                       max_new_tokens=24, max_length=sz["bone_max_length"])  # fmt: skip
+    figures = evaluate(
+        model,
+        tok,
+        rows,
+        metrics=("exact_match",),
+        batch_size=50,
+        max_new_tokens=24,
+        max_length=sz["bone_max_length"],
+    )
     return {"val_exact_match": figures["exact_match"]}
 
 
@@ -143,8 +212,11 @@ def one_run(run: dict, sz: dict, runs_dir: Path) -> dict:
     cfg = TrainConfig(out=out, extra=bilora_options(kw["method"], **extra), **kw)
     stamps: list[float] = []
     on_step = lambda step, loss: stamps.append(time.perf_counter())  # noqa: E731
-    trainer = (BiLoRATrainer(cfg, on_step=on_step) if kw["method"] == "bilora"
-               else Trainer(cfg, on_step=on_step))  # fmt: skip
+    trainer = (
+        BiLoRATrainer(cfg, on_step=on_step)
+        if kw["method"] == "bilora"
+        else Trainer(cfg, on_step=on_step)
+    )
     start = time.perf_counter()
     result = trainer.run()
     if result.get("interrupted"):  # SIGINT / SIGTERM: the trainer saved a checkpoint; stop here
@@ -168,14 +240,35 @@ def base_record(model, tok, sz: dict, base: str) -> list[dict]:
     sst2 = load_examples("sst2", tok, split="validation", limit=sz["bi_val"])
     clutrr = load_examples("clutrr", tok, split="validation", limit=sz["em_rows"])
     a = evaluate(model, tok, sst2, metrics=("accuracy",), batch_size=32)
-    e = evaluate(model, tok, clutrr, metrics=("exact_match", "perplexity"), batch_size=50,
-                 max_new_tokens=24, max_length=sz["bone_max_length"])  # fmt: skip
+    e = evaluate(
+        model,
+        tok,
+        clutrr,
+        metrics=("exact_match", "perplexity"),
+        batch_size=50,
+        max_new_tokens=24,
+        max_length=sz["bone_max_length"],
+    )
     return [
-        {"experiment": "bilora", "variant": "base", "name": "base", "status": "ok",
-         "val_accuracy": a["accuracy"], "val_loss": a.get("loss"), "base": base},
-        {"experiment": "bone", "variant": "base", "name": "base", "status": "ok",
-         "val_exact_match": e["exact_match"], "val_loss": e.get("loss"), "base": base},
-    ]  # fmt: skip
+        {
+            "experiment": "bilora",
+            "variant": "base",
+            "name": "base",
+            "status": "ok",
+            "val_accuracy": a["accuracy"],
+            "val_loss": a.get("loss"),
+            "base": base,
+        },
+        {
+            "experiment": "bone",
+            "variant": "base",
+            "name": "base",
+            "status": "ok",
+            "val_exact_match": e["exact_match"],
+            "val_loss": e.get("loss"),
+            "base": base,
+        },
+    ]
 
 
 def main() -> int:
@@ -183,8 +276,12 @@ def main() -> int:
     ap.add_argument("--runs", type=Path, required=True, help="Run dirs and runs.jsonl go here.")
     ap.add_argument("--base", default=os.environ.get("LF16_BASE", "default"))
     ap.add_argument("--quick", action="store_true", help="A handful of steps per run.")
-    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("LF16_BUDGET_S", 480)),
-                    help="Start no new run after this many seconds.")  # fmt: skip
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=float(os.environ.get("LF16_BUDGET_S", 480)),
+        help="Start no new run after this many seconds.",
+    )
     ap.add_argument("--bone-rank", type=int, default=int(os.environ.get("LF16_BONE_RANK", 64)))
     ap.add_argument("--bilora-rank", type=int, default=int(os.environ.get("LF16_BI_RANK", 8)))
     ap.add_argument(
@@ -203,10 +300,18 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_base(args.base, device=device)  # converts a GGUF once (cached)
     ranks = matched_ranks(loaded.model, args.bone_rank, args.bilora_rank)
-    header = {"experiment": "meta", "name": "meta", "base": args.base, "device": device,
-              "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-              "torch": torch.__version__, "quick": args.quick, "ranks": ranks,
-              "sizes": {k: v for k, v in sz.items()}, "load_s": loaded.load_seconds}  # fmt: skip
+    header = {
+        "experiment": "meta",
+        "name": "meta",
+        "base": args.base,
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "ranks": ranks,
+        "sizes": {k: v for k, v in sz.items()},
+        "load_s": loaded.load_seconds,
+    }
     records = [header]
     if not args.no_base:
         records += base_record(loaded.model, loaded.tokenizer, sz, args.base)
@@ -225,16 +330,20 @@ def main() -> int:
         for i, run in enumerate(runs):
             elapsed = time.perf_counter() - t0
             if elapsed > args.budget_s:
-                rec = {**{k: run[k] for k in ("experiment", "variant", "seed", "lr", "name")},
-                       "status": "skipped (time budget)"}  # fmt: skip
+                rec = {
+                    **{k: run[k] for k in ("experiment", "variant", "seed", "lr", "name")},
+                    "status": "skipped (time budget)",
+                }
             else:
                 print(f"run16: [{i + 1}/{len(runs)}] {run['name']} at {elapsed:.0f}s", flush=True)
                 try:
                     rec = one_run(run, sz, args.runs)
                 except Exception as exc:  # noqa: BLE001 - log it, go on with the next run
                     traceback.print_exc()
-                    rec = {**{k: run[k] for k in ("experiment", "variant", "seed", "lr", "name")},
-                           "status": f"failed: {exc.__class__.__name__}: {exc}"[:500]}  # fmt: skip
+                    rec = {
+                        **{k: run[k] for k in ("experiment", "variant", "seed", "lr", "name")},
+                        "status": f"failed: {exc.__class__.__name__}: {exc}"[:500],
+                    }
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()

@@ -22,8 +22,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 BILORA_ORDER = ("lora", "joint", "first", "second")
 BONE_ORDER = ("lora", "bone", "bat")
-LABELS = {"lora": "LoRA", "joint": "P-Lambda-Q joint (control)", "first": "BiLoRA first-order",
-          "second": "BiLoRA second-order", "bone": "Bone", "bat": "Bat"}  # fmt: skip
+LABELS = {
+    "lora": "LoRA",
+    "joint": "P-Lambda-Q joint (control)",
+    "first": "BiLoRA first-order",
+    "second": "BiLoRA second-order",
+    "bone": "Bone",
+    "bat": "Bat",
+}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -76,17 +82,34 @@ def bilora_section(recs: list[dict], runs: Path) -> str:
     rows = []
     for v in (v for v in BILORA_ORDER if v in by):
         rs = by[v]
-        peaks = [max((x.get("val_accuracy") or 0) for x in curves(runs / r["name"])[1] or [{}])
-                 for r in rs]  # fmt: skip
-        rows.append([
-            LABELS[v], f"{rs[0].get('trainable_params', 0):,}", len(rs),
-            mean_sd([r.get("val_accuracy") for r in rs]), mean_sd(peaks),
-            mean_sd([r.get("train_accuracy") for r in rs]),
-            mean_sd([r["train_accuracy"] - r["val_accuracy"] for r in rs
-                     if r.get("train_accuracy") is not None and r.get("val_accuracy") is not None]),
-            mean_sd([r.get("val_loss") for r in rs]), fmt(statistics.median(
-                [r["median_step_s"] for r in rs if r.get("median_step_s")] or [0.0]), 4),
-        ])  # fmt: skip
+        peaks = [
+            max((x.get("val_accuracy") or 0) for x in curves(runs / r["name"])[1] or [{}])
+            for r in rs
+        ]
+        rows.append(
+            [
+                LABELS[v],
+                f"{rs[0].get('trainable_params', 0):,}",
+                len(rs),
+                mean_sd([r.get("val_accuracy") for r in rs]),
+                mean_sd(peaks),
+                mean_sd([r.get("train_accuracy") for r in rs]),
+                mean_sd(
+                    [
+                        r["train_accuracy"] - r["val_accuracy"]
+                        for r in rs
+                        if r.get("train_accuracy") is not None and r.get("val_accuracy") is not None
+                    ]
+                ),
+                mean_sd([r.get("val_loss") for r in rs]),
+                fmt(
+                    statistics.median(
+                        [r["median_step_s"] for r in rs if r.get("median_step_s")] or [0.0]
+                    ),
+                    4,
+                ),
+            ]
+        )
     out = "## BiLoRA vs LoRA (sst2, small training set)\n\n"
     if base:
         out += f"Base model alone: validation accuracy {fmt(base.get('val_accuracy'))}.\n\n"
@@ -115,8 +138,9 @@ def bilora_section(recs: list[dict], runs: Path) -> str:
         for v in BILORA_ORDER
         for r in sorted(by.get(v, []), key=lambda r: r["seed"])
     ]
-    out += "\nPer seed:\n\n" + table(["variant", "seed", "val acc", "train acc", "val loss"],
-                                     per_seed)  # fmt: skip
+    out += "\nPer seed:\n\n" + table(
+        ["variant", "seed", "val acc", "train acc", "val loss"], per_seed
+    )
     return out
 
 
@@ -164,37 +188,81 @@ def bone_section(recs: list[dict], runs: Path) -> str:
         r = best[m]
         edge = " (grid edge)" if len(lrs) > 1 and r["lr"] in (lrs[0], lrs[-1]) else ""
         d = runs / r["name"]
-        best_rows.append([LABELS[m], f"{r['lr']:g}{edge}", fmt(train_loss_at(d, 0.25)),
-                          fmt(train_loss_at(d, 0.5)), fmt(r.get("val_loss")),
-                          fmt(r.get("val_exact_match"))])  # fmt: skip
+        best_rows.append(
+            [
+                LABELS[m],
+                f"{r['lr']:g}{edge}",
+                fmt(train_loss_at(d, 0.25)),
+                fmt(train_loss_at(d, 0.5)),
+                fmt(r.get("val_loss")),
+                fmt(r.get("val_exact_match")),
+            ]
+        )
     out = "## Bone / Bat vs LoRA (clutrr, equal trainable parameters)\n\n"
     if base:
-        out += (f"Base model alone: validation loss {fmt(base.get('val_loss'))}, exact match "
-                f"{fmt(base.get('val_exact_match'))}.\n\n")  # fmt: skip
+        out += (
+            f"Base model alone: validation loss {fmt(base.get('val_loss'))}, exact match "
+            f"{fmt(base.get('val_exact_match'))}.\n\n"
+        )
     out += "Best learning rate per method (lowest final validation loss):\n\n"
-    out += table(["method", "best lr", "train loss @25%", "train loss @50%", "final val loss",
-                  "val exact match"], best_rows)  # fmt: skip
+    out += table(
+        [
+            "method",
+            "best lr",
+            "train loss @25%",
+            "train loss @50%",
+            "final val loss",
+            "val exact match",
+        ],
+        best_rows,
+    )
     out += "\nEvery run (train loss smoothed, EMA 0.8):\n\n"
-    out += table(["method", "lr", "trainable params", "train loss @25%", "@50%", "@100%",
-                  "final val loss", "val exact match", "s/step (median)"], grid)  # fmt: skip
+    out += table(
+        [
+            "method",
+            "lr",
+            "trainable params",
+            "train loss @25%",
+            "@50%",
+            "@100%",
+            "final val loss",
+            "val exact match",
+            "s/step (median)",
+        ],
+        grid,
+    )
     return out
 
 
 def plot_bilora(recs: list[dict], runs: Path, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for v in BILORA_ORDER:
-        rs = [r for r in recs if r.get("experiment") == "bilora" and r.get("variant") == v
-              and r.get("status") == "ok"]  # fmt: skip
+        rs = [
+            r
+            for r in recs
+            if r.get("experiment") == "bilora" and r.get("variant") == v and r.get("status") == "ok"
+        ]
         for i, r in enumerate(rs):
             train, val = curves(runs / r["name"])
             label = LABELS[v] if i == 0 else None
             color = f"C{BILORA_ORDER.index(v)}"
             if val:
-                ax1.plot([x["step"] for x in val], [x.get("val_accuracy") for x in val],
-                         color=color, alpha=0.8, label=label, marker=".")  # fmt: skip
+                ax1.plot(
+                    [x["step"] for x in val],
+                    [x.get("val_accuracy") for x in val],
+                    color=color,
+                    alpha=0.8,
+                    label=label,
+                    marker=".",
+                )
             if train:
-                ax2.plot([s for s, _ in train], smooth([x for _, x in train]), color=color,
-                         alpha=0.7, label=label)  # fmt: skip
+                ax2.plot(
+                    [s for s, _ in train],
+                    smooth([x for _, x in train]),
+                    color=color,
+                    alpha=0.7,
+                    label=label,
+                )
     ax1.set(xlabel="step", ylabel="validation accuracy", title="sst2 validation (each seed)")
     ax2.set(xlabel="step", ylabel="train loss (EMA 0.8)", title="training loss", yscale="log")
     for ax in (ax1, ax2):
@@ -206,8 +274,11 @@ def plot_bilora(recs: list[dict], runs: Path, path: Path) -> None:
 
 
 def plot_bone(recs: list[dict], runs: Path, path: Path) -> None:
-    ok = [r for r in recs if r.get("experiment") == "bone" and r.get("status") == "ok"
-          and r.get("variant") != "base"]  # fmt: skip
+    ok = [
+        r
+        for r in recs
+        if r.get("experiment") == "bone" and r.get("status") == "ok" and r.get("variant") != "base"
+    ]
     by = defaultdict(list)
     for r in ok:
         by[r["variant"]].append(r)
@@ -223,10 +294,16 @@ def plot_bone(recs: list[dict], runs: Path, path: Path) -> None:
             if train:
                 ax1.plot([s for s, _ in train], smooth([x for _, x in train]), label=label, **kw)
             if val:
-                ax2.plot([x["step"] for x in val], [x.get("val_loss") for x in val], marker=".",
-                         label=label, **kw)  # fmt: skip
-    ax1.set(xlabel="step", ylabel="train loss (EMA 0.8)", title="clutrr training loss",
-            yscale="log")  # fmt: skip
+                ax2.plot(
+                    [x["step"] for x in val],
+                    [x.get("val_loss") for x in val],
+                    marker=".",
+                    label=label,
+                    **kw,
+                )
+    ax1.set(
+        xlabel="step", ylabel="train loss (EMA 0.8)", title="clutrr training loss", yscale="log"
+    )
     ax2.set(xlabel="step", ylabel="validation loss", title="clutrr validation loss")
     for ax in (ax1, ax2):
         ax.legend(fontsize=7)
@@ -236,8 +313,14 @@ def plot_bone(recs: list[dict], runs: Path, path: Path) -> None:
     plt.close(fig)
 
 
-KEPT = ("metrics.jsonl", "train_config.json", "runs.jsonl", "lorafleet.json",
-        "adapter_config.json", "run16.log")  # fmt: skip
+KEPT = (
+    "metrics.jsonl",
+    "train_config.json",
+    "runs.jsonl",
+    "lorafleet.json",
+    "adapter_config.json",
+    "run16.log",
+)
 
 
 def archive(runs: Path, path: Path) -> None:
@@ -265,8 +348,11 @@ def main() -> int:
         text += "\n## Runs that did not finish\n\n" + table(
             ["run", "status"], [[r.get("name"), r.get("status")] for r in failed]
         )
-    text += "\n## Commands\n\n" + "\n".join(
-        f"    {r['command']}" for r in recs if r.get("command")) + "\n"  # fmt: skip
+    text += (
+        "\n## Commands\n\n"
+        + "\n".join(f"    {r['command']}" for r in recs if r.get("command"))
+        + "\n"
+    )
     (args.out / "tables.md").write_text(text)
     plot_bilora(recs, args.runs, args.out / "bilora.png")
     plot_bone(recs, args.runs, args.out / "bone.png")

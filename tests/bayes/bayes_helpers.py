@@ -16,8 +16,10 @@ VOCAB = 512  # a small vocabulary keeps the tiny model's head cheap; token ids a
 
 def tiny_lora(seed: int = 0, rank: int = 4, targets=("q_proj", "v_proj"), scale: float = 0.3):
     """A tiny Llama with a random (non-zero) LoRA on `targets`, in eval mode."""
-    model = new_adapter(tiny_llama(seed, vocab_size=VOCAB),
-                        MethodConfig(rank=rank, alpha=2 * rank, targets=list(targets)))  # fmt: skip
+    model = new_adapter(
+        tiny_llama(seed, vocab_size=VOCAB),
+        MethodConfig(rank=rank, alpha=2 * rank, targets=list(targets)),
+    )
     randomize_adapter(model, seed=seed + 7, scale=scale)
     return model.eval()
 

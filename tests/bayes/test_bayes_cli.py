@@ -30,8 +30,9 @@ def labelled_file(tmp_path_factory):
 
 def _adapter(base_dir, out, method="lora", seed=3):
     base = load_base(str(base_dir))
-    model = new_adapter(base.model, MethodConfig(method=method, rank=4, alpha=8,
-                                                 targets=["q_proj", "v_proj"]))  # fmt: skip
+    model = new_adapter(
+        base.model, MethodConfig(method=method, rank=4, alpha=8, targets=["q_proj", "v_proj"])
+    )
     randomize_adapter(model, seed=seed, scale=0.2)
     write_peft_adapter(out, adapter_from_model(model, base_fingerprint=base.fingerprint))
     return out
@@ -53,9 +54,18 @@ def _common(base_dir, adapter, data):
 def test_calibrate_then_eval_bayes_writes_factors_figures_and_plot(
     run_cli, tiny_base_dir, lora_dir, labelled_file, tmp_path
 ):
-    code, out, err = run_cli("calibrate", *_common(tiny_base_dir, lora_dir, labelled_file),
-                             "--val", str(labelled_file), "--threshold", "32", "--n-kfac", "4",
-                             "--json", tmp_path / "cal.json")  # fmt: skip
+    code, out, err = run_cli(
+        "calibrate",
+        *_common(tiny_base_dir, lora_dir, labelled_file),
+        "--val",
+        str(labelled_file),
+        "--threshold",
+        "32",
+        "--n-kfac",
+        "4",
+        "--json",
+        tmp_path / "cal.json",
+    )
     assert code == 0, err
     assert (lora_dir / "laplace.safetensors").stat().st_size > 1000
     info = json.loads((lora_dir / "laplace.json").read_text())
@@ -71,8 +81,9 @@ def test_calibrate_then_eval_bayes_writes_factors_figures_and_plot(
     assert m.A_in.U.shape == (64, 4) and m.A_out.U.shape == (4, 4)
 
     json_out = tmp_path / "eval" / "figures.json"
-    code, out, err = run_cli("eval", *_common(tiny_base_dir, lora_dir, labelled_file), "--bayes",
-                             "--json", json_out)  # fmt: skip
+    code, out, err = run_cli(
+        "eval", *_common(tiny_base_dir, lora_dir, labelled_file), "--bayes", "--json", json_out
+    )
     assert code == 0, err
     figures = json.loads(json_out.read_text())
     assert set(figures) >= {"map", "laplace", "prior_precision"}
@@ -84,8 +95,13 @@ def test_calibrate_then_eval_bayes_writes_factors_figures_and_plot(
     best = min(report_grid(lora_dir), key=lambda row: row["nll"])["prior_precision"]
     if best != lam:  # calibrate saw --val: the val-tuned prior is reported beside
         assert figures["laplace_val_tuned"]["prior_precision"] in grid
-        assert set(figures["laplace_val_tuned"]) == {"accuracy", "ece", "nll", "brier",
-                                                     "prior_precision"}  # fmt: skip
+        assert set(figures["laplace_val_tuned"]) == {
+            "accuracy",
+            "ece",
+            "nll",
+            "brier",
+            "prior_precision",
+        }
     plot = json_out.with_name("figures.reliability.png")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
     assert "Laplace-LoRA" in out
@@ -141,11 +157,13 @@ def test_generation_data_is_one_line_exit_2(run_cli, tiny_base_dir, lora_dir, tm
 
 
 def test_bad_options_are_one_line_exit_2(run_cli, tiny_base_dir, lora_dir, labelled_file):
-    code, _, err = run_cli("calibrate", *_common(tiny_base_dir, lora_dir, labelled_file),
-                           "--labels", "empirical")  # fmt: skip
+    code, _, err = run_cli(
+        "calibrate", *_common(tiny_base_dir, lora_dir, labelled_file), "--labels", "empirical"
+    )
     assert code == 2 and "labels must be one of" in err
-    code, _, err = run_cli("calibrate", *_common(tiny_base_dir, lora_dir, labelled_file),
-                           "--tune", "val")  # fmt: skip
+    code, _, err = run_cli(
+        "calibrate", *_common(tiny_base_dir, lora_dir, labelled_file), "--tune", "val"
+    )
     assert code == 2 and "needs validation data" in err
 
 

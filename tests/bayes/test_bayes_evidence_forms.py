@@ -32,8 +32,11 @@ def _dense_quadratic_evidence(factors, lam: float, part: str = "B") -> float:
     return total
 
 
-@pytest.mark.parametrize("config", [LaplaceConfig(), LaplaceConfig(n_kfac=3, threshold=8)],
-                         ids=["dense", "low-rank+diagonal"])  # fmt: skip
+@pytest.mark.parametrize(
+    "config",
+    [LaplaceConfig(), LaplaceConfig(n_kfac=3, threshold=8)],
+    ids=["dense", "low-rank+diagonal"],
+)
 def test_quadratic_evidence_equals_the_dense_marginal_likelihood_and_its_brute_force_optimum(
     config,
 ):

@@ -61,8 +61,9 @@ def test_factors_match_brute_force_per_example_sums():
         for part, (q, g) in {"A": (m.A_in, m.A_out), "B": (m.B_in, m.B_out)}.items():
             torch.testing.assert_close(q.matrix().double(), Q[(name, part)], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(g.matrix().double(), G[(name, part)], atol=1e-4, rtol=1e-4)
-    assert all(f.is_dense for m in factors.modules.values()
-               for f in (m.A_in, m.A_out, m.B_in, m.B_out))  # fmt: skip
+    assert all(
+        f.is_dense for m in factors.modules.values() for f in (m.A_in, m.A_out, m.B_in, m.B_out)
+    )
 
 
 def test_kfac_equals_the_exact_ggn_for_one_single_token_example():
@@ -108,8 +109,9 @@ def test_low_rank_accumulator_is_exact_at_full_rank_and_keeps_the_diagonal():
         f = acc.factor()
         assert f.U.shape == (40, min(rank, 40))
         # The diagonal is kept exactly whatever the rank.
-        torch.testing.assert_close(f.matrix().diagonal().double(), dense.diagonal(), rtol=1e-4,
-                                   atol=1e-3)  # fmt: skip
+        torch.testing.assert_close(
+            f.matrix().diagonal().double(), dense.diagonal(), rtol=1e-4, atol=1e-3
+        )
         errors.append(float((f.matrix().double() - dense).norm() / dense.norm()))
     assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:], strict=False)), errors
     assert errors[0] > 0.05 and errors[-2] < 1e-5  # 30 vectors: rank 30 already holds them all
@@ -144,8 +146,9 @@ def test_factors_round_trip_through_safetensors_and_refuse_a_broken_file(tmp_pat
     assert loaded.log_lik == pytest.approx(factors.log_lik)
     for name, m in factors.modules.items():
         for key in ("A_in", "A_out", "B_in", "B_out"):
-            torch.testing.assert_close(getattr(loaded.modules[name], key).matrix(),
-                                       getattr(m, key).matrix())  # fmt: skip
+            torch.testing.assert_close(
+                getattr(loaded.modules[name], key).matrix(), getattr(m, key).matrix()
+            )
     (tmp_path / "laplace.json").write_text("{not json")
     with pytest.raises(LorafleetError, match="invalid JSON"):
         load_factors(tmp_path)

@@ -58,8 +58,9 @@ def test_glm_variance_matches_explicit_jacobians(threshold):
     expected = _explicit_cov(model, factors, test, lam)
     torch.testing.assert_close(pred.cov, expected, rtol=1e-4, atol=1e-4 * float(expected.max()))
     # The mean is the MAP logits of the model's own forward.
-    logits = torch.stack([model(input_ids=torch.tensor([it.ids])).logits[0, -1, list(it.classes)]
-                          for it in test]).detach()  # fmt: skip
+    logits = torch.stack(
+        [model(input_ids=torch.tensor([it.ids])).logits[0, -1, list(it.classes)] for it in test]
+    ).detach()
     torch.testing.assert_close(pred.logits, logits, rtol=1e-4, atol=1e-4)
 
 
@@ -145,8 +146,9 @@ def test_link_probs_reduce_to_softmax_for_small_variance_and_soften_for_large():
     mean = torch.tensor([[2.0, -1.0, 0.0]])
     tiny = torch.eye(2).unsqueeze(0) * 1e-6  # covariance of the 2 contrasts
     for link in ("mc", "probit"):
-        torch.testing.assert_close(link_probs(mean, tiny, link), torch.softmax(mean, -1),
-                                   atol=1e-3, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            link_probs(mean, tiny, link), torch.softmax(mean, -1), atol=1e-3, rtol=0
+        )
     wide = torch.eye(2).unsqueeze(0) * 25.0
     for link in ("mc", "probit"):
         probs = link_probs(mean, wide, link, samples=20000)

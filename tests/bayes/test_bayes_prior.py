@@ -44,8 +44,7 @@ def test_tuned_precisions_match_a_brute_force_grid_search_of_the_dense_evidence(
     grid = [10.0**x for x in torch.linspace(-3, 4, 71).tolist()]  # steps of 10^0.1
     terms = {g: _dense_terms(factors, g) for g in [*grid, *tuned.values()]}
     # Brute force over the 2-D grid (lam_A, lam_B), each point summed over dense blocks.
-    scores = {(a, b): _dense_evidence(factors, {"A": a, "B": b}, terms)
-              for a in grid for b in grid}  # fmt: skip
+    scores = {(a, b): _dense_evidence(factors, {"A": a, "B": b}, terms) for a in grid for b in grid}
     (best_a, best_b), best = max(scores.items(), key=lambda kv: kv[1])
     assert abs(math.log10(tuned["A"] / best_a)) <= 0.1 + 1e-6
     assert abs(math.log10(tuned["B"] / best_b)) <= 0.1 + 1e-6
@@ -138,8 +137,10 @@ def test_unknown_prior_and_init_without_record_are_one_line_errors():
 
 def write_init(adapter_dir, init: dict) -> None:
     """lora_init.safetensors as a trainer records it: PEFT keys of the initial A and B."""
-    save_file({peft_key(m, part): w.contiguous() for (m, part), w in init.items()},
-              str(adapter_dir / "lora_init.safetensors"))  # fmt: skip
+    save_file(
+        {peft_key(m, part): w.contiguous() for (m, part), w in init.items()},
+        str(adapter_dir / "lora_init.safetensors"),
+    )
 
 
 def test_read_init_maps_peft_keys_to_modules(tmp_path):
@@ -162,14 +163,22 @@ def test_calibrate_cli_reports_the_prior_and_refuses_init_without_a_record(
 
     data = tmp_path / "reviews.jsonl"
     words = ["great", "awful", "lovely", "dull", "superb", "bad"]
-    rows = [{"text": f"The film was {w}.", "label": "good" if i % 2 else "bad"}
-            for i, w in enumerate(words)]  # fmt: skip
+    rows = [
+        {"text": f"The film was {w}.", "label": "good" if i % 2 else "bad"}
+        for i, w in enumerate(words)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     adapter = _adapter(tiny_base_dir, tmp_path / "lora")
     code, _, err = run_cli("calibrate", *_common(tiny_base_dir, adapter, data), "--prior", "init")
     assert code == 2 and "lora_init.safetensors" in err and "Traceback" not in err
-    code, out, err = run_cli("calibrate", *_common(tiny_base_dir, adapter, data), "--prior",
-                             "parts", "--json", str(tmp_path / "cal.json"))  # fmt: skip
+    code, out, err = run_cli(
+        "calibrate",
+        *_common(tiny_base_dir, adapter, data),
+        "--prior",
+        "parts",
+        "--json",
+        str(tmp_path / "cal.json"),
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "cal.json").read_text())
     assert report["prior"] == "parts" and set(report["group_precisions"]) == {"A", "B"}

@@ -17,9 +17,13 @@ def _linears(seed: int = 0) -> dict[str, nn.Linear]:
 
 
 def _stacks(named, k, r, gen):
-    return [(torch.randn(k + 1, r, lin.in_features, generator=gen) / 8,
-             torch.randn(k + 1, r, lin.out_features, generator=gen) / 8)
-            for lin in named.values()]  # fmt: skip
+    return [
+        (
+            torch.randn(k + 1, r, lin.in_features, generator=gen) / 8,
+            torch.randn(k + 1, r, lin.out_features, generator=gen) / 8,
+        )
+        for lin in named.values()
+    ]
 
 
 @torch.no_grad()

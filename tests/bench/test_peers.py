@@ -21,8 +21,13 @@ from lorafleet.errors import LorafleetError
 def fake_peers(tmp_path: Path, convert_script: str = "") -> peer_tools.Peers:
     script = tmp_path / "convert_lora_to_gguf.py"
     script.write_text(convert_script)
-    return peer_tools.Peers(root=tmp_path, python=Path(sys.executable), server=tmp_path / "srv",
-                            lib_dir=tmp_path, convert=script)  # fmt: skip
+    return peer_tools.Peers(
+        root=tmp_path,
+        python=Path(sys.executable),
+        server=tmp_path / "srv",
+        lib_dir=tmp_path,
+        convert=script,
+    )
 
 
 def test_missing_peers_is_one_line_naming_make_bench_peers(tmp_path, run_cli):
@@ -141,8 +146,15 @@ class Llama:
 def test_binding_worker_decodes_exactly_new_tokens_per_prompt(tmp_path, monkeypatch):
     (tmp_path / "llama_cpp.py").write_text(FAKE_LLAMA_CPP)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    cfg = {"gguf": tmp_path / "m.gguf", "prompts": [[1] * 5, [1] * 7, [1] * 9], "single": 2,
-           "new_tokens": 6, "threads": 1, "reps": 2, "prompt_tokens": 9}  # fmt: skip
+    cfg = {
+        "gguf": tmp_path / "m.gguf",
+        "prompts": [[1] * 5, [1] * 7, [1] * 9],
+        "single": 2,
+        "new_tokens": 6,
+        "threads": 1,
+        "reps": 2,
+        "prompt_tokens": 9,
+    }
     out = peers.run_binding(fake_peers(tmp_path), cfg, limit_s=120)
     fig = out["workloads"]["single"]
     assert fig["tokens"] == 12  # 2 prompts x 6 tokens, EOS (2) not stopping them
@@ -210,8 +222,14 @@ def test_settings_are_labelled_and_each_is_compared_with_llama_cpp(tmp_path):
         peers.label("fp8")
 
     def fig(tok_s: float) -> dict:
-        return {"tokens": 64, "tokens_per_s": tok_s, "ttft_p50": 0.1, "ttft_p99": 0.2,
-                "tpot_p50": 0.01, "tpot_p99": 0.02}  # fmt: skip
+        return {
+            "tokens": 64,
+            "tokens_per_s": tok_s,
+            "ttft_p50": 0.1,
+            "ttft_p99": 0.2,
+            "tpot_p50": 0.01,
+            "tpot_p99": 0.02,
+        }
 
     ours = {k: fig(v) for k, v in (("all_base", 120.0), ("adapters", 100.0), ("single", 20.0))}
     faster = {k: fig(2 * v["tokens_per_s"]) for k, v in ours.items()}
@@ -219,12 +237,23 @@ def test_settings_are_labelled_and_each_is_compared_with_llama_cpp(tmp_path):
         "all_base": {**fig(60.0), "request0": [1]},
         "adapters": {**fig(40.0), "request0": [2]},
     }
-    results = {"lorafleet": {"workloads": ours, "peak_rss_mb": 1},
-               "lorafleet bfloat16": {"workloads": faster, "peak_rss_mb": 1},
-               "llama.cpp": {"workloads": {"single": fig(50.0)}, "peak_rss_mb": 1},
-               "llama-server": {"workloads": server, "peak_rss_mb": 1}}  # fmt: skip
-    cfg = {"base": "default", "gguf": "m.gguf", "requests": 4, "loras": [1, 2], "rank": 8,
-           "prompt_tokens": 8, "new_tokens": 16, "single": 1, "threads": 1}  # fmt: skip
+    results = {
+        "lorafleet": {"workloads": ours, "peak_rss_mb": 1},
+        "lorafleet bfloat16": {"workloads": faster, "peak_rss_mb": 1},
+        "llama.cpp": {"workloads": {"single": fig(50.0)}, "peak_rss_mb": 1},
+        "llama-server": {"workloads": server, "peak_rss_mb": 1},
+    }
+    cfg = {
+        "base": "default",
+        "gguf": "m.gguf",
+        "requests": 4,
+        "loras": [1, 2],
+        "rank": 8,
+        "prompt_tokens": 8,
+        "new_tokens": 16,
+        "single": 1,
+        "threads": 1,
+    }
     out = peers._report(results, cfg, tmp_path / "peers.json")
     fp32, bf16 = (
         out["targets_by_setting"]["lorafleet"],

@@ -30,9 +30,24 @@ def test_settings_and_agreement():
 
 def test_bench_quality_on_a_tiny_base(run_cli, tiny_base_dir, tmp_path):
     out_file = tmp_path / "q.json"
-    code, out, err = run_cli("bench", "quality", "--base", tiny_base_dir, "--setting", "int8",
-                             "--setting", "bfloat16", "--prompts", "3", "--prompt-tokens", "8",
-                             "--new-tokens", "4", "--json", out_file)  # fmt: skip
+    code, out, err = run_cli(
+        "bench",
+        "quality",
+        "--base",
+        tiny_base_dir,
+        "--setting",
+        "int8",
+        "--setting",
+        "bfloat16",
+        "--prompts",
+        "3",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "4",
+        "--json",
+        out_file,
+    )
     assert code == 0, err
     rows = {r["setting"]: r for r in json.loads(out_file.read_text())["rows"]}
     assert set(rows) == {"reference", "float32+int8", "bfloat16+none"}
@@ -45,11 +60,30 @@ def test_bench_quality_on_a_tiny_base(run_cli, tiny_base_dir, tmp_path):
 
 def test_bench_precision_on_a_tiny_base(run_cli, tiny_base_dir, tmp_path):
     out_file = tmp_path / "p.json"
-    code, _, err = run_cli("bench", "precision", "--base", tiny_base_dir, "--setting", "int4",
-                           "--setting", "float32+unfused", "--requests", "2", "--adapters", "2",
-                           "--prompt-tokens", "8",
-                           "--new-tokens", "3", "--rank", "2", "--reps", "1",
-                           "--json", out_file)  # fmt: skip
+    code, _, err = run_cli(
+        "bench",
+        "precision",
+        "--base",
+        tiny_base_dir,
+        "--setting",
+        "int4",
+        "--setting",
+        "float32+unfused",
+        "--requests",
+        "2",
+        "--adapters",
+        "2",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "3",
+        "--rank",
+        "2",
+        "--reps",
+        "1",
+        "--json",
+        out_file,
+    )
     assert code == 0, err
     rows = {r["setting"]: r for r in json.loads(out_file.read_text())["rows"]}
     assert set(rows) == {"float32+none", "float32+int4", "float32+none+unfused"}
@@ -59,8 +93,9 @@ def test_bench_precision_on_a_tiny_base(run_cli, tiny_base_dir, tmp_path):
 
 
 def test_generate_in_bfloat16_and_bad_options(run_cli, tiny_base_dir):
-    code, _, err = run_cli("generate", "--base", tiny_base_dir, "-p", "Hi", "--max-tokens", "3",
-                           "--dtype", "bfloat16")  # fmt: skip
+    code, _, err = run_cli(
+        "generate", "--base", tiny_base_dir, "-p", "Hi", "--max-tokens", "3", "--dtype", "bfloat16"
+    )
     assert code == 0, err
     code, _, err = run_cli("generate", "--base", tiny_base_dir, "-p", "Hi", "--dtype", "fp8")
     assert code == 2 and "unknown dtype 'fp8'" in err and len(err.strip().splitlines()) == 1

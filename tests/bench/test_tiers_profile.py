@@ -40,8 +40,14 @@ def test_adapters_are_written_once(tiny_base_dir, tmp_path, monkeypatch):
 
 
 def test_profile_labels_add_up_and_come_off(tiny_base_dir):
-    cfg = {"base": str(tiny_base_dir), "requests": 4, "adapters": 2, "rank": 4,
-           "prompt_tokens": 8, "new_tokens": 4}  # fmt: skip
+    cfg = {
+        "base": str(tiny_base_dir),
+        "requests": 4,
+        "adapters": 2,
+        "rank": 4,
+        "prompt_tokens": 8,
+        "new_tokens": 4,
+    }
     engine, reqs = profile._workload(cfg)
     sdpa, runner = F.scaled_dot_product_attention, engine.runner
     from torch.profiler import ProfilerActivity
@@ -56,13 +62,22 @@ def test_profile_labels_add_up_and_come_off(tiny_base_dir):
     assert not {"attend", "write_kv"} & set(vars(runner))
     assert not any("forward" in vars(m) for m in engine.base.model.modules())
     events = prof.events()
-    for kind, attention in (("step:prefill", "prefill_attention"),
-                            ("step:decode", "decode_attention")):  # fmt: skip
+    for kind, attention in (
+        ("step:prefill", "prefill_attention"),
+        ("step:decode", "decode_attention"),
+    ):
         split = profile.split(events, kind)
         assert split[attention] > 0 and split["base_matmul"] > 0 and split["lora"] > 0
         assert split["sampling"] > 0 and split["python_overhead"] > 0
-        parts = ("attention", "kv_write", "base_matmul", "lora", "sampling", "other_ops",
-                 "python_overhead")  # fmt: skip
+        parts = (
+            "attention",
+            "kv_write",
+            "base_matmul",
+            "lora",
+            "sampling",
+            "other_ops",
+            "python_overhead",
+        )
         assert abs(sum(split[p] for p in parts) - split["step"]) < 0.02 * split["step"]
     assert profile.split(events, "step:decode")["prefill_attention"] == 0
     moved = profile.decode_bytes(engine, rows=4, context=10, distinct=2)
@@ -78,9 +93,20 @@ def test_stream_probe_reports_each_kernel():
 
 def test_a_tiered_run_serves_every_request(tiny_base_dir, tmp_path):
     out = thousand.ensure_adapters(str(tiny_base_dir), 6, 2, tmp_path)
-    cfg = {"base": str(tiny_base_dir), "slots": 2, "batch": 2, "requests": 6, "rank": 2,
-           "prompt_tokens": 8, "new_tokens": 3, "dir": str(out), "cpu_cache": "1MB",
-           "loaders": 1, "popularity": "uniform", "adapters": 6}  # fmt: skip
+    cfg = {
+        "base": str(tiny_base_dir),
+        "slots": 2,
+        "batch": 2,
+        "requests": 6,
+        "rank": 2,
+        "prompt_tokens": 8,
+        "new_tokens": 3,
+        "dir": str(out),
+        "cpu_cache": "1MB",
+        "loaders": 1,
+        "popularity": "uniform",
+        "adapters": 6,
+    }
     r = thousand._variant(cfg)
     assert r["tokens"] == 6 * 3 and r["distinct"] == len(set(thousand.draw("uniform", 6, 6)))
     # Cold start: every distinct adapter is read from disk once at least, and its load timed.

@@ -15,8 +15,19 @@ from lorafleet.change.sampling import seen_edit
 from lorafleet.change.store import ChangeConfig, load_model
 from lorafleet.change.train import Trainer, apply_edits
 
-TINY_ARGS = ["--steps", "3", "--editor-steps", "3", "--width", "4", "--image-size", "16",
-             "--batch", "2", "--quiet"]  # fmt: skip
+TINY_ARGS = [
+    "--steps",
+    "3",
+    "--editor-steps",
+    "3",
+    "--width",
+    "4",
+    "--image-size",
+    "16",
+    "--batch",
+    "2",
+    "--quiet",
+]
 
 
 @pytest.fixture
@@ -29,8 +40,18 @@ def one_thread():
 
 
 def test_short_training_beats_identity_on_held_out_photos(tmp_path, one_thread):
-    cfg = ChangeConfig(image_size=16, width=8, dim=32, depth=1, editor_steps=20, steps=40,
-                       batch=8, editor_lr=5e-3, lr=2e-3, edit_types="invert")  # fmt: skip
+    cfg = ChangeConfig(
+        image_size=16,
+        width=8,
+        dim=32,
+        depth=1,
+        editor_steps=20,
+        steps=40,
+        batch=8,
+        editor_lr=5e-3,
+        lr=2e-3,
+        edit_types="invert",
+    )
     Trainer(cfg, tmp_path / "m").run()
     _, editor, hyper = load_model(tmp_path / "m")
     g = torch.Generator().manual_seed(5)
@@ -47,8 +68,16 @@ def test_short_training_beats_identity_on_held_out_photos(tmp_path, one_thread):
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
-    cfg = ChangeConfig(image_size=16, width=4, dim=16, depth=1, editor_steps=3, steps=4,
-                       batch=2, checkpoint_every=2)  # fmt: skip
+    cfg = ChangeConfig(
+        image_size=16,
+        width=4,
+        dim=16,
+        depth=1,
+        editor_steps=3,
+        steps=4,
+        batch=2,
+        checkpoint_every=2,
+    )
     whole = Trainer(cfg, tmp_path / "whole")
     whole.run()
     Trainer(cfg, tmp_path / "parts").run(stop_after=5)  # stops inside the hypernetwork phase
@@ -71,14 +100,39 @@ def test_cli_train_examples_apply_and_reuse_the_lora(tmp_path, run_cli):
     assert (model / "config.json").is_file() and (model / "checkpoint" / "state.json").is_file()
     assert run_cli("change", "examples", "--out", ex, "--edit", "tint")[0] == 0
     Image.new("RGB", (30, 22), (200, 40, 90)).save(tmp_path / "odd.png")
-    args = ["change", "apply", "-m", model, "--example-before", ex / "before.png",
-            "--example-after", ex / "after.png"]  # fmt: skip
-    code, out, err = run_cli(*args, "--input", tmp_path / "odd.png", "--out", tmp_path / "o.png",
-                             "--save-lora", tmp_path / "lora")  # fmt: skip
+    args = [
+        "change",
+        "apply",
+        "-m",
+        model,
+        "--example-before",
+        ex / "before.png",
+        "--example-after",
+        ex / "after.png",
+    ]
+    code, out, err = run_cli(
+        *args,
+        "--input",
+        tmp_path / "odd.png",
+        "--out",
+        tmp_path / "o.png",
+        "--save-lora",
+        tmp_path / "lora",
+    )
     assert code == 0, err
     assert Image.open(tmp_path / "o.png").size == (30, 22)
-    code, _, err = run_cli("change", "apply", "-m", model, "--lora", tmp_path / "lora",
-                           "--image", tmp_path / "odd.png", "-o", tmp_path / "o2.png")  # fmt: skip
+    code, _, err = run_cli(
+        "change",
+        "apply",
+        "-m",
+        model,
+        "--lora",
+        tmp_path / "lora",
+        "--image",
+        tmp_path / "odd.png",
+        "-o",
+        tmp_path / "o2.png",
+    )
     assert code == 0, err
     with Image.open(tmp_path / "o.png") as x, Image.open(tmp_path / "o2.png") as y:
         assert x.tobytes() == y.tobytes()
@@ -122,8 +176,20 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, run_cli):
     }
     for needle, extra in cases.items():
         if needle.startswith("not a `"):
-            code, _, err = run_cli("change", "apply", "-m", tmp_path, "--out", tmp_path / "o.png",
-                                   "--before", good, "--after", good, "--image", good)  # fmt: skip
+            code, _, err = run_cli(
+                "change",
+                "apply",
+                "-m",
+                tmp_path,
+                "--out",
+                tmp_path / "o.png",
+                "--before",
+                good,
+                "--after",
+                good,
+                "--image",
+                good,
+            )
         else:
             code, _, err = run_cli(*base, *extra)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (needle, err)

@@ -25,9 +25,17 @@ def reference_model(tokenizer, specs, gates, keep=None):
     def hook(name):
         def fn(module, args, y):
             x = args[0]
-            d = torch.stack([(x.double() @ dk[name + ".weight"].T if name + ".weight" in dk
-                              else torch.zeros_like(y, dtype=torch.float64)) for dk in deltas],
-                            dim=-2)  # [..., K, d_out]  # fmt: skip
+            d = torch.stack(
+                [
+                    (
+                        x.double() @ dk[name + ".weight"].T
+                        if name + ".weight" in dk
+                        else torch.zeros_like(y, dtype=torch.float64)
+                    )
+                    for dk in deltas
+                ],
+                dim=-2,
+            )  # [..., K, d_out]
             flat_x, flat_d = x.reshape(-1, x.shape[-1]), d.reshape(-1, *d.shape[-2:])
             feats = flat_d.reshape(flat_d.shape[0], -1) if gates.variant == "outputs" else flat_x
             feats = torch.nn.functional.normalize(feats.double(), dim=-1)

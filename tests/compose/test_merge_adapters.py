@@ -15,9 +15,12 @@ from lorafleet.compose import MergeError, merge_adapters
 RSLORA = {"r": 4, "lora_alpha": 8, "use_rslora": True}
 # Another rank, alpha, rank/alpha patterns and target set (k_proj, o_proj: not in RSLORA's).
 PATTERNED = {
-    "r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"o_proj": 3},
+    "r": 8,
+    "lora_alpha": 16,
+    "rank_pattern": {"q_proj": 2},
+    "alpha_pattern": {"o_proj": 3},
     "target_modules": ["q_proj", "k_proj", "o_proj"],
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +31,12 @@ def adapters(tokenizer):
 def test_one_adapter_at_weight_one_reproduces_it(tokenizer, adapters, input_ids):
     a = adapters[0]
     merged = merge_adapters([a], [1.0], "linear")
-    assert torch.allclose(merged_logits(tokenizer, merged, input_ids),
-                          merged_logits(tokenizer, a, input_ids), atol=1e-5, rtol=0)  # fmt: skip
+    assert torch.allclose(
+        merged_logits(tokenizer, merged, input_ids),
+        merged_logits(tokenizer, a, input_ids),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("method", ["linear", "cat"])
@@ -97,8 +104,9 @@ def test_written_merge_loads_in_peft_with_its_recipe(tokenizer, adapters, input_
     assert back.meta["merge"]["method"] == "ties" and back.meta["merge"]["density"] == 0.5
     assert 0 <= back.meta["merge"]["relative_error"] < 1
     peft_model = PeftModel.from_pretrained(tiny(tokenizer), str(tmp_path / "m")).eval()
-    assert torch.allclose(logits_of(peft_model, input_ids),
-                          merged_logits(tokenizer, merged, input_ids), atol=1e-6)  # fmt: skip
+    assert torch.allclose(
+        logits_of(peft_model, input_ids), merged_logits(tokenizer, merged, input_ids), atol=1e-6
+    )
 
 
 def test_dora_bone_bias_and_embeddings_are_refused(tokenizer):

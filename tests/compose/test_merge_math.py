@@ -125,8 +125,9 @@ def test_dense_merge_is_factored_to_the_sum_of_ranks_with_its_error_reported():
     f, g = _factors(0), _factors(1)
     out, report = merge_factors([{"m": f}, {"m": g}], [1.0, 1.0], "ties", density=0.5)
     assert out["m"].rank == 6
-    dense = combine_dense([f.dense(), g.dense()], [1.0, 1.0], "ties", density=0.5,
-                          seed=module_seed(0, "m"))  # fmt: skip
+    dense = combine_dense(
+        [f.dense(), g.dense()], [1.0, 1.0], "ties", density=0.5, seed=module_seed(0, "m")
+    )
     err = float((out["m"].dense() - dense).norm() / dense.norm())
     assert report["relative_error"] == pytest.approx(err, rel=1e-6)
 

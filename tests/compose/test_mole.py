@@ -66,8 +66,11 @@ def experts(tokenizer, tmp_path_factory, tiny_base_dir):
     fp = load_base(str(tiny_base_dir)).fingerprint
     root = tmp_path_factory.mktemp("experts")
     specs = []
-    kinds = [dict(r=4, lora_alpha=8), dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]),
-             dict(r=8, lora_alpha=8, use_rslora=True)]  # fmt: skip
+    kinds = [
+        dict(r=4, lora_alpha=8),
+        dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]),
+        dict(r=8, lora_alpha=8, use_rslora=True),
+    ]
     for i, lora in enumerate(kinds):
         adapter = make_adapter(tokenizer, seed=10 + i, **lora)
         adapter.meta = {"base_fingerprint": fp}
@@ -116,8 +119,9 @@ def test_mole_forward_equals_the_reference_and_masking(tokenizer, experts, input
 
 def _cfg(tiny_base_dir, experts, data, out, **kw):
     defaults = dict(steps=4, lr=5e-2, batch_size=4, save_every=2, chat=False, train_limit=8)
-    return MoleTrainConfig(base=str(tiny_base_dir), experts=experts, data=data, out=out,
-                           **{**defaults, **kw})  # fmt: skip
+    return MoleTrainConfig(
+        base=str(tiny_base_dir), experts=experts, data=data, out=out, **{**defaults, **kw}
+    )
 
 
 def test_only_the_gates_get_gradients(tokenizer, experts, input_ids):
@@ -132,8 +136,11 @@ def test_only_the_gates_get_gradients(tokenizer, experts, input_ids):
     assert trainable == {f"mole_gates.weight.{k}" for k in mole.gates.weight}
     assert len(trainable) == 8  # a gate per adapted layer: {q,v,o,down}_proj x 2 layers
     mole.model.train()
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-              "labels": input_ids}  # fmt: skip
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": input_ids,
+    }
     out = step.loss(mole.model, Batch(inputs, num_items=input_ids.numel() - 1, share=1.0, step=0))
     out.loss.backward()
     for n, p in mole.model.named_parameters():
@@ -145,10 +152,15 @@ def test_only_the_gates_get_gradients(tokenizer, experts, input_ids):
 def two_tasks(tmp_path_factory):
     """Two small prompt/completion files (sums and echoes), 8 rows each."""
     root = tmp_path_factory.mktemp("mole-data")
-    sums = [{"prompt": f"{a} plus {b} is", "completion": f" {a + b}"} for a in range(4)
-            for b in range(2)]  # fmt: skip
-    words = [{"prompt": f"say {w}:", "completion": f" {w}"} for w in
-             ["red", "blue", "green", "gold", "gray", "pink", "teal", "navy"]]  # fmt: skip
+    sums = [
+        {"prompt": f"{a} plus {b} is", "completion": f" {a + b}"}
+        for a in range(4)
+        for b in range(2)
+    ]
+    words = [
+        {"prompt": f"say {w}:", "completion": f" {w}"}
+        for w in ["red", "blue", "green", "gold", "gray", "pink", "teal", "navy"]
+    ]
     files = []
     for name, rows in (("sums", sums), ("words", words)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -186,8 +198,9 @@ def test_training_moves_only_the_gates_and_resume_equals_uninterrupted(
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
-    first = train_mole(_cfg(tiny_base_dir, experts, data, split, balance_weight=0.1),
-                       on_step=interrupt)  # fmt: skip
+    first = train_mole(
+        _cfg(tiny_base_dir, experts, data, split, balance_weight=0.1), on_step=interrupt
+    )
     assert first["interrupted"] and first["checkpoint"].endswith("step-0000002.pt")
     assert not (split / "gates.safetensors").exists()
     train_mole(_cfg(tiny_base_dir, experts, data, split, balance_weight=0.1, resume=True))

@@ -30,8 +30,11 @@ def moles(tokenizer, tmp_path_factory):
     fp = _base(tokenizer).fingerprint
     root = tmp_path_factory.mktemp("served-mole")
     specs = []
-    kinds = [dict(r=4, lora_alpha=8), dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]),
-             dict(r=8, lora_alpha=8)]  # fmt: skip
+    kinds = [
+        dict(r=4, lora_alpha=8),
+        dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]),
+        dict(r=8, lora_alpha=8),
+    ]
     for i, lora in enumerate(kinds):
         adapter = make_adapter(tokenizer, seed=50 + i, **lora)
         adapter.meta = {"base_fingerprint": fp}
@@ -70,11 +73,14 @@ def test_served_mole_equals_the_reference_next_to_plain_rows(tokenizer, moles, v
         served = serve_mole(engine, "mix", path)
         assert served.adapters == ["mix/e0", "mix/e1", "mix/e2"]
         prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-        requests = [(prompts[0], served.mixture(), PARAMS), (prompts[1], "plain", PARAMS),
-                    (prompts[2], served.mixture(["e1"]), PARAMS),
-                    (prompts[1], served.mixture(["e0", "e2"]), PARAMS),
-                    (prompts[1], "mix/e1", PARAMS),
-                    (prompts[2], served.mixture(), PARAMS)]  # fmt: skip
+        requests = [
+            (prompts[0], served.mixture(), PARAMS),
+            (prompts[1], "plain", PARAMS),
+            (prompts[2], served.mixture(["e1"]), PARAMS),
+            (prompts[1], served.mixture(["e0", "e2"]), PARAMS),
+            (prompts[1], "mix/e1", PARAMS),
+            (prompts[2], served.mixture(), PARAMS),
+        ]
         together = engine.generate(requests)  # one batch: MoLE rows next to plain rows
         alone = [engine.generate([r])[0] for r in requests]
     finally:
@@ -103,8 +109,12 @@ def test_served_mole_refusals(tokenizer, moles):
             served.mixture(["e0", "e1", "e2"])
     finally:
         engine.close()
-    other = Engine(Base("tiny", tiny(tokenizer), tokenizer, "another", None, False, 0.0),
-                   max_slots=4, max_rank=8, max_seq_len=64)  # fmt: skip
+    other = Engine(
+        Base("tiny", tiny(tokenizer), tokenizer, "another", None, False, 0.0),
+        max_slots=4,
+        max_rank=8,
+        max_seq_len=64,
+    )
     try:
         with pytest.raises(MoleError, match="gates trained on another base"):
             serve_mole(other, "mix", root / "mole-input")
@@ -120,10 +130,19 @@ def test_http_serves_a_mole_dir_by_name_with_masks(tokenizer, moles):
     from lorafleet.serve.api.server import EngineSettings, ServerThread, build_state
 
     root, _, _ = moles  # e0, e1, e2 and the MoLE dirs mole-outputs, mole-input side by side
-    settings = EngineSettings(max_adapters=4, max_rank=8, max_batch_size=8,
-                              max_batch_tokens=256, max_seq_len=64)  # fmt: skip
-    state = build_state(_base(tokenizer), root, AuthConfig.off(), settings,
-                        ServerConfig(model_name="tiny"), None, None, MoleCatalog)  # fmt: skip
+    settings = EngineSettings(
+        max_adapters=4, max_rank=8, max_batch_size=8, max_batch_tokens=256, max_seq_len=64
+    )
+    state = build_state(
+        _base(tokenizer),
+        root,
+        AuthConfig.off(),
+        settings,
+        ServerConfig(model_name="tiny"),
+        None,
+        None,
+        MoleCatalog,
+    )
     srv = ServerThread(state).start()
     try:
         cards = httpx.get(srv.url + "/v1/models", timeout=30).json()["data"]
@@ -131,16 +150,23 @@ def test_http_serves_a_mole_dir_by_name_with_masks(tokenizer, moles):
         assert card["experts"] == ["e0", "e1", "e2"]
 
         def text(model, **extra):
-            body = {"model": model, "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0,
-                    **extra}  # fmt: skip
+            body = {
+                "model": model,
+                "prompt": PROMPTS[1],
+                "max_tokens": 6,
+                "temperature": 0,
+                **extra,
+            }
             r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["text"]
 
         full, only_e1, e1 = text("mole-input"), text("mole-input", mask=["e0", "e2"]), text("e1")
         assert only_e1 == e1 and full != e1
-        for model, mask, message in (("mole-input", ["nope"], "not an expert of mole-input"),
-                                     ("e1", ["e0"], "is not one")):  # fmt: skip
+        for model, mask, message in (
+            ("mole-input", ["nope"], "not an expert of mole-input"),
+            ("e1", ["e0"], "is not one"),
+        ):
             body = {"model": model, "prompt": "hi", "max_tokens": 2, "mask": mask}
             r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
             assert r.status_code == 400 and message in r.json()["error"]["message"]
@@ -149,8 +175,9 @@ def test_http_serves_a_mole_dir_by_name_with_masks(tokenizer, moles):
         # LoRAX's /generate: the MoLE by adapter_id, parameters.mask as the OpenAI mask.
         def generated(adapter_id, **extra):
             params = {"adapter_id": adapter_id, "max_new_tokens": 6, **extra}
-            r = httpx.post(srv.url + "/generate", json={"inputs": PROMPTS[1], "parameters": params},
-                           timeout=60)  # fmt: skip
+            r = httpx.post(
+                srv.url + "/generate", json={"inputs": PROMPTS[1], "parameters": params}, timeout=60
+            )
             assert r.status_code == 200, r.text
             return r.json()["generated_text"]
 

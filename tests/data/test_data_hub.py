@@ -32,8 +32,9 @@ def _parquet(path, rows: list[dict]) -> None:
 
 def _configs_readme(repo, config: str, splits: dict[str, str]) -> None:
     files = "".join(f"  - split: {s}\n    path: {p}\n" for s, p in splits.items())
-    (repo / "README.md").write_text(f"---\nconfigs:\n- config_name: {config}\n  data_files:\n"
-                                    f"{files}---\n# mirror\n")  # fmt: skip
+    (repo / "README.md").write_text(
+        f"---\nconfigs:\n- config_name: {config}\n  data_files:\n{files}---\n# mirror\n"
+    )
 
 
 def _clutrr_hub_row(row: dict) -> dict:
@@ -41,8 +42,14 @@ def _clutrr_hub_row(row: dict) -> dict:
     story, asked = row["question"].split("\nQuestion: ")
     chain, kinship = row["answer"].split(" #### ")
     a, b = asked.removeprefix("How is [").removesuffix("]?").split("] related to [")
-    return {"id": str(row["id"]), "story": story, "query": str((b, a)), "target_text": kinship,
-            "f_comb": chain, "task_name": f"task_1.{row['k']}"}  # fmt: skip
+    return {
+        "id": str(row["id"]),
+        "story": story,
+        "query": str((b, a)),
+        "target_text": kinship,
+        "f_comb": chain,
+        "task_name": f"task_1.{row['k']}",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +57,14 @@ def hub_dir(tmp_path_factory):
     """<dir>/<owner>/<name>/ for the four datasets, as their hub repositories lay them out."""
     root = tmp_path_factory.mktemp("hub")
     sst2 = root / "stanfordnlp" / "sst2" / "data"
-    for split, rows in (("train", _rows(DATA / "sst2/train.tsv", SST2_TRAIN_ROWS)),
-                        ("validation", _rows(DATA / "sst2/validation.tsv"))):  # fmt: skip
-        rows = [{"idx": i, "sentence": r["sentence"], "label": int(r["label"])}
-                for i, r in enumerate(rows)]  # fmt: skip
+    for split, rows in (
+        ("train", _rows(DATA / "sst2/train.tsv", SST2_TRAIN_ROWS)),
+        ("validation", _rows(DATA / "sst2/validation.tsv")),
+    ):
+        rows = [
+            {"idx": i, "sentence": r["sentence"], "label": int(r["label"])}
+            for i, r in enumerate(rows)
+        ]
         _parquet(sst2 / f"{split}-00000-of-00001.parquet", rows)
     strategyqa = root / "ChilleD" / "StrategyQA" / "data"
     for split, name in (("train", "train"), ("test", "dev")):
@@ -76,22 +87,34 @@ def _shape(data) -> list[tuple]:
 
 
 # (task, split, limit): the hub path must give exactly the examples the local files give
-CASES = [("sst2", "train", 50), ("sst2", "validation", None), ("strategyqa", "train", None),
-         ("strategyqa", "validation", None), ("gsm8k", "train", 20), ("gsm8k", "validation", None),
-         ("clutrr", "train", 100), ("clutrr", "validation", 100)]  # fmt: skip
+CASES = [
+    ("sst2", "train", 50),
+    ("sst2", "validation", None),
+    ("strategyqa", "train", None),
+    ("strategyqa", "validation", None),
+    ("gsm8k", "train", 20),
+    ("gsm8k", "validation", None),
+    ("clutrr", "train", 100),
+    ("clutrr", "validation", 100),
+]
 
 
 def test_hub_datasets_give_the_local_examples(hub_dir, monkeypatch, tokenizer):
     monkeypatch.setenv("LORAFLEET_HUB_DIR", str(hub_dir))
-    local = {case: load_examples(case[0], tokenizer, split=case[1], limit=case[2], chat=False)
-             for case in CASES}  # fmt: skip
+    local = {
+        case: load_examples(case[0], tokenizer, split=case[1], limit=case[2], chat=False)
+        for case in CASES
+    }
     monkeypatch.setattr(tasks, "data_dir", lambda: None)  # no $LORAFLEET_DATA, no ../shared
     for task, split, limit in CASES:
         hub = load_examples(task, tokenizer, split=split, limit=limit, chat=False)
         expected = local[(task, split, limit)]
         assert _shape(hub) == _shape(expected), (task, split)
         assert (hub.name, hub.metric, hub.answer_marker) == (
-            expected.name, expected.metric, expected.answer_marker)  # fmt: skip
+            expected.name,
+            expected.metric,
+            expected.answer_marker,
+        )
         dataset = tasks.BUILTIN_TASKS[task].hub.dataset
         assert hub.examples[0].source.startswith(dataset + ":"), hub.examples[0].source
     # gsm8k's validation is still the last 500 rows of the hub's train split, disjoint from train

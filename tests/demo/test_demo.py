@@ -12,8 +12,9 @@ TASKS = ["sst2", "strategyqa", "clutrr"]
 
 def test_demo_quick_trains_scores_and_reuses(run_cli, tiny_base_dir, tmp_path):
     out = tmp_path / "demo"
-    code, stdout, err = run_cli("demo", "--quick", "--no-serve", "--base", tiny_base_dir,
-                                "--out", out)  # fmt: skip
+    code, stdout, err = run_cli(
+        "demo", "--quick", "--no-serve", "--base", tiny_base_dir, "--out", out
+    )
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert list(results["tasks"]) == TASKS
@@ -30,8 +31,9 @@ def test_demo_quick_trains_scores_and_reuses(run_cli, tiny_base_dir, tmp_path):
 
     weights = out / "adapters" / "sst2" / "adapter_model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    code, stdout, err = run_cli("demo", "--quick", "--no-serve", "--base", tiny_base_dir,
-                                "--out", out, "--task", "sst2")  # fmt: skip
+    code, stdout, err = run_cli(
+        "demo", "--quick", "--no-serve", "--base", tiny_base_dir, "--out", out, "--task", "sst2"
+    )
     assert code == 0 and "reused from" in err and "scoring" not in err  # adapter and figures
     assert weights.stat().st_mtime_ns == stamp and "cached" in stdout
 

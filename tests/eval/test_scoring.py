@@ -12,12 +12,20 @@ from lorafleet.eval import evaluate
 from lorafleet.eval.scoring import choice_logprobs, generate_greedy, token_loss
 
 EXAMPLES = [
-    Example(prompt="Review: a joyless slog\nSentiment:", target=" negative",
-            choices=(" negative", " positive"), label=0),
-    Example(prompt="Review: warm , funny and wise\nSentiment:", target=" positive",
-            choices=(" negative", " positive"), label=1),
+    Example(
+        prompt="Review: a joyless slog\nSentiment:",
+        target=" negative",
+        choices=(" negative", " positive"),
+        label=0,
+    ),
+    Example(
+        prompt="Review: warm , funny and wise\nSentiment:",
+        target=" positive",
+        choices=(" negative", " positive"),
+        label=1,
+    ),
     Example(prompt="Q: pick one\nA:", target=" b", choices=(" a", " b", " c"), label=1),
-]  # fmt: skip
+]
 
 
 def _ids(tokenizer, text):
@@ -80,6 +88,7 @@ def test_cli_eval_writes_json(run_cli, tiny_base_dir, tmp_path):
 
 
 def test_cli_eval_unknown_metric_is_a_one_line_error(run_cli, tiny_base_dir):
-    code, _, err = run_cli("eval", "--base", tiny_base_dir, "--data", "sst2", "--limit", "2",
-                           "--metric", "bleu")  # fmt: skip
+    code, _, err = run_cli(
+        "eval", "--base", tiny_base_dir, "--data", "sst2", "--limit", "2", "--metric", "bleu"
+    )
     assert code == 2 and "unknown metric 'bleu'" in err

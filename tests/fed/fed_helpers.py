@@ -28,10 +28,20 @@ def write_reviews(path: Path, n: int, seed: int = 0) -> Path:
 def fed_options(base: Path, train: Path, val: Path, out: Path, **overrides) -> list[str]:
     """`lorafleet fed simulate|server` options for a quick run on the tiny model."""
     options = {
-        "--base": base, "--data": train, "--val": val, "--out": out, "--clients": 2,
-        "--rounds": 2, "--local-steps": 2, "--batch-size": 4, "--rank": 4, "--alpha": 8,
-        "--lr": 5e-3, "--max-length": 64, "--eval-limit": 8,
-    }  # fmt: skip
+        "--base": base,
+        "--data": train,
+        "--val": val,
+        "--out": out,
+        "--clients": 2,
+        "--rounds": 2,
+        "--local-steps": 2,
+        "--batch-size": 4,
+        "--rank": 4,
+        "--alpha": 8,
+        "--lr": 5e-3,
+        "--max-length": 64,
+        "--eval-limit": 8,
+    }
     options.update({f"--{k.replace('_', '-')}": v for k, v in overrides.items()})
     args: list[str] = []
     for key, value in options.items():

@@ -73,8 +73,19 @@ def test_written_global_model_is_the_exact_average_of_the_clients(fedex_run):
 def test_eval_and_generate_use_the_global_model(fedex_run, tiny_base_dir, reviews, run_cli):
     out = fedex_run
     _, val = reviews
-    args = ["--base", tiny_base_dir, "--data", val, "--no-chat", "--batch-size", "4",
-            "--max-length", "64", "--limit", "8"]  # fmt: skip
+    args = [
+        "--base",
+        tiny_base_dir,
+        "--data",
+        val,
+        "--no-chat",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "64",
+        "--limit",
+        "8",
+    ]
     code, _, err = run_cli("eval", *args, "--fed", out, "--json", out / "eval-fed.json")
     assert code == 0, err
     code, _, err = run_cli("eval", *args, "--json", out / "eval-base.json")
@@ -86,16 +97,41 @@ def test_eval_and_generate_use_the_global_model(fedex_run, tiny_base_dir, review
     assert fed["loss"] == pytest.approx(recorded["loss"], rel=1e-4)
     assert abs(fed["loss"] - plain["loss"]) > 1e-3
     # Leaving out the residual changes the model: the residual is part of the global model.
-    code, _, err = run_cli("eval", *args, "--adapter", out / "global" / "adapter",
-                           "--json", out / "eval-adapter-only.json")  # fmt: skip
+    code, _, err = run_cli(
+        "eval",
+        *args,
+        "--adapter",
+        out / "global" / "adapter",
+        "--json",
+        out / "eval-adapter-only.json",
+    )
     assert code == 0, err
     adapter_only = json.loads((out / "eval-adapter-only.json").read_text())
     assert abs(adapter_only["loss"] - fed["loss"]) > 1e-6
-    code, text, err = run_cli("generate", "--base", tiny_base_dir, "--fed", out, "--prompt",
-                              "a great film", "--max-tokens", "4", "--no-chat")  # fmt: skip
+    code, text, err = run_cli(
+        "generate",
+        "--base",
+        tiny_base_dir,
+        "--fed",
+        out,
+        "--prompt",
+        "a great film",
+        "--max-tokens",
+        "4",
+        "--no-chat",
+    )
     assert code == 0 and text.strip(), err
-    code, _, err = run_cli("generate", "--base", tiny_base_dir, "--fed", out, "--adapter",
-                           out / "global" / "adapter", "--prompt", "x")  # fmt: skip
+    code, _, err = run_cli(
+        "generate",
+        "--base",
+        tiny_base_dir,
+        "--fed",
+        out,
+        "--adapter",
+        out / "global" / "adapter",
+        "--prompt",
+        "x",
+    )
     assert code == 2 and "not both" in err
 
 
@@ -105,8 +141,16 @@ def test_fedavg_split_by_a_field_has_no_residual_and_reports_its_error(
     from lorafleet.cli import main
 
     out = tmp_path / "avg"
-    args = fed_options(tiny_base_dir, *reviews, out, rounds=1, clients=3, aggregation="fedavg",
-                       split="dirichlet:0.2", split_by="genre")  # fmt: skip
+    args = fed_options(
+        tiny_base_dir,
+        *reviews,
+        out,
+        rounds=1,
+        clients=3,
+        aggregation="fedavg",
+        split="dirichlet:0.2",
+        split_by="genre",
+    )
     assert main(["fed", "simulate", *args]) == 0
     residual, _ = read_residual(out / "global" / "residual.safetensors")
     assert residual == {}
@@ -156,8 +200,20 @@ def test_flower_commands_check_input_and_write_the_app(tiny_base_dir, reviews, t
     code, _, err = run_cli("fed", "server", *args)
     assert code == 2 and "--root-certificates" in err
     app_dir = tmp_path / "app"
-    code, _, err = run_cli("fed", "app", "-b", tiny_base_dir, "-d", reviews[0], "-o",
-                           tmp_path / "o", "--app-dir", app_dir, "--rounds", "5")  # fmt: skip
+    code, _, err = run_cli(
+        "fed",
+        "app",
+        "-b",
+        tiny_base_dir,
+        "-d",
+        reviews[0],
+        "-o",
+        tmp_path / "o",
+        "--app-dir",
+        app_dir,
+        "--rounds",
+        "5",
+    )
     assert code == 0, err
     text = (app_dir / "pyproject.toml").read_text()  # TOML, read as text (py3.10 has no tomllib)
     assert 'clientapp = "lorafleet.fed.flower:client_app"' in text

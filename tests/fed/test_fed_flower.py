@@ -67,9 +67,20 @@ def _tensors(path: Path) -> dict:
 
 def test_flower_run_with_a_restart_equals_the_simulation(tiny_base_dir, reviews, tmp_path):
     train, val = reviews
-    common = dict(clients=2, rounds=2, local_steps=2, batch_size=4, rank=4, alpha=8, lr=5e-3,
-                  max_length=64, eval_limit=8, chat=False, split="dirichlet:1.0",
-                  seed=3)  # fmt: skip
+    common = dict(
+        clients=2,
+        rounds=2,
+        local_steps=2,
+        batch_size=4,
+        rank=4,
+        alpha=8,
+        lr=5e-3,
+        max_length=64,
+        eval_limit=8,
+        chat=False,
+        split="dirichlet:1.0",
+        seed=3,
+    )
     sim = tmp_path / "sim"
     run_simulation(
         FedConfig(base=str(tiny_base_dir), data=str(train), val=str(val), out=sim, **common),
@@ -84,43 +95,77 @@ def test_flower_run_with_a_restart_equals_the_simulation(tiny_base_dir, reviews,
         log = tmp_path / f"{name}.log"
         home = tmp_path / f"flwr-{name}"  # each Flower process keeps its own FLWR_HOME
         proc = subprocess.Popen(
-            cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            cmd,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**env, "FLWR_HOME": str(home)},
-        )  # fmt: skip
+        )
         procs.append(proc)
         return proc, log
 
     try:
-        link, link_log = start("superlink", [
-            flower_tool("flower-superlink"), "--insecure", "--port", str(link_port),
-            "--disable-runtime-dependency-installation",
-        ])  # fmt: skip
+        link, link_log = start(
+            "superlink",
+            [
+                flower_tool("flower-superlink"),
+                "--insecure",
+                "--port",
+                str(link_port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         _wait_for_port(link_port, link, link_log)
         for k in range(2):
             node_port = _free_port()
-            node, node_log = start(f"supernode{k}", [
-                sys.executable, "-m", "lorafleet.cli", "fed", "client", "--superlink",
-                f"127.0.0.1:{link_port}", "--insecure", "--partition", str(k),
-                "--partitions", "2", "--port", str(node_port),
-            ])  # fmt: skip
+            node, node_log = start(
+                f"supernode{k}",
+                [
+                    sys.executable,
+                    "-m",
+                    "lorafleet.cli",
+                    "fed",
+                    "client",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--insecure",
+                    "--partition",
+                    str(k),
+                    "--partitions",
+                    "2",
+                    "--port",
+                    str(node_port),
+                ],
+            )
             _wait_for_port(node_port, node, node_log)
 
         out = tmp_path / "flower"
         options = fed_options(
             tiny_base_dir, train, val, out, rounds=1, split="dirichlet:1.0", seed=3
         )
-        server = [sys.executable, "-m", "lorafleet.cli", "fed", "server", *options,
-                  "--superlink", f"127.0.0.1:{link_port}", "--insecure"]  # fmt: skip
-        first = subprocess.run(server, capture_output=True, text=True, env=env,
-                               timeout=SERVER_TIMEOUT_S)  # fmt: skip
+        server = [
+            sys.executable,
+            "-m",
+            "lorafleet.cli",
+            "fed",
+            "server",
+            *options,
+            "--superlink",
+            f"127.0.0.1:{link_port}",
+            "--insecure",
+        ]
+        first = subprocess.run(
+            server, capture_output=True, text=True, env=env, timeout=SERVER_TIMEOUT_S
+        )
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
         rounds = json.loads((out / "metrics.json").read_text())["rounds"]
         assert [r["round"] for r in rounds] == [0, 1]
         # The server process is gone; a new one continues after the saved round.
         resumed = [*server, "--resume"]
         resumed[resumed.index("--rounds") + 1] = "2"
-        second = subprocess.run(resumed, capture_output=True, text=True, env=env,
-                                timeout=SERVER_TIMEOUT_S)  # fmt: skip
+        second = subprocess.run(
+            resumed, capture_output=True, text=True, env=env, timeout=SERVER_TIMEOUT_S
+        )
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     finally:
         _stop(procs)

@@ -18,8 +18,18 @@ RESUME_ATOL = 1e-6  # same operations in the same order: equal up to float noise
 
 def _config(base, reviews, out, **kw):
     train, val = reviews
-    defaults = dict(clients=3, rounds=1, local_steps=2, batch_size=4, rank=4, alpha=8, lr=5e-3,
-                    max_length=64, eval_limit=8, chat=False)  # fmt: skip
+    defaults = dict(
+        clients=3,
+        rounds=1,
+        local_steps=2,
+        batch_size=4,
+        rank=4,
+        alpha=8,
+        lr=5e-3,
+        max_length=64,
+        eval_limit=8,
+        chat=False,
+    )
     return FedConfig(base=str(base), data=str(train), val=str(val), out=out, **{**defaults, **kw})
 
 
@@ -66,8 +76,9 @@ def test_crashed_or_slow_clients_are_skipped_and_min_clients_decides(
 
 def test_a_stopped_server_resumes_to_the_same_result(tiny_base_dir, reviews, tmp_path):
     straight = tmp_path / "straight"
-    run_simulation(_config(tiny_base_dir, reviews, straight, rounds=2, clients=2),
-                   show_progress=False)  # fmt: skip
+    run_simulation(
+        _config(tiny_base_dir, reviews, straight, rounds=2, clients=2), show_progress=False
+    )
 
     def stop(round_, client):
         if round_ == 2 and client == 1:
@@ -75,11 +86,16 @@ def test_a_stopped_server_resumes_to_the_same_result(tiny_base_dir, reviews, tmp
 
     split = tmp_path / "split"
     with pytest.raises(KeyboardInterrupt):
-        run_simulation(_config(tiny_base_dir, reviews, split, rounds=2, clients=2),
-                       before_client=stop, show_progress=False)  # fmt: skip
+        run_simulation(
+            _config(tiny_base_dir, reviews, split, rounds=2, clients=2),
+            before_client=stop,
+            show_progress=False,
+        )
     assert [r["round"] for r in _rounds(split)] == [0, 1]
-    result = run_simulation(_config(tiny_base_dir, reviews, split, rounds=2, clients=2,
-                                    resume=True), show_progress=False)  # fmt: skip
+    result = run_simulation(
+        _config(tiny_base_dir, reviews, split, rounds=2, clients=2, resume=True),
+        show_progress=False,
+    )
     assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
     a, b = _adapter(split), _adapter(straight)
     for key in a:

@@ -24,8 +24,10 @@ def _projections(bias: bool = False):
     """Three MultiLoRALinear over one context with LoRA slots of mixed ranks, a DoRA ratio and
     a Bat delta in slots 3 and 4 of the first, and an un-adapted third one."""
     context = MultiLoRAContext()
-    layers = [MultiLoRALinear(_linear(16, d, i, bias), context, 4, 4, f"p{i}")
-              for i, d in enumerate((16, 8, 8))]  # fmt: skip
+    layers = [
+        MultiLoRALinear(_linear(16, d, i, bias), context, 4, 4, f"p{i}")
+        for i, d in enumerate((16, 8, 8))
+    ]
     gen = torch.Generator().manual_seed(0)
     for layer in layers[:2]:
         d_out, d_in = layer.base_layer.weight.shape

@@ -157,11 +157,21 @@ def tiny_gemma(vocab_size: int) -> Gemma3ForCausalLM:
     """A 2-layer, 64-wide Gemma 3 (sliding + full attention), seed 0."""
     torch.manual_seed(0)
     config = Gemma3TextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
-        initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     return Gemma3ForCausalLM(config).eval()
 
 

@@ -204,7 +204,7 @@ def adapters(tokenizer, tmp_path_factory):
         LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"),
         LoraConfig(
             r=8, lora_alpha=16, use_rslora=True, target_modules=TARGETS, task_type="CAUSAL_LM"
-        ),  # fmt: skip
+        ),
         LoraConfig(
             r=2,
             lora_alpha=4,
@@ -212,7 +212,7 @@ def adapters(tokenizer, tmp_path_factory):
             rank_pattern={"layers.1.self_attn.q_proj": 6},
             alpha_pattern={"v_proj": 3},
             task_type="CAUSAL_LM",
-        ),  # fmt: skip
+        ),
     ]
     root = tmp_path_factory.mktemp("adapters")
     return [_peft_adapter(tokenizer, c, 10 + i, root / str(i)) for i, c in enumerate(configs)]
@@ -239,8 +239,13 @@ def test_mixed_batch_matches_peft_per_adapter(tokenizer, adapters):
     assert handle.layers["model.layers.1.self_attn.q_proj"].ranks == [0, 4, 8, 6]
     assert handle.layers["model.layers.0.mlp.up_proj"].ranks == [0, 4, 8, 0]
 
-    prompts = ["The film was a delight.", "Tell me a joke about cats and dogs please", "Hi",
-               "The film was a delight.", "Two plus two is"]  # fmt: skip
+    prompts = [
+        "The film was a delight.",
+        "Tell me a joke about cats and dogs please",
+        "Hi",
+        "The film was a delight.",
+        "Two plus two is",
+    ]
     ids, mask = _batch(tokenizer, prompts)
     row_slots = [0, 1, 2, 3, 1]
     references = {0: tiny_llama(0, vocab_size=len(tokenizer))}

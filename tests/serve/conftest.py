@@ -81,9 +81,12 @@ def reference(tokenizer, adapters):
                 models[adapter] = model if adapter is None else attach(model, adapters[adapter])
             x = torch.tensor([list(ids)])
             out = models[adapter].generate(
-                input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
-                do_sample=False, pad_token_id=tokenizer.pad_token_id,
-            )  # fmt: skip
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             cache[key] = out[0, x.shape[1] :].tolist()
         return cache[key]
 
@@ -109,24 +112,32 @@ def disk(tmp_path_factory, tokenizer, adapters, base_fp) -> Path:
     root = tmp_path_factory.mktemp("adapters")
     for name, a in adapters.items():
         write_adapter(root / name, Adapter(a.config, a.tensors, {"base_fingerprint": base_fp}))
-    lora4b = peft_adapter(tokenizer, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), 40,
-                          base_fp)  # fmt: skip
+    lora4b = peft_adapter(
+        tokenizer, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), 40, base_fp
+    )
     write_adapter(root / "lora4b", lora4b)
     return root
 
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> list[list[int]]:
-    texts = ["The film was a delight.", "Tell me a joke", "Hi", "Two plus two is",
-             "Once upon a time", "Question: what is the capital of France? Answer:"]  # fmt: skip
+    texts = [
+        "The film was a delight.",
+        "Tell me a joke",
+        "Hi",
+        "Two plus two is",
+        "Once upon a time",
+        "Question: what is the capital of France? Answer:",
+    ]
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
 @pytest.fixture(scope="module")
 def expected(tokenizer, disk, prompts) -> dict:
     """(adapter, prompt index) -> greedy tokens from an engine with the adapters loaded directly."""
-    engine = Engine(tiny_base(tokenizer), max_slots=4, max_rank=8, max_seq_len=128,
-                    max_batch_size=32)  # fmt: skip
+    engine = Engine(
+        tiny_base(tokenizer), max_slots=4, max_rank=8, max_seq_len=128, max_batch_size=32
+    )
     for name in NAMES:
         engine.load_adapter(name, read_adapter(disk / name))
     keys = [(n, i) for n in [None, *NAMES] for i in range(len(prompts))]
@@ -140,8 +151,13 @@ def make(tokenizer, disk):
     made = []
 
     def build(adapters_dir=disk, *, max_slots=4, max_batch_size=16, **kwargs):
-        engine = Engine(tiny_base(tokenizer), max_slots=max_slots, max_rank=8, max_seq_len=128,
-                        max_batch_size=max_batch_size)  # fmt: skip
+        engine = Engine(
+            tiny_base(tokenizer),
+            max_slots=max_slots,
+            max_rank=8,
+            max_seq_len=128,
+            max_batch_size=max_batch_size,
+        )
         registry = AdapterRegistry(engine, adapters_dir, **kwargs)
         made.append(registry)
         return engine, registry

@@ -75,8 +75,9 @@ def test_cancel_frees_kv_and_others_finish(make_engine, reference, prompt_ids):
     engine = make_engine(max_batch_size=4)
     plan = [(prompt_ids[0], "lora4"), (prompt_ids[1], "rslora8"), (prompt_ids[3], None)]
     events = []
-    ids = [engine.add_request(p, n, GREEDY, events.append if n == "rslora8" else None)
-           for p, n in plan]  # fmt: skip
+    ids = [
+        engine.add_request(p, n, GREEDY, events.append if n == "rslora8" else None) for p, n in plan
+    ]
     fourth = engine.add_request(prompt_ids[5], "attn2", GREEDY)
     engine.step()
     engine.step()
@@ -271,8 +272,9 @@ def test_stop_ids_and_stop_strings(make_engine, reference, prompt_ids, tokenizer
     assert_idle(engine)
 
 
-def test_failed_forward_fails_its_batch_not_the_engine(make_engine, reference, prompt_ids,
-                                                      monkeypatch):  # fmt: skip
+def test_failed_forward_fails_its_batch_not_the_engine(
+    make_engine, reference, prompt_ids, monkeypatch
+):
     engine = make_engine()
     first = engine.add_request(prompt_ids[0], "lora4", GREEDY)
 

@@ -64,8 +64,9 @@ def test_mixed_batch_of_base_single_and_mixture_rows(engine, prompt_ids):
 
 
 def test_one_adapter_at_weight_one_is_that_adapter(engine, prompt_ids):
-    plain, as_mix = engine.generate([(prompt_ids[0], "one", GREEDY),
-                                     (prompt_ids[0], [("one", 1.0)], GREEDY)])  # fmt: skip
+    plain, as_mix = engine.generate(
+        [(prompt_ids[0], "one", GREEDY), (prompt_ids[0], [("one", 1.0)], GREEDY)]
+    )
     assert as_mix.adapter == "one" and as_mix.token_ids == plain.token_ids
 
 
@@ -83,10 +84,13 @@ def test_running_mixture_pins_all_its_adapters(engine, prompt_ids):
 
 
 def test_bad_mixtures(engine, prompt_ids):
-    for spec, match in [([("one", float("nan"))], "weight for one must be finite"),
-                        ([("one", 1.0), ("one", 2.0)], "names an adapter twice"),
-                        ([], "at least one"), ([("one", True)], "must be finite"),
-                        ([("", 1.0)], "non-empty string")]:  # fmt: skip
+    for spec, match in [
+        ([("one", float("nan"))], "weight for one must be finite"),
+        ([("one", 1.0), ("one", 2.0)], "names an adapter twice"),
+        ([], "at least one"),
+        ([("one", True)], "must be finite"),
+        ([("", 1.0)], "non-empty string"),
+    ]:
         with pytest.raises(LorafleetError, match=match) as err:
             engine.add_request(prompt_ids[0], spec)
         assert "\n" not in str(err.value)

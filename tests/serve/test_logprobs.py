@@ -34,8 +34,9 @@ def check_logprob(entry, position_logp: torch.Tensor, token: int, k: int) -> Non
     assert abs(entry.logprob - float(position_logp[token])) < ATOL
     want = torch.topk(position_logp, k)
     assert [i for i, _ in entry.top] == want.indices.tolist()
-    torch.testing.assert_close(torch.tensor([v for _, v in entry.top]), want.values,
-                               atol=ATOL, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor([v for _, v in entry.top]), want.values, atol=ATOL, rtol=0
+    )
 
 
 def test_generated_and_prompt_logprobs_match_peft(make_engine, prompt_ids, peft_ref):
@@ -48,7 +49,7 @@ def test_generated_and_prompt_logprobs_match_peft(make_engine, prompt_ids, peft_
             "rslora8",
             prompt_ids[1],
             SamplingParams(max_tokens=6, temperature=0.7, top_k=20, seed=3, logprobs=2),
-        ),  # fmt: skip
+        ),
         ("attn2", prompt_ids[4], SamplingParams(max_tokens=4, prompt_logprobs=0)),
         ("lora4", prompt_ids[5], SamplingParams(max_tokens=5)),
     ]

@@ -16,8 +16,13 @@ from lorafleet.serve import Engine, SamplingParams, Sequence
 # max |logit - float32 logit| on the tiny model (logits span about +-5), measured over 3 prompts
 # with and without an adapter: 0.13 (bfloat16), 0.07 (int8), 0.09 (bfloat16 + int8), 0.94 (int4;
 # the tiny model's random weights are harder to quantise than trained ones); bounds ~2x that.
-BOUNDS = {("bfloat16", "none"): 0.25, ("float32", "int8"): 0.15, ("float32", "int4"): 2.0,
-          ("bfloat16", "int8"): 0.2, ("bfloat16", "int4"): 2.0}  # fmt: skip
+BOUNDS = {
+    ("bfloat16", "none"): 0.25,
+    ("float32", "int8"): 0.15,
+    ("float32", "int4"): 2.0,
+    ("bfloat16", "int8"): 0.2,
+    ("bfloat16", "int4"): 2.0,
+}
 
 
 def _last_logits(engine: Engine, ids: list[int], adapter: str | None = None) -> torch.Tensor:
@@ -49,8 +54,14 @@ def reference(tokenizer, adapters):
 def test_logits_stay_near_float32_with_and_without_an_adapter(
     tokenizer, adapters, reference, dtype, quantize
 ):
-    engine = Engine(tiny_base(tokenizer), max_slots=2, max_rank=8, max_seq_len=64,
-                    dtype=dtype, quantize=quantize)  # fmt: skip
+    engine = Engine(
+        tiny_base(tokenizer),
+        max_slots=2,
+        max_rank=8,
+        max_seq_len=64,
+        dtype=dtype,
+        quantize=quantize,
+    )
     engine.load_adapter("lora4", adapters["lora4"])  # float32 tensors, cast into the slots
     layer = engine.handle.layers["model.layers.0.self_attn.q_proj"]
     assert layer.lora_A.dtype == engine.kv.k.dtype == getattr(torch, dtype)
@@ -77,8 +88,7 @@ def test_greedy_tokens_match_float32_with_int8(tokenizer, adapters):
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:4]]
     runs = {}
     for q in ("none", quantize):
-        engine = Engine(tiny_base(tokenizer), max_slots=2, max_rank=8, max_seq_len=64,
-                        quantize=q)  # fmt: skip
+        engine = Engine(tiny_base(tokenizer), max_slots=2, max_rank=8, max_seq_len=64, quantize=q)
         engine.load_adapter("lora4", adapters["lora4"])
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         outs = engine.generate([(p, a, params) for p in prompts for a in (None, "lora4")])

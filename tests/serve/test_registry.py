@@ -26,7 +26,11 @@ def test_serves_adapters_from_disk_like_a_direct_load(make, prompts, expected, r
     assert len({tuple(expected[(n, 0)]) for n in [None, *NAMES]}) == 5
     stats = registry.stats()
     assert {k: stats[k] for k in ("misses", "loads", "failures", "evictions_slot")} == {
-        "misses": 4, "loads": 4, "failures": 0, "evictions_slot": 0}  # fmt: skip
+        "misses": 4,
+        "loads": 4,
+        "failures": 0,
+        "evictions_slot": 0,
+    }
     assert (stats["resident"], stats["cpu_adapters"]) == (4, 4) and stats["cpu_mb"] > 0
     assert all(thread != "MainThread" for _, thread in reads)  # read off the caller's thread
     # Resident now: served again without touching the disk; each request (5 name an
@@ -206,8 +210,9 @@ def test_a_stepping_thread_and_client_threads(make, prompts, expected):
     assert registry.stats()["failures"] == 0
 
 
-def test_staging_to_the_slots_format_runs_on_a_loader_thread(make, monkeypatch, prompts,
-                                                              expected, reads):  # fmt: skip
+def test_staging_to_the_slots_format_runs_on_a_loader_thread(
+    make, monkeypatch, prompts, expected, reads
+):
     """Slots on another device or dtype (a GPU) get a converted copy made off the step thread,
     also for an adapter coming back from CPU memory; the CPU tier keeps the original."""
     real, copies = registry_module.to_slot_format, []

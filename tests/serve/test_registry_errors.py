@@ -41,8 +41,9 @@ def bad_dir(tmp_path, tokenizer, disk, base_fp) -> Path:
     write_nan(disk / "lora4", root / "nan")
     good = read_adapter(disk / "lora4")
     other_fp = fingerprint(tiny_llama(1, vocab_size=len(tokenizer)))
-    write_adapter(root / "otherbase", Adapter(good.config, good.tensors,
-                                              {"base_fingerprint": other_fp}))  # fmt: skip
+    write_adapter(
+        root / "otherbase", Adapter(good.config, good.tensors, {"base_fingerprint": other_fp})
+    )
     shapes = dict(good.tensors)
     key = sorted(k for k in shapes if "lora_A" in k)[0]
     shapes[key] = torch.zeros(4, 65)
@@ -103,8 +104,12 @@ def test_names_and_paths_are_checked(make, disk, tmp_path):
     for name in ["../x", "", "a/b", "x" * 65, "..", ".", "a b", None, "é"]:
         with pytest.raises(LorafleetError, match="invalid adapter name"):
             registry.add(name, "group/tenant1")
-    for path in [tmp_path / "outside", "../outside", root / "group" / ".." / ".." / "outside",
-                 "link"]:  # fmt: skip
+    for path in [
+        tmp_path / "outside",
+        "../outside",
+        root / "group" / ".." / ".." / "outside",
+        "link",
+    ]:
         with pytest.raises(LorafleetError, match="outside the adapters directory"):
             registry.add("out", path)
     with pytest.raises(LorafleetError, match="not an adapter directory"):

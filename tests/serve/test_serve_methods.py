@@ -55,8 +55,10 @@ def test_rows_of_every_method_match_peft_in_one_batch(tokenizer, method_adapters
 
     ids = torch.tensor([tokenizer("The film was a delight from start to finish.")["input_ids"]])
     row_slots = [0, 1, 2, 3, 4, 2, 4, 1]
-    refs = {s: _peft(tokenizer, method_adapters[n] if s else None)(input_ids=ids).logits[0]
-            for s, n in enumerate([None, *names])}  # fmt: skip
+    refs = {
+        s: _peft(tokenizer, method_adapters[n] if s else None)(input_ids=ids).logits[0]
+        for s, n in enumerate([None, *names])
+    }
     for s in (1, 2, 3, 4):  # every adapter moves the logits, and DoRA is not its plain LoRA
         assert (refs[s] - refs[0]).abs().max() > 1e-2, s
     batch = ids.repeat(len(row_slots), 1)
@@ -100,9 +102,13 @@ def test_engine_greedy_parity_for_every_method(tokenizer, method_adapters, promp
     seen = set()
     for rid, prompt, name in zip(rids, prompt_ids, plan, strict=True):
         x = torch.tensor([prompt])
-        ref = models[name].generate(input_ids=x, attention_mask=torch.ones_like(x),
-                                    max_new_tokens=8, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        ref = models[name].generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         assert outputs[rid].token_ids == ref[0, x.shape[1] :].tolist(), name
         seen.add(tuple(ref[0, x.shape[1] :].tolist()))
     assert len(seen) >= 5  # the methods differ from each other and the base

@@ -21,6 +21,21 @@ def arithmetic_file(tmp_path_factory):
 
 def train_args(base_dir, data, out, *extra):
     return [
-        "train", "--base", str(base_dir), "--data", str(data), "--out", str(out),
-        "--batch-size", "4", "--lr", "5e-3", "--rank", "4", "--alpha", "8", "--no-chat", *extra,
-    ]  # fmt: skip
+        "train",
+        "--base",
+        str(base_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--lr",
+        "5e-3",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--no-chat",
+        *extra,
+    ]

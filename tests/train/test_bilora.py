@@ -30,8 +30,16 @@ ATOL = 1e-5
 
 
 def _config(base, data, out, **kw):
-    defaults = dict(batch_size=4, lr=2e-2, rank=4, chat=False, save_every=2, steps=6,
-                    method="bilora", warmup=0.0)  # fmt: skip
+    defaults = dict(
+        batch_size=4,
+        lr=2e-2,
+        rank=4,
+        chat=False,
+        save_every=2,
+        steps=6,
+        method="bilora",
+        warmup=0.0,
+    )
     return TrainConfig(base=str(base), data=str(data), out=out, **{**defaults, **kw})
 
 
@@ -69,8 +77,11 @@ def test_split_is_seeded_stable_and_disjoint():
 
 
 def test_options_are_checked():
-    assert bilora_options("bilora") == {"bilevel": "first", "bilevel_split": 0.8,
-                                        "ortho_weight": 0.1}  # fmt: skip
+    assert bilora_options("bilora") == {
+        "bilevel": "first",
+        "bilevel_split": 0.8,
+        "ortho_weight": 0.1,
+    }
     assert bilora_options("lora") == {}
     with pytest.raises(LorafleetError, match="^--bilevel-split applies to --method bilora only"):
         bilora_options("lora", bilevel_split=0.5)
@@ -135,8 +146,11 @@ def test_first_order_alternates_levels_and_saves_plain_lora_peft_loads(
 
 
 def test_joint_control_updates_everything_every_step(tiny_base_dir, arithmetic_file, tmp_path):
-    trainer = BiLoRATrainer(_config(tiny_base_dir, arithmetic_file, tmp_path / "joint", steps=2,
-                                    extra={"bilevel": "joint"}))  # fmt: skip
+    trainer = BiLoRATrainer(
+        _config(
+            tiny_base_dir, arithmetic_file, tmp_path / "joint", steps=2, extra={"bilevel": "joint"}
+        )
+    )
     seen = _snapshots(trainer)
     trainer.run()
     assert trainer.split_sizes is None
@@ -151,8 +165,9 @@ def test_resume_equals_uninterrupted(tiny_base_dir, arithmetic_file, tmp_path):
     first = BiLoRATrainer(_config(tiny_base_dir, arithmetic_file, tmp_path / "b", **kw))
     first.on_step = lambda step, loss: first.request_stop() if step == 2 else None
     assert first.run()["interrupted"]
-    resumed = BiLoRATrainer(_config(tiny_base_dir, arithmetic_file, tmp_path / "b", resume=True,
-                                    **kw))  # fmt: skip
+    resumed = BiLoRATrainer(
+        _config(tiny_base_dir, arithmetic_file, tmp_path / "b", resume=True, **kw)
+    )
     resumed.run()
     mine, theirs = dict(resumed.model.named_parameters()), dict(whole.model.named_parameters())
     trained = [n for n in mine if "pseudo_sv" in n or "lora_" in n]
@@ -166,8 +181,14 @@ def test_second_order_hypergradient_matches_exact_autograd(
 ):
     """The finite-difference hypergradient equals d/dlambda L2(V - xi grad_V L1(V, lambda),
     lambda) computed exactly by double backward."""
-    trainer = BiLoRATrainer(_config(tiny_base_dir, arithmetic_file, tmp_path / "h",
-                                    extra={"bilevel": "second", "ortho_weight": 0.5}))  # fmt: skip
+    trainer = BiLoRATrainer(
+        _config(
+            tiny_base_dir,
+            arithmetic_file,
+            tmp_path / "h",
+            extra={"bilevel": "second", "ortho_weight": 0.5},
+        )
+    )
     trainer.setup()
     model, xi = trainer.model, 0.5
     model.base_model.model.set_attn_implementation("eager")  # SDPA on CPU has no double backward
@@ -219,7 +240,9 @@ def test_cli_trains_bilora_second_order_and_refuses_stray_options(
     assert code == 0 and "adapter written" in stdout
     saved = json.loads((out / "train_config.json").read_text())["extra"]
     assert saved == {"bilevel": "second", "bilevel_split": 0.75, "ortho_weight": 0.1}
-    code, _, err = run_cli(*train_args(tiny_base_dir, arithmetic_file, tmp_path / "x"),
-                           "--bilevel", "first")  # fmt: skip
-    assert code == 2 and err.strip().splitlines() == ["lorafleet: error: --bilevel applies to "
-                                                      "--method bilora only"]  # fmt: skip
+    code, _, err = run_cli(
+        *train_args(tiny_base_dir, arithmetic_file, tmp_path / "x"), "--bilevel", "first"
+    )
+    assert code == 2 and err.strip().splitlines() == [
+        "lorafleet: error: --bilevel applies to --method bilora only"
+    ]

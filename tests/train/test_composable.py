@@ -111,8 +111,9 @@ def test_resume_equals_uninterrupted_with_a_custom_step(tiny_base_dir, arithmeti
     # Dropout puts the RNG into what must be restored; the final norm is trained but lives
     # outside the adapter, so only the checkpoint's trainable state can bring it back.
     straight = tmp_path / "straight"
-    whole = Trainer(_config(tiny_base_dir, arithmetic_file, straight, dropout=0.1),
-                    step=SubsetStep())  # fmt: skip
+    whole = Trainer(
+        _config(tiny_base_dir, arithmetic_file, straight, dropout=0.1), step=SubsetStep()
+    )
     whole.run()
 
     split = tmp_path / "split"
@@ -120,8 +121,9 @@ def test_resume_equals_uninterrupted_with_a_custom_step(tiny_base_dir, arithmeti
     first.on_step = lambda step, loss: first.request_stop() if step == 3 else None
     assert first.run()["interrupted"]
     assert latest_checkpoint(split).name == "step-0000003"
-    resumed = Trainer(_config(tiny_base_dir, arithmetic_file, split, dropout=0.1, resume=True),
-                      step=SubsetStep())  # fmt: skip
+    resumed = Trainer(
+        _config(tiny_base_dir, arithmetic_file, split, dropout=0.1, resume=True), step=SubsetStep()
+    )
     resumed.run()
 
     a, b = _train_rows(split), _train_rows(straight)
@@ -139,8 +141,9 @@ class TwoRatesStep:
 
     def param_groups(self, model):
         def b_of(layer):
-            return [p for n, p in model.named_parameters() if f".layers.{layer}." in n
-                    and "lora_B" in n]  # fmt: skip
+            return [
+                p for n, p in model.named_parameters() if f".layers.{layer}." in n and "lora_B" in n
+            ]
 
         return [ParamGroup("slow", b_of(0), lr=1e-3), ParamGroup("fast", b_of(1), lr=1e-2)]
 
@@ -152,8 +155,10 @@ def test_two_parameter_groups_reach_the_optimizer_with_their_rates(
     tiny_base_dir, arithmetic_file, tmp_path
 ):
     out = tmp_path / "rates"
-    trainer = Trainer(_config(tiny_base_dir, arithmetic_file, out, steps=2, warmup=0.0,
-                              max_grad_norm=0.0), step=TwoRatesStep())  # fmt: skip
+    trainer = Trainer(
+        _config(tiny_base_dir, arithmetic_file, out, steps=2, warmup=0.0, max_grad_norm=0.0),
+        step=TwoRatesStep(),
+    )
     before, after = {}, {}
 
     def snapshot(step, loss):

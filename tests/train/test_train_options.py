@@ -16,8 +16,17 @@ def _first_losses(out, n=2):
 
 
 def _cfg(base, data, out, **kw):
-    return TrainConfig(base=str(base), data=str(data), out=out, batch_size=4, rank=4, alpha=8,
-                       chat=False, lr=5e-3, **kw)  # fmt: skip
+    return TrainConfig(
+        base=str(base),
+        data=str(data),
+        out=out,
+        batch_size=4,
+        rank=4,
+        alpha=8,
+        chat=False,
+        lr=5e-3,
+        **kw,
+    )
 
 
 def test_epochs_set_the_number_of_steps(tiny_base_dir, arithmetic_file, tmp_path):
@@ -43,8 +52,9 @@ def test_bf16_autocast_trains_close_to_fp32(tiny_base_dir, arithmetic_file, tmp_
 
 def test_packing_trains(tiny_base_dir, arithmetic_file, tmp_path):
     out = tmp_path / "packed"
-    result = Trainer(_cfg(tiny_base_dir, arithmetic_file, out, steps=2, packing=True,
-                          max_length=32)).run()  # fmt: skip
+    result = Trainer(
+        _cfg(tiny_base_dir, arithmetic_file, out, steps=2, packing=True, max_length=32)
+    ).run()
     assert result["steps"] == 2 and (out / "adapter_model.safetensors").exists()
 
 
@@ -58,8 +68,9 @@ def test_packing_trains(tiny_base_dir, arithmetic_file, tmp_path):
         (["--warmup", "1.5"], ["--warmup"]),
     ],
 )
-def test_bad_options_are_one_line_errors(run_cli, tiny_base_dir, arithmetic_file, tmp_path,
-                                         extra, words):  # fmt: skip
+def test_bad_options_are_one_line_errors(
+    run_cli, tiny_base_dir, arithmetic_file, tmp_path, extra, words
+):
     code, _, err = run_cli(*train_args(tiny_base_dir, arithmetic_file, tmp_path / "r", *extra))
     assert code == 2 and len(err.strip().splitlines()) == 1
     for word in words:

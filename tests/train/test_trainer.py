@@ -166,10 +166,18 @@ def test_two_process_data_parallel_equals_one_process(tiny_base_dir, arithmetic_
     Trainer(_config(tiny_base_dir, arithmetic_file, single, steps=4, batch_size=4)).run()
     ddp = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "lorafleet.cli", *train_args(tiny_base_dir, arithmetic_file, ddp, "--steps", "4"),
-        "--batch-size", "2",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "lorafleet.cli",
+        *train_args(tiny_base_dir, arithmetic_file, ddp, "--steps", "4"),
+        "--batch-size",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -46,9 +46,12 @@ class MethodConfig:
         targets = list(self.targets or default_targets)
         if self.method in MISS_INIT:
             return MissConfig(
-                r=self.rank, target_modules=targets, miss_dropout=self.dropout,
-                init_weights=MISS_INIT[self.method], task_type="CAUSAL_LM",
-            )  # fmt: skip
+                r=self.rank,
+                target_modules=targets,
+                miss_dropout=self.dropout,
+                init_weights=MISS_INIT[self.method],
+                task_type="CAUSAL_LM",
+            )
         # BiLoRA trains P diag(lambda) Q (train/bilora.py) and is saved as plain LoRA with
         # B = P diag(lambda), A = Q and alpha = r, so its scale is exactly 1.
         return LoraConfig(

@@ -55,11 +55,20 @@ def _labels(examples: ExampleSet) -> torch.Tensor:
 
 
 def calibrate(
-    model, tokenizer, adapter_dir: str | Path, train: ExampleSet, val: ExampleSet | None = None,
-    *, config: LaplaceConfig | None = None, tune: str = "evidence", max_length: int = 512,
-    show_progress: bool = False, weight_samples: int = 0, prior: str = DEFAULT_PRIOR,
+    model,
+    tokenizer,
+    adapter_dir: str | Path,
+    train: ExampleSet,
+    val: ExampleSet | None = None,
+    *,
+    config: LaplaceConfig | None = None,
+    tune: str = "evidence",
+    max_length: int = 512,
+    show_progress: bool = False,
+    weight_samples: int = 0,
+    prior: str = DEFAULT_PRIOR,
     evidence: str = DEFAULT_EVIDENCE,
-) -> dict:  # fmt: skip
+) -> dict:
     """Fit KFAC factors on `train`, tune the prior precision (evidence, or validation NLL when
     tune="val") of the `prior` kind (prior.PRIORS), save them beside the adapter and return a
     report of the figures (with `weight_samples` > 0 also the weight-sampling predictive on
@@ -91,39 +100,58 @@ def calibrate(
         val_items = class_items(tokenizer, val.examples, max_length=max_length, name=val.name)
     start = time.perf_counter()
     with _bar(len(items), "fitting KFAC factors", show_progress) as bar:
-        factors = fit_kfac(model, items, cfg, pad=pad, progress=bar.update if bar else None,
-                           init=init)  # fmt: skip
+        factors = fit_kfac(
+            model, items, cfg, pad=pad, progress=bar.update if bar else None, init=init
+        )
     fit_s = time.perf_counter() - start
     lam, curve = tune_prior(factors, prior=prior, form=evidence)
     report: dict = {
-        "train_examples": factors.n, "parameters": factors.n_params,
-        "train_log_lik": factors.log_lik, "prior": prior, "evidence_form": evidence,
+        "train_examples": factors.n,
+        "parameters": factors.n_params,
+        "train_log_lik": factors.log_lik,
+        "prior": prior,
+        "evidence_form": evidence,
         "evidence_prior_precision": lam,
-        "log_evidence": log_evidence_at(factors, lam), "fit_seconds": fit_s,
-    }  # fmt: skip
+        "log_evidence": log_evidence_at(factors, lam),
+        "fit_seconds": fit_s,
+    }
     span = f"1e{GRID_LOG10[0]:g}..1e{GRID_LOG10[1]:g}"
-    warnings = [f"the evidence's optimum for the {g} weights lies on the edge of the searched "
-                f"range {span}" for g in factors.edge]  # fmt: skip
-    tuning: dict = {"method": tune, "prior": prior, "evidence_form": evidence,
-                    "evidence_curve": curve,
-                    "group_precisions": group_lams(factors, lam)}  # fmt: skip
+    warnings = [
+        f"the evidence's optimum for the {g} weights lies on the edge of the searched range {span}"
+        for g in factors.edge
+    ]
+    tuning: dict = {
+        "method": tune,
+        "prior": prior,
+        "evidence_form": evidence,
+        "evidence_curve": curve,
+        "group_precisions": group_lams(factors, lam),
+    }
     if val_items is not None:
         labels = _labels(val)
         grid = [lam * f for f in VAL_FACTORS]
         with _bar(len(val_items), "validation grid", show_progress) as bar:
             preds = glm_predictive_grid(
-                model, val_items, factors, grid, pad=pad, batch_size=cfg.batch_size,
+                model,
+                val_items,
+                factors,
+                grid,
+                pad=pad,
+                batch_size=cfg.batch_size,
                 progress=bar.update if bar else None,
-            )  # fmt: skip
-        table = [{"prior_precision": g, **calibration_report(p.probs, labels)}
-                 for g, p in zip(grid, preds, strict=True)]  # fmt: skip
+            )
+        table = [
+            {"prior_precision": g, **calibration_report(p.probs, labels)}
+            for g, p in zip(grid, preds, strict=True)
+        ]
         tuning["val_grid"] = table
         if tune == "val":
             lam = min(table, key=lambda row: row["nll"])["prior_precision"]
             if lam in (grid[0], grid[-1]):
                 span = f"{VAL_FACTORS[0]:g}..{VAL_FACTORS[-1]:g}"
-                warnings.append("the validation NLL is lowest at the edge of its grid "
-                                f"(evidence x {span})")  # fmt: skip
+                warnings.append(
+                    f"the validation NLL is lowest at the edge of its grid (evidence x {span})"
+                )
         chosen = next(row for row in table if row["prior_precision"] == lam)
         map_probs = map_predictive(model, val_items, batch_size=cfg.batch_size, pad=pad).probs
         report["val_map"] = calibration_report(map_probs, labels)
@@ -132,9 +160,14 @@ def calibrate(
             factors.prior_precision = lam
             with _bar(weight_samples, "weight samples", show_progress) as bar:
                 sampled = sampled_predictive(
-                    model, val_items, factors, samples=weight_samples, batch_size=cfg.batch_size,
-                    pad=pad, progress=bar.update if bar else None,
-                )  # fmt: skip
+                    model,
+                    val_items,
+                    factors,
+                    samples=weight_samples,
+                    batch_size=cfg.batch_size,
+                    pad=pad,
+                    progress=bar.update if bar else None,
+                )
             report["val_laplace_sampled"] = calibration_report(sampled.probs, labels)
     factors.prior_precision = lam
     report["prior_precision"] = lam
@@ -148,11 +181,21 @@ def calibrate(
 
 
 def evaluate_bayes(
-    model, tokenizer, factors: KfacFactors, examples: ExampleSet, *, link: str = "mc",
-    samples: int = 2000, weight_samples: int = 0, max_length: int = 1024, batch_size: int = 8,
-    plot: str | Path | None = None, show_progress: bool = False, seed: int = 0,
+    model,
+    tokenizer,
+    factors: KfacFactors,
+    examples: ExampleSet,
+    *,
+    link: str = "mc",
+    samples: int = 2000,
+    weight_samples: int = 0,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    plot: str | Path | None = None,
+    show_progress: bool = False,
+    seed: int = 0,
     also: dict[str, float] | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """MAP vs Laplace (GLM predictive; optionally weight sampling) on labelled choice data:
     {"map": {accuracy, ece, nll, brier}, "laplace": {...}, "prior_precision": lam, ...}.
     `also` {name: lam}: Laplace at other prior precisions too, from the same pass
@@ -167,10 +210,17 @@ def evaluate_bayes(
     also = dict(also or {})
     with _bar(len(items), "Laplace predictive", show_progress) as bar:
         glm, *others = glm_predictive_grid(
-            model, items, factors, [factors.prior_precision, *also.values()], link=link,
-            samples=samples, batch_size=batch_size, seed=seed, pad=pad,
+            model,
+            items,
+            factors,
+            [factors.prior_precision, *also.values()],
+            link=link,
+            samples=samples,
+            batch_size=batch_size,
+            seed=seed,
+            pad=pad,
             progress=bar.update if bar else None,
-        )  # fmt: skip
+        )
     map_probs = torch.softmax(glm.logits, dim=-1)
     result = {
         "map": calibration_report(map_probs, labels),
@@ -184,15 +234,23 @@ def evaluate_bayes(
     }
     curves = {"MAP": map_probs, f"Laplace (GLM, {link})": glm.probs}
     for (name, lam), pred in zip(also.items(), others, strict=True):
-        result[f"laplace_{name}"] = {**calibration_report(pred.probs, labels),
-                                     "prior_precision": lam}  # fmt: skip
+        result[f"laplace_{name}"] = {
+            **calibration_report(pred.probs, labels),
+            "prior_precision": lam,
+        }
         curves[f"Laplace ({name}, lam {lam:.3g})"] = pred.probs
     if weight_samples > 0:
         with _bar(weight_samples, "weight samples", show_progress) as bar:
             sampled = sampled_predictive(
-                model, items, factors, samples=weight_samples, batch_size=batch_size, seed=seed,
-                pad=pad, progress=bar.update if bar else None,
-            )  # fmt: skip
+                model,
+                items,
+                factors,
+                samples=weight_samples,
+                batch_size=batch_size,
+                seed=seed,
+                pad=pad,
+                progress=bar.update if bar else None,
+            )
         result["laplace_sampled"] = calibration_report(sampled.probs, labels)
         result["weight_samples"] = weight_samples
         curves[f"Laplace (sampled x{weight_samples})"] = sampled.probs

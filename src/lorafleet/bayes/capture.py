@@ -39,9 +39,15 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def class_item(
-    tokenizer, prompt: str, choices: Sequence[str], label: int | None = None, *,
-    max_length: int = 1024, bos: int | None = None, where: str = "",
-) -> ClassItem:  # fmt: skip
+    tokenizer,
+    prompt: str,
+    choices: Sequence[str],
+    label: int | None = None,
+    *,
+    max_length: int = 1024,
+    bos: int | None = None,
+    where: str = "",
+) -> ClassItem:
     """Tokenise one prompt + choices as training saw them (BOS added, the prompt cut from the
     left past max_length). Choices must start with distinct tokens."""
     if not choices or len(choices) < 2:
@@ -78,8 +84,17 @@ def class_items(
                 f"{ex.source or 'an example'} has none"
             )
         where = ex.source or name
-        items.append(class_item(tokenizer, ex.prompt, ex.choices, ex.label, max_length=max_length,
-                                bos=bos, where=where))  # fmt: skip
+        items.append(
+            class_item(
+                tokenizer,
+                ex.prompt,
+                ex.choices,
+                ex.label,
+                max_length=max_length,
+                bos=bos,
+                where=where,
+            )
+        )
     return items
 
 
@@ -183,9 +198,14 @@ def _hooks(layers: dict[str, nn.Module], adapter_name: str, store: dict, keep_ou
 
 
 def capture(
-    model: nn.Module, layers: dict[str, nn.Module], items: Sequence[ClassItem], *,
-    with_grads: bool = True, adapter_name: str = "default", pad: int = 0,
-) -> Captured:  # fmt: skip
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    items: Sequence[ClassItem],
+    *,
+    with_grads: bool = True,
+    adapter_name: str = "default",
+    pad: int = 0,
+) -> Captured:
     """Forward the batch (and one backward pass per contrast when `with_grads`), with hooks."""
     store: dict = {}
     _, mask, _ = _pad(items, pad)
@@ -201,9 +221,11 @@ def capture(
         per_class: list[list[torch.Tensor]] = []
         for c in range(1, f.shape[1]):
             gs = torch.autograd.grad(
-                (f[:, c] - f[:, 0]).sum(), outputs, retain_graph=c + 1 < f.shape[1],
+                (f[:, c] - f[:, 0]).sum(),
+                outputs,
+                retain_graph=c + 1 < f.shape[1],
                 allow_unused=True,
-            )  # fmt: skip
+            )
             per_class.append(
                 [torch.zeros_like(o) if g is None else g for g, o in zip(gs, outputs, strict=True)]
             )

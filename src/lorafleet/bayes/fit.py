@@ -51,8 +51,9 @@ class LaplaceConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LorafleetError(f"{name} must be a positive whole number, got {value!r}")
         if self.labels not in LABEL_MODES:
-            raise LorafleetError(f"labels must be one of {', '.join(LABEL_MODES)}, got "
-                                 f"{self.labels!r}")  # fmt: skip
+            raise LorafleetError(
+                f"labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}"
+            )
 
 
 @dataclass
@@ -116,11 +117,15 @@ def _mean_over_prompt(act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def fit_kfac(
-    model: nn.Module, items: Sequence[ClassItem], config: LaplaceConfig | None = None, *,
-    adapter_name: str = "default", pad: int = 0,
+    model: nn.Module,
+    items: Sequence[ClassItem],
+    config: LaplaceConfig | None = None,
+    *,
+    adapter_name: str = "default",
+    pad: int = 0,
     progress: Callable[[int], None] | None = None,
     init: Mapping[tuple[str, str], torch.Tensor] | None = None,
-) -> KfacFactors:  # fmt: skip
+) -> KfacFactors:
     """One pass over labelled `items`: KFAC factors of every LoRA module, log-likelihood, norms
     (with `init` {(module, part): initial weight}, module named as in the adapter file, also
     the distance from the initialisation)."""
@@ -178,10 +183,24 @@ def fit_kfac(
     weights, init_weights = _block_weights(layers, adapter_name, init)
     block_sq = {k: float(w.pow(2).sum()) for k, w in weights.items()}
     init_sq = {k: float((weights[k] - w0).pow(2).sum()) for k, w0 in init_weights.items()}
-    config = {"n_kfac": cfg.n_kfac, "threshold": cfg.threshold, "labels": cfg.labels,
-              "seed": cfg.seed, "adapter_name": adapter_name}  # fmt: skip
-    return KfacFactors(modules, n, log_lik, sum(block_sq.values()), config, block_sq=block_sq,
-                       init_sq=init_sq, weights=weights, init_weights=init_weights)  # fmt: skip
+    config = {
+        "n_kfac": cfg.n_kfac,
+        "threshold": cfg.threshold,
+        "labels": cfg.labels,
+        "seed": cfg.seed,
+        "adapter_name": adapter_name,
+    }
+    return KfacFactors(
+        modules,
+        n,
+        log_lik,
+        sum(block_sq.values()),
+        config,
+        block_sq=block_sq,
+        init_sq=init_sq,
+        weights=weights,
+        init_weights=init_weights,
+    )
 
 
 def _block_weights(layers, adapter_name, init) -> tuple[dict, dict]:
@@ -195,7 +214,9 @@ def _block_weights(layers, adapter_name, init) -> tuple[dict, dict]:
                 continue
             w0 = init.get((strip_prefix(name), part))
             if w0 is None or tuple(w0.shape) != tuple(w.shape):
-                raise LorafleetError(f"{name}: the recorded initial lora_{part} weight is "
-                                     f"missing or of another shape")  # fmt: skip
+                raise LorafleetError(
+                    f"{name}: the recorded initial lora_{part} weight is "
+                    f"missing or of another shape"
+                )
             init_weights[(name, part)] = orient(part, w0.float()).contiguous()
     return weights, init_weights

@@ -142,18 +142,30 @@ def load_factors(adapter_dir: str | Path, *, check_adapter: bool = True) -> Kfac
         raise LorafleetError(f"{info_file}: unknown evidence form {form!r}")
     weights, init_weights = _weights(tensors, modules, "w"), _weights(tensors, modules, "w0")
     return KfacFactors(
-        modules, int(info["n"]), float(info["log_lik"]), float(info["theta_sq"]),
-        dict(info.get("config") or {}), None if lam is None else float(lam),
-        block_sq=_unkeyed(info.get("block_sq")), init_sq=_unkeyed(info.get("init_sq")),
-        weights=weights, init_weights=init_weights, prior=prior, evidence_form=form,
+        modules,
+        int(info["n"]),
+        float(info["log_lik"]),
+        float(info["theta_sq"]),
+        dict(info.get("config") or {}),
+        None if lam is None else float(lam),
+        block_sq=_unkeyed(info.get("block_sq")),
+        init_sq=_unkeyed(info.get("init_sq")),
+        weights=weights,
+        init_weights=init_weights,
+        prior=prior,
+        evidence_form=form,
         ratios={k: float(v) for k, v in (info.get("prior_ratios") or {}).items()},
-    )  # fmt: skip
+    )
 
 
 def _weights(tensors: dict, modules: dict, tag: str) -> dict:
     """{(module, part): oriented weight} saved under `tag` ({} for files written before)."""
-    found = {(name, part): tensors[f"{name}.{tag}.{part}"] for name in modules
-             for part in ("A", "B") if f"{name}.{tag}.{part}" in tensors}  # fmt: skip
+    found = {
+        (name, part): tensors[f"{name}.{tag}.{part}"]
+        for name in modules
+        for part in ("A", "B")
+        if f"{name}.{tag}.{part}" in tensors
+    }
     return found if len(found) == 2 * len(modules) else {}
 
 

@@ -13,8 +13,10 @@ ECE_BINS = 15
 
 def _check(probs: torch.Tensor, labels: torch.Tensor) -> None:
     if probs.ndim != 2 or labels.ndim != 1 or probs.shape[0] != labels.shape[0]:
-        raise ValueError(f"probs [N, C] and labels [N] expected, got {tuple(probs.shape)} and "
-                         f"{tuple(labels.shape)}")  # fmt: skip
+        raise ValueError(
+            f"probs [N, C] and labels [N] expected, got {tuple(probs.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -58,14 +60,22 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> floa
 
 
 def calibration_report(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    return {"accuracy": accuracy(probs, labels), "ece": ece(probs, labels),
-            "nll": nll(probs, labels), "brier": brier(probs, labels)}  # fmt: skip
+    return {
+        "accuracy": accuracy(probs, labels),
+        "ece": ece(probs, labels),
+        "nll": nll(probs, labels),
+        "brier": brier(probs, labels),
+    }
 
 
 def reliability_diagram(
-    results: dict[str, torch.Tensor], labels: torch.Tensor, path: str | Path, *,
-    bins: int = ECE_BINS, title: str = "",
-) -> Path:  # fmt: skip
+    results: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    path: str | Path,
+    *,
+    bins: int = ECE_BINS,
+    title: str = "",
+) -> Path:
     """Write a PNG: accuracy vs confidence per bin for each method (name -> probs [N, C])."""
     import matplotlib
 
@@ -85,8 +95,15 @@ def reliability_diagram(
         acc = torch.where(has, r["accuracy"], torch.zeros_like(r["accuracy"])).tolist()
         ax.bar(centers, acc, width=1 / bins, edgecolor="black", alpha=0.7, label="accuracy")
         gap = [c if h else 0 for c, h in zip(r["confidence"].tolist(), has.tolist(), strict=True)]
-        ax.bar(centers, [g - a for g, a in zip(gap, acc, strict=True)], bottom=acc,
-               width=1 / bins, color="red", alpha=0.25, label="gap to confidence")  # fmt: skip
+        ax.bar(
+            centers,
+            [g - a for g, a in zip(gap, acc, strict=True)],
+            bottom=acc,
+            width=1 / bins,
+            color="red",
+            alpha=0.25,
+            label="gap to confidence",
+        )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)

@@ -54,9 +54,13 @@ def logit_cov(cap: Captured, post: AdapterPosterior) -> torch.Tensor:
 
 
 def link_probs(
-    mean: torch.Tensor, cov: torch.Tensor, link: str = "mc", *, samples: int = 2000,
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    link: str = "mc",
+    *,
+    samples: int = 2000,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Class probabilities when the contrasts g = f_{1:} - f_0 ~ N(g_MAP, cov): probit
     approximation (softmax of [0, g / sqrt(1 + pi/8 var)], MacKay's for two classes) or the
     Monte-Carlo average of softmax([0, g]). mean [N, C] logits, cov [N, C-1, C-1] -> [N, C]."""
@@ -74,29 +78,53 @@ def link_probs(
 
 
 def glm_predictive(
-    model: nn.Module, items: Sequence[ClassItem], factors: KfacFactors, *,
-    prior_precision: float | None = None, link: str = "mc", samples: int = 2000,
-    batch_size: int = 8, seed: int = 0, pad: int = 0,
+    model: nn.Module,
+    items: Sequence[ClassItem],
+    factors: KfacFactors,
+    *,
+    prior_precision: float | None = None,
+    link: str = "mc",
+    samples: int = 2000,
+    batch_size: int = 8,
+    seed: int = 0,
+    pad: int = 0,
     progress: Callable[[int], None] | None = None,
-) -> Predictions:  # fmt: skip
+) -> Predictions:
     """The linearised Laplace predictive f ~ N(f_MAP, J Sigma J^T) for every item (over the
     contrasts f_c - f_0, which is all softmax sees)."""
     return glm_predictive_grid(
-        model, items, factors, [prior_precision], link=link, samples=samples,
-        batch_size=batch_size, seed=seed, pad=pad, progress=progress,
-    )[0]  # fmt: skip
+        model,
+        items,
+        factors,
+        [prior_precision],
+        link=link,
+        samples=samples,
+        batch_size=batch_size,
+        seed=seed,
+        pad=pad,
+        progress=progress,
+    )[0]
 
 
 def glm_predictive_grid(
-    model: nn.Module, items: Sequence[ClassItem], factors: KfacFactors,
-    prior_precisions: Sequence[float | None], *, link: str = "mc", samples: int = 2000,
-    batch_size: int = 8, seed: int = 0, pad: int = 0,
+    model: nn.Module,
+    items: Sequence[ClassItem],
+    factors: KfacFactors,
+    prior_precisions: Sequence[float | None],
+    *,
+    link: str = "mc",
+    samples: int = 2000,
+    batch_size: int = 8,
+    seed: int = 0,
+    pad: int = 0,
     progress: Callable[[int], None] | None = None,
-) -> list[Predictions]:  # fmt: skip
+) -> list[Predictions]:
     """glm_predictive for several prior precisions from one pass (the Jacobians are shared)."""
     layers = lora_layers(model, factors.config.get("adapter_name", "default"))
-    posts = [posterior(factors, lam) if lam is None else AdapterPosterior(factors, lam)
-             for lam in prior_precisions]  # fmt: skip
+    posts = [
+        posterior(factors, lam) if lam is None else AdapterPosterior(factors, lam)
+        for lam in prior_precisions
+    ]
     N, C = len(items), max(len(it.classes) for it in items)
     logits = torch.zeros(N, C)
     covs = [torch.zeros(N, C - 1, C - 1) for _ in posts]
@@ -127,16 +155,21 @@ def _grouped_probs(items, logits, cov, link, samples, gen) -> torch.Tensor:
     counts = torch.tensor([len(it.classes) for it in items])
     for c in counts.unique().tolist():
         rows = (counts == c).nonzero().squeeze(1)
-        probs[rows, :c] = link_probs(logits[rows, :c], cov[rows, : c - 1, : c - 1], link,
-                                     samples=samples, generator=gen)  # fmt: skip
+        probs[rows, :c] = link_probs(
+            logits[rows, :c], cov[rows, : c - 1, : c - 1], link, samples=samples, generator=gen
+        )
     return probs
 
 
 @torch.no_grad()
 def map_predictive(
-    model: nn.Module, items: Sequence[ClassItem], *, batch_size: int = 8, pad: int = 0,
+    model: nn.Module,
+    items: Sequence[ClassItem],
+    *,
+    batch_size: int = 8,
+    pad: int = 0,
     adapter_name: str = "default",
-) -> Predictions:  # fmt: skip
+) -> Predictions:
     """Softmax of the MAP restricted logits (no uncertainty)."""
     layers = lora_layers(model, adapter_name)
     N, C = len(items), max(len(it.classes) for it in items)
@@ -149,18 +182,26 @@ def map_predictive(
 
 @torch.no_grad()
 def sampled_predictive(
-    model: nn.Module, items: Sequence[ClassItem], factors: KfacFactors, *,
-    prior_precision: float | None = None, samples: int = 10, batch_size: int = 8,
-    seed: int = 0, pad: int = 0, progress: Callable[[int], None] | None = None,
-) -> Predictions:  # fmt: skip
+    model: nn.Module,
+    items: Sequence[ClassItem],
+    factors: KfacFactors,
+    *,
+    prior_precision: float | None = None,
+    samples: int = 10,
+    batch_size: int = 8,
+    seed: int = 0,
+    pad: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Predictions:
     """Monte-Carlo over weights (not linearised): draw LoRA weights from the KFAC posterior,
     run the model, average the class probabilities. The MAP weights are restored after."""
     adapter_name = factors.config.get("adapter_name", "default")
     layers = lora_layers(model, adapter_name)
     post = posterior(factors, prior_precision)
     gen = torch.Generator().manual_seed(seed)
-    saved = {(n, p): lora_weight(layers[n], p, adapter_name).detach().clone()
-             for n, p in post.blocks}  # fmt: skip
+    saved = {
+        (n, p): lora_weight(layers[n], p, adapter_name).detach().clone() for n, p in post.blocks
+    }
     total = None
     try:
         for _ in range(samples):
@@ -168,8 +209,9 @@ def sampled_predictive(
                 w = lora_weight(layers[name], part, adapter_name)
                 delta = orient(part, block.sample(gen))  # back to the weight's own shape
                 w.copy_(saved[(name, part)] + delta.to(w.dtype).to(w.device))
-            probs = map_predictive(model, items, batch_size=batch_size, pad=pad,
-                                   adapter_name=adapter_name).probs  # fmt: skip
+            probs = map_predictive(
+                model, items, batch_size=batch_size, pad=pad, adapter_name=adapter_name
+            ).probs
             total = probs if total is None else total + probs
             if progress:
                 progress(1)
@@ -202,8 +244,9 @@ def laplace_class_probs(
     (probit link by default: deterministic and cheap; "mc" averages `samples` softmaxes).
     Safe to call under torch.inference_mode (it needs one backward pass per choice).
     """
-    item = class_item(tokenizer, prompt, list(choices), max_length=max_length,
-                      bos=bos_to_add(tokenizer))  # fmt: skip
+    item = class_item(
+        tokenizer, prompt, list(choices), max_length=max_length, bos=bos_to_add(tokenizer)
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pred = glm_predictive(model, [item], factors, link=link, samples=samples, seed=seed, pad=pad)
     return [float(p) for p in pred.probs[0]]

@@ -57,14 +57,20 @@ def check_prior(factors: KfacFactors, prior: str, form: str = "mode") -> None:
     if form not in EVIDENCE_FORMS:
         raise LorafleetError(f"--evidence must be one of {', '.join(EVIDENCE_FORMS)}, got {form!r}")
     if form == "quadratic" and not factors.weights:
-        raise LorafleetError("--evidence quadratic needs the adapter's weights in the factors "
-                             "(fitted before they were recorded): run calibrate again")  # fmt: skip
+        raise LorafleetError(
+            "--evidence quadratic needs the adapter's weights in the factors "
+            "(fitted before they were recorded): run calibrate again"
+        )
     if form == "quadratic" and prior == "init" and not factors.init_weights:
-        raise LorafleetError("--evidence quadratic with --prior init needs the initial weights "
-                             "in the factors: run calibrate again")  # fmt: skip
+        raise LorafleetError(
+            "--evidence quadratic with --prior init needs the initial weights "
+            "in the factors: run calibrate again"
+        )
     if prior == "init" and not factors.init_sq:
-        raise LorafleetError("--prior init needs the adapter's initial weights "
-                             "(lora_init.safetensors); use --prior b-only")  # fmt: skip
+        raise LorafleetError(
+            "--prior init needs the adapter's initial weights "
+            "(lora_init.safetensors); use --prior b-only"
+        )
 
 
 def group_lams(factors: KfacFactors, prior_precision: float) -> dict[str, float]:
@@ -190,8 +196,10 @@ def tune_prior(
             lambda x, g=g: group_evidence(factors, prior, g, 10.0**x, form), iters
         )
         best[g] = 10.0**x
-        curve += [{"prior_precision": 10.0**p, "log_evidence": factors.log_lik + v, "group": g}
-                  for p, v in points]  # fmt: skip
+        curve += [
+            {"prior_precision": 10.0**p, "log_evidence": factors.log_lik + v, "group": g}
+            for p, v in points
+        ]
         if on_edge:
             edge.append(g)
     ref = "B" if "B" in best else "all" if "all" in best else None

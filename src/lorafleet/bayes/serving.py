@@ -39,8 +39,9 @@ class LaplaceClassifier:
     `base_copy()` gives a plain copy of the base model (called once, on first use);
     `path_of(name)` the adapter's directory (None when unknown)."""
 
-    def __init__(self, base_copy: Callable[[], nn.Module], tokenizer,
-                 path_of: Callable[[str], Path | None]):  # fmt: skip
+    def __init__(
+        self, base_copy: Callable[[], nn.Module], tokenizer, path_of: Callable[[str], Path | None]
+    ):
         self.base_copy, self.tokenizer, self.path_of = base_copy, tokenizer, path_of
         self._lock = threading.Lock()
         self._plain = None  # the base's copy, PEFT attached to it while in use
@@ -50,8 +51,10 @@ class LaplaceClassifier:
         """None when `adapter` is calibrated (has laplace.json), else a one-line reason."""
         path = self.path_of(adapter)
         if path is None or not (path / INFO_NAME).is_file():
-            return (f"adapter {adapter} is not calibrated (no {INFO_NAME}): run "
-                    "`lorafleet calibrate --adapter ... ` on it to get class_probs")  # fmt: skip
+            return (
+                f"adapter {adapter} is not calibrated (no {INFO_NAME}): run "
+                "`lorafleet calibrate --adapter ... ` on it to get class_probs"
+            )
         return None
 
     def probs(self, adapter: str, prompt: str, choices: list[str]) -> dict:
@@ -60,8 +63,12 @@ class LaplaceClassifier:
         with self._lock:
             model, factors = self._model(adapter)
             probs = laplace_class_probs(model, self.tokenizer, factors, prompt, choices)
-        return {"labels": list(choices), "probs": probs, "method": "laplace",
-                "prior_precision": getattr(factors, "prior_precision", None)}  # fmt: skip
+        return {
+            "labels": list(choices),
+            "probs": probs,
+            "method": "laplace",
+            "prior_precision": getattr(factors, "prior_precision", None),
+        }
 
     def _model(self, name: str):
         """(PEFT model with `name` attached, its factors); the lock is held."""

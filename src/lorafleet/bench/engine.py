@@ -79,12 +79,18 @@ def _engine_pair(cfg: dict) -> dict:
     from lorafleet.serve.engine import Engine
     from lorafleet.serve.sequence import SamplingParams
 
-    loaded, prompts, made = _setup(cfg["base"], cfg["requests"], cfg["adapters"],
-                                   cfg["prompt_tokens"], cfg["rank"], True)  # fmt: skip
+    loaded, prompts, made = _setup(
+        cfg["base"], cfg["requests"], cfg["adapters"], cfg["prompt_tokens"], cfg["rank"], True
+    )
     n, p, new = cfg["requests"], cfg["prompt_tokens"], cfg["new_tokens"]
-    engine = Engine(loaded, max_slots=max(1, cfg["adapters"]), max_rank=cfg["rank"],
-                    max_batch_size=n, max_batch_tokens=max(n * p, p + 1),
-                    max_seq_len=p + new + 8)  # fmt: skip
+    engine = Engine(
+        loaded,
+        max_slots=max(1, cfg["adapters"]),
+        max_rank=cfg["rank"],
+        max_batch_size=n,
+        max_batch_tokens=max(n * p, p + 1),
+        max_seq_len=p + new + 8,
+    )
     names = [f"a{i}" for i in range(len(made))]
     for name, adapter in zip(names, made, strict=True):
         engine.load_adapter(name, adapter)
@@ -102,8 +108,11 @@ def _engine_pair(cfg: dict) -> dict:
                 raise RuntimeError(f"engine request failed: {bad[0].error}")
             if seconds < best.get(kind, float("inf")):
                 best[kind] = seconds
-                out[kind] = {"tokens": sum(len(o.token_ids) for o in outs), "seconds": seconds,
-                             "request0": list(outs[0].token_ids)}  # fmt: skip
+                out[kind] = {
+                    "tokens": sum(len(o.token_ids) for o in outs),
+                    "seconds": seconds,
+                    "request0": list(outs[0].token_ids),
+                }
     return {"pair": out}
 
 
@@ -124,8 +133,9 @@ def _sequential_peft(cfg: dict) -> dict:
     from lorafleet.adapters import attach
     from lorafleet.adapters.methods import peft_config_from_dict
 
-    loaded, prompts, made = _setup(cfg["base"], cfg["requests"], cfg["adapters"],
-                                   cfg["prompt_tokens"], cfg["rank"], True)  # fmt: skip
+    loaded, prompts, made = _setup(
+        cfg["base"], cfg["requests"], cfg["adapters"], cfg["prompt_tokens"], cfg["rank"], True
+    )
     new, tok = cfg["new_tokens"], loaded.tokenizer
     names = [f"a{i}" for i in range(len(made))]
     model = attach(loaded.model, made[0], names[0])
@@ -139,8 +149,14 @@ def _sequential_peft(cfg: dict) -> dict:
 
     def gen(ids, n):
         x = torch.tensor([ids])
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
-                             max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)  # fmt: skip
+        out = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=pad,
+        )
         return out[0, len(ids) :]
 
     with torch.inference_mode():
@@ -160,19 +176,32 @@ def _sequential_peft(cfg: dict) -> dict:
 def _static_batch(cfg: dict) -> dict:
     import torch
 
-    loaded, prompts, _ = _setup(cfg["base"], cfg["requests"], cfg["adapters"],
-                                cfg["prompt_tokens"], cfg["rank"], False)  # fmt: skip
+    loaded, prompts, _ = _setup(
+        cfg["base"], cfg["requests"], cfg["adapters"], cfg["prompt_tokens"], cfg["rank"], False
+    )
     new, tok, model = cfg["new_tokens"], loaded.tokenizer, loaded.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     width = max(len(p) for p in prompts)  # left padding (the prompts are all one length here)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        model.generate(input_ids=ids[:2, :8], attention_mask=mask[:2, :8], do_sample=False,
-                       max_new_tokens=2, min_new_tokens=2, pad_token_id=pad)  # warmup  # fmt: skip
+        model.generate(
+            input_ids=ids[:2, :8],
+            attention_mask=mask[:2, :8],
+            do_sample=False,
+            max_new_tokens=2,
+            min_new_tokens=2,
+            pad_token_id=pad,
+        )  # warmup
         start = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                             max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)  # fmt: skip
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=pad,
+        )
         seconds = time.perf_counter() - start
     gen = out[:, width:]
     return {"tokens": int(gen.numel()), "seconds": seconds, "request0": gen[0].tolist()}
@@ -182,14 +211,16 @@ def _generate_batch(cfg: dict) -> dict:
     import torch
     from transformers import GenerationConfig
 
-    loaded, prompts, _ = _setup(cfg["base"], cfg["requests"], cfg["adapters"],
-                                cfg["prompt_tokens"], cfg["rank"], False)  # fmt: skip
+    loaded, prompts, _ = _setup(
+        cfg["base"], cfg["requests"], cfg["adapters"], cfg["prompt_tokens"], cfg["rank"], False
+    )
     new, tok, model = cfg["new_tokens"], loaded.tokenizer, loaded.model
     if not hasattr(model, "generate_batch"):
         raise RuntimeError("the installed transformers has no model.generate_batch")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None,
-                              pad_token_id=pad)  # fmt: skip
+    config = GenerationConfig(
+        max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=pad
+    )
     with torch.inference_mode():
         model.generate_batch([prompts[0][:8]], generation_config=config, max_new_tokens=2)
         start = time.perf_counter()
@@ -213,13 +244,29 @@ VARIANTS = {
 }
 
 
-def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_tokens: int = 100,
-        new_tokens: int = 64, rank: int = 16, json_out: str | Path = "bench/results/engine.json",
-        quick: bool = False, limit_s: float = 1800.0, reps: int = 2) -> dict:  # fmt: skip
+def run(
+    base: str = "default",
+    requests: int = 32,
+    adapters: int = 16,
+    prompt_tokens: int = 100,
+    new_tokens: int = 64,
+    rank: int = 16,
+    json_out: str | Path = "bench/results/engine.json",
+    quick: bool = False,
+    limit_s: float = 1800.0,
+    reps: int = 2,
+) -> dict:
     if quick:
         requests, adapters, new_tokens, prompt_tokens = 8, 4, 16, 32
-    cfg = {"base": base, "requests": requests, "adapters": adapters, "rank": rank,
-           "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "reps": reps}  # fmt: skip
+    cfg = {
+        "base": base,
+        "requests": requests,
+        "adapters": adapters,
+        "rank": rank,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "reps": reps,
+    }
     raw, variants, reasons, rows = {}, {}, {}, []
     results = []
     for name in VARIANTS:
@@ -238,8 +285,15 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
             reasons[name] = r["error"]
             variants[name] = None
             rss = r.get("peak_rss_mb")  # absent when the variant was killed
-            rows.append({"variant": name, "tokens": None, "seconds": None, "tokens_per_s": None,
-                         "peak_rss_mb": round(rss) if rss else None})  # fmt: skip
+            rows.append(
+                {
+                    "variant": name,
+                    "tokens": None,
+                    "seconds": None,
+                    "tokens_per_s": None,
+                    "peak_rss_mb": round(rss) if rss else None,
+                }
+            )
             continue
         variants[name] = {
             "tokens_per_s": r["tokens"] / r["seconds"],
@@ -279,8 +333,14 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
         "new_tokens": new_tokens,
     }
     print_table(rows, ["variant", "tokens", "seconds", "tokens_per_s", "peak_rss_mb"])
-    for key in ("vs_sequential", "vs_all_base", "mix2_vs_single", "all_base_vs_static_batch",
-                "all_base_vs_generate_batch", "parity_request0"):  # fmt: skip
+    for key in (
+        "vs_sequential",
+        "vs_all_base",
+        "mix2_vs_single",
+        "all_base_vs_static_batch",
+        "all_base_vs_generate_batch",
+        "parity_request0",
+    ):
         value = figures[key]
         print(f"{key} = {value:.3f}" if isinstance(value, float) else f"{key} = {value}")
     print(f"wrote {write_json(json_out, figures)}")

@@ -36,8 +36,15 @@ def main(spec_path: str) -> None:
         spec = json.load(f)
     from llama_cpp import Llama
 
-    llm = Llama(model_path=spec["model"], n_ctx=spec["n_ctx"], n_threads=spec["threads"],
-                n_threads_batch=spec["threads"], n_batch=512, seed=0, verbose=False)  # fmt: skip
+    llm = Llama(
+        model_path=spec["model"],
+        n_ctx=spec["n_ctx"],
+        n_threads=spec["threads"],
+        n_threads_batch=spec["threads"],
+        n_batch=512,
+        seed=0,
+        verbose=False,
+    )
     decode(llm, spec["prompts"][0][:8], 2)  # warmup
     best = None
     for _ in range(spec.get("reps", 1)):

@@ -32,8 +32,13 @@ def _prefill(model, ids):
 
 def _decode(model, ids, new_tokens: int):
     with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                       max_new_tokens=new_tokens, min_new_tokens=new_tokens)  # fmt: skip
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+        )
 
 
 def run(
@@ -60,8 +65,10 @@ def run(
     models = {"unmerged (PEFT)": unmerged, "merged (--into-base)": merged}
     for m in models.values():  # warm up
         _decode(m, ids[:, :8], 2)
-    rows = {name: {"variant": name, "prefill_s": float("inf"), "decode_s": float("inf")}
-            for name in models}  # fmt: skip
+    rows = {
+        name: {"variant": name, "prefill_s": float("inf"), "decode_s": float("inf")}
+        for name in models
+    }
     for _ in range(reps):  # alternate the variants
         for name, m in models.items():
             row = rows[name]
@@ -76,11 +83,23 @@ def run(
         r["prefill_vs_unmerged"] = r["prefill_tok_s"] / un["prefill_tok_s"]
         r["decode_vs_unmerged"] = r["decode_tok_s"] / un["decode_tok_s"]
     table = list(rows.values())
-    print_table(table, ["variant", "prefill_tok_s", "prefill_vs_unmerged", "decode_tok_s",
-                        "decode_vs_unmerged"])  # fmt: skip
-    write_json(json_out, {"base": base, "rank": rank, "batch": batch,
-                          "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "reps": reps,
-                          "rows": table, "merged_speedup_decode": me["decode_vs_unmerged"],
-                          "merged_speedup_prefill": me["prefill_vs_unmerged"]})  # fmt: skip
+    print_table(
+        table,
+        ["variant", "prefill_tok_s", "prefill_vs_unmerged", "decode_tok_s", "decode_vs_unmerged"],
+    )
+    write_json(
+        json_out,
+        {
+            "base": base,
+            "rank": rank,
+            "batch": batch,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens,
+            "reps": reps,
+            "rows": table,
+            "merged_speedup_decode": me["decode_vs_unmerged"],
+            "merged_speedup_prefill": me["prefill_vs_unmerged"],
+        },
+    )
     print(f"wrote {json_out}")
     return table

@@ -22,11 +22,19 @@ def _score(base, adapter, plan) -> float:
 
     model = attach(base.model, adapter)
     try:
-        examples = load_examples(plan.task, base.tokenizer, split="validation",
-                                 limit=plan.eval_limit)  # fmt: skip
-        figures = evaluate(model, base.tokenizer, examples, metrics=(examples.metric,),
-                           batch_size=plan.batch_size, max_length=plan.max_length,
-                           max_new_tokens=plan.max_new_tokens, show_progress=True)  # fmt: skip
+        examples = load_examples(
+            plan.task, base.tokenizer, split="validation", limit=plan.eval_limit
+        )
+        figures = evaluate(
+            model,
+            base.tokenizer,
+            examples,
+            metrics=(examples.metric,),
+            batch_size=plan.batch_size,
+            max_length=plan.max_length,
+            max_new_tokens=plan.max_new_tokens,
+            show_progress=True,
+        )
         return float(figures[examples.metric])
     finally:
         model.unload()
@@ -38,8 +46,11 @@ def _variants(adapters: dict, density: float, seed: int) -> dict:
     names, parts = list(adapters), list(adapters.values())
     n = len(parts)
     out = dict(adapters)
-    recipes = {"linear": ([1.0 / n] * n, {}), "ties": ([1.0] * n, {"density": density}),
-               "dare_ties": ([1.0] * n, {"density": density, "seed": seed})}  # fmt: skip
+    recipes = {
+        "linear": ([1.0 / n] * n, {}),
+        "ties": ([1.0] * n, {"density": density}),
+        "dare_ties": ([1.0] * n, {"density": density, "seed": seed}),
+    }
     for method, (weights, kw) in recipes.items():
         merged = merge_adapters(parts, weights, method, names=names, progress=True, **kw)
         out[f"{method} merge"] = merged
@@ -68,9 +79,14 @@ def _chart(rows: list[dict], tasks: list[str], png: Path) -> Path:
     return png
 
 
-def run(base: str = "default", adapters_dir: str | Path = "runs/demo/adapters",
-        density: float = 0.5, seed: int = 0, quick: bool = False,
-        json_out: str | Path = "bench/results/merges.json") -> list[dict]:  # fmt: skip
+def run(
+    base: str = "default",
+    adapters_dir: str | Path = "runs/demo/adapters",
+    density: float = 0.5,
+    seed: int = 0,
+    quick: bool = False,
+    json_out: str | Path = "bench/results/merges.json",
+) -> list[dict]:
     from lorafleet.adapters import check_adapter, read_adapter
     from lorafleet.demo.plan import plans
     from lorafleet.models import load_base
@@ -98,8 +114,17 @@ def run(base: str = "default", adapters_dir: str | Path = "runs/demo/adapters",
         print_table([row], ["adapter", *TASKS, "mean"])
     print_table(rows, ["adapter", *TASKS, "mean", "rank", "truncation_error"])
     png = _chart(rows, list(TASKS), Path(json_out).with_suffix(".png"))
-    write_json(json_out, {"base": base, "density": density, "seed": seed, "quick": quick,
-                          "eval_rows": {p.task: p.eval_limit for p in task_plans},
-                          "rows": rows, "chart": str(png)})  # fmt: skip
+    write_json(
+        json_out,
+        {
+            "base": base,
+            "density": density,
+            "seed": seed,
+            "quick": quick,
+            "eval_rows": {p.task: p.eval_limit for p in task_plans},
+            "rows": rows,
+            "chart": str(png),
+        },
+    )
     print(f"wrote {json_out} and {png}")
     return rows

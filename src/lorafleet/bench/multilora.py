@@ -88,8 +88,10 @@ def _moles(ours, slots: list[int], k: int) -> dict:
     out = {}
     for variant in ("outputs", "input"):
         gates = MoleGates(shapes, 3, variant=variant).eval()
-        out[f"mole_{variant}"] = [RowMixture((i,), (s, s % k + 1, (s + 1) % k + 1), gate=gates)
-                                  for i, s in enumerate(slots)]  # fmt: skip
+        out[f"mole_{variant}"] = [
+            RowMixture((i,), (s, s % k + 1, (s + 1) % k + 1), gate=gates)
+            for i, s in enumerate(slots)
+        ]
     return out
 
 
@@ -117,9 +119,12 @@ def _timed_fns(linears, ours, peft, context, xs, slots, k) -> dict:
             layer(xs[layer.base_layer.in_features])
 
     fns = {
-        "base": base, "ours": multi, "peft": peft_mixed,
-        "segmented": lambda: multi("segmented"), "gathered": lambda: multi("gathered"),
-    }  # fmt: skip
+        "base": base,
+        "ours": multi,
+        "peft": peft_mixed,
+        "segmented": lambda: multi("segmented"),
+        "gathered": lambda: multi("gathered"),
+    }
     if k >= 2:
         fns["mixture"] = mixture
     if k >= 3:
@@ -140,11 +145,15 @@ def _mixture_record(context, lead, phase: str, k: int, slots, t: dict) -> dict:
     context.set_slots([0] * len(slots), _mixtures(slots, k))
     plan = context.mixture_plan(torch.Size(lead), torch.device("cpu"))
     return {
-        "phase": phase, "adapters": k, "adapters_per_row": 2,
+        "phase": phase,
+        "adapters": k,
+        "adapters_per_row": 2,
         "distinct_in_batch": len(set(slots) | {s % k + 1 for s in slots}),
-        "path": plan.plan.path, "tokens_per_s": torch.Size(lead).numel() / t["mixture"],
-        "vs_base": t["base"] / t["mixture"], "vs_single": t["ours"] / t["mixture"],
-    }  # fmt: skip
+        "path": plan.plan.path,
+        "tokens_per_s": torch.Size(lead).numel() / t["mixture"],
+        "vs_base": t["base"] / t["mixture"],
+        "vs_single": t["ours"] / t["mixture"],
+    }
 
 
 @torch.inference_mode()
@@ -180,9 +189,10 @@ def run(
 
     model = load_base(base).model
     named = {
-        n: m for n, m in block_linear_modules(model).items()
+        n: m
+        for n, m in block_linear_modules(model).items()
         if (i := _layer_index(n)) is not None and i < layers
-    }  # fmt: skip
+    }
     linears = list(named.values())
     max_k, gen = max(adapters), torch.Generator().manual_seed(0)
     # Random, non-zero weights in [S, r, d_in] / [S, r, d_out] (slot 0 = no adapter).
@@ -214,12 +224,16 @@ def run(
             context.path = None
             context.set_slots(slots)
             record = {
-                "phase": phase, "adapters": k, "adapters_per_row": 1,
+                "phase": phase,
+                "adapters": k,
+                "adapters_per_row": 1,
                 "distinct_in_batch": len(set(slots)),
                 "path": context.plan(torch.Size(lead), torch.device("cpu")).path,
-                "tokens_per_s": tokens / t["ours"], "vs_base": t["base"] / t["ours"],
-                "vs_peft": t["peft"] / t["ours"], "peft_vs_base": t["base"] / t["peft"],
-            }  # fmt: skip
+                "tokens_per_s": tokens / t["ours"],
+                "vs_base": t["base"] / t["ours"],
+                "vs_peft": t["peft"] / t["ours"],
+                "peft_vs_base": t["base"] / t["peft"],
+            }
             for path in ("segmented", "gathered"):
                 if path in t:
                     record[f"{path}_vs_base"] = t["base"] / t[path]
@@ -229,24 +243,50 @@ def run(
                 records.append(_mixture_record(context, lead, phase, k, slots, t))
                 print_table([records[-1]], list(records[-1]))
             for name in (n for n in t if n.startswith("mole_")):
-                records.append({
-                    "phase": phase, "adapters": k, "adapters_per_row": 3, "path": name,
-                    "tokens_per_s": tokens / t[name], "vs_base": t["base"] / t[name],
-                    "vs_single": t["ours"] / t[name],
-                })  # fmt: skip
+                records.append(
+                    {
+                        "phase": phase,
+                        "adapters": k,
+                        "adapters_per_row": 3,
+                        "path": name,
+                        "tokens_per_s": tokens / t[name],
+                        "vs_base": t["base"] / t[name],
+                        "vs_single": t["ours"] / t[name],
+                    }
+                )
                 print_table([records[-1]], list(records[-1]))
             for record in method_records(phase, k, tokens, t, built):
                 records.append(record)
                 print_table([record], list(record))
             del peft, built
     context.clear()
-    columns = ["phase", "adapters", "adapters_per_row", "distinct_in_batch", "path",
-               "tokens_per_s", "vs_base", "vs_single", "vs_lora", "vs_peft", "peft_vs_base",
-               "segmented_vs_base", "gathered_vs_base"]  # fmt: skip
+    columns = [
+        "phase",
+        "adapters",
+        "adapters_per_row",
+        "distinct_in_batch",
+        "path",
+        "tokens_per_s",
+        "vs_base",
+        "vs_single",
+        "vs_lora",
+        "vs_peft",
+        "peft_vs_base",
+        "segmented_vs_base",
+        "gathered_vs_base",
+    ]
     print_table([{c: r.get(c, "-") for c in columns} for r in records], columns)
-    figures = {"benchmark": "multilora", "base": base, "rank": ranks, "layers": layers,
-               "linears": len(linears), "decode_rows": decode_rows, "repeats": repeats,
-               "prefill_shape": list(prefill_shape), "methods": list(methods),
-               "records": records}  # fmt: skip
+    figures = {
+        "benchmark": "multilora",
+        "base": base,
+        "rank": ranks,
+        "layers": layers,
+        "linears": len(linears),
+        "decode_rows": decode_rows,
+        "repeats": repeats,
+        "prefill_shape": list(prefill_shape),
+        "methods": list(methods),
+        "records": records,
+    }
     print(f"wrote {write_json(json_out, figures)}")
     return records

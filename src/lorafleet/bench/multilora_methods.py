@@ -51,8 +51,9 @@ def supported(method: str, k: int, linears: list[nn.Linear], rank: int) -> bool:
     return dims_ok and bat_slots <= BAT_MAX_ADAPTERS
 
 
-def method_layers(named: dict[str, nn.Linear], stacks, method: str, k: int, rank: int,
-                  gen: torch.Generator) -> tuple[object, list[nn.Module]]:  # fmt: skip
+def method_layers(
+    named: dict[str, nn.Linear], stacks, method: str, k: int, rank: int, gen: torch.Generator
+) -> tuple[object, list[nn.Module]]:
     """A context and MultiLoRALinear layers whose slots 1..K hold `method`'s adapters."""
     from lorafleet.layers import MultiLoRAContext, MultiLoRALinear
 
@@ -95,11 +96,21 @@ def method_records(phase: str, k: int, tokens: int, t: dict, built: dict) -> lis
     records = []
     for m, layers in built.items():
         name = f"method_{m}"
-        extra_mib = sum(d.numel() * d.element_size() for layer in layers
-                        for d in layer.dense.values()) / 2**20 / k  # fmt: skip
-        records.append({
-            "phase": phase, "adapters": k, "adapters_per_row": 1, "path": m,
-            "tokens_per_s": tokens / t[name], "vs_base": t["base"] / t[name],
-            "vs_lora": t["ours"] / t[name], "dense_mib_per_adapter": round(extra_mib, 1),
-        })  # fmt: skip
+        extra_mib = (
+            sum(d.numel() * d.element_size() for layer in layers for d in layer.dense.values())
+            / 2**20
+            / k
+        )
+        records.append(
+            {
+                "phase": phase,
+                "adapters": k,
+                "adapters_per_row": 1,
+                "path": m,
+                "tokens_per_s": tokens / t[name],
+                "vs_base": t["base"] / t[name],
+                "vs_lora": t["ours"] / t[name],
+                "dense_mib_per_adapter": round(extra_mib, 1),
+            }
+        )
     return records

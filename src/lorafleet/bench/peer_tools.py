@@ -36,18 +36,25 @@ def locate(root: str | Path | None = None) -> Peers:
     root = Path(root or os.environ.get("LORAFLEET_PEERS_DIR") or DEFAULT_DIR)
     src = root / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
     bin_dir = root / "llama.cpp" / "bin"
-    peers = Peers(root=root, python=root / "venv" / "bin" / "python",
-                  server=bin_dir / "llama-server", lib_dir=bin_dir,
-                  convert=src / "convert_lora_to_gguf.py")  # fmt: skip
+    peers = Peers(
+        root=root,
+        python=root / "venv" / "bin" / "python",
+        server=bin_dir / "llama-server",
+        lib_dir=bin_dir,
+        convert=src / "convert_lora_to_gguf.py",
+    )
     return peers
 
 
 def require(root: str | Path | None = None) -> Peers:
     """`locate`, or one line saying what is missing and to run `make bench-peers`."""
     peers = locate(root)
-    checks = [(peers.python, "the binding's venv"), (peers.server, "llama-server"),
-              (peers.lib_dir / "libllama.so", "libllama.so"),
-              (peers.convert, "convert_lora_to_gguf.py")]  # fmt: skip
+    checks = [
+        (peers.python, "the binding's venv"),
+        (peers.server, "llama-server"),
+        (peers.lib_dir / "libllama.so", "libllama.so"),
+        (peers.convert, "convert_lora_to_gguf.py"),
+    ]
     missing = [f"{what} at {path}" for path, what in checks if not path.exists()]
     if missing:
         raise LorafleetError(NOT_INSTALLED.format(missing="; ".join(missing)))
@@ -76,22 +83,35 @@ def check_convertible(config: dict, tensors: dict) -> float:
 def convert_command(peers: Peers, base_config_dir: Path, jobs: list[tuple[Path, Path]]) -> list:
     """One process running convert_lora_to_gguf.py once per (PEFT dir, out .gguf) pair, against
     the base's HF config dir, to f32 (imports paid once: ~25 s each on a loaded 2-core box)."""
-    runs = [["--base", str(base_config_dir), "--outfile", str(out), "--outtype", "f32",
-             str(adapter_dir)] for adapter_dir, out in jobs]  # fmt: skip
-    driver = ("import json, os, runpy, sys\n"
-              "script, runs = sys.argv[1], json.loads(sys.argv[2])\n"
-              "sys.path.insert(0, os.path.dirname(script))  # its `conversion` package\n"
-              "for args in runs:\n"
-              "    sys.argv = [script, *args]\n"
-              "    runpy.run_path(script, run_name='__main__')\n")  # fmt: skip
+    runs = [
+        [
+            "--base",
+            str(base_config_dir),
+            "--outfile",
+            str(out),
+            "--outtype",
+            "f32",
+            str(adapter_dir),
+        ]
+        for adapter_dir, out in jobs
+    ]
+    driver = (
+        "import json, os, runpy, sys\n"
+        "script, runs = sys.argv[1], json.loads(sys.argv[2])\n"
+        "sys.path.insert(0, os.path.dirname(script))  # its `conversion` package\n"
+        "for args in runs:\n"
+        "    sys.argv = [script, *args]\n"
+        "    runpy.run_path(script, run_name='__main__')\n"
+    )
     return [sys.executable, "-c", driver, str(peers.convert), json.dumps(runs)]
 
 
 def convert(peers: Peers, base_config_dir: Path, jobs: list[tuple[Path, Path]]) -> list[Path]:
     """Convert each (PEFT dir, out) pair; each out appears only once complete (temp + rename)."""
     tmp_jobs = [(src, out.with_name(out.name + ".tmp")) for src, out in jobs]
-    proc = subprocess.run(convert_command(peers, base_config_dir, tmp_jobs),
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        convert_command(peers, base_config_dir, tmp_jobs), capture_output=True, text=True
+    )
     if proc.returncode != 0 or not all(tmp.is_file() for _, tmp in tmp_jobs):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise LorafleetError(f"convert_lora_to_gguf.py failed: {tail[0][:300]}")
@@ -103,13 +123,31 @@ def convert(peers: Peers, base_config_dir: Path, jobs: list[tuple[Path, Path]]) 
 # -- llama-server ----------------------------------------------------------------------------------
 
 
-def server_command(peers: Peers, gguf: Path, loras: list[Path], slots: int, slot_ctx: int,
-                   threads: int, port: int) -> list[str]:  # fmt: skip
+def server_command(
+    peers: Peers, gguf: Path, loras: list[Path], slots: int, slot_ctx: int, threads: int, port: int
+) -> list[str]:
     """llama-server with `slots` parallel slots of `slot_ctx` tokens each, every LoRA loaded at
     scale 0 (each request picks its own through the `lora` field), no prompt cache reuse."""
-    args = [str(peers.server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-            "-np", str(slots), "-c", str(slots * slot_ctx), "-t", str(threads),
-            "-tb", str(threads), "--cache-ram", "0", "--no-webui"]  # fmt: skip
+    args = [
+        str(peers.server),
+        "-m",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-np",
+        str(slots),
+        "-c",
+        str(slots * slot_ctx),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "--cache-ram",
+        "0",
+        "--no-webui",
+    ]
     for lora in loras:
         args += ["--lora", str(lora)]
     if loras:
@@ -120,9 +158,16 @@ def server_command(peers: Peers, gguf: Path, loras: list[Path], slots: int, slot
 def completion_body(prompt: list[int], new_tokens: int, lora_id: int | None) -> dict:
     """One llama-server /completion request: greedy, EOS ignored, streamed token by token, no
     prompt cache, LoRA `lora_id` at scale 1 (None: the base, every LoRA at scale 0)."""
-    return {"prompt": prompt, "n_predict": new_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "cache_prompt": False, "return_tokens": True,
-            "lora": [] if lora_id is None else [{"id": lora_id, "scale": 1.0}]}  # fmt: skip
+    return {
+        "prompt": prompt,
+        "n_predict": new_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "cache_prompt": False,
+        "return_tokens": True,
+        "lora": [] if lora_id is None else [{"id": lora_id, "scale": 1.0}],
+    }
 
 
 def peak_rss_mb(pid: int) -> float | None:

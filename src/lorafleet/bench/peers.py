@@ -67,8 +67,9 @@ def prepare(peers, base: str, adapters: int, rank: int, requests: int, prompt_to
             made[i].meta["base_fingerprint"] = loaded.fingerprint
             write_adapter(dirs[i], made[i])
             peer_tools.check_convertible(made[i].config, made[i].tensors)
-        peer_tools.convert(peers, converted_dir(resolve_base(base)),
-                           [(dirs[i], loras[i]) for i in todo])  # fmt: skip
+        peer_tools.convert(
+            peers, converted_dir(resolve_base(base)), [(dirs[i], loras[i]) for i in todo]
+        )
     for d in dirs[:1]:
         read_adapter(d)  # fail here, not in a child, on a damaged cache
     return {"gguf": gguf, "dirs": dirs, "loras": loras, "prompts": prompts}
@@ -91,9 +92,15 @@ def _lorafleet(cfg: dict) -> dict:
     dtype, quantize = parse_setting(cfg.get("setting", "float32"))
     loaded = load_base(cfg["base"], dtype=dtype)
     n, p, new, prompts = cfg["requests"], cfg["prompt_tokens"], cfg["new_tokens"], cfg["prompts"]
-    engine = Engine(loaded, max_slots=max(1, len(cfg["dirs"])), max_rank=cfg["rank"],
-                    max_batch_size=n, max_batch_tokens=max(n * p, p + 1),
-                    max_seq_len=p + new + 8, quantize=quantize)  # fmt: skip
+    engine = Engine(
+        loaded,
+        max_slots=max(1, len(cfg["dirs"])),
+        max_rank=cfg["rank"],
+        max_batch_size=n,
+        max_batch_tokens=max(n * p, p + 1),
+        max_seq_len=p + new + 8,
+        quantize=quantize,
+    )
     names = [f"a{i}" for i in range(len(cfg["dirs"]))]
     for name, d in zip(names, cfg["dirs"], strict=True):
         engine.load_adapter(name, read_adapter(d))
@@ -103,10 +110,13 @@ def _lorafleet(cfg: dict) -> dict:
         for _ in range(cfg["reps"]):
             for kind in WORKLOADS:
                 if kind == "single":
-                    singles = [in_process(engine, plan(1, [None], [ids], new, 0.0))
-                               for ids in prompts[: cfg["single"]]]  # fmt: skip
-                    fig = summarise([_record(s) for s in singles],
-                                    sum(s["seconds"] for s in singles))  # fmt: skip
+                    singles = [
+                        in_process(engine, plan(1, [None], [ids], new, 0.0))
+                        for ids in prompts[: cfg["single"]]
+                    ]
+                    fig = summarise(
+                        [_record(s) for s in singles], sum(s["seconds"] for s in singles)
+                    )
                 else:
                     who = [None] if kind == "all_base" else names
                     fig = in_process(engine, plan(n, who, prompts, new, 0.0))
@@ -141,14 +151,24 @@ def run_lorafleet(cfg: dict, limit_s: float) -> dict:
 
 def run_binding(peers, cfg: dict, limit_s: float) -> dict:
     """Single stream through llama.cpp's Python binding, in the peers' venv."""
-    spec = {"model": str(cfg["gguf"]), "prompts": cfg["prompts"][: cfg["single"]],
-            "new_tokens": cfg["new_tokens"], "threads": cfg["threads"], "reps": cfg["reps"],
-            "n_ctx": cfg["prompt_tokens"] + cfg["new_tokens"] + 8}  # fmt: skip
+    spec = {
+        "model": str(cfg["gguf"]),
+        "prompts": cfg["prompts"][: cfg["single"]],
+        "new_tokens": cfg["new_tokens"],
+        "threads": cfg["threads"],
+        "reps": cfg["reps"],
+        "n_ctx": cfg["prompt_tokens"] + cfg["new_tokens"] + 8,
+    }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
-        proc = subprocess.run([str(peers.python), str(WORKER), f.name], capture_output=True,
-                              text=True, env=peers.binding_env(), timeout=limit_s)  # fmt: skip
+        proc = subprocess.run(
+            [str(peers.python), str(WORKER), f.name],
+            capture_output=True,
+            text=True,
+            env=peers.binding_env(),
+            timeout=limit_s,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"no result within {limit_s:.0f} s"}
     finally:
@@ -158,8 +178,11 @@ def run_binding(peers, cfg: dict, limit_s: float) -> dict:
         return {"error": f"llama.cpp binding exited with {proc.returncode}: {tail[:300]}"}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     fig = summarise(out["records"], out["seconds"])
-    return {"workloads": {"single": fig}, "peak_rss_mb": out["peak_rss_mb"],
-            "request0": out["request0"]}  # fmt: skip
+    return {
+        "workloads": {"single": fig},
+        "peak_rss_mb": out["peak_rss_mb"],
+        "request0": out["request0"],
+    }
 
 
 async def _stream(http, url: str, body: dict, t0: float) -> dict:
@@ -209,10 +232,15 @@ def server_workloads(cfg: dict) -> dict[str, list[dict]]:
     """`bench engine`'s concurrent workloads as llama-server requests: all on the base, and
     request i on LoRA i % K."""
     n, k, prompts = cfg["requests"], len(cfg["loras"]), cfg["prompts"]
-    return {kind: [peer_tools.completion_body(prompts[i % len(prompts)], cfg["new_tokens"],
-                                              None if kind == "all_base" else i % k)
-                   for i in range(n)]
-            for kind in ("all_base", "adapters")}  # fmt: skip
+    return {
+        kind: [
+            peer_tools.completion_body(
+                prompts[i % len(prompts)], cfg["new_tokens"], None if kind == "all_base" else i % k
+            )
+            for i in range(n)
+        ]
+        for kind in ("all_base", "adapters")
+    }
 
 
 def run_server(peers, cfg: dict, workloads: dict[str, list[dict]]) -> dict:
@@ -225,16 +253,19 @@ def run_server(peers, cfg: dict, workloads: dict[str, list[dict]]) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     slot_ctx = cfg["prompt_tokens"] + cfg["new_tokens"] + 8
-    args = peer_tools.server_command(peers, cfg["gguf"], cfg["loras"], slots, slot_ctx,
-                                     cfg["threads"], port)  # fmt: skip
+    args = peer_tools.server_command(
+        peers, cfg["gguf"], cfg["loras"], slots, slot_ctx, cfg["threads"], port
+    )
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     best: dict[str, dict] = {}
     try:
         _wait_ready(proc, url, log)
         k = len(cfg["loras"])
-        warm = [peer_tools.completion_body(cfg["prompts"][0][:8], 2, i % k if k else None)
-                for i in range(2)]  # fmt: skip
+        warm = [
+            peer_tools.completion_body(cfg["prompts"][0][:8], 2, i % k if k else None)
+            for i in range(2)
+        ]
         asyncio.run(over_server(url, warm))
         for _ in range(cfg["reps"]):
             for kind, bodies in workloads.items():
@@ -263,11 +294,22 @@ def label(setting: str) -> str:
     return "lorafleet " + "+".join(parts) if parts else "lorafleet"
 
 
-def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_tokens: int = 100,
-        new_tokens: int = 64, rank: int = 16, single: int = 4, reps: int = 2,
-        threads: int | None = None, peers_dir: str | Path | None = None, quick: bool = False,
-        limit_s: float = 1800.0, settings: tuple[str, ...] = ("float32",),
-        json_out: str | Path = "bench/results/peers.json") -> dict:  # fmt: skip
+def run(
+    base: str = "default",
+    requests: int = 32,
+    adapters: int = 16,
+    prompt_tokens: int = 100,
+    new_tokens: int = 64,
+    rank: int = 16,
+    single: int = 4,
+    reps: int = 2,
+    threads: int | None = None,
+    peers_dir: str | Path | None = None,
+    quick: bool = False,
+    limit_s: float = 1800.0,
+    settings: tuple[str, ...] = ("float32",),
+    json_out: str | Path = "bench/results/peers.json",
+) -> dict:
     """lorafleet (in each of `settings`: dtype / quantisation, e.g. "bfloat16"), llama.cpp's
     binding and llama-server on the three workloads; table + JSON."""
     labels = {label(s): s for s in settings}  # a bad setting fails before anything runs
@@ -275,9 +317,16 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
     if quick:  # the sizes of `bench engine --quick`
         requests, adapters, new_tokens, prompt_tokens = 8, 4, 16, 32
     threads = threads or os.cpu_count() or 1
-    cfg = {"base": base, "requests": requests, "prompt_tokens": prompt_tokens, "rank": rank,
-           "new_tokens": new_tokens, "single": min(single, requests), "reps": reps,
-           "threads": threads}  # fmt: skip
+    cfg = {
+        "base": base,
+        "requests": requests,
+        "prompt_tokens": prompt_tokens,
+        "rank": rank,
+        "new_tokens": new_tokens,
+        "single": min(single, requests),
+        "reps": reps,
+        "threads": threads,
+    }
     cfg.update(prepare(peers, base, adapters, rank, requests, prompt_tokens))
     results = {}
     for name, setting in labels.items():
@@ -307,21 +356,44 @@ def _report(results: dict, cfg: dict, json_out) -> dict:
         for kind in WORKLOADS:
             fig = r.get("workloads", {}).get(kind)
             if fig:
-                rows.append({"system": who, "workload": kind, "tokens": fig["tokens"],
-                             "tok_per_s": fig["tokens_per_s"], "ttft_p50": fig["ttft_p50"],
-                             "ttft_p99": fig["ttft_p99"], "tpot_p50": fig["tpot_p50"],
-                             "tpot_p99": fig["tpot_p99"],
-                             "peak_rss_mb": round(r["peak_rss_mb"])})  # fmt: skip
+                rows.append(
+                    {
+                        "system": who,
+                        "workload": kind,
+                        "tokens": fig["tokens"],
+                        "tok_per_s": fig["tokens_per_s"],
+                        "ttft_p50": fig["ttft_p50"],
+                        "ttft_p99": fig["ttft_p99"],
+                        "tpot_p50": fig["tpot_p50"],
+                        "tpot_p99": fig["tpot_p99"],
+                        "peak_rss_mb": round(r["peak_rss_mb"]),
+                    }
+                )
     if rows:
-        print_table(rows, ["system", "workload", "tokens", "tok_per_s", "ttft_p50", "ttft_p99",
-                           "tpot_p50", "tpot_p99", "peak_rss_mb"])  # fmt: skip
+        print_table(
+            rows,
+            [
+                "system",
+                "workload",
+                "tokens",
+                "tok_per_s",
+                "ttft_p50",
+                "ttft_p99",
+                "tpot_p50",
+                "tpot_p99",
+                "peak_rss_mb",
+            ],
+        )
     by_setting: dict[str, dict] = {}
     for ours in (k for k in results if k.startswith("lorafleet")):
         found = by_setting[ours] = {}
         for kind, goal in TARGETS.items():
             ratio = _ratio(results, kind, ours)
-            found[kind] = {"lorafleet_vs_llama_cpp": ratio, "target": goal,
-                           "met": None if ratio is None else ratio >= goal}  # fmt: skip
+            found[kind] = {
+                "lorafleet_vs_llama_cpp": ratio,
+                "target": goal,
+                "met": None if ratio is None else ratio >= goal,
+            }
             shown = "n/a" if ratio is None else f"{ratio:.2f}x"
             verdict = {None: "unknown", True: "met", False: "NOT met"}[found[kind]["met"]]
             print(f"{kind}: {ours} / llama.cpp = {shown} (target >= {goal}x): {verdict}")
@@ -333,38 +405,64 @@ def _report(results: dict, cfg: dict, json_out) -> dict:
         print(f"llama-server: request 0's tokens change with its LoRA: {lora_changes}")
     for r in server.values():
         r.pop("request0", None)
-    figures = {"benchmark": "peers", "base": cfg["base"], "gguf": str(cfg["gguf"]),
-               "requests": cfg["requests"], "adapters": len(cfg["loras"]), "rank": cfg["rank"],
-               "prompt_tokens": cfg["prompt_tokens"], "new_tokens": cfg["new_tokens"],
-               "single_requests": cfg["single"], "threads": cfg["threads"],
-               "load_average": os.getloadavg(), "targets": targets,
-               "targets_by_setting": by_setting,
-               "llama_server_lora_changes_tokens": lora_changes,
-               "results": results}  # fmt: skip
+    figures = {
+        "benchmark": "peers",
+        "base": cfg["base"],
+        "gguf": str(cfg["gguf"]),
+        "requests": cfg["requests"],
+        "adapters": len(cfg["loras"]),
+        "rank": cfg["rank"],
+        "prompt_tokens": cfg["prompt_tokens"],
+        "new_tokens": cfg["new_tokens"],
+        "single_requests": cfg["single"],
+        "threads": cfg["threads"],
+        "load_average": os.getloadavg(),
+        "targets": targets,
+        "targets_by_setting": by_setting,
+        "llama_server_lora_changes_tokens": lora_changes,
+        "results": results,
+    }
     print(f"wrote {write_json(json_out, figures)}")
     return figures
 
 
-def serve_peer(base: str, clients: tuple[int, ...], names: list[str | None], prompts: list,
-               new_tokens: int, prompt_tokens: int, rank: int, reps: int, threads: int,
-               peers_dir=None) -> dict:  # fmt: skip
+def serve_peer(
+    base: str,
+    clients: tuple[int, ...],
+    names: list[str | None],
+    prompts: list,
+    new_tokens: int,
+    prompt_tokens: int,
+    rank: int,
+    reps: int,
+    threads: int,
+    peers_dir=None,
+) -> dict:
     """`bench serve`'s requests (client i: adapter names[i % len], prompt i % len) through
     llama-server, each N of `clients` as one workload: {"workloads": {"N": summary}, ...}."""
     peers = peer_tools.require(peers_dir)
     if any(n is not None and not re.fullmatch(r"a\d+", n) for n in names):
         raise LorafleetError("--peers runs the random bench adapters only, not --adapters-dir")
     k = sum(n is not None for n in names)
-    cfg = {**prepare(peers, base, k, rank, max(clients), prompt_tokens),
-           "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "reps": reps,
-           "threads": threads}  # fmt: skip
+    cfg = {
+        **prepare(peers, base, k, rank, max(clients), prompt_tokens),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "reps": reps,
+        "threads": threads,
+    }
     cfg["prompts"] = prompts
 
     def lora(i: int) -> int | None:
         name = names[i % len(names)]
         return None if name is None else int(name[1:])
 
-    workloads = {str(n): [peer_tools.completion_body(prompts[i % len(prompts)], new_tokens,
-                                                     lora(i)) for i in range(n)]
-                 for n in clients}  # fmt: skip
+    workloads = {
+        str(n): [
+            peer_tools.completion_body(prompts[i % len(prompts)], new_tokens, lora(i))
+            for i in range(n)
+        ]
+        for n in clients
+    }
     print(f"llama-server: {max(clients)} slots, {k} GGUF LoRAs", flush=True)
     return run_server(peers, cfg, workloads)

@@ -32,14 +32,22 @@ def _engines(base: str, settings, adapters: int, rank: int, requests: int, lengt
         clean, fuse = split_fuse(text)
         dtype, quantize = parse_setting(clean)
         loaded = load_base(base, dtype=dtype)
-        engine = Engine(loaded, max_slots=adapters, max_rank=rank, max_batch_size=requests,
-                        max_batch_tokens=max(requests * length, 64), max_seq_len=length + 8,
-                        quantize=quantize, fuse=fuse)  # fmt: skip
+        engine = Engine(
+            loaded,
+            max_slots=adapters,
+            max_rank=rank,
+            max_batch_size=requests,
+            max_batch_tokens=max(requests * length, 64),
+            max_seq_len=length + 8,
+            quantize=quantize,
+            fuse=fuse,
+        )
         for i, adapter in enumerate(made):
             engine.load_adapter(f"a{i}", adapter)
         out[f"{dtype}+{quantize}" + ("" if fuse else "+unfused")] = (
-            engine, weight_bytes(loaded.model)
-        )  # fmt: skip
+            engine,
+            weight_bytes(loaded.model),
+        )
     return out
 
 
@@ -72,9 +80,17 @@ def _timed(engine, reqs: list) -> tuple[int, float]:
     return sum(len(o.token_ids) for o in outs), seconds
 
 
-def run(base: str = "default", settings=DEFAULT_SETTINGS, requests: int = 32, adapters: int = 16,
-        prompt_tokens: int = 100, new_tokens: int = 64, rank: int = 16, reps: int = 2,
-        json_out: str | Path = "bench/results/precision.json") -> dict:  # fmt: skip
+def run(
+    base: str = "default",
+    settings=DEFAULT_SETTINGS,
+    requests: int = 32,
+    adapters: int = 16,
+    prompt_tokens: int = 100,
+    new_tokens: int = 64,
+    rank: int = 16,
+    reps: int = 2,
+    json_out: str | Path = "bench/results/precision.json",
+) -> dict:
     """tokens/s per (setting, scenario) and each setting's ratio to float32; table + JSON."""
     from lorafleet.bench.engine import gsm8k_prompts
     from lorafleet.bench.quality import parse_setting
@@ -94,8 +110,10 @@ def run(base: str = "default", settings=DEFAULT_SETTINGS, requests: int = 32, ad
                 tokens, seconds = _timed(engine, _requests(scenario, prompts, adapters, new_tokens))
                 if seconds < best.get((key, scenario), (0, float("inf")))[1]:
                     best[(key, scenario)] = (tokens, seconds)
-                print(f"  round {rep + 1}: {key:<16} {scenario:<14} {tokens / seconds:7.1f} tok/s",
-                      flush=True)  # fmt: skip
+                print(
+                    f"  round {rep + 1}: {key:<16} {scenario:<14} {tokens / seconds:7.1f} tok/s",
+                    flush=True,
+                )
     rows = []
     for key, (_, size) in engines.items():
         row = {"setting": key, "weight_mb": size / 2**20}
@@ -105,9 +123,17 @@ def run(base: str = "default", settings=DEFAULT_SETTINGS, requests: int = 32, ad
             row[f"{scenario}_tok_s"] = tokens / seconds
             row[f"{scenario}_vs_fp32"] = (tokens / seconds) / (ref_tokens / ref_seconds)
         rows.append(row)
-    figures = {"benchmark": "precision", "base": base, "requests": requests,
-               "adapters": adapters, "rank": rank, "prompt_tokens": prompt_tokens,
-               "new_tokens": new_tokens, "reps": reps, "rows": rows}  # fmt: skip
+    figures = {
+        "benchmark": "precision",
+        "base": base,
+        "requests": requests,
+        "adapters": adapters,
+        "rank": rank,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "reps": reps,
+        "rows": rows,
+    }
     columns = ["setting", "weight_mb"]
     columns += [f"{s}_{what}" for s in SCENARIOS for what in ("tok_s", "vs_fp32")]
     print_table(rows, columns)

@@ -153,8 +153,7 @@ def decode_bytes(engine, rows: int, context: int, distinct: int) -> dict[str, in
             r = max(layer.ranks) if layer.ranks else 0
             d = layer.lora_A.shape[2] + layer.lora_Bt.shape[2]
             adapter += distinct * r * d * layer.lora_A.element_size()
-    return {"weights": weights, "kv": kv, "adapters": adapter,
-            "total": weights + kv + adapter}  # fmt: skip
+    return {"weights": weights, "kv": kv, "adapters": adapter, "total": weights + kv + adapter}
 
 
 def _workload(cfg: dict):
@@ -168,8 +167,14 @@ def _workload(cfg: dict):
     n, p, new = cfg["requests"], cfg["prompt_tokens"], cfg["new_tokens"]
     prompts = gsm8k_prompts(loaded.tokenizer, n, p)
     made = random_adapters(loaded.model, cfg["adapters"], cfg["rank"])
-    engine = Engine(loaded, max_slots=max(1, len(made)), max_rank=cfg["rank"], max_batch_size=n,
-                    max_batch_tokens=max(n * p, p + 1), max_seq_len=p + new + 8)  # fmt: skip
+    engine = Engine(
+        loaded,
+        max_slots=max(1, len(made)),
+        max_rank=cfg["rank"],
+        max_batch_size=n,
+        max_batch_tokens=max(n * p, p + 1),
+        max_seq_len=p + new + 8,
+    )
     names = [f"a{i}" for i in range(len(made))]
     for name, adapter in zip(names, made, strict=True):
         engine.load_adapter(name, adapter)
@@ -196,9 +201,16 @@ def _steps(engine, reqs, label_steps: bool) -> list[float]:
     return times
 
 
-def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_tokens: int = 100,
-        new_tokens: int = 16, rank: int = 16, stream_mb: int = 256,
-        json_out: str | Path = "bench/results/profile.json") -> dict:  # fmt: skip
+def run(
+    base: str = "default",
+    requests: int = 32,
+    adapters: int = 16,
+    prompt_tokens: int = 100,
+    new_tokens: int = 16,
+    rank: int = 16,
+    stream_mb: int = 256,
+    json_out: str | Path = "bench/results/profile.json",
+) -> dict:
     """Profile one run of `requests` (request i uses adapter i % k) and print the split of the
     prefill step and of the mean decode step, then the decode roofline."""
     import torch
@@ -206,8 +218,14 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
 
     from lorafleet.bench.stream import measure
 
-    cfg = {"base": base, "requests": requests, "adapters": adapters, "rank": rank,
-           "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}  # fmt: skip
+    cfg = {
+        "base": base,
+        "requests": requests,
+        "adapters": adapters,
+        "rank": rank,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+    }
     engine, reqs = _workload(cfg)
     _steps(engine, reqs[:2], False)  # warm-up
     plain = _steps(engine, reqs, False)  # unprofiled step times
@@ -216,10 +234,25 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
     events = prof.events()
     decode_steps = max(1, len(plain) - 1)
     pre, dec = split(events, "step:prefill"), split(events, "step:decode")
-    rows = [{"part": k, "prefill_ms": pre[k] / 1e3, "decode_ms": dec[k] / 1e3 / decode_steps,
-             "decode_share": dec[k] / dec["step"] if dec["step"] else None}
-            for k in (*SDPA, "attention_glue", "kv_write", "base_matmul", "lora", "sampling",
-                      "other_ops", "python_overhead", "step")]  # fmt: skip
+    rows = [
+        {
+            "part": k,
+            "prefill_ms": pre[k] / 1e3,
+            "decode_ms": dec[k] / 1e3 / decode_steps,
+            "decode_share": dec[k] / dec["step"] if dec["step"] else None,
+        }
+        for k in (
+            *SDPA,
+            "attention_glue",
+            "kv_write",
+            "base_matmul",
+            "lora",
+            "sampling",
+            "other_ops",
+            "python_overhead",
+            "step",
+        )
+    ]
     print_table(rows, ["part", "prefill_ms", "decode_ms", "decode_share"])
     decode_ms = 1e3 * sorted(plain[1:])[len(plain[1:]) // 2] if len(plain) > 1 else None
     bw = measure(stream_mb, 3, torch.get_num_threads())
@@ -231,9 +264,16 @@ def run(base: str = "default", requests: int = 32, adapters: int = 16, prompt_to
         f"{max(bw.values()):.1f} GB/s -> floor {floor_ms:.2f} ms; measured "
         f"{decode_ms:.2f} ms unprofiled (floor / measured = {floor_ms / decode_ms:.2f})"
     )
-    figures = {"benchmark": "profile", **cfg, "rows": rows, "prefill_step_ms": plain[0] * 1e3,
-               "decode_step_ms_p50": decode_ms, "bytes_per_decode_step": moved,
-               "stream_gb_s": bw, "roofline_floor_ms": floor_ms,
-               "roofline_fraction": floor_ms / decode_ms if decode_ms else None}  # fmt: skip
+    figures = {
+        "benchmark": "profile",
+        **cfg,
+        "rows": rows,
+        "prefill_step_ms": plain[0] * 1e3,
+        "decode_step_ms_p50": decode_ms,
+        "bytes_per_decode_step": moved,
+        "stream_gb_s": bw,
+        "roofline_floor_ms": floor_ms,
+        "roofline_fraction": floor_ms / decode_ms if decode_ms else None,
+    }
     print(f"wrote {write_json(json_out, figures)}")
     return figures

@@ -21,8 +21,13 @@ from pathlib import Path
 
 from lorafleet.bench import print_table, write_json
 
-SETTINGS = (("bfloat16", "none"), ("float32", "int8"), ("float32", "int4"),
-            ("bfloat16", "int8"), ("bfloat16", "int4"))  # fmt: skip
+SETTINGS = (
+    ("bfloat16", "none"),
+    ("float32", "int8"),
+    ("float32", "int4"),
+    ("bfloat16", "int8"),
+    ("bfloat16", "int4"),
+)
 PASS_TOP1, PASS_AGREEMENT = 0.95, 0.8
 PASS_RULE = f"top1_kept >= {PASS_TOP1} and greedy_agreement >= {PASS_AGREEMENT}"
 
@@ -46,8 +51,15 @@ def _engine(base: str, dtype: str, quantize: str, n: int, length: int):
     from lorafleet.serve import Engine
 
     loaded = load_base(base, dtype=dtype)
-    return Engine(loaded, max_slots=0, max_batch_size=n, max_batch_tokens=max(n * length, 64),
-                  max_seq_len=length + 2, quantize=quantize, seed=0)  # fmt: skip
+    return Engine(
+        loaded,
+        max_slots=0,
+        max_batch_size=n,
+        max_batch_tokens=max(n * length, 64),
+        max_seq_len=length + 2,
+        quantize=quantize,
+        seed=0,
+    )
 
 
 def _lockstep(engines: dict, prompts: list[list[int]], new_tokens: int, progress) -> dict:
@@ -81,8 +93,14 @@ def _lockstep(engines: dict, prompts: list[list[int]], new_tokens: int, progress
     for key, engine in engines.items():  # give the KV rows back for the greedy runs
         for seq in seqs[key]:
             engine.kv.free(seq.kv_slot)
-    return {k: {"max_logit_error": s["max"], "mean_logit_error": s["sum"] / s["count"],
-                "top1_kept": s["top1"] / s["rows"]} for k, s in stats.items()}  # fmt: skip
+    return {
+        k: {
+            "max_logit_error": s["max"],
+            "mean_logit_error": s["sum"] / s["count"],
+            "top1_kept": s["top1"] / s["rows"],
+        }
+        for k, s in stats.items()
+    }
 
 
 def _greedy(engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -101,9 +119,14 @@ def _agreement(ref: list[list[int]], got: list[list[int]], n: int) -> tuple[floa
     return sum(shares) / len(shares), sum(s == 1.0 for s in shares) / len(shares)
 
 
-def run(base: str = "default", settings=SETTINGS, prompts: int = 32, prompt_tokens: int = 64,
-        new_tokens: int = 64,
-        json_out: str | Path = "bench/results/quality.json") -> dict:  # fmt: skip
+def run(
+    base: str = "default",
+    settings=SETTINGS,
+    prompts: int = 32,
+    prompt_tokens: int = 64,
+    new_tokens: int = 64,
+    json_out: str | Path = "bench/results/quality.json",
+) -> dict:
     """Every setting against float32 (see the module doc); prints a table, writes JSON."""
     from rich.progress import Progress
 
@@ -127,15 +150,38 @@ def run(base: str = "default", settings=SETTINGS, prompts: int = 32, prompt_toke
     rows = []
     for key, engine in engines.items():
         agree, exact = _agreement(greedy["reference"], greedy[key], new_tokens)
-        row = {"setting": key, "weight_mb": weight_bytes(engine.base.model) / 2**20,
-               **logit[key], "greedy_agreement": agree, "prompts_identical": exact}  # fmt: skip
+        row = {
+            "setting": key,
+            "weight_mb": weight_bytes(engine.base.model) / 2**20,
+            **logit[key],
+            "greedy_agreement": agree,
+            "prompts_identical": exact,
+        }
         row["passes"] = row["top1_kept"] >= PASS_TOP1 and agree >= PASS_AGREEMENT
         rows.append(row)
-    figures = {"benchmark": "quality", "base": base, "prompts": prompts,
-               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "pass_rule": PASS_RULE,
-               "rows": rows, "seconds": time.perf_counter() - start}  # fmt: skip
-    print_table(rows, ["setting", "weight_mb", "max_logit_error", "mean_logit_error",
-                       "top1_kept", "greedy_agreement", "prompts_identical", "passes"])  # fmt: skip
+    figures = {
+        "benchmark": "quality",
+        "base": base,
+        "prompts": prompts,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "pass_rule": PASS_RULE,
+        "rows": rows,
+        "seconds": time.perf_counter() - start,
+    }
+    print_table(
+        rows,
+        [
+            "setting",
+            "weight_mb",
+            "max_logit_error",
+            "mean_logit_error",
+            "top1_kept",
+            "greedy_agreement",
+            "prompts_identical",
+            "passes",
+        ],
+    )
     print(f"pass rule: {PASS_RULE}")
     print(f"wrote {write_json(json_out, figures)}")
     return figures

@@ -35,9 +35,21 @@ def _update_ratio(trainer) -> float:
     return float(delta.norm() / base.norm())
 
 
-def run(base: str, data: str, ranks: list[int], alpha: float, steps: int, lr: float,
-        batch_size: int, max_length: int, train_limit: int, eval_limit: int, chat: bool,
-        out_dir: str | Path, json_out: str | Path) -> dict:  # fmt: skip
+def run(
+    base: str,
+    data: str,
+    ranks: list[int],
+    alpha: float,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    train_limit: int,
+    eval_limit: int,
+    chat: bool,
+    out_dir: str | Path,
+    json_out: str | Path,
+) -> dict:
     from lorafleet.train import TrainConfig, Trainer
 
     rows = []
@@ -45,28 +57,60 @@ def run(base: str, data: str, ranks: list[int], alpha: float, steps: int, lr: fl
         for rank in ranks:
             out = Path(out_dir) / f"{method}-r{rank}"
             cfg = TrainConfig(
-                base=base, data=data, out=out, method=method, rank=rank, alpha=alpha, steps=steps,
-                lr=lr, batch_size=batch_size, max_length=max_length, train_limit=train_limit,
-                eval_limit=eval_limit, val_metrics=("perplexity",), chat=chat, max_grad_norm=0.0,
-                save_every=steps, keep_checkpoints=1, seed=0,
-            )  # fmt: skip
+                base=base,
+                data=data,
+                out=out,
+                method=method,
+                rank=rank,
+                alpha=alpha,
+                steps=steps,
+                lr=lr,
+                batch_size=batch_size,
+                max_length=max_length,
+                train_limit=train_limit,
+                eval_limit=eval_limit,
+                val_metrics=("perplexity",),
+                chat=chat,
+                max_grad_norm=0.0,
+                save_every=steps,
+                keep_checkpoints=1,
+                seed=0,
+            )
             trainer = Trainer(cfg)
             result = trainer.run()
             logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             train = [r for r in logged if r["split"] == "train"]
-            rows.append({
-                "method": method, "rank": rank,
-                "scale": alpha / (rank**0.5 if method == "rslora" else rank),
-                "train_loss_last5": statistics.fmean(r["loss"] for r in train[-5:]),
-                "val_loss": (result.get("validation") or {}).get("val_loss"),
-                "grad_norm_mean": statistics.fmean(r["grad_norm"] for r in train),
-                "update_ratio": _update_ratio(trainer),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "method": method,
+                    "rank": rank,
+                    "scale": alpha / (rank**0.5 if method == "rslora" else rank),
+                    "train_loss_last5": statistics.fmean(r["loss"] for r in train[-5:]),
+                    "val_loss": (result.get("validation") or {}).get("val_loss"),
+                    "grad_norm_mean": statistics.fmean(r["grad_norm"] for r in train),
+                    "update_ratio": _update_ratio(trainer),
+                }
+            )
             print_table(rows[-1:], list(rows[-1]))
-    columns = ["method", "rank", "scale", "train_loss_last5", "val_loss", "grad_norm_mean",
-               "update_ratio"]  # fmt: skip
+    columns = [
+        "method",
+        "rank",
+        "scale",
+        "train_loss_last5",
+        "val_loss",
+        "grad_norm_mean",
+        "update_ratio",
+    ]
     print_table(rows, columns)
-    figures = {"benchmark": "rslora", "base": base, "data": data, "alpha": alpha, "steps": steps,
-               "lr": lr, "batch_size": batch_size, "rows": rows}  # fmt: skip
+    figures = {
+        "benchmark": "rslora",
+        "base": base,
+        "data": data,
+        "alpha": alpha,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "rows": rows,
+    }
     print(f"wrote {write_json(json_out, figures)}")
     return figures

@@ -39,20 +39,38 @@ def summarise(records: list[dict], wall: float) -> dict:
     tokens = sum(r["tokens"] for r in records)
     ttft = [r["ttft"] for r in records if r["ttft"] is not None]
     tpot = [(r["last"] - r["ttft"]) / (r["tokens"] - 1) for r in records if r["tokens"] > 1]
-    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall if wall else None,
-            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
-            "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99)}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall if wall else None,
+        "ttft_p50": pct(ttft, 50),
+        "ttft_p99": pct(ttft, 99),
+        "tpot_p50": pct(tpot, 50),
+        "tpot_p99": pct(tpot, 99),
+    }
 
 
 # -- the requests ------------------------------------------------------------------------------
 
 
-def plan(clients: int, names: list[str | None], prompts: list[list[int]], new_tokens: int,
-         temperature: float) -> list[dict]:  # fmt: skip
+def plan(
+    clients: int,
+    names: list[str | None],
+    prompts: list[list[int]],
+    new_tokens: int,
+    temperature: float,
+) -> list[dict]:
     """One request per client: adapter i % len(names), prompt i % len(prompts), seed i."""
-    return [{"adapter": names[i % len(names)], "prompt": prompts[i % len(prompts)],
-             "max_tokens": new_tokens, "temperature": temperature, "seed": i}
-            for i in range(clients)]  # fmt: skip
+    return [
+        {
+            "adapter": names[i % len(names)],
+            "prompt": prompts[i % len(prompts)],
+            "max_tokens": new_tokens,
+            "temperature": temperature,
+            "seed": i,
+        }
+        for i in range(clients)
+    ]
 
 
 # -- in-process ----------------------------------------------------------------------------------
@@ -78,8 +96,12 @@ def in_process(engine, requests: list[dict]) -> dict:
         return record
 
     for i, r in enumerate(requests):
-        params = SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"],
-                                seed=r["seed"], ignore_eos=True)  # fmt: skip
+        params = SamplingParams(
+            max_tokens=r["max_tokens"],
+            temperature=r["temperature"],
+            seed=r["seed"],
+            ignore_eos=True,
+        )
         engine.add_request(r["prompt"], r["adapter"], params, on_token(i))
     while engine.has_unfinished():
         engine.step()
@@ -92,9 +114,16 @@ def in_process(engine, requests: list[dict]) -> dict:
 
 
 async def _client(http, url: str, model: str, r: dict, t0: float) -> dict:
-    body = {"model": model, "prompt": r["prompt"], "max_tokens": r["max_tokens"],
-            "temperature": r["temperature"], "seed": r["seed"], "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": r["prompt"],
+        "max_tokens": r["max_tokens"],
+        "temperature": r["temperature"],
+        "seed": r["seed"],
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     rec = {"ttft": None, "tokens": 0, "last": None}
     async with http.stream("POST", url + "/v1/completions", json=body) as resp:
         async for event in sse_events(resp, "lorafleet"):
@@ -136,11 +165,13 @@ async def over_http(url: str, base_name: str, requests: list[dict], watch_health
     limits = httpx.Limits(max_connections=len(requests) + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         stop, worst = asyncio.Event(), [0.0]
-        poller = asyncio.create_task(_health_poller(http, url, stop, worst)) if watch_health \
-            else None  # fmt: skip
+        poller = (
+            asyncio.create_task(_health_poller(http, url, stop, worst)) if watch_health else None
+        )
         t0 = time.perf_counter()
-        records = await asyncio.gather(*(_client(http, url, r["adapter"] or base_name, r, t0)
-                                         for r in requests))  # fmt: skip
+        records = await asyncio.gather(
+            *(_client(http, url, r["adapter"] or base_name, r, t0) for r in requests)
+        )
         wall = time.perf_counter() - t0
         stop.set()
         if poller is not None:
@@ -159,9 +190,20 @@ class ServerProcess:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "lorafleet.cli", "serve", "--base", base,
-                "--adapters", str(adapters_dir), "--port", str(self.port),
-                "--model-name", model_name]  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            "lorafleet.cli",
+            "serve",
+            "--base",
+            base,
+            "--adapters",
+            str(adapters_dir),
+            "--port",
+            str(self.port),
+            "--model-name",
+            model_name,
+        ]
         for key, value in settings.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
@@ -222,13 +264,24 @@ def _best(old: dict | None, new: dict) -> dict:
     return new if old is None or new["tokens_per_s"] > old["tokens_per_s"] else old
 
 
-def run(base: str = "default", clients: tuple[int, ...] = (1, 8, 32, 64), adapters: int = 4,
-        base_share: bool = False, base_only: bool = False,
-        adapters_dir: str | Path | None = None,
-        prompt_tokens: int = 32, new_tokens: int = 48, rank: int = 16,
-        temperature: float = 0.0, max_batch_size: int = 64, reps: int = 2,
-        threads: int | None = None, peers: bool = False, peers_dir: str | Path | None = None,
-        json_out: str | Path = "bench/results/serve.json") -> dict:  # fmt: skip
+def run(
+    base: str = "default",
+    clients: tuple[int, ...] = (1, 8, 32, 64),
+    adapters: int = 4,
+    base_share: bool = False,
+    base_only: bool = False,
+    adapters_dir: str | Path | None = None,
+    prompt_tokens: int = 32,
+    new_tokens: int = 48,
+    rank: int = 16,
+    temperature: float = 0.0,
+    max_batch_size: int = 64,
+    reps: int = 2,
+    threads: int | None = None,
+    peers: bool = False,
+    peers_dir: str | Path | None = None,
+    json_out: str | Path = "bench/results/serve.json",
+) -> dict:
     """Each N in `clients`, `reps` times: the engine in-process, then the same requests over
     HTTP (alternating, best run of each kept, so their ratio holds under other load). With
     `peers`, then the same requests through llama-server (lorafleet.bench.peers)."""
@@ -254,10 +307,14 @@ def run(base: str = "default", clients: tuple[int, ...] = (1, 8, 32, 64), adapte
     with tempfile.TemporaryDirectory() as scratch:
         names, root = _adapter_names(loaded, adapters_dir, adapters, rank, scratch)
         names = [None] if base_only else names + [None] if base_share else names
-        settings = {"max_adapters": max(1, len([n for n in names if n])), "max_rank": rank,
-                    "max_batch_size": max_batch_size,
-                    "max_batch_tokens": max(2048, max_batch_size * prompt_tokens),
-                    "max_seq_len": prompt_tokens + new_tokens + 8, "threads": threads}  # fmt: skip
+        settings = {
+            "max_adapters": max(1, len([n for n in names if n])),
+            "max_rank": rank,
+            "max_batch_size": max_batch_size,
+            "max_batch_tokens": max(2048, max_batch_size * prompt_tokens),
+            "max_seq_len": prompt_tokens + new_tokens + 8,
+            "threads": threads,
+        }
         engine_settings = EngineSettings(**{k: v for k, v in settings.items() if k != "threads"})
         state = build_state(loaded, root, settings=engine_settings)
         server = ServerProcess(base, root, settings, "base")
@@ -272,8 +329,9 @@ def run(base: str = "default", clients: tuple[int, ...] = (1, 8, 32, 64), adapte
                     print(f"{n} clients, run {rep + 1}/{reps}: in-process, HTTP", flush=True)
                     inproc[n] = _best(inproc.get(n), in_process(state.engine, reqs))
                     watch = n == max(clients)
-                    http[n] = _best(http.get(n), asyncio.run(over_http(server.url, "base", reqs,
-                                                                       watch)))  # fmt: skip
+                    http[n] = _best(
+                        http.get(n), asyncio.run(over_http(server.url, "base", reqs, watch))
+                    )
         finally:
             server.stop()
             state.registry.close()
@@ -282,14 +340,17 @@ def run(base: str = "default", clients: tuple[int, ...] = (1, 8, 32, 64), adapte
     if peers:
         if temperature != 0.0:
             raise LorafleetError("--peers compares greedy decoding only (--temperature 0)")
-        llama = peer_bench.serve_peer(base, clients, names, prompts, new_tokens, prompt_tokens,
-                                      rank, reps, threads, peers_dir)  # fmt: skip
-    return _report(base, clients, names, inproc, http, temperature, prompt_tokens, new_tokens,
-                   json_out, llama)  # fmt: skip
+        llama = peer_bench.serve_peer(
+            base, clients, names, prompts, new_tokens, prompt_tokens, rank, reps, threads, peers_dir
+        )
+    return _report(
+        base, clients, names, inproc, http, temperature, prompt_tokens, new_tokens, json_out, llama
+    )
 
 
-def _report(base, clients, names, inproc, http, temperature, prompt_tokens, new_tokens,
-            json_out, llama=None) -> dict:  # fmt: skip
+def _report(
+    base, clients, names, inproc, http, temperature, prompt_tokens, new_tokens, json_out, llama=None
+) -> dict:
     rows, figures = [], {}
     for n in clients:
         ratio = http[n]["tokens_per_s"] / inproc[n]["tokens_per_s"]
@@ -302,21 +363,48 @@ def _report(base, clients, names, inproc, http, temperature, prompt_tokens, new_
             figures[str(n)]["http_vs_llama_server"] = http[n]["tokens_per_s"] / peer["tokens_per_s"]
             sides.append(("llama-server", peer))
         for where, fig in sides:
-            rows.append({"clients": n, "where": where, "tokens": fig["tokens"],
-                         "tok_per_s": fig["tokens_per_s"], "ttft_p50": fig["ttft_p50"],
-                         "ttft_p99": fig["ttft_p99"], "tpot_p50": fig["tpot_p50"],
-                         "tpot_p99": fig["tpot_p99"],
-                         "http/in-proc": ratio if where == "http" else None})  # fmt: skip
-    print_table(rows, ["clients", "where", "tokens", "tok_per_s", "ttft_p50", "ttft_p99",
-                       "tpot_p50", "tpot_p99", "http/in-proc"])  # fmt: skip
+            rows.append(
+                {
+                    "clients": n,
+                    "where": where,
+                    "tokens": fig["tokens"],
+                    "tok_per_s": fig["tokens_per_s"],
+                    "ttft_p50": fig["ttft_p50"],
+                    "ttft_p99": fig["ttft_p99"],
+                    "tpot_p50": fig["tpot_p50"],
+                    "tpot_p99": fig["tpot_p99"],
+                    "http/in-proc": ratio if where == "http" else None,
+                }
+            )
+    print_table(
+        rows,
+        [
+            "clients",
+            "where",
+            "tokens",
+            "tok_per_s",
+            "ttft_p50",
+            "ttft_p99",
+            "tpot_p50",
+            "tpot_p99",
+            "http/in-proc",
+        ],
+    )
     worst = http[max(clients)].get("health_worst_s")
     print(f"/health worst latency during the {max(clients)}-client run: {worst:.3f} s")
     if (llama or {}).get("error"):
         print(f"llama-server: {llama['error']}")
-    result = {"benchmark": "serve", "base": base, "adapters": [n or "base" for n in names],
-              "temperature": temperature, "prompt_tokens": prompt_tokens,
-              "new_tokens": new_tokens, "clients": figures,
-              "health_worst_s": worst, "llama_server_error": (llama or {}).get("error"),
-              "llama_server_peak_rss_mb": (llama or {}).get("peak_rss_mb")}  # fmt: skip
+    result = {
+        "benchmark": "serve",
+        "base": base,
+        "adapters": [n or "base" for n in names],
+        "temperature": temperature,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "clients": figures,
+        "health_worst_s": worst,
+        "llama_server_error": (llama or {}).get("error"),
+        "llama_server_peak_rss_mb": (llama or {}).get("peak_rss_mb"),
+    }
     print(f"wrote {write_json(json_out, result)}")
     return result

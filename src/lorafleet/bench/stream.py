@@ -44,8 +44,12 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run(mb: int = 256, reps: int = 5, threads: tuple[int, ...] = (),
-        json_out: str | Path = "bench/results/stream.json") -> dict:  # fmt: skip
+def run(
+    mb: int = 256,
+    reps: int = 5,
+    threads: tuple[int, ...] = (),
+    json_out: str | Path = "bench/results/stream.json",
+) -> dict:
     """The probe at each thread count (default: 1 and torch's current count)."""
     import torch
 
@@ -55,7 +59,12 @@ def run(mb: int = 256, reps: int = 5, threads: tuple[int, ...] = (),
         rows.append({"threads": t, **measure(mb, reps, t)})
         print(f"  {t} thread(s): triad {rows[-1]['triad']:.1f} GB/s", flush=True)
     print_table(rows, ["threads", *(k for k, _ in KERNELS)])
-    figures = {"benchmark": "stream", "array_mb": mb, "unit": "GB/s (1e9 bytes/s)", "rows": rows,
-               "best_gb_s": max(max(r[k] for k, _ in KERNELS) for r in rows)}  # fmt: skip
+    figures = {
+        "benchmark": "stream",
+        "array_mb": mb,
+        "unit": "GB/s (1e9 bytes/s)",
+        "rows": rows,
+        "best_gb_s": max(max(r[k] for k, _ in KERNELS) for r in rows),
+    }
     print(f"wrote {write_json(json_out, figures)}")
     return figures

@@ -94,11 +94,17 @@ def _variant(cfg: dict) -> dict:
     loaded.model.eval()
     n, p, new = cfg["requests"], cfg["prompt_tokens"], cfg["new_tokens"]
     prompts = gsm8k_prompts(loaded.tokenizer, n, p)
-    engine = Engine(loaded, max_slots=cfg["slots"], max_rank=cfg["rank"],
-                    max_batch_size=cfg["batch"], max_batch_tokens=max(cfg["batch"] * p, p + 1),
-                    max_seq_len=p + new + 8)  # fmt: skip
-    registry = AdapterRegistry(engine, cfg["dir"], cpu_cache_bytes=cfg["cpu_cache"],
-                               loader_threads=cfg["loaders"])  # fmt: skip
+    engine = Engine(
+        loaded,
+        max_slots=cfg["slots"],
+        max_rank=cfg["rank"],
+        max_batch_size=cfg["batch"],
+        max_batch_tokens=max(cfg["batch"] * p, p + 1),
+        max_seq_len=p + new + 8,
+    )
+    registry = AdapterRegistry(
+        engine, cfg["dir"], cpu_cache_bytes=cfg["cpu_cache"], loader_threads=cfg["loaders"]
+    )
     names = adapter_names(cfg["adapters"])
     picks = [names[i] for i in draw(cfg["popularity"], cfg["adapters"], n)]
     engine.generate([(prompts[0][:8], None, SamplingParams(max_tokens=2))])  # warm the kernels
@@ -120,23 +126,29 @@ def _variant(cfg: dict) -> dict:
         raise RuntimeError(f"request failed: {bad[0].error}")
     stats = registry.stats()
     registry.close()
-    counts = {k: stats[k] - before[k] for k in ("hits", "cpu_hits", "misses", "evictions_cpu",
-                                                 "evictions_slot")}  # fmt: skip
+    counts = {
+        k: stats[k] - before[k]
+        for k in ("hits", "cpu_hits", "misses", "evictions_cpu", "evictions_slot")
+    }
     ttft = sorted(t - start for t in first.values())
     # The timed run's cold loads only (the last 4096 are kept: more than a run here makes).
     cold = sorted(list(registry.load_times.recent)[loads_before:])
     return {
-        "tokens": sum(len(o.token_ids) for o in outs), "seconds": seconds,
-        "distinct": len(set(picks)), **counts,
-        "slot_hit_rate": _rate(counts["hits"], counts["hits"] + counts["cpu_hits"]
-                               + counts["misses"]),
+        "tokens": sum(len(o.token_ids) for o in outs),
+        "seconds": seconds,
+        "distinct": len(set(picks)),
+        **counts,
+        "slot_hit_rate": _rate(
+            counts["hits"], counts["hits"] + counts["cpu_hits"] + counts["misses"]
+        ),
         "cpu_hit_rate": _rate(counts["cpu_hits"], counts["cpu_hits"] + counts["misses"]),
         "no_disk_read_share": 1 - counts["misses"] / n,
         "cold_load_p50_ms": _ms(_quantile(cold, 0.5)),
         "cold_load_p99_ms": _ms(_quantile(cold, 0.99)),
         "cpu_mb_end": stats["cpu_bytes"] / 2**20,
-        "ttft_p50_s": _quantile(ttft, 0.5), "ttft_p99_s": _quantile(ttft, 0.99),
-    }  # fmt: skip
+        "ttft_p50_s": _quantile(ttft, 0.5),
+        "ttft_p99_s": _quantile(ttft, 0.99),
+    }
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -154,12 +166,22 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else 1000 * seconds
 
 
-def run(base: str = "default", adapters: int = 1000, slots: int = 32, requests: int = 256,
-        popularity: tuple[str, ...] = POPULARITIES, prompt_tokens: int = 64,
-        new_tokens: int = 32, rank: int = 8, cache_dir: str | Path | None = None,
-        cpu_cache: str = "512MB", loaders: int = 1, reference_adapters: int = 16,
-        json_out: str | Path = "bench/results/thousand.json",
-        limit_s: float = 3600.0) -> dict:  # fmt: skip
+def run(
+    base: str = "default",
+    adapters: int = 1000,
+    slots: int = 32,
+    requests: int = 256,
+    popularity: tuple[str, ...] = POPULARITIES,
+    prompt_tokens: int = 64,
+    new_tokens: int = 32,
+    rank: int = 8,
+    cache_dir: str | Path | None = None,
+    cpu_cache: str = "512MB",
+    loaders: int = 1,
+    reference_adapters: int = 16,
+    json_out: str | Path = "bench/results/thousand.json",
+    limit_s: float = 3600.0,
+) -> dict:
     """The reference (`reference_adapters` resident, request i uses i % k), then one run per
     popularity over all `adapters`; tokens/s relative to the reference."""
     from lorafleet.serve.adapter_store import parse_size
@@ -167,9 +189,18 @@ def run(base: str = "default", adapters: int = 1000, slots: int = 32, requests: 
     parse_size(cpu_cache)  # a bad size fails now, not in a child
     cache_dir = Path(cache_dir or f"runs/bench-adapters/{base}-r{rank}-qv")
     ensure_adapters(base, max(adapters, reference_adapters), rank, cache_dir)
-    common = {"base": base, "slots": slots, "batch": slots, "requests": requests, "rank": rank,
-              "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "dir": str(cache_dir),
-              "cpu_cache": cpu_cache, "loaders": loaders}  # fmt: skip
+    common = {
+        "base": base,
+        "slots": slots,
+        "batch": slots,
+        "requests": requests,
+        "rank": rank,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "dir": str(cache_dir),
+        "cpu_cache": cpu_cache,
+        "loaders": loaders,
+    }
     plan = [("fixed", min(reference_adapters, slots))] + [(p, adapters) for p in popularity]
     rows, variants = [], {}
     for pop, count in plan:
@@ -189,10 +220,30 @@ def run(base: str = "default", adapters: int = 1000, slots: int = 32, requests: 
         tps = row.get("tokens_per_s")
         row["vs_reference"] = tps / ref if tps and ref else None
         variants[row["variant"]]["vs_reference"] = row["vs_reference"]
-    print_table(rows, ["variant", "distinct", "tokens_per_s", "vs_reference", "slot_hit_rate",
-                       "cpu_hit_rate", "misses", "no_disk_read_share", "cold_load_p50_ms",
-                       "cold_load_p99_ms", "ttft_p50_s", "ttft_p99_s", "peak_rss_mb"])  # fmt: skip
-    figures = {"benchmark": "thousand", **common, "adapters": adapters,
-               "reference_adapters": plan[0][1], "variants": variants}  # fmt: skip
+    print_table(
+        rows,
+        [
+            "variant",
+            "distinct",
+            "tokens_per_s",
+            "vs_reference",
+            "slot_hit_rate",
+            "cpu_hit_rate",
+            "misses",
+            "no_disk_read_share",
+            "cold_load_p50_ms",
+            "cold_load_p99_ms",
+            "ttft_p50_s",
+            "ttft_p99_s",
+            "peak_rss_mb",
+        ],
+    )
+    figures = {
+        "benchmark": "thousand",
+        **common,
+        "adapters": adapters,
+        "reference_adapters": plan[0][1],
+        "variants": variants,
+    }
     print(f"wrote {write_json(json_out, figures)}")
     return figures

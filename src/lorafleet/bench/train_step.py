@@ -18,21 +18,31 @@ from pathlib import Path
 from lorafleet.bench import print_table, write_json
 from lorafleet.errors import LorafleetError
 
-METHOD_NAMES = ("lora", "rslora", "dora", "bone", "bat", "bilora", "bilora-second",
-                "bilora-joint")  # fmt: skip
+METHOD_NAMES = ("lora", "rslora", "dora", "bone", "bat", "bilora", "bilora-second", "bilora-joint")
 
 
-def _lorafleet_steps(base, data, batch_size, steps, warmup, out, chat, method="lora",
-                     rank=16) -> list[float]:  # fmt: skip
+def _lorafleet_steps(
+    base, data, batch_size, steps, warmup, out, chat, method="lora", rank=16
+) -> list[float]:
     from lorafleet.train import TrainConfig, Trainer
     from lorafleet.train.bilora import BiLoRATrainer, bilora_options
 
     total = warmup + steps
     name, _, bilevel = method.partition("-")
-    cfg = TrainConfig(base=base, data=data, out=out, batch_size=batch_size, steps=total,
-                      train_limit=batch_size * total, chat=chat, eval_limit=None, method=name,
-                      rank=rank, alpha=2.0 * rank,
-                      extra=bilora_options(name, bilevel or None))  # fmt: skip
+    cfg = TrainConfig(
+        base=base,
+        data=data,
+        out=out,
+        batch_size=batch_size,
+        steps=total,
+        train_limit=batch_size * total,
+        chat=chat,
+        eval_limit=None,
+        method=name,
+        rank=rank,
+        alpha=2.0 * rank,
+        extra=bilora_options(name, bilevel or None),
+    )
     trainer = BiLoRATrainer(cfg) if name == "bilora" else Trainer(cfg)
     trainer.setup()
     times = []
@@ -57,8 +67,9 @@ def _plain_peft_steps(base, data, batch_size, steps, warmup, out, chat) -> list[
     tok = loaded.tokenizer
     examples = load_examples(data, tok, chat=chat, limit=batch_size * (warmup + steps))
     encoded, _ = encode_all(examples, tok, 512)
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=target_names(loaded.model),
-                        task_type="CAUSAL_LM")  # fmt: skip
+    config = LoraConfig(
+        r=16, lora_alpha=32, target_modules=target_names(loaded.model), task_type="CAUSAL_LM"
+    )
     model = get_peft_model(loaded.model, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -90,27 +101,49 @@ def _child(name, args, queue) -> None:
     queue.put((times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))  # MiB
 
 
-def run(base: str, data: str, batch_size: int, steps: int, rounds: int, chat: bool,
-        json_out: str | Path, scratch: str | Path, methods: list[str] | None = None,
-        rank: int = 16) -> dict:  # fmt: skip
+def run(
+    base: str,
+    data: str,
+    batch_size: int,
+    steps: int,
+    rounds: int,
+    chat: bool,
+    json_out: str | Path,
+    scratch: str | Path,
+    methods: list[str] | None = None,
+    rank: int = 16,
+) -> dict:
     """Time the variants; with `methods`, lorafleet's step per method (LoRA added first)."""
     unknown = [m for m in methods or () if m not in METHOD_NAMES]
     if unknown:
         raise LorafleetError(f"unknown --method {unknown[0]!r}: use {', '.join(METHOD_NAMES)}")
     if methods:
-        return _run_methods(base, data, batch_size, steps, rounds, chat, json_out, scratch,
-                            methods, rank)  # fmt: skip
+        return _run_methods(
+            base, data, batch_size, steps, rounds, chat, json_out, scratch, methods, rank
+        )
     results = _timed(list(VARIANTS), rounds, base, data, batch_size, steps, chat, scratch, None)
     rows = []
     for name, r in results.items():
-        rows.append({"variant": name, "median_step_s": statistics.median(r["times"]),
-                     "mean_step_s": statistics.fmean(r["times"]), "steps": len(r["times"]),
-                     "peak_rss_mib": round(r["peak_rss_mib"])})  # fmt: skip
+        rows.append(
+            {
+                "variant": name,
+                "median_step_s": statistics.median(r["times"]),
+                "mean_step_s": statistics.fmean(r["times"]),
+                "steps": len(r["times"]),
+                "peak_rss_mib": round(r["peak_rss_mib"]),
+            }
+        )
     ratio = rows[0]["median_step_s"] / rows[1]["median_step_s"]
     print_table(rows, ["variant", "median_step_s", "mean_step_s", "steps", "peak_rss_mib"])
     print(f"step time ratio lorafleet / (peft+transformers) = {ratio:.3f} (target <= 1.05)")
-    figures = {"benchmark": "train_step", "base": base, "data": data, "batch_size": batch_size,
-               "rows": rows, "ratio": ratio}  # fmt: skip
+    figures = {
+        "benchmark": "train_step",
+        "base": base,
+        "data": data,
+        "batch_size": batch_size,
+        "rows": rows,
+        "ratio": ratio,
+    }
     print(f"wrote {write_json(json_out, figures)}")
     return figures
 
@@ -134,23 +167,38 @@ def _timed(names, rounds, base, data, batch_size, steps, chat, scratch, rank) ->
     return results
 
 
-def _run_methods(base, data, batch_size, steps, rounds, chat, json_out, scratch, methods,
-                 rank) -> dict:  # fmt: skip
+def _run_methods(
+    base, data, batch_size, steps, rounds, chat, json_out, scratch, methods, rank
+) -> dict:
     names = ["lora"] + [m for m in dict.fromkeys(methods) if m != "lora"]
     results = _timed(names, rounds, base, data, batch_size, steps, chat, scratch, rank)
     rows = []
     for name, r in results.items():
         # BiLoRA alternates upper / lower steps of different cost: its mean is its step time.
         typical = statistics.fmean if name.startswith("bilora") else statistics.median
-        rows.append({"method": name, "step_s": typical(r["times"]),
-                     "median_step_s": statistics.median(r["times"]),
-                     "mean_step_s": statistics.fmean(r["times"]), "steps": len(r["times"]),
-                     "peak_rss_mib": round(r["peak_rss_mib"])})  # fmt: skip
+        rows.append(
+            {
+                "method": name,
+                "step_s": typical(r["times"]),
+                "median_step_s": statistics.median(r["times"]),
+                "mean_step_s": statistics.fmean(r["times"]),
+                "steps": len(r["times"]),
+                "peak_rss_mib": round(r["peak_rss_mib"]),
+            }
+        )
     for row in rows:
         row["vs_lora"] = row["step_s"] / rows[0]["step_s"]
-    print_table(rows, ["method", "step_s", "vs_lora", "median_step_s", "mean_step_s", "steps",
-                       "peak_rss_mib"])  # fmt: skip
-    figures = {"benchmark": "train_step_methods", "base": base, "data": data, "rank": rank,
-               "batch_size": batch_size, "rows": rows}  # fmt: skip
+    print_table(
+        rows,
+        ["method", "step_s", "vs_lora", "median_step_s", "mean_step_s", "steps", "peak_rss_mib"],
+    )
+    figures = {
+        "benchmark": "train_step_methods",
+        "base": base,
+        "data": data,
+        "rank": rank,
+        "batch_size": batch_size,
+        "rows": rows,
+    }
     print(f"wrote {write_json(json_out, figures)}")
     return figures

@@ -54,8 +54,13 @@ def _decode(source, what: str) -> torch.Tensor:
                 w, h = img.size
                 raise LorafleetError(f"{what}: {w}x{h} px; sides must be {MIN_SIDE}-{MAX_SIDE} px")
             rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
-            ValueError) as exc:  # fmt: skip
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        SyntaxError,
+        ValueError,
+    ) as exc:
         raise LorafleetError(f"{what}: not a readable image ({exc.__class__.__name__})") from exc
     return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
 
@@ -114,10 +119,17 @@ def to_adapter(lora: Lora, rank: int, meta: dict | None = None) -> Adapter:
         tensors[peft_key(name, "A")] = a[0].contiguous()
         tensors[peft_key(name, "B")] = b[0][..., None, None].contiguous()
     config = {
-        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-        "target_modules": sorted(lora), "bias": "none", "task_type": None,
-        "base_model_name_or_path": None, "fan_in_fan_out": False, "init_lora_weights": True,
-    }  # fmt: skip
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(lora),
+        "bias": "none",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }
     return Adapter(config, tensors, {"method": "loc", **(meta or {})})
 
 

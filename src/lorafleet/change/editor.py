@@ -8,9 +8,17 @@ from torch import nn
 
 # (name, in-channel multiple, out-channel multiple) of width; "+" joins a skip connection.
 BLOCKS = (
-    ("enc1a", 0, 1), ("enc1b", 1, 1), ("enc2a", 1, 2), ("enc2b", 2, 2), ("mida", 2, 4),
-    ("midb", 4, 4), ("dec2a", 6, 2), ("dec2b", 2, 2), ("dec1a", 3, 1), ("dec1b", 1, 1),
-)  # fmt: skip
+    ("enc1a", 0, 1),
+    ("enc1b", 1, 1),
+    ("enc2a", 1, 2),
+    ("enc2b", 2, 2),
+    ("mida", 2, 4),
+    ("midb", 4, 4),
+    ("dec2a", 6, 2),
+    ("dec2b", 2, 2),
+    ("dec1a", 3, 1),
+    ("dec1b", 1, 1),
+)
 LAYERS = tuple(b[0] for b in BLOCKS) + ("out",)
 MULTIPLE = 4  # input height and width must be multiples of this (two 2x poolings)
 

@@ -9,8 +9,13 @@ import torch
 import torch.nn.functional as F
 
 LUMA = torch.tensor([0.299, 0.587, 0.114])
-TINTS = {"red": (1.0, 0.2, 0.1), "green": (0.2, 0.9, 0.2), "blue": (0.1, 0.3, 1.0),
-         "orange": (1.0, 0.6, 0.0), "purple": (0.6, 0.1, 0.9)}  # fmt: skip
+TINTS = {
+    "red": (1.0, 0.2, 0.1),
+    "green": (0.2, 0.9, 0.2),
+    "blue": (0.1, 0.3, 1.0),
+    "orange": (1.0, 0.6, 0.0),
+    "purple": (0.6, 0.1, 0.9),
+}
 
 
 @dataclass(frozen=True)
@@ -26,8 +31,9 @@ class Edit:
         return self.then(y) if self.then is not None else y
 
     def label(self) -> str:
-        args = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in self.params.items())  # fmt: skip
+        args = ",".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items()
+        )
         text = f"{self.name}({args})" if args else self.name
         return f"{text}+{self.then.label()}" if self.then is not None else text
 
@@ -40,11 +46,13 @@ def _hue(x, deg):
     c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
     k = 1.0 / 3.0
     r3 = math.sqrt(k)
-    m = torch.tensor([
-        [c + (1 - c) * k, k * (1 - c) - r3 * s, k * (1 - c) + r3 * s],
-        [k * (1 - c) + r3 * s, c + k * (1 - c), k * (1 - c) - r3 * s],
-        [k * (1 - c) - r3 * s, k * (1 - c) + r3 * s, c + k * (1 - c)],
-    ]).to(x)  # fmt: skip
+    m = torch.tensor(
+        [
+            [c + (1 - c) * k, k * (1 - c) - r3 * s, k * (1 - c) + r3 * s],
+            [k * (1 - c) + r3 * s, c + k * (1 - c), k * (1 - c) - r3 * s],
+            [k * (1 - c) - r3 * s, k * (1 - c) + r3 * s, c + k * (1 - c)],
+        ]
+    ).to(x)
     return torch.einsum("ij,njhw->nihw", m, x)
 
 

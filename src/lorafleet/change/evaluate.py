@@ -46,8 +46,17 @@ def quads(seed: int, per_edit: int, size: int) -> list[dict]:
     for _ in range(per_edit):
         for group, edit in eval_edits(g):
             a, b = _textured(photos, size, g), _textured(photos, size, g)
-            out.append({"group": group, "edit": edit.name, "label": edit.label(),
-                        "a": a, "a2": edit(a), "b": b, "b2": edit(b)})  # fmt: skip
+            out.append(
+                {
+                    "group": group,
+                    "edit": edit.name,
+                    "label": edit.label(),
+                    "a": a,
+                    "a2": edit(a),
+                    "b": b,
+                    "b2": edit(b),
+                }
+            )
     return out
 
 
@@ -82,8 +91,10 @@ def evaluate(models: dict[str, tuple[Editor, HyperNet]], qs: list[dict], progres
                 cell[2] += 1
         if progress is not None:
             progress(i + 1, len(qs))
-    table = {k: {m: {"psnr": round(p / n, 2), "ssim": round(s / n, 3)}
-                 for m, (p, s, n) in v.items()} for k, v in sums.items()}  # fmt: skip
+    table = {
+        k: {m: {"psnr": round(p / n, 2), "ssim": round(s / n, 3)} for m, (p, s, n) in v.items()}
+        for k, v in sums.items()
+    }
     return {
         "groups": {k: v for k, v in table.items() if "/" not in k},
         "edits": {k: v for k, v in table.items() if "/" in k},

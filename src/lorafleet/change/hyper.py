@@ -16,11 +16,13 @@ class PairEncoder(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.convs = nn.ModuleList([
-            nn.Conv2d(3, 32, 3, stride=2, padding=1),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1),
-            nn.Conv2d(64, dim, 3, stride=2, padding=1),
-        ])  # fmt: skip
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(3, 32, 3, stride=2, padding=1),
+                nn.Conv2d(32, 64, 3, stride=2, padding=1),
+                nn.Conv2d(64, dim, 3, stride=2, padding=1),
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv in self.convs:
@@ -35,8 +37,14 @@ class HyperNet(nn.Module):
     init) and B starts at exactly zero, so an untrained H emits a LoRA whose delta is zero.
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, int, int]], rank: int = 4,
-                 dim: int = 96, image_size: int = 32, depth: int = 2):  # fmt: skip
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, int, int]],
+        rank: int = 4,
+        dim: int = 96,
+        image_size: int = 32,
+        depth: int = 2,
+    ):
         super().__init__()
         self.shapes, self.rank = dict(shapes), rank
         self.encoder = PairEncoder(dim)

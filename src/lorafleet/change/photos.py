@@ -12,9 +12,19 @@ from lorafleet.errors import LorafleetError
 # Colour (and a few grey) photographs that ship in the scikit-image wheel (read from its data
 # folder directly: nothing is fetched) and scikit-learn's two sample images.
 TRAIN_PHOTOS = (
-    "astronaut", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "retina", "ihc",
-    "camera", "brick", "grass", "gravel", "coins",
-)  # fmt: skip
+    "astronaut",
+    "coffee",
+    "rocket",
+    "motorcycle_left",
+    "hubble_deep_field",
+    "retina",
+    "ihc",
+    "camera",
+    "brick",
+    "grass",
+    "gravel",
+    "coins",
+)
 HELDOUT_PHOTOS = ("chelsea", "sklearn:china", "sklearn:flower")
 # Photos are shrunk so their short side is this many pixels before cropping.
 SHORT_SIDE = 128

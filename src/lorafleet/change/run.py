@@ -40,9 +40,15 @@ def train_model(cfg: ChangeConfig, out: Path, resume: bool = False, quiet: bool 
             bar.close()
 
 
-def apply_change(model: Path, image: Path, out: Path, before: Path | None = None,
-                 after: Path | None = None, lora: Path | None = None,
-                 save_lora: Path | None = None) -> dict:  # fmt: skip
+def apply_change(
+    model: Path,
+    image: Path,
+    out: Path,
+    before: Path | None = None,
+    after: Path | None = None,
+    lora: Path | None = None,
+    save_lora: Path | None = None,
+) -> dict:
     """Edit `image` the way before -> after shows (or with a saved LoC adapter); write a PNG."""
     if (before is None) != (after is None):
         raise LorafleetError("give both --before and --after (the example pair)")
@@ -79,8 +85,9 @@ def _grid_rows(qs, models, rows_per_group: int) -> list[dict]:
     return rows
 
 
-def evaluate_models(models: dict[str, Path], out: Path, per_edit: int = 8, seed: int = 0,
-                    rows_per_group: int = 9) -> dict:  # fmt: skip
+def evaluate_models(
+    models: dict[str, Path], out: Path, per_edit: int = 8, seed: int = 0, rows_per_group: int = 9
+) -> dict:
     """Score each LoC model (label -> dir) and the baselines; write results.json and grid.png."""
     from tqdm.auto import tqdm
 
@@ -96,8 +103,11 @@ def evaluate_models(models: dict[str, Path], out: Path, per_edit: int = 8, seed:
     qs = quads(seed, per_edit, size)
     with tqdm(total=len(qs), desc="evaluating", unit="quad") as bar:
         results = evaluate(loaded, qs, lambda i, n: bar.update(1))
-    results["settings"] = {"models": {k: str(v) for k, v in models.items()},
-                           "per_edit": per_edit, "seed": seed}  # fmt: skip
+    results["settings"] = {
+        "models": {k: str(v) for k, v in models.items()},
+        "per_edit": per_edit,
+        "seed": seed,
+    }
     out = Path(out)
     atomic_write_json(out / "results.json", results)
     columns = ["A", "A'", "B", "true B'", *loaded, *BASELINES]

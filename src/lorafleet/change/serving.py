@@ -30,8 +30,7 @@ class ChangeEditor:
     --save-lora`) as the server's image editor (serve.api.image_edits.ImageEditor).
     Inference only, no shared mutable state: safe to call from several threads; blocking."""
 
-    def __init__(self, model: str | Path, loras: str | Path | None = None,
-                 name: str | None = None):  # fmt: skip
+    def __init__(self, model: str | Path, loras: str | Path | None = None, name: str | None = None):
         self.cfg, self.editor, self.hyper = load_model(model)
         self.name = name or Path(model).resolve().name
         if loras is not None and not Path(loras).is_dir():
@@ -47,12 +46,23 @@ class ChangeEditor:
         return sorted(p.name for p in found if LORA_NAME.match(p.name) and is_adapter(p))
 
     def info(self) -> dict:
-        return {"model": self.name, "image_size": self.cfg.image_size, "rank": self.cfg.rank,
-                "min_side": ap.MIN_SIDE, "max_side": ap.MAX_SIDE, "loras": self.lora_names(),
-                "examples": example_ids()}  # fmt: skip
+        return {
+            "model": self.name,
+            "image_size": self.cfg.image_size,
+            "rank": self.cfg.rank,
+            "min_side": ap.MIN_SIDE,
+            "max_side": ap.MAX_SIDE,
+            "loras": self.lora_names(),
+            "examples": example_ids(),
+        }
 
-    def edit(self, image: bytes, before: bytes | None = None, after: bytes | None = None,
-             lora: str | None = None) -> bytes:  # fmt: skip
+    def edit(
+        self,
+        image: bytes,
+        before: bytes | None = None,
+        after: bytes | None = None,
+        lora: str | None = None,
+    ) -> bytes:
         """PNG of G(H(before, after), image), or G(saved LoRA, image); a one-line
         LorafleetError (naming the field) for bad input. The same result as `change apply`."""
         if (before is None) != (after is None):
@@ -79,7 +89,10 @@ class ChangeEditor:
             return self._examples[example_id, seed]
         unseen = example_id.startswith(UNSEEN)
         label, images = example_images(example_id.removeprefix(UNSEEN), unseen, seed)
-        found = {"id": example_id, "label": label,
-                 "images": {k: ap.png_bytes(v) for k, v in images.items()}}  # fmt: skip
+        found = {
+            "id": example_id,
+            "label": label,
+            "images": {k: ap.png_bytes(v) for k, v in images.items()},
+        }
         self._examples[example_id, seed] = found
         return found

@@ -48,7 +48,7 @@ def calibrate(
         help="Prior on the LoRA weights: b-only (A fixed, B ~ N(0, 1/lam)) | b-layers (b-only, "
         "one lam per module) | init (centred at lora_init.safetensors) | parts (lam_A, lam_B) "
         "| zero (N(0, 1/lam) on A and B).",
-    ),  # fmt: skip
+    ),
     evidence: str = typer.Option(
         "mode",
         "--evidence",
@@ -56,7 +56,7 @@ def calibrate(
         "this prior) | quadratic (the likelihood's quadratic approximation at the weights "
         "integrated against the prior: movement the curvature does not pin down is ignored; "
         "see docs/calibration.md).",
-    ),  # fmt: skip
+    ),
     weight_samples: int = typer.Option(
         0, "--weight-samples", min=0, help="Also report the weight-sampling predictive on --val."
     ),
@@ -87,8 +87,9 @@ def calibrate(
     from lorafleet.bayes import calibrate as calibrate_adapter
     from lorafleet.data import load_examples
 
-    cfg = LaplaceConfig(n_kfac=n_kfac, threshold=threshold, labels=labels, batch_size=batch_size,
-                        seed=seed)  # fmt: skip
+    cfg = LaplaceConfig(
+        n_kfac=n_kfac, threshold=threshold, labels=labels, batch_size=batch_size, seed=seed
+    )
     loaded, _, model = load_model(base, adapter, force, max_rank)
     tok = loaded.tokenizer
     train = load_examples(data, tok, split=split, chat=not no_chat, limit=train_limit)
@@ -96,9 +97,19 @@ def calibrate(
     if val is not None:
         val_set = load_examples(val, tok, split=val_split, chat=not no_chat, limit=val_limit)
     report = calibrate_adapter(
-        model, tok, adapter, train, val_set, config=cfg, tune=tune, max_length=max_length,
-        show_progress=True, weight_samples=weight_samples, prior=prior, evidence=evidence,
-    )  # fmt: skip
+        model,
+        tok,
+        adapter,
+        train,
+        val_set,
+        config=cfg,
+        tune=tune,
+        max_length=max_length,
+        show_progress=True,
+        weight_samples=weight_samples,
+        prior=prior,
+        evidence=evidence,
+    )
     shown = {k: v for k, v in report.items() if not isinstance(v, dict)}
     sections = {"calibration": shown}
     sections.update({k: v for k, v in report.items() if isinstance(v, dict)})
@@ -113,9 +124,15 @@ def calibrate(
 
 
 def eval_bayes(
-    model, tokenizer, adapter: Path | None, examples, *, json_out: Path | None,
-    batch_size: int, max_length: int,
-) -> int:  # fmt: skip
+    model,
+    tokenizer,
+    adapter: Path | None,
+    examples,
+    *,
+    json_out: Path | None,
+    batch_size: int,
+    max_length: int,
+) -> int:
     """`lorafleet eval --bayes`: MAP vs Laplace figures, a reliability diagram and the JSON."""
     from lorafleet.bayes import evaluate_bayes, load_factors
     from lorafleet.bayes.io import val_tuned_prior
@@ -131,15 +148,24 @@ def eval_bayes(
     else:
         plot = Path(adapter) / f"reliability-{examples.name}.png"
     figures = evaluate_bayes(
-        model, tokenizer, factors, examples, batch_size=batch_size, max_length=max_length,
-        plot=plot, show_progress=True, also=also,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        factors,
+        examples,
+        batch_size=batch_size,
+        max_length=max_length,
+        plot=plot,
+        show_progress=True,
+        also=also,
+    )
     sections = {"MAP": figures["map"], "Laplace-LoRA": figures["laplace"]}
     if "laplace_val_tuned" in figures:
         sections["Laplace-LoRA, prior tuned on --val"] = figures["laplace_val_tuned"]
     print_report(sections)
-    typer.echo(f"prior precision {figures['prior_precision']:.4g} ({figures['prior']} prior); "
-               f"reliability diagram {plot}")  # fmt: skip
+    typer.echo(
+        f"prior precision {figures['prior_precision']:.4g} ({figures['prior']} prior); "
+        f"reliability diagram {plot}"
+    )
     if json_out is not None:
         write_json(json_out, figures)
         typer.echo(f"wrote {json_out}")

@@ -45,7 +45,7 @@ def bench_train(
         "--method",
         help="Time each method's step next to LoRA's (repeatable): lora, rslora, "
         "dora, bone, bat, bilora, bilora-second, bilora-joint.",
-    ),  # fmt: skip
+    ),
     rank: int = typer.Option(16, "--rank", "-r", min=1, help="With --method: every method's rank."),
     json_out: Path | None = typer.Option(
         None, "--json", help="Default bench/results/train_step[_methods].json."
@@ -67,8 +67,18 @@ def bench_train(
     name = "train_step_methods.json" if method else "train_step.json"
     json_out = json_out or Path("bench/results") / name
     with tempfile.TemporaryDirectory() as scratch:
-        run(base, data, batch_size, steps, rounds, not no_chat, json_out, scratch,
-            methods=method or None, rank=rank)  # fmt: skip
+        run(
+            base,
+            data,
+            batch_size,
+            steps,
+            rounds,
+            not no_chat,
+            json_out,
+            scratch,
+            methods=method or None,
+            rank=rank,
+        )
 
 
 @bench_app.command("rslora")
@@ -95,8 +105,21 @@ def bench_rslora(
     """
     from lorafleet.bench.rslora import run
 
-    run(base, data, ranks, alpha, steps, lr, batch_size, max_length, train_limit, eval_limit,
-        not no_chat, out_dir, json_out)  # fmt: skip
+    run(
+        base,
+        data,
+        ranks,
+        alpha,
+        steps,
+        lr,
+        batch_size,
+        max_length,
+        train_limit,
+        eval_limit,
+        not no_chat,
+        out_dir,
+        json_out,
+    )
 
 
 @bench_app.command("multilora")
@@ -114,7 +137,7 @@ def bench_multilora(
         "--method",
         help="Per-method rows next to LoRA's (repeatable): dora, bone, bat, mixed; --no-methods "
         "for LoRA rows only.",
-    ),  # fmt: skip
+    ),
     no_methods: bool = typer.Option(False, "--no-methods", help="LoRA rows only."),
     json_out: Path = typer.Option(Path("bench/results/multilora.json"), "--json"),
 ):
@@ -129,9 +152,16 @@ def bench_multilora(
     """
     from lorafleet.bench.multilora import run
 
-    run(base=base, ranks=rank, adapters=adapters, json_out=json_out, repeats=repeats,
-        layers=layers, threads=threads,
-        methods=() if no_methods else tuple(method))  # fmt: skip
+    run(
+        base=base,
+        ranks=rank,
+        adapters=adapters,
+        json_out=json_out,
+        repeats=repeats,
+        layers=layers,
+        threads=threads,
+        methods=() if no_methods else tuple(method),
+    )
 
 
 @bench_app.command("engine")
@@ -160,26 +190,26 @@ def bench_engine(
         "-s",
         help="With --peers / --only-peers: lorafleet's dtype / quantisation (float32, "
         "bfloat16, int8, bfloat16+int8, ...); repeatable, each in its own process.",
-    ),  # fmt: skip
+    ),
     slots: int = typer.Option(
         32,
         "--slots",
         min=1,
         help="Resident adapter slots; --adapters above it runs the tiered "
         "registry over adapters written to --adapter-cache (rank --rank on q_proj, v_proj).",
-    ),  # fmt: skip
+    ),
     popularity: list[str] = typer.Option(
         ["uniform", "zipf"],
         "--popularity",
         help="With --adapters > --slots: uniform or zipf "
         "(1.0) draws of each request's adapter; repeatable.",
-    ),  # fmt: skip
+    ),
     adapter_cache: Path | None = typer.Option(
         None,
         "--adapter-cache",
         help="Where the tiered run's adapters are written once and "
         "reused (default runs/bench-adapters/BASE-rRANK-qv).",
-    ),  # fmt: skip
+    ),
     cpu_cache: str = typer.Option(
         "512MB", "--cpu-cache", help="The tiered run's CPU-tier byte budget (e.g. 512MB, 2GB)."
     ),
@@ -188,7 +218,7 @@ def bench_engine(
         "--profile",
         help="Instead: split a prefill and a decode step into attention, "
         "base matmuls, LoRA ops, sampling, other ops and Python; the decode roofline.",
-    ),  # fmt: skip
+    ),
 ):
     """Engine throughput (many adapters at once) vs PEFT one request at a time, and vs batching
     on the base alone (the engine, transformers' static batch and its generate_batch). With
@@ -213,8 +243,19 @@ def bench_engine(
     from lorafleet.bench.peer_tools import require
 
     if profile or adapters > slots:
-        _engine_variants(base, requests, adapters, prompt_tokens, new_tokens, rank, slots,
-                         popularity, adapter_cache, cpu_cache, profile)  # fmt: skip
+        _engine_variants(
+            base,
+            requests,
+            adapters,
+            prompt_tokens,
+            new_tokens,
+            rank,
+            slots,
+            popularity,
+            adapter_cache,
+            cpu_cache,
+            profile,
+        )
         return
 
     if peers or only_peers:
@@ -222,25 +263,58 @@ def bench_engine(
         for text in setting:
             peer_bench.label(text)  # a bad --setting: one line now
     if not only_peers:
-        run(base=base, requests=requests, adapters=adapters, prompt_tokens=prompt_tokens,
-            new_tokens=new_tokens, rank=rank, json_out=json_out, quick=quick)  # fmt: skip
+        run(
+            base=base,
+            requests=requests,
+            adapters=adapters,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            rank=rank,
+            json_out=json_out,
+            quick=quick,
+        )
     if peers or only_peers:
-        peer_bench.run(base=base, requests=requests, adapters=adapters,
-                       prompt_tokens=prompt_tokens, new_tokens=new_tokens, rank=rank,
-                       quick=quick, peers_dir=peers_dir, json_out=peers_json,
-                       settings=tuple(setting))  # fmt: skip
+        peer_bench.run(
+            base=base,
+            requests=requests,
+            adapters=adapters,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            rank=rank,
+            quick=quick,
+            peers_dir=peers_dir,
+            json_out=peers_json,
+            settings=tuple(setting),
+        )
 
 
-def _engine_variants(base, requests, adapters, prompt_tokens, new_tokens, rank, slots,
-                     popularity, adapter_cache, cpu_cache, profile) -> None:  # fmt: skip
+def _engine_variants(
+    base,
+    requests,
+    adapters,
+    prompt_tokens,
+    new_tokens,
+    rank,
+    slots,
+    popularity,
+    adapter_cache,
+    cpu_cache,
+    profile,
+) -> None:
     """bench engine --profile, or the tiered run (--adapters above --slots)."""
     from lorafleet.errors import LorafleetError
 
     if profile:
         from lorafleet.bench.profile import run as run_profile
 
-        run_profile(base=base, requests=requests, adapters=adapters, rank=rank,
-                    prompt_tokens=prompt_tokens, new_tokens=new_tokens)  # fmt: skip
+        run_profile(
+            base=base,
+            requests=requests,
+            adapters=adapters,
+            rank=rank,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+        )
         return
     from lorafleet.bench.thousand import POPULARITIES
     from lorafleet.bench.thousand import run as run_tiered
@@ -248,10 +322,18 @@ def _engine_variants(base, requests, adapters, prompt_tokens, new_tokens, rank, 
     bad = sorted(set(popularity) - set(POPULARITIES))
     if bad:
         raise LorafleetError(f"--popularity {bad[0]}: use {' or '.join(POPULARITIES)}")
-    run_tiered(base=base, adapters=adapters, slots=slots, requests=requests,
-               popularity=tuple(dict.fromkeys(popularity)), prompt_tokens=prompt_tokens,
-               new_tokens=new_tokens, rank=rank, cache_dir=adapter_cache,
-               cpu_cache=cpu_cache)  # fmt: skip
+    run_tiered(
+        base=base,
+        adapters=adapters,
+        slots=slots,
+        requests=requests,
+        popularity=tuple(dict.fromkeys(popularity)),
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        rank=rank,
+        cache_dir=adapter_cache,
+        cpu_cache=cpu_cache,
+    )
 
 
 @bench_app.command("stream")
@@ -314,11 +396,24 @@ def bench_serve(
     """
     from lorafleet.bench.serve import run
 
-    run(base=base, clients=tuple(clients), adapters=adapters, base_share=base_share,
+    run(
+        base=base,
+        clients=tuple(clients),
+        adapters=adapters,
+        base_share=base_share,
         base_only=base_only,
-        adapters_dir=adapters_dir, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rank=rank,
-        temperature=temperature, max_batch_size=max_batch_size, reps=reps, threads=threads,
-        peers=peers, peers_dir=peers_dir, json_out=json_out)  # fmt: skip
+        adapters_dir=adapters_dir,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        rank=rank,
+        temperature=temperature,
+        max_batch_size=max_batch_size,
+        reps=reps,
+        threads=threads,
+        peers=peers,
+        peers_dir=peers_dir,
+        json_out=json_out,
+    )
 
 
 @bench_app.command("merged")
@@ -340,8 +435,15 @@ def bench_merged(
     """
     from lorafleet.bench.merged import run
 
-    run(base=base, rank=rank, batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-        reps=reps, json_out=json_out)  # fmt: skip
+    run(
+        base=base,
+        rank=rank,
+        batch=batch,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        reps=reps,
+        json_out=json_out,
+    )
 
 
 @bench_app.command("merges")
@@ -364,5 +466,11 @@ def bench_merges(
     """
     from lorafleet.bench.merges import run
 
-    run(base=base, adapters_dir=adapters_dir, density=density, seed=seed, quick=quick,
-        json_out=json_out)  # fmt: skip
+    run(
+        base=base,
+        adapters_dir=adapters_dir,
+        density=density,
+        seed=seed,
+        quick=quick,
+        json_out=json_out,
+    )

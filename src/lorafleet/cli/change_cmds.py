@@ -63,10 +63,18 @@ def train(
             "steps, ranks and sizes must be >= 1; --image-size a multiple of 8"
         )
     cfg = ChangeConfig(
-        seed=seed, image_size=image_size, width=width, rank=rank, editor_steps=editor_steps,
-        steps=steps, batch=batch, lr=lr, reverse=not no_reverse, quad_weight=quad_weight,
+        seed=seed,
+        image_size=image_size,
+        width=width,
+        rank=rank,
+        editor_steps=editor_steps,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        reverse=not no_reverse,
+        quad_weight=quad_weight,
         checkpoint_every=checkpoint_every,
-    )  # fmt: skip
+    )
     folder = train_model(cfg, out, resume=resume, quiet=quiet)
     typer.echo(f"LoC model written to {folder}")
 

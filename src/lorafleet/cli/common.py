@@ -10,9 +10,15 @@ from lorafleet.fsutil import atomic_write_json
 
 
 def load_model(
-    base: str, adapter: Path | None, force: bool, max_rank: int, fed: Path | None = None,
-    mole: Path | None = None, mask: list[str] | None = None, dtype: str = "float32",
-):  # fmt: skip
+    base: str,
+    adapter: Path | None,
+    force: bool,
+    max_rank: int,
+    fed: Path | None = None,
+    mole: Path | None = None,
+    mask: list[str] | None = None,
+    dtype: str = "float32",
+):
     """(loaded base, adapter info or None, model): the base with `adapter` attached, the
     global model of the `lorafleet fed` run directory `fed`, or the MoLE directory `mole`
     (its experts `mask`ed); every parameter (the adapter's too) in `dtype`."""

@@ -22,7 +22,7 @@ def merge(
         "--method",
         "-m",
         help="linear | cat | svd | ties | dare_linear | dare_ties | magnitude_prune",
-    ),  # fmt: skip
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Adapter dir (or model dir, --into-base)."),
     into_base: bool = typer.Option(
         False, "--into-base", help="Write a full transformers model with the merge folded in."
@@ -40,7 +40,7 @@ def merge(
         min=1,
         help="Output rank of svd (default: the largest input rank) and of ties / dare_* / "
         "magnitude_prune (default: the sum of input ranks); the error is reported.",
-    ),  # fmt: skip
+    ),
     seed: int = SeedOpt,
     force: bool = ForceOpt,
 ):
@@ -58,8 +58,18 @@ def merge(
     """
     from lorafleet.compose.run import run_merge
 
-    summary = run_merge(base, adapter, method, out, into_base=into_base, density=density,
-                        majority_sign=majority_sign, seed=seed, rank=rank, force=force)  # fmt: skip
+    summary = run_merge(
+        base,
+        adapter,
+        method,
+        out,
+        into_base=into_base,
+        density=density,
+        majority_sign=majority_sign,
+        seed=seed,
+        rank=rank,
+        force=force,
+    )
     adapters = summary.pop("adapters")
     summary["adapters"] = [f"{a['name']} x{a['weight']:g}" for a in adapters]
     print_report({"merge": summary})

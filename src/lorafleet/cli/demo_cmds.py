@@ -59,8 +59,15 @@ def demo(
         seconds = row.get("train_seconds")
         took = "?" if seconds is None else f"{seconds:.0f}"
         took += " (cached)" if row.get("reused") else ""
-        table.add_row(name, row["adapter"]["metric"], str(row["adapter"]["rows"]), f"{b:.3f}",
-                      f"{a:.3f}", f"{a - b:+.3f}", took)  # fmt: skip
+        table.add_row(
+            name,
+            row["adapter"]["metric"],
+            str(row["adapter"]["rows"]),
+            f"{b:.3f}",
+            f"{a:.3f}",
+            f"{a - b:+.3f}",
+            took,
+        )
     Console().print(table)
     typer.echo(f"chart: {results['chart']}   figures: {out / 'results.json'}")
     if no_serve:

@@ -113,9 +113,14 @@ def client(
     from lorafleet.fed.launch import flower_env, supernode_command
 
     cmd = supernode_command(
-        partition=partition, partitions=partitions, port=port, data=data, base=base,
-        auth_private_key=auth_private_key, **link,
-    )  # fmt: skip
+        partition=partition,
+        partitions=partitions,
+        port=port,
+        data=data,
+        base=base,
+        auth_private_key=auth_private_key,
+        **link,
+    )
     os.execve(cmd[0], cmd, flower_env())
 
 

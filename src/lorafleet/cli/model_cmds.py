@@ -97,7 +97,13 @@ def generate(
 
     loaded, _, model = load_model(base, adapter, force, max_rank, fed, mole, mask, dtype)
     text = generate_text(
-        model, loaded.tokenizer, prompt, max_tokens=max_tokens, chat=not no_chat,
-        temperature=temperature, top_p=top_p, seed=seed,
-    )  # fmt: skip
+        model,
+        loaded.tokenizer,
+        prompt,
+        max_tokens=max_tokens,
+        chat=not no_chat,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
     typer.echo(text)

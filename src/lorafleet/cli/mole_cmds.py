@@ -38,7 +38,7 @@ def train(
         "--gate",
         help="outputs (the paper: on the experts' outputs) | input (the "
         "official code: on the layer input).",
-    ),  # fmt: skip
+    ),
     train_limit: int | None = typer.Option(
         None, "--train-limit", min=1, help="Rows read from each source."
     ),
@@ -67,11 +67,23 @@ def train(
     if gate not in ("outputs", "input"):
         raise MoleError(f"--gate must be outputs or input, got {gate!r}")
     cfg = MoleTrainConfig(
-        base=base, experts=[parse_expert(e) for e in expert], data=data, out=out, steps=steps,
-        lr=lr, batch_size=batch_size, balance_weight=balance_weight, temperature=temperature,
-        variant=gate, train_limit=train_limit, max_length=max_length, chat=not no_chat,
-        seed=seed, save_every=save_every, resume=resume,
-    )  # fmt: skip
+        base=base,
+        experts=[parse_expert(e) for e in expert],
+        data=data,
+        out=out,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        balance_weight=balance_weight,
+        temperature=temperature,
+        variant=gate,
+        train_limit=train_limit,
+        max_length=max_length,
+        chat=not no_chat,
+        seed=seed,
+        save_every=save_every,
+        resume=resume,
+    )
     summary = train_mole(cfg)
     if summary.get("interrupted"):
         typer.echo(f"stopped; checkpoint {summary['checkpoint']} (continue with --resume)")

@@ -39,9 +39,11 @@ QuantizeOpt = typer.Option(
 def option(name: str, annotation, default, *flags: str, **kw) -> inspect.Parameter:
     """One option of a shared group: the command parameter `name`, set by `flags`."""
     return inspect.Parameter(
-        name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=annotation,
         default=typer.Option(default, *flags, **kw),
-    )  # fmt: skip
+    )
 
 
 def with_options(**groups: tuple[inspect.Parameter, ...]) -> Callable[[Callable], Callable]:
@@ -74,20 +76,37 @@ def with_options(**groups: tuple[inspect.Parameter, ...]) -> Callable[[Callable]
 # `lorafleet fed simulate | server | app`: what a federated run is (FedConfig's fields).
 FED_RUN = (
     option("base", str, ..., "--base", "-b", help=BASE_HELP),
-    option("data", str, ..., "--data", "-d",
-           help="A built-in task (sst2, ...) or a data file, split among clients."),
-    option("out", Path, ..., "--out", "-o",
-           help="Run dir: global/adapter/, global/residual.safetensors, metrics.json, state/."),
+    option(
+        "data",
+        str,
+        ...,
+        "--data",
+        "-d",
+        help="A built-in task (sst2, ...) or a data file, split among clients.",
+    ),
+    option(
+        "out",
+        Path,
+        ...,
+        "--out",
+        "-o",
+        help="Run dir: global/adapter/, global/residual.safetensors, metrics.json, state/.",
+    ),
     option("clients", int, 4, "--clients", "-n", help="Number of clients (data partitions)."),
     option("rounds", int, 3, "--rounds", "-R"),
-    option("local_steps", int, 10, "--local-steps", "-S",
-           help="Optimizer steps per client and round."),
+    option(
+        "local_steps", int, 10, "--local-steps", "-S", help="Optimizer steps per client and round."
+    ),
     option("aggregation", str, "fedex", "--aggregation", help="fedex | fedavg | ffa"),
     option("split", str, "iid", "--split", help="iid | dirichlet:ALPHA (non-IID; small = skewed)."),
-    option("split_by", str, "label", "--split-by",
-           help="Dirichlet over `label` or a data field."),
-    option("val", str | None, None, "--val",
-           help="Held-out data (default: a built-in task's validation)."),
+    option("split_by", str, "label", "--split-by", help="Dirichlet over `label` or a data field."),
+    option(
+        "val",
+        str | None,
+        None,
+        "--val",
+        help="Held-out data (default: a built-in task's validation).",
+    ),
     option("method", str, "lora", "--method", help="lora | rslora"),
     option("rank", int, 8, "--rank", "-r"),
     option("alpha", float, 16.0, "--alpha"),
@@ -97,30 +116,65 @@ FED_RUN = (
     option("max_length", int, 512, "--max-length"),
     option("seed", int, 0, "--seed"),
     option("eval_limit", int, 200, "--eval-limit", help="Validation rows scored each round."),
-    option("train_limit", int | None, None, "--train-limit",
-           help="Use only the first N training rows."),
-    option("min_clients", int, 1, "--min-clients",
-           help="Aggregate a round only if at least this many clients replied."),
-    option("client_timeout", float | None, None, "--client-timeout",
-           help="Seconds a client may take per round; later replies are skipped."),
-    option("norm_bound", float, 10.0, "--norm-bound",
-           help="Drop a client whose update norm is over this x the others' median."),
+    option(
+        "train_limit", int | None, None, "--train-limit", help="Use only the first N training rows."
+    ),
+    option(
+        "min_clients",
+        int,
+        1,
+        "--min-clients",
+        help="Aggregate a round only if at least this many clients replied.",
+    ),
+    option(
+        "client_timeout",
+        float | None,
+        None,
+        "--client-timeout",
+        help="Seconds a client may take per round; later replies are skipped.",
+    ),
+    option(
+        "norm_bound",
+        float,
+        10.0,
+        "--norm-bound",
+        help="Drop a client whose update norm is over this x the others' median.",
+    ),
     option("no_chat", bool, False, "--no-chat", help="Plain prompts, no chat template."),
     option("resume", bool, False, "--resume", help="Continue from the last saved round in --out."),
-)  # fmt: skip
+)
 # `fed app` writes a Flower app's run config: the options above except these.
-_NOT_IN_APP = ("val", "method", "max_length", "eval_limit", "train_limit", "client_timeout",
-               "norm_bound", "no_chat", "resume")  # fmt: skip
+_NOT_IN_APP = (
+    "val",
+    "method",
+    "max_length",
+    "eval_limit",
+    "train_limit",
+    "client_timeout",
+    "norm_bound",
+    "no_chat",
+    "resume",
+)
 FED_APP = tuple(p for p in FED_RUN if p.name not in _NOT_IN_APP)
 
 # `lorafleet fed server | client`: how to reach the Flower SuperLink.
 FLOWER_LINK = (
-    option("superlink", str, "127.0.0.1:8000", "--superlink",
-           help="SuperLink address, host:port (Flower's default: 8000)."),
+    option(
+        "superlink",
+        str,
+        "127.0.0.1:8000",
+        "--superlink",
+        help="SuperLink address, host:port (Flower's default: 8000).",
+    ),
     option("insecure", bool, False, "--insecure", help="No TLS (tests on one machine only)."),
-    option("root_certificates", Path | None, None, "--root-certificates",
-           help="CA certificate (PEM) that signed the SuperLink's TLS cert."),
-)  # fmt: skip
+    option(
+        "root_certificates",
+        Path | None,
+        None,
+        "--root-certificates",
+        help="CA certificate (PEM) that signed the SuperLink's TLS cert.",
+    ),
+)
 
 
 def fed_config(run: dict, **more):

@@ -10,10 +10,12 @@ from lorafleet.cli.bench_cmds import bench_app
 from lorafleet.cli.options import BaseDefaultOpt
 
 SettingOpt = typer.Option(
-    [], "--setting", "-s",
+    [],
+    "--setting",
+    "-s",
     help="bfloat16, int8, int4 or DTYPE+QUANT (e.g. bfloat16+int8); repeatable (default: all). "
     "bench precision also takes SETTING+unfused: the engine without fused q/k/v and gate/up.",
-)  # fmt: skip
+)
 
 
 @bench_app.command("quality")
@@ -38,8 +40,14 @@ def bench_quality(
     from lorafleet.bench.quality import SETTINGS, parse_setting, run
 
     chosen = tuple(parse_setting(s) for s in setting) or SETTINGS
-    run(base=base, settings=chosen, prompts=prompts, prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens, json_out=json_out)  # fmt: skip
+    run(
+        base=base,
+        settings=chosen,
+        prompts=prompts,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        json_out=json_out,
+    )
 
 
 @bench_app.command("precision")
@@ -67,6 +75,14 @@ def bench_precision(
     """
     from lorafleet.bench.precision import DEFAULT_SETTINGS, run
 
-    run(base=base, settings=tuple(setting) or DEFAULT_SETTINGS, requests=requests,
-        adapters=adapters, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rank=rank,
-        reps=reps, json_out=json_out)  # fmt: skip
+    run(
+        base=base,
+        settings=tuple(setting) or DEFAULT_SETTINGS,
+        requests=requests,
+        adapters=adapters,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        rank=rank,
+        reps=reps,
+        json_out=json_out,
+    )

@@ -123,22 +123,48 @@ def serve(
     editor = ChangeEditor(change, change_loras) if change is not None else None
     check_quantize(quantize)
     loaded = load_base(base, dtype=dtype)
-    settings = EngineSettings(max_adapters=max_adapters, max_rank=max_rank,
-                              max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
-                              max_seq_len=max_seq_len, cpu_cache_mb=cpu_cache_mb,
-                              cpu_cache_bytes=cpu_cache_bytes, quantize=quantize)  # fmt: skip
-    config = ServerConfig(model_name=model_name or base, max_waiting=max_queue,
-                          shutdown_grace_s=shutdown_grace, max_mixture=max_mixture,
-                          merge_cache_mb=merge_cache_mb, max_n=max_n,
-                          engine_threads=threads or max(1, (os.cpu_count() or 2) - 1))  # fmt: skip
-    state = build_state(loaded, adapters, auth_config, settings, config, laplace_classifier,
-                        merge_adapters, MoleCatalog, editor)  # fmt: skip
+    settings = EngineSettings(
+        max_adapters=max_adapters,
+        max_rank=max_rank,
+        max_batch_size=max_batch_size,
+        max_batch_tokens=max_batch_tokens,
+        max_seq_len=max_seq_len,
+        cpu_cache_mb=cpu_cache_mb,
+        cpu_cache_bytes=cpu_cache_bytes,
+        quantize=quantize,
+    )
+    config = ServerConfig(
+        model_name=model_name or base,
+        max_waiting=max_queue,
+        shutdown_grace_s=shutdown_grace,
+        max_mixture=max_mixture,
+        merge_cache_mb=merge_cache_mb,
+        max_n=max_n,
+        engine_threads=threads or max(1, (os.cpu_count() or 2) - 1),
+    )
+    state = build_state(
+        loaded,
+        adapters,
+        auth_config,
+        settings,
+        config,
+        laplace_classifier,
+        merge_adapters,
+        MoleCatalog,
+        editor,
+    )
     names = state.adapter_names()
-    typer.echo(f"lorafleet: serving {config.model_name} + {len(names)} adapter(s) "
-               f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}) on "
-               f"http://{host}:{port}  (playground: http://{host}:{port}/)", err=True)  # fmt: skip
+    typer.echo(
+        f"lorafleet: serving {config.model_name} + {len(names)} adapter(s) "
+        f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}) on "
+        f"http://{host}:{port}  (playground: http://{host}:{port}/)",
+        err=True,
+    )
     if editor is not None:
-        typer.echo(f"lorafleet: image edits by example with LoC model {editor.name} at "
-                   f"http://{host}:{port}/v1/images/edits", err=True)  # fmt: skip
+        typer.echo(
+            f"lorafleet: image edits by example with LoC model {editor.name} at "
+            f"http://{host}:{port}/v1/images/edits",
+            err=True,
+        )
     serve_forever(state, host, port)
     return 0

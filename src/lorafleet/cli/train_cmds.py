@@ -108,16 +108,39 @@ def train(
     from lorafleet.train.bilora import BiLoRATrainer, bilora_options
 
     cfg = TrainConfig(
-        base=base, data=data, out=out, val=val, method=method, rank=rank, alpha=alpha,
-        targets=parse_targets(targets), dropout=dropout, steps=steps, epochs=epochs, lr=lr,
-        weight_decay=weight_decay, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
-        max_grad_norm=max_grad_norm, max_length=max_length, on_overflow=on_overflow,
-        packing=packing, seed=seed, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-        eval_every=eval_every, eval_limit=eval_limit, val_metrics=tuple(val_metric) or None,
+        base=base,
+        data=data,
+        out=out,
+        val=val,
+        method=method,
+        rank=rank,
+        alpha=alpha,
+        targets=parse_targets(targets),
+        dropout=dropout,
+        steps=steps,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_grad_norm=max_grad_norm,
+        max_length=max_length,
+        on_overflow=on_overflow,
+        packing=packing,
+        seed=seed,
+        dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing,
+        eval_every=eval_every,
+        eval_limit=eval_limit,
+        val_metrics=tuple(val_metric) or None,
         train_limit=train_limit,
-        save_every=save_every, keep_checkpoints=keep_checkpoints, chat=not no_chat, resume=resume,
+        save_every=save_every,
+        keep_checkpoints=keep_checkpoints,
+        chat=not no_chat,
+        resume=resume,
         extra=bilora_options(method, bilevel, bilevel_split, ortho_weight),
-    )  # fmt: skip
+    )
     trainer = BiLoRATrainer(cfg) if method == "bilora" else Trainer(cfg)
     result = trainer.run()
     if not trainer.dist.is_main:
@@ -185,14 +208,32 @@ def eval_cmd(
     loaded, _, model = load_model(base, adapter, force, max_rank, fed, mole, mask, dtype)
     examples = load_examples(data, loaded.tokenizer, split=split, chat=not no_chat, limit=limit)
     if bayes:  # accuracy, ECE, NLL, Brier for MAP vs Laplace, reliability diagram, JSON
-        return eval_bayes(model, loaded.tokenizer, adapter, examples, json_out=json_out,
-                          batch_size=batch_size, max_length=max_length)  # fmt: skip
+        return eval_bayes(
+            model,
+            loaded.tokenizer,
+            adapter,
+            examples,
+            json_out=json_out,
+            batch_size=batch_size,
+            max_length=max_length,
+        )
     figures = evaluate(
-        model, loaded.tokenizer, examples, metrics=tuple(metric) or None, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, max_length=max_length, show_progress=True,
-    )  # fmt: skip
-    report = {"base": base, "adapter": str(adapter or mole or "") or None, "data": data,
-              "split": split, **figures}  # fmt: skip
+        model,
+        loaded.tokenizer,
+        examples,
+        metrics=tuple(metric) or None,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        show_progress=True,
+    )
+    report = {
+        "base": base,
+        "adapter": str(adapter or mole or "") or None,
+        "data": data,
+        "split": split,
+        **figures,
+    }
     print_report({"evaluation": report})
     if json_out is not None:
         write_json(json_out, report)

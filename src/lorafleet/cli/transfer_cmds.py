@@ -28,7 +28,7 @@ def prepare_cmd(
         "-d",
         help="The task: a built-in task, or a text/label or "
         "prompt/completion file (read now; the kit keeps only the seeds).",
-    ),  # fmt: skip
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="The kit directory to write."),
     seeds: int = typer.Option(5, "--seeds", help="Seed rows kept in the kit."),
     real: int = typer.Option(
@@ -63,11 +63,23 @@ def prepare_cmd(
     from lorafleet.transfer import PrepareConfig, prepare
 
     cfg = PrepareConfig(
-        base=base, adapter=adapter, data=data, out=out, seeds=seeds, real=real,
-        disc_steps=disc_steps, disc_rank=disc_rank, disc_lr=disc_lr, batch_size=batch_size,
-        held_out=held_out, temperature=temperature, max_new_tokens=max_new_tokens,
-        chat=not no_chat, seed=seed, overwrite=overwrite,
-    )  # fmt: skip
+        base=base,
+        adapter=adapter,
+        data=data,
+        out=out,
+        seeds=seeds,
+        real=real,
+        disc_steps=disc_steps,
+        disc_rank=disc_rank,
+        disc_lr=disc_lr,
+        batch_size=batch_size,
+        held_out=held_out,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        chat=not no_chat,
+        seed=seed,
+        overwrite=overwrite,
+    )
     report = prepare(cfg)
     examples = report.pop("synthetic_examples")
     print_report({"transfer prepare": report})
@@ -136,12 +148,26 @@ def run_cmd(
     from lorafleet.transfer import RunConfig, run_transfer
 
     cfg = RunConfig(
-        kit=kit, target_base=target_base, synthetic=synthetic, out=out, source_base=source_base,
-        source_adapter=source_adapter, filter=not no_filter, threshold=threshold,
-        chat=False if no_chat else None, steps=steps, rank=rank, alpha=alpha, lr=lr,
-        batch_size=batch_size, temperature=temperature, max_new_tokens=max_new_tokens,
-        label_tokens=label_tokens, seed=seed, candidates=candidates,
-    )  # fmt: skip
+        kit=kit,
+        target_base=target_base,
+        synthetic=synthetic,
+        out=out,
+        source_base=source_base,
+        source_adapter=source_adapter,
+        filter=not no_filter,
+        threshold=threshold,
+        chat=False if no_chat else None,
+        steps=steps,
+        rank=rank,
+        alpha=alpha,
+        lr=lr,
+        batch_size=batch_size,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        label_tokens=label_tokens,
+        seed=seed,
+        candidates=candidates,
+    )
     report = run_transfer(cfg)
     flat = {"out": report["out"]}
     for stage in ("generate", "filter", "label", "train"):

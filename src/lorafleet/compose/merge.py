@@ -111,8 +111,9 @@ def _module_union(sets: list[dict[str, Factors]]) -> dict[str, tuple[int, int]]:
 
 
 def _concat(sets: list[dict[str, Factors]], weights: list[float], module: str) -> Factors:
-    parts = [(w * s[module].B, s[module].A) for s, w in zip(sets, weights, strict=True)
-             if module in s]  # fmt: skip
+    parts = [
+        (w * s[module].B, s[module].A) for s, w in zip(sets, weights, strict=True) if module in s
+    ]
     return Factors(B=torch.cat([b for b, _ in parts], 1), A=torch.cat([a for _, a in parts], 0))
 
 
@@ -134,9 +135,13 @@ def _merge_module(sets, weights, module, shape, method, opts, rank, dense_only=F
     zero = torch.zeros(shape, dtype=torch.float64)
     dense = [s[module].dense() if module in s else zero for s in sets]
     merged = combine_dense(
-        dense, weights, method, seed=module_seed(opts["seed"], module),
-        density=opts["density"], majority_sign=opts["majority_sign"],
-    )  # fmt: skip
+        dense,
+        weights,
+        method,
+        seed=module_seed(opts["seed"], module),
+        density=opts["density"],
+        majority_sign=opts["majority_sign"],
+    )
     if dense_only:
         return merged, 0.0, float(merged.norm())
     return svd_factors(merged, rank or cat.rank)
@@ -171,8 +176,11 @@ def merge_factors(
             rel[module] = err / norm if norm > 0 else 0.0
             bar.update(1)
     worst = max(rel, key=rel.get) if rel else None
-    report = {"relative_error": relative_error(errors, norms),
-              "worst_module": worst, "worst_module_error": rel.get(worst, 0.0)}  # fmt: skip
+    report = {
+        "relative_error": relative_error(errors, norms),
+        "worst_module": worst,
+        "worst_module_error": rel.get(worst, 0.0),
+    }
     return out, report
 
 
@@ -188,8 +196,13 @@ def _common_fingerprint(adapters: list[Adapter], names: list[str]) -> str | None
     return next(iter(seen), None)
 
 
-def factors_to_adapter(factors: dict[str, Factors], *, base_model: str | None, meta: dict,
-                       dtype: torch.dtype = torch.float32) -> Adapter:  # fmt: skip
+def factors_to_adapter(
+    factors: dict[str, Factors],
+    *,
+    base_model: str | None,
+    meta: dict,
+    dtype: torch.dtype = torch.float32,
+) -> Adapter:
     """A PEFT LoRA adapter holding exactly these deltas: per-module ranks (rank_pattern) with
     alpha = rank (scale 1), targets the exact module names."""
     from lorafleet.adapters.lora_keys import peft_key
@@ -198,10 +211,15 @@ def factors_to_adapter(factors: dict[str, Factors], *, base_model: str | None, m
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {m: k for m, k in ranks.items() if k != r}
     config = LoraConfig(
-        r=r, lora_alpha=r, target_modules=list(factors), rank_pattern=pattern,
-        alpha_pattern=dict(pattern), task_type="CAUSAL_LM", base_model_name_or_path=base_model,
+        r=r,
+        lora_alpha=r,
+        target_modules=list(factors),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
         inference_mode=True,
-    )  # fmt: skip
+    )
     tensors = {}
     for m, f in factors.items():
         tensors[peft_key(m, "A")] = f.A.to(dtype).contiguous()
@@ -233,15 +251,22 @@ def merge_adapters(
     check_recipe(len(adapters), weights, method, density, majority_sign, rank)
     fingerprint = _common_fingerprint(adapters, names)
     sets = [adapter_factors(a) for a in adapters]
-    factors, report = merge_factors(sets, [float(w) for w in weights], method, density=density,
-                                    majority_sign=majority_sign, seed=seed, rank=rank,
-                                    progress=progress)  # fmt: skip
+    factors, report = merge_factors(
+        sets,
+        [float(w) for w in weights],
+        method,
+        density=density,
+        majority_sign=majority_sign,
+        seed=seed,
+        rank=rank,
+        progress=progress,
+    )
     recipe = {
         "method": method,
         "adapters": [
             {"name": n, "path": str(a.path) if a.path else None, "weight": float(w)}
             for n, a, w in zip(names, adapters, weights, strict=True)
-        ],  # fmt: skip
+        ],
         **({"density": density, "seed": seed} if method in DENSE_METHODS else {}),
         **({"majority_sign": majority_sign} if method in ("ties", "dare_ties") else {}),
         **({"rank": rank} if rank is not None else {}),
@@ -275,6 +300,14 @@ def merged_deltas(
     check_recipe(len(adapters), weights, method, density, majority_sign, rank)
     _common_fingerprint(adapters, names)
     sets = [adapter_factors(a) for a in adapters]
-    return merge_factors(sets, [float(w) for w in weights], method, density=density,
-                         majority_sign=majority_sign, seed=seed, rank=rank, progress=progress,
-                         dense=True)  # fmt: skip
+    return merge_factors(
+        sets,
+        [float(w) for w in weights],
+        method,
+        density=density,
+        majority_sign=majority_sign,
+        seed=seed,
+        rank=rank,
+        progress=progress,
+        dense=True,
+    )

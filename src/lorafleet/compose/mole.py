@@ -75,8 +75,9 @@ class MoleModel:
     `mole_gates` submodule); a forward pre-hook gives every row the gated mixture of slots
     1..K, so `model(...)`, `model.generate(...)` and `evaluate(model, ...)` all run MoLE."""
 
-    def __init__(self, model: nn.Module, handle: MultiLoRAModel, gates: MoleGates,
-                 names: list[str]):  # fmt: skip
+    def __init__(
+        self, model: nn.Module, handle: MultiLoRAModel, gates: MoleGates, names: list[str]
+    ):
         self.model, self.handle, self.gates, self.names = model, handle, gates, names
         self.slots = tuple(range(1, len(names) + 1))
         self._hook = model.register_forward_pre_hook(self._set_rows, with_kwargs=True)
@@ -92,8 +93,9 @@ class MoleModel:
         """Drop these experts at inference and renormalise the rest (no retraining)."""
         unknown = [n for n in names if n not in self.names]
         if unknown:
-            raise MoleError(f"--mask {unknown[0]}: not an expert of this MoLE "
-                            f"({', '.join(self.names)})")  # fmt: skip
+            raise MoleError(
+                f"--mask {unknown[0]}: not an expert of this MoLE ({', '.join(self.names)})"
+            )
         try:
             self.gates.set_mask(self.names.index(n) for n in names)
         except ValueError as exc:
@@ -110,8 +112,14 @@ def _max_rank(experts: Sequence[Expert]) -> tuple[int, list[str]]:
     return rank, sorted(targets)
 
 
-def attach_mole(model: nn.Module, experts: Sequence[Expert], gates: MoleGates | None = None, *,
-                variant: str = DEFAULT_VARIANT, temperature: float = 1.0) -> MoleModel:  # fmt: skip
+def attach_mole(
+    model: nn.Module,
+    experts: Sequence[Expert],
+    gates: MoleGates | None = None,
+    *,
+    variant: str = DEFAULT_VARIANT,
+    temperature: float = 1.0,
+) -> MoleModel:
     """Put the experts into slots 1..K of `model` (in place) and gate them per layer; new
     gates (variant, temperature) unless `gates` is given. The base and experts stay frozen."""
     for p in model.parameters():
@@ -126,8 +134,10 @@ def attach_mole(model: nn.Module, experts: Sequence[Expert], gates: MoleGates | 
     except MultiLoRAError as exc:
         raise MoleError(str(exc)) from exc
     if gates is None:
-        layers = {n: (m.base_layer.in_features, m.base_layer.out_features)
-                  for n, m in handle.layers.items()}  # fmt: skip
+        layers = {
+            n: (m.base_layer.in_features, m.base_layer.out_features)
+            for n, m in handle.layers.items()
+        }
         gates = MoleGates(layers, len(experts), variant=variant, temperature=temperature)
     gates.to(next(model.parameters()).device)
     model.mole_gates = gates  # a submodule: its parameters are the model's trainable ones
@@ -135,22 +145,38 @@ def attach_mole(model: nn.Module, experts: Sequence[Expert], gates: MoleGates | 
 
 
 # --- the artifact ------------------------------------------------------------------------------
-def save_mole(out: Path, mole: MoleModel, experts: Sequence[Expert], base_fingerprint: str,
-              extra: dict | None = None) -> Path:  # fmt: skip
+def save_mole(
+    out: Path,
+    mole: MoleModel,
+    experts: Sequence[Expert],
+    base_fingerprint: str,
+    extra: dict | None = None,
+) -> Path:
     """Write OUT/gates.safetensors and OUT/mole_config.json (experts by relative path + hash)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gates = mole.gates
-    tensors = {f"{n}.gate": gates.weight[gate_key(n)].detach().float().cpu().contiguous()
-               for n in gates.layer_names}  # fmt: skip
+    tensors = {
+        f"{n}.gate": gates.weight[gate_key(n)].detach().float().cpu().contiguous()
+        for n in gates.layer_names
+    }
     atomic_write(out / GATES_FILE, lambda tmp: save_file(tensors, tmp))
     config = {
-        "format": FORMAT, "version": 1, "variant": gates.variant,
-        "temperature": gates.temperature, "base_fingerprint": base_fingerprint,
-        "experts": [{"name": e.name, "path": os.path.relpath(e.path.resolve(), out.resolve()),
-                     "sha256": content_digest(e.path)} for e in experts],
+        "format": FORMAT,
+        "version": 1,
+        "variant": gates.variant,
+        "temperature": gates.temperature,
+        "base_fingerprint": base_fingerprint,
+        "experts": [
+            {
+                "name": e.name,
+                "path": os.path.relpath(e.path.resolve(), out.resolve()),
+                "sha256": content_digest(e.path),
+            }
+            for e in experts
+        ],
         **(extra or {}),
-    }  # fmt: skip
+    }
     atomic_write_json(out / MOLE_CONFIG, config)
     return out
 
@@ -175,8 +201,10 @@ def mole_experts(path: str | Path, base_fingerprint: str | None = None) -> list[
     config, root = read_mole_config(path), Path(path)
     theirs = config.get("base_fingerprint")
     if base_fingerprint and theirs and theirs != base_fingerprint:
-        raise MoleError(f"{path}: gates trained on another base (fingerprint {theirs}, "
-                        f"this base is {base_fingerprint})")  # fmt: skip
+        raise MoleError(
+            f"{path}: gates trained on another base (fingerprint {theirs}, "
+            f"this base is {base_fingerprint})"
+        )
     experts = []
     for item in config["experts"]:
         name, where = item["name"], (root / item["path"])
@@ -192,8 +220,12 @@ def mole_experts(path: str | Path, base_fingerprint: str | None = None) -> list[
     return experts
 
 
-def load_mole(path: str | Path, model: nn.Module, base_fingerprint: str | None = None,
-              mask: Sequence[str] = ()) -> MoleModel:  # fmt: skip
+def load_mole(
+    path: str | Path,
+    model: nn.Module,
+    base_fingerprint: str | None = None,
+    mask: Sequence[str] = (),
+) -> MoleModel:
     """Attach the MoLE directory `path` to `model` (in place), every expert checked."""
     config = read_mole_config(path)
     experts = mole_experts(path, base_fingerprint)
@@ -202,8 +234,9 @@ def load_mole(path: str | Path, model: nn.Module, base_fingerprint: str | None =
             check_adapter(e.adapter, model, base_fingerprint=base_fingerprint, max_rank=10**6)
         except AdapterError as exc:
             raise MoleError(f"{path}: expert {e.name}: {exc}") from exc
-    mole = attach_mole(model, experts, variant=config["variant"],
-                       temperature=float(config["temperature"]))  # fmt: skip
+    mole = attach_mole(
+        model, experts, variant=config["variant"], temperature=float(config["temperature"])
+    )
     saved = load_file(str(Path(path) / GATES_FILE))
     gates = mole.gates
     want = {f"{n}.gate" for n in gates.layer_names}

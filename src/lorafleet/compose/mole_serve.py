@@ -33,8 +33,9 @@ class ServedMole:
     def mixture(self, mask: Sequence[str] = ()) -> Mixture:
         unknown = [m for m in mask if m not in self.experts]
         if unknown:
-            raise MoleError(f"mask {unknown[0]}: not an expert of {self.name} "
-                            f"({', '.join(self.experts)})")  # fmt: skip
+            raise MoleError(
+                f"mask {unknown[0]}: not an expert of {self.name} ({', '.join(self.experts)})"
+            )
         dropped = tuple(sorted({self.experts.index(m) for m in mask}))
         if dropped not in self._gates:  # one gate object per mask: the batch coalesces them
             try:
@@ -45,8 +46,12 @@ class ServedMole:
         return Mixture(tuple((a, 1.0) for a in self.adapters), gate=gate, name=self.name)
 
     def describe(self) -> dict:
-        return {"id": self.name, "experts": list(self.experts), "variant": self.gates.variant,
-                "temperature": self.gates.temperature}  # fmt: skip
+        return {
+            "id": self.name,
+            "experts": list(self.experts),
+            "variant": self.gates.variant,
+            "temperature": self.gates.temperature,
+        }
 
 
 def read_gates(path: str | Path) -> MoleGates:
@@ -59,8 +64,10 @@ def read_gates(path: str | Path) -> MoleGates:
     except (ValueError, KeyError) as exc:
         raise MoleError(f"{path}: {GATES_FILE}: {exc}") from exc
     if gates.n_experts != len(config["experts"]):
-        raise MoleError(f"{path}: {GATES_FILE} gates {gates.n_experts} experts, the config "
-                        f"lists {len(config['experts'])}")  # fmt: skip
+        raise MoleError(
+            f"{path}: {GATES_FILE} gates {gates.n_experts} experts, the config "
+            f"lists {len(config['experts'])}"
+        )
     return gates
 
 

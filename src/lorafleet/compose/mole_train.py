@@ -98,8 +98,9 @@ def mixed_examples(specs: list[str], tokenizer, cfg: MoleTrainConfig):
     sources = [parse_source(s) for s in specs]
     encoded = []
     for source, _ in sources:
-        examples = load_examples(source, tokenizer, split="train", chat=cfg.chat,
-                                 limit=cfg.train_limit)  # fmt: skip
+        examples = load_examples(
+            source, tokenizer, split="train", chat=cfg.chat, limit=cfg.train_limit
+        )
         encoded.append(build_data(examples, tokenizer, DataConfig(cfg.max_length))[0])
     unit = min(len(e) / w for e, (_, w) in zip(encoded, sources, strict=True))
     counts = {s: max(1, int(unit * w)) for s, w in sources}
@@ -121,10 +122,13 @@ def latest_state(out: Path) -> Path | None:
 
 
 def _save_state(out: Path, step: int, model, optimizer, scheduler) -> Path:
-    state = {"step": step, "gates": {k: v.detach().cpu().clone()
-                                     for k, v in model.mole_gates.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state()}  # fmt: skip
+    state = {
+        "step": step,
+        "gates": {k: v.detach().cpu().clone() for k, v in model.mole_gates.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+    }
     path = _ckpt_dir(out) / f"step-{step:07d}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -166,8 +170,9 @@ def train_mole(cfg: MoleTrainConfig, on_step=None) -> dict:
     train_only(model, groups)
     optimizer = build_optimizer(groups, OptimizerConfig(lr=cfg.lr))
     scheduler = build_scheduler(optimizer, ScheduleConfig(cfg.steps, cfg.warmup))
-    batches = Batches(data, batch_size=cfg.batch_size, pad_token_id=base.tokenizer.pad_token_id,
-                      seed=cfg.seed)  # fmt: skip
+    batches = Batches(
+        data, batch_size=cfg.batch_size, pad_token_id=base.tokenizer.pad_token_id, seed=cfg.seed
+    )
     runner = StepRunner(model, step_fn, batches, optimizer, scheduler)
     start = _restore(out, model, optimizer, scheduler) if cfg.resume else 0
     out.mkdir(parents=True, exist_ok=True)
@@ -175,10 +180,18 @@ def train_mole(cfg: MoleTrainConfig, on_step=None) -> dict:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     if _run(cfg, runner, model, optimizer, scheduler, start, on_step):
         return {"interrupted": True, "checkpoint": str(latest_state(out))}
-    summary = {"steps": cfg.steps, "experts": mole.names, "data": counts,
-               "variant": cfg.variant, "temperature": cfg.temperature}  # fmt: skip
-    train = {k: v for k, v in asdict(cfg).items() if k in ("steps", "lr", "batch_size", "seed",
-                                                            "balance_weight", "data")}  # fmt: skip
+    summary = {
+        "steps": cfg.steps,
+        "experts": mole.names,
+        "data": counts,
+        "variant": cfg.variant,
+        "temperature": cfg.temperature,
+    }
+    train = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k in ("steps", "lr", "batch_size", "seed", "balance_weight", "data")
+    }
     save_mole(out, mole, experts, base.fingerprint, {"train": train, **cfg.extra})
     summary["out"] = str(out)
     return summary
@@ -189,8 +202,9 @@ def _run(cfg, runner, model, optimizer, scheduler, start, on_step) -> bool:
     (SIGINT / SIGTERM: after the current step, with a checkpoint) stopped the run."""
     stop = []
     try:
-        previous = {s: signal.signal(s, lambda *_: stop.append(1))
-                    for s in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+        previous = {
+            s: signal.signal(s, lambda *_: stop.append(1)) for s in (signal.SIGINT, signal.SIGTERM)
+        }
     except ValueError:  # not the main thread: no handlers
         previous = {}
     try:
@@ -208,9 +222,14 @@ def _steps(cfg, runner, model, optimizer, scheduler, start, on_step, stop) -> bo
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             result = runner(step)
-            record = {"split": "train", "step": step + 1, "loss": result.loss,
-                      "grad_norm": result.grad_norm, "seconds": time.perf_counter() - t0,
-                      **result.logs}  # fmt: skip
+            record = {
+                "split": "train",
+                "step": step + 1,
+                "loss": result.loss,
+                "grad_norm": result.grad_norm,
+                "seconds": time.perf_counter() - t0,
+                **result.logs,
+            }
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.update(1)

@@ -67,16 +67,21 @@ def run_merge(
     adapters = [read_adapter(p.path) for p in parsed]
     loaded = load_base(base)
     for a in adapters:
-        check_adapter(a, loaded.model, base_fingerprint=loaded.fingerprint, max_rank=max_rank,
-                      force=force)  # fmt: skip
+        check_adapter(
+            a, loaded.model, base_fingerprint=loaded.fingerprint, max_rank=max_rank, force=force
+        )
     weights = [p.weight for p in parsed]
     opts = {"density": density, "majority_sign": majority_sign, "seed": seed, "rank": rank}
     if into_base:
         deltas, report = merged_deltas(adapters, weights, method, progress=True, **opts)
         fold_deltas(loaded.model, deltas)
-        recipe = {"method": method, "base": base, "base_fingerprint": loaded.fingerprint,
-                  "adapters": [{"name": p.name, "path": str(p.path), "weight": p.weight}
-                               for p in parsed], **report}  # fmt: skip
+        recipe = {
+            "method": method,
+            "base": base,
+            "base_fingerprint": loaded.fingerprint,
+            "adapters": [{"name": p.name, "path": str(p.path), "weight": p.weight} for p in parsed],
+            **report,
+        }
         write_model_dir(loaded.model, loaded.tokenizer, out, recipe)
         return {"model_dir": str(out), **recipe}
     merged = merge_adapters(adapters, weights, method, names=names, progress=True, **opts)

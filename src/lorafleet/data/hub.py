@@ -66,8 +66,9 @@ def _load(location: str, config: str | None, split: str):
     datasets.logging.set_verbosity_error()
     hub_logging.set_verbosity_error()
     try:
-        return datasets.load_dataset(location, config, split=split,
-                                     cache_dir=str(cache_dir() / "datasets"))  # fmt: skip
+        return datasets.load_dataset(
+            location, config, split=split, cache_dir=str(cache_dir() / "datasets")
+        )
     finally:
         datasets.logging.set_verbosity(levels[0])
         hub_logging.set_verbosity(levels[1])

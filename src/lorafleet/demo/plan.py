@@ -38,10 +38,8 @@ FULL = {
     "sst2": TaskPlan("sst2", steps=80, batch_size=8, lr=5e-4, max_length=128, eval_limit=150),
     "strategyqa": TaskPlan(
         "strategyqa", steps=80, batch_size=8, lr=5e-4, max_length=128, eval_limit=150
-    ),  # fmt: skip
-    "clutrr": TaskPlan(
-        "clutrr", steps=100, batch_size=4, lr=5e-4, max_length=320, eval_limit=50
-    ),  # fmt: skip
+    ),
+    "clutrr": TaskPlan("clutrr", steps=100, batch_size=4, lr=5e-4, max_length=320, eval_limit=50),
 }
 # --quick (CI's end-to-end test): the whole pipeline in a minute or two, figures meaningless.
 QUICK = {
@@ -54,7 +52,7 @@ QUICK = {
         eval_limit=4,
         max_new_tokens=8,
         train_limit=16,
-    )  # fmt: skip
+    )
     for name in FULL
 }
 

@@ -57,8 +57,9 @@ class Demo:
         began = time.perf_counter()
         self.base = load_base(self.cfg.base)
         how = "from the cache" if self.base.from_cache else "converted and cached"
-        self.say(f"[1/4] base model {self.cfg.base} loaded {how} in "
-                 f"{time.perf_counter() - began:.1f} s")  # fmt: skip
+        self.say(
+            f"[1/4] base model {self.cfg.base} loaded {how} in {time.perf_counter() - began:.1f} s"
+        )
         return self.base
 
     def _stamp(self, plan: TaskPlan) -> dict:
@@ -80,13 +81,23 @@ class Demo:
         resume = (work / "checkpoints").is_dir()
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_json(work / PLAN_FILE, self._stamp(plan))
-        tc = TrainConfig(base=self.cfg.base, data=plan.task, out=work, rank=plan.rank,
-                         alpha=plan.alpha, steps=plan.steps, lr=plan.lr,
-                         batch_size=plan.batch_size, max_length=plan.max_length,
-                         # The demo scores base and adapter itself, with one setting for
-                         # both; the trainer's own end-of-run check is kept to one row.
-                         eval_limit=1, train_limit=plan.train_limit,
-                         save_every=max(10, plan.steps // 4), resume=resume)  # fmt: skip
+        tc = TrainConfig(
+            base=self.cfg.base,
+            data=plan.task,
+            out=work,
+            rank=plan.rank,
+            alpha=plan.alpha,
+            steps=plan.steps,
+            lr=plan.lr,
+            batch_size=plan.batch_size,
+            max_length=plan.max_length,
+            # The demo scores base and adapter itself, with one setting for
+            # both; the trainer's own end-of-run check is kept to one row.
+            eval_limit=1,
+            train_limit=plan.train_limit,
+            save_every=max(10, plan.steps // 4),
+            resume=resume,
+        )
         began = time.perf_counter()
         result = Trainer(tc).run()
         seconds = time.perf_counter() - began
@@ -106,13 +117,24 @@ class Demo:
         if adapter is not None:
             _, model = load_adapter(adapter, model, base_fingerprint=self.base.fingerprint)
         try:
-            examples = load_examples(plan.task, self.base.tokenizer, split="validation",
-                                     limit=plan.eval_limit)  # fmt: skip
-            figures = evaluate(model, self.base.tokenizer, examples, metrics=(examples.metric,),
-                               batch_size=plan.batch_size, max_length=plan.max_length,
-                               max_new_tokens=plan.max_new_tokens, show_progress=True)  # fmt: skip
-            return {"metric": examples.metric, "value": figures[examples.metric],
-                    "rows": figures["examples"]}  # fmt: skip
+            examples = load_examples(
+                plan.task, self.base.tokenizer, split="validation", limit=plan.eval_limit
+            )
+            figures = evaluate(
+                model,
+                self.base.tokenizer,
+                examples,
+                metrics=(examples.metric,),
+                batch_size=plan.batch_size,
+                max_length=plan.max_length,
+                max_new_tokens=plan.max_new_tokens,
+                show_progress=True,
+            )
+            return {
+                "metric": examples.metric,
+                "value": figures[examples.metric],
+                "rows": figures["examples"],
+            }
         finally:
             if adapter is not None:
                 model.unload()  # the base's own linears back, for the next evaluation
@@ -143,16 +165,22 @@ class Demo:
                 base_fig = self.evaluate(plan, None)
             self.say(f"      scoring the {plan.task} adapter")
             adapter_fig = self.evaluate(plan, self.adapter_dir(plan))
-            rows[plan.task] = {"stamp": stamp, "base": base_fig, "adapter": adapter_fig,
-                               "train_seconds": round(seconds, 1) if not reused else
-                               (row or {}).get("train_seconds")}  # fmt: skip
+            rows[plan.task] = {
+                "stamp": stamp,
+                "base": base_fig,
+                "adapter": adapter_fig,
+                "train_seconds": round(seconds, 1)
+                if not reused
+                else (row or {}).get("train_seconds"),
+            }
             atomic_write_json(
                 self.cfg.out / RESULTS, {"base": self.base.fingerprint, "tasks": rows}
             )
         wanted = {p.task for p in self.cfg.plans}
-        results = {"base": self.base.fingerprint,
-                   "tasks": {t: {**r, "reused": t in reused_now} for t, r in rows.items()
-                             if t in wanted}}  # fmt: skip
+        results = {
+            "base": self.base.fingerprint,
+            "tasks": {t: {**r, "reused": t in reused_now} for t, r in rows.items() if t in wanted},
+        }
         results["chart"] = str(bar_chart(results["tasks"], self.cfg.out / "results.png"))
         return results
 
@@ -191,8 +219,10 @@ def bar_chart(rows: dict, png: Path) -> Path:
 def examples_text(url: str, adapter: str, model_name: str) -> str:
     """How to call the served demo: curl and the openai client, selecting an adapter by name."""
     review = "A gorgeous, funny and moving film."
-    content = ("Is the sentiment of this movie review positive or negative?\\n"
-               f"Review: {review}\\nAnswer with one word.")  # fmt: skip
+    content = (
+        "Is the sentiment of this movie review positive or negative?\\n"
+        f"Review: {review}\\nAnswer with one word."
+    )
     return f"""
   playground:  {url}/
   models:      curl {url}/v1/models

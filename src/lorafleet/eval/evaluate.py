@@ -49,9 +49,13 @@ def evaluate(
             total = sum(len(ex.choices) for ex in rows)
             with _progress_bar(total, "scoring choices", show_progress) as bar:
                 scores = choice_logprobs(
-                    model, tokenizer, rows, batch_size=batch_size, max_length=max_length,
+                    model,
+                    tokenizer,
+                    rows,
+                    batch_size=batch_size,
+                    max_length=max_length,
                     progress=bar.update if bar else None,
-                )  # fmt: skip
+                )
             predicted = scores.argmax(dim=1).tolist()
             result["accuracy"] = accuracy(predicted, [ex.label for ex in rows])
             if return_predictions:
@@ -61,9 +65,13 @@ def evaluate(
         if "exact_match" in metrics or "contains" in metrics:
             with _progress_bar(len(rows), "generating", show_progress) as bar:
                 texts = generate_greedy(
-                    model, tokenizer, [ex.prompt for ex in rows], max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, progress=bar.update if bar else None,
-                )  # fmt: skip
+                    model,
+                    tokenizer,
+                    [ex.prompt for ex in rows],
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    progress=bar.update if bar else None,
+                )
             refs = [ex.target for ex in rows]
             for name, fn in (("exact_match", exact_match), ("contains", contains)):
                 if name in metrics:

@@ -23,9 +23,14 @@ def _prompt_ids(tokenizer, text: str, bos: int | None) -> list[int]:
 
 @torch.inference_mode()
 def choice_logprobs(
-    model, tokenizer, examples: Sequence[Example], *, batch_size: int = 16, max_length: int = 1024,
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    max_length: int = 1024,
     progress: Callable[[int], None] | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Sum of log p(choice tokens | prompt) for every (example, choice): [N, max_choices],
     -inf where an example has fewer choices. Prompts longer than max_length lose tokens on
     the left, as in training."""
@@ -62,9 +67,14 @@ def choice_logprobs(
 
 @torch.inference_mode()
 def generate_greedy(
-    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 16,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """Greedy continuations of each prompt (left-padded batches), special tokens removed."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bos = bos_to_add(tokenizer)

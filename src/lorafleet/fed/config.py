@@ -60,11 +60,16 @@ class FedConfig:
             )
         SplitSpec.parse(self.split)  # raises on a bad value
         positive = {
-            "--clients": self.clients, "--rounds": self.rounds,
-            "--local-steps": self.local_steps, "--rank": self.rank, "--alpha": self.alpha,
-            "--lr": self.lr, "--batch-size": self.batch_size, "--max-length": self.max_length,
+            "--clients": self.clients,
+            "--rounds": self.rounds,
+            "--local-steps": self.local_steps,
+            "--rank": self.rank,
+            "--alpha": self.alpha,
+            "--lr": self.lr,
+            "--batch-size": self.batch_size,
+            "--max-length": self.max_length,
             "--min-clients": self.min_clients,
-        }  # fmt: skip
+        }
         for name, value in positive.items():
             if not value > 0:
                 raise LorafleetError(f"{name} must be positive, got {value}")
@@ -93,9 +98,20 @@ class FedConfig:
 
     # What must not change when a run is resumed (the rest, e.g. rounds, may).
     RESUME_KEYS = (
-        "base", "data", "clients", "aggregation", "split", "split_by", "method", "rank",
-        "alpha", "targets", "seed", "train_limit", "chat",
-    )  # fmt: skip
+        "base",
+        "data",
+        "clients",
+        "aggregation",
+        "split",
+        "split_by",
+        "method",
+        "rank",
+        "alpha",
+        "targets",
+        "seed",
+        "train_limit",
+        "chat",
+    )
 
     def to_flower(self) -> dict:
         """The run config Flower carries (TOML values: no None, no lists)."""

@@ -49,10 +49,13 @@ class LoraStrategy(FedAvg):
     def __init__(self, server: FedServer):
         cfg = server.cfg
         super().__init__(
-            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.min_clients,
-            min_available_nodes=cfg.min_clients, arrayrecord_key=ADAPTER_KEY,
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=cfg.min_clients,
+            min_available_nodes=cfg.min_clients,
+            arrayrecord_key=ADAPTER_KEY,
             configrecord_key=CONFIG_KEY,
-        )  # fmt: skip
+        )
         self.server = server
         self.sent: list[int] = []
         self.round_start = time.perf_counter()
@@ -171,14 +174,21 @@ def client_round(content: RecordDict, node_config: dict) -> RecordDict:
     load_global(model, _tensors(content[ADAPTER_KEY]), freeze_a=cfg.aggregation == "ffa")
     data = make_partition(cfg, base.tokenizer).encoded(part_id, base.tokenizer, cfg.max_length)
     update = local_train(
-        model, data, cfg, round_=server_round, client=client,
+        model,
+        data,
+        cfg,
+        round_=server_round,
+        client=client,
         pad_token_id=base.tokenizer.pad_token_id,
-    )  # fmt: skip
-    metrics = MetricRecord({
-        "num-examples": int(update.weight), "partition-id": client,
-        "first-loss": float(update.metrics["first_loss"]),
-        "last-loss": float(update.metrics["last_loss"]),
-    })  # fmt: skip
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": int(update.weight),
+            "partition-id": client,
+            "first-loss": float(update.metrics["first_loss"]),
+            "last-loss": float(update.metrics["last_loss"]),
+        }
+    )
     return RecordDict({ADAPTER_KEY: _arrays(update.tensors), METRICS_KEY: metrics})
 
 

@@ -51,19 +51,25 @@ def write_app(app_dir: Path, cfg: FedConfig) -> Path:
     project = {
         "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
         "project": {
-            "name": "lorafleet-fed", "version": __version__, "license": "Apache-2.0",
+            "name": "lorafleet-fed",
+            "version": __version__,
+            "license": "Apache-2.0",
             "description": "lorafleet federated LoRA fine-tuning (FedEx-LoRA, FedAvg, FFA-LoRA)",
             "dependencies": [],
         },
-        "tool": {"flwr": {"app": {
-            "publisher": "lorafleet",
-            "components": {
-                "serverapp": "lorafleet.fed.flower:server_app",
-                "clientapp": "lorafleet.fed.flower:client_app",
-            },
-            "config": cfg.to_flower(),
-        }}},
-    }  # fmt: skip
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "lorafleet",
+                    "components": {
+                        "serverapp": "lorafleet.fed.flower:server_app",
+                        "clientapp": "lorafleet.fed.flower:client_app",
+                    },
+                    "config": cfg.to_flower(),
+                }
+            }
+        },
+    }
     (app_dir / "pyproject.toml").write_text(_toml(project))
     return app_dir
 
@@ -123,8 +129,15 @@ def supernode_command(
         node += f' data="{data}"'
     if base:
         node += f' base="{base}"'
-    cmd = [flower_tool("flower-supernode"), "--superlink", superlink, "--port", str(port),
-           "--node-config", node]  # fmt: skip
+    cmd = [
+        flower_tool("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--port",
+        str(port),
+        "--node-config",
+        node,
+    ]
     cmd += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
     if auth_private_key is not None:  # registered on the SuperLink with `flwr supernode register`
         cmd += ["--auth-supernode-private-key", str(auth_private_key)]

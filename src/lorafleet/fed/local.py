@@ -115,10 +115,12 @@ def local_train(
     )
     scheduler = build_scheduler(optimizer, ScheduleConfig(cfg.local_steps, cfg.warmup))
     batches = Batches(
-        data, batch_size=cfg.batch_size, pad_token_id=pad_token_id,
+        data,
+        batch_size=cfg.batch_size,
+        pad_token_id=pad_token_id,
         seed=local_seed(cfg.seed, round_, client),
         dist=Distributed(device=next(model.parameters()).device),
-    )  # fmt: skip
+    )
     run_step = StepRunner(
         model, lm_step, batches, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm
     )

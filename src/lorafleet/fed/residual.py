@@ -115,7 +115,10 @@ def load_fed_model(
     # the adapter's own base check still compares against the original base.
     apply_residual(loaded.model, residual, residual_path)
     info, model = load_adapter(
-        fed_dir / "global" / "adapter", loaded.model, base_fingerprint=loaded.fingerprint,
-        max_rank=max_rank, force=force,
-    )  # fmt: skip
+        fed_dir / "global" / "adapter",
+        loaded.model,
+        base_fingerprint=loaded.fingerprint,
+        max_rank=max_rank,
+        force=force,
+    )
     return loaded, info, model

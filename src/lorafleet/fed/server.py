@@ -49,8 +49,17 @@ class FedServer:
     `model` is a PEFT model on the base, used to evaluate the global model; `snapshot` holds
     the base's original adapted weights."""
 
-    def __init__(self, cfg: FedConfig, model, tokenizer, val_set, adapter_config: dict,
-                 tensors: dict, fingerprint: str, extra: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: FedConfig,
+        model,
+        tokenizer,
+        val_set,
+        adapter_config: dict,
+        tensors: dict,
+        fingerprint: str,
+        extra: dict | None = None,
+    ):
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
@@ -155,9 +164,12 @@ class FedServer:
             return {}
         start = time.perf_counter()
         figures = evaluate(
-            self.model, self.tokenizer, self.val_set, batch_size=self.cfg.batch_size,
+            self.model,
+            self.tokenizer,
+            self.val_set,
+            batch_size=self.cfg.batch_size,
             max_length=self.cfg.max_length,
-        )  # fmt: skip
+        )
         figures = {k: v for k, v in figures.items() if isinstance(v, (int, float))}
         figures["eval_seconds"] = time.perf_counter() - start
         return figures
@@ -167,9 +179,16 @@ class FedServer:
         return Adapter(config=dict(self.adapter_config), tensors=dict(self.tensors), meta=meta)
 
     def _meta(self) -> dict:
-        return {"base_fingerprint": self.fingerprint, "federated": {
-            "round": self.round, "aggregation": self.cfg.aggregation,
-            "clients": self.cfg.clients, "data": self.cfg.data, "seed": self.cfg.seed}}  # fmt: skip
+        return {
+            "base_fingerprint": self.fingerprint,
+            "federated": {
+                "round": self.round,
+                "aggregation": self.cfg.aggregation,
+                "clients": self.cfg.clients,
+                "data": self.cfg.data,
+                "seed": self.cfg.seed,
+            },
+        }
 
     def _save_clients(self, round_: int, updates: list[ClientUpdate], weights: dict) -> None:
         folder = self.cfg.out / f"round-{round_}"
@@ -178,8 +197,9 @@ class FedServer:
             target = folder / f"client-{u.client}"
             meta = {"base_fingerprint": self.fingerprint, "client": u.client, "round": round_}
             write_adapter(target, Adapter(self.adapter_config, u.tensors, meta))
-            entries.append({"client": u.client, "dir": str(target.resolve()),
-                            "weight": weights[u.client]})  # fmt: skip
+            entries.append(
+                {"client": u.client, "dir": str(target.resolve()), "weight": weights[u.client]}
+            )
         atomic_write_json(folder / "clients.json", entries)
 
     def _save_state(self) -> None:

@@ -88,7 +88,7 @@ def run_simulation(
                             client=client,
                             pad_token_id=tok.pad_token_id,
                             deadline=deadline,
-                        )  # fmt: skip
+                        )
                     )
                 except Exception as exc:  # a crashed client is skipped, not fatal
                     reason = f"{type(exc).__name__}: {exc}"

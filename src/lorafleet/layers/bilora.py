@@ -87,8 +87,9 @@ def add_pseudo_svd(model: nn.Module, seed: int = 0, adapter_name: str = "default
         r, d_in = A.shape
         if r > min(d_in, B.shape[0]):
             limit = min(d_in, B.shape[0])
-            raise LorafleetError(f"{name}: rank {r} > min(d_in, d_out) = {limit}: P and Q "
-                                 "cannot be orthonormal")  # fmt: skip
+            raise LorafleetError(
+                f"{name}: rank {r} > min(d_in, d_out) = {limit}: P and Q cannot be orthonormal"
+            )
         with torch.no_grad():
             A.copy_(_orthonormal(d_in, r, gen).T)
             B.copy_(_orthonormal(B.shape[0], r, gen))

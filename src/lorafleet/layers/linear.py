@@ -88,8 +88,14 @@ class MultiLoRALinear(nn.Module):
     also have a ratio [d_out] in `ratios`, Bat slots a dense delta [d_out, d_in] in `dense`
     (slot -> tensor; see layers/served.py)."""
 
-    def __init__(self, base_layer: nn.Linear, context: MultiLoRAContext, max_slots: int,
-                 max_rank: int, name: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        context: MultiLoRAContext,
+        max_slots: int,
+        max_rank: int,
+        name: str = "",
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.context = context

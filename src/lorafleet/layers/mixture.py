@@ -28,8 +28,9 @@ class MixtureGate(Protocol):
 
     wants_deltas: bool
 
-    def __call__(self, layer: str, x: Tensor, slots: tuple[int, ...],
-                 deltas: Tensor | None) -> Tensor: ...  # fmt: skip
+    def __call__(
+        self, layer: str, x: Tensor, slots: tuple[int, ...], deltas: Tensor | None
+    ) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -118,12 +119,15 @@ def expand(mixtures: Sequence[RowMixture], n_units: int, per_unit: int, device) 
         torch.cat(rows) if rows else empty,
         torch.cat(slots) if slots else empty,
         torch.cat(fixed) if fixed else torch.zeros(0, dtype=torch.float64),
-        tuple(gated), tuple(direct), top,
-    )  # fmt: skip
+        tuple(gated),
+        tuple(direct),
+        top,
+    )
 
 
-def gate_weights(gate: MixtureGate, layer: str, x: Tensor, slots: tuple[int, ...],
-                 deltas: Tensor | None = None) -> Tensor:  # fmt: skip
+def gate_weights(
+    gate: MixtureGate, layer: str, x: Tensor, slots: tuple[int, ...], deltas: Tensor | None = None
+) -> Tensor:
     """The gate's weights for rows x: [n, d_in], checked to be [n, K]."""
     w = gate(layer, x, slots, deltas)
     if tuple(w.shape) != (x.shape[0], len(slots)):
@@ -134,8 +138,9 @@ def gate_weights(gate: MixtureGate, layer: str, x: Tensor, slots: tuple[int, ...
     return w
 
 
-def add_direct_(y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, ranks: list[int],
-                entries: Entries, layer: str) -> None:  # fmt: skip
+def add_direct_(
+    y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, ranks: list[int], entries: Entries, layer: str
+) -> None:
     """y += sum_k w[:, k] * delta_k for mixtures whose gate reads the candidates' deltas.
 
     A: [S, r_max, d_in], Bt: [S, r_max, d_out] (scale folded in); deltas: [n, K, d_out]."""
@@ -198,8 +203,9 @@ def plan_mixtures(entries: Entries, path: str | None = None) -> MixturePlan:
     return MixturePlan(entries, plan, index, index.cpu())
 
 
-def add_mixture_(y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, ranks: list[int],
-                 mix: MixturePlan, layer: str = "") -> Tensor:  # fmt: skip
+def add_mixture_(
+    y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, ranks: list[int], mix: MixturePlan, layer: str = ""
+) -> Tensor:
     """y[i] += sum_k w_ik * (x[i] @ A[s_k].T) @ Bt[s_k] over the mixture rows, in place.
 
     y: [T, d_out], x: [T, d_in], A: [S, r_max, d_in], Bt: [S, r_max, d_out] (scale folded in;

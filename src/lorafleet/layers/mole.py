@@ -55,8 +55,13 @@ class MoleGates(nn.Module):
     `layers`: module name -> (d_in, d_out). `keep` masks experts at inference. In training
     mode each call's weights are kept in `recorded` for `balance_loss`."""
 
-    def __init__(self, layers: Mapping[str, tuple[int, int]], n_experts: int,
-                 variant: str = DEFAULT_VARIANT, temperature: float = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        layers: Mapping[str, tuple[int, int]],
+        n_experts: int,
+        variant: str = DEFAULT_VARIANT,
+        temperature: float = 1.0,
+    ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"gate variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -64,13 +69,15 @@ class MoleGates(nn.Module):
             raise ValueError("a MoLE needs >= 1 expert and a temperature > 0")
         self.variant, self.temperature, self.n_experts = variant, float(temperature), n_experts
         self.layer_names = sorted(layers)
-        width = {name: (d_in if variant == "input" else n_experts * d_out)
-                 for name, (d_in, d_out) in layers.items()}  # fmt: skip
+        width = {
+            name: (d_in if variant == "input" else n_experts * d_out)
+            for name, (d_in, d_out) in layers.items()
+        }
         self.weight = nn.ParameterDict(
             {
                 gate_key(n): nn.Parameter(INIT_STD * torch.randn(n_experts, width[n]))
                 for n in self.layer_names
-            }  # fmt: skip
+            }
         )
         self.keep: Tensor | None = None
         self.recorded: list[Tensor] = []
@@ -112,14 +119,16 @@ class MoleGates(nn.Module):
         feats = nn.functional.normalize(feats.to(W.dtype), dim=-1)
         return feats @ W.T  # [n, K]
 
-    def forward(self, layer: str, x: Tensor, slots: tuple[int, ...],
-                deltas: Tensor | None = None) -> Tensor:  # fmt: skip
+    def forward(
+        self, layer: str, x: Tensor, slots: tuple[int, ...], deltas: Tensor | None = None
+    ) -> Tensor:
         if len(slots) != self.n_experts:
             raise ValueError(f"{len(slots)} slots for a MoLE of {self.n_experts} experts")
         return self.weights(layer, x, deltas, self.keep)
 
-    def weights(self, layer: str, x: Tensor, deltas: Tensor | None,
-                keep: Tensor | None = None) -> Tensor:  # fmt: skip
+    def weights(
+        self, layer: str, x: Tensor, deltas: Tensor | None, keep: Tensor | None = None
+    ) -> Tensor:
         """[n, K] weights for rows x (in x's dtype), experts outside `keep` dropped. A layer
         without a gate (no expert adapts it; another adapter made it run) gets zeros."""
         if gate_key(layer) not in self.weight:
@@ -147,15 +156,17 @@ class MaskedGates:
     def wants_deltas(self) -> bool:
         return self.gates.wants_deltas
 
-    def __call__(self, layer: str, x: Tensor, slots: tuple[int, ...],
-                 deltas: Tensor | None = None) -> Tensor:  # fmt: skip
+    def __call__(
+        self, layer: str, x: Tensor, slots: tuple[int, ...], deltas: Tensor | None = None
+    ) -> Tensor:
         if len(slots) != self.gates.n_experts:
             raise ValueError(f"{len(slots)} slots for a MoLE of {self.gates.n_experts} experts")
         return self.gates.weights(layer, x, deltas, self.keep)
 
 
-def gates_from_tensors(tensors: Mapping[str, Tensor], variant: str,
-                       temperature: float) -> MoleGates:  # fmt: skip
+def gates_from_tensors(
+    tensors: Mapping[str, Tensor], variant: str, temperature: float
+) -> MoleGates:
     """MoleGates holding `tensors` (layer name -> W [K, width]) as saved, without a model."""
     K = {int(t.shape[0]) for t in tensors.values()}
     if len(K) != 1:

@@ -44,8 +44,14 @@ class MultiLoRAModel:
     mixtures) with `with handle.slots(...)` (or `handle.context.set_slots`) before calling
     `handle.model(...)`."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, MultiLoRALinear],
-                 context: MultiLoRAContext, max_slots: int, max_rank: int):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: dict[str, MultiLoRALinear],
+        context: MultiLoRAContext,
+        max_slots: int,
+        max_rank: int,
+    ):
         self.model = model
         self.layers = layers
         self.context = context
@@ -111,9 +117,11 @@ class MultiLoRAModel:
         wanted = {"A", "B", "lora_magnitude_vector"} if dora else {"A", "B"}
         if set(part) != wanted:
             missing = sorted(wanted - set(part)) or sorted(set(part) - wanted)
-            raise MultiLoRAError(f"{where}: {name} has {', '.join(sorted(part))}; "
-                                 f"{'DoRA' if dora else 'LoRA'} needs {', '.join(sorted(wanted))}"
-                                 f" ({missing[0]})")  # fmt: skip
+            raise MultiLoRAError(
+                f"{where}: {name} has {', '.join(sorted(part))}; "
+                f"{'DoRA' if dora else 'LoRA'} needs {', '.join(sorted(wanted))}"
+                f" ({missing[0]})"
+            )
         A, B, r = part["A"], part["B"], module_rank(config, name)
         d_out, d_in = layer.base_layer.out_features, layer.base_layer.in_features
         if A.shape != (r, d_in) or B.shape != (d_out, r):
@@ -127,8 +135,9 @@ class MultiLoRAModel:
             return SlotEntry(A, B, scale)
         m = part["lora_magnitude_vector"]
         if m.shape != (d_out,):
-            raise MultiLoRAError(f"{where}: {name} has magnitude {tuple(m.shape)}, expected "
-                                 f"({d_out},)")  # fmt: skip
+            raise MultiLoRAError(
+                f"{where}: {name} has magnitude {tuple(m.shape)}, expected ({d_out},)"
+            )
         W = layer.base_layer.weight  # dequantised when the base linear is quantised
         A, B = A.to(W), B.to(W)
         return SlotEntry(A, B, scale, ratio=dora_ratio(W, A, B, scale, m.to(W)))
@@ -137,8 +146,9 @@ class MultiLoRAModel:
         """Bone (LoRA with A = [I_r ... I_r]), MiSS-mini (Bone with a repeated block), Bat."""
         layer = self._layer(where, name)
         if set(part) != {"miss_block"}:
-            raise MultiLoRAError(f"{where}: {name} has {', '.join(sorted(part))}; MiSS needs "
-                                 "miss_block")  # fmt: skip
+            raise MultiLoRAError(
+                f"{where}: {name} has {', '.join(sorted(part))}; MiSS needs miss_block"
+            )
         block, r, init = part["miss_block"], int(config.get("r", 64)), config.get("init_weights")
         W = layer.base_layer.weight
         d_out, d_in = W.shape
@@ -200,8 +210,9 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def inject_multilora(model: nn.Module, targets: list[str] | None = None, max_slots: int = 8,
-                     max_rank: int = 16) -> MultiLoRAModel:  # fmt: skip
+def inject_multilora(
+    model: nn.Module, targets: list[str] | None = None, max_slots: int = 8, max_rank: int = 16
+) -> MultiLoRAModel:
     """Replace the target linears of `model` in place by MultiLoRALinear layers.
 
     `targets`: module names or suffixes (q_proj, ...), as PEFT's target_modules list; None =

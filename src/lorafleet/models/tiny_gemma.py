@@ -31,18 +31,24 @@ def tiny_gemma_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
+    )
     tok.train_from_iterator([_CORPUS] * 4, trainer)
     bos = tok.token_to_id("<bos>")
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-        unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-    )  # fmt: skip
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
     if chat_template:
         fast.chat_template = GEMMA_CHAT_TEMPLATE
     return fast
@@ -54,11 +60,21 @@ def tiny_gemma3(seed: int = 0, vocab_size: int = 400, tokenizer=None) -> Gemma3F
     if tokenizer is not None:
         ids = {k: getattr(tokenizer, k) for k in ids}
     config = Gemma3TextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-        sliding_window=64, layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=2048, initializer_range=0.1, tie_word_embeddings=True, **ids,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=2048,
+        initializer_range=0.1,
+        tie_word_embeddings=True,
+        **ids,
+    )
     torch.manual_seed(seed)
     return Gemma3ForCausalLM(config).eval()
 

@@ -198,16 +198,20 @@ class Failures:
         self.entries.pop(name, None)
 
 
-def check_servable(adapter: Adapter, reference, base_fingerprint: str, max_rank: int, handle,
-                   force: bool = False) -> None:  # fmt: skip
+def check_servable(
+    adapter: Adapter, reference, base_fingerprint: str, max_rank: int, handle, force: bool = False
+) -> None:
     """Raise a one-line error unless `adapter` fits `reference` (the base's module tree, or
     None: the fingerprint alone), `max_rank` and the slots behind `handle`."""
     if reference is not None:
-        check_adapter(adapter, reference, base_fingerprint=base_fingerprint, max_rank=max_rank,
-                      force=force)  # fmt: skip
+        check_adapter(
+            adapter, reference, base_fingerprint=base_fingerprint, max_rank=max_rank, force=force
+        )
     elif fingerprint_status(adapter, base_fingerprint) == "mismatch" and not force:
-        raise AdapterError(adapter.where(), "trained on another base (fingerprint "
-                           f"{adapter.meta['base_fingerprint']})")  # fmt: skip
+        raise AdapterError(
+            adapter.where(),
+            f"trained on another base (fingerprint {adapter.meta['base_fingerprint']})",
+        )
     if handle is None:
         raise LorafleetError("the engine has no adapter slots (closed?)")
     # The slots' own checks (supported methods, their max rank, injected targets) now,

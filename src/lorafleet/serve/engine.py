@@ -66,21 +66,34 @@ class Engine:
     q/k/v base products as one GEMM (layers/fused.py; the linears' weights become views of the
     fused one); fuse=False calls every projection alone (benchmarks)."""
 
-    def __init__(self, base: Base, *, max_slots: int = 8, max_rank: int = 16,
-                 max_batch_size: int = 16, max_batch_tokens: int = 2048,
-                 max_seq_len: int | None = None, targets: list[str] | None = None,
-                 adapter_source: AdapterSource | None = None,
-                 seed: int | None = None, dtype: str | torch.dtype | None = None,
-                 quantize: str | None = None, fuse: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        base: Base,
+        *,
+        max_slots: int = 8,
+        max_rank: int = 16,
+        max_batch_size: int = 16,
+        max_batch_tokens: int = 2048,
+        max_seq_len: int | None = None,
+        targets: list[str] | None = None,
+        adapter_source: AdapterSource | None = None,
+        seed: int | None = None,
+        dtype: str | torch.dtype | None = None,
+        quantize: str | None = None,
+        fuse: bool = True,
+    ):
         model, config = base.model, base.model.config
         cls = runner_class(model)  # refuse before the model is touched
         dtype, quantize = dtype and parse_dtype(dtype), check_quantize(quantize)
         max_pos = int(getattr(config, "max_position_embeddings", 2048))
         max_seq_len = min(2048, max_pos) if max_seq_len is None else max_seq_len
-        for what, value, low in (("max_slots", max_slots, 0), ("max_rank", max_rank, 1),
-                                 ("max_batch_size", max_batch_size, 1),
-                                 ("max_batch_tokens", max_batch_tokens, 1),
-                                 ("max_seq_len", max_seq_len, 2)):  # fmt: skip
+        for what, value, low in (
+            ("max_slots", max_slots, 0),
+            ("max_rank", max_rank, 1),
+            ("max_batch_size", max_batch_size, 1),
+            ("max_batch_tokens", max_batch_tokens, 1),
+            ("max_seq_len", max_seq_len, 2),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise LorafleetError(f"{what} must be an integer >= {low}, got {value!r}")
         if max_seq_len > max_pos:
@@ -118,10 +131,13 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def add_request(self, prompt: list[int] | str,
-                    adapter: str | Mixture | Iterable[tuple[str, float]] | None = None,
-                    params: SamplingParams | None = None,
-                    on_token: Callable[[TokenEvent], None] | None = None) -> int:  # fmt: skip
+    def add_request(
+        self,
+        prompt: list[int] | str,
+        adapter: str | Mixture | Iterable[tuple[str, float]] | None = None,
+        params: SamplingParams | None = None,
+        on_token: Callable[[TokenEvent], None] | None = None,
+    ) -> int:
         """Queue a request (adapter None = the base; a name; or a mixture: a `Mixture` or
         (name, weight) pairs, all of them resident and pinned while it runs) and return its
         id; never waits for a step. A bad mixture raises (one line); a bad prompt or an
@@ -130,8 +146,9 @@ class Engine:
         adapter, mixture = resolve_adapter(adapter)
         if isinstance(prompt, str):
             prompt = self.tokenizer(prompt)["input_ids"]
-        seq = Sequence(next(self._ids), [int(t) for t in prompt], adapter, params, on_token,
-                       mixture=mixture)  # fmt: skip
+        seq = Sequence(
+            next(self._ids), [int(t) for t in prompt], adapter, params, on_token, mixture=mixture
+        )
         if params.seed is not None:
             seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
         self.intake.offer("add", seq)
@@ -282,8 +299,9 @@ class Engine:
     def _admit(self, seq: Sequence) -> None:
         self._requests[seq.request_id] = seq
         ids = seq.prompt_ids
-        problem = (prompt_problem(ids, self.vocab_size, self.max_seq_len, self.max_batch_tokens)
-                   or self.slots.problem_with(seq.adapters))  # fmt: skip
+        problem = prompt_problem(
+            ids, self.vocab_size, self.max_seq_len, self.max_batch_tokens
+        ) or self.slots.problem_with(seq.adapters)
         if problem:
             self._fail(seq, problem)
         else:
@@ -372,8 +390,16 @@ class Engine:
         logprob = seq.logprobs[-1] if token is not None and seq.logprobs else None
         prompt = tuple(seq.prompt_logprobs) if seq.events == 0 and seq.prompt_logprobs else None
         seq.events += 1
-        event = TokenEvent(seq.request_id, token, delta, seq.finished, seq.finish_reason,
-                           seq.error, logprob, prompt)  # fmt: skip
+        event = TokenEvent(
+            seq.request_id,
+            token,
+            delta,
+            seq.finished,
+            seq.finish_reason,
+            seq.error,
+            logprob,
+            prompt,
+        )
         try:
             seq.on_token(event)
         except Exception as exc:  # a broken callback fails its own request only
@@ -381,8 +407,9 @@ class Engine:
             if not seq.finished:
                 self._fail(seq, f"on_token callback failed: {type(exc).__name__}: {exc}")
 
-    def _finish(self, seq: Sequence, reason: str, token: int | None = None,
-                error: str | None = None) -> None:  # fmt: skip
+    def _finish(
+        self, seq: Sequence, reason: str, token: int | None = None, error: str | None = None
+    ) -> None:
         """Retire a sequence: free its KV slot and adapter pin, send the final event."""
         self.scheduler.remove(seq)
         seq.finish_reason, seq.error = reason, error

@@ -20,8 +20,12 @@ class Intake:
     asyncio event loop may call `offer` and never waits for a forward pass. `after` runs
     (lock held) once something was applied outside a step, e.g. to refresh a stats snapshot."""
 
-    def __init__(self, lock: threading.RLock, apply: Callable[[str, Sequence | int], None],
-                 after: Callable[[], None]):  # fmt: skip
+    def __init__(
+        self,
+        lock: threading.RLock,
+        apply: Callable[[str, Sequence | int], None],
+        after: Callable[[], None],
+    ):
         self._lock, self._apply, self._after = lock, apply, after
         self._items: deque[Item] = deque()
 
@@ -44,8 +48,9 @@ class Intake:
         return sum(1 for kind, _ in list(self._items) if kind == "add")
 
     def holds_add(self, request_id: int) -> bool:
-        return any(kind == "add" and item.request_id == request_id
-                   for kind, item in list(self._items))  # fmt: skip
+        return any(
+            kind == "add" and item.request_id == request_id for kind, item in list(self._items)
+        )
 
     def __bool__(self) -> bool:
         return bool(self._items)

@@ -20,8 +20,16 @@ class KVCache:
     hold a contiguous range, which attention can read as a view instead of a gather. Freed rows
     are not zeroed: attention reads only each sequence's first `length` positions."""
 
-    def __init__(self, num_layers: int, max_seqs: int, kv_heads: int, max_len: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str):  # fmt: skip
+    def __init__(
+        self,
+        num_layers: int,
+        max_seqs: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         if min(num_layers, max_seqs, kv_heads, max_len, head_dim) < 1:
             raise LorafleetError("the KV cache needs at least one layer, sequence and position")
         shape = (num_layers, max_seqs, kv_heads, max_len, head_dim)

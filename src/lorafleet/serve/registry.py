@@ -62,12 +62,21 @@ class AdapterRegistry:
     on its event loop, which must not wait for a step).
     The registry sets itself as `engine.adapter_source`."""
 
-    def __init__(self, engine, adapters_dir: str | Path | None = None, *,
-                 cpu_cache_mb: float = 512, cpu_cache_bytes: int | str | None = None,
-                 max_rank: int | None = None,
-                 base_fingerprint: str | None = None, reference_model=None,
-                 loader_threads: int = 1, prefetch: int | None = None, force: bool = False,
-                 failure_ttl_s: float = 10.0):  # fmt: skip
+    def __init__(
+        self,
+        engine,
+        adapters_dir: str | Path | None = None,
+        *,
+        cpu_cache_mb: float = 512,
+        cpu_cache_bytes: int | str | None = None,
+        max_rank: int | None = None,
+        base_fingerprint: str | None = None,
+        reference_model=None,
+        loader_threads: int = 1,
+        prefetch: int | None = None,
+        force: bool = False,
+        failure_ttl_s: float = 10.0,
+    ):
         budget = cache_budget(cpu_cache_mb, cpu_cache_bytes)
         for what, value in (("loader_threads", loader_threads), ("prefetch", prefetch or 1)):
             if not isinstance(value, int) or value < 1:
@@ -282,8 +291,14 @@ class AdapterRegistry:
 
     def validate(self, adapter: Adapter) -> None:
         """Raise a one-line error unless `adapter` can be served here (what a load checks)."""
-        check_servable(adapter, self.reference, self.base_fingerprint, self.max_rank,
-                       self.engine.handle, force=self.force)  # fmt: skip
+        check_servable(
+            adapter,
+            self.reference,
+            self.base_fingerprint,
+            self.max_rank,
+            self.engine.handle,
+            force=self.force,
+        )
 
     # -- resident tier (engine lock and registry lock held) -------------------------------------
 
@@ -350,8 +365,12 @@ class AdapterRegistry:
                 return "resident"
             if self._path_of(name) is None:
                 return None
-            for state, table in (("loading", self._jobs), ("staged", self._staged),
-                                 ("cpu", self._cpu), ("failed", self._failures)):  # fmt: skip
+            for state, table in (
+                ("loading", self._jobs),
+                ("staged", self._staged),
+                ("cpu", self._cpu),
+                ("failed", self._failures),
+            ):
                 if name in table:
                     return state
             return "disk"

@@ -15,9 +15,10 @@ def pick_victim(engine, name: str, ours, recency: dict[str, int]) -> str | None:
     # never evicts another part of the same request.
     wanted = {n for s in waiting if s.request_id <= first for n in s.adapters}
     candidates = [
-        n for n in engine.loaded_adapters()
+        n
+        for n in engine.loaded_adapters()
         if n != name and n in ours and n not in wanted and not engine.adapter_in_use(n)
-    ]  # fmt: skip
+    ]
     return min(candidates, key=lambda n: recency.get(n, 0), default=None)
 
 

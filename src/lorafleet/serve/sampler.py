@@ -67,12 +67,15 @@ def token_logprobs(logits: Tensor, ids: list[int], k: int) -> list[TokenLogprob]
     chosen = logp.gather(-1, torch.tensor(ids, device=logp.device)[:, None])[:, 0].tolist()
     top_v, top_i = torch.topk(logp, k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
     top_v, top_i = top_v.tolist(), top_i.tolist()  # [n, k] each
-    return [TokenLogprob(t, c, tuple(zip(i, v, strict=True)))
-            for t, c, i, v in zip(ids, chosen, top_i, top_v, strict=True)]  # fmt: skip
+    return [
+        TokenLogprob(t, c, tuple(zip(i, v, strict=True)))
+        for t, c, i, v in zip(ids, chosen, top_i, top_v, strict=True)
+    ]
 
 
-def sampled_logprobs(logits: Tensor, seqs: list[Sequence],
-                     tokens: list[int]) -> list[TokenLogprob | None]:  # fmt: skip
+def sampled_logprobs(
+    logits: Tensor, seqs: list[Sequence], tokens: list[int]
+) -> list[TokenLogprob | None]:
     """The sampled token's TokenLogprob for the rows whose request asked (None for others):
     rows grouped by k, one log-softmax per group. logits [B, V], one row per sequence."""
     out: list[TokenLogprob | None] = [None] * len(seqs)
@@ -122,8 +125,13 @@ def holdback(text: str, stops: tuple[str, ...]) -> int:
     return min(len(text), max(keep, partial))
 
 
-def advance(seq: Sequence, token: int, eos_ids: tuple[int, ...],
-            decode: Callable[[list[int]], str], max_seq_len: int) -> str | None:  # fmt: skip
+def advance(
+    seq: Sequence,
+    token: int,
+    eos_ids: tuple[int, ...],
+    decode: Callable[[list[int]], str],
+    max_seq_len: int,
+) -> str | None:
     """Append a sampled token to `seq`, update its text, and return why it ends ("stop" or
     "length") or None. A stop id stays in the token ids but not in the text; text from a stop
     string on is cut off."""
@@ -138,7 +146,8 @@ def advance(seq: Sequence, token: int, eos_ids: tuple[int, ...],
     if cut is not None:
         reason, text = "stop", text[:cut]
     seq.text = text
-    if reason is None and (len(seq.generated) >= seq.params.max_tokens
-                           or seq.num_tokens >= max_seq_len):  # fmt: skip
+    if reason is None and (
+        len(seq.generated) >= seq.params.max_tokens or seq.num_tokens >= max_seq_len
+    ):
         reason = "length"
     return reason

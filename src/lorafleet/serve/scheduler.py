@@ -45,8 +45,7 @@ class Scheduler:
     step, so long prompts are not overtaken forever. The engine rejects prompts longer than the
     budget when they are added, so every waiting request fits an empty step."""
 
-    def __init__(self, kv: KVCache, gate: AdapterGate, max_batch_size: int,
-                 max_batch_tokens: int):  # fmt: skip
+    def __init__(self, kv: KVCache, gate: AdapterGate, max_batch_size: int, max_batch_tokens: int):
         self.kv = kv
         self.gate = gate
         self.max_batch_size = max_batch_size

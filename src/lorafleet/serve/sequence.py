@@ -144,8 +144,9 @@ def resolve_adapter(spec) -> tuple[str | None, Mixture | None]:
     return mixture.label, mixture
 
 
-def prompt_problem(ids: list[int], vocab_size: int, max_seq_len: int,
-                   max_batch_tokens: int) -> str | None:  # fmt: skip
+def prompt_problem(
+    ids: list[int], vocab_size: int, max_seq_len: int, max_batch_tokens: int
+) -> str | None:
     """Why an engine with these limits cannot take the prompt `ids` (one line), or None."""
     if not ids:
         return "the prompt is empty"

@@ -26,8 +26,13 @@ class SlotTable:
     scheduler's `AdapterGate`. It knows nothing of requests or locks: the engine holds its
     lock around `load` / `unload` and refuses changes to an adapter running requests pin."""
 
-    def __init__(self, handle: MultiLoRAModel | None, max_slots: int, base_fingerprint: str,
-                 source: AdapterSource | None = None):  # fmt: skip
+    def __init__(
+        self,
+        handle: MultiLoRAModel | None,
+        max_slots: int,
+        base_fingerprint: str,
+        source: AdapterSource | None = None,
+    ):
         self.handle, self.max_slots = handle, max_slots
         self.base_fingerprint, self.source = base_fingerprint, source
         self._slots: dict[str, int] = {}  # resident adapter name -> slot

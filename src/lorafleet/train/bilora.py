@@ -60,8 +60,9 @@ class BiLoRAConfig:
 
     def __post_init__(self):
         if self.bilevel not in BILEVEL:
-            raise LorafleetError(f"--bilevel must be one of {', '.join(BILEVEL)}, "
-                                 f"got {self.bilevel!r}")  # fmt: skip
+            raise LorafleetError(
+                f"--bilevel must be one of {', '.join(BILEVEL)}, got {self.bilevel!r}"
+            )
         if not 0 < self.bilevel_split < 1:
             raise LorafleetError(f"--bilevel-split must be in (0, 1), got {self.bilevel_split}")
         if self.ortho_weight < 0:
@@ -224,11 +225,15 @@ class BiLoRATrainer(Trainer):
         d1, d2 = split_indices(len(self.train), self.bilora.bilevel_split, self.cfg.seed)
         self.split_sizes = (len(d1), len(d2))
         self.batches = BilevelBatches(
-            [self.train[i] for i in d1], [self.train[i] for i in d2],
-            pair=self.bilora.bilevel == "second", batch_size=self.cfg.batch_size,
-            grad_accum=self.cfg.grad_accum, seed=self.cfg.seed,
-            pad_token_id=self.base.tokenizer.pad_token_id, dist=self.dist,
-        )  # fmt: skip
+            [self.train[i] for i in d1],
+            [self.train[i] for i in d2],
+            pair=self.bilora.bilevel == "second",
+            batch_size=self.cfg.batch_size,
+            grad_accum=self.cfg.grad_accum,
+            seed=self.cfg.seed,
+            pad_token_id=self.base.tokenizer.pad_token_id,
+            dist=self.dist,
+        )
         self.runner.batches = self.batches
         self.collate = self.batches.collate
 
@@ -243,7 +248,9 @@ class BiLoRATrainer(Trainer):
             adapter.tensors[peft_key(module, "B")] = B.cpu()
         adapter.meta["method"] = "bilora"
         adapter.meta["bilora"] = {
-            **asdict(self.bilora), "split_sizes": self.split_sizes, "upper_steps": "even",
+            **asdict(self.bilora),
+            "split_sizes": self.split_sizes,
+            "upper_steps": "even",
             "saved_as": "lora: A = Q, B = P diag(lambda), alpha = r",
-        }  # fmt: skip
+        }
         return adapter

@@ -95,14 +95,19 @@ class ParamGroup:
 
 # --- data --------------------------------------------------------------------------------------
 def example_set(
-    examples: InMemoryExamples, tokenizer: Any, *, name: str, chat: bool = True,
+    examples: InMemoryExamples,
+    tokenizer: Any,
+    *,
+    name: str,
+    chat: bool = True,
     limit: int | None = None,
-) -> ExampleSet:  # fmt: skip
+) -> ExampleSet:
     """In-memory examples as an ExampleSet. Dict rows are read exactly as the same rows in a
     .jsonl file would be (same shapes, chat template and errors, located as `name[i]`)."""
     if isinstance(examples, ExampleSet):
-        return ExampleSet(examples.examples[:limit], examples.name, examples.metric,
-                          examples.answer_marker)  # fmt: skip
+        return ExampleSet(
+            examples.examples[:limit], examples.name, examples.metric, examples.answer_marker
+        )
     items = list(examples)[:limit]
     if not items:
         raise DataError(f"{name}: no examples given")
@@ -112,8 +117,9 @@ def example_set(
     if all(isinstance(e, dict) for e in items):
         return _rows_set(items, tokenizer, name=name, chat=chat)
     kinds = sorted({type(e).__name__ for e in items})
-    raise DataError(f"{name}: examples must be all Example objects or all dict rows, "
-                    f"found {', '.join(kinds)}")  # fmt: skip
+    raise DataError(
+        f"{name}: examples must be all Example objects or all dict rows, found {', '.join(kinds)}"
+    )
 
 
 def _rows_set(rows: list[dict], tokenizer: Any, *, name: str, chat: bool) -> ExampleSet:

@@ -60,11 +60,17 @@ class TrainConfig:
         if self.steps is not None and self.epochs is not None:
             raise LorafleetError("give --steps or --epochs, not both")
         positive = {
-            "--steps": self.steps, "--epochs": self.epochs, "--lr": self.lr, "--rank": self.rank,
-            "--alpha": self.alpha, "--batch-size": self.batch_size,
-            "--grad-accum": self.grad_accum, "--max-length": self.max_length,
-            "--save-every": self.save_every, "--keep-checkpoints": self.keep_checkpoints,
-        }  # fmt: skip
+            "--steps": self.steps,
+            "--epochs": self.epochs,
+            "--lr": self.lr,
+            "--rank": self.rank,
+            "--alpha": self.alpha,
+            "--batch-size": self.batch_size,
+            "--grad-accum": self.grad_accum,
+            "--max-length": self.max_length,
+            "--save-every": self.save_every,
+            "--keep-checkpoints": self.keep_checkpoints,
+        }
         for name, value in positive.items():
             if value is not None and not value > 0:
                 raise LorafleetError(f"{name} must be positive, got {value}")

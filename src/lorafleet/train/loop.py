@@ -66,11 +66,15 @@ class Trainer:
     SIGINT/SIGTERM) ends the run after the current step with a checkpoint."""
 
     def __init__(
-        self, cfg: TrainConfig, *, step: TrainStep | None = None,
-        examples: InMemoryExamples | None = None, val_examples: InMemoryExamples | None = None,
+        self,
+        cfg: TrainConfig,
+        *,
+        step: TrainStep | None = None,
+        examples: InMemoryExamples | None = None,
+        val_examples: InMemoryExamples | None = None,
         model_builder: ModelBuilder = build_model,
         on_step: Callable[[int, float], None] | None = None,
-    ):  # fmt: skip
+    ):
         if step is not None and not isinstance(step, TrainStep):
             raise LorafleetError("step must have param_groups(model) and loss(model, batch)")
         self.cfg = cfg
@@ -92,36 +96,52 @@ class Trainer:
         self.val_set = self._val_set(train_set)
         self.model = self.model_builder(self.base.model, cfg).train()
         self.batches = Batches(
-            self.train, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
-            pad_token_id=tok.pad_token_id, dist=dist,
-        )  # fmt: skip
+            self.train,
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            seed=cfg.seed,
+            pad_token_id=tok.pad_token_id,
+            dist=dist,
+        )
         self.collate = self.batches.collate  # pads a list of Encoded into a model batch
         self.total_steps = cfg.total_steps(len(self.train), self.batches.global_size)
         groups = self.step.param_groups(self.model)
         train_only(self.model, groups)
         self.optimizer = build_optimizer(groups, cfg.optimizer_config())
-        self.scheduler = build_scheduler(self.optimizer, ScheduleConfig(self.total_steps,
-                                                                        cfg.warmup))  # fmt: skip
+        self.scheduler = build_scheduler(
+            self.optimizer, ScheduleConfig(self.total_steps, cfg.warmup)
+        )
         autocast = (
             torch.autocast(dist.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else None
         )
         self.runner = StepRunner(
-            self.model, self.step, self.batches, self.optimizer, self.scheduler,
-            max_grad_norm=cfg.max_grad_norm, autocast=autocast,
-        )  # fmt: skip
+            self.model,
+            self.step,
+            self.batches,
+            self.optimizer,
+            self.scheduler,
+            max_grad_norm=cfg.max_grad_norm,
+            autocast=autocast,
+        )
 
     def _train_set(self) -> ExampleSet:
         cfg, tok = self.cfg, self.base.tokenizer
         if self.examples is not None:
-            return example_set(self.examples, tok, name=cfg.data, chat=cfg.chat,
-                               limit=cfg.train_limit)  # fmt: skip
+            return example_set(
+                self.examples, tok, name=cfg.data, chat=cfg.chat, limit=cfg.train_limit
+            )
         return load_examples(cfg.data, tok, split="train", chat=cfg.chat, limit=cfg.train_limit)
 
     def _val_set(self, train_set: ExampleSet) -> ExampleSet | None:
         cfg, tok = self.cfg, self.base.tokenizer
         if self.val_examples is not None:
-            return example_set(self.val_examples, tok, name=cfg.val or f"{cfg.data} (validation)",
-                               chat=cfg.chat, limit=cfg.eval_limit)  # fmt: skip
+            return example_set(
+                self.val_examples,
+                tok,
+                name=cfg.val or f"{cfg.data} (validation)",
+                chat=cfg.chat,
+                limit=cfg.eval_limit,
+            )
         source = cfg.val
         from_file = self.examples is not None or Path(cfg.data).exists()
         if source is None and train_set.name == cfg.data and not from_file:
@@ -190,10 +210,15 @@ class Trainer:
     def _train_record(self, step: int, result: StepResult, tokens_per_s: float | None) -> dict:
         lrs = self.scheduler.get_last_lr()
         record = {
-            "split": "train", "step": step, "loss": result.loss, "grad_norm": result.grad_norm,
-            "lr": lrs[0], "tokens": result.tokens, "tokens_per_s": tokens_per_s,
+            "split": "train",
+            "step": step,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "lr": lrs[0],
+            "tokens": result.tokens,
+            "tokens_per_s": tokens_per_s,
             "epoch": step * self.batches.global_size / len(self.train),
-        }  # fmt: skip
+        }
         if len(lrs) > 1:  # one lr per named parameter group
             groups = self.optimizer.param_groups
             record.update({f"lr_{g['name']}": lr for g, lr in zip(groups, lrs, strict=True)})
@@ -213,9 +238,13 @@ class Trainer:
             self.dist.barrier()
             return None
         figures = evaluate(
-            self.model, self.base.tokenizer, self.val_set, metrics=self.cfg.val_metrics,
-            batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
-        )  # fmt: skip
+            self.model,
+            self.base.tokenizer,
+            self.val_set,
+            metrics=self.cfg.val_metrics,
+            batch_size=self.cfg.batch_size,
+            max_length=self.cfg.max_length,
+        )
         self.model.train()
         record = {"split": "val", "step": step, "val_loss": figures.get("loss")}
         record.update({f"val_{k}": v for k, v in figures.items() if k != "loss"})
@@ -278,8 +307,9 @@ class Trainer:
                 self._log(record)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{result.loss:.4f}",
-                                    tok_s=f"{record['tokens_per_s'] or 0:.0f}")  # fmt: skip
+                    bar.set_postfix(
+                        loss=f"{result.loss:.4f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}"
+                    )
                 if self.on_step:
                     self.on_step(step, result.loss)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
@@ -296,8 +326,13 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         interrupted = step < self.total_steps
-        result = {"steps": step, "total_steps": self.total_steps, "interrupted": interrupted,
-                  "out": str(cfg.out), "data": self.data_stats}  # fmt: skip
+        result = {
+            "steps": step,
+            "total_steps": self.total_steps,
+            "interrupted": interrupted,
+            "out": str(cfg.out),
+            "data": self.data_stats,
+        }
         if interrupted:
             result["checkpoint"] = str(latest_checkpoint(cfg.out))
             dist.close()

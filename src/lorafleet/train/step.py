@@ -80,9 +80,15 @@ class Batches:
     (seed, step), so resuming needs no iterator state and all ranks agree on the global batch."""
 
     def __init__(
-        self, data: Sequence[Encoded], *, batch_size: int, pad_token_id: int | None,
-        grad_accum: int = 1, seed: int = 0, dist: Distributed | None = None,
-    ):  # fmt: skip
+        self,
+        data: Sequence[Encoded],
+        *,
+        batch_size: int,
+        pad_token_id: int | None,
+        grad_accum: int = 1,
+        seed: int = 0,
+        dist: Distributed | None = None,
+    ):
         if not data:
             raise LorafleetError("no training examples to batch")
         if batch_size < 1 or grad_accum < 1:
@@ -120,10 +126,16 @@ class StepRunner:
     trainable gradients across ranks (one all-reduce), clip, update, advance the schedule."""
 
     def __init__(
-        self, model: nn.Module, step: TrainStep, batches: Batches,
-        optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, *,
-        max_grad_norm: float = 1.0, autocast: AbstractContextManager | None = None,
-    ):  # fmt: skip
+        self,
+        model: nn.Module,
+        step: TrainStep,
+        batches: Batches,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        max_grad_norm: float = 1.0,
+        autocast: AbstractContextManager | None = None,
+    ):
         self.model, self.step, self.batches = model, step, batches
         self.optimizer, self.scheduler = optimizer, scheduler
         self.max_grad_norm = max_grad_norm

@@ -89,8 +89,10 @@ def read_kit(path: str | Path) -> Kit:
     path = Path(path)
     file = path / KIT_FILE
     if not file.is_file():
-        raise TransferError(f"{path}: not a Trans-LoRA kit (no {KIT_FILE}); make one with "
-                            "`lorafleet transfer prepare`")  # fmt: skip
+        raise TransferError(
+            f"{path}: not a Trans-LoRA kit (no {KIT_FILE}); make one with "
+            "`lorafleet transfer prepare`"
+        )
     try:
         info = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
@@ -98,8 +100,9 @@ def read_kit(path: str | Path) -> Kit:
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise TransferError(f"{file}: not a Trans-LoRA kit file (format {FORMAT!r} expected)")
     if info.get("version") != VERSION:
-        raise TransferError(f"{file}: kit version {info.get('version')!r}; this lorafleet "
-                            f"reads version {VERSION}")  # fmt: skip
+        raise TransferError(
+            f"{file}: kit version {info.get('version')!r}; this lorafleet reads version {VERSION}"
+        )
     seeds_file = path / SEEDS_FILE
     if not seeds_file.is_file():
         raise TransferError(f"{path}: the kit has no {SEEDS_FILE}")

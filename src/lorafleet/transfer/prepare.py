@@ -58,28 +58,50 @@ def prepare(cfg: PrepareConfig) -> dict:
     seed_inputs = [task.input_of(r) for r in seeds]
     base = load_base(cfg.base)
     if fingerprint_status(adapter, base.fingerprint) == "mismatch":
-        raise TransferError(f"{cfg.adapter}: the source adapter was trained on another base "
-                            f"than --base {cfg.base} ({base.fingerprint})")  # fmt: skip
+        raise TransferError(
+            f"{cfg.adapter}: the source adapter was trained on another base "
+            f"than --base {cfg.base} ({base.fingerprint})"
+        )
     synthetic, gen = generate_inputs(
-        base, task.kind, seed_inputs, len(real), seed=cfg.seed, temperature=cfg.temperature,
-        max_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, desc="synthetic (source)",
-    )  # fmt: skip
+        base,
+        task.kind,
+        seed_inputs,
+        len(real),
+        seed=cfg.seed,
+        temperature=cfg.temperature,
+        max_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        desc="synthetic (source)",
+    )
     if len(synthetic) < 2:
-        raise TransferError(f"the source base produced {len(synthetic)} usable synthetic inputs; "
-                            "try a higher --temperature")  # fmt: skip
+        raise TransferError(
+            f"the source base produced {len(synthetic)} usable synthetic inputs; "
+            "try a higher --temperature"
+        )
     chat = cfg.chat and has_chat_template(base.tokenizer)
-    train, held = disc_sets(base.tokenizer, chat, task.kind, real, synthetic, cfg.held_out,
-                            cfg.seed)  # fmt: skip
+    train, held = disc_sets(
+        base.tokenizer, chat, task.kind, real, synthetic, cfg.held_out, cfg.seed
+    )
     del base
     out = Path(cfg.out)
     work = out.parent / f".{out.name}.disc-work"
     disc = train_discriminator(
-        cfg.base, work, train, held, steps=cfg.disc_steps, rank=cfg.disc_rank, lr=cfg.disc_lr,
-        batch_size=cfg.batch_size, seed=cfg.seed,
-    )  # fmt: skip
+        cfg.base,
+        work,
+        train,
+        held,
+        steps=cfg.disc_steps,
+        rank=cfg.disc_rank,
+        lr=cfg.disc_lr,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
     trained = read_adapter(work)
-    trained.meta["translora"] = {"role": "discriminator", "choices": ["real", "generated"],
-                                 "held_out_accuracy": disc["held_out_accuracy"]}  # fmt: skip
+    trained.meta["translora"] = {
+        "role": "discriminator",
+        "choices": ["real", "generated"],
+        "held_out_accuracy": disc["held_out_accuracy"],
+    }
     info = {
         "task": task.to_dict(),
         "chat": chat,
@@ -87,20 +109,25 @@ def prepare(cfg: PrepareConfig) -> dict:
         "source_adapter": {
             "path": str(Path(cfg.adapter).resolve()),
             "sha256": content_digest(cfg.adapter),
-        },  # fmt: skip
+        },
         "discriminator": disc,
         "synthetic_for_discriminator": {
             "generated": gen.generated,
             "sampled": gen.sampled,
             "tokens_per_s": round(gen.tokens_per_s, 1),
-        },  # fmt: skip
+        },
         "seed": cfg.seed,
     }
     with atomic_dir(out) as tmp:
         write_adapter(tmp / DISC_DIR, trained)
         write_kit(tmp, info, seeds)
     shutil.rmtree(work, ignore_errors=True)
-    return {"kit": str(out), "seeds": len(seeds), "real_inputs": len(real),
-            "synthetic_inputs": len(synthetic), "generation_tokens_per_s": gen.tokens_per_s,
-            "held_out_accuracy": disc["held_out_accuracy"],
-            "synthetic_examples": synthetic[:3]}  # fmt: skip
+    return {
+        "kit": str(out),
+        "seeds": len(seeds),
+        "real_inputs": len(real),
+        "synthetic_inputs": len(synthetic),
+        "generation_tokens_per_s": gen.tokens_per_s,
+        "held_out_accuracy": disc["held_out_accuracy"],
+        "synthetic_examples": synthetic[:3],
+    }

@@ -26,8 +26,7 @@ from lorafleet.transfer.task import TransferError
 from lorafleet.transfer.teacher import label_inputs
 
 STATE_FILE = "state.json"
-STAGE_FILES = {"generate": "generated.jsonl", "filter": "filtered.jsonl",
-               "label": "labelled.jsonl"}  # fmt: skip
+STAGE_FILES = {"generate": "generated.jsonl", "filter": "filtered.jsonl", "label": "labelled.jsonl"}
 
 
 @dataclass
@@ -100,8 +99,11 @@ class TransferRun:
 
     # --- state ----------------------------------------------------------------------------
     def _open_state(self) -> dict:
-        settings = {**self.cfg.settings(), "kit": kit_digest(self.kit.path),
-                    "target_fingerprint": self.target.fingerprint}  # fmt: skip
+        settings = {
+            **self.cfg.settings(),
+            "kit": kit_digest(self.kit.path),
+            "target_fingerprint": self.target.fingerprint,
+        }
         path = self.out / STATE_FILE
         if path.is_file():
             state = json.loads(path.read_text())
@@ -137,15 +139,26 @@ class TransferRun:
         if cfg.candidates is not None:
             return self._reuse(Path(cfg.candidates))
         texts, gen = generate_inputs(
-            self.target, kit.task.kind, kit.seed_inputs(), cfg.synthetic, seed=cfg.seed,
-            temperature=cfg.temperature, max_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size, desc="synthetic (target)",
-        )  # fmt: skip
+            self.target,
+            kit.task.kind,
+            kit.seed_inputs(),
+            cfg.synthetic,
+            seed=cfg.seed,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            desc="synthetic (target)",
+        )
         if not texts:
             raise TransferError("the target base produced no usable input; try --temperature")
-        summary = {"requested": cfg.synthetic, "generated": gen.generated, "sampled": gen.sampled,
-                   "new_tokens": gen.new_tokens, "seconds": round(gen.seconds, 2),
-                   "tokens_per_s": round(gen.tokens_per_s, 1)}  # fmt: skip
+        summary = {
+            "requested": cfg.synthetic,
+            "generated": gen.generated,
+            "sampled": gen.sampled,
+            "new_tokens": gen.new_tokens,
+            "seconds": round(gen.seconds, 2),
+            "tokens_per_s": round(gen.tokens_per_s, 1),
+        }
         self._finish("generate", [{"input": t} for t in texts], summary)
 
     def _reuse(self, path: Path) -> None:
@@ -165,31 +178,58 @@ class TransferRun:
         texts = [r["input"] for r in self.rows("generate")]
         if not self.cfg.filter:
             rows = [{"input": t, "p_real": None} for t in texts]
-            self._finish("filter", rows, {"filtered": False, "kept": len(rows),
-                                          "judged": len(rows), "accept_rate": None})  # fmt: skip
+            self._finish(
+                "filter",
+                rows,
+                {"filtered": False, "kept": len(rows), "judged": len(rows), "accept_rate": None},
+            )
             return
         from tqdm.auto import tqdm
 
         with tqdm(total=2 * len(texts), desc="discriminator") as bar:
-            p_real = judge(self.source, self.kit.discriminator, self.kit.chat, self.kit.task.kind,
-                           texts, batch_size=self.cfg.batch_size, progress=bar.update)  # fmt: skip
+            p_real = judge(
+                self.source,
+                self.kit.discriminator,
+                self.kit.chat,
+                self.kit.task.kind,
+                texts,
+                batch_size=self.cfg.batch_size,
+                progress=bar.update,
+            )
         self.source = load_base(self.source_name)  # the judge attached its adapter in place
-        rows = [{"input": t, "p_real": p} for t, p in zip(texts, p_real, strict=True)
-                if p >= self.cfg.threshold]  # fmt: skip
+        rows = [
+            {"input": t, "p_real": p}
+            for t, p in zip(texts, p_real, strict=True)
+            if p >= self.cfg.threshold
+        ]
         if not rows:
             raise TransferError(
                 f"the discriminator rejected all {len(texts)} inputs; lower --threshold, "
                 "generate more, or pass --no-filter"
             )
-        self._finish("filter", rows, {"filtered": True, "kept": len(rows), "judged": len(texts),
-                                      "accept_rate": len(rows) / len(texts)})  # fmt: skip
+        self._finish(
+            "filter",
+            rows,
+            {
+                "filtered": True,
+                "kept": len(rows),
+                "judged": len(texts),
+                "accept_rate": len(rows) / len(texts),
+            },
+        )
 
     def label(self) -> None:
         texts = [r["input"] for r in self.rows("filter")]
         rows = label_inputs(
-            self.source, self.adapter_dir, self.kit.task, self.kit.chat, self.kit.seeds[0], texts,
-            max_new_tokens=self.cfg.label_tokens, batch_size=self.cfg.batch_size,
-        )  # fmt: skip
+            self.source,
+            self.adapter_dir,
+            self.kit.task,
+            self.kit.chat,
+            self.kit.seeds[0],
+            texts,
+            max_new_tokens=self.cfg.label_tokens,
+            batch_size=self.cfg.batch_size,
+        )
         self._finish("label", rows, {"labelled": len(rows)})
 
     def train(self) -> None:
@@ -202,41 +242,68 @@ class TransferRun:
             examples.append(task.with_output(e, row.get("label", row["output"]), tok, self.chat))
         work = self.out / "train"
         tcfg = TrainConfig(
-            base=cfg.target_base, data=f"translora:{task.name}", out=work, steps=cfg.steps,
-            rank=cfg.rank, alpha=cfg.alpha, lr=cfg.lr, batch_size=cfg.batch_size,
-            seed=cfg.seed, chat=self.chat, eval_limit=None, save_every=max(1, cfg.steps // 4),
-            keep_checkpoints=1, resume=latest_checkpoint(work) is not None,
-        )  # fmt: skip
+            base=cfg.target_base,
+            data=f"translora:{task.name}",
+            out=work,
+            steps=cfg.steps,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            chat=self.chat,
+            eval_limit=None,
+            save_every=max(1, cfg.steps // 4),
+            keep_checkpoints=1,
+            resume=latest_checkpoint(work) is not None,
+        )
         result = Trainer(tcfg, examples=examples).run()
         if result.get("interrupted"):
             raise TransferError(f"training stopped at step {result['steps']}; rerun to resume")
         adapter = read_adapter(work)
         adapter.meta["translora"] = self.recipe(result["steps"])
         write_adapter(self.out / "adapter", adapter)
-        self._finish("train", None, {"steps": result["steps"], "examples": len(examples),
-                                     "adapter": str(self.out / "adapter")})  # fmt: skip
+        self._finish(
+            "train",
+            None,
+            {
+                "steps": result["steps"],
+                "examples": len(examples),
+                "adapter": str(self.out / "adapter"),
+            },
+        )
 
     def recipe(self, steps: int) -> dict:
         stages = self.state["stages"]
         return {
-            "kit": str(Path(self.cfg.kit).resolve()), "kit_digest": kit_digest(self.kit.path),
-            "task": self.kit.task.name, "source_base": self.kit.info["source_base"],
+            "kit": str(Path(self.cfg.kit).resolve()),
+            "kit_digest": kit_digest(self.kit.path),
+            "task": self.kit.task.name,
+            "source_base": self.kit.info["source_base"],
             "source_adapter": self.kit.info["source_adapter"],
-            "target_base": {"name": self.cfg.target_base,
-                            "fingerprint": self.target.fingerprint},
-            "synthetic": self.cfg.synthetic, "generated": stages["generate"]["generated"],
-            "filtered": self.cfg.filter, "threshold": self.cfg.threshold,
+            "target_base": {"name": self.cfg.target_base, "fingerprint": self.target.fingerprint},
+            "synthetic": self.cfg.synthetic,
+            "generated": stages["generate"]["generated"],
+            "filtered": self.cfg.filter,
+            "threshold": self.cfg.threshold,
             "accept_rate": stages["filter"]["accept_rate"],
-            "labelled": stages["label"]["labelled"], "steps": steps, "rank": self.cfg.rank,
-            "lr": self.cfg.lr, "seed": self.cfg.seed, "chat": self.chat,
-        }  # fmt: skip
+            "labelled": stages["label"]["labelled"],
+            "steps": steps,
+            "rank": self.cfg.rank,
+            "lr": self.cfg.lr,
+            "seed": self.cfg.seed,
+            "chat": self.chat,
+        }
 
     def run(self) -> dict:
         for stage in ("generate", "filter", "label", "train"):
             if not self.done(stage):
                 getattr(self, stage)()
-        return {"out": str(self.out), "adapter": str(self.out / "adapter"),
-                **{k: v for k, v in self.state["stages"].items()}}  # fmt: skip
+        return {
+            "out": str(self.out),
+            "adapter": str(self.out / "adapter"),
+            **{k: v for k, v in self.state["stages"].items()},
+        }
 
 
 def run_transfer(cfg: RunConfig) -> dict:

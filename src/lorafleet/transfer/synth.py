@@ -57,8 +57,13 @@ def seq_len(base: Base, wanted: int) -> int:
     return max(2, min(wanted, limit))
 
 
-def engine_generate(engine: Engine, prompts: list[str], params: list[SamplingParams],
-                    adapter: str | None = None, on_done=None) -> list[str]:  # fmt: skip
+def engine_generate(
+    engine: Engine,
+    prompts: list[str],
+    params: list[SamplingParams],
+    adapter: str | None = None,
+    on_done=None,
+) -> list[str]:
     """Every prompt to completion in the engine's continuous batches; texts in input order.
     `on_done(n_finished, engine)` is called after every step that finished some."""
     bos = bos_to_add(engine.tokenizer)
@@ -80,10 +85,18 @@ def engine_generate(engine: Engine, prompts: list[str], params: list[SamplingPar
 
 
 def generate_inputs(
-    base: Base, kind: str, seeds: Sequence[str], n: int, *, seed: int = 0,
-    temperature: float = 0.9, top_p: float = 0.95, max_tokens: int = 96, batch_size: int = 16,
+    base: Base,
+    kind: str,
+    seeds: Sequence[str],
+    n: int,
+    *,
+    seed: int = 0,
+    temperature: float = 0.9,
+    top_p: float = 0.95,
+    max_tokens: int = 96,
+    batch_size: int = 16,
     desc: str = "generating",
-) -> tuple[list[str], GenerationStats]:  # fmt: skip
+) -> tuple[list[str], GenerationStats]:
     """`n` distinct inputs (fewer only if MAX_ROUNDS of sampling could not find them) that
     differ from the seeds, sampled from `base` prompted with the seeds; progress bar + tok/s."""
     from tqdm.auto import tqdm
@@ -92,9 +105,14 @@ def generate_inputs(
     seen = {normalise(s) for s in seeds}
     kept: list[str] = []
     longest = len(base.tokenizer(few_shot_prompt(kind, seeds, random.Random(0)))["input_ids"])
-    engine = Engine(base, max_slots=0, max_batch_size=batch_size, seed=seed,
-                    max_seq_len=seq_len(base, longest + 32 + max_tokens),
-                    max_batch_tokens=max(2048, 2 * longest))  # fmt: skip
+    engine = Engine(
+        base,
+        max_slots=0,
+        max_batch_size=batch_size,
+        seed=seed,
+        max_seq_len=seq_len(base, longest + 32 + max_tokens),
+        max_batch_tokens=max(2048, 2 * longest),
+    )
     start, sampled = time.perf_counter(), 0
     bar = tqdm(total=n, desc=desc, unit="input")
 
@@ -108,9 +126,16 @@ def generate_inputs(
             if missing <= 0:
                 break
             prompts = [few_shot_prompt(kind, seeds, rng) for _ in range(missing)]
-            params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                     stop=STOP, seed=rng.randrange(2**31))
-                      for _ in prompts]  # fmt: skip
+            params = [
+                SamplingParams(
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    stop=STOP,
+                    seed=rng.randrange(2**31),
+                )
+                for _ in prompts
+            ]
             texts = engine_generate(engine, prompts, params, on_done=show)
             sampled += len(texts)
             for text in map(clean, texts):

@@ -22,12 +22,19 @@ from lorafleet.errors import LorafleetError
 from lorafleet.paths import data_dir
 
 # The field that holds the input of each built-in task's rows.
-BUILTIN_INPUTS = {"sst2": "sentence", "strategyqa": "question", "clutrr": "question",
-                  "gsm8k": "question"}  # fmt: skip
+BUILTIN_INPUTS = {
+    "sst2": "sentence",
+    "strategyqa": "question",
+    "clutrr": "question",
+    "gsm8k": "question",
+}
 # What the few-shot generation prompt calls the inputs.
-BUILTIN_KINDS = {"sst2": "movie review sentences", "strategyqa": "yes/no questions",
-                 "clutrr": "short family stories, each ending in a kinship question",
-                 "gsm8k": "grade-school math word problems"}  # fmt: skip
+BUILTIN_KINDS = {
+    "sst2": "movie review sentences",
+    "strategyqa": "yes/no questions",
+    "clutrr": "short family stories, each ending in a kinship question",
+    "gsm8k": "grade-school math word problems",
+}
 
 
 class TransferError(LorafleetError):

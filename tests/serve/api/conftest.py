@@ -57,8 +57,9 @@ def auth_file(tmp_path_factory) -> Path:
     return path
 
 
-def start(tokenizer, adapters_dir, auth=None, settings=SETTINGS, classifier=None,
-          **config) -> ServerThread:  # fmt: skip
+def start(
+    tokenizer, adapters_dir, auth=None, settings=SETTINGS, classifier=None, **config
+) -> ServerThread:
     state = build_state(
         tiny_base(tokenizer),
         adapters_dir,

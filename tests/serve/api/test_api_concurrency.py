@@ -17,8 +17,14 @@ STEP_S = 0.2  # a real model's forward (GIL released, as in torch): the tiny one
 
 async def stream_one(client: httpx.AsyncClient, url: str, i: int, log: list) -> None:
     """One streaming completion; appends ("first", i) and ("done", i) to `log` as they happen."""
-    body = {"model": PUBLIC[i % len(PUBLIC)], "prompt": f"Client {i} writes", "seed": i,
-            "max_tokens": TOKENS, "temperature": 0.9, "stream": True}  # fmt: skip
+    body = {
+        "model": PUBLIC[i % len(PUBLIC)],
+        "prompt": f"Client {i} writes",
+        "seed": i,
+        "max_tokens": TOKENS,
+        "temperature": 0.9,
+        "stream": True,
+    }
     first = True
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         assert r.status_code == 200, await r.aread()

@@ -33,8 +33,12 @@ def test_no_input_gives_a_server_error(server):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def fuzz(case):
             _check(case)
 
@@ -53,8 +57,9 @@ def _bad_strings(value):
 
 
 def _check_bad_bytes(url: str, method: str, content: bytes) -> None:
-    response = httpx.request(method, url, content=content, timeout=60,
-                             headers={"content-type": "application/json"})  # fmt: skip
+    response = httpx.request(
+        method, url, content=content, timeout=60, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400, f"{method} {url}: {response.status_code} {content[:200]!r}"
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -66,14 +71,21 @@ def test_bad_bytes_in_any_json_body_answer_400(server):
     # as raw bytes that are not UTF-8 (the surrogate's own encoding, ED A0 80).
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    json_ops = [op for op in operations if op.method.upper() != "GET" and any(
-        "json" in body.media_type for body in op.body)]  # fmt: skip
+    json_ops = [
+        op
+        for op in operations
+        if op.method.upper() != "GET" and any("json" in body.media_type for body in op.body)
+    ]
     assert len(json_ops) >= 4  # completions, chat, generate, generate_stream, admin
     for operation in json_ops:
 
         @given(case=operation.as_strategy(media_type="application/json"))
-        @settings(max_examples=BAD_EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=BAD_EXAMPLES,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def fuzz(case):
             bad = _bad_strings(case.body)
             url = server.url + case.formatted_path
@@ -102,6 +114,10 @@ def test_bad_bytes_named_cases(server, body):
 
 def test_paired_surrogates_are_one_character_and_fine(server):
     body = b'{"model": "alpha", "prompt": "\\ud83d\\ude00", "max_tokens": 2}'  # one emoji
-    response = httpx.post(server.url + "/v1/completions", content=body, timeout=60,
-                          headers={"content-type": "application/json"})  # fmt: skip
+    response = httpx.post(
+        server.url + "/v1/completions",
+        content=body,
+        timeout=60,
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 200, response.text

@@ -43,8 +43,9 @@ def test_class_probs_for_a_calibrated_adapter(tokenizer, calibrated_dir):
         model = attach(
             tiny_llama(0, vocab_size=len(tokenizer)), read_adapter(calibrated_dir / "calib")
         )
-        want = laplace_class_probs(model, tokenizer, load_factors(calibrated_dir / "calib"),
-                                   PROMPT, CHOICES)  # fmt: skip
+        want = laplace_class_probs(
+            model, tokenizer, load_factors(calibrated_dir / "calib"), PROMPT, CHOICES
+        )
         assert got["probs"] == pytest.approx(want, abs=1e-5)
         for model_name in ("plain", "tiny"):  # uncalibrated adapter, base: a clear 400
             r = httpx.post(srv.url + "/v1/completions", json={**body, "model": model_name})

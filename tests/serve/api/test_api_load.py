@@ -24,9 +24,15 @@ def many_adapters(tmp_path_factory, tokenizer, api_fp):
 
 
 async def one_client(url: str, i: int) -> dict:
-    body = {"model": f"load{i % ADAPTERS:02d}", "prompt": f"Client {i} says hello and",
-            "max_tokens": TOKENS, "temperature": 0.8, "seed": i, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": f"load{i % ADAPTERS:02d}",
+        "prompt": f"Client {i} says hello and",
+        "max_tokens": TOKENS,
+        "temperature": 0.8,
+        "seed": i,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start_t = time.perf_counter()
     first = None
     chunks, usage, done = [], None, False
@@ -49,8 +55,13 @@ async def one_client(url: str, i: int) -> dict:
                 chunks.append(event)
             elif event.get("usage"):
                 usage = event["usage"]
-    return {"done": done, "usage": usage, "chunks": chunks, "ttft": (first or 0) - start_t,
-            "latency": time.perf_counter() - start_t}  # fmt: skip
+    return {
+        "done": done,
+        "usage": usage,
+        "chunks": chunks,
+        "ttft": (first or 0) - start_t,
+        "latency": time.perf_counter() - start_t,
+    }
 
 
 def pct(values, q):
@@ -72,8 +83,11 @@ def test_64_streaming_clients_over_16_adapters(tokenizer, many_adapters):
         assert len(results) == CLIENTS
         assert all(r["done"] for r in results)  # none lost: every stream reached [DONE]
         for r in results:
-            finals = [c["choices"][0]["finish_reason"] for c in r["chunks"]
-                      if c["choices"][0]["finish_reason"]]  # fmt: skip
+            finals = [
+                c["choices"][0]["finish_reason"]
+                for c in r["chunks"]
+                if c["choices"][0]["finish_reason"]
+            ]
             assert len(finals) == 1 and r["usage"]["completion_tokens"] >= 1
             assert finals[0] == "stop" or r["usage"]["completion_tokens"] == TOKENS
         stats = srv.state.engine.stats()
@@ -84,9 +98,11 @@ def test_64_streaming_clients_over_16_adapters(tokenizer, many_adapters):
         lat = [r["latency"] for r in results]
         ttft = [r["ttft"] for r in results]
         tokens = sum(r["usage"]["completion_tokens"] for r in results)
-        print(f"\n{CLIENTS} clients x {ADAPTERS} adapters: {tokens} tokens in {wall:.1f} s "
-              f"({tokens / wall:.1f} tok/s); latency p50 {pct(lat, 50):.2f} s p99 "
-              f"{pct(lat, 99):.2f} s; TTFT p50 {pct(ttft, 50):.2f} s "
-              f"p99 {pct(ttft, 99):.2f} s")  # fmt: skip
+        print(
+            f"\n{CLIENTS} clients x {ADAPTERS} adapters: {tokens} tokens in {wall:.1f} s "
+            f"({tokens / wall:.1f} tok/s); latency p50 {pct(lat, 50):.2f} s p99 "
+            f"{pct(lat, 99):.2f} s; TTFT p50 {pct(ttft, 50):.2f} s "
+            f"p99 {pct(ttft, 99):.2f} s"
+        )
     finally:
         srv.stop()

@@ -88,8 +88,13 @@ def test_openai_adapters_field_and_mix_id(mix_server):
         assert completion(mix_server, f"mix:one*{W[0]}+two*{W[1]}", prompt) == want
         assert completion(mix_server, "tiny", prompt, adapters=parts) == want
         assert completion(mix_server, "one", prompt, adapters=parts) == want
-    chat = {"model": "tiny", "adapters": parts, "max_tokens": 6, "temperature": 0,
-            "messages": [{"role": "user", "content": "Hi"}]}  # fmt: skip
+    chat = {
+        "model": "tiny",
+        "adapters": parts,
+        "max_tokens": 6,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
     reply = post(mix_server, "/v1/chat/completions", json=chat).json()
     assert reply["model"] == "tiny" and reply["choices"][0]["message"]["content"] is not None
     # one adapter at weight 1 is that adapter
@@ -114,8 +119,9 @@ def test_every_part_is_checked_against_the_tenant(tokenizer, tenant_server):
     missing = ask(globex, "mix:alpha*0.5+acme-secreT*0.5")
     assert hidden.status_code == missing.status_code == 404
     assert hidden.json()["error"]["code"] == "model_not_found"
-    assert hidden.json()["error"]["message"].replace("acme-secret", "X") == \
-        missing.json()["error"]["message"].replace("acme-secreT", "X")  # fmt: skip
+    assert hidden.json()["error"]["message"].replace("acme-secret", "X") == missing.json()["error"][
+        "message"
+    ].replace("acme-secreT", "X")
     parts = [{"name": "alpha", "weight": 1.0}, {"name": "acme-secret", "weight": 0.5}]
     assert ask(globex, "tiny", adapters=parts).status_code == 404
     assert ask(acme, "tiny", adapters=parts).status_code == 200
@@ -168,11 +174,13 @@ def test_bad_merged_adapters_are_400(server):
     two = {"ids": ["alpha", "beta"]}
     _error(gen({"merged_adapters": {**two, "weights": [0.5]}}), 400, f"{p}.weights")
     _error(gen({"merged_adapters": two, "adapter_id": "alpha"}), 400, "parameters.adapter_id")
-    _error(gen({"merged_adapters": {**two, "merge_strategy": "slerp"}}), 400,
-           f"{p}.merge_strategy")  # fmt: skip
+    _error(gen({"merged_adapters": {**two, "merge_strategy": "slerp"}}), 400, f"{p}.merge_strategy")
     _error(gen({"merged_adapters": {**two, "density": 0}}), 400, f"{p}.density")
-    _error(gen({"merged_adapters": {**two, "majority_sign_method": "x"}}), 400,
-           f"{p}.majority_sign_method")  # fmt: skip
+    _error(
+        gen({"merged_adapters": {**two, "majority_sign_method": "x"}}),
+        400,
+        f"{p}.majority_sign_method",
+    )
     _error(gen({"merged_adapters": {"ids": []}}), 400, f"{p}.ids")
     _error(gen({"merged_adapters": {"ids": ["alpha", "zzz"]}}), 404, "model")
     no_backend = gen({"merged_adapters": {**two, "merge_strategy": "ties"}})  # no merge= given
@@ -182,16 +190,22 @@ def test_bad_merged_adapters_are_400(server):
 
 
 def test_ties_is_merged_once_and_served_as_a_virtual_adapter(mix_server):
-    merged = {"ids": ["one", "two"], "weights": list(W), "merge_strategy": "ties",
-              "density": 0.5, "majority_sign_method": "total"}  # fmt: skip
+    merged = {
+        "ids": ["one", "two"],
+        "weights": list(W),
+        "merge_strategy": "ties",
+        "density": 0.5,
+        "majority_sign_method": "total",
+    }
     cache = mix_server.state.merged
     before = cache.stats()["merges"]
     for prompt in PROMPTS:
         want = stream_ids(mix_server, {"adapter_id": "ties"}, prompt)
         assert stream_ids(mix_server, {"merged_adapters": merged}, prompt) == want
     assert cache.stats()["merges"] == before + 1  # merged once, then served from the cache
-    linear = stream_ids(mix_server, {"merged_adapters": {**merged, "merge_strategy": "linear"}},
-                        PROMPTS[0])  # fmt: skip
+    linear = stream_ids(
+        mix_server, {"merged_adapters": {**merged, "merge_strategy": "linear"}}, PROMPTS[0]
+    )
     assert linear != stream_ids(mix_server, {"merged_adapters": merged}, PROMPTS[0])
     text = httpx.get(mix_server.url + "/metrics", timeout=30).text
     assert "lorafleet_merged_adapter_cache_mb" in text and "lorafleet_merged_adapters 1" in text

@@ -37,8 +37,7 @@ def test_echo_scores_the_prompt_like_peft(client, tokenizer, alpha_model):
     """echo + max_tokens 0 + logprobs: the prompt's per-token logprobs (first null), what an
     evaluation harness sums for log-likelihood; top_logprobs hold the k best."""
     ids = tokenizer(PROMPT)["input_ids"]
-    out = client.completions.create(model="alpha", prompt=ids, echo=True, max_tokens=0,
-                                    logprobs=3)  # fmt: skip
+    out = client.completions.create(model="alpha", prompt=ids, echo=True, max_tokens=0, logprobs=3)
     lp = out.choices[0].logprobs
     assert out.choices[0].text == tokenizer.decode(ids) and out.usage.completion_tokens == 0
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
@@ -68,8 +67,16 @@ def test_generated_logprobs_streamed_and_not(client, tokenizer, alpha_model):
 
 def test_chat_logprobs_and_n(client, tokenizer):
     """n choices, each seeded with seed + i: different, reproducible; chat logprobs shape."""
-    kw = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
-          "temperature": 1.0, "seed": 7, "n": 4, "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    kw = {
+        "model": "alpha",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 6,
+        "temperature": 1.0,
+        "seed": 7,
+        "n": 4,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
     a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1, 2, 3]
     texts = [c.message.content for c in a.choices]
@@ -80,8 +87,10 @@ def test_chat_logprobs_and_n(client, tokenizer):
     one = client.chat.completions.create(**{**kw, "n": 1, "seed": 8})  # choice 1 = seed 8
     assert one.choices[0].message.content == texts[1]
     streamed = list(client.chat.completions.create(**kw, stream=True))
-    got = {i: "".join(c.delta.content or "" for ch in streamed for c in ch.choices
-                      if c.index == i) for i in range(4)}  # fmt: skip
+    got = {
+        i: "".join(c.delta.content or "" for ch in streamed for c in ch.choices if c.index == i)
+        for i in range(4)
+    }
     assert [got[i] for i in range(4)] == texts
     with pytest.raises(openai.BadRequestError, match="at most 8"):
         client.chat.completions.create(**{**kw, "n": 9})
@@ -155,13 +164,19 @@ def mc_rows(n: int = 12):
         k = 2 + i % 3
         picks = torch.randperm(len(WORDS), generator=gen)[: k + 1].tolist()
         choices = [f" {WORDS[p]}" for p in picks[1:]]
-        rows.append({"prompt": f"Item {i}: the {WORDS[picks[0]]} is", "choices": choices,
-                     "label": int(torch.randint(k, (1,), generator=gen))})  # fmt: skip
+        rows.append(
+            {
+                "prompt": f"Item {i}: the {WORDS[picks[0]]} is",
+                "choices": choices,
+                "label": int(torch.randint(k, (1,), generator=gen)),
+            }
+        )
     return rows
 
 
-def test_lm_eval_matches_lorafleet_eval(server, tmp_path, monkeypatch, tiny_base_dir, tokenizer,
-                                        alpha_model):  # fmt: skip
+def test_lm_eval_matches_lorafleet_eval(
+    server, tmp_path, monkeypatch, tiny_base_dir, tokenizer, alpha_model
+):
     """lm-eval (unchanged, local-completions) scores a log-likelihood task and a generation
     task through the server; both equal lorafleet.eval on the same adapter and rows."""
     lm_eval = pytest.importorskip("lm_eval")  # a test dependency: make install provides it
@@ -173,17 +188,30 @@ def test_lm_eval_matches_lorafleet_eval(server, tmp_path, monkeypatch, tiny_base
         monkeypatch.setenv(var, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
     mc = mc_rows()
-    mc_set = ExampleSet([Example(r["prompt"], r["choices"][r["label"]], tuple(r["choices"]),
-                                 r["label"]) for r in mc], "lf_mc", "accuracy")  # fmt: skip
+    mc_set = ExampleSet(
+        [
+            Example(r["prompt"], r["choices"][r["label"]], tuple(r["choices"]), r["label"])
+            for r in mc
+        ],
+        "lf_mc",
+        "accuracy",
+    )
     ours_mc = evaluate(alpha_model, tokenizer, mc_set, metrics=("accuracy",))["accuracy"]
     prompts = [f"Say {w}:" for w in WORDS[:8]]
     gen_set = ExampleSet([Example(p, "") for p in prompts], "lf_gen", "exact_match")
-    preds = evaluate(alpha_model, tokenizer, gen_set, metrics=("exact_match",),
-                     max_new_tokens=6, return_predictions=True)["predictions"]  # fmt: skip
+    preds = evaluate(
+        alpha_model,
+        tokenizer,
+        gen_set,
+        metrics=("exact_match",),
+        max_new_tokens=6,
+        return_predictions=True,
+    )["predictions"]
     # Half the targets are what the adapter says, half are not: exact match 0.5 when the
     # generations through lm-eval and the server equal lorafleet's own.
-    targets = [extract_answer(p, None) if i % 2 == 0 else "no such answer"
-               for i, p in enumerate(preds)]  # fmt: skip
+    targets = [
+        extract_answer(p, None) if i % 2 == 0 else "no such answer" for i, p in enumerate(preds)
+    ]
     gen_rows = [{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)]
     hits = [extract_answer(p, None) == t for p, t in zip(preds, targets, strict=True)]
     ours_gen = sum(hits) / len(hits)
@@ -199,10 +227,10 @@ def test_lm_eval_matches_lorafleet_eval(server, tmp_path, monkeypatch, tiny_base
         model="local-completions",
         model_args=f"base_url={server.url}/v1/completions,model=alpha,tokenizer_backend="
         f"huggingface,tokenizer={tiny_base_dir},num_concurrent=1,max_retries=1",
-        tasks=["lf_mc", "lf_gen"], task_manager=TaskManager(include_path=str(tmp_path),
-                                                            include_defaults=False),
+        tasks=["lf_mc", "lf_gen"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
         log_samples=True,
-    )  # fmt: skip
+    )
     theirs_mc = results["results"]["lf_mc"]["acc,none"]
     theirs_gen = results["results"]["lf_gen"]["exact_match,none"]
     print(

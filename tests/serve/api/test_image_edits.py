@@ -45,8 +45,11 @@ def png(path, size, seed, mode="RGB"):
 @pytest.fixture(scope="module")
 def loc(tmp_path_factory):
     root = tmp_path_factory.mktemp("loc")
-    files = {"before": png(root / "a.png", (24, 24), 0), "after": png(root / "a2.png", (24, 24), 1),
-             "image": png(root / "b.png", (30, 22), 2)}  # fmt: skip
+    files = {
+        "before": png(root / "a.png", (24, 24), 0),
+        "after": png(root / "a2.png", (24, 24), 1),
+        "image": png(root / "b.png", (30, 22), 2),
+    }
     (root / "loras").mkdir()
     return {"model": tiny_loc(root / "model"), "loras": root / "loras", "root": root, **files}
 
@@ -54,9 +57,14 @@ def loc(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loc_server(tokenizer, loc):
     settings = EngineSettings(max_adapters=2, max_rank=8, max_seq_len=128)
-    state = build_state(tiny_base(tokenizer), None, AuthConfig.off(), settings,
-                        ServerConfig(model_name="tiny"),
-                        image_editor=ChangeEditor(loc["model"], loc["loras"]))  # fmt: skip
+    state = build_state(
+        tiny_base(tokenizer),
+        None,
+        AuthConfig.off(),
+        settings,
+        ServerConfig(model_name="tiny"),
+        image_editor=ChangeEditor(loc["model"], loc["loras"]),
+    )
     srv = ServerThread(state).start()
     yield srv
     srv.stop()
@@ -68,8 +76,11 @@ def post(srv, files=None, data=None, **kw):
 
 def pair_files(loc, **override):
     names = {"before": loc["before"], "after": loc["after"], "image": loc["image"], **override}
-    return {k: (f"{k}.png", v.read_bytes() if hasattr(v, "read_bytes") else v, "image/png")
-            for k, v in names.items() if v is not None}  # fmt: skip
+    return {
+        k: (f"{k}.png", v.read_bytes() if hasattr(v, "read_bytes") else v, "image/png")
+        for k, v in names.items()
+        if v is not None
+    }
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -94,8 +105,14 @@ def test_edit_equals_the_python_apply_api_and_saved_loras_reuse_it(loc_server, l
     assert r.headers["content-type"] == "image/png" and r.headers["x-lorafleet-model"] == "model"
     got = pixels(r.content)
     assert got.shape == (22, 30, 3)  # B's own size
-    apply_change(loc["model"], loc["image"], tmp_path / "ref.png", loc["before"], loc["after"],
-                 save_lora=loc["loras"] / "warm")  # fmt: skip
+    apply_change(
+        loc["model"],
+        loc["image"],
+        tmp_path / "ref.png",
+        loc["before"],
+        loc["after"],
+        save_lora=loc["loras"] / "warm",
+    )
     ref = pixels((tmp_path / "ref.png").read_bytes())
     assert np.array_equal(got, ref)
     assert not np.array_equal(got, pixels(loc["image"].read_bytes()))  # it did edit the image
@@ -241,8 +258,9 @@ def test_fuzzed_image_requests_never_give_a_server_error(loc_server):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=8, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def fuzz(case):
             _check(case)  # no 5xx; every JSON error in OpenAI's shape
 

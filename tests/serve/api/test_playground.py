@@ -13,13 +13,20 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 # Offline machines: no sandbox (root in CI), no GPU, no background calls home.
 ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TPS = re.compile(r"^(\d+) tokens · (\d+(?:\.\d+)?) tok/s · \d+\.\d+ s$")
 DONE = '.answer[data-model="{}"][data-state="done"]'
-MISSING = (f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) "
-           "to run the playground tests")  # fmt: skip
+MISSING = (
+    f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) "
+    "to run the playground tests"
+)
 
 
 def test_chromium_is_installed():
@@ -180,7 +187,10 @@ def test_mix_slider_compares_the_mix_with_each_adapter(page, server, tmp_path):
     columns = page.locator(".column")
     assert columns.count() == 3
     assert [columns.nth(i).locator(".answer").get_attribute("data-model") for i in range(3)] == [
-        "alpha", mix, "beta"]  # fmt: skip
+        "alpha",
+        mix,
+        "beta",
+    ]
     assert alpha != beta and mixed  # the mix column equals the API's mix answer (checked above)
     screenshot(page, tmp_path, "playground-mix-alpha-beta.png")
     # The slider moves the mix; the conversation goes on with the new weights.

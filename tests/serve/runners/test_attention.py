@@ -15,8 +15,9 @@ from lorafleet.serve.runners.base import GROUPED_MIN_ROWS, grouped_decode_attent
 def sdpa_reference(q, k, v, mask, scale):
     """SDPA with one query per row, GQA by repeating KV heads (what the runner did before)."""
     qd = q.unsqueeze(2)  # [n, H, D] -> [n, H, 1, D]
-    o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask[:, None, None, :], scale=scale,
-                                       enable_gqa=True)  # fmt: skip
+    o = F.scaled_dot_product_attention(
+        qd, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+    )
     return o.squeeze(2)
 
 

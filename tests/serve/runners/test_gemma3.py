@@ -90,8 +90,9 @@ def gemma_refs(tokenizer, gemma_adapters) -> dict:
 
 @pytest.fixture
 def gemma_engine(tokenizer, gemma_adapters):
-    engine = Engine(gemma_base(tokenizer), max_slots=2, max_rank=8, max_batch_size=4,
-                    max_seq_len=64)  # fmt: skip
+    engine = Engine(
+        gemma_base(tokenizer), max_slots=2, max_rank=8, max_batch_size=4, max_seq_len=64
+    )
     for name, adapter in gemma_adapters.items():
         engine.load_adapter(name, adapter)
     return engine
@@ -129,9 +130,12 @@ def test_gemma3_engine_greedy_matches_generate(gemma_engine, gemma_refs, prompt_
     def reference(name, ids) -> list[int]:
         x = torch.tensor([ids])
         out = gemma_refs[name].generate(
-            input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=GREEDY.max_tokens,
-            do_sample=False, pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=GREEDY.max_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         return out[0, x.shape[1] :].tolist()
 
     plan = [(0, None), (1, "lora4"), (4, "rslora8"), (5, "lora4"), (3, None)]
@@ -174,8 +178,9 @@ def test_real_gemma_270m_greedy_matches_generate():
     ids = base.tokenizer("The capital of France is")["input_ids"]
     x = torch.tensor([ids])
     with torch.no_grad():
-        out = base.model.generate(input_ids=x, attention_mask=torch.ones_like(x),
-                                  max_new_tokens=8, do_sample=False)  # fmt: skip
+        out = base.model.generate(
+            input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False
+        )
     expected = out[0, x.shape[1] :].tolist()
     engine = Engine(base, max_slots=1, max_rank=4, max_batch_size=1, max_seq_len=64)
     try:

@@ -31,18 +31,18 @@ def test_runner_logits_match_transformers(tokenizer, adapters, prompt_ids):
     check([], [a, c])
 
 
-def test_fused_and_unfused_projections_give_the_same_greedy_tokens(tokenizer, adapters,
-                                                                   prompt_ids):  # fmt: skip
+def test_fused_and_unfused_projections_give_the_same_greedy_tokens(tokenizer, adapters, prompt_ids):
     outputs = {}
     for fuse in (True, False):
-        engine = Engine(tiny_base(tokenizer), max_slots=3, max_rank=8, max_batch_size=4,
-                        fuse=fuse)  # fmt: skip
+        engine = Engine(tiny_base(tokenizer), max_slots=3, max_rank=8, max_batch_size=4, fuse=fuse)
         assert engine.runner.fused == fuse
         for name in ("lora4", "rslora8"):
             engine.load_adapter(name, adapters[name])
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-        requests = [(prompt_ids[i], name, params)
-                    for i, name in enumerate(("lora4", None, "rslora8", "lora4"))]  # fmt: skip
+        requests = [
+            (prompt_ids[i], name, params)
+            for i, name in enumerate(("lora4", None, "rslora8", "lora4"))
+        ]
         outputs[fuse] = [out.token_ids for out in engine.generate(requests)]
     assert outputs[True] == outputs[False]
 

@@ -26,11 +26,14 @@ UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def _check_name(state: ServerState, name) -> str:
     if not valid_name(name):
-        raise APIError(400, f"bad adapter name {name!r}: use [A-Za-z0-9._-]{{1,64}}, not "
-                       "starting with a dot", code="invalid_name", param="name")  # fmt: skip
+        raise APIError(
+            400,
+            f"bad adapter name {name!r}: use [A-Za-z0-9._-]{{1,64}}, not starting with a dot",
+            code="invalid_name",
+            param="name",
+        )
     if name == state.config.model_name:
-        raise APIError(400, f"{name!r} is the base model's name", code="invalid_name",
-                       param="name")  # fmt: skip
+        raise APIError(400, f"{name!r} is the base model's name", code="invalid_name", param="name")
     if state.registry is None:
         raise APIError(400, "this server has no adapter registry", code="no_registry")
     return name
@@ -50,9 +53,12 @@ def _validate_dir(state: ServerState, path: Path) -> None:
 def list_adapters(request: Request) -> AdapterList:
     state = state_of(request)
     reg = state.registry
-    adapters = [AdapterInfo(name=n, state=reg.state(n) if reg else "resident",
-                            private_to=state.auth.owner.get(n))
-                for n in state.adapter_names()]  # fmt: skip
+    adapters = [
+        AdapterInfo(
+            name=n, state=reg.state(n) if reg else "resident", private_to=state.auth.owner.get(n)
+        )
+        for n in state.adapter_names()
+    ]
     return AdapterList(adapters=adapters, stats=reg.stats() if reg else {})
 
 
@@ -67,8 +73,11 @@ async def add_adapter(request: Request) -> AdapterAdded:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        msg = "the request body is not valid JSON" if first.get("type") == "json_invalid" \
-            else f"{where}: {first.get('msg')}"  # fmt: skip
+        msg = (
+            "the request body is not valid JSON"
+            if first.get("type") == "json_invalid"
+            else f"{where}: {first.get('msg')}"
+        )
         raise APIError(400, msg, code="invalid_request") from None
     name = _check_name(state, body.name)
     if state.adapters_dir is None:
@@ -80,8 +89,9 @@ async def add_adapter(request: Request) -> AdapterAdded:
     except LorafleetError as exc:
         raise APIError(400, str(exc), code="invalid_path", param="path") from None
     if not path.is_dir():
-        raise APIError(400, f"{body.path}: no such adapter directory", code="invalid_path",
-                       param="path")  # fmt: skip
+        raise APIError(
+            400, f"{body.path}: no such adapter directory", code="invalid_path", param="path"
+        )
     await asyncio.to_thread(_validate_dir, state, path)
     try:
         state.registry.add(name, path)
@@ -95,8 +105,9 @@ async def _upload(state: ServerState, request: Request) -> AdapterAdded:
     adapter_model.safetensors; written to ADAPTERS_DIR/NAME through a temp dir + rename."""
     limit = int(state.config.max_upload_mb * 2**20)
     if int(request.headers.get("content-length") or 0) > limit:
-        raise APIError(413, f"the upload is over {state.config.max_upload_mb:g} MB",
-                       code="too_large")  # fmt: skip
+        raise APIError(
+            413, f"the upload is over {state.config.max_upload_mb:g} MB", code="too_large"
+        )
     try:
         form = await request.form(max_files=4, max_fields=4)
     except Exception as exc:
@@ -111,9 +122,12 @@ async def _upload(state: ServerState, request: Request) -> AdapterAdded:
             continue
         filename = Path(getattr(value, "filename", "") or "").name
         if filename not in UPLOAD_FILES or not hasattr(value, "read"):
-            raise APIError(400, f"unexpected upload field {key!r}: send only "
-                           f"{', '.join(UPLOAD_FILES)} (safetensors, never pickles)",
-                           code="invalid_upload")  # fmt: skip
+            raise APIError(
+                400,
+                f"unexpected upload field {key!r}: send only "
+                f"{', '.join(UPLOAD_FILES)} (safetensors, never pickles)",
+                code="invalid_upload",
+            )
         files[filename] = value
     missing = [f for f in UPLOAD_FILES if f not in files]
     if missing:
@@ -128,8 +142,9 @@ async def _upload(state: ServerState, request: Request) -> AdapterAdded:
             data = await upload.read()
             total += len(data)
             if total > limit:
-                raise APIError(413, f"the upload is over {state.config.max_upload_mb:g} MB",
-                               code="too_large")  # fmt: skip
+                raise APIError(
+                    413, f"the upload is over {state.config.max_upload_mb:g} MB", code="too_large"
+                )
             (tmp / filename).write_bytes(data)
         await asyncio.to_thread(_validate_dir, state, tmp)
         os.replace(tmp, target)  # atomic: the adapter appears whole or not at all

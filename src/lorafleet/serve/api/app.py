@@ -47,10 +47,13 @@ def create_app(state: ServerState) -> FastAPI:
     def health(request: Request):
         st = state_of(request)
         stats = st.engine.stats()
-        body = {"status": "shutting_down" if st.closing else "ok",
-                "model": st.config.model_name, "waiting": stats["waiting"],
-                "running": stats["running"],
-                "resident_adapters": stats["adapters_loaded"]}  # fmt: skip
+        body = {
+            "status": "shutting_down" if st.closing else "ok",
+            "model": st.config.model_name,
+            "waiting": stats["waiting"],
+            "running": stats["running"],
+            "resident_adapters": stats["adapters_loaded"],
+        }
         return JSONResponse(body, status_code=503 if st.closing else 200)
 
     def metrics_guard(request: Request):

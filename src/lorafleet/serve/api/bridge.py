@@ -97,8 +97,9 @@ class EngineLoop:
                 log.exception("engine step failed")
                 time.sleep(0.05)
 
-    async def submit(self, prompt_ids: list[int], adapter: str | None,
-                     params: SamplingParams) -> Stream:  # fmt: skip
+    async def submit(
+        self, prompt_ids: list[int], adapter: str | None, params: SamplingParams
+    ) -> Stream:
         """Queue a request; its events arrive on the returned stream. Raises QueueFull."""
         if self.engine.stats()["waiting"] >= self.max_waiting:
             raise QueueFull

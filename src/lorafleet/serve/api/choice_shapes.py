@@ -43,16 +43,18 @@ class Shape:
             reason = event.finish_reason
             if reason == "error":  # mid-stream failure: say so, then end
                 pieces.append(gen.failure(choice.stream).body())
-            pieces.append(self.delta(choice, "", None, reason if reason in
-                                     ("stop", "length") else "stop"))  # fmt: skip
+            pieces.append(
+                self.delta(choice, "", None, reason if reason in ("stop", "length") else "stop")
+            )
         return pieces
 
     def usage(self, choices: list[Choice]) -> Usage:
         return usage(choices)
 
     def usage_chunk(self, value: Usage) -> UsageChunk:
-        return UsageChunk(id=self.rid, object=self.object, created=self.created, model=self.model,
-                          usage=value)  # fmt: skip
+        return UsageChunk(
+            id=self.rid, object=self.object, created=self.created, model=self.model, usage=value
+        )
 
 
 class CompletionShape(Shape):
@@ -65,8 +67,12 @@ class CompletionShape(Shape):
     def __init__(self, rid, created, model, body, tokenizer):
         super().__init__(rid, created, model)
         if body.max_tokens == 0 and not body.echo:
-            raise APIError(400, "max_tokens 0 is only allowed with echo (score the prompt)",
-                           code="invalid_request", param="max_tokens")  # fmt: skip
+            raise APIError(
+                400,
+                "max_tokens 0 is only allowed with echo (score the prompt)",
+                code="invalid_request",
+                param="max_tokens",
+            )
         self.tokenizer, self.echo, self.k = tokenizer, body.echo, body.logprobs
         self.score_only = body.max_tokens == 0
         self.wants_logprobs = self.k is not None and not self.score_only
@@ -79,8 +85,9 @@ class CompletionShape(Shape):
         return self.tokenizer.decode(choice.prompt_ids) if self.echo else ""
 
     def piece(self, choice: Choice, text: str, logprobs, reason) -> Completion:
-        out = CompletionChoice(index=choice.index, text=text, logprobs=logprobs,
-                               finish_reason=reason)  # fmt: skip
+        out = CompletionChoice(
+            index=choice.index, text=text, logprobs=logprobs, finish_reason=reason
+        )
         return Completion(id=self.rid, created=self.created, model=self.model, choices=[out])
 
     def prompt_part(self, choice: Choice):
@@ -89,8 +96,11 @@ class CompletionShape(Shape):
         return completion_logprobs(self.tokenizer, choice.prompt_logprobs, choice.prompt_ids)
 
     def head(self, choice: Choice) -> list:
-        return [self.piece(choice, self.prefix(choice), self.prompt_part(choice), None)] \
-            if self.echo else []  # fmt: skip
+        return (
+            [self.piece(choice, self.prefix(choice), self.prompt_part(choice), None)]
+            if self.echo
+            else []
+        )
 
     def delta(self, choice, text, event, reason):
         if self.score_only:
@@ -98,8 +108,9 @@ class CompletionShape(Shape):
         logprobs = None
         if event is not None and event.logprob is not None and self.k is not None:
             offset = len(self.prefix(choice)) + len(choice.text) - len(text)
-            logprobs = completion_logprobs(self.tokenizer, [event.logprob],
-                                           [event.logprob.token_id], offset)  # fmt: skip
+            logprobs = completion_logprobs(
+                self.tokenizer, [event.logprob], [event.logprob.token_id], offset
+            )
         return self.piece(choice, text, logprobs, reason)
 
     def on_event(self, choice: Choice, event: TokenEvent) -> list:
@@ -116,17 +127,22 @@ class CompletionShape(Shape):
             logprobs = completion_logprobs(self.tokenizer, entries, ids)
         text = prefix + ("" if self.score_only else choice.text)
         reason = "length" if self.score_only else choice.stream.finish_reason
-        return CompletionChoice(index=choice.index, text=text, logprobs=logprobs,
-                                finish_reason=reason)  # fmt: skip
+        return CompletionChoice(
+            index=choice.index, text=text, logprobs=logprobs, finish_reason=reason
+        )
 
     def usage(self, choices: list[Choice]) -> Usage:
         value = usage(choices)
         return Usage.of(value.prompt_tokens, 0) if self.score_only else value
 
     def final(self, choices: list[Choice]) -> CompletionWithUsage:
-        return CompletionWithUsage(id=self.rid, created=self.created, model=self.model,
-                                   choices=[self.final_choice(c) for c in choices],
-                                   usage=self.usage(choices))  # fmt: skip
+        return CompletionWithUsage(
+            id=self.rid,
+            created=self.created,
+            model=self.model,
+            choices=[self.final_choice(c) for c in choices],
+            usage=self.usage(choices),
+        )
 
 
 class ChatShape(Shape):
@@ -138,11 +154,16 @@ class ChatShape(Shape):
     def __init__(self, rid, created, model, body, tokenizer):
         super().__init__(rid, created, model)
         if body.max_tokens == 0:
-            raise APIError(400, "max_tokens must be >= 1", code="invalid_request",
-                           param="max_tokens")  # fmt: skip
+            raise APIError(
+                400, "max_tokens must be >= 1", code="invalid_request", param="max_tokens"
+            )
         if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", code="invalid_request",
-                           param="top_logprobs")  # fmt: skip
+            raise APIError(
+                400,
+                "top_logprobs needs logprobs: true",
+                code="invalid_request",
+                param="top_logprobs",
+            )
         self.tokenizer = tokenizer
         self.k = (body.top_logprobs or 0) if body.logprobs else None
         self.wants_logprobs = self.k is not None
@@ -151,8 +172,9 @@ class ChatShape(Shape):
         return {"logprobs": self.k}
 
     def piece(self, choice: Choice, delta: dict, logprobs, reason) -> ChatChunk:
-        out = ChatDeltaChoice(index=choice.index, delta=delta, logprobs=logprobs,
-                              finish_reason=reason)  # fmt: skip
+        out = ChatDeltaChoice(
+            index=choice.index, delta=delta, logprobs=logprobs, finish_reason=reason
+        )
         return ChatChunk(id=self.rid, created=self.created, model=self.model, choices=[out])
 
     def head(self, choice: Choice) -> list:
@@ -165,10 +187,19 @@ class ChatShape(Shape):
         return self.piece(choice, {"content": text} if text else {}, logprobs, reason)
 
     def final(self, choices: list[Choice]) -> ChatCompletion:
-        out = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
-                          logprobs=chat_logprobs(self.tokenizer, c.logprobs)
-                          if self.k is not None else None,
-                          finish_reason=c.stream.finish_reason)
-               for c in choices]  # fmt: skip
-        return ChatCompletion(id=self.rid, created=self.created, model=self.model, choices=out,
-                              usage=self.usage(choices))  # fmt: skip
+        out = [
+            ChatChoice(
+                index=c.index,
+                message=ChatMessageOut(content=c.text),
+                logprobs=chat_logprobs(self.tokenizer, c.logprobs) if self.k is not None else None,
+                finish_reason=c.stream.finish_reason,
+            )
+            for c in choices
+        ]
+        return ChatCompletion(
+            id=self.rid,
+            created=self.created,
+            model=self.model,
+            choices=out,
+            usage=self.usage(choices),
+        )

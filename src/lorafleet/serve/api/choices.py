@@ -42,13 +42,18 @@ class Choice:
 def check_n(state, n: int | None) -> int:
     n = 1 if n is None else n
     if n > state.config.max_n:
-        raise APIError(400, f"n is {n}; this server allows at most {state.config.max_n} "
-                       "(lorafleet serve --max-n)", code="invalid_request", param="n")  # fmt: skip
+        raise APIError(
+            400,
+            f"n is {n}; this server allows at most {state.config.max_n} (lorafleet serve --max-n)",
+            code="invalid_request",
+            param="n",
+        )
     return n
 
 
-async def submit_all(state, adapter, prompts: list[list[int]], params: list[SamplingParams],
-                     n: int) -> list[Choice]:  # fmt: skip
+async def submit_all(
+    state, adapter, prompts: list[list[int]], params: list[SamplingParams], n: int
+) -> list[Choice]:
     """n engine requests per prompt (choice index prompt * n + i); a seeded request's i-th
     choice uses seed + i, so choices differ and each is reproducible."""
     choices = []
@@ -111,8 +116,9 @@ def usage(choices: list[Choice]) -> Usage:
     return Usage.of(sum(prompts.values()), sum(c.stream.completion_tokens for c in choices))
 
 
-def stream_response(state, rec: RequestRecord, choices: list[Choice], shape,
-                    include_usage: bool) -> StreamingResponse:  # fmt: skip
+def stream_response(
+    state, rec: RequestRecord, choices: list[Choice], shape, include_usage: bool
+) -> StreamingResponse:
     """SSE over every choice's events as they arrive, each chunk naming its choice's index:
     `shape.head` pieces first, `shape.on_event` pieces per event, the usage chunk if asked,
     then [DONE]."""
@@ -123,8 +129,9 @@ def stream_response(state, rec: RequestRecord, choices: list[Choice], shape,
             for choice in choices:  # the first events arrived before the answer started
                 for piece in [*shape.head(choice), *shape.on_event(choice, choice.events[0])]:
                     yield gen.sse(piece)
-            pending = {asyncio.ensure_future(c.stream.__anext__()): c
-                       for c in choices if not c.stream.done}  # fmt: skip
+            pending = {
+                asyncio.ensure_future(c.stream.__anext__()): c for c in choices if not c.stream.done
+            }
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -159,8 +166,9 @@ def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def completion_logprobs(tokenizer, entries: list[TokenLogprob | None], ids: list[int],
-                        offset: int = 0) -> CompletionLogprobs:  # fmt: skip
+def completion_logprobs(
+    tokenizer, entries: list[TokenLogprob | None], ids: list[int], offset: int = 0
+) -> CompletionLogprobs:
     """The legacy shape: tokens, token_logprobs, top_logprobs ({token text: logprob}) and
     text_offset (each token's start in the choice's text, from `offset`); an entry None (the
     first prompt token) gives null logprob and top_logprobs."""
@@ -174,7 +182,7 @@ def completion_logprobs(tokenizer, entries: list[TokenLogprob | None], ids: list
         token_logprobs=[None if e is None else e.logprob for e in entries],
         top_logprobs=[
             None if e is None else {token_text(tokenizer, i): v for i, v in e.top} for e in entries
-        ],  # fmt: skip
+        ],
         text_offset=offsets,
     )
 
@@ -186,7 +194,8 @@ def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> ChatLogprobs:
         text = token_text(tokenizer, token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    content = [TokenLogprobOut(**one(e.token_id, e.logprob),
-                               top_logprobs=[one(i, v) for i, v in e.top])
-               for e in entries]  # fmt: skip
+    content = [
+        TokenLogprobOut(**one(e.token_id, e.logprob), top_logprobs=[one(i, v) for i, v in e.top])
+        for e in entries
+    ]
     return ChatLogprobs(content=content)

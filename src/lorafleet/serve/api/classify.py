@@ -23,14 +23,18 @@ class Classifier(Protocol):
         ...
 
 
-def class_probs(classifier: Classifier | None, adapter: str, prompt: str,
-                choices: list[str]) -> dict:  # fmt: skip
+def class_probs(
+    classifier: Classifier | None, adapter: str, prompt: str, choices: list[str]
+) -> dict:
     """The classifier's answer for `adapter`, or a 400 APIError. Blocking: call it from a
     worker thread."""
     if classifier is None:
-        raise APIError(400, "class_choices is not available on this server (it was started "
-                       "without a classifier)", code="invalid_request",
-                       param="class_choices")  # fmt: skip
+        raise APIError(
+            400,
+            "class_choices is not available on this server (it was started without a classifier)",
+            code="invalid_request",
+            param="class_choices",
+        )
     problem = classifier.problem(adapter)
     if problem:
         raise not_calibrated(problem)

@@ -17,8 +17,12 @@ def body_problem(body: bytes) -> APIError | None:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return APIError(400, f"the request body is not valid UTF-8 (byte {exc.start})",
-                        code="invalid_encoding", param="body")  # fmt: skip
+        return APIError(
+            400,
+            f"the request body is not valid UTF-8 (byte {exc.start})",
+            code="invalid_encoding",
+            param="body",
+        )
     if not SURROGATE_ESCAPE.search(body):
         return None
     try:
@@ -29,8 +33,12 @@ def body_problem(body: bytes) -> APIError | None:
     if where is None:
         return None  # paired surrogates (one character outside the BMP) are fine
     param = ".".join(where) or "body"
-    return APIError(400, f"{param}: the string holds a lone UTF-16 surrogate (not valid Unicode)",
-                    code="invalid_encoding", param=param)  # fmt: skip
+    return APIError(
+        400,
+        f"{param}: the string holds a lone UTF-16 surrogate (not valid Unicode)",
+        code="invalid_encoding",
+        param=param,
+    )
 
 
 def _surrogate_at(value, path: tuple[str, ...]) -> tuple[str, ...] | None:

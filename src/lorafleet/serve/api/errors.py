@@ -7,16 +7,30 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-         429: "rate_limit_error", 503: "service_unavailable"}  # fmt: skip
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
 class APIError(Exception):
     """An error answered in OpenAI's shape; raise it anywhere in a route."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None,
-                 param: str | None = None, headers: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
@@ -24,8 +38,9 @@ class APIError(Exception):
     def body(self) -> dict:
         fallback = "server_error" if self.status >= 500 else "invalid_request_error"
         kind = TYPES.get(self.status, fallback)
-        return {"error": {"message": self.message, "type": kind, "param": self.param,
-                          "code": self.code}}  # fmt: skip
+        return {
+            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        }
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -33,8 +48,12 @@ class APIError(Exception):
 
 def model_not_found(name: str) -> APIError:
     # The same answer for a missing model and another tenant's private one (no existence leak).
-    return APIError(404, f"The model `{name}` does not exist or you do not have access to it.",
-                    code="model_not_found", param="model")  # fmt: skip
+    return APIError(
+        404,
+        f"The model `{name}` does not exist or you do not have access to it.",
+        code="model_not_found",
+        param="model",
+    )
 
 
 def _where(loc) -> str:

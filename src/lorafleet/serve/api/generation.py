@@ -41,49 +41,83 @@ def check_prompt(state: ServerState, ids: list[int]) -> None:
     if not ids:
         raise APIError(400, "the prompt is empty", code="invalid_prompt", param="prompt")
     if min(ids) < 0 or max(ids) >= engine.vocab_size:
-        raise APIError(400, f"prompt token ids must be in 0..{engine.vocab_size - 1}",
-                       code="invalid_prompt", param="prompt")  # fmt: skip
+        raise APIError(
+            400,
+            f"prompt token ids must be in 0..{engine.vocab_size - 1}",
+            code="invalid_prompt",
+            param="prompt",
+        )
     limit = min(engine.max_seq_len - 1, engine.max_batch_tokens)
     if len(ids) > limit:
-        raise APIError(400, f"This model's maximum context length is {engine.max_seq_len} "
-                       f"tokens; the prompt has {len(ids)} tokens (at most {limit} fit).",
-                       code="context_length_exceeded", param="prompt")  # fmt: skip
+        raise APIError(
+            400,
+            f"This model's maximum context length is {engine.max_seq_len} "
+            f"tokens; the prompt has {len(ids)} tokens (at most {limit} fit).",
+            code="context_length_exceeded",
+            param="prompt",
+        )
 
 
-def sampling(state: ServerState, n_prompt: int, *, max_tokens: int | None, default: int,
-             temperature: float | None, top_p: float | None, top_k: int | None,
-             seed: int | None, stop, ignore_eos: bool = False, logprobs: int | None = None,
-             prompt_logprobs: int | None = None) -> SamplingParams:  # fmt: skip
+def sampling(
+    state: ServerState,
+    n_prompt: int,
+    *,
+    max_tokens: int | None,
+    default: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    stop,
+    ignore_eos: bool = False,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
     """SamplingParams for a request; a 400 when prompt + max_tokens exceed the context."""
     room = state.engine.max_seq_len - n_prompt
     if max_tokens is None:
         max_tokens = max(1, min(default, room))
     elif n_prompt + max_tokens > state.engine.max_seq_len:
-        raise APIError(400, f"This model's maximum context length is {state.engine.max_seq_len} "
-                       f"tokens; the prompt ({n_prompt}) plus max_tokens ({max_tokens}) is "
-                       "more.", code="context_length_exceeded", param="max_tokens")  # fmt: skip
+        raise APIError(
+            400,
+            f"This model's maximum context length is {state.engine.max_seq_len} "
+            f"tokens; the prompt ({n_prompt}) plus max_tokens ({max_tokens}) is "
+            "more.",
+            code="context_length_exceeded",
+            param="max_tokens",
+        )
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
     try:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if temperature is None else float(temperature),
-            top_p=1.0 if top_p is None else float(top_p), top_k=top_k or 0, seed=seed,
-            stop=tuple(s for s in stop if s), ignore_eos=ignore_eos, logprobs=logprobs,
+            max_tokens=max_tokens,
+            temperature=1.0 if temperature is None else float(temperature),
+            top_p=1.0 if top_p is None else float(top_p),
+            top_k=top_k or 0,
+            seed=seed,
+            stop=tuple(s for s in stop if s),
+            ignore_eos=ignore_eos,
+            logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
-        )  # fmt: skip
+        )
     except LorafleetError as exc:
         raise APIError(400, str(exc), code="invalid_request") from None
 
 
-async def submit(state: ServerState, ids: list[int], adapter: str | None,
-                 params: SamplingParams) -> Stream:  # fmt: skip
+async def submit(
+    state: ServerState, ids: list[int], adapter: str | None, params: SamplingParams
+) -> Stream:
     if state.closing:
         raise APIError(503, "the server is shutting down", code="shutting_down")
     try:
         return await state.loop.submit(ids, adapter, params)
     except QueueFull:
         retry = {"Retry-After": str(state.config.retry_after_s)}
-        raise APIError(429, f"too many requests queued ({state.config.max_waiting}); retry "
-                       "shortly", code="queue_full", headers=retry) from None  # fmt: skip
+        raise APIError(
+            429,
+            f"too many requests queued ({state.config.max_waiting}); retry shortly",
+            code="queue_full",
+            headers=retry,
+        ) from None
 
 
 def failure(stream: Stream) -> APIError:

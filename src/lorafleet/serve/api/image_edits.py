@@ -33,8 +33,9 @@ class ImageEditor(Protocol):
         ...}: what the playground offers."""
         ...
 
-    def edit(self, image: bytes, before: bytes | None, after: bytes | None,
-             lora: str | None) -> bytes:  # fmt: skip
+    def edit(
+        self, image: bytes, before: bytes | None, after: bytes | None, lora: str | None
+    ) -> bytes:
         """PNG bytes of the edited image; a one-line LorafleetError, starting with the field's
         name where one is at fault, for bad input. Blocking and thread-safe."""
         ...
@@ -48,9 +49,12 @@ class ImageEditor(Protocol):
 def editor_of(request: Request) -> ImageEditor:
     editor = state_of(request).image_editor
     if editor is None:
-        raise APIError(404, "image edits are off on this server: start it with "
-                       "`lorafleet serve --change DIR` (a `lorafleet change train` directory)",
-                       code="no_image_editor")  # fmt: skip
+        raise APIError(
+            404,
+            "image edits are off on this server: start it with "
+            "`lorafleet serve --change DIR` (a `lorafleet change train` directory)",
+            code="no_image_editor",
+        )
     return editor
 
 
@@ -62,8 +66,10 @@ async def read_form(request: Request) -> dict:
     """The multipart fields: files as bytes, text fields as str; 400 for anything else."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "multipart/form-data":
-        raise bad("send multipart/form-data with files image, before and after (PNG)",
-                  code="invalid_request")  # fmt: skip
+        raise bad(
+            "send multipart/form-data with files image, before and after (PNG)",
+            code="invalid_request",
+        )
     limit = int(MAX_IMAGE_MB * 2**20)
     if int(request.headers.get("content-length") or 0) > len(FILES) * limit + 2**20:
         raise bad(f"the request is too large: images are limited to {MAX_IMAGE_MB} MB each")
@@ -75,8 +81,9 @@ async def read_form(request: Request) -> dict:
     for key, value in form.multi_items():
         if key in fields or key not in FILES + TEXTS:
             what = "repeated" if key in fields else "unknown"
-            raise bad(f"{what} field {key!r}: send {', '.join(FILES + TEXTS)}", key,
-                      "invalid_request")  # fmt: skip
+            raise bad(
+                f"{what} field {key!r}: send {', '.join(FILES + TEXTS)}", key, "invalid_request"
+            )
         is_file = hasattr(value, "read")
         if (key in FILES) != is_file:
             need = "a file (e.g. curl -F image=@b.png)" if key in FILES else "a text field"
@@ -103,8 +110,9 @@ def check_fields(editor: ImageEditor, fields: dict) -> str:
         raise APIError(404, f"no saved LoRA named {lora!r}", code="lora_not_found", param="lora")
     fmt = fields.get("response_format") or "png"
     if fmt not in FORMATS:
-        raise bad(f"response_format: one of {', '.join(FORMATS)}", "response_format",
-                  "invalid_request")  # fmt: skip
+        raise bad(
+            f"response_format: one of {', '.join(FORMATS)}", "response_format", "invalid_request"
+        )
     return fmt
 
 
@@ -114,15 +122,21 @@ def _png_field(what: str) -> dict:
 
 # The multipart fields in /openapi.json (the route reads the form itself, to answer every
 # problem in OpenAI's shape).
-FORM_SCHEMA = {"type": "object", "required": ["image"], "properties": {
-    "image": _png_field("B: the PNG to edit"),
-    "before": _png_field("A: the example pair's PNG before the edit"),
-    "after": _png_field("A': the example pair's PNG after the edit"),
-    "lora": {"type": "string", "description": "a saved LoRA's name, instead of the pair"},
-    "model": {"type": "string"}, "response_format": {"type": "string", "enum": list(FORMATS)},
-}}  # fmt: skip
-OPENAPI = {"requestBody": {"required": True,
-                          "content": {"multipart/form-data": {"schema": FORM_SCHEMA}}}}  # fmt: skip
+FORM_SCHEMA = {
+    "type": "object",
+    "required": ["image"],
+    "properties": {
+        "image": _png_field("B: the PNG to edit"),
+        "before": _png_field("A: the example pair's PNG before the edit"),
+        "after": _png_field("A': the example pair's PNG after the edit"),
+        "lora": {"type": "string", "description": "a saved LoRA's name, instead of the pair"},
+        "model": {"type": "string"},
+        "response_format": {"type": "string", "enum": list(FORMATS)},
+    },
+}
+OPENAPI = {
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": FORM_SCHEMA}}}
+}
 
 
 @router.post("/v1/images/edits", response_model=None, openapi_extra=OPENAPI)

@@ -42,8 +42,8 @@ async def _begin(state, body: GenerateRequest, request: Request, rec: RequestRec
         top_k=p.top_k,
         seed=p.seed,
         stop=p.stop,
-        logprobs=0,
-    )  # fmt: skip (the clients need each logprob)
+        logprobs=0,  # the clients need each logprob
+    )
     stream = await gen.submit(state, ids, adapter, params)
     rec.started(rec.label, stream)
     first = await gen.next_event(state, request, stream)
@@ -60,9 +60,11 @@ def _reason(state, stream, last_token: int | None) -> str | None:
 
 
 def _details(stream, reason=None) -> GenerateDetails:
-    return GenerateDetails(finish_reason=reason or stream.finish_reason,
-                           generated_tokens=stream.completion_tokens,
-                           prompt_tokens=stream.prompt_tokens)  # fmt: skip
+    return GenerateDetails(
+        finish_reason=reason or stream.finish_reason,
+        generated_tokens=stream.completion_tokens,
+        prompt_tokens=stream.prompt_tokens,
+    )
 
 
 def _token(event) -> StreamToken:
@@ -91,8 +93,9 @@ async def generate(body: GenerateRequest, request: Request, who: Principal = Dep
 
 
 @router.post("/")
-async def generate_root(body: GenerateRequest, request: Request,
-                        who: Principal = Depends(principal)):  # fmt: skip
+async def generate_root(
+    body: GenerateRequest, request: Request, who: Principal = Depends(principal)
+):
     """LoRAX's and TGI's compat route (what their Python clients call): `stream` picks
     /generate_stream or /generate (whose answer comes in a list, as TGI's does)."""
     if (body.model_extra or {}).get("stream") is True:
@@ -102,16 +105,16 @@ async def generate_root(body: GenerateRequest, request: Request,
 
 
 @router.post("/generate_stream")
-async def generate_stream(body: GenerateRequest, request: Request,
-                          who: Principal = Depends(principal)):  # fmt: skip
+async def generate_stream(
+    body: GenerateRequest, request: Request, who: Principal = Depends(principal)
+):
     state = state_of(request)
     with record(state, "generate_stream") as rec:
         stream, first = await _begin(state, body, request, rec, who)
         if first is None:
             return rec.client_closed()
         rec.defer()
-        return StreamingResponse(_events(state, rec, stream, first),
-                                 media_type="text/event-stream")  # fmt: skip
+        return StreamingResponse(_events(state, rec, stream, first), media_type="text/event-stream")
 
 
 async def _events(state, rec: RequestRecord, stream, event):
@@ -123,8 +126,11 @@ async def _events(state, rec: RequestRecord, stream, event):
             done = event.finished
             token = None if event.token_id is None else _token(event)
             reason = _reason(state, stream, event.token_id) if done else None
-            fields = {"token": token, "generated_text": "".join(text) if done else None,
-                      "details": _details(stream, reason) if done else None}  # fmt: skip
+            fields = {
+                "token": token,
+                "generated_text": "".join(text) if done else None,
+                "details": _details(stream, reason) if done else None,
+            }
             if done and event.finish_reason == "error":
                 yield gen.sse(GenerateFailed(**fields, error=gen.failure(stream).message))
             else:

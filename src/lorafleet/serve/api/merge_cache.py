@@ -76,8 +76,9 @@ class MergeCache:
         try:
             await asyncio.shield(pending)
         except LorafleetError as exc:
-            raise APIError(400, f"{mix.param}: {exc}", code="merge_failed",
-                           param=mix.param) from None  # fmt: skip
+            raise APIError(
+                400, f"{mix.param}: {exc}", code="merge_failed", param=mix.param
+            ) from None
         return name
 
     def _path(self, name: str):
@@ -93,12 +94,17 @@ class MergeCache:
             adapter = read_adapter(self._path(n))
             self.registry.validate(adapter)
             parts.append(adapter)
-        kw = {"density": mix.density, "majority_sign": mix.sign_method, "seed": DARE_SEED,
-              "names": names}  # fmt: skip
+        kw = {
+            "density": mix.density,
+            "majority_sign": mix.sign_method,
+            "seed": DARE_SEED,
+            "names": names,
+        }
         merged = self.merge(parts, [w for _, w in mix.parts], mix.strategy, **kw)
         if _max_rank(merged) > self.registry.max_rank:  # the slots' limit: truncate (SVD) to it
-            merged = self.merge(parts, [w for _, w in mix.parts], mix.strategy,
-                                rank=self.registry.max_rank, **kw)  # fmt: skip
+            merged = self.merge(
+                parts, [w for _, w in mix.parts], mix.strategy, rank=self.registry.max_rank, **kw
+            )
         self.registry.validate(merged)
         staged = to_slot_format(merged, slot_format(self.engine.handle))
         with self.engine.exclusive():  # eviction may free a slot: no step may run meanwhile
@@ -163,8 +169,12 @@ class MergeCache:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"mb": self.nbytes / MB, "adapters": len(self._entries),
-                    "merges": self.merges, "evictions": self.evictions}  # fmt: skip
+            return {
+                "mb": self.nbytes / MB,
+                "adapters": len(self._entries),
+                "merges": self.merges,
+                "evictions": self.evictions,
+            }
 
 
 def _max_rank(adapter: Adapter) -> int:

@@ -28,28 +28,35 @@ class _EngineCollector:
         if self.registry is None:
             return
         reg = self.registry.stats()
-        yield GaugeMetricFamily("lorafleet_adapter_cpu_cache_mb", "CPU adapter cache size (MB).",
-                                value=reg.get("cpu_mb", 0.0))  # fmt: skip
+        yield GaugeMetricFamily(
+            "lorafleet_adapter_cpu_cache_mb",
+            "CPU adapter cache size (MB).",
+            value=reg.get("cpu_mb", 0.0),
+        )
         yield from _tier_metrics(self.registry, reg)
-        for key, doc in (("hits", "Requests whose adapter was resident."),
-                         ("cpu_hits", "Adapter loads served from the CPU cache."),
-                         ("misses", "Requests whose adapter was not resident."),
-                         ("loads", "Adapters read from disk."),
-                         ("failures", "Adapter loads that failed."),
-                         ("evictions_slot", "Adapters evicted from engine slots."),
-                         ("evictions_cpu", "Adapters evicted from the CPU cache.")):  # fmt: skip
+        for key, doc in (
+            ("hits", "Requests whose adapter was resident."),
+            ("cpu_hits", "Adapter loads served from the CPU cache."),
+            ("misses", "Requests whose adapter was not resident."),
+            ("loads", "Adapters read from disk."),
+            ("failures", "Adapter loads that failed."),
+            ("evictions_slot", "Adapters evicted from engine slots."),
+            ("evictions_cpu", "Adapters evicted from the CPU cache."),
+        ):
             yield CounterMetricFamily(f"lorafleet_adapter_cache_{key}", doc, value=reg.get(key, 0))
 
 
 def _tier_metrics(registry, reg: dict):
     """The CPU tier in bytes against its budget, per-tier hit rates, cold-load time histogram."""
-    for key, doc in (("cpu_bytes", "Adapter tensor bytes held in the CPU tier."),
-                     ("cpu_budget_bytes", "The CPU tier's byte budget (--cpu-cache-bytes)."),
-                     ("cpu_adapters", "Adapters held in the CPU tier."),
-                     ("loading", "Adapter loads in flight."),
-                     ("staged", "Adapters loaded and waiting for a free slot."),
-                     ("slot_hit_rate", "Share of adapter look-ups found resident."),
-                     ("cpu_hit_rate", "Share of slot loads served from CPU memory.")):  # fmt: skip
+    for key, doc in (
+        ("cpu_bytes", "Adapter tensor bytes held in the CPU tier."),
+        ("cpu_budget_bytes", "The CPU tier's byte budget (--cpu-cache-bytes)."),
+        ("cpu_adapters", "Adapters held in the CPU tier."),
+        ("loading", "Adapter loads in flight."),
+        ("staged", "Adapters loaded and waiting for a free slot."),
+        ("slot_hit_rate", "Share of adapter look-ups found resident."),
+        ("cpu_hit_rate", "Share of slot loads served from CPU memory."),
+    ):
         if reg.get(key) is not None:
             yield GaugeMetricFamily(f"lorafleet_adapter_{key}", doc, value=reg[key])
     load_times = getattr(registry, "load_times", None)
@@ -64,13 +71,17 @@ def _tier_metrics(registry, reg: dict):
 
 
 def _merge_cache_metrics(stats: dict):
-    yield GaugeMetricFamily("lorafleet_merged_adapter_cache_mb",
-                            "Merged (ties / dare) virtual adapters in memory (MB).",
-                            value=stats["mb"])  # fmt: skip
-    yield GaugeMetricFamily("lorafleet_merged_adapters", "Merged virtual adapters cached.",
-                            value=stats["adapters"])  # fmt: skip
-    yield CounterMetricFamily("lorafleet_merged_adapter_merges", "Merges computed.",
-                              value=stats["merges"])  # fmt: skip
+    yield GaugeMetricFamily(
+        "lorafleet_merged_adapter_cache_mb",
+        "Merged (ties / dare) virtual adapters in memory (MB).",
+        value=stats["mb"],
+    )
+    yield GaugeMetricFamily(
+        "lorafleet_merged_adapters", "Merged virtual adapters cached.", value=stats["adapters"]
+    )
+    yield CounterMetricFamily(
+        "lorafleet_merged_adapter_merges", "Merges computed.", value=stats["merges"]
+    )
     yield CounterMetricFamily(
         "lorafleet_merged_adapter_evictions",
         "Merged adapters dropped from the cache.",
@@ -84,17 +95,32 @@ class Metrics:
     def __init__(self, engine, registry=None, merged=None):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lorafleet_requests", "Requests by endpoint, adapter and status.",
-                                ["endpoint", "adapter", "status"], registry=r)  # fmt: skip
-        self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens in.", ["adapter"],
-                                     registry=r)  # fmt: skip
-        self.generated_tokens = Counter("lorafleet_generated_tokens", "Tokens generated.",
-                                        ["adapter"], registry=r)  # fmt: skip
-        self.ttft = Histogram("lorafleet_time_to_first_token_seconds", "Time to first token.",
-                              ["adapter"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.tpot = Histogram("lorafleet_time_per_output_token_seconds",
-                              "Mean time between output tokens of a request.", ["adapter"],
-                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.requests = Counter(
+            "lorafleet_requests",
+            "Requests by endpoint, adapter and status.",
+            ["endpoint", "adapter", "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "lorafleet_prompt_tokens", "Prompt tokens in.", ["adapter"], registry=r
+        )
+        self.generated_tokens = Counter(
+            "lorafleet_generated_tokens", "Tokens generated.", ["adapter"], registry=r
+        )
+        self.ttft = Histogram(
+            "lorafleet_time_to_first_token_seconds",
+            "Time to first token.",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "lorafleet_time_per_output_token_seconds",
+            "Mean time between output tokens of a request.",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         r.register(_EngineCollector(engine, registry, merged))
 
     def finished(self, endpoint: str, adapter: str, status: int, stream=None) -> None:

@@ -60,8 +60,9 @@ def check_parts(state: ServerState, who: Principal, mix: MixRequest) -> MixReque
     if not mix.parts:
         raise bad(mix.param, "a mixture needs at least one adapter")
     if len(mix.parts) > limit:
-        raise bad(mix.param, f"{len(mix.parts)} adapters; at most {limit} per request "
-                  "(--max-mixture)")  # fmt: skip
+        raise bad(
+            mix.param, f"{len(mix.parts)} adapters; at most {limit} per request (--max-mixture)"
+        )
     names = [name for name, _ in mix.parts]
     if len(set(names)) != len(names):
         raise bad(mix.param, f"an adapter is named twice: {names}")
@@ -83,8 +84,11 @@ def from_openai(state: ServerState, who: Principal, model: str, adapters) -> Mix
         if model.startswith(MIX_PREFIX):
             raise bad("model", "give either a mix: model id or the adapters field, not both")
         if model != state.config.model_name and model not in {n for n, _ in parts}:
-            raise bad("model", f"with adapters, model must be the base "
-                      f"({state.config.model_name}) or one of the listed adapters")  # fmt: skip
+            raise bad(
+                "model",
+                f"with adapters, model must be the base "
+                f"({state.config.model_name}) or one of the listed adapters",
+            )
         return check_parts(state, who, MixRequest(parts, "adapters"))
     if model.startswith(MIX_PREFIX):
         return check_parts(state, who, MixRequest(parse_mix_id(model), "model"))
@@ -103,8 +107,13 @@ def from_lorax(state: ServerState, who: Principal, params) -> MixRequest | None:
     weights = merged.weights if merged.weights is not None else [1.0] * len(merged.ids)
     if len(weights) != len(merged.ids):
         raise bad(f"{param}.weights", f"{len(weights)} weights for {len(merged.ids)} ids")
-    mix = MixRequest(tuple(zip(merged.ids, weights, strict=True)), param, merged.merge_strategy,
-                     merged.density, merged.majority_sign_method)  # fmt: skip
+    mix = MixRequest(
+        tuple(zip(merged.ids, weights, strict=True)),
+        param,
+        merged.merge_strategy,
+        merged.density,
+        merged.majority_sign_method,
+    )
     return check_parts(state, who, mix)
 
 
@@ -115,13 +124,17 @@ async def engine_spec(state: ServerState, mix: MixRequest):
         return list(mix.parts)
     merged = state.merged
     if merged is None:
-        raise bad(f"{mix.param}.merge_strategy", f"{mix.strategy} merges are not available on "
-                  "this server (no merge backend); use linear")  # fmt: skip
+        raise bad(
+            f"{mix.param}.merge_strategy",
+            f"{mix.strategy} merges are not available on "
+            "this server (no merge backend); use linear",
+        )
     return await merged.adapter_for(mix)
 
 
-async def openai_adapter(state: ServerState, who: Principal, model: str, adapters,
-                         mask: list[str] | None = None):  # fmt: skip
+async def openai_adapter(
+    state: ServerState, who: Principal, model: str, adapters, mask: list[str] | None = None
+):
     """(engine adapter spec, metrics label) of an OpenAI request: the base, an adapter, a
     mixture or a MoLE (its experts `mask`ed)."""
     if state.moles is not None and model in state.moles and state.auth.can_use(who, model):

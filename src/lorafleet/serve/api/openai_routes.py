@@ -38,8 +38,14 @@ def _model_card(state: ServerState, name: str) -> ModelCard:
         return ModelCard(id=name, created=state.created, owned_by=BASE_OWNER)
     owner = state.auth.owner.get(name, BASE_OWNER)
     if state.moles is not None and name in state.moles:
-        return MoleCard(id=name, created=state.created, owned_by=owner, parent=base, root=name,
-                        experts=state.moles.experts(name))  # fmt: skip
+        return MoleCard(
+            id=name,
+            created=state.created,
+            owned_by=owner,
+            parent=base,
+            root=name,
+            experts=state.moles.experts(name),
+        )
     return AdapterCard(id=name, created=state.created, owned_by=owner, parent=base, root=name)
 
 
@@ -60,19 +66,28 @@ def get_model(model_id: str, request: Request, who: Principal = Depends(principa
 
 def chat_prompt_ids(tokenizer, messages) -> list[int]:
     """The base's chat template applied (generation prompt added); a plain fallback without one."""
-    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-             for m in messages]  # fmt: skip
+    turns = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in messages
+    ]
     if has_chat_template(tokenizer):
         return chat_prompt(tokenizer, turns, tokenize=True)
     text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
     return tokenizer(text)["input_ids"]
 
 
-async def _start(state: ServerState, request: Request, rec: RequestRecord, body, who,
-                 prompts: list[list[int]], params_kw: dict, default_max: int):  # fmt: skip
+async def _start(
+    state: ServerState,
+    request: Request,
+    rec: RequestRecord,
+    body,
+    who,
+    prompts: list[list[int]],
+    params_kw: dict,
+    default_max: int,
+):
     """Submit n choices per prompt; (choices, False when the client left meanwhile)."""
-    adapter, label = await mixtures.openai_adapter(state, who, body.model, body.adapters,
-                                                   body.mask)  # fmt: skip
+    adapter, label = await mixtures.openai_adapter(state, who, body.model, body.adapters, body.mask)
     rec.started(label)
     n = choices_mod.check_n(state, body.n)
     for ids in prompts:
@@ -84,13 +99,27 @@ async def _start(state: ServerState, request: Request, rec: RequestRecord, body,
     return choices, await choices_mod.first_events(state, request, choices)
 
 
-async def _respond(state: ServerState, request: Request, rec: RequestRecord, body,
-                   prompts: list[list[int]], who, default_max: int, shape) -> object:  # fmt: skip
+async def _respond(
+    state: ServerState,
+    request: Request,
+    rec: RequestRecord,
+    body,
+    prompts: list[list[int]],
+    who,
+    default_max: int,
+    shape,
+) -> object:
     """Run a request's choices; `shape` (a choice_shapes.Shape) shapes chunks and the answer."""
-    kw = {"max_tokens": getattr(body, "max_completion_tokens", None) or body.max_tokens,
-          "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-          "seed": body.seed, "stop": body.stop, "ignore_eos": body.ignore_eos,
-          **shape.sampling_kw()}  # fmt: skip
+    kw = {
+        "max_tokens": getattr(body, "max_completion_tokens", None) or body.max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "seed": body.seed,
+        "stop": body.stop,
+        "ignore_eos": body.ignore_eos,
+        **shape.sampling_kw(),
+    }
     choices, present = await _start(state, request, rec, body, who, prompts, kw, default_max)
     if not present:  # the client left before the first token
         return rec.client_closed()
@@ -103,32 +132,41 @@ async def _respond(state: ServerState, request: Request, rec: RequestRecord, bod
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request,
-                      who: Principal = Depends(principal)):  # fmt: skip
+async def completions(
+    body: CompletionRequest, request: Request, who: Principal = Depends(principal)
+):
     state = state_of(request)
     with record(state, "classify" if body.class_choices is not None else "completions") as rec:
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]  # one prompt of token ids
-        prompts = [state.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
-                   for p in prompts]  # fmt: skip
+        prompts = [
+            state.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts
+        ]
         for ids in prompts:
             gen.check_prompt(state, ids)  # before any decoding of caller-given ids
         if body.class_choices is not None:
             prompt = body.prompt[0] if isinstance(body.prompt[0], str) else prompts[0]
-            return await _classify(state, rec, body, body.prompt if isinstance(body.prompt, str)
-                                   else prompt, who)  # fmt: skip
+            return await _classify(
+                state, rec, body, body.prompt if isinstance(body.prompt, str) else prompt, who
+            )
         shape = CompletionShape(gen.new_id("cmpl"), gen.now(), body.model, body, state.tokenizer)
-        return await _respond(state, request, rec, body, prompts, who,
-                              COMPLETIONS_DEFAULT_MAX_TOKENS, shape)  # fmt: skip
+        return await _respond(
+            state, request, rec, body, prompts, who, COMPLETIONS_DEFAULT_MAX_TOKENS, shape
+        )
 
 
-async def _classify(state: ServerState, rec: RequestRecord, body: CompletionRequest, prompt,
-                    who) -> CompletionWithUsage:  # fmt: skip
+async def _classify(
+    state: ServerState, rec: RequestRecord, body: CompletionRequest, prompt, who
+) -> CompletionWithUsage:
     """Class probabilities of `class_choices` after `prompt` (no generation)."""
     if body.adapters is not None or body.model.startswith(mixtures.MIX_PREFIX):
-        raise APIError(400, "class_choices scores one calibrated adapter, not a mixture",
-                       code="invalid_request", param="class_choices")  # fmt: skip
+        raise APIError(
+            400,
+            "class_choices scores one calibrated adapter, not a mixture",
+            code="invalid_request",
+            param="class_choices",
+        )
     adapter = state.resolve(body.model, who)
     if adapter is None:
         raise not_calibrated("class_choices needs a calibrated adapter, not the base model")
@@ -141,19 +179,26 @@ async def _classify(state: ServerState, rec: RequestRecord, body: CompletionRequ
     out = await asyncio.to_thread(class_probs, state.classifier, adapter, prompt, choices)
     best = max(range(len(out["probs"])), key=out["probs"].__getitem__)
     choice = ClassifyChoice(text=choices[best], finish_reason="stop", class_probs=out)
-    return CompletionWithUsage(id=gen.new_id("cmpl"), created=gen.now(), model=body.model,
-                               choices=[choice], usage=Usage.of(len(ids), 0))  # fmt: skip
+    return CompletionWithUsage(
+        id=gen.new_id("cmpl"),
+        created=gen.now(),
+        model=body.model,
+        choices=[choice],
+        usage=Usage.of(len(ids), 0),
+    )
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           who: Principal = Depends(principal)):  # fmt: skip
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, who: Principal = Depends(principal)
+):
     state = state_of(request)
     with record(state, "chat") as rec:
         ids = chat_prompt_ids(state.tokenizer, body.messages)
         shape = ChatShape(gen.new_id("chatcmpl"), gen.now(), body.model, body, state.tokenizer)
-        return await _respond(state, request, rec, body, [ids], who,
-                              state.config.default_max_tokens, shape)  # fmt: skip
+        return await _respond(
+            state, request, rec, body, [ids], who, state.config.default_max_tokens, shape
+        )
 
 
 __all__ = ["chat_prompt_ids", "model_not_found", "router"]

@@ -18,8 +18,9 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt: int, completion: int) -> Usage:
-        return cls(prompt_tokens=prompt, completion_tokens=completion,
-                   total_tokens=prompt + completion)  # fmt: skip
+        return cls(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
 
 
 class ModelCard(BaseModel):

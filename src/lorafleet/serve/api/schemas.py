@@ -67,15 +67,19 @@ class CompletionRequest(_Adapters):
         str
         | Annotated[list[StrictInt], Field(min_length=1)]
         | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
-        | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]],
-                    Field(min_length=1, max_length=MAX_PROMPTS)]
-    )  # fmt: skip
+        | Annotated[
+            list[Annotated[list[StrictInt], Field(min_length=1)]],
+            Field(min_length=1, max_length=MAX_PROMPTS),
+        ]
+    )
     echo: StrictBool = False
     logprobs: TopLogprobs | None = None  # top alternatives per token (legacy shape)
     # lorafleet extension: score these labels instead of generating (Laplace-LoRA probabilities
     # for a calibrated adapter); the answer's choice carries `class_probs`.
-    class_choices: Annotated[list[Annotated[str, Field(min_length=1)]],
-                             Field(min_length=2, max_length=32)] | None = None  # fmt: skip
+    class_choices: (
+        Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=2, max_length=32)]
+        | None
+    ) = None
 
 
 class TextPart(_Body):
@@ -107,8 +111,10 @@ class MergedAdapters(_Body):
     """LoRAX's per-request merge: weights default to 1 each; density and the sign method are
     for ties / dare_*."""
 
-    ids: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
-                   Field(min_length=1, max_length=MAX_PARTS)]  # fmt: skip
+    ids: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=256)]],
+        Field(min_length=1, max_length=MAX_PARTS),
+    ]
     weights: Annotated[list[Weight], Field(max_length=MAX_PARTS)] | None = None
     merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
     density: Annotated[float, Field(gt=0, le=1)] = 1.0

@@ -33,12 +33,17 @@ class EngineSettings:
     cpu_cache_bytes: int | str | None = None  # e.g. "2GB"; replaces cpu_cache_mb when set
 
 
-def build_state(base, adapters_dir: str | Path | None, auth: AuthConfig | None = None,
-                settings: EngineSettings | None = None, config: ServerConfig | None = None,
-                classifier: Callable[..., Classifier] | None = None,
-                merge: MergeFn | None = None,
-                moles: Callable | None = None,
-                image_editor: ImageEditor | None = None) -> ServerState:  # fmt: skip
+def build_state(
+    base,
+    adapters_dir: str | Path | None,
+    auth: AuthConfig | None = None,
+    settings: EngineSettings | None = None,
+    config: ServerConfig | None = None,
+    classifier: Callable[..., Classifier] | None = None,
+    merge: MergeFn | None = None,
+    moles: Callable | None = None,
+    image_editor: ImageEditor | None = None,
+) -> ServerState:
     """Engine over `base` (a loaded Base), registry over `adapters_dir`, and the app state.
     `classifier(engine, registry)` builds what answers `class_choices` (none: a 400);
     `merge` (lorafleet.compose.merge_adapters) serves ties / dare merges (none: a 400);
@@ -47,12 +52,18 @@ def build_state(base, adapters_dir: str | Path | None, auth: AuthConfig | None =
     from lorafleet.serve import AdapterRegistry, Engine
 
     s = settings or EngineSettings()
-    engine = Engine(base, max_slots=s.max_adapters, max_rank=s.max_rank,
-                    max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens,
-                    max_seq_len=min(s.max_seq_len, _max_positions(base)),
-                    quantize=s.quantize)  # fmt: skip
-    registry = AdapterRegistry(engine, adapters_dir, cpu_cache_mb=s.cpu_cache_mb,
-                               cpu_cache_bytes=s.cpu_cache_bytes)  # fmt: skip
+    engine = Engine(
+        base,
+        max_slots=s.max_adapters,
+        max_rank=s.max_rank,
+        max_batch_size=s.max_batch_size,
+        max_batch_tokens=s.max_batch_tokens,
+        max_seq_len=min(s.max_seq_len, _max_positions(base)),
+        quantize=s.quantize,
+    )
+    registry = AdapterRegistry(
+        engine, adapters_dir, cpu_cache_mb=s.cpu_cache_mb, cpu_cache_bytes=s.cpu_cache_bytes
+    )
     config = config or ServerConfig(model_name=base.name)
     clash = config.model_name in registry.names()
     if clash:
@@ -60,8 +71,9 @@ def build_state(base, adapters_dir: str | Path | None, auth: AuthConfig | None =
     made = classifier(engine, registry) if classifier is not None else None
     merged = MergeCache(engine, registry, merge, config.merge_cache_mb) if merge else None
     catalog = moles(engine, registry) if moles is not None else None
-    return ServerState(engine, registry, auth or AuthConfig.off(), config, made, merged, catalog,
-                       image_editor)  # fmt: skip
+    return ServerState(
+        engine, registry, auth or AuthConfig.off(), config, made, merged, catalog, image_editor
+    )
 
 
 def _max_positions(base) -> int:
@@ -83,8 +95,13 @@ class ServerThread:
         self.state, self.host = state, host
         self.port = port or free_port(host)
         grace = state.config.shutdown_grace_s
-        config = uvicorn.Config(create_app(state), host=host, port=self.port,
-                                log_level="warning", timeout_graceful_shutdown=grace)  # fmt: skip
+        config = uvicorn.Config(
+            create_app(state),
+            host=host,
+            port=self.port,
+            log_level="warning",
+            timeout_graceful_shutdown=grace,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="lorafleet-http", daemon=True)
 
@@ -124,6 +141,11 @@ def serve_forever(state: ServerState, host: str, port: int) -> None:
             super().handle_exit(sig, frame)
             getattr(self, "_captured_signals", []).clear()
 
-    config = uvicorn.Config(create_app(state), host=host, port=port, log_level="info",
-                            timeout_graceful_shutdown=state.config.shutdown_grace_s)  # fmt: skip
+    config = uvicorn.Config(
+        create_app(state),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=state.config.shutdown_grace_s,
+    )
     GracefulServer(config).run()

@@ -34,10 +34,12 @@ class ServerConfig:
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             raise LorafleetError("the served model name must be a non-empty string")
-        for what, value in (("max_waiting", self.max_waiting),
-                            ("default_max_tokens", self.default_max_tokens),
-                            ("max_mixture", self.max_mixture),
-                            ("max_n", self.max_n)):  # fmt: skip
+        for what, value in (
+            ("max_waiting", self.max_waiting),
+            ("default_max_tokens", self.default_max_tokens),
+            ("max_mixture", self.max_mixture),
+            ("max_n", self.max_n),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise LorafleetError(f"{what} must be an integer >= 1, got {value!r}")
         if self.engine_threads is not None and (
@@ -112,8 +114,7 @@ def principal(request: Request) -> Principal:
     who = state.auth.identify(key or None)
     if who is None:
         message = "Incorrect API key provided." if key else "Missing API key (Bearer KEY)."
-        raise APIError(401, message, code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        raise APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return who
 
 
@@ -121,8 +122,11 @@ def admin(request: Request) -> Principal:
     """An admin caller, or 401 (bad key) / 403 (not an admin, or auth is off)."""
     state = state_of(request)
     if not state.auth.enabled or not state.auth.admin_keys:
-        raise APIError(403, "admin endpoints are off: start the server with --auth FILE that "
-                       "lists admin_keys", code="admin_disabled")  # fmt: skip
+        raise APIError(
+            403,
+            "admin endpoints are off: start the server with --auth FILE that lists admin_keys",
+            code="admin_disabled",
+        )
     who = principal(request)
     if not who.admin:
         raise APIError(403, "this endpoint needs an admin key", code="not_admin")

@@ -54,8 +54,14 @@ class ModelRunner:
 
     model_type = ""
 
-    def __init__(self, model: nn.Module, context: MultiLoRAContext | None, max_seqs: int,
-                 max_len: int, fuse: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        context: MultiLoRAContext | None,
+        max_seqs: int,
+        max_len: int,
+        fuse: bool = True,
+    ):
         self.model = model
         self.context = context
         param = next(model.parameters())
@@ -68,8 +74,10 @@ class ModelRunner:
         # on its own. gate/up are not fused: measured on the 2-core CPU, one [T, 576] x
         # [576, 3072] GEMM was 12 % slower than two of [576, 1536] at 32 rows (BENCHMARKS.md).
         blocks = model.model.layers
-        self.qkv = [FusedProjections([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj],
-                                     fuse) for b in blocks]  # fmt: skip
+        self.qkv = [
+            FusedProjections([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj], fuse)
+            for b in blocks
+        ]
         self.fused = all(f.fused for f in self.qkv)
 
     @classmethod
@@ -163,8 +171,16 @@ class ModelRunner:
             k_cache[inputs.decode_slots, :, pos] = k[p:]
             v_cache[inputs.decode_slots, :, pos] = v[p:]
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, inputs: StepInputs,
-               scale: float, window: int | None = None) -> Tensor:  # fmt: skip
+    def attend(
+        self,
+        layer: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        inputs: StepInputs,
+        scale: float,
+        window: int | None = None,
+    ) -> Tensor:
         """Causal attention of every row over its own sequence, after `write_kv`.
 
         q: [T, heads, D], k, v: [T, kv_heads, D] (this step's rows) -> [T, heads, D]. Prefill
@@ -179,14 +195,16 @@ class ModelRunner:
             ks = k[rows].transpose(0, 1).unsqueeze(0)  # [n, Hkv, D] -> [1, Hkv, n, D]
             vs = v[rows].transpose(0, 1).unsqueeze(0)
             if window is None or n <= window:
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                                   enable_gqa=True)  # fmt: skip
+                o = F.scaled_dot_product_attention(
+                    qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True
+                )
             else:
                 ahead = torch.arange(n, device=q.device)
                 ahead = ahead[:, None] - ahead[None, :]  # [n, n]: query pos - key pos
                 band = (ahead >= 0) & (ahead < window)  # [n, n], broadcast over batch and heads
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=scale,
-                                                   enable_gqa=True)  # fmt: skip
+                o = F.scaled_dot_product_attention(
+                    qs, ks, vs, attn_mask=band, scale=scale, enable_gqa=True
+                )
             out[rows] = o[0].transpose(0, 1)  # [1, H, n, D] -> [n, H, D]
         p = inputs.n_prefill_rows
         if p < q.shape[0]:
@@ -211,14 +229,14 @@ class ModelRunner:
             else:
                 qd = q[p:].unsqueeze(2)  # [n_dec, H, D] -> [n_dec, H, 1, D]
                 mask = mask[:, None, None, :]  # [n_dec, L] -> [n_dec, 1, 1, L]
-                o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask,
-                                                   scale=scale, enable_gqa=True)  # fmt: skip
+                o = F.scaled_dot_product_attention(
+                    qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True
+                )
                 out[p:] = o.squeeze(2)  # [n_dec, H, 1, D] -> [n_dec, H, D]
         return out
 
 
-def grouped_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
-                             scale: float) -> Tensor:  # fmt: skip
+def grouped_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     """One query per row over its own keys, GQA by grouping the query heads (no KV repeat).
 
     q: [n, H, D]; k, v: [n, Hkv, L, D] (any strides, e.g. views of the cache); mask: [n, L]

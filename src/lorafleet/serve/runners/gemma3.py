@@ -37,8 +37,14 @@ class Gemma3Runner(ModelRunner):
                 "the engine serves causal language models only"
             )
 
-    def __init__(self, model: nn.Module, context: MultiLoRAContext | None, max_seqs: int,
-                 max_len: int, fuse: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        context: MultiLoRAContext | None,
+        max_seqs: int,
+        max_len: int,
+        fuse: bool = True,
+    ):
         config = model.config
         super().__init__(model, context, max_seqs, max_len, fuse)
         n = config.num_hidden_layers

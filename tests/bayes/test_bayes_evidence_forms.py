@@ -91,5 +91,5 @@ def test_weights_and_the_form_survive_save_and_load_and_old_factors_are_refused(
     back.weights = {}  # as factors saved before the weights were recorded
     with pytest.raises(LorafleetError, match="needs the adapter's weights"):
         tune_prior(back, form="quadratic")
-    with pytest.raises(LorafleetError, match="--evidence must be one of"):
+    with pytest.raises(LorafleetError, match="evidence must be one of"):
         tune_prior(factors, form="nope")

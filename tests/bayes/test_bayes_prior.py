@@ -129,7 +129,7 @@ def test_unknown_prior_and_init_without_record_are_one_line_errors():
     from lorafleet.errors import LorafleetError
 
     factors = fit_kfac(tiny_lora(seed=1), random_items(4, seed=1))
-    with pytest.raises(LorafleetError, match="--prior must be one of"):
+    with pytest.raises(LorafleetError, match="prior must be one of"):
         tune_prior(factors, prior="flat")
     with pytest.raises(LorafleetError, match="lora_init.safetensors"):
         tune_prior(factors, prior="init")

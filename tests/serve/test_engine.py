@@ -164,7 +164,7 @@ def test_unknown_adapter_fails_only_its_request(make_engine, reference, prompt_i
     assert outputs[base].token_ids == reference(None, prompt_ids[2])
     # With a source (the registry's hook) a cold adapter waits, then runs; unknown ones fail.
     engine = make_engine(load=[])
-    engine.adapter_source = SlowRegistry(engine, {"rslora8": adapters["rslora8"]})
+    engine.attach_adapter_source(SlowRegistry(engine, {"rslora8": adapters["rslora8"]}))
     cold = engine.add_request(prompt_ids[3], "rslora8", GREEDY)
     missing = engine.add_request(prompt_ids[3], "ghost", GREEDY)
     warm = engine.add_request(prompt_ids[4], None, GREEDY)

@@ -223,8 +223,8 @@ def test_staging_to_the_slots_format_runs_on_a_loader_thread(
         return real(adapter, fmt, copy)
 
     monkeypatch.setattr(registry_module, "to_slot_format", convert)
-    monkeypatch.setattr(registry_module, "slot_format", lambda handle: ("cpu", torch.float64))
     engine, registry = make(max_slots=1)
+    monkeypatch.setattr(engine, "slot_format", lambda: ("cpu", torch.float64))
     for name in ["lora4", "attn2", "lora4"]:
         assert registry.prepare(name) is None and registry.wait(10)
         assert registry.prepare(name) is None and name in engine.loaded_adapters()

@@ -1,5 +1,6 @@
 """The registry's CPU tier in bytes (budget, eviction by size, pins of adapters in use), its
-bounded prefetch that never stalls decoding rows, and the tier figures /metrics shows."""
+bounded prefetch that never stalls decoding rows, the tier figures /metrics shows, merged
+virtual adapters as a tier under the same slot policy, and one adapter source per engine."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import torch
 from serve_helpers import GREEDY, run_to_end
 
 from lorafleet.adapters import read_adapter
+from lorafleet.compose import merge_adapters
 from lorafleet.errors import LorafleetError
+from lorafleet.serve import AdapterRegistry
 from lorafleet.serve.adapter_store import CpuCache, parse_size, tensor_bytes
 from lorafleet.serve.api.metrics import Metrics
+from lorafleet.serve.merged import MergeRecipe
 from lorafleet.serve.sequence import SamplingParams
 
 
@@ -144,3 +148,45 @@ def test_metrics_show_the_tiers(make, disk, prompts):
     assert value("lorafleet_adapter_cache_misses_total") == 2
     assert value("lorafleet_adapter_cpu_hit_rate") == pytest.approx(1 / 3)
     assert value("lorafleet_adapter_slot_hit_rate") == pytest.approx(stats["slot_hit_rate"])
+
+
+def ties(density: float) -> MergeRecipe:
+    return MergeRecipe((("lora4", 0.6), ("lora4b", 0.4)), "ties", density)
+
+
+def test_merged_adapters_share_the_slots_by_one_lru(make, prompts):
+    engine, registry = make(max_slots=1, merge=merge_adapters)
+    load(engine, registry, "lora4")
+    name = registry.merged_adapter(ties(0.5))
+    assert name.startswith("merged:ties:") and registry.merged_adapter(ties(0.5)) == name
+    assert registry.merged.stats()["merges"] == 1 and registry.state(name) is None  # unlisted
+    assert registry.prepare(name) is None and engine.loaded_adapters() == {name: 1}
+    load(engine, registry, "lora4")  # the merged one is now the least recently used: it goes
+    assert name not in engine.loaded_adapters() and registry.stats()["evictions_slot"] == 2
+    out = engine.generate([(prompts[0], name, SamplingParams(max_tokens=3))])[0]
+    assert out.finish_reason == "length" and engine.loaded_adapters() == {name: 1}
+
+
+def test_merged_tier_keeps_what_a_request_needs_within_its_bytes(make, prompts):
+    engine, registry = make(max_slots=2, merge=merge_adapters, merge_cache_mb=0)
+    first = registry.merged_adapter(ties(0.3))
+    rid = engine.add_request(prompts[0], first, SamplingParams(max_tokens=4))
+    second = registry.merged_adapter(ties(0.4))  # over the budget, but `first` is needed
+    assert registry.merged.stats()["adapters"] == 2 and first in engine.loaded_adapters()
+    assert run_to_end(engine)[rid].finish_reason == "length"
+    third = registry.merged_adapter(ties(0.6))  # both idle now: both go, slots freed too
+    stats = registry.merged.stats()
+    assert (stats["adapters"], stats["evictions"], stats["merges"]) == (1, 2, 3)
+    assert first not in engine.loaded_adapters() and third in registry.merged
+    assert second not in registry.merged
+    assert registry.prepare(first) == (
+        "the merged adapter left the cache before its request ran; send it again"
+    )
+
+
+def test_an_engine_has_one_adapter_source(make):
+    engine, registry = make()
+    with pytest.raises(LorafleetError, match="already has an adapter source"):
+        AdapterRegistry(engine, None)
+    registry.close()  # detaches: another registry may take its place
+    AdapterRegistry(engine, None).close()

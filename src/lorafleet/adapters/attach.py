@@ -10,29 +10,29 @@ from torch import nn
 
 from lorafleet import __version__
 from lorafleet.adapters.format import WEIGHTS_NAME, Adapter, AdapterError, json_ready, read_adapter
-from lorafleet.adapters.methods import MethodConfig, peft_config_from_dict
+from lorafleet.adapters.lora_keys import is_adapter_param
+from lorafleet.adapters.methods import MethodConfig, get_method, peft_config_from_dict
 from lorafleet.adapters.validate import DEFAULT_MAX_RANK, check_adapter
-from lorafleet.errors import LorafleetError
 from lorafleet.linear_layers import block_linear_modules, target_names
 
 
 def new_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap `model` with a fresh, trainable adapter (B or the Bone / Bat block starts at zero)."""
+    """Wrap `model` with a fresh, trainable adapter of `config.method` (its PEFT config; the
+    delta starts at zero as PEFT initialises each method)."""
     peft_config = config.peft_config(target_names(model))
-    if config.method == "bat":
-        _check_bat_blocks(model, list(peft_config.target_modules), config.rank)
+    method = get_method(config.method)
+    if method.check_targets is not None:
+        method.check_targets(_targeted(model, list(peft_config.target_modules)), config.rank)
     return get_peft_model(model, peft_config, adapter_name)
 
 
-def _check_bat_blocks(model: nn.Module, targets: list[str], r: int) -> None:
-    """Bat splits each adapted weight into r x r blocks: in and out features must divide by r."""
-    for name, linear in block_linear_modules(model).items():
-        targeted = any(name == t or name.endswith("." + t) for t in targets)
-        if targeted and (linear.in_features % r or linear.out_features % r):
-            raise LorafleetError(
-                f"--method bat needs every adapted linear divisible into {r}x{r} blocks; "
-                f"{name} is {linear.out_features}x{linear.in_features} (choose another --rank)"
-            )
+def _targeted(model: nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """{name: (d_out, d_in)} of the block linears that `targets` (names or suffixes) select."""
+    return {
+        name: (linear.out_features, linear.in_features)
+        for name, linear in block_linear_modules(model).items()
+        if any(name == t or name.endswith("." + t) for t in targets)
+    }
 
 
 def attach(model: nn.Module, adapter: Adapter, adapter_name: str = "default") -> PeftModel:
@@ -42,7 +42,8 @@ def attach(model: nn.Module, adapter: Adapter, adapter_name: str = "default") ->
     peft_model = get_peft_model(model, config, adapter_name)
     result = set_peft_model_state_dict(peft_model, adapter.tensors, adapter_name=adapter_name)
     # Every adapter parameter must have come from the file; a gap would silently stay at init.
-    missing = [k for k in result.missing_keys if f".{adapter_name}" in k or "lora_" in k]
+    # (A method's model-wide shared tensors, referenced from every layer, are no parameters.)
+    missing = [k for k in result.missing_keys if is_adapter_param(k)]
     if missing:
         raise AdapterError(adapter.where(WEIGHTS_NAME), f"missing tensor for {missing[0]}")
     return peft_model.eval()

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lorafleet.adapters.methods.registry import find_method, peft_types
 from lorafleet.errors import LorafleetError
 from lorafleet.fsutil import atomic_write
 
@@ -28,7 +29,8 @@ INIT_NAME = "lora_init.safetensors"
 META_KEY = "lorafleet"
 # Pickle-based files are never opened: loading them can run arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-SUPPORTED_PEFT_TYPES = ("LORA", "MISS")
+# The peft_types some registered method (adapters/methods/) is saved as.
+SUPPORTED_PEFT_TYPES = peft_types()
 
 
 class AdapterError(LorafleetError):
@@ -57,17 +59,16 @@ class Adapter:
 
     @property
     def alpha(self) -> float | None:
-        return self.config.get("lora_alpha") if self.peft_type == "LORA" else None
+        """lora_alpha, for the configs that have one (LoraConfig's); None otherwise."""
+        return self.config.get("lora_alpha")
 
     @property
     def method(self) -> str:
-        """lora | rslora | dora | bone | bat | mini (from the config, not from our metadata)."""
-        if self.peft_type == "MISS":
-            init = self.config.get("init_weights", True)
-            return init if isinstance(init, str) else "bone"
-        if self.config.get("use_dora"):
-            return "dora"
-        return "rslora" if self.config.get("use_rslora") else "lora"
+        """The registered method the config belongs to (lora, rslora, dora, bone, bat, ...;
+        from the config, not from our metadata; a saved BiLoRA reads as lora), or the lower-case
+        peft_type when no registered method reads it."""
+        found = find_method(self.config)
+        return found.shown_as(self.config) if found else (self.peft_type.lower() or "unknown")
 
     @property
     def targets(self) -> list[str] | str:

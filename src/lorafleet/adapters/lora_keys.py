@@ -1,38 +1,35 @@
-"""The one place that knows PEFT's LoRA tensor names, per-module rank/alpha and a module's scale.
+"""The one place that knows PEFT's on-disk adapter tensor names, per-module rank/alpha and scale.
 
-On disk PEFT stores `base_model.model.<module>.lora_A.weight` [r, d_in] and `...lora_B.weight`
-[d_out, r] (the adapter name is dropped); DoRA adds `...lora_magnitude_vector`, MiSS (Bone)
-`...miss_block`. A module's rank and alpha come from `rank_pattern` / `alpha_pattern` when a
-pattern key matches the module name (PEFT's own `get_pattern_key`), else from `r` / `lora_alpha`;
-its scale is alpha / r, or alpha / sqrt(r) with `use_rslora` (PEFT's `LoraLayer.update_layer`).
-Every function here is pure: configs are plain dicts (adapter_config.json as read).
+On disk PEFT stores each adapted module's tensors as `base_model.model.<module>.<suffix>` (the
+adapter name is dropped), e.g. LoRA's `lora_A.weight` [r, d_in] and `lora_B.weight` [d_out, r];
+which suffixes exist, and what part each is, every method declares in its module of
+adapters/methods/ (this module reads them from the registry). A method's tensors shared by every
+module (shared projections, say) have a model-level key of their own. A module's rank and alpha come
+from `rank_pattern` / `alpha_pattern` when a pattern key matches the module name (PEFT's own
+`get_pattern_key`), else from `r` / `lora_alpha`; its scale is alpha / r, or alpha / sqrt(r) with
+`use_rslora` (PEFT's `LoraLayer.update_layer`; the rules live in adapters/methods/base.py, below
+the method modules that use them). Every function here is pure: configs are plain dicts
+(adapter_config.json as read).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TypeVar
 
-from peft.utils.other import get_pattern_key
-
+from lorafleet.adapters.methods import base
+from lorafleet.adapters.methods.registry import param_prefixes, part_suffixes, shared_parts
 from lorafleet.errors import LorafleetError
 
 PEFT_PREFIX = "base_model.model."
 BASE_LAYER = ".base_layer."  # PEFT's wrapper puts the original linear under this name
-# On-disk suffix -> the part name `split_key` returns.
-PARTS = {
-    "lora_A.weight": "A",
-    "lora_B.weight": "B",
-    "lora_magnitude_vector": "lora_magnitude_vector",
-    "miss_block": "miss_block",
-}
+# On-disk suffix -> the part name `split_key` returns, over every registered method.
+PARTS = part_suffixes()
 SUFFIX_OF = {part: suffix for suffix, part in PARTS.items()}
+# Model-level keys of tensors shared by every module (no module in the key).
+SHARED_KEYS = frozenset(shared_parts())
 # Parameter-name markers of adapter weights inside a PEFT-wrapped model (not the base's own).
-ADAPTER_MARKERS = ("lora_", "miss_")
-# LoraConfig's defaults, used when a config leaves r or lora_alpha out (as PEFT does).
-DEFAULT_R = 8
-DEFAULT_ALPHA = 8
+ADAPTER_MARKERS = param_prefixes()
 
 T = TypeVar("T")
 
@@ -58,21 +55,24 @@ def base_weight_name(module: str) -> str:
 
 
 def is_adapter_param(name: str) -> bool:
-    """True for an adapter weight of a PEFT-wrapped model (lora_A/B, magnitude, miss_block)."""
+    """True for an adapter weight of a PEFT-wrapped model (lora_A/B, magnitude, miss_block, ...:
+    PEFT's parameter prefix of a registered peft_type)."""
     return any(marker in name for marker in ADAPTER_MARKERS)
 
 
 def peft_key(module: str, which: str) -> str:
-    """PEFT's on-disk key for `which` ("A", "B", "lora_magnitude_vector" or "miss_block")."""
+    """PEFT's on-disk key for part `which` of `module` ("A", "B", "lora_magnitude_vector",
+    "miss_block", ...: a registered method's part name)."""
     if which not in SUFFIX_OF:
         raise LoraKeyError(f"unknown LoRA tensor part {which!r}: use {', '.join(SUFFIX_OF)}")
     return f"{PEFT_PREFIX}{module}.{SUFFIX_OF[which]}"
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """(module, part) for a PEFT on-disk adapter key, part being "A", "B",
-    "lora_magnitude_vector" or "miss_block"; None for anything else (no PEFT prefix, or e.g. a
-    modules_to_save copy of a base weight)."""
+    """(module, part) for a PEFT on-disk adapter key, part being a registered method's part
+    name ("A", "B", "lora_magnitude_vector", "miss_block", ...); None for anything else (no
+    PEFT prefix, a shared model-level tensor, or e.g. a modules_to_save copy of a base
+    weight)."""
     if not key.startswith(PEFT_PREFIX):
         return None
     for suffix, part in PARTS.items():
@@ -82,15 +82,22 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 
 def module_parts(tensors: Mapping[str, T]) -> dict[str, dict[str, T]]:
-    """{module: {part: tensor}} over every PEFT adapter tensor (A, B, lora_magnitude_vector,
-    miss_block), in first-seen order; a key that is none of them is an error."""
+    """{module: {part: tensor}} over every per-module adapter tensor, in first-seen order;
+    shared model-level tensors (shared_tensors) are left out; any other key is an error."""
     parts: dict[str, dict[str, T]] = {}
     for key, tensor in tensors.items():
+        if key in SHARED_KEYS:
+            continue
         split = split_key(key)
         if split is None:
-            raise LoraKeyError(f"tensor {key} is not a LoRA / DoRA / MiSS adapter weight")
+            raise LoraKeyError(f"tensor {key} is not an adapter weight of any registered method")
         parts.setdefault(split[0], {})[split[1]] = tensor
     return parts
+
+
+def shared_tensors(tensors: Mapping[str, T]) -> dict[str, T]:
+    """{key: tensor} of the model-level tensors shared by every module (SharedPart keys)."""
+    return {key: t for key, t in tensors.items() if key in SHARED_KEYS}
 
 
 def lora_pairs(tensors: Mapping[str, T], *, strict: bool = True) -> dict[str, tuple[T, T]]:
@@ -110,34 +117,20 @@ def lora_pairs(tensors: Mapping[str, T], *, strict: bool = True) -> dict[str, tu
     return {module: (pair["A"], pair["B"]) for module, pair in parts.items()}
 
 
-def _pattern_value(config: Mapping, pattern: str, module: str):
-    table = config.get(pattern) or {}
-    key = get_pattern_key(list(table), module)
-    return table.get(key)
-
-
 def module_rank(config: Mapping, module: str) -> int:
-    """The rank of `module` (name without PEFT's prefix): rank_pattern's match, else r."""
-    r = _pattern_value(config, "rank_pattern", strip_prefix(module))
-    return int(config.get("r", DEFAULT_R) if r is None else r)
+    """The rank of `module` (name with or without PEFT's prefix): rank_pattern's match, else r."""
+    return base.module_rank(config, strip_prefix(module))
 
 
 def module_alpha(config: Mapping, module: str) -> float:
-    """The alpha of `module` (name without PEFT's prefix): alpha_pattern's match, else
+    """The alpha of `module` (name with or without PEFT's prefix): alpha_pattern's match, else
     lora_alpha."""
-    alpha = _pattern_value(config, "alpha_pattern", strip_prefix(module))
-    return float(config.get("lora_alpha", DEFAULT_ALPHA) if alpha is None else alpha)
-
-
-def scale_of(alpha: float, r: int, rslora: bool) -> float:
-    """PEFT's scaling rule: alpha / sqrt(r) for rsLoRA, alpha / r otherwise."""
-    return alpha / math.sqrt(r) if rslora else alpha / r
+    return base.module_alpha(config, strip_prefix(module))
 
 
 def module_scale(config: Mapping, module: str) -> float:
     """The scale s of `module`'s delta s * B @ A, exactly as PEFT's LoraLayer.scaling holds it."""
-    rslora = bool(config.get("use_rslora"))
-    return scale_of(module_alpha(config, module), module_rank(config, module), rslora)
+    return base.lora_scale(config, strip_prefix(module))
 
 
 def uniform_scale(config: Mapping) -> float:

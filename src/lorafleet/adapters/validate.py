@@ -1,4 +1,5 @@
-"""Check an adapter against a base model: types, ranks, targets, tensor shapes, fingerprint."""
+"""Check an adapter against a base model: types, ranks, targets, tensor shapes (as its method in
+adapters/methods/ declares them), fingerprint."""
 
 from __future__ import annotations
 
@@ -7,19 +8,11 @@ import re
 from torch import nn
 
 from lorafleet.adapters.format import WEIGHTS_NAME, Adapter, AdapterError
-from lorafleet.adapters.lora_keys import (
-    PEFT_PREFIX,
-    LoraKeyError,
-    lora_pairs,
-    module_rank,
-    split_key,
-    strip_prefix,
-)
+from lorafleet.adapters.lora_keys import PEFT_PREFIX, module_rank, split_key, strip_prefix
+from lorafleet.adapters.methods.base import Dims, MethodError
+from lorafleet.adapters.methods.registry import method_of
 
 DEFAULT_MAX_RANK = 256
-# The tensor parts (lora_keys.split_key) each peft_type may hold.
-LORA_PARTS = ("A", "B", "lora_magnitude_vector")
-MISS_PARTS = ("miss_block",)
 
 
 def _check_rank(adapter: Adapter, max_rank: int) -> None:
@@ -64,31 +57,35 @@ def _check_targets(adapter: Adapter, linear_names: list[str]) -> None:
         )
 
 
-def _expected_shape(adapter: Adapter, part: str, module: nn.Linear, r: int) -> tuple[int, ...]:
+def _dims(adapter: Adapter, module: nn.Linear, r: int) -> Dims:
     out_f, in_f = module.out_features, module.in_features
     if adapter.config.get("fan_in_fan_out"):
         in_f, out_f = out_f, in_f
-    if part == "A":
-        return (r, in_f)
-    if part == "B":
-        return (out_f, r)
-    if part == "lora_magnitude_vector":
-        return (out_f,)
-    init = adapter.config.get("init_weights", True)  # miss_block
-    if init == "bat":
-        return (out_f // r, r, r)
-    if init == "mini":
-        return (r, int(adapter.config.get("mini_r", 1)))
-    return (r, out_f)
+    return Dims(out_f, in_f, r, adapter.config)
+
+
+def _shape_error(file, key: str, shape, expected) -> AdapterError:
+    return AdapterError(file, f"tensor {key} has shape {tuple(shape)}, expected {expected}")
 
 
 def _check_tensors(adapter: Adapter, model: nn.Module) -> None:
+    """Every tensor is one of the method's parts (adapters/methods/) of a linear the base has,
+    with the shape the method declares; each adapted module has all of them; the method's
+    shared tensors are there (when its config saves them) with their declared shapes."""
     file = adapter.where(WEIGHTS_NAME)
+    try:
+        method = method_of(adapter.config)
+    except MethodError as exc:
+        raise AdapterError(adapter.where(), str(exc)) from exc
+    parts = {p.name: p for p in method.parts}
+    shared_parts = {p.key: p for p in method.shared}
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    parts = LORA_PARTS if adapter.peft_type == "LORA" else MISS_PARTS
-    seen: set[str] = set()
+    seen: dict[str, set[str]] = {}
+    dims: list[Dims] = []
     for key, tensor in adapter.tensors.items():
+        if key in shared_parts:
+            continue  # checked below, against every adapted module's dims
         split = split_key(key)
         if split is None or split[1] not in parts:
             # modules_to_save stores full copies of base weights under the base's own names.
@@ -110,20 +107,31 @@ def _check_tensors(adapter: Adapter, model: nn.Module) -> None:
             raise AdapterError(
                 file, f"{module_name} is a {type(module).__name__}, not a linear layer"
             )
-        r = module_rank(adapter.config, module_name)
-        expected = _expected_shape(adapter, part, module, r)
+        d = _dims(adapter, module, module_rank(adapter.config, module_name))
+        expected = parts[part].shape(d)
         if tuple(tensor.shape) != expected:
-            raise AdapterError(
-                file, f"tensor {key} has shape {tuple(tensor.shape)}, expected {expected}"
-            )
-        seen.add(module_name)
-    if adapter.peft_type == "LORA":
-        try:
-            lora_pairs(adapter.tensors, strict=False)
-        except LoraKeyError as exc:
-            raise AdapterError(file, str(exc)) from exc
+            raise _shape_error(file, key, tensor.shape, expected)
+        if module_name not in seen:
+            dims.append(d)
+        seen.setdefault(module_name, set()).add(part)
     if not seen:
         raise AdapterError(file, f"holds no {adapter.peft_type} weights")
+    for module_name, have in seen.items():
+        missing = [p for p in parts if p not in have]
+        if missing:
+            raise AdapterError(
+                file,
+                f"{module_name} has only {', '.join(sorted(have))}; "
+                f"{method.title} needs {', '.join(parts)}",
+            )
+    for key, part in shared_parts.items():
+        if key not in adapter.tensors:
+            if part.required(adapter.config):
+                raise AdapterError(file, f"{method.title} tensor {key} is missing")
+            continue
+        expected = part.shape(adapter.config, dims)
+        if tuple(adapter.tensors[key].shape) != expected:
+            raise _shape_error(file, key, adapter.tensors[key].shape, expected)
 
 
 def check_adapter(

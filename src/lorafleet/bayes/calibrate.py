@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from lorafleet.bayes.capture import class_items
-from lorafleet.bayes.fit import KfacFactors, LaplaceConfig, fit_kfac
+from lorafleet.bayes.config import CalibrateConfig, LaplaceConfig
+from lorafleet.bayes.fit import KfacFactors, fit_kfac
 from lorafleet.bayes.io import INIT_NAME, read_init, save_factors
 from lorafleet.bayes.metrics import calibration_report, reliability_diagram
 from lorafleet.bayes.predictive import (
@@ -18,20 +19,11 @@ from lorafleet.bayes.predictive import (
     map_predictive,
     sampled_predictive,
 )
-from lorafleet.bayes.prior import (
-    EVIDENCE_FORMS,
-    GRID_LOG10,
-    PRIORS,
-    group_lams,
-    tune_prior,
-)
+from lorafleet.bayes.prior import GRID_LOG10, group_lams, tune_prior
 from lorafleet.bayes.prior import evidence as log_evidence_at
 from lorafleet.data import ExampleSet
 from lorafleet.errors import LorafleetError
 
-TUNE_METHODS = ("evidence", "val")
-DEFAULT_PRIOR = "b-only"
-DEFAULT_EVIDENCE = "mode"
 # Prior precisions tried on validation data: the evidence optimum times these factors.
 VAL_FACTORS = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e3)
 
@@ -62,36 +54,30 @@ def calibrate(
     val: ExampleSet | None = None,
     *,
     config: LaplaceConfig | None = None,
-    tune: str = "evidence",
-    max_length: int = 512,
+    tune: str = CalibrateConfig.tune,
+    max_length: int = CalibrateConfig.max_length,
     show_progress: bool = False,
-    weight_samples: int = 0,
-    prior: str = DEFAULT_PRIOR,
-    evidence: str = DEFAULT_EVIDENCE,
+    weight_samples: int = CalibrateConfig.weight_samples,
+    prior: str = CalibrateConfig.prior,
+    evidence: str = CalibrateConfig.evidence,
 ) -> dict:
     """Fit KFAC factors on `train`, tune the prior precision (evidence, or validation NLL when
-    tune="val") of the `prior` kind (prior.PRIORS), save them beside the adapter and return a
+    tune="val") of the `prior` kind (config.PRIORS), save them beside the adapter and return a
     report of the figures (with `weight_samples` > 0 also the weight-sampling predictive on
-    `val`); the evidence in the `evidence` form (prior.EVIDENCE_FORMS); report["warnings"]
-    lists tuned precisions on the edge of their search range."""
-    if tune not in TUNE_METHODS:
-        raise LorafleetError(f"--tune must be one of {', '.join(TUNE_METHODS)}, got {tune!r}")
-    if prior not in PRIORS:
-        raise LorafleetError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
-    if evidence not in EVIDENCE_FORMS:
-        raise LorafleetError(
-            f"--evidence must be one of {', '.join(EVIDENCE_FORMS)}, got {evidence!r}"
-        )
+    `val`); the evidence in the `evidence` form (config.EVIDENCE_FORMS); report["warnings"]
+    lists tuned precisions on the edge of their search range. The settings after `val` are
+    CalibrateConfig's fields (and checked by it) and LaplaceConfig's."""
+    CalibrateConfig(tune, prior, evidence, max_length, weight_samples)
     init = read_init(adapter_dir)
     if prior == "init" and init is None:
         raise LorafleetError(
-            f"--prior init needs {Path(adapter_dir) / INIT_NAME} (the adapter's weights before "
+            f"prior 'init' needs {Path(adapter_dir) / INIT_NAME} (the adapter's weights before "
             "training: `lorafleet train` records it for LoRA and rsLoRA runs; PEFT draws A from "
             "the torch RNG, so it cannot be rebuilt afterwards); "
-            "use --prior b-only"
+            "use prior 'b-only'"
         )
     if tune == "val" and val is None:
-        raise LorafleetError("--tune val needs validation data (--val)")
+        raise LorafleetError("tune 'val' needs validation data (val)")
     cfg = config or LaplaceConfig()
     pad = _pad(tokenizer)
     items = class_items(tokenizer, train.examples, max_length=max_length, name=train.name)
@@ -201,7 +187,7 @@ def evaluate_bayes(
     `also` {name: lam}: Laplace at other prior precisions too, from the same pass
     ("laplace_<name>": {..., "prior_precision"})."""
     if link not in LINKS:
-        raise LorafleetError(f"--link must be one of {', '.join(LINKS)}, got {link!r}")
+        raise LorafleetError(f"link must be one of {', '.join(LINKS)}, got {link!r}")
     if factors.prior_precision is None:
         raise LorafleetError("the Laplace factors have no tuned prior precision; run calibrate")
     pad = _pad(tokenizer)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorafleet.adapters.methods import find_method
 from lorafleet.data import Example, bos_to_add
 from lorafleet.errors import LorafleetError
 
@@ -109,7 +110,8 @@ def batches(items: Sequence[ClassItem], batch_size: int) -> Iterator[list[int]]:
 
 
 def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
-    """The model's LoRA layers by module name; one-line error when it has none (or DoRA)."""
+    """The model's LoRA layers by module name; one-line error when it has none, or when its
+    method's delta is not a plain s * B @ A (DoRA)."""
     from peft.tuners.lora import LoraLayer
 
     layers = {
@@ -121,9 +123,14 @@ def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn
         raise LorafleetError(
             "the model has no LoRA layers: Laplace-LoRA needs a LoRA (or rsLoRA) adapter"
         )
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    method = find_method(config.to_dict()) if config is not None else None
+    if method is not None and not method.factored:
+        raise LorafleetError(
+            f"{method.title} adapters are not supported by Laplace-LoRA: their delta is "
+            f"{method.delta}, not s * B @ A"
+        )
     for name, m in layers.items():
-        if m.use_dora.get(adapter_name, False):
-            raise LorafleetError(f"{name}: DoRA adapters are not supported by Laplace-LoRA")
         if not isinstance(m.lora_A[adapter_name], nn.Linear):
             raise LorafleetError(f"{name}: only Linear LoRA layers are supported")
     return layers

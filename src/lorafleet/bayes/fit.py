@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,32 +29,12 @@ from torch import nn
 
 from lorafleet.adapters.lora_keys import strip_prefix
 from lorafleet.bayes.capture import ClassItem, batches, capture, lora_layers, lora_weight
+from lorafleet.bayes.config import LaplaceConfig
 from lorafleet.bayes.factors import Factor, FactorAccumulator, softmax_hessian, sqrt_psd
 from lorafleet.bayes.posterior import orient
 from lorafleet.errors import LorafleetError
 
-LABEL_MODES = ("exact", "sampled")
-
-
-@dataclass
-class LaplaceConfig:
-    """How to fit the factors: low-rank threshold and rank, label mode, batching."""
-
-    n_kfac: int = 10  # rank kept for factors larger than `threshold`
-    threshold: int = 512  # factors with a dimension above this are low-rank + diagonal
-    labels: str = "exact"  # exact | sampled
-    batch_size: int = 8
-    seed: int = 0  # for sampled labels
-
-    def __post_init__(self):
-        for name in ("n_kfac", "threshold", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LorafleetError(f"{name} must be a positive whole number, got {value!r}")
-        if self.labels not in LABEL_MODES:
-            raise LorafleetError(
-                f"labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}"
-            )
+T = TypeVar("T")
 
 
 @dataclass
@@ -87,8 +68,8 @@ class KfacFactors:
     # when recorded: what the "quadratic" evidence form needs; {} when unknown
     weights: dict = field(default_factory=dict)
     init_weights: dict = field(default_factory=dict)
-    prior: str = "zero"  # the prior's kind (prior.PRIORS)
-    evidence_form: str = "mode"  # how the evidence treats the weights (prior.EVIDENCE_FORMS)
+    prior: str = "zero"  # the prior's kind (config.PRIORS)
+    evidence_form: str = "mode"  # how the evidence treats the weights (config.EVIDENCE_FORMS)
     ratios: dict = field(default_factory=dict)  # group -> its lam / prior_precision (default 1)
     edge: list = field(default_factory=list)  # groups whose tuned lam is on the search's edge
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -109,6 +90,18 @@ class KfacFactors:
     def block_size(self, name: str, part: str) -> int:
         small, big = self.modules[name].block(part)
         return small.dim * big.dim
+
+    def cached(self, key: float, make: Callable[[], T]) -> T:
+        """`make()` kept under `key` until another key is asked for or `forget()` runs: one
+        value at a time, since a posterior holds O(r d k) per block."""
+        if key not in self._cache:
+            self._cache.clear()
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def forget(self) -> None:
+        """Drop the cached value (the prior's kind or group ratios changed under it)."""
+        self._cache.clear()
 
 
 def _mean_over_prompt(act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from lorafleet.adapters.format import INIT_NAME, WEIGHTS_NAME
 from lorafleet.adapters.lora_keys import lora_pairs
+from lorafleet.bayes.config import EVIDENCE_FORMS, PRIORS
 from lorafleet.bayes.factors import Factor
 from lorafleet.bayes.fit import KfacFactors, ModuleFactors
-from lorafleet.bayes.prior import EVIDENCE_FORMS, PRIORS
 from lorafleet.errors import LorafleetError
 from lorafleet.fsutil import atomic_write, atomic_write_json
 
@@ -100,8 +100,8 @@ def load_factors(adapter_dir: str | Path, *, check_adapter: bool = True) -> Kfac
     if not info_file.is_file() or not tensor_file.is_file():
         missing = info_file if not info_file.is_file() else tensor_file
         raise LorafleetError(
-            f"{missing}: missing; fit the Laplace factors first with "
-            f"`lorafleet calibrate --adapter {adapter_dir} ...`"
+            f"{missing}: missing; fit the Laplace factors of {adapter_dir} first "
+            "(`lorafleet calibrate`)"
         )
     try:
         info = json.loads(info_file.read_text())

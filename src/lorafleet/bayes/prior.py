@@ -28,12 +28,11 @@ import math
 
 import torch
 
+from lorafleet.bayes.config import EVIDENCE_FORMS, PRIORS
 from lorafleet.bayes.fit import KfacFactors
 from lorafleet.bayes.posterior import BlockPosterior, log_evidence
 from lorafleet.errors import LorafleetError
 
-PRIORS = ("zero", "init", "parts", "b-only", "b-layers")
-EVIDENCE_FORMS = ("quadratic", "mode")
 # log10 of the prior precisions searched (then refined between the best grid neighbours).
 GRID_LOG10 = (-4.0, 7.0)
 GRID_POINTS = 67
@@ -53,23 +52,23 @@ def group_of(prior: str, part: str, name: str = "") -> str | None:
 
 def check_prior(factors: KfacFactors, prior: str, form: str = "mode") -> None:
     if prior not in PRIORS:
-        raise LorafleetError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+        raise LorafleetError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
     if form not in EVIDENCE_FORMS:
-        raise LorafleetError(f"--evidence must be one of {', '.join(EVIDENCE_FORMS)}, got {form!r}")
+        raise LorafleetError(f"evidence must be one of {', '.join(EVIDENCE_FORMS)}, got {form!r}")
     if form == "quadratic" and not factors.weights:
         raise LorafleetError(
-            "--evidence quadratic needs the adapter's weights in the factors "
+            "evidence 'quadratic' needs the adapter's weights in the factors "
             "(fitted before they were recorded): run calibrate again"
         )
     if form == "quadratic" and prior == "init" and not factors.init_weights:
         raise LorafleetError(
-            "--evidence quadratic with --prior init needs the initial weights "
+            "evidence 'quadratic' with prior 'init' needs the initial weights "
             "in the factors: run calibrate again"
         )
     if prior == "init" and not factors.init_sq:
         raise LorafleetError(
-            "--prior init needs the adapter's initial weights "
-            "(lora_init.safetensors); use --prior b-only"
+            "prior 'init' needs the adapter's initial weights "
+            "(lora_init.safetensors); use prior 'b-only'"
         )
 
 
@@ -101,10 +100,7 @@ def posterior(factors: KfacFactors, prior_precision: float | None = None) -> Ada
     if lam is None:
         raise ValueError("no prior precision: tune one first (tune_prior) or pass it")
     key = float(lam)
-    if key not in factors._cache:
-        factors._cache.clear()  # one at a time: a posterior holds O(r d k) per block
-        factors._cache[key] = AdapterPosterior(factors, key)
-    return factors._cache[key]
+    return factors.cached(key, lambda: AdapterPosterior(factors, key))
 
 
 def _group_sq(factors: KfacFactors, prior: str, group: str) -> float:
@@ -206,9 +202,10 @@ def tune_prior(
     if ref is None:  # one group per layer: the reference is their geometric mean
         mean = math.exp(sum(math.log(v) for v in best.values()) / len(best))
         factors.prior, factors.ratios = prior, {g: lam / mean for g, lam in best.items()}
-        factors.edge, factors._cache = edge, {}
+        factors.edge = edge
+        factors.forget()
         return mean, curve
     factors.prior, factors.ratios = prior, {g: lam / best[ref] for g, lam in best.items()}
     factors.edge = edge
-    factors._cache.clear()
+    factors.forget()
     return best[ref], curve

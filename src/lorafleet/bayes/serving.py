@@ -53,7 +53,7 @@ class LaplaceClassifier:
         if path is None or not (path / INFO_NAME).is_file():
             return (
                 f"adapter {adapter} is not calibrated (no {INFO_NAME}): run "
-                "`lorafleet calibrate --adapter ... ` on it to get class_probs"
+                "`lorafleet calibrate` on it to get class_probs"
             )
         return None
 

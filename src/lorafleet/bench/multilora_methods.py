@@ -1,11 +1,11 @@
 """`bench multilora`'s per-method rows: DoRA, Bone and Bat slots served by the batched op.
 
 Each method gets its own set of MultiLoRALinear layers over the same base linears, with K
-random adapters of that method in slots 1..K (entries built as the engine builds them from a
-saved adapter, layers/served.py), plus a "mixed" set whose slot s holds LoRA, DoRA, Bone, Bat
-in turn. Timed in the same interleave as the LoRA rows, so `vs_lora` compares like with like.
-Bat holds a dense d_out x d_in delta per linear per adapter, so its records stop at
-BAT_MAX_ADAPTERS (the memory that cost is, per adapter, is in the record).
+random adapters of that method in slots 1..K (entries built by the method's module in
+adapters/methods/, as the engine builds them from a saved adapter), plus a "mixed" set whose
+slot s holds LoRA, DoRA, Bone, Bat in turn. Timed in the same interleave as the LoRA rows, so
+`vs_lora` compares like with like. Bat holds a dense d_out x d_in delta per linear per adapter,
+so its records stop at BAT_MAX_ADAPTERS (the memory that cost is, per adapter, is in the record).
 """
 
 from __future__ import annotations
@@ -20,23 +20,23 @@ METHOD_MAX_ADAPTERS = 16
 
 
 def entry(method: str, W: Tensor, rank: int, A: Tensor, Bt: Tensor, gen: torch.Generator):
-    """One random adapter of `method` for the linear of weight W, as a SlotEntry."""
-    from lorafleet.layers.served import SlotEntry, bat_delta, bone_A, dora_ratio
+    """One random adapter of `method` for the linear of weight W, as a SlotEntry built by the
+    method's own `serve` (adapters/methods/), as the engine builds it from a saved adapter."""
+    from lorafleet.adapters.methods import ModuleWeights, get_method
 
     d_out, d_in = W.shape
-    if method == "lora":
-        return SlotEntry(A, Bt.T, 2.0)
+    config = {"r": rank, "lora_alpha": 2.0 * rank}  # LoRA's scale 2
+    parts = {"A": A, "B": Bt.T}
     if method == "dora":
         norm = torch.linalg.norm(W + 2.0 * (Bt.T @ A), dim=1)
-        magnitude = norm * (1 + 0.05 * torch.randn(d_out, generator=gen))
-        return SlotEntry(A, Bt.T, 2.0, ratio=dora_ratio(W, A, Bt.T, 2.0, magnitude))
-    if method == "bone":
-        block = torch.randn(rank, d_out, generator=gen) * 0.01
-        return SlotEntry(bone_A(rank, d_in, W), block.T, 1.0)
-    if method == "bat":
-        block = torch.randn(d_out // rank, rank, rank, generator=gen) * 0.01
-        return SlotEntry(None, None, 1.0, dense=bat_delta(W, block))
-    raise ValueError(f"unknown method {method!r}")
+        parts["lora_magnitude_vector"] = norm * (1 + 0.05 * torch.randn(d_out, generator=gen))
+    elif method == "bone":
+        parts = {"miss_block": torch.randn(rank, d_out, generator=gen) * 0.01}
+    elif method == "bat":
+        parts = {"miss_block": torch.randn(d_out // rank, rank, rank, generator=gen) * 0.01}
+    elif method != "lora":
+        raise ValueError(f"unknown method {method!r}")
+    return get_method(method).serve(ModuleWeights("bench", config, parts, {}, W, rank))
 
 
 def supported(method: str, k: int, linears: list[nn.Linear], rank: int) -> bool:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.adapters.lora_keys import LoraKeyError, lora_pairs, uniform_scale
+from lorafleet.adapters.lora_keys import (
+    LoraKeyError,
+    lora_pairs,
+    module_alpha,
+    module_rank,
+    uniform_scale,
+)
+from lorafleet.adapters.methods import find_method
 from lorafleet.errors import LorafleetError
 
 DEFAULT_DIR = Path("build/peers")
@@ -67,17 +75,23 @@ def require(root: str | Path | None = None) -> Peers:
 def check_convertible(config: dict, tensors: dict) -> float:
     """llama.cpp's GGUF LoRA holds one alpha (scale alpha / r) and plain A/B pairs: refuse
     adapters it cannot carry. Returns the adapter's scale."""
-    if config.get("use_rslora") or config.get("use_dora"):
-        raise LorafleetError(
-            "llama.cpp scales plain LoRA by alpha / r: rsLoRA / DoRA won't convert"
-        )
+    method = find_method(config)
+    if method is None or not method.factored:
+        what = method.title if method else f"peft_type {config.get('peft_type')}"
+        raise LorafleetError(f"llama.cpp converts plain LoRA only: {what} won't convert")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise LorafleetError("llama.cpp needs one LoRA scale: per-module rank/alpha won't convert")
     try:
         lora_pairs(tensors)
     except LoraKeyError as exc:
         raise LorafleetError(f"llama.cpp converts plain LoRA A/B pairs only: {exc}") from None
-    return uniform_scale(config)
+    scale = uniform_scale(config)
+    if not math.isclose(scale, module_alpha(config, "") / module_rank(config, "")):
+        raise LorafleetError(
+            f"llama.cpp scales plain LoRA by alpha / r: {method.title} (scale {scale:g}) won't "
+            "convert"
+        )
+    return scale
 
 
 def convert_command(peers: Peers, base_config_dir: Path, jobs: list[tuple[Path, Path]]) -> list:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lorafleet.bench import peer_tools, print_table, write_json
 from lorafleet.bench.child import run_in_child
-from lorafleet.bench.serve import plan, sse_events, summarise
+from lorafleet.bench.streaming import in_process, plan, sse_events, summarise
 from lorafleet.errors import LorafleetError
 
 WORKLOADS = ("all_base", "adapters", "single")
@@ -84,7 +84,6 @@ def _lorafleet(cfg: dict) -> dict:
 
     from lorafleet.adapters import read_adapter
     from lorafleet.bench.quality import parse_setting
-    from lorafleet.bench.serve import in_process
     from lorafleet.models import load_base
     from lorafleet.serve.engine import Engine
 

@@ -47,9 +47,9 @@ def labelled(engine):
         setattr(owner, name, fn(old))
         undo.append((owner, name, old, had))
 
-    runner = engine.runner
-    patch(runner, "attend", lambda f: _wrap("attention", f))
-    patch(runner, "write_kv", lambda f: _wrap("kv_write", f))
+    for label, places in engine.forward_parts().items():  # attention, kv_write, fused GEMMs
+        for owner, method in places:
+            patch(owner, method, lambda f, label=label: _wrap(label, f))
     sdpa = F.scaled_dot_product_attention
 
     def by_shape(q, *args, **kwargs):  # decode rows attend with one query position each
@@ -64,9 +64,6 @@ def labelled(engine):
             type(module).__name__.endswith("Linear") and not hasattr(module, "base_layer")
         ):
             patch(module, "forward", lambda f: _wrap("base_matmul", f))
-    for fused in runner.qkv:  # the fused q/k/v GEMMs
-        if fused.fused:
-            patch(fused, "base", lambda f: _wrap("base_matmul", f))
     for name in ("add_lora_segmented_", "add_lora_gathered_", "add_mixture_"):
         if hasattr(linear_mod, name):
             patch(linear_mod, name, lambda f: _wrap("lora", f))

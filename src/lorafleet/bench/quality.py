@@ -76,7 +76,7 @@ def _lockstep(engines: dict, prompts: list[list[int]], new_tokens: int, progress
         logits = {}
         for key, engine in engines.items():
             prefill, decode = (seqs[key], []) if step == 0 else ([], seqs[key])
-            logits[key] = engine.runner.run(prefill, decode).float()  # [n, vocab]
+            logits[key] = engine.forward(prefill, decode).float()  # [n, vocab]
         ref = logits["reference"]
         top = ref.argmax(dim=-1)  # [n]: the reference's greedy tokens, fed to every engine
         for key, out in logits.items():

@@ -24,8 +24,8 @@ METHOD_NAMES = ("lora", "rslora", "dora", "bone", "bat", "bilora", "bilora-secon
 def _lorafleet_steps(
     base, data, batch_size, steps, warmup, out, chat, method="lora", rank=16
 ) -> list[float]:
-    from lorafleet.train import TrainConfig, Trainer
-    from lorafleet.train.bilora import BiLoRATrainer, bilora_options
+    from lorafleet.train import TrainConfig, trainer_for
+    from lorafleet.train.bilora import bilora_options
 
     total = warmup + steps
     name, _, bilevel = method.partition("-")
@@ -43,7 +43,7 @@ def _lorafleet_steps(
         alpha=2.0 * rank,
         extra=bilora_options(name, bilevel or None),
     )
-    trainer = BiLoRATrainer(cfg) if name == "bilora" else Trainer(cfg)
+    trainer = trainer_for(cfg)
     trainer.setup()
     times = []
     for step in range(warmup + steps):

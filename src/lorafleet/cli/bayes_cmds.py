@@ -2,18 +2,61 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
 
+from lorafleet.bayes.config import CalibrateConfig, LaplaceConfig
 from lorafleet.cli.app import app
 from lorafleet.cli.common import load_model, print_report, write_json
-from lorafleet.cli.options import BaseOpt, ForceOpt, MaxRankOpt, NoChatOpt, SeedOpt
+from lorafleet.cli.options import (
+    BaseOpt,
+    ForceOpt,
+    MaxRankOpt,
+    NoChatOpt,
+    from_field,
+    options_from,
+    with_options,
+)
 from lorafleet.errors import LorafleetError
+
+# How `lorafleet calibrate` fits the factors (LaplaceConfig) and tunes the prior (CalibrateConfig).
+FIT_OPTIONS = options_from(
+    LaplaceConfig,
+    from_field("n_kfac", min=1, help="Rank kept for large Kronecker factors."),
+    from_field("threshold", min=1, help="Factors larger than this are low-rank + diagonal."),
+    from_field("labels", help="Fisher labels: exact (all classes) | sampled (one draw)."),
+    from_field("batch_size", min=1),
+    "seed",
+)
+TUNING_OPTIONS = options_from(
+    CalibrateConfig,
+    from_field("tune", help="Prior precision by: evidence (marginal likelihood) | val."),
+    from_field(
+        "prior",
+        help="Prior on the LoRA weights: b-only (A fixed, B ~ N(0, 1/lam)) | b-layers (b-only, "
+        "one lam per module) | init (centred at lora_init.safetensors) | parts (lam_A, lam_B) "
+        "| zero (N(0, 1/lam) on A and B).",
+    ),
+    from_field(
+        "evidence",
+        help="Evidence form: mode (MacKay's formula; assumes the weights were trained under "
+        "this prior) | quadratic (the likelihood's quadratic approximation at the weights "
+        "integrated against the prior: movement the curvature does not pin down is ignored; "
+        "see docs/calibration.md).",
+    ),
+    from_field(
+        "weight_samples", min=0, help="Also report the weight-sampling predictive on --val."
+    ),
+    from_field("max_length", min=8),
+)
 
 
 @app.command()
+@with_options(fit=FIT_OPTIONS, tuning=TUNING_OPTIONS)
 def calibrate(
+    *,
     base: str = BaseOpt,
     adapter: Path = typer.Option(
         ..., "--adapter", "-a", help="The LoRA adapter directory; the factors are saved in it."
@@ -30,39 +73,8 @@ def calibrate(
         None, "--train-limit", min=1, help="Use the first N rows of --data."
     ),
     val_limit: int | None = typer.Option(200, "--val-limit", min=1, help="Validation rows used."),
-    n_kfac: int = typer.Option(
-        10, "--n-kfac", min=1, help="Rank kept for large Kronecker factors."
-    ),
-    threshold: int = typer.Option(
-        512, "--threshold", min=1, help="Factors larger than this are low-rank + diagonal."
-    ),
-    labels: str = typer.Option(
-        "exact", "--labels", help="Fisher labels: exact (all classes) | sampled (one draw)."
-    ),
-    tune: str = typer.Option(
-        "evidence", "--tune", help="Prior precision by: evidence (marginal likelihood) | val."
-    ),
-    prior: str = typer.Option(
-        "b-only",
-        "--prior",
-        help="Prior on the LoRA weights: b-only (A fixed, B ~ N(0, 1/lam)) | b-layers (b-only, "
-        "one lam per module) | init (centred at lora_init.safetensors) | parts (lam_A, lam_B) "
-        "| zero (N(0, 1/lam) on A and B).",
-    ),
-    evidence: str = typer.Option(
-        "mode",
-        "--evidence",
-        help="Evidence form: mode (MacKay's formula; assumes the weights were trained under "
-        "this prior) | quadratic (the likelihood's quadratic approximation at the weights "
-        "integrated against the prior: movement the curvature does not pin down is ignored; "
-        "see docs/calibration.md).",
-    ),
-    weight_samples: int = typer.Option(
-        0, "--weight-samples", min=0, help="Also report the weight-sampling predictive on --val."
-    ),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
-    max_length: int = typer.Option(512, "--max-length", min=8),
-    seed: int = SeedOpt,
+    fit: dict,
+    tuning: dict,
     no_chat: bool = NoChatOpt,
     json_out: Path | None = typer.Option(None, "--json", help="Also write the report here."),
     force: bool = ForceOpt,
@@ -83,13 +95,9 @@ def calibrate(
         lorafleet calibrate -b default -a runs/sst2 --data sst2 --train-limit 500 --prior zero \
             --evidence quadratic
     """
-    from lorafleet.bayes import LaplaceConfig
     from lorafleet.bayes import calibrate as calibrate_adapter
     from lorafleet.data import load_examples
 
-    cfg = LaplaceConfig(
-        n_kfac=n_kfac, threshold=threshold, labels=labels, batch_size=batch_size, seed=seed
-    )
     loaded, _, model = load_model(base, adapter, force, max_rank)
     tok = loaded.tokenizer
     train = load_examples(data, tok, split=split, chat=not no_chat, limit=train_limit)
@@ -102,13 +110,9 @@ def calibrate(
         adapter,
         train,
         val_set,
-        config=cfg,
-        tune=tune,
-        max_length=max_length,
+        config=FIT_OPTIONS.build(fit),
         show_progress=True,
-        weight_samples=weight_samples,
-        prior=prior,
-        evidence=evidence,
+        **dataclasses.asdict(TUNING_OPTIONS.build(tuning)),
     )
     shown = {k: v for k, v in report.items() if not isinstance(v, dict)}
     sections = {"calibration": shown}

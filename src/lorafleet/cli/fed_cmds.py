@@ -9,7 +9,16 @@ from pathlib import Path
 import typer
 
 from lorafleet.cli.app import app
-from lorafleet.cli.options import FED_APP, FED_RUN, FLOWER_LINK, fed_config, with_options
+from lorafleet.cli.options import (
+    FED_APP,
+    FED_RUN,
+    FLOWER_LINK,
+    fed_config,
+    from_field,
+    options_from,
+    with_options,
+)
+from lorafleet.fed.config import FedConfig
 
 fed_app = typer.Typer(
     help="Federated fine-tuning: FedEx-LoRA (exact), FedAvg and FFA-LoRA; simulated or on Flower.",
@@ -18,15 +27,16 @@ fed_app = typer.Typer(
 )
 app.add_typer(fed_app, name="fed")
 
+# `fed simulate` alone can keep what every client trained.
+KEEP_CLIENTS = options_from(
+    FedConfig,
+    from_field("save_clients", help="Also keep DIR/round-R/client-K/ and clients.json."),
+)
+
 
 @fed_app.command()
-@with_options(run=FED_RUN)
-def simulate(
-    run: dict,
-    save_clients: bool = typer.Option(
-        False, "--save-clients", help="Also keep DIR/round-R/client-K/ and clients.json."
-    ),
-):
+@with_options(run=FED_RUN, keep=KEEP_CLIENTS)
+def simulate(run: dict, keep: dict):
     """Simulate N clients in this process: each round every client trains on its partition,
     then the server aggregates and scores the global model on held-out data.
 
@@ -46,7 +56,7 @@ def simulate(
     """
     from lorafleet.fed.simulate import run_simulation
 
-    cfg = fed_config(run, save_clients=save_clients)
+    cfg = fed_config(run, **keep)
     run_simulation(cfg)
     out = run["out"]
     typer.echo(f"global model written to {out}/global (metrics: {out}/metrics.json)")

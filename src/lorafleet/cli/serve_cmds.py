@@ -8,14 +8,54 @@ from pathlib import Path
 import typer
 
 from lorafleet.cli.app import app
-from lorafleet.cli.options import BaseOpt, DtypeOpt, PortOpt, QuantizeOpt
+from lorafleet.cli.options import (
+    BaseOpt,
+    DtypeOpt,
+    PortOpt,
+    from_field,
+    options_from,
+    with_options,
+)
+from lorafleet.serve.api.config import EngineSettings, ServerConfig
+
+# `lorafleet serve`: the engine's and registry's sizes (EngineSettings) ...
+ENGINE_OPTIONS = options_from(
+    EngineSettings,
+    from_field(
+        "quantize", help="none | int8 | int4: weight-only base linears (adapters: --dtype)."
+    ),
+    from_field("max_adapters", min=1, help="Resident adapter slots."),
+    from_field("max_rank", min=1),
+    from_field("max_batch_size", min=1),
+    from_field("max_batch_tokens", min=1),
+    from_field("max_seq_len", min=2),
+    from_field("cpu_cache_mb", min=0),
+    from_field(
+        "cpu_cache_bytes",
+        annotation=str | None,
+        help="Byte budget of the CPU adapter tier, e.g. 512MB or 2GB (replaces --cpu-cache-mb); "
+        "least recently used adapters leave it, never one a running request uses.",
+    ),
+)
+# ... and the HTTP server's limits (ServerConfig).
+SERVER_OPTIONS = options_from(
+    ServerConfig,
+    from_field(
+        "max_waiting", "--max-queue", name="max_queue", min=1, help="Waiting requests before 429."
+    ),
+    from_field("shutdown_grace_s", "--shutdown-grace", name="shutdown_grace", min=0),
+    from_field("max_mixture", min=1, help="Adapters one request may mix (adapters / mix: ids)."),
+    from_field("merge_cache_mb", min=0, help="Memory for ties / dare merges (LRU by bytes)."),
+    from_field("max_n", min=1, help="Choices one OpenAI request may ask (n)."),
+)
 
 
 @app.command()
+@with_options(engine=ENGINE_OPTIONS, server=SERVER_OPTIONS)
 def serve(
+    *,
     base: str = BaseOpt,
     dtype: str = DtypeOpt,
-    quantize: str = QuantizeOpt,
     adapters: Path | None = typer.Option(
         None, "--adapters", help="Directory of adapter directories (each served by its name)."
     ),
@@ -24,30 +64,11 @@ def serve(
     auth: Path | None = typer.Option(
         None, "--auth", help="JSON/YAML: admin_keys and tenants (keys, private_adapters)."
     ),
+    # These two set ServerConfig's model_name and engine_threads, with defaults of the CLI's
+    # own: the --base given, and all CPU cores but one.
     model_name: str | None = typer.Option(
         None, "--model-name", help="The id the base is served under (default: --base)."
     ),
-    max_adapters: int = typer.Option(8, "--max-adapters", min=1, help="Resident adapter slots."),
-    max_rank: int = typer.Option(32, "--max-rank", min=1),
-    max_batch_size: int = typer.Option(16, "--max-batch-size", min=1),
-    max_batch_tokens: int = typer.Option(2048, "--max-batch-tokens", min=1),
-    max_seq_len: int = typer.Option(1024, "--max-seq-len", min=2),
-    cpu_cache_mb: float = typer.Option(512.0, "--cpu-cache-mb", min=0),
-    cpu_cache_bytes: str | None = typer.Option(
-        None,
-        "--cpu-cache-bytes",
-        help="Byte budget of the CPU adapter tier, e.g. 512MB or 2GB (replaces --cpu-cache-mb); "
-        "least recently used adapters leave it, never one a running request uses.",
-    ),
-    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests before 429."),
-    shutdown_grace: float = typer.Option(10.0, "--shutdown-grace", min=0),
-    max_mixture: int = typer.Option(
-        8, "--max-mixture", min=1, help="Adapters one request may mix (adapters / mix: ids)."
-    ),
-    merge_cache_mb: float = typer.Option(
-        256.0, "--merge-cache-mb", min=0, help="Memory for ties / dare merges (LRU by bytes)."
-    ),
-    max_n: int = typer.Option(8, "--max-n", min=1, help="Choices one OpenAI request may ask (n)."),
     threads: int | None = typer.Option(
         None,
         "--threads",
@@ -55,6 +76,8 @@ def serve(
         help="torch threads for the forward passes (default: all CPU cores but one, which is "
         "left to HTTP; on 2 cores that serves 32 clients 1.5x faster, see BENCHMARKS.md).",
     ),
+    engine: dict,
+    server: dict,
     change: Path | None = typer.Option(
         None, "--change", help="A `lorafleet change train` dir: serves POST /v1/images/edits."
     ),
@@ -110,38 +133,25 @@ def serve(
     from lorafleet.layers import check_quantize
     from lorafleet.models import load_base
     from lorafleet.serve.adapter_store import parse_size
-    from lorafleet.serve.api import AuthConfig, ServerConfig
-    from lorafleet.serve.api.server import EngineSettings, build_state, serve_forever
+    from lorafleet.serve.api import AuthConfig
+    from lorafleet.serve.api.server import build_state, serve_forever
 
-    if cpu_cache_bytes is not None:
-        parse_size(cpu_cache_bytes)  # a bad size is a one-line error before the model loads
+    if engine["cpu_cache_bytes"] is not None:
+        parse_size(engine["cpu_cache_bytes"])  # a bad size: one line before the model loads
     if adapters is not None and not adapters.is_dir():
         raise LorafleetError(f"--adapters {adapters}: no such directory")
     auth_config = AuthConfig.load(auth) if auth is not None else AuthConfig.off()
     if change_loras is not None and change is None:
         raise LorafleetError("--change-loras needs --change DIR (the LoC model they belong to)")
     editor = ChangeEditor(change, change_loras) if change is not None else None
-    check_quantize(quantize)
-    loaded = load_base(base, dtype=dtype)
-    settings = EngineSettings(
-        max_adapters=max_adapters,
-        max_rank=max_rank,
-        max_batch_size=max_batch_size,
-        max_batch_tokens=max_batch_tokens,
-        max_seq_len=max_seq_len,
-        cpu_cache_mb=cpu_cache_mb,
-        cpu_cache_bytes=cpu_cache_bytes,
-        quantize=quantize,
-    )
-    config = ServerConfig(
+    check_quantize(engine["quantize"])
+    settings = ENGINE_OPTIONS.build(engine)
+    config = SERVER_OPTIONS.build(
+        server,
         model_name=model_name or base,
-        max_waiting=max_queue,
-        shutdown_grace_s=shutdown_grace,
-        max_mixture=max_mixture,
-        merge_cache_mb=merge_cache_mb,
-        max_n=max_n,
         engine_threads=threads or max(1, (os.cpu_count() or 2) - 1),
     )
+    loaded = load_base(base, dtype=dtype)
     state = build_state(
         loaded,
         adapters,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
 
+from lorafleet.adapters.methods import cli_help as method_help
 from lorafleet.cli.app import app
 from lorafleet.cli.bayes_cmds import eval_bayes
 from lorafleet.cli.common import load_model, print_report, write_json
 from lorafleet.cli.options import (
+    NO_CHAT_HELP,
     AdapterOpt,
+    BaseField,
     BaseOpt,
     DtypeOpt,
     FedDirOpt,
@@ -18,75 +22,96 @@ from lorafleet.cli.options import (
     MaskOpt,
     MaxRankOpt,
     MoleDirOpt,
-    NoChatOpt,
-    SeedOpt,
+    from_field,
+    no_chat_option,
+    options_from,
+    repeated_option,
+    targets_option,
+    with_options,
 )
+from lorafleet.eval.config import METRICS, EvalConfig
+from lorafleet.train.bilora_config import BiLoRAConfig
+from lorafleet.train.config import DEFAULT_STEPS, TrainConfig
 
-
-@app.command()
-def train(
-    base: str = BaseOpt,
-    data: str = typer.Option(
-        ...,
+# `lorafleet train`: one option per TrainConfig field it sets (BiLoRA's ride in its `extra`).
+TRAIN_OPTIONS = options_from(
+    TrainConfig,
+    BaseField,
+    from_field(
+        "data",
         "--data",
         "-d",
         help="A built-in task (sst2, clutrr, strategyqa, gsm8k) or a .jsonl/.csv/.tsv/.parquet.",
     ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Run directory: adapter, metrics.jsonl, loss.png, checkpoints/."
+    from_field(
+        "out",
+        "--out",
+        "-o",
+        help="Run directory: adapter, metrics.jsonl, loss.png, checkpoints/.",
     ),
-    val: str | None = typer.Option(
-        None, "--val", help="Validation data (default: a built-in task's validation split)."
+    from_field("val", help="Validation data (default: a built-in task's validation split)."),
+    from_field("method", help=method_help()),
+    from_field("rank", "--rank", "-r"),
+    "alpha",
+    targets_option("all-linear, or a list like q_proj,v_proj"),
+    "dropout",
+    from_field("steps", help=f"Optimizer steps (default {DEFAULT_STEPS} unless --epochs)."),
+    "epochs",
+    "lr",
+    "weight_decay",
+    from_field("warmup", help="Warmup as a fraction of the steps."),
+    from_field("batch_size", help="Per process and micro-step."),
+    "grad_accum",
+    from_field("max_grad_norm", help="0 turns clipping off."),
+    "max_length",
+    from_field("on_overflow", help="truncate (prompt, from the left) | drop"),
+    "packing",
+    "seed",
+    from_field("dtype", help="fp32 | bf16 (autocast)"),
+    "gradient_checkpointing",
+    from_field("eval_every", help="Validate every N steps (0: at the end)."),
+    from_field("eval_limit", help="Validation rows used."),
+    repeated_option(
+        "val_metrics", "--val-metric", name="val_metric", help="Validation metric; repeatable."
     ),
-    method: str = typer.Option(
-        "lora", "--method", help="lora | rslora | dora | bone | bat | bilora"
+    from_field("train_limit", help="Use only the first N rows."),
+    from_field("save_every", help="Checkpoint every N steps."),
+    "keep_checkpoints",
+    no_chat_option(help=NO_CHAT_HELP),
+    from_field("resume", help="Continue from the newest checkpoint in --out."),
+)
+# `lorafleet eval`: how it scores (EvalConfig).
+EVAL_OPTIONS = options_from(
+    EvalConfig,
+    repeated_option(
+        "metrics",
+        "--metric",
+        "-m",
+        name="metric",
+        help=f"{' | '.join(METRICS)}; repeatable (default: the task's).",
     ),
-    rank: int = typer.Option(16, "--rank", "-r"),
-    alpha: float = typer.Option(32.0, "--alpha"),
-    targets: str = typer.Option(
-        "all-linear", "--targets", help="all-linear, or a list like q_proj,v_proj"
-    ),
-    dropout: float = typer.Option(0.0, "--dropout"),
-    steps: int | None = typer.Option(
-        None, "--steps", help="Optimizer steps (default 100 unless --epochs)."
-    ),
-    epochs: float | None = typer.Option(None, "--epochs"),
-    lr: float = typer.Option(2e-4, "--lr"),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    warmup: float = typer.Option(0.05, "--warmup", help="Warmup as a fraction of the steps."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Per process and micro-step."),
-    grad_accum: int = typer.Option(1, "--grad-accum"),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="0 turns clipping off."),
-    max_length: int = typer.Option(512, "--max-length"),
-    on_overflow: str = typer.Option(
-        "truncate", "--on-overflow", help="truncate (prompt, from the left) | drop"
-    ),
-    packing: bool = typer.Option(False, "--packing"),
-    seed: int = SeedOpt,
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 (autocast)"),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
-    eval_every: int = typer.Option(
-        0, "--eval-every", help="Validate every N steps (0: at the end)."
-    ),
-    eval_limit: int | None = typer.Option(200, "--eval-limit", help="Validation rows used."),
-    val_metric: list[str] = typer.Option([], "--val-metric", help="Validation metric; repeatable."),
-    train_limit: int | None = typer.Option(
-        None, "--train-limit", help="Use only the first N rows."
-    ),
-    save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps."),
-    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints"),
-    no_chat: bool = NoChatOpt,
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue from the newest checkpoint in --out."
-    ),
+    from_field("batch_size", min=1),
+    from_field("max_new_tokens", min=1),
+    from_field("max_length", min=8),
+)
+
+
+@app.command()
+@with_options(run=TRAIN_OPTIONS)
+def train(
+    run: dict,
     bilevel: str | None = typer.Option(
         None, "--bilevel", help="bilora: first (default) | second (unrolled) | joint (control)."
     ),
     bilevel_split: float | None = typer.Option(
-        None, "--bilevel-split", help="bilora: fraction of the data in D1 (default 0.8)."
+        None,
+        "--bilevel-split",
+        help=f"bilora: fraction of the data in D1 (default {BiLoRAConfig.bilevel_split}).",
     ),
     ortho_weight: float | None = typer.Option(
-        None, "--ortho-weight", help="bilora: weight of ||P'P - I||^2 + ||QQ' - I||^2 (0.1)."
+        None,
+        "--ortho-weight",
+        help=f"bilora: weight of ||P'P - I||^2 + ||QQ' - I||^2 ({BiLoRAConfig.ortho_weight}).",
     ),
 ):
     """Fine-tune an adapter. Ctrl-C or SIGTERM saves a checkpoint; --resume continues it.
@@ -103,45 +128,12 @@ def train(
 
         torchrun --standalone --nproc-per-node 2 -m lorafleet.cli train -b default -d sst2 -o ddp
     """
-    from lorafleet.adapters import parse_targets
-    from lorafleet.train import TrainConfig, Trainer
-    from lorafleet.train.bilora import BiLoRATrainer, bilora_options
+    from lorafleet.train import trainer_for
+    from lorafleet.train.bilora_config import bilora_options
 
-    cfg = TrainConfig(
-        base=base,
-        data=data,
-        out=out,
-        val=val,
-        method=method,
-        rank=rank,
-        alpha=alpha,
-        targets=parse_targets(targets),
-        dropout=dropout,
-        steps=steps,
-        epochs=epochs,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup=warmup,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_grad_norm=max_grad_norm,
-        max_length=max_length,
-        on_overflow=on_overflow,
-        packing=packing,
-        seed=seed,
-        dtype=dtype,
-        gradient_checkpointing=gradient_checkpointing,
-        eval_every=eval_every,
-        eval_limit=eval_limit,
-        val_metrics=tuple(val_metric) or None,
-        train_limit=train_limit,
-        save_every=save_every,
-        keep_checkpoints=keep_checkpoints,
-        chat=not no_chat,
-        resume=resume,
-        extra=bilora_options(method, bilevel, bilevel_split, ortho_weight),
-    )
-    trainer = BiLoRATrainer(cfg) if method == "bilora" else Trainer(cfg)
+    extra = bilora_options(run["method"], bilevel, bilevel_split, ortho_weight)
+    cfg = TRAIN_OPTIONS.build(run, extra=extra)
+    trainer = trainer_for(cfg)
     result = trainer.run()
     if not trainer.dist.is_main:
         return 0
@@ -154,26 +146,20 @@ def train(
         return 130
     val_figures = result.get("validation") or {}
     shown = ", ".join(f"{k}={v:.4g}" for k, v in val_figures.items() if isinstance(v, float))
-    typer.echo(f"adapter written to {out}" + (f" (validation: {shown})" if shown else ""))
+    typer.echo(f"adapter written to {cfg.out}" + (f" (validation: {shown})" if shown else ""))
     return 0
 
 
 @app.command("eval")
+@with_options(scoring=EVAL_OPTIONS)
 def eval_cmd(
+    *,
     base: str = BaseOpt,
     data: str = typer.Option(..., "--data", "-d", help="A built-in task or a data file."),
     adapter: Path | None = AdapterOpt,
     split: str = typer.Option("validation", "--split", help="train | validation (built-in tasks)."),
-    metric: list[str] = typer.Option(
-        [],
-        "--metric",
-        "-m",
-        help="accuracy | exact_match | contains | perplexity; repeatable (default: the task's).",
-    ),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate the first N rows only."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    max_length: int = typer.Option(1024, "--max-length", min=8),
+    scoring: dict,
     no_chat: bool = typer.Option(False, "--no-chat"),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the figures here."),
     force: bool = ForceOpt,
@@ -205,6 +191,7 @@ def eval_cmd(
     from lorafleet.data import load_examples
     from lorafleet.eval import evaluate
 
+    cfg = EVAL_OPTIONS.build(scoring)  # a bad --metric fails before the model loads
     loaded, _, model = load_model(base, adapter, force, max_rank, fed, mole, mask, dtype)
     examples = load_examples(data, loaded.tokenizer, split=split, chat=not no_chat, limit=limit)
     if bayes:  # accuracy, ECE, NLL, Brier for MAP vs Laplace, reliability diagram, JSON
@@ -214,18 +201,11 @@ def eval_cmd(
             adapter,
             examples,
             json_out=json_out,
-            batch_size=batch_size,
-            max_length=max_length,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
         )
     figures = evaluate(
-        model,
-        loaded.tokenizer,
-        examples,
-        metrics=tuple(metric) or None,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        show_progress=True,
+        model, loaded.tokenizer, examples, **dataclasses.asdict(cfg), show_progress=True
     )
     report = {
         "base": base,

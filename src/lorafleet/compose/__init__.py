@@ -1,39 +1,25 @@
 """Adapter composition: exact merges (pure functions over tensors) and merged export."""
 
-from lorafleet.compose.deltas import (
-    Factors,
-    MergeError,
-    adapter_factors,
-    check_mergeable,
-    compact,
-    dense_deltas,
-    svd_factors,
-)
-from lorafleet.compose.merge import (
-    DENSE_METHODS,
-    FACTOR_METHODS,
-    METHODS,
-    combine_dense,
-    factors_to_adapter,
-    merge_adapters,
-    merge_factors,
-    merged_deltas,
-)
+from lorafleet.lazy import lazy_exports
 
-__all__ = [
-    "DENSE_METHODS",
-    "FACTOR_METHODS",
-    "METHODS",
-    "Factors",
-    "MergeError",
-    "adapter_factors",
-    "check_mergeable",
-    "combine_dense",
-    "compact",
-    "dense_deltas",
-    "factors_to_adapter",
-    "merge_adapters",
-    "merge_factors",
-    "merged_deltas",
-    "svd_factors",
-]
+# Each name is imported from its submodule on first use: importing the package loads no torch.
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "DENSE_METHODS": ".merge",
+        "FACTOR_METHODS": ".merge",
+        "METHODS": ".merge",
+        "Factors": ".deltas",
+        "MergeError": ".deltas",
+        "adapter_factors": ".deltas",
+        "check_mergeable": ".deltas",
+        "combine_dense": ".merge",
+        "compact": ".deltas",
+        "dense_deltas": ".deltas",
+        "factors_to_adapter": ".merge",
+        "merge_adapters": ".merge",
+        "merge_factors": ".merge",
+        "merged_deltas": ".merge",
+        "svd_factors": ".deltas",
+    },
+)

@@ -15,6 +15,7 @@ import torch
 
 from lorafleet.adapters.format import Adapter
 from lorafleet.adapters.lora_keys import LoraKeyError, lora_pairs, module_scale
+from lorafleet.adapters.methods import find_method
 from lorafleet.errors import LorafleetError
 
 # Singular values below this fraction of the largest are rounding noise of an exact product.
@@ -52,15 +53,13 @@ def check_mergeable(adapter: Adapter) -> None:
     """Refuse, in one line, an adapter whose delta is not s * B @ A over linear layers."""
     where = _where(adapter)
     config = adapter.config
-    if adapter.peft_type != "LORA":
+    method = find_method(config)
+    if method is None or not method.factored:
+        title = method.title if method else adapter.method
+        delta = f": their delta is {method.delta}" if method else ""
         raise MergeError(
-            f"{where}: {adapter.method} (peft_type {adapter.peft_type}) adapters cannot be merged: "
-            "their delta is not B @ A (refused rather than merged wrongly)"
-        )
-    if config.get("use_dora"):
-        raise MergeError(
-            f"{where}: DoRA adapters cannot be merged: their delta depends on the base weight's "
-            "column norms, not on B @ A alone"
+            f"{where}: {title} (peft_type {adapter.peft_type}) adapters cannot be merged{delta}, "
+            "not s * B @ A (refused rather than merged wrongly)"
         )
     if config.get("lora_bias"):
         raise MergeError(f"{where}: adapters with a LoRA bias (lora_bias) cannot be merged")

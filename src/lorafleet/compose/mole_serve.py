@@ -16,6 +16,8 @@ from lorafleet.compose.mole import (
     read_mole_config,
 )
 from lorafleet.layers.mole import MoleGates, gates_from_tensors
+from lorafleet.serve.backend import ServingBackend
+from lorafleet.serve.registry import AdapterRegistry
 from lorafleet.serve.sequence import Mixture
 
 
@@ -71,15 +73,15 @@ def read_gates(path: str | Path) -> MoleGates:
     return gates
 
 
-def serve_mole(engine, name: str, path: str | Path) -> ServedMole:
-    """Load the MoLE directory `path` into `engine` under `name` (each expert checked, then
+def serve_mole(backend: ServingBackend, name: str, path: str | Path) -> ServedMole:
+    """Load the MoLE directory `path` into `backend` under `name` (each expert checked, then
     resident as NAME/EXPERT); returns what requests use."""
-    experts = mole_experts(path, engine.base.fingerprint)
-    gates = read_gates(path).to(engine.runner.device)
+    experts = mole_experts(path, backend.base_fingerprint)
+    gates = read_gates(path).to(backend.device)
     adapters = []
     for e in experts:
         adapters.append(f"{name}/{e.name}")
-        engine.load_adapter(adapters[-1], e.adapter)
+        backend.load_adapter(adapters[-1], e.adapter)
     return ServedMole(name, [e.name for e in experts], adapters, gates)
 
 
@@ -89,18 +91,18 @@ class MoleCatalog:
     together while a request runs), the gates are read once. `spec(name, mask)` is the
     engine adapter spec of a request. Every MoLE is checked at startup (one line if bad)."""
 
-    def __init__(self, engine, registry):
+    def __init__(self, backend: ServingBackend, registry: AdapterRegistry):
         self.moles: dict[str, ServedMole] = {}
-        root = getattr(registry, "adapters_dir", None)
+        root = registry.adapters_dir
         if root is None:
             return
         for path in sorted(p for p in Path(root).iterdir() if is_mole_dir(p)):
-            self.moles[path.name] = self._register(engine, registry, path)
+            self.moles[path.name] = self._register(backend, registry, path)
 
     @staticmethod
-    def _register(engine, registry, path: Path) -> ServedMole:
-        experts = mole_experts(path, engine.base.fingerprint)
-        gates = read_gates(path).to(engine.runner.device)
+    def _register(backend: ServingBackend, registry: AdapterRegistry, path: Path) -> ServedMole:
+        experts = mole_experts(path, backend.base_fingerprint)
+        gates = read_gates(path).to(backend.device)
         names = []
         for e in experts:
             names.append(f"{path.name}.{e.name}")

@@ -1,22 +1,23 @@
 """Data for training and evaluation: user files, built-in tasks, prompt masking, batching."""
 
-from lorafleet.data.encode import Collator, Encoded, bos_to_add, encode, encode_all, pack
-from lorafleet.data.examples import DataError, Example, ExampleSet
-from lorafleet.data.load import load_examples, split_name
-from lorafleet.data.tasks import BUILTIN_TASKS, BuiltinTask
+from lorafleet.lazy import lazy_exports
 
-__all__ = [
-    "BUILTIN_TASKS",
-    "BuiltinTask",
-    "Collator",
-    "DataError",
-    "Encoded",
-    "Example",
-    "bos_to_add",
-    "ExampleSet",
-    "encode",
-    "encode_all",
-    "load_examples",
-    "pack",
-    "split_name",
-]
+# Each name is imported from its submodule on first use: importing the package loads no torch.
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "BUILTIN_TASKS": ".tasks",
+        "BuiltinTask": ".tasks",
+        "Collator": ".encode",
+        "DataError": ".examples",
+        "Encoded": ".encode",
+        "Example": ".examples",
+        "bos_to_add": ".encode",
+        "ExampleSet": ".examples",
+        "encode": ".encode",
+        "encode_all": ".encode",
+        "load_examples": ".load",
+        "pack": ".encode",
+        "split_name": ".load",
+    },
+)

@@ -1,14 +1,18 @@
 """Evaluation: exact match / contains for generation, log-likelihood accuracy, perplexity."""
 
-from lorafleet.eval.evaluate import METRICS, evaluate
-from lorafleet.eval.metrics import accuracy, contains, exact_match, extract_answer, perplexity
+from lorafleet.lazy import lazy_exports
 
-__all__ = [
-    "METRICS",
-    "accuracy",
-    "contains",
-    "evaluate",
-    "exact_match",
-    "extract_answer",
-    "perplexity",
-]
+# Each name is imported from its submodule on first use: the CLI reads EvalConfig without torch.
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "METRICS": ".config",
+        "EvalConfig": ".config",
+        "evaluate": ".evaluate",
+        "accuracy": ".metrics",
+        "contains": ".metrics",
+        "exact_match": ".metrics",
+        "extract_answer": ".metrics",
+        "perplexity": ".metrics",
+    },
+)

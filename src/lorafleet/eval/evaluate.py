@@ -6,10 +6,9 @@ from contextlib import nullcontext
 
 from lorafleet.data import ExampleSet, encode_all
 from lorafleet.errors import LorafleetError
+from lorafleet.eval.config import EvalConfig
 from lorafleet.eval.metrics import accuracy, contains, exact_match, perplexity
 from lorafleet.eval.scoring import choice_logprobs, generate_greedy, token_loss
-
-METRICS = ("accuracy", "exact_match", "contains", "perplexity")
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
@@ -25,19 +24,18 @@ def evaluate(
     tokenizer,
     examples: ExampleSet,
     *,
-    metrics: tuple[str, ...] | None = None,
-    batch_size: int = 16,
-    max_new_tokens: int = 32,
-    max_length: int = 1024,
+    metrics: tuple[str, ...] | None = EvalConfig.metrics,
+    batch_size: int = EvalConfig.batch_size,
+    max_new_tokens: int = EvalConfig.max_new_tokens,
+    max_length: int = EvalConfig.max_length,
     show_progress: bool = False,
     return_predictions: bool = False,
 ) -> dict:
     """Returns {"examples", metric: value, "loss", "perplexity", ["predictions"]}; the default
-    metric is the data set's own (accuracy for choice tasks, exact match for generation)."""
+    metric is the data set's own (accuracy for choice tasks, exact match for generation).
+    The settings are EvalConfig's fields (and checked by it)."""
     metrics = tuple(metrics or (examples.metric, "perplexity"))
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise LorafleetError(f"unknown metric {unknown[0]!r}: use {', '.join(METRICS)}")
+    EvalConfig(metrics, batch_size, max_new_tokens, max_length)
     rows = examples.examples
     result: dict = {"examples": len(rows)}
     was_training = model.training

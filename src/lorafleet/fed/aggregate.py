@@ -32,11 +32,11 @@ from lorafleet.adapters.lora_keys import (
     split_key,
     uniform_scale,
 )
+from lorafleet.adapters.methods import find_method
 from lorafleet.errors import LorafleetError
+from lorafleet.fed.config import AGGREGATIONS
 
 log = logging.getLogger("lorafleet.fed")
-
-AGGREGATIONS = ("fedex", "fedavg", "ffa")
 
 Tensors = dict[str, torch.Tensor]
 
@@ -73,8 +73,12 @@ def lora_modules(tensors: Tensors) -> dict[str, tuple[str, str]]:
 
 def lora_scale(config: dict) -> float:
     """The LoRA scale s of an adapter config: alpha / r, or alpha / sqrt(r) for rsLoRA."""
-    if config.get("use_dora"):
-        raise LorafleetError("federated aggregation does not support DoRA (use lora or rslora)")
+    method = find_method(config)
+    if method is None or not method.factored:
+        what = method.title if method else f"peft_type {config.get('peft_type')}"
+        raise LorafleetError(
+            f"federated aggregation does not support {what}: it needs a plain s * B @ A delta"
+        )
     try:
         return uniform_scale(config)
     except LoraKeyError as exc:

@@ -1,4 +1,6 @@
-"""A federated run's settings as a typed dataclass that checks itself (simulation and Flower)."""
+"""A federated run's settings as a typed dataclass that checks itself (simulation and Flower),
+with the aggregation rules' names and the parsed `--split`; light (no torch, no numpy), so the
+CLI reads its defaults without importing the model stack."""
 
 from __future__ import annotations
 
@@ -6,11 +8,47 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lorafleet.adapters.methods import NAMES, PEFT_TRAINER, get_method
 from lorafleet.errors import LorafleetError
-from lorafleet.fed.aggregate import AGGREGATIONS
-from lorafleet.fed.partition import SplitSpec
 
-FED_METHODS = ("lora", "rslora")  # the residual math needs plain B @ A updates
+# The aggregation rules by name (fed.aggregate implements them).
+AGGREGATIONS = ("fedex", "fedavg", "ffa")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """A parsed `--split` value: kind "iid" or "dirichlet", with ALPHA for the latter."""
+
+    kind: str
+    alpha: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("iid", "dirichlet"):
+            raise LorafleetError(f"unknown split kind {self.kind!r}: use iid or dirichlet:ALPHA")
+        if self.kind == "dirichlet" and not (self.alpha is not None and self.alpha > 0):
+            raise LorafleetError(f"dirichlet:ALPHA needs a positive ALPHA, got {self.alpha!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> SplitSpec:
+        text = text.strip().lower()
+        if text == "iid":
+            return cls("iid")
+        kind, _, alpha = text.partition(":")
+        if kind != "dirichlet" or not alpha:
+            raise LorafleetError(f"--split {text!r}: use iid or dirichlet:ALPHA (e.g. 0.5)")
+        try:
+            return cls("dirichlet", float(alpha))
+        except ValueError:
+            raise LorafleetError(f"--split {text!r}: ALPHA must be a number") from None
+
+    def __str__(self) -> str:
+        return "iid" if self.kind == "iid" else f"dirichlet:{self.alpha:g}"
+
+
+# The residual math needs plain s * B @ A updates, trained through PEFT's layers by each client.
+FED_METHODS = tuple(
+    m.name for m in map(get_method, NAMES) if m.factored and m.trainer == PEFT_TRAINER
+)
 
 
 @dataclass

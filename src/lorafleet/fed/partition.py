@@ -10,44 +10,14 @@ the same partition.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from lorafleet.errors import LorafleetError
+from lorafleet.fed.config import SplitSpec
 
 MIN_PER_CLIENT = 1
 MAX_DRAWS = 100  # Dirichlet redraws before giving up on giving every client an example
-
-
-@dataclass(frozen=True)
-class SplitSpec:
-    """A parsed `--split` value: kind "iid" or "dirichlet", with ALPHA for the latter."""
-
-    kind: str
-    alpha: float | None = None
-
-    def __post_init__(self):
-        if self.kind not in ("iid", "dirichlet"):
-            raise LorafleetError(f"unknown split kind {self.kind!r}: use iid or dirichlet:ALPHA")
-        if self.kind == "dirichlet" and not (self.alpha is not None and self.alpha > 0):
-            raise LorafleetError(f"dirichlet:ALPHA needs a positive ALPHA, got {self.alpha!r}")
-
-    @classmethod
-    def parse(cls, text: str) -> SplitSpec:
-        text = text.strip().lower()
-        if text == "iid":
-            return cls("iid")
-        kind, _, alpha = text.partition(":")
-        if kind != "dirichlet" or not alpha:
-            raise LorafleetError(f"--split {text!r}: use iid or dirichlet:ALPHA (e.g. 0.5)")
-        try:
-            return cls("dirichlet", float(alpha))
-        except ValueError:
-            raise LorafleetError(f"--split {text!r}: ALPHA must be a number") from None
-
-    def __str__(self) -> str:
-        return "iid" if self.kind == "iid" else f"dirichlet:{self.alpha:g}"
 
 
 def iid_split(n: int, clients: int, seed: int) -> list[list[int]]:

@@ -7,9 +7,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from lorafleet.adapters.methods import SlotEntry
 from lorafleet.layers.mixture import MixturePlan, RowMixture, add_mixture_, expand, plan_mixtures
 from lorafleet.layers.multilora import SlotPlan, add_lora_gathered_, add_lora_segmented_, plan_rows
-from lorafleet.layers.served import SlotEntry
 
 
 class MultiLoRAContext:
@@ -86,7 +86,7 @@ class MultiLoRALinear(nn.Module):
     contiguous `lora_Bt` [S, r_max, d_out] holding scale[s] * B_s (the scale is folded in at
     load, so the hot path skips a multiply); `scale` [S] records the folded factors. DoRA slots
     also have a ratio [d_out] in `ratios`, Bat slots a dense delta [d_out, d_in] in `dense`
-    (slot -> tensor; see layers/served.py)."""
+    (slot -> tensor; each method's module in adapters/methods/ says what it holds)."""
 
     def __init__(
         self,

@@ -1,5 +1,5 @@
-"""Inject MultiLoRALinear layers into a causal LM and load PEFT adapters into their slots
-(LoRA, rsLoRA, DoRA, Bone and Bat: how each is served is in layers/served.py)."""
+"""Inject MultiLoRALinear layers into a causal LM and load PEFT adapters into their slots (each
+adapter's method, in adapters/methods/, says how it is served: its SlotEntry per module)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,20 @@ from contextlib import contextmanager
 from torch import nn
 
 from lorafleet.adapters.format import Adapter
-from lorafleet.adapters.lora_keys import LoraKeyError, module_parts, module_rank, module_scale
+from lorafleet.adapters.lora_keys import LoraKeyError, module_parts, shared_tensors
+from lorafleet.adapters.methods import (
+    Dims,
+    Method,
+    MethodError,
+    ModuleWeights,
+    SlotEntry,
+    find_method,
+    peft_type_of,
+    servable,
+)
+from lorafleet.adapters.methods.base import module_rank
 from lorafleet.errors import LorafleetError
 from lorafleet.layers.linear import MultiLoRAContext, MultiLoRALinear
-from lorafleet.layers.served import SlotEntry, bat_delta, bone_A, dora_ratio
 from lorafleet.linear_layers import block_linear_modules
 
 # LoraConfig options that change the forward beyond base + scale * B A x (or add weights we
@@ -31,6 +41,11 @@ UNSUPPORTED = {
 
 class MultiLoRAError(LorafleetError):
     """An adapter or slot the batched multi-adapter layers cannot take (one line)."""
+
+
+def _listed(titles: tuple[str, ...]) -> str:
+    """("LoRA", "DoRA", "Bone") -> "LoRA, DoRA and Bone"."""
+    return ", ".join(titles[:-1]) + (" and " if len(titles) > 1 else "") + titles[-1]
 
 
 def _label(adapter: Adapter) -> str:
@@ -73,15 +88,19 @@ class MultiLoRAModel:
         return slot
 
     def slot_weights(self, adapter: Adapter) -> dict[str, SlotEntry]:
-        """module name -> what its layer holds for `adapter` (layers/served.py), after every
-        check; DoRA's ratios and Bat's dense deltas are computed here, nothing is copied."""
+        """module name -> what its layer holds for `adapter`, after every check: the adapter's
+        method (adapters/methods/) builds each entry (DoRA's ratios and Bat's dense deltas are
+        computed here); nothing is copied into the slots yet."""
         where, config = _label(adapter), adapter.config
-        # An in-memory config (adapter_from_model) holds PEFT's PeftType enum, not its string.
-        peft_type = str(getattr(config.get("peft_type"), "value", config.get("peft_type")))
-        if peft_type.upper() not in ("LORA", "MISS"):
+        method = find_method(config)
+        if method is None:
             raise MultiLoRAError(
-                f"{where}: peft_type {peft_type} cannot be served batched; "
-                "LoRA, rsLoRA, DoRA and MiSS (Bone, Bat) adapters can"
+                f"{where}: peft_type {peft_type_of(config) or None} cannot be served batched; "
+                f"{_listed(servable())} adapters can"
+            )
+        if isinstance(method.serve, str):
+            raise MultiLoRAError(
+                f"{where}: {method.title} adapters cannot be served batched: {method.serve}"
             )
         for key, what in UNSUPPORTED.items():
             if config.get(key):
@@ -92,8 +111,11 @@ class MultiLoRAModel:
             raise MultiLoRAError(f"{where}: {exc}") from exc
         if not parts:
             raise MultiLoRAError(f"{where}: holds no adapter weights")
-        entry = self._miss_entry if peft_type.upper() == "MISS" else self._lora_entry
-        return {name: entry(where, config, name, parts[name]) for name in sorted(parts)}
+        shared = shared_tensors(adapter.tensors)
+        return {
+            name: self._entry(where, method, config, name, parts[name], shared)
+            for name in sorted(parts)
+        }
 
     def _layer(self, where: str, name: str) -> MultiLoRALinear:
         layer = self.layers.get(name)
@@ -104,72 +126,39 @@ class MultiLoRAModel:
             )
         return layer
 
-    def _check_rank(self, where: str, name: str, r: int) -> None:
-        if r > self.max_rank:
-            raise MultiLoRAError(
-                f"{where}: rank {r} ({name}) is above this model's max_rank {self.max_rank}"
-            )
-
-    def _lora_entry(self, where: str, config: dict, name: str, part: dict) -> SlotEntry:
-        """LoRA / rsLoRA, and DoRA (its magnitude turned into the per-row ratio)."""
+    def _entry(
+        self, where: str, method: Method, config: dict, name: str, part: dict, shared: dict
+    ) -> SlotEntry:
+        """One module's SlotEntry from `method.serve`, after checking its parts and shapes
+        against what the method declares, and its LoRA part's rank against max_rank."""
         layer = self._layer(where, name)
-        dora = bool(config.get("use_dora"))
-        wanted = {"A", "B", "lora_magnitude_vector"} if dora else {"A", "B"}
-        if set(part) != wanted:
-            missing = sorted(wanted - set(part)) or sorted(set(part) - wanted)
+        wanted = [p.name for p in method.parts]
+        if set(part) != set(wanted):
+            odd = sorted(set(wanted) - set(part)) or sorted(set(part) - set(wanted))
             raise MultiLoRAError(
                 f"{where}: {name} has {', '.join(sorted(part))}; "
-                f"{'DoRA' if dora else 'LoRA'} needs {', '.join(sorted(wanted))}"
-                f" ({missing[0]})"
+                f"{method.title} needs {', '.join(wanted)} ({odd[0]})"
             )
-        A, B, r = part["A"], part["B"], module_rank(config, name)
-        d_out, d_in = layer.base_layer.out_features, layer.base_layer.in_features
-        if A.shape != (r, d_in) or B.shape != (d_out, r):
-            raise MultiLoRAError(
-                f"{where}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}, "
-                f"expected ({r}, {d_in}) and ({d_out}, {r})"
-            )
-        self._check_rank(where, name, r)
-        scale = module_scale(config, name)
-        if not dora:
-            return SlotEntry(A, B, scale)
-        m = part["lora_magnitude_vector"]
-        if m.shape != (d_out,):
-            raise MultiLoRAError(
-                f"{where}: {name} has magnitude {tuple(m.shape)}, expected ({d_out},)"
-            )
-        W = layer.base_layer.weight  # dequantised when the base linear is quantised
-        A, B = A.to(W), B.to(W)
-        return SlotEntry(A, B, scale, ratio=dora_ratio(W, A, B, scale, m.to(W)))
-
-    def _miss_entry(self, where: str, config: dict, name: str, part: dict) -> SlotEntry:
-        """Bone (LoRA with A = [I_r ... I_r]), MiSS-mini (Bone with a repeated block), Bat."""
-        layer = self._layer(where, name)
-        if set(part) != {"miss_block"}:
-            raise MultiLoRAError(
-                f"{where}: {name} has {', '.join(sorted(part))}; MiSS needs miss_block"
-            )
-        block, r, init = part["miss_block"], int(config.get("r", 64)), config.get("init_weights")
-        W = layer.base_layer.weight
-        d_out, d_in = W.shape
-        if init == "bat":
-            if block.shape != (d_out // r, r, r) or d_out % r or d_in % r:
+        base = layer.base_layer
+        r = module_rank(config, name, method.default_r)
+        dims = Dims(base.out_features, base.in_features, r, config)
+        for p in method.parts:
+            if tuple(part[p.name].shape) != p.shape(dims):
                 raise MultiLoRAError(
-                    f"{where}: {name} has a Bat block {tuple(block.shape)}; "
-                    f"a {d_out}x{d_in} weight needs ({d_out // r}, {r}, {r})"
+                    f"{where}: {name} has {p.name} {tuple(part[p.name].shape)}, "
+                    f"expected {p.shape(dims)}"
                 )
-            return SlotEntry(None, None, 1.0, dense=bat_delta(W, block.to(W)))
-        if init == "mini":
-            mini_r = int(config.get("mini_r", 1))
-            if block.shape == (r, mini_r) and d_out % mini_r == 0:
-                block = block.repeat(1, d_out // mini_r)
-        if block.shape != (r, d_out) or r > d_in:
+        weights = ModuleWeights(name, config, part, shared, base.weight, r)
+        try:
+            entry = method.serve(weights)
+        except MethodError as exc:
+            raise MultiLoRAError(f"{where}: {name}: {exc}") from exc
+        if entry.A is not None and entry.A.shape[0] > self.max_rank:
             raise MultiLoRAError(
-                f"{where}: {name} has a MiSS block {tuple(block.shape)}; a "
-                f"{d_out}x{d_in} weight needs ({r}, {d_out}) with r <= {d_in}"
+                f"{where}: rank {entry.A.shape[0]} ({name}) is above this model's "
+                f"max_rank {self.max_rank}"
             )
-        self._check_rank(where, name, r)
-        return SlotEntry(bone_A(r, d_in, W), block.T, 1.0)
+        return entry
 
     def load_slot(self, slot: int, adapter: Adapter) -> None:
         """Copy an adapter's weights into `slot` of every layer (LoRA parts into the existing

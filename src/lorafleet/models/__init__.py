@@ -1,22 +1,22 @@
 """Base models: embedded defaults, local dirs, .gguf files and hub ids; fingerprints; generation."""
 
-from lorafleet.linear_layers import block_linear_modules, target_names
-from lorafleet.models.fingerprint import fingerprint
-from lorafleet.models.inspect import describe_model
-from lorafleet.models.loader import DTYPES, Base, cast_parameters, load_base, parse_dtype
-from lorafleet.models.sources import EMBEDDED, BaseSource, resolve_base
+from lorafleet.lazy import lazy_exports
 
-__all__ = [
-    "DTYPES",
-    "EMBEDDED",
-    "Base",
-    "BaseSource",
-    "block_linear_modules",
-    "cast_parameters",
-    "describe_model",
-    "fingerprint",
-    "load_base",
-    "parse_dtype",
-    "resolve_base",
-    "target_names",
-]
+# Each name is imported from its submodule on first use: importing the package loads no model code.
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "DTYPES": ".loader",
+        "EMBEDDED": ".sources",
+        "Base": ".loader",
+        "BaseSource": ".sources",
+        "block_linear_modules": "lorafleet.linear_layers",
+        "cast_parameters": ".loader",
+        "describe_model": ".inspect",
+        "fingerprint": ".fingerprint",
+        "load_base": ".loader",
+        "parse_dtype": ".loader",
+        "resolve_base": ".sources",
+        "target_names": "lorafleet.linear_layers",
+    },
+)

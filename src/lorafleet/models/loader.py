@@ -51,7 +51,7 @@ class Base:
 
 
 @contextmanager
-def _quiet_transformers(show_progress: bool):
+def quiet_transformers(show_progress: bool):
     """Silence transformers' warnings (and its progress bars unless the work is long)."""
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -90,7 +90,7 @@ def _convert_gguf(source: BaseSource, target: Path) -> None:
         f"lorafleet: converting {gguf.name} to safetensors (first use only) -> {target}",
         file=sys.stderr,
     )
-    with _quiet_transformers(show_progress=True):
+    with quiet_transformers(show_progress=True):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The de-quantised weights are plain tensors; drop the GGUF quantizer so they can be saved.
@@ -100,7 +100,7 @@ def _convert_gguf(source: BaseSource, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        with _quiet_transformers(show_progress=False):
+        with quiet_transformers(show_progress=False):
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": str(gguf), "name": source.name}))
@@ -124,7 +124,7 @@ def cast_parameters(model: torch.nn.Module, dtype: str | torch.dtype) -> torch.n
 
 
 def _from_dir(path: str | Path, dtype: torch.dtype, show_progress: bool = False):
-    with _quiet_transformers(show_progress=show_progress):
+    with quiet_transformers(show_progress=show_progress):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model, tokenizer

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lorafleet.models.loader import MARKER, _quiet_transformers, converted_dir
+from lorafleet.models.loader import MARKER, converted_dir, quiet_transformers
 from lorafleet.models.sources import embedded_gguf_path, resolve_base
 from lorafleet.paths import cache_dir
 
@@ -20,12 +20,12 @@ def default_tokenizer():
     source = resolve_base("default")
     model_dir = converted_dir(source)
     if (model_dir / MARKER).is_file():
-        with _quiet_transformers(show_progress=False):
+        with quiet_transformers(show_progress=False):
             return AutoTokenizer.from_pretrained(str(model_dir))
     target = cache_dir() / "tokenizers" / model_dir.name
     if not (target / "tokenizer_config.json").is_file():
         gguf = embedded_gguf_path(source.embedded, cache_dir() / "gguf")
-        with _quiet_transformers(show_progress=False):
+        with quiet_transformers(show_progress=False):
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tok.", dir=target.parent))
@@ -33,7 +33,7 @@ def default_tokenizer():
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-    with _quiet_transformers(show_progress=False):
+    with quiet_transformers(show_progress=False):
         return AutoTokenizer.from_pretrained(str(target))
 
 

@@ -1,37 +1,30 @@
 """Serving: the batched multi-adapter engine (continuous batching, KV cache, sampling)."""
 
-from lorafleet.serve.engine import Engine
-from lorafleet.serve.kv_cache import KVCache
-from lorafleet.serve.registry import AdapterRegistry
-from lorafleet.serve.runners import RUNNERS, LlamaRunner, ModelRunner, runner_class
-from lorafleet.serve.scheduler import AdapterGate, Batch, Scheduler
-from lorafleet.serve.sequence import (
-    FINISH_REASONS,
-    RequestOutput,
-    SamplingParams,
-    Sequence,
-    Status,
-    TokenEvent,
-)
-from lorafleet.serve.slot_table import AdapterSource, SlotTable
+from lorafleet.lazy import lazy_exports
 
-__all__ = [
-    "FINISH_REASONS",
-    "RUNNERS",
-    "AdapterGate",
-    "AdapterRegistry",
-    "AdapterSource",
-    "Batch",
-    "Engine",
-    "KVCache",
-    "LlamaRunner",
-    "ModelRunner",
-    "RequestOutput",
-    "SamplingParams",
-    "Scheduler",
-    "Sequence",
-    "SlotTable",
-    "Status",
-    "TokenEvent",
-    "runner_class",
-]
+# Each name is imported from its submodule on first use: importing the package (or its light
+# config modules) loads no torch.
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "FINISH_REASONS": ".sequence",
+        "RUNNERS": ".runners",
+        "AdapterGate": ".scheduler",
+        "AdapterRegistry": ".registry",
+        "AdapterSource": ".slot_table",
+        "Batch": ".scheduler",
+        "Engine": ".engine",
+        "KVCache": ".kv_cache",
+        "LlamaRunner": ".runners",
+        "ModelRunner": ".runners",
+        "RequestOutput": ".sequence",
+        "SamplingParams": ".sequence",
+        "Scheduler": ".scheduler",
+        "Sequence": ".sequence",
+        "ServingBackend": ".backend",
+        "SlotTable": ".slot_table",
+        "Status": ".sequence",
+        "TokenEvent": ".sequence",
+        "runner_class": ".runners",
+    },
+)

@@ -6,6 +6,7 @@ import copy
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,25 +138,27 @@ class CpuCache:
         if name in self.entries:
             self.entries.move_to_end(name)
 
-    def put(self, name: str, adapter: Adapter, stamp: Stamp) -> list[str]:
-        """Insert as most recent; return the names evicted to stay within capacity (an adapter
-        bigger than the whole capacity is not kept at all)."""
+    def put(self, name: str, adapter: Adapter, stamp: Stamp, keep: bool = False) -> list[str]:
+        """Insert as most recent; return the names evicted to stay within capacity. An adapter
+        bigger than the whole capacity is not kept at all, unless `keep`: then it is never
+        the one evicted here, even if it stays over capacity (until the next put)."""
         self.pop(name)
         entry = CpuEntry(adapter, tensor_bytes(adapter), stamp)
         self.entries[name] = entry
         self.nbytes += entry.nbytes
-        if entry.nbytes > self.capacity:
+        if entry.nbytes > self.capacity and not keep:
             self.pop(name)
-        return [old for old in self.shrink() if old != name]
+        return [old for old in self.shrink(spare=name if keep else None) if old != name]
 
-    def shrink(self) -> list[str]:
-        """Evict least recently used entries (never pinned ones) until within capacity; returns
-        their names (the newest goes too when the pinned ones fill the capacity)."""
+    def shrink(self, spare: str | None = None) -> list[str]:
+        """Evict least recently used entries (never pinned ones, nor `spare`) until within
+        capacity; returns their names (the newest goes too when the pinned ones fill the
+        capacity)."""
         evicted = []
         for old in list(self.entries):
             if self.nbytes <= self.capacity:
                 break
-            if not self.pinned(old):
+            if old != spare and not self.pinned(old):
                 self.pop(old)
                 evicted.append(old)
         return evicted
@@ -199,10 +202,15 @@ class Failures:
 
 
 def check_servable(
-    adapter: Adapter, reference, base_fingerprint: str, max_rank: int, handle, force: bool = False
+    adapter: Adapter,
+    reference,
+    base_fingerprint: str,
+    max_rank: int,
+    check_slots: Callable[[Adapter], None],
+    force: bool = False,
 ) -> None:
     """Raise a one-line error unless `adapter` fits `reference` (the base's module tree, or
-    None: the fingerprint alone), `max_rank` and the slots behind `handle`."""
+    None: the fingerprint alone), `max_rank` and the slots (`check_slots`, a backend's)."""
     if reference is not None:
         check_adapter(
             adapter, reference, base_fingerprint=base_fingerprint, max_rank=max_rank, force=force
@@ -212,11 +220,9 @@ def check_servable(
             adapter.where(),
             f"trained on another base (fingerprint {adapter.meta['base_fingerprint']})",
         )
-    if handle is None:
-        raise LorafleetError("the engine has no adapter slots (closed?)")
     # The slots' own checks (supported methods, their max rank, injected targets) now,
     # before a slot is freed for an adapter that could not go in it.
-    handle.slot_weights(adapter)
+    check_slots(adapter)
 
 
 def meta_reference(config) -> torch.nn.Module:
@@ -225,12 +231,6 @@ def meta_reference(config) -> torch.nn.Module:
     Build it on the caller's thread: transformers sets the global default dtype meanwhile."""
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(copy.deepcopy(config))
-
-
-def slot_format(handle) -> tuple[torch.device, torch.dtype] | None:
-    """The device and dtype of the engine's adapter slots (None without slots)."""
-    layer = next(iter(handle.layers.values()), None) if handle is not None else None
-    return None if layer is None else (layer.lora_A.device, layer.lora_A.dtype)
 
 
 def to_slot_format(adapter: Adapter, fmt, copy: bool = True) -> Adapter | None:

@@ -36,12 +36,14 @@ from lorafleet.serve.sequence import (
     resolve_adapter,
 )
 from lorafleet.serve.slot_table import AdapterSource, SlotTable
+from lorafleet.serve.stepper import StepThread
 
 log = logging.getLogger(__name__)
 
 
 class Engine:
-    """One base model, up to `max_slots` resident LoRA adapters, continuous batching.
+    """One base model, up to `max_slots` resident LoRA adapters, continuous batching; the
+    in-process `ServingBackend` (serve/backend.py).
 
     The base model is changed in place: its block linears become MultiLoRA layers (call
     `close()` to put them back). Each `step()` admits waiting requests (FIFO, within
@@ -57,7 +59,8 @@ class Engine:
     step's batch), and `stats` returns the snapshot taken at the end of the last step.
     `load_adapter` / `unload_adapter` take the lock (they change slots a forward reads): call
     them from a worker thread, not an event loop. `cancel` may be called from an `on_token`
-    callback; never call `step()` from one.
+    callback; never call `step()` from one. `start()` steps the engine on a daemon thread of
+    its own (a server); offline callers call `step()` / `generate()` themselves instead.
 
     Precision: `dtype` (float32 / bfloat16; None = as loaded) casts the base's parameters in
     place, and the adapter slots and KV cache take it; `quantize` ("int8" / "int4") replaces
@@ -99,7 +102,8 @@ class Engine:
         if max_seq_len > max_pos:
             raise LorafleetError(f"max_seq_len {max_seq_len} is above the model's {max_pos}")
         self.base, self.tokenizer = base, base.tokenizer
-        self.max_slots, self.max_seq_len = max_slots, max_seq_len
+        self.base_fingerprint, self.model_config = base.fingerprint, config
+        self.max_slots, self.max_rank, self.max_seq_len = max_slots, max_rank, max_seq_len
         self.max_batch_tokens = max_batch_tokens
         if dtype is not None:
             cast_parameters(model, dtype)
@@ -112,9 +116,9 @@ class Engine:
         self.scheduler = Scheduler(self.kv, self.slots, max_batch_size, max_batch_tokens)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_ids = default_eos_ids(model, self.tokenizer)
-        device = self.runner.device
+        self.device = self.runner.device
         # Unseeded requests share the engine's generator (reproducible given the engine seed).
-        self.generator = torch.Generator(device)
+        self.generator = torch.Generator(self.device)
         if seed is None:
             self.generator.seed()
         else:
@@ -128,6 +132,7 @@ class Engine:
         self.generated_tokens = 0
         self.peak_running = 0  # the most sequences one forward has run (batching, observed)
         self._snapshot = self._take_snapshot()
+        self._stepper: StepThread | None = None
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -150,8 +155,10 @@ class Engine:
             next(self._ids), [int(t) for t in prompt], adapter, params, on_token, mixture=mixture
         )
         if params.seed is not None:
-            seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
         self.intake.offer("add", seq)
+        if self._stepper is not None:
+            self._stepper.wake()
         return seq.request_id
 
     def cancel(self, request_id: int) -> bool:
@@ -203,16 +210,36 @@ class Engine:
         """Requests added and not finished (lock-free: requests in the inbox count)."""
         return bool(self.intake) or bool(self._requests)
 
+    def start(self, threads: int | None = None) -> None:
+        """Step on a daemon thread of the engine's own while requests are unfinished (a
+        server); `threads`: torch's intra-op threads of that thread. A no-op when started."""
+        if self._stepper is None:
+            running = self._num_running
+            self._stepper = StepThread(self.step, self.has_unfinished, running, threads)
+            self._stepper.start()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Let unfinished requests run for up to `grace_s` seconds (stepped by the `start`
+        thread), cancel the rest and end that thread; without `start`, cancel at once."""
+        stepper, self._stepper = self._stepper, None
+        if stepper is None:
+            self.cancel_all()
+        else:
+            stepper.stop(grace_s, self.cancel_all)
+
     # -- adapters (the direct-slot API a registry builds on) ----------------------------------
 
-    @property
-    def adapter_source(self) -> AdapterSource | None:
-        """Where non-resident adapters come from (the registry's hook; settable)."""
-        return self.slots.source
+    def attach_adapter_source(self, source: AdapterSource) -> None:
+        """Make `source` where non-resident adapters come from; refused while another is."""
+        with self._lock:
+            if self.slots.source is not None and self.slots.source is not source:
+                raise LorafleetError("this engine already has an adapter source; close it first")
+            self.slots.source = source
 
-    @adapter_source.setter
-    def adapter_source(self, source: AdapterSource | None) -> None:
-        self.slots.source = source
+    def detach_adapter_source(self, source: AdapterSource) -> None:
+        with self._lock:
+            if self.slots.source is source:
+                self.slots.source = None
 
     @property
     def handle(self) -> MultiLoRAModel | None:
@@ -226,12 +253,30 @@ class Engine:
         return self.slots.slot_of(name)
 
     def adapter_in_use(self, name: str) -> int:
-        """Running requests pinning `name`; it cannot be unloaded while this is > 0."""
+        """Running requests pinning `name`; it cannot be unloaded while this is > 0. Never
+        waits for a step: exact under `exclusive()`, else the count of a moment ago."""
+        return self.scheduler.in_use(name)
+
+    def waiting_adapters(self) -> list[tuple[str, ...]]:
+        """Each waiting request's adapters, in queue order."""
         with self._lock:
-            return self.scheduler.in_use(name)
+            return [seq.adapters for seq in self.scheduler.waiting]
+
+    def running_adapters(self) -> set[str]:
+        """Every adapter a running request uses."""
+        with self._lock:
+            return {name for seq in self.scheduler.running for name in seq.adapters}
 
     def loaded_adapters(self) -> dict[str, int]:
         return self.slots.names()
+
+    def check_slots(self, adapter: Adapter) -> None:
+        """Raise (one line) unless the slots take `adapter`; copies nothing."""
+        self.slots.check_fits(adapter)
+
+    def slot_format(self) -> tuple[torch.device, torch.dtype] | None:
+        """The device and dtype of the adapter slots (None without slots or once closed)."""
+        return self.slots.format()
 
     def load_adapter(self, name: str, adapter: Adapter, *, force: bool = False) -> int:
         """Copy a LoRA/rsLoRA adapter into a free slot (or its own, if `name` is resident and
@@ -262,6 +307,9 @@ class Engine:
         snapshot = dict(self._snapshot)
         snapshot["waiting"] += self.intake.pending_adds()
         return snapshot
+
+    def _num_running(self) -> int:
+        return len(self.scheduler.running)  # lock-free: the stepping thread reads it per step
 
     def _refresh_snapshot(self) -> None:
         self._snapshot = self._take_snapshot()
@@ -425,3 +473,21 @@ class Engine:
         """A context manager that holds the engine between steps: no forward runs and no slot
         changes while it is held (e.g. while a copy of the model is taken)."""
         return self._lock
+
+    # -- measurements (benchmarks) ----------------------------------------------------------
+
+    def forward(self, prefill: list[Sequence], decode: list[Sequence]) -> torch.Tensor:
+        """One forward pass over sequences the caller placed (KV slots from `self.kv`, adapter
+        slots set), without sampling or bookkeeping: logits [len(prefill) + len(decode),
+        vocab], for teacher-forced comparisons."""
+        with self._lock:
+            return self.runner.run(prefill, decode)
+
+    def forward_parts(self) -> dict[str, list[tuple[object, str]]]:
+        """Where a forward pass's parts are, for a profiler to wrap (owner, method name):
+        "attention", "kv_write" (the runner's), "base_matmul" (the fused q/k/v GEMMs)."""
+        return {
+            "attention": [(self.runner, "attend")],
+            "kv_write": [(self.runner, "write_kv")],
+            "base_matmul": [(fused, "base") for fused in self.runner.qkv if fused.fused],
+        }

@@ -1,4 +1,5 @@
-"""The tiered adapter registry: adapters on disk -> a CPU-memory LRU -> the engine's slots."""
+"""The tiered adapter registry: adapters on disk -> a CPU-memory LRU -> the engine's slots, and
+merged virtual adapters beside the CPU tier: one residency policy for all of them."""
 
 from __future__ import annotations
 
@@ -26,18 +27,27 @@ from lorafleet.serve.adapter_store import (
     meta_reference,
     name_problem,
     resolve_inside,
-    slot_format,
     stamp,
     to_slot_format,
 )
-from lorafleet.serve.residency import count_users, pick_victim, running_adapters
+from lorafleet.serve.backend import ServingBackend
+from lorafleet.serve.merged import (
+    MergedTier,
+    MergeFn,
+    MergeRecipe,
+    build_merged,
+    is_virtual,
+    virtual_name,
+)
+from lorafleet.serve.residency import pick_victim, users
 from lorafleet.serve.tier_stats import COUNTERS, LoadTimes, tier_rates
 
 log = logging.getLogger(__name__)
 
 
 class AdapterRegistry:
-    """Adapters by name, in three tiers, served through an `Engine` (its `AdapterSource`).
+    """Adapters by name, in three tiers, served through a `ServingBackend` (an `Engine`), as
+    the one `AdapterSource` it has.
 
     - disk: each sub-directory of `adapters_dir` holding an adapter_config.json (named by the
       directory), plus those added with `add(name, path)`;
@@ -47,6 +57,11 @@ class AdapterRegistry:
     - resident: the engine's slots. A full engine frees the least recently used slot whose
       adapter no running request pins (nor a waiting one queued before the request asking),
       or else the request waits and the next `prepare` tries again.
+    - merged: with a `merge` function (lorafleet.compose.merge_adapters), ties / dare merges
+      of these adapters, built once per recipe by `merged_adapter` and kept as virtual
+      adapters (`merged:...`, never listed) in the slots' format, least recently used out
+      past `merge_cache_mb` MB, never one a request needs. They go in and out of the slots
+      by the same least-recently-used choice as the others.
 
     `prepare(name)` only looks things up and returns: reading, validating (`check_adapter`
     against `reference_model`, by default the base built on the meta device; the fingerprint;
@@ -60,11 +75,12 @@ class AdapterRegistry:
     them reads its files once. Thread-safe: lock order is always engine, then registry;
     `add`, `state`, `stats` and `names` take the registry's lock alone (a server calls them
     on its event loop, which must not wait for a step).
-    The registry sets itself as `engine.adapter_source`."""
+    The registry attaches itself to the engine as its adapter source (refused when another
+    is attached) and detaches on `close()`."""
 
     def __init__(
         self,
-        engine,
+        engine: ServingBackend,
         adapters_dir: str | Path | None = None,
         *,
         cpu_cache_mb: float = 512,
@@ -76,25 +92,26 @@ class AdapterRegistry:
         prefetch: int | None = None,
         force: bool = False,
         failure_ttl_s: float = 10.0,
+        merge: MergeFn | None = None,
+        merge_cache_mb: float = 256.0,
     ):
         budget = cache_budget(cpu_cache_mb, cpu_cache_bytes)
         for what, value in (("loader_threads", loader_threads), ("prefetch", prefetch or 1)):
             if not isinstance(value, int) or value < 1:
                 raise LorafleetError(f"{what} must be an integer >= 1, got {value!r}")
-        current = engine.adapter_source
-        if current is not None and not getattr(current, "_closed", False):
-            raise LorafleetError("this engine already has an adapter source; close it first")
-        handle = engine.handle
+        if not isinstance(merge_cache_mb, (int, float)) or not merge_cache_mb >= 0:
+            raise LorafleetError(f"merge_cache_mb must be a number >= 0, got {merge_cache_mb!r}")
+        has_slots = engine.slot_format() is not None
         self.engine = engine
         self.adapters_dir = adapters_root(adapters_dir)
         # By default the slots' own rank limit: anything above it could never be served.
-        self.max_rank = max_rank or (handle.max_rank if handle is not None else DEFAULT_MAX_RANK)
-        self.base_fingerprint = base_fingerprint or engine.base.fingerprint
+        self.max_rank = max_rank or (engine.max_rank if has_slots else DEFAULT_MAX_RANK)
+        self.base_fingerprint = base_fingerprint or engine.base_fingerprint
         self.force = force
         self.reference = reference_model
-        if reference_model is None and handle is not None:
+        if reference_model is None and has_slots:
             try:
-                self.reference = meta_reference(engine.base.model.config)
+                self.reference = meta_reference(engine.model_config)
             except Exception as exc:  # an exotic model: the slots' checks still apply
                 log.warning("no reference model to validate adapters against: %s", exc)
         # Steps hold the engine's lock; so does every slot change made here.
@@ -110,13 +127,16 @@ class AdapterRegistry:
         self._failures = Failures(failure_ttl_s)
         self._running: set[str] = set()  # adapters the running batch used at the last look
         self._cpu = CpuCache(budget, pinned=self._pinned)
+        self._merge = merge
+        self.merged = MergedTier(int(merge_cache_mb * MB), pinned=self._needed)
+        self._merging: dict[str, Future] = {}  # recipes being merged, by virtual name
         self.prefetch = prefetch or max(2 * loader_threads, engine.max_slots)
         self._recency: dict[str, int] = {}
         self._clock = itertools.count(1)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.load_times = LoadTimes()  # disk -> CPU -> slots' format, per cold load
         self.rescan()
-        engine.adapter_source = self
+        engine.attach_adapter_source(self)
 
     # -- the engine's hook ------------------------------------------------------------------
 
@@ -138,12 +158,16 @@ class AdapterRegistry:
             self.counters["hits"] += 1
             self._touch(name)
             return None
+        if is_virtual(name):
+            if name not in self.merged:
+                return "the merged adapter left the cache before its request ran; send it again"
+            return self._install(name)
         problem = name_problem(name)
         if problem:
             return problem
         if self._closed:
             return "the adapter registry is closed"
-        if self.engine.handle is None:
+        if self.engine.slot_format() is None:
             return "this engine has no adapter slots (max_slots=0 or closed)"
         path = self._path_of(name)
         if path is None:
@@ -163,7 +187,7 @@ class AdapterRegistry:
             self.counters["misses"] += 1
             self._submit(name, path, None)
             return None
-        staged = to_slot_format(entry.adapter, slot_format(self.engine.handle), copy=False)
+        staged = to_slot_format(entry.adapter, self.engine.slot_format(), copy=False)
         if staged is None and len(self._jobs) + len(self._staged) >= self.prefetch:
             return None
         self.counters["cpu_hits"] += 1
@@ -195,10 +219,10 @@ class AdapterRegistry:
         with self._engine_lock, self._lock:
             if self._path_of(name) is None:
                 raise LorafleetError(f"unknown adapter {name!r}")
-            users = count_users(self.engine, name)
-            if users:
+            count = users(self.engine, name)
+            if count:
                 raise LorafleetError(
-                    f"adapter {name} is in use by {users} request(s) and cannot be removed now"
+                    f"adapter {name} is in use by {count} request(s) and cannot be removed now"
                 )
             if self.engine.adapter_ready(name):
                 self.engine.unload_adapter(name)
@@ -261,7 +285,7 @@ class AdapterRegistry:
                 self.validate(adapter)
             # The slots' device and dtype now, so the copy into a slot (under the engine's
             # lock) is device to device; the CPU tier keeps the CPU tensors.
-            staged = to_slot_format(adapter, slot_format(self.engine.handle))
+            staged = to_slot_format(adapter, self.engine.slot_format())
         except LorafleetError as exc:
             reason = str(exc)
         except Exception as exc:  # a loader bug fails this adapter, not the server
@@ -296,23 +320,84 @@ class AdapterRegistry:
             self.reference,
             self.base_fingerprint,
             self.max_rank,
-            self.engine.handle,
+            self.engine.check_slots,
             force=self.force,
         )
+
+    # -- merged tier --------------------------------------------------------------------------
+
+    @property
+    def can_merge(self) -> bool:
+        """True when a merge function was given (ties / dare merges can be served)."""
+        return self._merge is not None
+
+    def merged_adapter(self, recipe: MergeRecipe) -> str:
+        """The virtual adapter's name for `recipe`: merged from its parts' files the first
+        time (read, checked, merged, checked again, in the slots' format) and kept in the
+        merged tier; concurrent callers of one recipe share that merge. Blocking (call it
+        from a worker thread); a one-line LorafleetError when the recipe cannot be merged."""
+        if self._merge is None:
+            raise LorafleetError("this registry has no merge function (ties / dare merges)")
+        paths = [self._known_path(name) for name, _ in recipe.parts]
+        name = virtual_name(recipe, [str(stamp(path)) for path in paths])
+        with self._lock:
+            if self.merged.get(name) is not None:
+                return name
+            job = self._merging.get(name)
+            mine = job is None
+            if mine:
+                job = self._merging[name] = Future()
+        if not mine:
+            return job.result()  # raises what the merging caller raised
+        try:
+            adapters = [read_adapter(path) for path in paths]
+            for adapter in adapters:
+                self.validate(adapter)
+            merged = build_merged(self._merge, adapters, recipe, self.max_rank)
+            self.validate(merged)
+            staged = to_slot_format(merged, self.engine.slot_format())
+            # Eviction may free a slot: no step may run meanwhile (lock order: engine first).
+            with self._engine_lock, self._lock:
+                for old in self.merged.put(name, staged):
+                    self._recency.pop(old, None)
+                    if self.engine.adapter_ready(old):
+                        self.engine.unload_adapter(old)
+            job.set_result(name)
+        except BaseException as exc:
+            job.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._merging.pop(name, None)
+        parts = ", ".join(n for n, _ in recipe.parts)
+        log.info("merged %s (%s of %s)", name, recipe.strategy, parts)
+        return name
+
+    def _known_path(self, name: str) -> Path:
+        path = self.path_of(name)
+        if path is None:
+            raise LorafleetError(f"unknown adapter {name!r}")
+        return path
 
     # -- resident tier (engine lock and registry lock held) -------------------------------------
 
     def _install(self, name: str) -> str | None:
+        """Copy `name` (staged, or a merged one) into a slot, first freeing the least recently
+        used idle one of ours when all are taken; None also when it must wait for one."""
         engine = self.engine
         if len(engine.loaded_adapters()) >= engine.max_slots:
-            victim = pick_victim(self.engine, name, self._paths, self._recency)
-            if victim is None and not any(n in self._paths for n in engine.loaded_adapters()):
+            victim = pick_victim(self.engine, name, self._owns, self._recency)
+            if victim is None and not any(self._owns(n) for n in engine.loaded_adapters()):
                 return "every adapter slot holds an adapter loaded outside the registry"
             if victim is None:
                 return None  # every slot is pinned: wait, and try again on the next prepare
             engine.unload_adapter(victim)
             self.counters["evictions_slot"] += 1
             log.info("adapter %s left its slot for %s", victim, name)
+        if is_virtual(name):  # merged and checked already; its recipe names the base's adapters
+            engine.load_adapter(name, self.merged.get(name), force=True)
+            self._touch(name)
+            return None
         adapter = self._staged.pop(name)
         try:
             engine.load_adapter(name, adapter, force=self.force)
@@ -323,10 +408,13 @@ class AdapterRegistry:
         self._touch(name)
         return None
 
+    def _owns(self, name: str) -> bool:
+        return name in self._paths or is_virtual(name)
+
     def _note_in_use(self) -> None:
         # The running batch is what recency and the CPU tier's pins come from (a waiting
         # request's adapters are protected from slot eviction by pick_victim anyway).
-        running = running_adapters(self.engine)
+        running = self.engine.running_adapters()
         for name in running:
             self._recency[name] = next(self._clock)
         self._running.clear()
@@ -336,7 +424,11 @@ class AdapterRegistry:
 
     def _pinned(self, name: str) -> bool:
         # A loader thread asks without the engine's lock: the last look, and the batch now.
-        return name in self._running or self.engine.scheduler.in_use(name) > 0
+        return name in self._running or self.engine.adapter_in_use(name) > 0
+
+    def _needed(self, name: str) -> bool:
+        # The merged tier is changed with the engine's lock held: the exact count.
+        return users(self.engine, name) > 0
 
     def _touch(self, name: str) -> None:
         self._recency[name] = next(self._clock)
@@ -409,9 +501,11 @@ class AdapterRegistry:
         return not wait_futures(jobs, timeout=timeout).not_done
 
     def close(self) -> None:
-        """Stop the loader threads (loads in flight finish; queued ones are dropped)."""
+        """Detach from the engine (its resident adapters stay) and stop the loader threads
+        (loads in flight finish; queued ones are dropped)."""
         with self._lock:
             self._closed = True
+        self.engine.detach_adapter_source(self)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> AdapterRegistry:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
+
 from lorafleet.adapters import Adapter
 from lorafleet.errors import LorafleetError
 from lorafleet.layers import MultiLoRAModel
@@ -89,6 +91,19 @@ class SlotTable:
                 f"adapter {name}: trained on another base (fingerprint {theirs}, this base is "
                 f"{self.base_fingerprint})"
             )
+
+    def check_fits(self, adapter: Adapter) -> None:
+        """Raise (one line) unless the slots take `adapter`: its method is served batched, its
+        rank fits and its target modules are injected; copies nothing."""
+        if self.handle is None:
+            raise LorafleetError("the engine has no adapter slots (closed?)")
+        self.handle.slot_weights(adapter)
+
+    def format(self) -> tuple[torch.device, torch.dtype] | None:
+        """The device and dtype of the slots' tensors (None without slots, or once closed)."""
+        layers = self.handle.layers.values() if self.handle is not None else ()
+        layer = next(iter(layers), None)
+        return None if layer is None else (layer.lora_A.device, layer.lora_A.dtype)
 
     def load(self, name: str, adapter: Adapter) -> int:
         """Copy `adapter` into `name`'s own slot if resident, else the lowest free one; return

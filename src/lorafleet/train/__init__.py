@@ -1,54 +1,34 @@
 """Fine-tuning: a composable trainer (builders, a pluggable step, in-memory data), checkpoints."""
 
-from lorafleet.train.builders import (
-    DataConfig,
-    InMemoryExamples,
-    OptimizerConfig,
-    ParamGroup,
-    ScheduleConfig,
-    build_data,
-    build_model,
-    build_optimizer,
-    build_scheduler,
-    example_set,
-    train_only,
-)
-from lorafleet.train.checkpoint import latest_checkpoint, load_checkpoint
-from lorafleet.train.config import TrainConfig
-from lorafleet.train.distributed import Distributed
-from lorafleet.train.loop import Trainer
-from lorafleet.train.step import (
-    Batch,
-    Batches,
-    LanguageModelStep,
-    StepOutput,
-    StepResult,
-    StepRunner,
-    TrainStep,
-)
+from lorafleet.lazy import lazy_exports
 
-__all__ = [
-    "Batch",
-    "Batches",
-    "DataConfig",
-    "Distributed",
-    "InMemoryExamples",
-    "LanguageModelStep",
-    "OptimizerConfig",
-    "ParamGroup",
-    "ScheduleConfig",
-    "StepOutput",
-    "StepResult",
-    "StepRunner",
-    "TrainConfig",
-    "TrainStep",
-    "Trainer",
-    "build_data",
-    "build_model",
-    "build_optimizer",
-    "build_scheduler",
-    "example_set",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "train_only",
-]
+# Each name is imported from its submodule on first use: the CLI reads TrainConfig without torch.
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "DataConfig": ".config",
+        "OptimizerConfig": ".config",
+        "ScheduleConfig": ".config",
+        "TrainConfig": ".config",
+        "InMemoryExamples": ".builders",
+        "ParamGroup": ".builders",
+        "build_data": ".builders",
+        "build_model": ".builders",
+        "build_optimizer": ".builders",
+        "build_scheduler": ".builders",
+        "example_set": ".builders",
+        "train_only": ".builders",
+        "latest_checkpoint": ".checkpoint",
+        "load_checkpoint": ".checkpoint",
+        "Distributed": ".distributed",
+        "Trainer": ".loop",
+        "Batch": ".step",
+        "Batches": ".step",
+        "LanguageModelStep": ".step",
+        "StepOutput": ".step",
+        "StepResult": ".step",
+        "StepRunner": ".step",
+        "TrainStep": ".step",
+        "trainer_for": ".trainers",
+    },
+)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lorafleet.adapters import peft_key
+from lorafleet.adapters.methods import get_method, with_trainer
 from lorafleet.errors import LorafleetError
 from lorafleet.layers.bilora import (
     SV_ATTR,
@@ -40,49 +41,16 @@ from lorafleet.layers.bilora import (
     values,
     vectors,
 )
+
+# BiLoRA's settings live in the light bilora_config (the CLI reads them); kept importable here.
+from lorafleet.train.bilora_config import TRAINER_KIND, BiLoRAConfig
+from lorafleet.train.bilora_config import bilora_options as bilora_options
 from lorafleet.train.builders import ParamGroup, build_model
 from lorafleet.train.config import TrainConfig
 from lorafleet.train.loop import Trainer
 from lorafleet.train.step import Batch, Batches, StepOutput
 
-BILEVEL = ("first", "second", "joint")
-DEFAULTS = {"bilevel": "first", "bilevel_split": 0.8, "ortho_weight": 0.1}
 FD_RADIUS = 0.01  # DARTS' finite-difference step, divided by ||grad_V' L2||
-
-
-@dataclass(frozen=True)
-class BiLoRAConfig:
-    """BiLoRA's own settings (ride in TrainConfig.extra, so train_config.json records them)."""
-
-    bilevel: str = "first"
-    bilevel_split: float = 0.8
-    ortho_weight: float = 0.1
-
-    def __post_init__(self):
-        if self.bilevel not in BILEVEL:
-            raise LorafleetError(
-                f"--bilevel must be one of {', '.join(BILEVEL)}, got {self.bilevel!r}"
-            )
-        if not 0 < self.bilevel_split < 1:
-            raise LorafleetError(f"--bilevel-split must be in (0, 1), got {self.bilevel_split}")
-        if self.ortho_weight < 0:
-            raise LorafleetError(f"--ortho-weight must be >= 0, got {self.ortho_weight}")
-
-    @classmethod
-    def of(cls, cfg: TrainConfig) -> BiLoRAConfig:
-        return cls(**{k: cfg.extra.get(k, v) for k, v in DEFAULTS.items()})
-
-
-def bilora_options(method: str, bilevel=None, bilevel_split=None, ortho_weight=None) -> dict:
-    """TrainConfig.extra for the CLI's BiLoRA options (checked); they need --method bilora."""
-    given = {"bilevel": bilevel, "bilevel_split": bilevel_split, "ortho_weight": ortho_weight}
-    given = {k: v for k, v in given.items() if v is not None}
-    if method != "bilora":
-        if given:
-            flag = "--" + next(iter(given)).replace("_", "-")
-            raise LorafleetError(f"{flag} applies to --method bilora only")
-        return {}
-    return asdict(BiLoRAConfig(**given))
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -209,10 +177,11 @@ class BiLoRATrainer(Trainer):
     """The trainer with BiLoRA's step, model, D1/D2 batches and folded adapter."""
 
     def __init__(self, cfg: TrainConfig, **kw):
-        if cfg.method != "bilora":
-            raise LorafleetError(f"BiLoRATrainer trains --method bilora, not {cfg.method}")
+        if get_method(cfg.method).trainer != TRAINER_KIND:
+            names = " | ".join(with_trainer(TRAINER_KIND))
+            raise LorafleetError(f"BiLoRATrainer trains --method {names}, not {cfg.method}")
         if cfg.gradient_checkpointing:
-            raise LorafleetError("--method bilora does not support --gradient-checkpointing")
+            raise LorafleetError(f"--method {cfg.method} does not support --gradient-checkpointing")
         self.bilora = BiLoRAConfig.of(cfg)
         step = BiLoRAStep(self.bilora, xi=cfg.lr)
         super().__init__(cfg, step=step, model_builder=build_bilora_model, **kw)
@@ -246,7 +215,7 @@ class BiLoRATrainer(Trainer):
                 raise LorafleetError(f"{module}: no LoRA weights to fold lambda into")
             adapter.tensors[peft_key(module, "A")] = A.cpu()
             adapter.tensors[peft_key(module, "B")] = B.cpu()
-        adapter.meta["method"] = "bilora"
+        adapter.meta["method"] = self.cfg.method
         adapter.meta["bilora"] = {
             **asdict(self.bilora),
             "split_sizes": self.split_sizes,

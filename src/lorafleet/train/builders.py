@@ -23,57 +23,14 @@ from lorafleet.adapters import MethodConfig, new_adapter
 from lorafleet.data import DataError, Encoded, Example, ExampleSet, encode_all, load_examples, pack
 from lorafleet.data.examples import ACCURACY, EXACT_MATCH
 from lorafleet.errors import LorafleetError
+from lorafleet.train.config import DataConfig, OptimizerConfig, ScheduleConfig
 
 # What a caller may hand the trainer instead of a path: an ExampleSet, Example objects, or
 # rows shaped like a data file's (prompt/completion, messages, text/label, question/choices).
 InMemoryExamples = ExampleSet | Sequence[Example] | Sequence[dict]
 
 
-# --- configs ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DataConfig:
-    """How examples become token sequences."""
-
-    max_length: int = 512
-    on_overflow: str = "truncate"
-    packing: bool = False
-
-    def __post_init__(self):
-        if self.max_length < 2:
-            raise LorafleetError(f"max_length must be >= 2, got {self.max_length}")
-        if self.on_overflow not in ("truncate", "drop"):
-            raise LorafleetError(f"on_overflow must be truncate or drop, got {self.on_overflow!r}")
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW's defaults for every parameter group that does not set its own, and clipping."""
-
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0: no clipping
-
-    def __post_init__(self):
-        if not self.lr > 0:
-            raise LorafleetError(f"lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise LorafleetError("weight_decay and max_grad_norm must be >= 0")
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """Linear warmup over `warmup` x total_steps, then cosine decay to zero."""
-
-    total_steps: int
-    warmup: float = 0.05
-
-    def __post_init__(self):
-        if self.total_steps < 1:
-            raise LorafleetError(f"total_steps must be positive, got {self.total_steps}")
-        if not 0 <= self.warmup < 1:
-            raise LorafleetError(f"warmup is a fraction in [0, 1), got {self.warmup}")
-
-
+# --- configs (DataConfig, OptimizerConfig, ScheduleConfig: in train/config.py) ------------
 @dataclass
 class ParamGroup:
     """Parameters the optimizer updates together; lr / weight_decay None take the run's."""

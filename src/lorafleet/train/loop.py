@@ -20,6 +20,7 @@ import torch
 from peft import set_peft_model_state_dict
 
 from lorafleet.adapters import adapter_from_model, write_adapter, write_init
+from lorafleet.adapters.methods import PEFT_TRAINER, get_method
 from lorafleet.data import ExampleSet, load_examples
 from lorafleet.errors import LorafleetError
 from lorafleet.eval import evaluate
@@ -279,8 +280,10 @@ class Trainer:
         if self.dist.is_main:
             cfg.out.mkdir(parents=True, exist_ok=True)
             (cfg.out / METRICS_FILE).unlink(missing_ok=True)
-            if cfg.method in ("lora", "rslora"):
-                # Laplace's centred prior (`calibrate --prior init`) needs the random init of A.
+            method = get_method(cfg.method)
+            if method.factored and method.trainer == PEFT_TRAINER:
+                # Laplace's centred prior (`calibrate --prior init`) needs the random init of A
+                # (of a plain s * B @ A adapter initialised by PEFT's own layers).
                 write_init(cfg.out, self._adapter().tensors)
         return 0
 

@@ -1,18 +1,19 @@
 """Trans-LoRA: kit, synthetic data through the engine, discriminator filter, distillation."""
 
-from lorafleet.transfer.kit import Kit, read_kit
-from lorafleet.transfer.prepare import PrepareConfig, prepare
-from lorafleet.transfer.run import RunConfig, TransferRun, run_transfer
-from lorafleet.transfer.task import TaskFormat, TransferError
+from lorafleet.lazy import lazy_exports
 
-__all__ = [
-    "Kit",
-    "PrepareConfig",
-    "RunConfig",
-    "TaskFormat",
-    "TransferError",
-    "TransferRun",
-    "prepare",
-    "read_kit",
-    "run_transfer",
-]
+# Each name is imported from its submodule on first use: importing the package loads no torch.
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "Kit": ".kit",
+        "PrepareConfig": ".prepare",
+        "RunConfig": ".run",
+        "TaskFormat": ".task",
+        "TransferError": ".task",
+        "TransferRun": ".run",
+        "prepare": ".prepare",
+        "read_kit": ".kit",
+        "run_transfer": ".run",
+    },
+)

@@ -60,10 +60,10 @@ def slow_forward(engine) -> None:
 
 def test_streams_interleave_and_requests_share_steps(tokenizer, adapters_dir):
     srv = start(tokenizer, adapters_dir)
-    slow_forward(srv.state.engine)
+    slow_forward(srv.state.backend)
     try:
         log = asyncio.run(burst(srv.url))
-        peak = srv.state.engine.stats()["peak_running"]
+        peak = srv.state.backend.stats()["peak_running"]
     finally:
         srv.stop()
     order = [kind for kind, _, _ in log]
@@ -94,7 +94,7 @@ def test_event_loop_never_waits_for_a_forward(tokenizer, adapters_dir):
     answers a health check; before the fix both waited on the engine's lock."""
     srv = start(tokenizer, adapters_dir)
     release, entered = threading.Event(), threading.Event()
-    hold_first_forward(srv.state.engine, release, entered)
+    hold_first_forward(srv.state.backend, release, entered)
 
     async def scenario() -> tuple[dict, list]:
         log: list = []
@@ -115,7 +115,7 @@ def test_event_loop_never_waits_for_a_forward(tokenizer, adapters_dir):
 
     try:
         health, log = asyncio.run(scenario())
-        stats = srv.state.engine.stats()
+        stats = srv.state.backend.stats()
     finally:
         release.set()
         srv.stop()
@@ -127,13 +127,13 @@ def test_event_loop_never_waits_for_a_forward(tokenizer, adapters_dir):
 def test_engine_threads_apply_to_the_forward_passes_only(tokenizer, adapters_dir):
     srv = start(tokenizer, adapters_dir, engine_threads=1)
     seen: list[int] = []
-    run = srv.state.engine.runner.run
+    run = srv.state.backend.runner.run
 
     def spy(prefill, decode):
         seen.append(torch.get_num_threads())
         return run(prefill, decode)
 
-    srv.state.engine.runner.run = spy
+    srv.state.backend.runner.run = spy
     before = torch.get_num_threads()
     try:
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}

@@ -110,28 +110,26 @@ def test_queue_full_is_429_with_retry_after(tokenizer, adapters_dir):
     settings = type(SETTINGS)(**{**SETTINGS.__dict__, "max_batch_size": 1})
     srv = start(tokenizer, adapters_dir, settings=settings, max_waiting=1)
     try:
-        srv.state.loop._stopping.set()  # freeze the engine so requests pile up
-        srv.state.loop._thread.join(5)
         import concurrent.futures as cf
 
         body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
         with cf.ThreadPoolExecutor(3) as pool:
-            first = pool.submit(post, srv, "/v1/completions", json=body)
-            deadline = time.monotonic() + 10
-            while srv.state.engine.stats()["waiting"] < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            r = post(srv, "/v1/completions", json=body)
-            assert_openai_error(r, 429)
-            assert int(r.headers["Retry-After"]) >= 1
-            srv.state.loop._stopping.clear()  # thaw: the queued request completes
-            srv.state.loop.start()
+            with srv.state.backend.exclusive():  # freeze the engine so requests pile up
+                first = pool.submit(post, srv, "/v1/completions", json=body)
+                deadline = time.monotonic() + 10
+                while srv.state.backend.stats()["waiting"] < 1 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                r = post(srv, "/v1/completions", json=body)
+                assert_openai_error(r, 429)
+                assert int(r.headers["Retry-After"]) >= 1
+            # thawed: the queued request completes
             assert first.result(60).status_code == 200
     finally:
         srv.stop()
 
 
 def test_client_disconnect_cancels_and_frees_kv(server):
-    engine = server.state.engine
+    engine = server.state.backend
     free = engine.stats()["kv_free_slots"]
     body = {
         "model": "alpha",

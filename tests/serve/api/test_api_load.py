@@ -90,7 +90,7 @@ def test_64_streaming_clients_over_16_adapters(tokenizer, many_adapters):
             ]
             assert len(finals) == 1 and r["usage"]["completion_tokens"] >= 1
             assert finals[0] == "stop" or r["usage"]["completion_tokens"] == TOKENS
-        stats = srv.state.engine.stats()
+        stats = srv.state.backend.stats()
         assert stats["running"] == 0 and stats["waiting"] == 0
         assert stats["kv_free_slots"] == settings.max_batch_size  # all KV memory reclaimed
         reg = srv.state.registry.stats()

@@ -197,7 +197,7 @@ def test_ties_is_merged_once_and_served_as_a_virtual_adapter(mix_server):
         "density": 0.5,
         "majority_sign_method": "total",
     }
-    cache = mix_server.state.merged
+    cache = mix_server.state.registry.merged
     before = cache.stats()["merges"]
     for prompt in PROMPTS:
         want = stream_ids(mix_server, {"adapter_id": "ties"}, prompt)
@@ -214,7 +214,7 @@ def test_ties_is_merged_once_and_served_as_a_virtual_adapter(mix_server):
 
 
 def test_merge_cache_is_lru_by_bytes(mix_server):
-    cache = mix_server.state.merged
+    cache = mix_server.state.registry.merged
     cache.capacity = 1  # byte: only the newest merge stays
     try:
         for density in (0.3, 0.4):

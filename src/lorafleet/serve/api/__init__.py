@@ -1,7 +1,16 @@
 """The HTTP server: OpenAI-compatible API, LoRAX extras, admin, metrics, playground page."""
 
-from lorafleet.serve.api.app import create_app
-from lorafleet.serve.api.auth import AuthConfig, Principal
-from lorafleet.serve.api.state import ServerConfig, ServerState
+from lorafleet.lazy import lazy_exports
 
-__all__ = ["AuthConfig", "Principal", "ServerConfig", "ServerState", "create_app"]
+# Each name is imported from its submodule on first use: the CLI reads ServerConfig without
+# importing fastapi.
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "AuthConfig": ".auth",
+        "Principal": ".auth",
+        "ServerConfig": ".config",
+        "ServerState": ".state",
+        "create_app": ".app",
+    },
+)

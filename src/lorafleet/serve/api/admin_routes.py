@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from lorafleet.adapters import read_adapter
 from lorafleet.errors import LorafleetError
+from lorafleet.serve.adapter_store import resolve_inside
 from lorafleet.serve.api.auth import valid_name
 from lorafleet.serve.api.errors import APIError
 from lorafleet.serve.api.responses import AdapterAdded, AdapterDeleted, AdapterInfo, AdapterList
@@ -83,8 +84,6 @@ async def add_adapter(request: Request) -> AdapterAdded:
     if state.adapters_dir is None:
         raise APIError(400, "the server has no adapters directory", code="no_adapters_dir")
     try:
-        from lorafleet.serve.adapter_store import resolve_inside
-
         path = resolve_inside(body.path, state.adapters_dir)
     except LorafleetError as exc:
         raise APIError(400, str(exc), code="invalid_path", param="path") from None

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from lorafleet.serve.api import errors
 from lorafleet.serve.api.admin_routes import router as admin_router
+from lorafleet.serve.api.encoding import BadBytesGuard
 from lorafleet.serve.api.image_edits import router as image_router
 from lorafleet.serve.api.lorax_routes import router as lorax_router
 from lorafleet.serve.api.openai_routes import router as openai_router
@@ -22,21 +23,22 @@ def playground_html(name: str = "playground.html") -> str:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    """An app serving `state`'s engine; the engine loop starts and stops with the app."""
+    """An app serving `state`'s backend, which starts and stops with the app."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.loop.start()
+        state.backend.start(state.config.engine_threads)
         try:
             yield
         finally:
             state.closing = True
             # Finish what is in flight (up to the grace period), cancel the rest.
-            await asyncio.to_thread(state.loop.stop, state.config.shutdown_grace_s)
+            await asyncio.to_thread(state.backend.stop, state.config.shutdown_grace_s)
 
     about = "One base model, many LoRA adapters: OpenAI-compatible serving."
     app = FastAPI(title="lorafleet", version="0.1", lifespan=lifespan, description=about)
     app.state.lorafleet = state
+    app.add_middleware(BadBytesGuard)  # invalid UTF-8 / lone surrogates: 400, never a 500
     errors.install(app)
     app.include_router(openai_router)
     app.include_router(lorax_router)
@@ -46,7 +48,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     def health(request: Request):
         st = state_of(request)
-        stats = st.engine.stats()
+        stats = st.backend.stats()
         body = {
             "status": "shutting_down" if st.closing else "ok",
             "model": st.config.model_name,

@@ -1,19 +1,13 @@
-"""The engine on its own thread, its per-token events delivered to asyncio streams."""
+"""Requests to the serving backend from the event loop, their token events as asyncio streams."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
-
-from lorafleet.serve.engine import Engine
+from lorafleet.serve.backend import AdapterSpec, ServingBackend
 from lorafleet.serve.sequence import SamplingParams, TokenEvent
-
-log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -26,7 +20,7 @@ class Stream:
 
     request_id: int
     prompt_tokens: int
-    adapter: str | None
+    adapter: AdapterSpec
     queue: asyncio.Queue
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -53,78 +47,33 @@ class Stream:
         return event
 
 
-class EngineLoop:
-    """Steps `engine` on a daemon thread while it has work; `submit` from the event loop.
+class RequestStreams:
+    """Requests to a serving backend from the event loop, each one's events an asyncio stream.
 
-    The event loop never waits for a forward pass: `submit` and `cancel` go through the
-    engine's lock-free request path (a request arriving during a step joins the next one)
-    and the queue depth is read from the engine's stats snapshot. Tokens reach each stream
-    through `call_soon_threadsafe` as the engine produces them.
-    `max_waiting` bounds the queue of admitted-but-not-running requests (QueueFull past it).
-    `stop(grace)` lets running requests finish for `grace` seconds, then cancels the rest."""
+    The event loop never waits for a forward pass: the backend's `add_request` and `cancel`
+    never wait for a step, and the queue depth is read from its stats snapshot. Tokens reach
+    each stream through `call_soon_threadsafe` as the backend produces them (on its thread).
+    `max_waiting` bounds the queue of admitted-but-not-running requests (QueueFull past it)."""
 
-    def __init__(self, engine: Engine, max_waiting: int = 256, threads: int | None = None):
-        self.engine = engine
+    def __init__(self, backend: ServingBackend, max_waiting: int = 256):
+        self.backend = backend
         self.max_waiting = max_waiting
-        self.threads = threads  # torch's intra-op threads for the forward passes
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._streams: dict[int, Stream] = {}
-        self.failed_steps = 0
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="lorafleet-engine", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        if self.threads:
-            # Set on this thread: it is the one whose forward passes use the thread pool.
-            torch.set_num_threads(self.threads)
-        while not self._stopping.is_set():
-            if not self.engine.has_unfinished():
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
-            try:
-                # Read the running set directly: stats() builds a dict under the lock per step.
-                ran = bool(self.engine.scheduler.running)
-                self.engine.step()
-                if not ran and not self.engine.scheduler.running:
-                    time.sleep(0.002)  # only waiting for an adapter being loaded
-            except Exception:  # the engine fails batches itself; this is a last resort
-                self.failed_steps += 1
-                log.exception("engine step failed")
-                time.sleep(0.05)
 
     async def submit(
-        self, prompt_ids: list[int], adapter: str | None, params: SamplingParams
+        self, prompt_ids: list[int], adapter: AdapterSpec, params: SamplingParams
     ) -> Stream:
         """Queue a request; its events arrive on the returned stream. Raises QueueFull."""
-        if self.engine.stats()["waiting"] >= self.max_waiting:
+        if self.backend.stats()["waiting"] >= self.max_waiting:
             raise QueueFull
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
-        def on_token(event: TokenEvent) -> None:  # runs on the engine thread
+        def on_token(event: TokenEvent) -> None:  # runs on the backend's thread
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        request_id = self.engine.add_request(prompt_ids, adapter, params, on_token)
-        stream = Stream(request_id, len(prompt_ids), adapter, queue)
-        self._wake.set()
-        return stream
+        request_id = self.backend.add_request(prompt_ids, adapter, params, on_token)
+        return Stream(request_id, len(prompt_ids), adapter, queue)
 
     def cancel(self, stream: Stream) -> None:
         if not stream.done:
-            self.engine.cancel(stream.request_id)
-
-    def stop(self, grace: float = 10.0) -> None:
-        """Finish in-flight requests for up to `grace` seconds, cancel the rest, stop."""
-        deadline = time.monotonic() + max(0.0, grace)
-        while self.engine.has_unfinished() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self.engine.cancel_all()
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+            self.backend.cancel(stream.request_id)

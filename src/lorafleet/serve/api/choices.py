@@ -71,7 +71,7 @@ async def submit_all(
 
 def cancel_all(state, choices: list[Choice]) -> None:
     for choice in choices:
-        state.loop.cancel(choice.stream)
+        state.streams.cancel(choice.stream)
 
 
 async def first_events(state, request: Request, choices: list[Choice]) -> bool:

@@ -89,9 +89,8 @@ async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app) -> None:
-    from lorafleet.serve.api.encoding import BadBytesGuard  # it raises this module's APIError
-
-    app.add_middleware(BadBytesGuard)  # invalid UTF-8 / lone surrogates: 400, never a 500
+    """Answer every error `app` raises in OpenAI's shape (the body's bad bytes are
+    encoding.BadBytesGuard's, a middleware the app adds beside this)."""
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

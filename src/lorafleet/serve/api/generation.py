@@ -15,6 +15,7 @@ from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.bridge import QueueFull, Stream
 from lorafleet.serve.api.errors import APIError
 from lorafleet.serve.api.state import ServerState
+from lorafleet.serve.backend import AdapterSpec
 from lorafleet.serve.sequence import SamplingParams, TokenEvent
 
 DISCONNECT_POLL_S = 0.25
@@ -37,21 +38,21 @@ def sse(payload: BaseModel | dict | str) -> bytes:
 
 
 def check_prompt(state: ServerState, ids: list[int]) -> None:
-    engine = state.engine
+    backend = state.backend
     if not ids:
         raise APIError(400, "the prompt is empty", code="invalid_prompt", param="prompt")
-    if min(ids) < 0 or max(ids) >= engine.vocab_size:
+    if min(ids) < 0 or max(ids) >= backend.vocab_size:
         raise APIError(
             400,
-            f"prompt token ids must be in 0..{engine.vocab_size - 1}",
+            f"prompt token ids must be in 0..{backend.vocab_size - 1}",
             code="invalid_prompt",
             param="prompt",
         )
-    limit = min(engine.max_seq_len - 1, engine.max_batch_tokens)
+    limit = min(backend.max_seq_len - 1, backend.max_batch_tokens)
     if len(ids) > limit:
         raise APIError(
             400,
-            f"This model's maximum context length is {engine.max_seq_len} "
+            f"This model's maximum context length is {backend.max_seq_len} "
             f"tokens; the prompt has {len(ids)} tokens (at most {limit} fit).",
             code="context_length_exceeded",
             param="prompt",
@@ -74,13 +75,13 @@ def sampling(
     prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """SamplingParams for a request; a 400 when prompt + max_tokens exceed the context."""
-    room = state.engine.max_seq_len - n_prompt
+    room = state.backend.max_seq_len - n_prompt
     if max_tokens is None:
         max_tokens = max(1, min(default, room))
-    elif n_prompt + max_tokens > state.engine.max_seq_len:
+    elif n_prompt + max_tokens > state.backend.max_seq_len:
         raise APIError(
             400,
-            f"This model's maximum context length is {state.engine.max_seq_len} "
+            f"This model's maximum context length is {state.backend.max_seq_len} "
             f"tokens; the prompt ({n_prompt}) plus max_tokens ({max_tokens}) is "
             "more.",
             code="context_length_exceeded",
@@ -104,12 +105,12 @@ def sampling(
 
 
 async def submit(
-    state: ServerState, ids: list[int], adapter: str | None, params: SamplingParams
+    state: ServerState, ids: list[int], adapter: AdapterSpec, params: SamplingParams
 ) -> Stream:
     if state.closing:
         raise APIError(503, "the server is shutting down", code="shutting_down")
     try:
-        return await state.loop.submit(ids, adapter, params)
+        return await state.streams.submit(ids, adapter, params)
     except QueueFull:
         retry = {"Retry-After": str(state.config.retry_after_s)}
         raise APIError(
@@ -136,12 +137,12 @@ async def next_event(state: ServerState, request: Request, stream: Stream) -> To
             if done:
                 return task.result()
             if await request.is_disconnected():
-                state.loop.cancel(stream)
+                state.streams.cancel(stream)
                 task.cancel()
                 return None
     except BaseException:
         task.cancel()
-        state.loop.cancel(stream)
+        state.streams.cancel(stream)
         raise
 
 

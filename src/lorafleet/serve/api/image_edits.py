@@ -1,12 +1,11 @@
 """Edit by example over HTTP (`POST /v1/images/edits`) through an ImageEditor the CLI injects
-(LoRA of Change, change.serving.ChangeEditor): serve/ knows only this Protocol."""
+(LoRA of Change, change.serving.ChangeEditor): serve/ knows only its Protocol (injected.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import time
-from typing import Protocol
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -14,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.auth import Principal
 from lorafleet.serve.api.errors import APIError, model_not_found
+from lorafleet.serve.api.injected import ImageEditor
 from lorafleet.serve.api.state import principal, state_of
 
 router = APIRouter()
@@ -21,29 +21,6 @@ MAX_IMAGE_MB = 8  # per uploaded image; sides are limited by the editor (info()[
 FILES = ("image", "before", "after")
 TEXTS = ("lora", "model", "response_format", "prompt", "n")
 FORMATS = ("png", "b64_json")
-
-
-class ImageEditor(Protocol):
-    """Edits an image the way a before/after example shows (e.g. change.serving.ChangeEditor)."""
-
-    name: str  # the model id requests may give as `model`
-
-    def info(self) -> dict:
-        """{"model", "image_size", "min_side", "max_side", "loras": [names], "examples": [ids],
-        ...}: what the playground offers."""
-        ...
-
-    def edit(
-        self, image: bytes, before: bytes | None, after: bytes | None, lora: str | None
-    ) -> bytes:
-        """PNG bytes of the edited image; a one-line LorafleetError, starting with the field's
-        name where one is at fault, for bad input. Blocking and thread-safe."""
-        ...
-
-    def example(self, example_id: str) -> dict:
-        """{"id", "label", "images": {"before", "after", "image", "truth": PNG bytes}}; a
-        LorafleetError for an unknown id. Blocking."""
-        ...
 
 
 def editor_of(request: Request) -> ImageEditor:

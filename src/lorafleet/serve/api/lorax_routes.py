@@ -56,7 +56,7 @@ def _reason(state, stream, last_token: int | None) -> str | None:
     """TGI/LoRAX's finish reasons: length, eos_token (the model's EOS), stop_sequence."""
     if stream.finish_reason != "stop":
         return stream.finish_reason
-    return "eos_token" if last_token in state.engine.eos_ids else "stop_sequence"
+    return "eos_token" if last_token in state.backend.eos_ids else "stop_sequence"
 
 
 def _details(stream, reason=None) -> GenerateDetails:
@@ -140,5 +140,5 @@ async def _events(state, rec: RequestRecord, stream, event):
                 return
             event = await stream.__anext__()
     finally:
-        state.loop.cancel(stream)
+        state.streams.cancel(stream)
         rec.finish(status)

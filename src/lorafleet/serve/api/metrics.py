@@ -5,17 +5,20 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from lorafleet.serve.backend import ServingBackend
+from lorafleet.serve.registry import AdapterRegistry
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class _EngineCollector:
     """Reads gauges and the registry's counters at scrape time (no bookkeeping on the hot path)."""
 
-    def __init__(self, engine, registry, merged=None):
-        self.engine, self.registry, self.merged = engine, registry, merged
+    def __init__(self, backend: ServingBackend, registry: AdapterRegistry | None):
+        self.backend, self.registry = backend, registry
 
     def collect(self):
-        stats = self.engine.stats()
+        stats = self.backend.stats()
         for name, key, doc in (
             ("lorafleet_queue_depth", "waiting", "Requests waiting to be admitted."),
             ("lorafleet_running_requests", "running", "Requests decoding now."),
@@ -23,10 +26,10 @@ class _EngineCollector:
             ("lorafleet_resident_adapters", "adapters_loaded", "Adapters in engine slots."),
         ):
             yield GaugeMetricFamily(name, doc, value=stats[key])
-        if self.merged is not None:
-            yield from _merge_cache_metrics(self.merged.stats())
         if self.registry is None:
             return
+        if self.registry.can_merge:
+            yield from _merge_cache_metrics(self.registry.merged.stats())
         reg = self.registry.stats()
         yield GaugeMetricFamily(
             "lorafleet_adapter_cpu_cache_mb",
@@ -46,7 +49,7 @@ class _EngineCollector:
             yield CounterMetricFamily(f"lorafleet_adapter_cache_{key}", doc, value=reg.get(key, 0))
 
 
-def _tier_metrics(registry, reg: dict):
+def _tier_metrics(registry: AdapterRegistry, reg: dict):
     """The CPU tier in bytes against its budget, per-tier hit rates, cold-load time histogram."""
     for key, doc in (
         ("cpu_bytes", "Adapter tensor bytes held in the CPU tier."),
@@ -59,15 +62,13 @@ def _tier_metrics(registry, reg: dict):
     ):
         if reg.get(key) is not None:
             yield GaugeMetricFamily(f"lorafleet_adapter_{key}", doc, value=reg[key])
-    load_times = getattr(registry, "load_times", None)
-    if load_times is not None:
-        buckets, total = load_times.histogram()
-        family = HistogramMetricFamily(
-            "lorafleet_adapter_cold_load_seconds",
-            "Disk reads of adapters: read, check, stage (seconds).",
-        )
-        family.add_metric([], buckets, total)
-        yield family
+    buckets, total = registry.load_times.histogram()
+    family = HistogramMetricFamily(
+        "lorafleet_adapter_cold_load_seconds",
+        "Disk reads of adapters: read, check, stage (seconds).",
+    )
+    family.add_metric([], buckets, total)
+    yield family
 
 
 def _merge_cache_metrics(stats: dict):
@@ -92,7 +93,7 @@ def _merge_cache_metrics(stats: dict):
 class Metrics:
     """Counters and histograms the routes update; `render()` is the /metrics body."""
 
-    def __init__(self, engine, registry=None, merged=None):
+    def __init__(self, backend: ServingBackend, registry: AdapterRegistry | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -121,7 +122,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        r.register(_EngineCollector(engine, registry, merged))
+        r.register(_EngineCollector(backend, registry))
 
     def finished(self, endpoint: str, adapter: str, status: int, stream=None) -> None:
         self.requests.labels(endpoint, adapter, str(status)).inc()

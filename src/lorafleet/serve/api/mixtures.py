@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.auth import Principal
 from lorafleet.serve.api.errors import APIError
 from lorafleet.serve.api.state import ServerState
+from lorafleet.serve.merged import MergeRecipe
 
 MIX_PREFIX = "mix:"
 STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
@@ -118,18 +120,24 @@ def from_lorax(state: ServerState, who: Principal, params) -> MixRequest | None:
 
 
 async def engine_spec(state: ServerState, mix: MixRequest):
-    """What the engine runs for `mix`: linear -> the (name, weight) pairs, computed per row in
-    the batched op; other strategies -> the name of the merged virtual adapter."""
+    """What the backend runs for `mix`: linear -> the (name, weight) pairs, computed per row
+    in the batched op; other strategies -> the name of the registry's merged virtual adapter
+    (merged on a worker thread the first time; a recipe that cannot merge is a 400)."""
     if mix.strategy == "linear":
         return list(mix.parts)
-    merged = state.merged
-    if merged is None:
+    registry = state.registry
+    if registry is None or not registry.can_merge:
         raise bad(
             f"{mix.param}.merge_strategy",
             f"{mix.strategy} merges are not available on "
             "this server (no merge backend); use linear",
         )
-    return await merged.adapter_for(mix)
+    recipe = MergeRecipe(mix.parts, mix.strategy, mix.density, mix.sign_method)
+    try:
+        return await asyncio.to_thread(registry.merged_adapter, recipe)
+    except LorafleetError as exc:
+        message = f"{mix.param}: {exc}"
+        raise APIError(400, message, code="merge_failed", param=mix.param) from None
 
 
 async def openai_adapter(

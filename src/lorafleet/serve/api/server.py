@@ -3,55 +3,50 @@ foreground (the CLI) or on a thread (tests, the demo)."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import uvicorn
+from uvicorn.server import HANDLED_SIGNALS
+
 from lorafleet.errors import LorafleetError
+from lorafleet.models import Base
 from lorafleet.serve.api.app import create_app
 from lorafleet.serve.api.auth import AuthConfig
 from lorafleet.serve.api.classify import Classifier
-from lorafleet.serve.api.image_edits import ImageEditor
-from lorafleet.serve.api.merge_cache import MergeCache, MergeFn
-from lorafleet.serve.api.state import ServerConfig, ServerState
-
-
-@dataclass
-class EngineSettings:
-    """Engine and registry sizes for `lorafleet serve`; checked by the engine itself."""
-
-    max_adapters: int = 8  # resident adapter slots
-    max_rank: int = 32
-    max_batch_size: int = 16
-    max_batch_tokens: int = 2048
-    max_seq_len: int = 1024
-    cpu_cache_mb: float = 512.0
-    quantize: str = "none"  # weight-only int8 / int4 base linears (layers/quant.py)
-    cpu_cache_bytes: int | str | None = None  # e.g. "2GB"; replaces cpu_cache_mb when set
+from lorafleet.serve.api.config import EngineSettings, ServerConfig
+from lorafleet.serve.api.injected import ImageEditor, MoleModels
+from lorafleet.serve.api.state import ServerState
+from lorafleet.serve.engine import Engine
+from lorafleet.serve.merged import MergeFn
+from lorafleet.serve.registry import AdapterRegistry
 
 
 def build_state(
-    base,
+    base: Base,
     adapters_dir: str | Path | None,
     auth: AuthConfig | None = None,
     settings: EngineSettings | None = None,
     config: ServerConfig | None = None,
-    classifier: Callable[..., Classifier] | None = None,
+    classifier: Callable[[Engine, AdapterRegistry], Classifier] | None = None,
     merge: MergeFn | None = None,
-    moles: Callable | None = None,
+    moles: Callable[[Engine, AdapterRegistry], MoleModels] | None = None,
     image_editor: ImageEditor | None = None,
 ) -> ServerState:
-    """Engine over `base` (a loaded Base), registry over `adapters_dir`, and the app state.
+    """The in-process engine over `base` (a loaded Base), a registry over `adapters_dir` (the
+    engine's one adapter source), and the app state.
     `classifier(engine, registry)` builds what answers `class_choices` (none: a 400);
-    `merge` (lorafleet.compose.merge_adapters) serves ties / dare merges (none: a 400);
+    `merge` (lorafleet.compose.merge_adapters) serves ties / dare merges as the registry's
+    merged tier, within `config.merge_cache_mb` (none: a 400);
     `moles(engine, registry)` (lorafleet.compose.mole_serve.MoleCatalog) serves MoLE dirs;
     `image_editor` (lorafleet.change.serving.ChangeEditor) serves /v1/images/edits."""
-    from lorafleet.serve import AdapterRegistry, Engine
-
     s = settings or EngineSettings()
+    config = config or ServerConfig(model_name=base.name)
     engine = Engine(
         base,
         max_slots=s.max_adapters,
@@ -62,17 +57,24 @@ def build_state(
         quantize=s.quantize,
     )
     registry = AdapterRegistry(
-        engine, adapters_dir, cpu_cache_mb=s.cpu_cache_mb, cpu_cache_bytes=s.cpu_cache_bytes
+        engine,
+        adapters_dir,
+        cpu_cache_mb=s.cpu_cache_mb,
+        cpu_cache_bytes=s.cpu_cache_bytes,
+        merge=merge,
+        merge_cache_mb=config.merge_cache_mb,
     )
-    config = config or ServerConfig(model_name=base.name)
     clash = config.model_name in registry.names()
     if clash:
         raise LorafleetError(f"an adapter is named {config.model_name!r}, like the base model")
-    made = classifier(engine, registry) if classifier is not None else None
-    merged = MergeCache(engine, registry, merge, config.merge_cache_mb) if merge else None
-    catalog = moles(engine, registry) if moles is not None else None
     return ServerState(
-        engine, registry, auth or AuthConfig.off(), config, made, merged, catalog, image_editor
+        backend=engine,
+        registry=registry,
+        auth=auth or AuthConfig.off(),
+        config=config,
+        classifier=classifier(engine, registry) if classifier is not None else None,
+        moles=moles(engine, registry) if moles is not None else None,
+        image_editor=image_editor,
     )
 
 
@@ -90,8 +92,6 @@ class ServerThread:
     """uvicorn serving `state` on a background thread (tests, the demo); `with` starts/stops."""
 
     def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int | None = None):
-        import uvicorn
-
         self.state, self.host = state, host
         self.port = port or free_port(host)
         grace = state.config.shutdown_grace_s
@@ -129,18 +129,27 @@ class ServerThread:
         self.stop()
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, except that a SIGTERM / SIGINT it shut down for gracefully is not
+    raised again afterwards (uvicorn's own `capture_signals` re-raises it, so the process
+    would die by the signal): a completed graceful stop is a clean exit (code 0)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach the main thread only
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def serve_forever(state: ServerState, host: str, port: int) -> None:
     """Run uvicorn in the foreground; SIGTERM / Ctrl-C finish in-flight requests (up to the
     grace period), cancel the rest, and return (exit code 0)."""
-    import uvicorn
-
-    class GracefulServer(uvicorn.Server):
-        # uvicorn re-raises a caught SIGTERM after its graceful shutdown, so the process would
-        # die by the signal; a completed graceful stop is a clean exit here.
-        def handle_exit(self, sig, frame) -> None:
-            super().handle_exit(sig, frame)
-            getattr(self, "_captured_signals", []).clear()
-
     config = uvicorn.Config(
         create_app(state),
         host=host,

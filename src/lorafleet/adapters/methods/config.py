@@ -1,20 +1,19 @@
-"""Adapter methods by name (lora, rslora, dora, bone, bat, bilora) as PEFT configs."""
+"""The user's choice of method, rank, alpha, targets and dropout, turned into PEFT's config by
+the chosen method's module; parsing --targets; PEFT's config class from an adapter_config.json."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, MissConfig, PeftConfig
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
+from lorafleet.adapters.methods.base import PeftOptions
+from lorafleet.adapters.methods.registry import NAMES, get_method
 from lorafleet.errors import LorafleetError
 
-METHODS = ("lora", "rslora", "dora", "bone", "bat", "bilora")
-# Bone / Bat live on in PEFT as MiSS: Bone is its default init (a block-sharing delta, LoRA with
-# A fixed to [I_r ... I_r]); Bat (init_weights="bat") is the paper's first form, W' = W (I + b) + b
-# per r x r block, and needs every adapted linear's in and out features divisible by r.
-MISS_INIT = {"bone": True, "bat": "bat"}
+if TYPE_CHECKING:  # a type name only: the CLI reads MethodConfig's defaults without PEFT
+    from peft import PeftConfig
+
 # "A Note on LoRA": adapt every linear layer of the blocks; small ranks suffice.
 DEFAULT_RANK = 16
 DEFAULT_ALPHA = 32.0
@@ -31,8 +30,8 @@ class MethodConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise LorafleetError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.method not in NAMES:
+            raise LorafleetError(f"unknown method {self.method!r}: use one of {', '.join(NAMES)}")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise LorafleetError(f"--rank must be a positive integer, got {self.rank!r}")
         if not self.alpha > 0:
@@ -43,26 +42,10 @@ class MethodConfig:
             raise LorafleetError("--targets is empty")
 
     def peft_config(self, default_targets: list[str]) -> PeftConfig:
+        """The method's PEFT config (adapters/methods/<method>.py) for these choices."""
         targets = list(self.targets or default_targets)
-        if self.method in MISS_INIT:
-            return MissConfig(
-                r=self.rank,
-                target_modules=targets,
-                miss_dropout=self.dropout,
-                init_weights=MISS_INIT[self.method],
-                task_type="CAUSAL_LM",
-            )
-        # BiLoRA trains P diag(lambda) Q (train/bilora.py) and is saved as plain LoRA with
-        # B = P diag(lambda), A = Q and alpha = r, so its scale is exactly 1.
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=float(self.rank) if self.method == "bilora" else self.alpha,
-            target_modules=targets,
-            lora_dropout=self.dropout,
-            use_rslora=self.method == "rslora",
-            use_dora=self.method == "dora",
-            task_type="CAUSAL_LM",
-        )
+        options = PeftOptions(self.rank, self.alpha, targets, self.dropout)
+        return get_method(self.method).peft_config(options)
 
 
 def parse_targets(text: str | None) -> list[str] | None:
@@ -75,6 +58,8 @@ def parse_targets(text: str | None) -> list[str] | None:
 def peft_config_from_dict(config: dict) -> PeftConfig:
     """Build PEFT's config class from an adapter_config.json dict, ignoring unknown keys
     (written by newer PEFT versions) the way PEFT itself does."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
     cls = PEFT_TYPE_TO_CONFIG_MAPPING[str(config["peft_type"]).upper()]
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in config.items() if k in known and k != "peft_type"}

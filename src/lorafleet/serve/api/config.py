@@ -1,0 +1,59 @@
+"""The settings of `lorafleet serve`: the HTTP server's (ServerConfig) and the engine's and
+registry's sizes (EngineSettings); light (no fastapi, no torch), so the CLI reads their
+defaults without importing the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lorafleet.errors import LorafleetError
+
+
+@dataclass
+class ServerConfig:
+    """Server settings; checked on creation."""
+
+    model_name: str  # the id the base model is served under (`model` = this means no adapter)
+    max_waiting: int = 256  # queued requests beyond which new ones get 429
+    default_max_tokens: int = 256  # chat requests that give no max_tokens
+    shutdown_grace_s: float = 10.0
+    max_upload_mb: float = 512.0
+    retry_after_s: int = 1
+    max_mixture: int = 8  # adapters one request may mix (`adapters`, `mix:`, merged_adapters)
+    merge_cache_mb: float = 256.0  # ties / dare merges kept as virtual adapters (LRU by bytes)
+    max_n: int = 8  # choices one OpenAI request may ask for (`n`)
+    engine_threads: int | None = None  # torch threads of the engine thread (None = torch's)
+
+    def __post_init__(self):
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            raise LorafleetError("the served model name must be a non-empty string")
+        for what, value in (
+            ("max_waiting", self.max_waiting),
+            ("default_max_tokens", self.default_max_tokens),
+            ("max_mixture", self.max_mixture),
+            ("max_n", self.max_n),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise LorafleetError(f"{what} must be an integer >= 1, got {value!r}")
+        if self.engine_threads is not None and (
+            not isinstance(self.engine_threads, int) or self.engine_threads < 1
+        ):
+            raise LorafleetError(f"engine_threads must be >= 1, got {self.engine_threads!r}")
+        if not self.merge_cache_mb >= 0:
+            raise LorafleetError(f"merge_cache_mb must be >= 0, got {self.merge_cache_mb!r}")
+        if self.shutdown_grace_s < 0 or self.max_upload_mb <= 0:
+            raise LorafleetError("shutdown grace must be >= 0 and the upload limit > 0")
+
+
+@dataclass
+class EngineSettings:
+    """Engine and registry sizes for `lorafleet serve`; checked by the engine itself."""
+
+    max_adapters: int = 8  # resident adapter slots
+    max_rank: int = 32
+    max_batch_size: int = 16
+    max_batch_tokens: int = 2048
+    max_seq_len: int = 1024
+    cpu_cache_mb: float = 512.0
+    quantize: str = "none"  # weight-only int8 / int4 base linears (layers/quant.py)
+    cpu_cache_bytes: int | str | None = None  # e.g. "2GB"; replaces cpu_cache_mb when set

@@ -21,6 +21,7 @@ ORDER = (
     "bone",
     "bat",
     "bilora",
+    "vera",
 )
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
+import torch
 from helpers import randomize_adapter
 from peft import get_peft_model
 
-from lorafleet.adapters import Adapter, adapter_from_model
+from lorafleet.adapters import Adapter, adapter_from_model, attach, read_adapter, write_adapter
 from lorafleet.models import Base, fingerprint
 from lorafleet.models.tiny import tiny_llama
 from lorafleet.serve import Engine, SamplingParams
@@ -84,3 +87,49 @@ def run_to_end(engine: Engine, limit: int = 500) -> dict:
         if not engine.scheduler.running:
             threading.Event().wait(0.002)  # only waiting on a loader thread
     raise AssertionError("the engine did not finish")
+
+
+# --- every method served beside LoRA (test_serve_methods, test_serve_vera) ---
+
+
+def written_adapters(
+    tokenizer, root: Path, configs: dict[str, Callable], randomize: Callable, seed: int
+) -> dict[str, Adapter]:
+    """name -> Adapter made from each PEFT config on the seed-0 tiny base, its weights set by
+    `randomize(model, seed + i, name)`, written and read back as a server would."""
+    out = {}
+    for i, (name, make) in enumerate(configs.items()):
+        config = make()
+        config.task_type = "CAUSAL_LM"
+        model = get_peft_model(tiny_llama(0, vocab_size=len(tokenizer)), config)
+        randomize(model, seed + i, name)
+        out[name] = read_adapter(write_adapter(root / name, adapter_from_model(model)))
+    return out
+
+
+def peft_reference(tokenizer, adapter: Adapter | None):
+    """The seed-0 tiny base alone (None) or with `adapter` attached through PEFT."""
+    model = tiny_llama(0, vocab_size=len(tokenizer))
+    return model if adapter is None else attach(model, adapter)
+
+
+def greedy_matches_peft(engine, tokenizer, adapters, plan, prompt_ids, max_tokens=8) -> set:
+    """Run prompt i on adapter plan[i] (None: the base) through `engine`, assert each greedy
+    answer equals transformers + PEFT's generate, and return the distinct answers."""
+    params = SamplingParams(max_tokens=max_tokens)
+    rids = [engine.add_request(p, n, params) for p, n in zip(prompt_ids, plan, strict=True)]
+    outputs = run_to_end(engine)
+    models = {n: peft_reference(tokenizer, adapters[n] if n else None) for n in set(plan)}
+    seen = set()
+    for rid, prompt, name in zip(rids, prompt_ids, plan, strict=True):
+        x = torch.tensor([prompt])
+        ref = models[name].generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        assert outputs[rid].token_ids == ref[0, x.shape[1] :].tolist(), name
+        seen.add(tuple(ref[0, x.shape[1] :].tolist()))
+    return seen

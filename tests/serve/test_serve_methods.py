@@ -6,10 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import randomize_adapter
-from peft import LoraConfig, MissConfig, get_peft_model
-from serve_helpers import TARGETS, run_to_end, tiny_base
+from peft import LoraConfig, MissConfig
+from serve_helpers import (
+    TARGETS,
+    greedy_matches_peft,
+    peft_reference,
+    run_to_end,
+    tiny_base,
+    written_adapters,
+)
 
-from lorafleet.adapters import adapter_from_model, attach, read_adapter, write_adapter
 from lorafleet.layers import RowMixture, inject_multilora
 from lorafleet.models.tiny import tiny_llama
 from lorafleet.serve import Engine, SamplingParams
@@ -26,20 +32,11 @@ SCALES = {"lora4": 0.2, "dora4": 0.2, "bone8": 0.05, "bat8": 0.05}
 @pytest.fixture(scope="module")
 def method_adapters(tokenizer, tmp_path_factory):
     """name -> Adapter with random non-zero weights, written and read back as a server would."""
-    root = tmp_path_factory.mktemp("methods")
-    out = {}
-    for i, (name, make) in enumerate(CONFIGS.items()):
-        config = make()
-        config.task_type = "CAUSAL_LM"
-        model = get_peft_model(tiny_llama(0, vocab_size=len(tokenizer)), config)
-        randomize_adapter(model, seed=60 + i, scale=SCALES[name])
-        out[name] = read_adapter(write_adapter(root / name, adapter_from_model(model)))
-    return out
 
+    def randomize(model, seed, name):
+        randomize_adapter(model, seed=seed, scale=SCALES[name])
 
-def _peft(tokenizer, adapter):
-    model = tiny_llama(0, vocab_size=len(tokenizer))
-    return model if adapter is None else attach(model, adapter)
+    return written_adapters(tokenizer, tmp_path_factory.mktemp("methods"), CONFIGS, randomize, 60)
 
 
 @torch.no_grad()
@@ -56,7 +53,7 @@ def test_rows_of_every_method_match_peft_in_one_batch(tokenizer, method_adapters
     ids = torch.tensor([tokenizer("The film was a delight from start to finish.")["input_ids"]])
     row_slots = [0, 1, 2, 3, 4, 2, 4, 1]
     refs = {
-        s: _peft(tokenizer, method_adapters[n] if s else None)(input_ids=ids).logits[0]
+        s: peft_reference(tokenizer, method_adapters[n] if s else None)(input_ids=ids).logits[0]
         for s, n in enumerate([None, *names])
     }
     for s in (1, 2, 3, 4):  # every adapter moves the logits, and DoRA is not its plain LoRA
@@ -95,22 +92,7 @@ def test_engine_greedy_parity_for_every_method(tokenizer, method_adapters, promp
     for name, adapter in method_adapters.items():
         engine.load_adapter(name, adapter)
     plan = [None, "lora4", "dora4", "bone8", "bat8", "dora4"]
-    params = SamplingParams(max_tokens=8)
-    rids = [engine.add_request(p, n, params) for p, n in zip(prompt_ids, plan, strict=True)]
-    outputs = run_to_end(engine)
-    models = {n: _peft(tokenizer, method_adapters[n] if n else None) for n in set(plan)}
-    seen = set()
-    for rid, prompt, name in zip(rids, prompt_ids, plan, strict=True):
-        x = torch.tensor([prompt])
-        ref = models[name].generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=8,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        assert outputs[rid].token_ids == ref[0, x.shape[1] :].tolist(), name
-        seen.add(tuple(ref[0, x.shape[1] :].tolist()))
+    seen = greedy_matches_peft(engine, tokenizer, method_adapters, plan, prompt_ids)
     assert len(seen) >= 5  # the methods differ from each other and the base
 
 

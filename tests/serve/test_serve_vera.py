@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import randomize_adapter
-from peft import LoraConfig, VeraConfig, get_peft_model
-from serve_helpers import TARGETS, run_to_end, tiny_base
+from peft import LoraConfig, VeraConfig
+from serve_helpers import TARGETS, greedy_matches_peft, peft_reference, tiny_base, written_adapters
 
-from lorafleet.adapters import adapter_from_model, attach, read_adapter, write_adapter
 from lorafleet.layers import MultiLoRAError, RowMixture, inject_multilora
 from lorafleet.models.tiny import tiny_llama
-from lorafleet.serve import Engine, SamplingParams
+from lorafleet.serve import Engine
 
 CONFIGS = {
     "lora4": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
@@ -34,19 +33,7 @@ def _randomize(model, seed: int) -> None:
 def vera_adapters(tokenizer, tmp_path_factory):
     """name -> Adapter with random non-zero weights, written and read back as a server would."""
     root = tmp_path_factory.mktemp("vera")
-    out = {}
-    for i, (name, make) in enumerate(CONFIGS.items()):
-        config = make()
-        config.task_type = "CAUSAL_LM"
-        model = get_peft_model(tiny_llama(0, vocab_size=len(tokenizer)), config)
-        _randomize(model, seed=70 + i)
-        out[name] = read_adapter(write_adapter(root / name, adapter_from_model(model)))
-    return out
-
-
-def _peft(tokenizer, adapter):
-    model = tiny_llama(0, vocab_size=len(tokenizer))
-    return model if adapter is None else attach(model, adapter)
+    return written_adapters(tokenizer, root, CONFIGS, lambda m, seed, _: _randomize(m, seed), 70)
 
 
 @torch.no_grad()
@@ -63,7 +50,7 @@ def test_vera_rows_match_peft_next_to_lora_rows(tokenizer, vera_adapters):
 
     ids = torch.tensor([tokenizer("The film was a delight from start to finish.")["input_ids"]])
     refs = {
-        s: _peft(tokenizer, vera_adapters[n] if s else None)(input_ids=ids).logits[0]
+        s: peft_reference(tokenizer, vera_adapters[n] if s else None)(input_ids=ids).logits[0]
         for s, n in enumerate([None, *names])
     }
     for s in (1, 2, 3):  # every adapter moves the logits
@@ -90,22 +77,7 @@ def test_engine_greedy_parity_for_vera_beside_lora(tokenizer, vera_adapters, pro
     for name, adapter in vera_adapters.items():
         engine.load_adapter(name, adapter)
     plan = [None, "vera8", "lora4", "vera4", "vera8", "lora4"]
-    params = SamplingParams(max_tokens=8)
-    rids = [engine.add_request(p, n, params) for p, n in zip(prompt_ids, plan, strict=True)]
-    outputs = run_to_end(engine)
-    models = {n: _peft(tokenizer, vera_adapters[n] if n else None) for n in set(plan)}
-    seen = set()
-    for rid, prompt, name in zip(rids, prompt_ids, plan, strict=True):
-        x = torch.tensor([prompt])
-        ref = models[name].generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=8,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        assert outputs[rid].token_ids == ref[0, x.shape[1] :].tolist(), name
-        seen.add(tuple(ref[0, x.shape[1] :].tolist()))
+    seen = greedy_matches_peft(engine, tokenizer, vera_adapters, plan, prompt_ids)
     assert len(seen) >= 4  # the adapters differ from each other and the base
 
 

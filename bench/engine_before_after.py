@@ -1,6 +1,7 @@
 """The engine's throughput from two source trees, interleaved in one run (issue 28's check).
 
-Each repetition runs every tree once, in the order A, B, A, B, ..., each in a fresh process with
+Each repetition runs every tree once, in the order A B, B A, A B, ... (ABBA, so that a drift
+of the machine's speed favours neither), each in a fresh process with
 PYTHONPATH set to that tree's `src/`, on the workload of `lorafleet bench engine` (32 requests of
 100 prompt tokens cut from gsm8k text, 64 greedy tokens each, EOS ignored, 16 random rank-16
 all-linear adapters, one process per measurement). A process times the engine with the 16
@@ -97,7 +98,10 @@ def main() -> None:
     }
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     for rep in range(args.reps):
-        for name, path in trees.items():
+        # ABBA: odd repetitions run the trees in reverse order, so a drift of the machine's
+        # speed over the run favours neither tree.
+        order = list(trees.items())
+        for name, path in order if rep % 2 == 0 else order[::-1]:
             result = measure(Path(path).resolve(), cfg)
             runs[name].append(result)
             print(f"rep {rep + 1} {name}: {result}", flush=True)

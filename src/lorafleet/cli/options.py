@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from lorafleet.adapters import parse_targets
-from lorafleet.fed.config import FedConfig
+from lorafleet.fed.config import AGGREGATIONS, FED_METHODS, FedConfig
 
 BASE_HELP = "Base model: default, gemma-270m, a model directory, a .gguf file or a hub id."
 BaseOpt = typer.Option(..., "--base", "-b", help=BASE_HELP)
@@ -247,11 +247,11 @@ FED_RUN = options_from(
     from_field("clients", "--clients", "-n", help="Number of clients (data partitions)."),
     from_field("rounds", "--rounds", "-R"),
     from_field("local_steps", "--local-steps", "-S", help="Optimizer steps per client and round."),
-    from_field("aggregation", help="fedex | fedavg | ffa"),
+    from_field("aggregation", help=" | ".join(AGGREGATIONS)),
     from_field("split", help="iid | dirichlet:ALPHA (non-IID; small = skewed)."),
     from_field("split_by", help="Dirichlet over `label` or a data field."),
     from_field("val", help="Held-out data (default: a built-in task's validation)."),
-    from_field("method", help="lora | rslora"),
+    from_field("method", help=" | ".join(FED_METHODS)),
     from_field("rank", "--rank", "-r"),
     "alpha",
     targets_option("all-linear, or e.g. q_proj,v_proj"),

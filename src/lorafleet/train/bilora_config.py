@@ -7,13 +7,14 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from lorafleet.adapters.methods.base import BILEVEL_TRAINER
 from lorafleet.errors import LorafleetError
 
 if TYPE_CHECKING:
     from lorafleet.train.config import TrainConfig
 
 # The trainer kind a method declares (adapters/methods/) to be trained by BiLoRATrainer.
-TRAINER_KIND = "pseudo-svd-bilevel"
+TRAINER_KIND = BILEVEL_TRAINER
 BILEVEL = ("first", "second", "joint")
 
 

@@ -2,6 +2,7 @@
 registry: what each declares is in base.Method; everything else asks the registry."""
 
 from lorafleet.adapters.methods.base import (
+    BILEVEL_TRAINER,
     PEFT_TRAINER,
     Dims,
     Method,
@@ -36,6 +37,7 @@ from lorafleet.adapters.methods.registry import (
 METHODS = NAMES
 
 __all__ = [
+    "BILEVEL_TRAINER",
     "DEFAULT_ALPHA",
     "DEFAULT_RANK",
     "METHODS",

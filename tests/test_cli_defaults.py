@@ -14,6 +14,7 @@ import typer
 from lorafleet.bayes import CalibrateConfig, LaplaceConfig
 from lorafleet.cli import app
 from lorafleet.cli.bayes_cmds import FIT_OPTIONS, TUNING_OPTIONS
+from lorafleet.cli.bench_cmds import SOAK_OPTIONS
 from lorafleet.cli.fed_cmds import KEEP_CLIENTS
 from lorafleet.cli.options import FED_APP, FED_RUN, field_default
 from lorafleet.cli.serve_cmds import ENGINE_OPTIONS, SERVER_OPTIONS
@@ -37,6 +38,7 @@ GROUPS = [
     ("fed simulate", KEEP_CLIENTS, RUN),
     ("fed server", FED_RUN, RUN),
     ("fed app", FED_APP, RUN),
+    ("bench soak", SOAK_OPTIONS, {}),
 ]
 IDS = [f"{path}:{group.config.__name__}:{group.specs[0].name}" for path, group, _ in GROUPS]
 # Options that set a config field but whose CLI default is the command's own policy.

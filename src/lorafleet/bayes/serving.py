@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from lorafleet.adapters import attach, read_adapter
-from lorafleet.bayes.io import INFO_NAME, load_factors
+from lorafleet.bayes.io import FACTORS_NAME, INFO_NAME, load_factors
 from lorafleet.bayes.predictive import laplace_class_probs
 from lorafleet.errors import LorafleetError
 from lorafleet.layers import MultiLoRALinear
@@ -89,8 +89,33 @@ class LaplaceClassifier:
         return peft_model, factors
 
 
+class CalibrationKind:
+    """Calibrated adapters (an adapter dir holding laplace.json or its factors) as one kind of
+    a server's directory entries (serve.entries.EntryKind): its factors are read and checked
+    against the adapter's weights when it appears or changes, so a broken or stale calibration
+    makes that entry unavailable, with its reason, instead of failing its requests one by one."""
+
+    kind = "calibrated"
+    label = "calibrated adapter"
+    usage = ""
+    pool = False
+
+    def claims(self, path: Path) -> bool:
+        return (path / INFO_NAME).is_file() or (path / FACTORS_NAME).is_file()
+
+    def check(self, name: str, path: Path) -> tuple:
+        load_factors(path)  # one-line errors: missing, invalid, non-finite, stale
+        return ()
+
+    def drop(self, name: str) -> None:
+        pass  # nothing held: the registry serves the adapter, the classifier reads on use
+
+
 def laplace_classifier(engine, registry) -> LaplaceClassifier:
-    """The classifier for a server's engine and adapter registry (`build_state(classifier=)`)."""
+    """The classifier for a server's engine and adapter registry (`build_state(classifier=)`);
+    calibrations in the registry's directory are checked as its entries (CalibrationKind)."""
+    if registry is not None:
+        registry.add_kind(CalibrationKind())
     return LaplaceClassifier(
         lambda: plain_copy(engine.base.model, engine.exclusive()),
         engine.tokenizer,

@@ -6,13 +6,13 @@ import os
 import platform
 from pathlib import Path
 
-import torch
-
 from lorafleet.fsutil import atomic_write_json
 
 
 def machine() -> str:
     """One line naming the machine, so figures in BENCHMARKS.md say where they were taken."""
+    import torch  # here: the CLI reads benchmark configs (bench/soak_config.py) without torch
+
     return (
         f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, Python {platform.python_version()}"

@@ -255,7 +255,10 @@ def run(
     quick: bool = False,
     limit_s: float = 1800.0,
     reps: int = 2,
+    variants_to_run: tuple[str, ...] = tuple(VARIANTS),
 ) -> dict:
+    """Run `variants_to_run` (VARIANTS' names; all by default) on `base`, print the table and
+    the ratios, write the figures to `json_out` and return them."""
     if quick:
         requests, adapters, new_tokens, prompt_tokens = 8, 4, 16, 32
     cfg = {
@@ -269,7 +272,7 @@ def run(
     }
     raw, variants, reasons, rows = {}, {}, {}, []
     results = []
-    for name in VARIANTS:
+    for name in variants_to_run:
         print(f"running {name} ...", flush=True)
         r = run_in_child(VARIANTS[name], cfg, limit_s=limit_s)
         if "pair" in r:  # one process measured both engine variants
@@ -311,8 +314,9 @@ def run(
         return tps(a) / tps(b) if tps(a) and tps(b) else None
 
     parity = None
-    if "request0" in raw["engine"] and "request0" in raw["sequential_peft"]:
-        parity = raw["engine"]["request0"] == raw["sequential_peft"]["request0"]
+    engine_run, peft_run = raw.get("engine", {}), raw.get("sequential_peft", {})
+    if "request0" in engine_run and "request0" in peft_run:
+        parity = engine_run["request0"] == peft_run["request0"]
     figures = {
         "benchmark": "engine",
         "base": base,
@@ -322,7 +326,7 @@ def run(
         "mix2_vs_single": ratio("engine_mix2", "engine"),
         "all_base_vs_static_batch": ratio("engine_all_base", "static_batch"),
         "all_base_vs_generate_batch": ratio("engine_all_base", "generate_batch"),
-        "peak_rss_mb": variants["engine"]["peak_rss_mb"] if variants["engine"] else None,
+        "peak_rss_mb": variants["engine"]["peak_rss_mb"] if variants.get("engine") else None,
         "parity_request0": parity,
         "variants": variants,
         "errors": reasons,

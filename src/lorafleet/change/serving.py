@@ -96,3 +96,43 @@ class ChangeEditor:
         }
         self._examples[example_id, seed] = found
         return found
+
+
+class ChangeCatalog:
+    """The LoC models inside a server's adapters directory (`lorafleet change train` dirs),
+    served at POST /v1/images/edits by `model` (serve.api.injected.ImageEditors); one kind of
+    the registry's directory entries (serve.entries.EntryKind): each model is loaded when it
+    appears or changes, and one that cannot be (a corrupt config or weights) is the
+    registry's unavailable entry, with its one-line reason."""
+
+    kind = "change"
+    label = "LoC model"
+    usage = "a LoRA of Change image model: send it to POST /v1/images/edits as `model`"
+    pool = False
+
+    def __init__(self, engine=None, registry=None):
+        self.editors: dict[str, ChangeEditor] = {}
+        if registry is not None:
+            registry.add_kind(self)
+
+    def claims(self, path: Path) -> bool:
+        weights = ("editor.safetensors", "hyper.safetensors")
+        return (path / "config.json").is_file() and any((path / w).is_file() for w in weights)
+
+    def check(self, name: str, path: Path) -> tuple:
+        try:
+            self.editors[name] = ChangeEditor(path, name=name)
+        except LorafleetError:
+            raise
+        except Exception as exc:  # e.g. safetensors' own error for a corrupt file
+            raise LorafleetError(f"{path}: cannot load the LoC model ({exc})") from exc
+        return ()
+
+    def drop(self, name: str) -> None:
+        self.editors.pop(name, None)
+
+    def get(self, name: str) -> ChangeEditor | None:
+        return self.editors.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.editors)

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import typer
 
+from lorafleet.bench.soak_config import SoakConfig
 from lorafleet.cli.app import app
-from lorafleet.cli.options import BaseDefaultOpt
+from lorafleet.cli.options import BaseDefaultOpt, from_field, options_from, with_options
+from lorafleet.models.sources import TINY
 
 bench_app = typer.Typer(
     help="Benchmarks (not tests): each prints a table and writes its figures as JSON.",
@@ -162,6 +164,37 @@ def bench_multilora(
         threads=threads,
         methods=() if no_methods else tuple(method),
     )
+
+
+@bench_app.command("families")
+def bench_families(
+    bases: list[str] = typer.Option(
+        list(TINY),
+        "--base",
+        "-b",
+        help="Repeat for several (default: every family's tiny base).",
+    ),
+    requests: int = typer.Option(32, "--requests", min=1),
+    adapters: int = typer.Option(16, "--adapters", "-k", min=1, help="Request i uses i % k."),
+    prompt_tokens: int = typer.Option(100, "--prompt-tokens", min=1),
+    new_tokens: int = typer.Option(64, "--new-tokens", min=1, help="Per request (EOS ignored)."),
+    rank: int = typer.Option(16, "--rank", "-r", min=1),
+    quick: bool = typer.Option(False, "--quick", help="8 requests, 4 adapters, 32+16 tokens."),
+    json_out: Path = typer.Option(Path("bench/results/families.json"), "--json"),
+):
+    """The engine on each model family's tiny base, one row per family: tok/s with K adapters,
+    on the base alone, mixing two adapters per request, and vs PEFT one request at a time
+    (bench engine's engine and sequential_peft variants, each in its own process).
+
+    Examples:
+
+        lorafleet bench families --requests 32 --adapters 16
+
+        lorafleet bench families -b tiny-qwen3 -b tiny-phi3 --quick
+    """
+    from lorafleet.bench.families import run
+
+    run(bases, requests, adapters, prompt_tokens, new_tokens, rank, json_out, quick)
 
 
 @bench_app.command("engine")
@@ -416,6 +449,57 @@ def bench_serve(
     )
 
 
+@bench_app.command("fairness")
+def bench_fairness(
+    base: str = BaseDefaultOpt,
+    a_requests: int = typer.Option(
+        64, "--a-requests", min=1, help="Tenant A's flood: streaming requests sent at once."
+    ),
+    a_tokens: int = typer.Option(64, "--a-tokens", min=1, help="Tokens per A request."),
+    b_requests: int = typer.Option(
+        10, "--b-requests", min=1, help="Tenant B's requests, while A's flood lasts (at most)."
+    ),
+    b_every: float = typer.Option(1.0, "--b-every", min=0.01, help="Seconds between B's."),
+    b_tokens: int = typer.Option(32, "--b-tokens", min=1, help="Tokens per B request."),
+    idle_requests: int = typer.Option(
+        5, "--idle-requests", min=1, help="B's requests on the idle server (its idle TTFT)."
+    ),
+    reps: int = typer.Option(3, "--reps", min=1, help="Rounds of fcfs then fair; medians."),
+    max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="Both servers'."),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="The servers' torch threads (default: serve's)."
+    ),
+    json_out: Path = typer.Option(Path("bench/results/fairness.json"), "--json"),
+):
+    """Fair share under a flood: tenant A sends --a-requests streams at once, tenant B one every
+    --b-every seconds while the flood lasts; B's TTFT p50/p99 and the total tok/s under
+    `serve --schedule fcfs` and `--schedule fair` (both servers up, rounds interleaved, medians),
+    beside B's TTFT on the idle server. Pass: fair keeps B's TTFT p50 within 2x idle and the
+    total tok/s within 5 % of fcfs.
+
+    Examples:
+
+        lorafleet bench fairness --base default
+
+        lorafleet bench fairness --a-requests 16 --a-tokens 16 --b-requests 3 --reps 1
+    """
+    from lorafleet.bench.fairness import run
+
+    run(
+        base=base,
+        a_requests=a_requests,
+        a_tokens=a_tokens,
+        b_requests=b_requests,
+        b_every=b_every,
+        b_tokens=b_tokens,
+        idle_requests=idle_requests,
+        reps=reps,
+        max_batch_size=max_batch_size,
+        threads=threads,
+        json_out=json_out,
+    )
+
+
 @bench_app.command("merged")
 def bench_merged(
     base: str = BaseDefaultOpt,
@@ -474,3 +558,111 @@ def bench_merges(
         quick=quick,
         json_out=json_out,
     )
+
+
+@bench_app.command("grammar")
+def bench_grammar(
+    engine: list[str] = typer.Option(
+        ["xgrammar", "llguidance", "outlines-core"],
+        "--engine",
+        "-e",
+        help="Grammar engines to time (repeatable); one not installed is reported as missing.",
+    ),
+    rounds: int = typer.Option(5, "--rounds", min=1, help="Passes over every document."),
+    json_out: Path = typer.Option(Path("bench/results/grammar_engines.json"), "--json"),
+):
+    """Grammar engines on the `default` model's tokenizer: tokenizer setup, compile time per
+    JSON schema, and the per-step cost of the next-token mask while a valid document is decoded
+    (medians; engines interleaved). What picked lorafleet's structured-output engine.
+
+    Example:
+
+        lorafleet bench grammar --rounds 5
+    """
+    from lorafleet.bench.grammar_engines import run
+
+    run(engine, rounds, json_out)
+
+
+@bench_app.command("structured")
+def bench_structured(
+    base: str = BaseDefaultOpt,
+    requests: int = typer.Option(32, "--requests", min=2),
+    adapters: int = typer.Option(4, "--adapters", "-k", min=0, help="Row i uses adapter i % k."),
+    prompt_tokens: int = typer.Option(64, "--prompt-tokens", min=1),
+    new_tokens: int = typer.Option(64, "--new-tokens", min=1, help="Generated per row."),
+    reps: int = typer.Option(5, "--reps", min=1, help="Interleaved runs of each; medians."),
+    threads: int | None = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+    json_out: Path = typer.Option(Path("bench/results/structured.json"), "--json"),
+):
+    """Structured output's cost in the batch: `requests` rows unconstrained vs the same rows with
+    every other one constrained to a JSON schema (same prompts, adapters and lengths), decode
+    throughput, interleaved, medians. Target: at most 15 % below the unconstrained run.
+
+    Example:
+
+        lorafleet bench structured --base default --requests 32 --reps 5
+    """
+    from lorafleet.bench.grammar_throughput import run
+
+    run(base, requests, adapters, prompt_tokens, new_tokens, reps, threads, json_out)
+
+
+SOAK_OPTIONS = options_from(
+    SoakConfig,
+    from_field("minutes", min=0.01, help="How long the load runs."),
+    from_field("window_s", min=1, help="Report window (seconds): counts, p99, RSS per window."),
+    from_field(
+        "base",
+        "--base",
+        "-b",
+        help="tiny (a tiny random Llama, SmolLM2's tokenizer) or any base `serve` takes.",
+    ),
+    from_field("url", help="Soak a running server instead (no uploads then)."),
+    from_field("api_key", help="With --url: the key requests send."),
+    from_field("admin_key", help="With --url: the key /metrics takes when auth is on."),
+    from_field("adapters", min=2, help="Random adapters served."),
+    from_field("slots", min=1, help="Adapter slots of the server (fewer: evictions)."),
+    from_field("rank", min=1),
+    from_field("concurrency", min=1, help="Client workers, each one request after another."),
+    from_field("max_tokens", min=1, help="Tokens a request asks for, at most."),
+    from_field("threads", min=1, help="The started server's torch threads."),
+    from_field("sample_s", min=0.1, help="Seconds between /metrics samples."),
+    from_field("max_rss_growth", min=0, help="Pass: RSS growth after the first window below this."),
+    from_field("idle_timeout_s", min=0, help="Pass: the server idle again within this (seconds)."),
+    from_field("seed"),
+)
+
+
+@bench_app.command("soak")
+@with_options(soak=SOAK_OPTIONS)
+def bench_soak(
+    *,
+    soak: dict,
+    json_out: Path | None = typer.Option(
+        Path("bench/results/soak.json"), "--json", help="Where the figures go."
+    ),
+):
+    """A mixed load against a server for --minutes, then a pass rule (exit 1 when it fails).
+
+    Streamed and plain completions and chats, streams the client drops mid-way, two-adapter
+    mixtures, admin uploads (each asked once, then deleted), bad requests (each must get a
+    4xx), over more adapters than --slots (evictions all along). Reports per --window-s: requests
+    by class (2xx, 4xx, 5xx, client errors, cancels), p50 / p99 latency, p99 TTFT, the server's
+    RSS. Passes with no 5xx, no client error, no unexpected status, RSS at the end of the last
+    window within --max-rss-growth of the RSS after the first (warm-up) window, and the server
+    idle again after the load (no request, KV slot, pinned adapter slot or load left), and,
+    for a server it started, exit code 0 on SIGTERM.
+
+    Examples:
+
+        lorafleet bench soak --minutes 30 --base tiny --slots 2 --adapters 6
+
+        lorafleet bench soak --minutes 2 --window-s 30 --concurrency 3 --json /tmp/soak.json
+
+        lorafleet bench soak --url http://127.0.0.1:8000 --minutes 10 --window-s 60
+    """
+    from lorafleet.bench.soak import run
+
+    if not run(SOAK_OPTIONS.build(soak), json_out)["passed"]:
+        raise typer.Exit(1)

@@ -18,13 +18,18 @@ def load_model(
     mole: Path | None = None,
     mask: list[str] | None = None,
     dtype: str = "float32",
+    hub_adapters: bool = False,
 ):
     """(loaded base, adapter info or None, model): the base with `adapter` attached, the
     global model of the `lorafleet fed` run directory `fed`, or the MoLE directory `mole`
-    (its experts `mask`ed); every parameter (the adapter's too) in `dtype`."""
+    (its experts `mask`ed); every parameter (the adapter's too) in `dtype`. With
+    `hub_adapters`, `adapter` may be a hub id `org/name[@revision]` (a local path wins)."""
+    from lorafleet.adapters.hub import locate_adapter
     from lorafleet.models import cast_parameters, parse_dtype
 
     parse_dtype(dtype)  # a bad name fails before anything loads
+    if adapter is not None:  # a hub adapter is fetched (or refused) before the base loads
+        adapter = locate_adapter(adapter, hub=hub_adapters)
     loaded, info, model = _load_model(base, adapter, force, max_rank, fed, mole, mask, dtype)
     cast_parameters(model, dtype)
     return loaded, info, model

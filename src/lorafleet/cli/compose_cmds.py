@@ -8,7 +8,7 @@ import typer
 
 from lorafleet.cli.app import app
 from lorafleet.cli.common import print_report
-from lorafleet.cli.options import BaseOpt, ForceOpt, SeedOpt
+from lorafleet.cli.options import BaseOpt, ForceOpt, HubAdaptersOpt, SeedOpt
 
 
 @app.command()
@@ -43,6 +43,7 @@ def merge(
     ),
     seed: int = SeedOpt,
     force: bool = ForceOpt,
+    hub_adapters: bool = HubAdaptersOpt,
 ):
     """Merge adapters into one PEFT adapter: exact for linear and cat (any ranks, alphas,
     rsLoRA, rank patterns and target sets), svd truncates the exact delta to --rank, TIES / DARE
@@ -55,6 +56,8 @@ def merge(
         lorafleet merge --base default -a a=A -a b=B --method ties --density 0.3 --out merged
 
         lorafleet merge --base default -a runs/sst2/adapter --into-base --out sst2-model
+
+        lorafleet merge --base default --hub-adapters -a a=my-org/sst2-lora@v1 -a b=B --out m
     """
     from lorafleet.compose.run import run_merge
 
@@ -69,6 +72,7 @@ def merge(
         seed=seed,
         rank=rank,
         force=force,
+        hub_adapters=hub_adapters,
     )
     adapters = summary.pop("adapters")
     summary["adapters"] = [f"{a['name']} x{a['weight']:g}" for a in adapters]

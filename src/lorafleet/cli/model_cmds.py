@@ -15,6 +15,7 @@ from lorafleet.cli.options import (
     DtypeOpt,
     FedDirOpt,
     ForceOpt,
+    HubAdaptersOpt,
     MaskOpt,
     MaxRankOpt,
     MoleDirOpt,
@@ -28,6 +29,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     force: bool = ForceOpt,
     max_rank: int = MaxRankOpt,
+    hub_adapters: bool = HubAdaptersOpt,
 ):
     """Describe a base model (family, size, targetable layers) and optionally an adapter.
 
@@ -36,11 +38,13 @@ def info(
         lorafleet info --base default
 
         lorafleet info --base default --adapter runs/sst2 --json
+
+        lorafleet info --base default --hub-adapters --adapter my-org/sst2-lora@v1
     """
     from lorafleet.adapters import describe_adapter
     from lorafleet.models import describe_model
 
-    loaded, adapter_obj, _ = load_model(base, adapter, force, max_rank)
+    loaded, adapter_obj, _ = load_model(base, adapter, force, max_rank, hub_adapters=hub_adapters)
     report = {
         "base": {
             "name": base,
@@ -78,6 +82,7 @@ def generate(
     mole: Path | None = MoleDirOpt,
     mask: list[str] = MaskOpt,
     dtype: str = DtypeOpt,
+    hub_adapters: bool = HubAdaptersOpt,
 ):
     """Generate a reply (greedy by default) and print only the generated text.
 
@@ -95,7 +100,9 @@ def generate(
     """
     from lorafleet.models.generation import generate_text
 
-    loaded, _, model = load_model(base, adapter, force, max_rank, fed, mole, mask, dtype)
+    loaded, _, model = load_model(
+        base, adapter, force, max_rank, fed, mole, mask, dtype, hub_adapters=hub_adapters
+    )
     text = generate_text(
         model,
         loaded.tokenizer,

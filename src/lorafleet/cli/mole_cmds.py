@@ -90,3 +90,26 @@ def train(
         return 130
     print_report({"mole": summary})
     typer.echo(f"wrote {out}")
+
+
+@mole_app.command("bundle")
+def bundle(
+    src: Path = typer.Argument(..., help="The MoLE directory (from `lorafleet mole train`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The self-contained MoLE dir to write."),
+):
+    """Write a self-contained copy of a MoLE: its gates and config plus a copy of every expert
+    (OUT/experts/NAME), so OUT serves and evaluates from any location (`lorafleet serve
+    --adapters`, `eval --mole`). Experts are found by their recorded content hash (beside SRC
+    or at the recorded path) and checked again after copying; OUT is written to a temp dir,
+    then renamed. Refused when OUT exists or an expert is missing or changed.
+
+    Examples:
+
+        lorafleet mole bundle runs/mole -o runs/mole-bundled
+
+        lorafleet serve --base default --adapters runs/served   # runs/served/mole-bundled
+    """
+    from lorafleet.compose.mole_bundle import bundle_mole
+
+    bundle_mole(src, out)
+    typer.echo(f"wrote {out}")

@@ -20,11 +20,20 @@ import typer
 from lorafleet.adapters import parse_targets
 from lorafleet.fed.config import AGGREGATIONS, FED_METHODS, FedConfig
 
-BASE_HELP = "Base model: default, gemma-270m, a model directory, a .gguf file or a hub id."
+BASE_HELP = (
+    "Base model: default, gemma-270m, qwen2.5-coder-0.5b, a tiny-* test model (tiny, "
+    "tiny-qwen3, ...), a model directory, a .gguf file or a hub id."
+)
 BaseOpt = typer.Option(..., "--base", "-b", help=BASE_HELP)
 BaseDefaultOpt = typer.Option("default", "--base", "-b", help=BASE_HELP)  # benchmarks, demo
 AdapterOpt = typer.Option(None, "--adapter", "-a", help="A PEFT adapter directory to attach.")
 ForceOpt = typer.Option(False, "--force", help="Load an adapter trained on another base anyway.")
+HubAdaptersOpt = typer.Option(
+    False,
+    "--hub-adapters",
+    help="The adapter may be a Hugging Face hub id org/name[@revision]: fetched once (config + "
+    "safetensors only) into the hub cache; a local directory of that name wins.",
+)
 MaxRankOpt = typer.Option(256, "--max-rank", min=1, help="Refuse adapters above this rank.")
 FedDirOpt = typer.Option(
     None, "--fed", help="A `lorafleet fed` run dir: base + its residual + its global adapter."

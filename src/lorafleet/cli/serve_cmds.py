@@ -31,6 +31,11 @@ ENGINE_OPTIONS = options_from(
     from_field("max_seq_len", min=2),
     from_field("cpu_cache_mb", min=0),
     from_field(
+        "schedule",
+        help="fair | fcfs: under contention, fair shares tokens evenly between tenants (API "
+        "keys; adapters without --auth), a virtual token counter; fcfs serves in arrival order.",
+    ),
+    from_field(
         "cpu_cache_bytes",
         annotation=str | None,
         help="Byte budget of the CPU adapter tier, e.g. 512MB or 2GB (replaces --cpu-cache-mb); "
@@ -43,10 +48,36 @@ SERVER_OPTIONS = options_from(
     from_field(
         "max_waiting", "--max-queue", name="max_queue", min=1, help="Waiting requests before 429."
     ),
-    from_field("shutdown_grace_s", "--shutdown-grace", name="shutdown_grace", min=0),
+    from_field(
+        "drain_timeout_s",
+        "--drain-timeout",
+        "--shutdown-grace",
+        name="drain_timeout",
+        min=0,
+        help="Seconds in-flight requests get after SIGTERM (new ones: 503 + Retry-After); "
+        "streams still open then end with an SSE error event.",
+    ),
     from_field("max_mixture", min=1, help="Adapters one request may mix (adapters / mix: ids)."),
     from_field("merge_cache_mb", min=0, help="Memory for ties / dare merges (LRU by bytes)."),
     from_field("max_n", min=1, help="Choices one OpenAI request may ask (n)."),
+    from_field(
+        "max_concurrent_per_key",
+        min=1,
+        help="Requests in flight per tenant (API key) that sets no max_concurrent in --auth; "
+        "past it: 429 + Retry-After.",
+    ),
+    from_field(
+        "tokens_per_minute_per_key",
+        min=1,
+        help="Prompt + max_tokens per minute per tenant that sets no tokens_per_minute in "
+        "--auth; past it: 429 + Retry-After.",
+    ),
+    from_field(
+        "hub_adapters",
+        help="Adapters named org/name[@revision] (--adapters, `model`, adapter_id) are fetched "
+        "from the Hugging Face hub on first use (config + safetensors only) and cached; "
+        "a local adapter of that name wins.",
+    ),
 )
 
 
@@ -56,8 +87,11 @@ def serve(
     *,
     base: str = BaseOpt,
     dtype: str = DtypeOpt,
-    adapters: Path | None = typer.Option(
-        None, "--adapters", help="Directory of adapter directories (each served by its name)."
+    adapters: str | None = typer.Option(
+        None,
+        "--adapters",
+        help="Directory of adapter directories (each served by its name); or, with "
+        "--hub-adapters, a hub adapter org/name[@revision].",
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
     port: int = PortOpt,
@@ -108,6 +142,8 @@ def serve(
 
         lorafleet serve --base default --adapters runs/many --max-adapters 32 --cpu-cache-bytes 2GB
 
+        lorafleet serve --base default --hub-adapters --adapters my-org/sst2-lora@v1
+
         curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json'
         -d '{"model": "sst2", "messages": [{"role": "user", "content": "Hi"}]}'
 
@@ -126,7 +162,7 @@ def serve(
         -o B2.png
     """
     from lorafleet.bayes.serving import laplace_classifier
-    from lorafleet.change.serving import ChangeEditor
+    from lorafleet.change.serving import ChangeCatalog, ChangeEditor
     from lorafleet.compose import merge_adapters
     from lorafleet.compose.mole_serve import MoleCatalog
     from lorafleet.errors import LorafleetError
@@ -135,16 +171,19 @@ def serve(
     from lorafleet.serve.adapter_store import parse_size
     from lorafleet.serve.api import AuthConfig
     from lorafleet.serve.api.server import build_state, serve_forever
+    from lorafleet.serve.fair_share import admission_policy
+    from lorafleet.serve.hub_source import add_hub_adapter, serve_source
 
     if engine["cpu_cache_bytes"] is not None:
         parse_size(engine["cpu_cache_bytes"])  # a bad size: one line before the model loads
-    if adapters is not None and not adapters.is_dir():
-        raise LorafleetError(f"--adapters {adapters}: no such directory")
+    # A local directory (it wins), or with --hub-adapters a hub id fetched now: one line if not.
+    adapters_dir, hub_ref, hub_path = serve_source(adapters, server["hub_adapters"])
     auth_config = AuthConfig.load(auth) if auth is not None else AuthConfig.off()
     if change_loras is not None and change is None:
         raise LorafleetError("--change-loras needs --change DIR (the LoC model they belong to)")
     editor = ChangeEditor(change, change_loras) if change is not None else None
     check_quantize(engine["quantize"])
+    admission_policy(engine["schedule"])  # a bad --schedule: one line before the model loads
     settings = ENGINE_OPTIONS.build(engine)
     config = SERVER_OPTIONS.build(
         server,
@@ -154,7 +193,7 @@ def serve(
     loaded = load_base(base, dtype=dtype)
     state = build_state(
         loaded,
-        adapters,
+        adapters_dir,
         auth_config,
         settings,
         config,
@@ -162,7 +201,10 @@ def serve(
         merge_adapters,
         MoleCatalog,
         editor,
+        ChangeCatalog,
     )
+    if hub_ref is not None:  # read and validated against the base, as any adapter
+        add_hub_adapter(state.registry, hub_ref, hub_path)
     names = state.adapter_names()
     typer.echo(
         f"lorafleet: serving {config.model_name} + {len(names)} adapter(s) "
@@ -170,6 +212,14 @@ def serve(
         f"http://{host}:{port}  (playground: http://{host}:{port}/)",
         err=True,
     )
+    unavailable = state.registry.unavailable()
+    if unavailable:  # each was logged with its reason; the server serves the others
+        typer.echo(
+            f"lorafleet: {len(unavailable)} entr{'y' if len(unavailable) == 1 else 'ies'} of "
+            f"--adapters unavailable ({', '.join(e.name for e in unavailable[:8])}): listed "
+            "with reasons at /admin/adapters and /metrics",
+            err=True,
+        )
     if editor is not None:
         typer.echo(
             f"lorafleet: image edits by example with LoC model {editor.name} at "

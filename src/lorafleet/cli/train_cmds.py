@@ -19,6 +19,7 @@ from lorafleet.cli.options import (
     DtypeOpt,
     FedDirOpt,
     ForceOpt,
+    HubAdaptersOpt,
     MaskOpt,
     MaxRankOpt,
     MoleDirOpt,
@@ -171,6 +172,7 @@ def eval_cmd(
     mole: Path | None = MoleDirOpt,
     mask: list[str] = MaskOpt,
     dtype: str = DtypeOpt,
+    hub_adapters: bool = HubAdaptersOpt,
 ):
     """Evaluate the base model or an adapter: task metric, loss and perplexity.
 
@@ -187,12 +189,16 @@ def eval_cmd(
         lorafleet eval --base default --mole runs/mole --data sst2 --mask clutrr
 
         lorafleet eval --base default --data sst2 --limit 200 --dtype bfloat16
+
+        lorafleet eval --base default --hub-adapters -a my-org/sst2-lora@v1 --data sst2
     """
     from lorafleet.data import load_examples
     from lorafleet.eval import evaluate
 
     cfg = EVAL_OPTIONS.build(scoring)  # a bad --metric fails before the model loads
-    loaded, _, model = load_model(base, adapter, force, max_rank, fed, mole, mask, dtype)
+    loaded, _, model = load_model(
+        base, adapter, force, max_rank, fed, mole, mask, dtype, hub_adapters=hub_adapters
+    )
     examples = load_examples(data, loaded.tokenizer, split=split, chat=not no_chat, limit=limit)
     if bayes:  # accuracy, ECE, NLL, Brier for MAP vs Laplace, reliability diagram, JSON
         return eval_bayes(

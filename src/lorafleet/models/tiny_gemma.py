@@ -7,51 +7,29 @@ from pathlib import Path
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
+from lorafleet.models.tiny_common import TokenizerSpec, tiny_bpe_tokenizer
+
 # Gemma's chat format: turns between <start_of_turn>ROLE and <end_of_turn>, the reply by "model".
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>"
     "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
     "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-_CORPUS = (
-    "the film was a delight from start to finish . a dull , lifeless and boring movie . "
-    "how is [Anna] related to [Bob] ? her brother , his mother , their aunt and uncle . "
-    "question : answer : review : sentiment positive negative yes no son daughter father "
-    "Example 1 : 2 3 4 5 6 7 8 9 0 # #### - , . ! ? ' \" the of and to in is it that this was "
+GEMMA_TOKENS = TokenizerSpec(
+    specials=("<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+    bos="<bos>",
+    eos="<eos>",
+    pad="<pad>",
+    unk="<unk>",
+    add_bos=True,  # like Gemma's own tokenizer
+    chat_template=GEMMA_CHAT_TEMPLATE,
 )
 
 
 def tiny_gemma_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     """A ~400-token byte-level BPE trained in milliseconds (every text encodes); Gemma's specials
     and chat template (or none), BOS added like Gemma's own tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIALS,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
-    bos = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-    )
-    if chat_template:
-        fast.chat_template = GEMMA_CHAT_TEMPLATE
-    return fast
+    return tiny_bpe_tokenizer(GEMMA_TOKENS, chat_template)
 
 
 def tiny_gemma3(seed: int = 0, vocab_size: int = 400, tokenizer=None) -> Gemma3ForCausalLM:
@@ -87,3 +65,9 @@ def save_tiny_gemma_base(path: str | Path, seed: int = 0, chat_template: bool = 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_gemma_base(seed: int = 0) -> tuple[Gemma3ForCausalLM, PreTrainedTokenizerFast]:
+    """The `tiny-gemma` base: `tiny_gemma3(seed)` with its tiny tokenizer."""
+    tokenizer = tiny_gemma_tokenizer()
+    return tiny_gemma3(seed, vocab_size=len(tokenizer), tokenizer=tokenizer), tokenizer

@@ -197,6 +197,13 @@ class Failures:
         del self.entries[name]
         return None
 
+    def peek(self, name: str) -> str | None:
+        """The remembered reason while it is fresh (by age only; nothing is forgotten here)."""
+        entry = self.entries.get(name)
+        if entry is None or time.monotonic() - entry[1] >= self.ttl_s:
+            return None
+        return entry[0]
+
     def pop(self, name: str) -> None:
         self.entries.pop(name, None)
 

@@ -59,13 +59,20 @@ class ServingBackend(Protocol):
         adapter: AdapterSpec = None,
         params: SamplingParams | None = None,
         on_token: Callable[[TokenEvent], None] | None = None,
+        *,
+        tenant: str | None = None,
     ) -> int:
         """Queue a request and return its id at once. `on_token` gets its events, on the
         backend's thread, in order: one per generated token, and a last one with
         finished=True (finish_reason "stop", "length", "cancelled" or "error" with `error`
         set). A bad mixture raises a one-line LorafleetError; a bad prompt or an adapter that
         cannot be served fails this request alone (its last event says why). Every adapter
-        of the request stays resident while it runs."""
+        of the request stays resident while it runs. `tenant` names the client whose fair
+        share of tokens the request counts against under contention (the API key's tenant;
+        None: the adapter's, the base being one client); a backend may ignore it.
+        `params.grammar` (serve/grammar.GrammarSpec, plain data) constrains the request's
+        tokens to that JSON grammar, per request (SamplingParams says how it ends); a grammar
+        the backend cannot serve fails this request alone."""
         ...
 
     def cancel(self, request_id: int) -> bool:

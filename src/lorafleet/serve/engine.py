@@ -14,6 +14,8 @@ from lorafleet.adapters import Adapter
 from lorafleet.errors import LorafleetError
 from lorafleet.layers import MultiLoRAModel, check_quantize, inject_multilora, quantize_linears
 from lorafleet.models import Base, cast_parameters, parse_dtype
+from lorafleet.serve.fair_share import AdmissionPolicy
+from lorafleet.serve.grammar import GrammarCache, GrammarError
 from lorafleet.serve.intake import Intake
 from lorafleet.serve.runners import runner_class
 from lorafleet.serve.sampler import (
@@ -46,8 +48,10 @@ class Engine:
     in-process `ServingBackend` (serve/backend.py).
 
     The base model is changed in place: its block linears become MultiLoRA layers (call
-    `close()` to put them back). Each `step()` admits waiting requests (FIFO, within
-    `max_batch_size` running sequences and `max_batch_tokens` prompt tokens), runs one forward
+    `close()` to put them back). Each `step()` admits waiting requests (in the order of
+    `schedule`: "fair", a fair share of tokens between clients, or "fcfs", first come first
+    served; see serve/fair_share.py), within `max_batch_size` running sequences and
+    `max_batch_tokens` prompt tokens, runs one forward
     that prefills them and decodes every running sequence, samples, and retires what finished.
     KV memory is preallocated for `max_batch_size` sequences of `max_seq_len` tokens
     (`stats()["kv_bytes"]`).
@@ -84,6 +88,7 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         quantize: str | None = None,
         fuse: bool = True,
+        schedule: str | AdmissionPolicy = "fair",
     ):
         model, config = base.model, base.model.config
         cls = runner_class(model)  # refuse before the model is touched
@@ -113,9 +118,11 @@ class Engine:
         context = handle.context if handle is not None else None
         self.runner = cls(model, context, max_batch_size, max_seq_len, fuse=fuse)
         self.kv = self.runner.kv
-        self.scheduler = Scheduler(self.kv, self.slots, max_batch_size, max_batch_tokens)
+        self.scheduler = Scheduler(self.kv, self.slots, max_batch_size, max_batch_tokens, schedule)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_ids = default_eos_ids(model, self.tokenizer)
+        # Structured output: grammars compiled for this tokenizer on first use, by spec.
+        self.grammars = GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids)
         self.device = self.runner.device
         # Unseeded requests share the engine's generator (reproducible given the engine seed).
         self.generator = torch.Generator(self.device)
@@ -142,17 +149,21 @@ class Engine:
         adapter: str | Mixture | Iterable[tuple[str, float]] | None = None,
         params: SamplingParams | None = None,
         on_token: Callable[[TokenEvent], None] | None = None,
+        *,
+        tenant: str | None = None,
     ) -> int:
         """Queue a request (adapter None = the base; a name; or a mixture: a `Mixture` or
         (name, weight) pairs, all of them resident and pinned while it runs) and return its
-        id; never waits for a step. A bad mixture raises (one line); a bad prompt or an
-        unknown adapter fails only this request: it finishes with finish_reason "error"."""
+        id; never waits for a step. `tenant` names whose fair share it counts against (None:
+        its adapter's). A bad mixture raises (one line); a bad prompt or an unknown adapter
+        fails only this request: it finishes with finish_reason "error"."""
         params = params if params is not None else SamplingParams()
         adapter, mixture = resolve_adapter(adapter)
         if isinstance(prompt, str):
             prompt = self.tokenizer(prompt)["input_ids"]
+        ids = [int(t) for t in prompt]
         seq = Sequence(
-            next(self._ids), [int(t) for t in prompt], adapter, params, on_token, mixture=mixture
+            next(self._ids), ids, adapter, params, on_token, mixture=mixture, tenant=tenant
         )
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
@@ -323,6 +334,8 @@ class Engine:
             "kv_bytes": self.kv.bytes,
             "adapters_loaded": len(self.slots),
             "adapter_slots": self.max_slots,
+            # resident adapters pinned by a running request (0 when idle: none leaked)
+            "adapters_in_use": len({n for s in self.scheduler.running for n in s.adapters}),
             "steps": self.steps,
             "generated_tokens": self.generated_tokens,
             "peak_running": self.peak_running,
@@ -383,7 +396,10 @@ class Engine:
                 self._fail(seq, problem)
 
     def _run(self, prefill: list[Sequence], decode: list[Sequence]) -> None:
+        prefill = [seq for seq in prefill if self._start_grammar(seq)]
         seqs = prefill + decode
+        if not seqs:
+            return
         try:
             logits = self.runner.run(prefill, decode)  # [B, vocab]
         except Exception as exc:  # a failed forward fails its batch, never the engine
@@ -402,13 +418,25 @@ class Engine:
                 seq.num_cached = seq.num_tokens  # the prompt, or one more token, is now cached
                 self._append(seq, token, logprob)
 
+    def _start_grammar(self, seq: Sequence) -> bool:
+        """Give a sequence whose params ask for a grammar its matcher (compiled on the engine's
+        thread, cached by spec); False after failing it when its grammar cannot be served."""
+        if seq.params.grammar is None or seq.grammar is not None:
+            return True
+        try:
+            seq.grammar = self.grammars.matcher(seq.params.grammar)
+        except LorafleetError as exc:
+            self._fail(seq, str(exc))
+            return False
+        return True
+
     def _prompt_logprobs(self, prefill: list[Sequence], logits: torch.Tensor) -> None:
         """Give each prefill sequence that asks its prompt logprobs, from the runner's extra
         rows (its first n - 1 prompt positions, in prefill order)."""
         row = 0
         for seq in prefill:
             k = seq.params.prompt_logprobs
-            if k is not None:
+            if k is not None and not seq.generated:  # a resumed one (preempted) has them
                 n = len(seq.prompt_ids) - 1
                 seq.prompt_logprobs = prompt_logprobs(logits[row : row + n], seq.prompt_ids, k)
                 row += n
@@ -417,7 +445,11 @@ class Engine:
         if logprob is not None:
             seq.logprobs = seq.logprobs if seq.logprobs is not None else []
             seq.logprobs.append(logprob)
-        reason = advance(seq, token, self.eos_ids, self._decode, self.max_seq_len)
+        try:
+            reason = advance(seq, token, self.eos_ids, self._decode, self.max_seq_len)
+        except GrammarError as exc:  # its grammar refused the token: this row alone fails
+            self._fail(seq, str(exc))
+            return
         self.generated_tokens += 1
         if reason is not None:
             self._finish(seq, reason, token)

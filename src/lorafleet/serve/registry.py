@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
@@ -31,6 +32,8 @@ from lorafleet.serve.adapter_store import (
     to_slot_format,
 )
 from lorafleet.serve.backend import ServingBackend
+from lorafleet.serve.entries import EntryKind, EntryStatus, EntryTable, children, holds_adapters
+from lorafleet.serve.hub_source import HubAdapters
 from lorafleet.serve.merged import (
     MergedTier,
     MergeFn,
@@ -50,7 +53,13 @@ class AdapterRegistry:
     the one `AdapterSource` it has.
 
     - disk: each sub-directory of `adapters_dir` holding an adapter_config.json (named by the
-      directory), plus those added with `add(name, path)`;
+      directory), plus those added with `add(name, path)`. Every other entry of the directory
+      is checked on its own by the first of `kinds` (EntryKind: a MoLE, a calibration, a LoC
+      model; `add_kind` adds one later) that claims it, or else recorded as a stray: at the
+      first scan, at each `rescan` and `refresh(name)` when its files changed. One that fails
+      is logged once and recorded unavailable with a one-line reason (`entry`,
+      `unavailable`): its requests get that reason, the other entries serve. With
+      `scan=False` the first scan waits for a `rescan()` call (after `add_kind`s);
     - CPU memory: read and validated adapters, least recently used out past `cpu_cache_bytes`
       bytes of tensors (e.g. "2GB"; or `cpu_cache_mb`), never one a running request uses
       (dropping one there never touches the slots);
@@ -62,6 +71,9 @@ class AdapterRegistry:
       adapters (`merged:...`, never listed) in the slots' format, least recently used out
       past `merge_cache_mb` MB, never one a request needs. They go in and out of the slots
       by the same least-recently-used choice as the others.
+    - hub (`hub_adapters`): a name `org/name[@revision]` not found on disk is fetched from the
+      Hugging Face hub on its first request (serve/hub_source.HubAdapters, its own thread),
+      then read and validated as any adapter on disk.
 
     `prepare(name)` only looks things up and returns: reading, validating (`check_adapter`
     against `reference_model`, by default the base built on the meta device; the fingerprint;
@@ -94,6 +106,9 @@ class AdapterRegistry:
         failure_ttl_s: float = 10.0,
         merge: MergeFn | None = None,
         merge_cache_mb: float = 256.0,
+        hub_adapters: bool = False,
+        kinds: Sequence[EntryKind] = (),
+        scan: bool = True,
     ):
         budget = cache_budget(cpu_cache_mb, cpu_cache_bytes)
         for what, value in (("loader_threads", loader_threads), ("prefetch", prefetch or 1)):
@@ -130,12 +145,18 @@ class AdapterRegistry:
         self._merge = merge
         self.merged = MergedTier(int(merge_cache_mb * MB), pinned=self._needed)
         self._merging: dict[str, Future] = {}  # recipes being merged, by virtual name
+        # With the hub on, names `org/name[@rev]` are fetched on first use (serve/hub_source.py).
+        self.hub = HubAdapters(self.adapters_dir) if hub_adapters else None
         self.prefetch = prefetch or max(2 * loader_threads, engine.max_slots)
         self._recency: dict[str, int] = {}
         self._clock = itertools.count(1)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.load_times = LoadTimes()  # disk -> CPU -> slots' format, per cold load
-        self.rescan()
+        self.entries = EntryTable(self.adapters_dir, self._pool_stamp)
+        self.entries.kinds.extend(kinds)
+        self._scanned = False
+        if scan:
+            self.rescan()
         engine.attach_adapter_source(self)
 
     # -- the engine's hook ------------------------------------------------------------------
@@ -162,14 +183,23 @@ class AdapterRegistry:
             if name not in self.merged:
                 return "the merged adapter left the cache before its request ran; send it again"
             return self._install(name)
-        problem = name_problem(name)
+        hub = self.hub is not None and self.hub.claims(name)
+        problem = None if hub else name_problem(name)
         if problem:
             return problem
         if self._closed:
             return "the adapter registry is closed"
         if self.engine.slot_format() is None:
             return "this engine has no adapter slots (max_slots=0 or closed)"
+        problem = self.entries.problem(name)
+        if problem:
+            return problem
         path = self._path_of(name)
+        if path is None and hub:
+            path, reason = self.hub.poll(name)  # never blocks: fetched on the hub's thread
+            if path is None:
+                return reason  # None while it is fetched: its requests wait
+            self._paths[name] = path
         if path is None:
             return f"unknown adapter {name!r}"
         reason = self._failures.get(name, stamp(path)) if name in self._failures else None
@@ -201,9 +231,12 @@ class AdapterRegistry:
 
     def add(self, name: str, path: str | Path) -> None:
         """Register an adapter directory under `name`; with an adapters_dir set, the path
-        (relative to it, or absolute) must stay inside it."""
-        check_name(name)
-        resolved = resolve_inside(path, self.adapters_dir)
+        (relative to it, or absolute) must stay inside it; with the hub on, a hub id may name
+        its snapshot in the hub cache (serve/hub_source.add_hub_adapter)."""
+        hub = self.hub is not None and self.hub.claims(name)
+        if not hub:
+            check_name(name)
+        resolved = resolve_inside(path, None if hub else self.adapters_dir)
         with self._lock:  # registry tables only: no need to wait for a step
             current = self._path_of(name)
             if current is not None and current.resolve() != resolved:
@@ -233,27 +266,124 @@ class AdapterRegistry:
             self._gens[name] = self._gens.get(name, 0) + 1
             self._hidden.add(name)
 
-    def rescan(self) -> None:
-        """Pick up adapter directories that appeared in adapters_dir."""
+    def rescan(self, blocking: bool = True) -> None:
+        """Check the adapters directory's entries again: pick up adapters that appeared,
+        re-check every other entry whose files (or the adapters it read) changed, forget
+        vanished ones. Checks run on the caller's thread, one scan at a time (not `blocking`:
+        return at once while another runs)."""
         if self.adapters_dir is None:
             return
-        try:
-            children = sorted(self.adapters_dir.iterdir())
-        except OSError as exc:
-            log.warning("cannot list %s: %s", self.adapters_dir, exc)
+        with self.entries.scanning(blocking) as mine:
+            if not mine:
+                return
+            try:
+                found = list(children(self.adapters_dir))
+            except OSError as exc:
+                log.warning("cannot list %s: %s", self.adapters_dir, exc)
+                return
+            for child in found:
+                self._scan_one(child)
+            present = {child.name for child in found}
+            for name in self.entries.names():
+                if name not in present:
+                    self.entries.forget(name)
+            self._scanned = True
+
+    def refresh(self, name: str) -> None:
+        """Re-check the directory entry `name` now if its files changed (a request is about
+        to use it): a new or non-plain entry only (plain adapters are checked as they load);
+        a no-op while a scan runs."""
+        if self.adapters_dir is None or name_problem(name) is not None:
             return
         with self._lock:
-            for child in children:
-                if child.name not in self._paths:
-                    self._path_of(child.name)
+            plain = name in self._paths and self.entries.get(name) is None
+        if plain:
+            return
+        child = self.adapters_dir / name
+        with self.entries.scanning(blocking=False) as mine:
+            if not mine:
+                return
+            if child.exists():
+                self._scan_one(child)
+            else:
+                self.entries.forget(name)
+
+    def add_kind(self, kind: EntryKind) -> None:
+        """Check the entries `kind` claims by it from now on (re-checking them now if the
+        directory was scanned already)."""
+        self.entries.kinds.append(kind)
+        if self._scanned:
+            self.rescan()
+
+    def _scan_one(self, child: Path) -> None:
+        # Inside entries.scanning(): a plain adapter is registered (checked as it loads);
+        # anything else is checked by its kind now (or recorded as a stray).
+        name = child.name
+        kind = self.entries.claimed(child) if child.is_dir() else None
+        has_config = child.is_dir() and (child / CONFIG_NAME).is_file()
+        if kind is None and has_config and name_problem(name) is None:
+            self.entries.forget(name)
+            with self._lock:
+                self._path_of(name)
+            return
+        if kind is None and self.hub is not None and holds_adapters(child):
+            self.entries.forget(name)  # an org folder: hub ids org/name are served from it
+            return
+        status = self.entries.check(name, child, kind)
+        if status.available and has_config:  # e.g. a calibrated adapter: served as one
+            with self._lock:
+                self._path_of(name)
 
     def names(self) -> list[str]:
-        """Every adapter that can be asked for: on disk now, or resident."""
+        """Every adapter that can be asked for: on disk now (and not unavailable), or resident."""
         self.rescan()
         with self._lock:
             known = dict(self._paths)
         ready = self.engine.adapter_ready
-        return sorted(n for n, p in known.items() if (p / CONFIG_NAME).is_file() or ready(n))
+        problem = self.entries.problem
+        return sorted(
+            n
+            for n, p in known.items()
+            if not problem(n) and ((p / CONFIG_NAME).is_file() or ready(n))
+        )
+
+    def entry(self, name: str) -> EntryStatus | None:
+        """The last check of the directory entry `name` when it is not a plain adapter (a
+        MoLE, a calibrated adapter, a LoC model, a stray), else None."""
+        return self.entries.get(name)
+
+    def unavailable(self) -> list[EntryStatus]:
+        """The directory entries whose last check failed, by name, each with its reason."""
+        return [s for s in self.entries.all() if not s.available]
+
+    def reason(self, name: str) -> str | None:
+        """Why `name` cannot be served now: its entry's failed check, or its last failed load
+        (kept for failure_ttl_s), else None."""
+        problem = self.entries.problem(name)
+        if problem:
+            return problem
+        with self._lock:
+            return self._failures.peek(name)
+
+    def adapter_paths(self) -> list[Path]:
+        """Every adapter directory in view, once each: the adapters directory's sub-directories
+        holding an adapter_config.json and those added (where a MoLE's experts are found)."""
+        found: dict[Path, Path] = {}
+        if self.adapters_dir is not None:
+            try:
+                for child in children(self.adapters_dir):
+                    if (child / CONFIG_NAME).is_file():
+                        found.setdefault(child.resolve(), child)
+            except OSError:
+                pass
+        with self._lock:
+            added = list(self._paths.values())
+        for path in added:
+            found.setdefault(path.resolve(), path)
+        return list(found.values())
+
+    def _pool_stamp(self) -> tuple:
+        return tuple(sorted((str(p), stamp(p)) for p in self.adapter_paths()))
 
     def path_of(self, name: str) -> Path | None:
         """The directory adapter `name` is read from, or None when it is not known here."""
@@ -264,9 +394,21 @@ class AdapterRegistry:
         path = self._paths.get(name)
         if path is None and self.adapters_dir is not None and name not in self._hidden:
             candidate = self.adapters_dir / name
-            if name_problem(name) is None and (candidate / CONFIG_NAME).is_file():
+            if (
+                name_problem(name) is None
+                and (candidate / CONFIG_NAME).is_file()
+                and self._discoverable(name, candidate)
+            ):
                 self._paths[name] = path = candidate
         return path
+
+    def _discoverable(self, name: str, candidate: Path) -> bool:
+        # An adapter directory another kind claims (a calibrated adapter) is served once its
+        # check passed; a plain one at once (it is checked as it loads).
+        status = self.entries.get(name)
+        if status is not None:
+            return status.available
+        return self.entries.claimed(candidate) is None
 
     # -- loading (loader threads) --------------------------------------------------------------
 
@@ -447,16 +589,21 @@ class AdapterRegistry:
     # -- introspection ------------------------------------------------------------------------
 
     def state(self, name: str) -> str | None:
-        """resident | loading | staged | cpu | failed | disk, or None for an unknown name."""
-        if name_problem(name):
+        """resident | loading | staged | cpu | failed | disk | hub (a hub id not fetched yet,
+        with the hub on) | unavailable (its directory entry failed its check), or None for an
+        unknown name."""
+        hub = self.hub is not None and self.hub.claims(name)
+        if name_problem(name) and not hub:
             return None
+        if self.entries.problem(name):
+            return "unavailable"
         # The registry lock alone: a server asks this per request on its event loop, which
         # must never wait for a step (the engine's slot table is read without its lock).
         with self._lock:
             if self.engine.adapter_ready(name):
                 return "resident"
             if self._path_of(name) is None:
-                return None
+                return "hub" if hub else None
             for state, table in (
                 ("loading", self._jobs),
                 ("staged", self._staged),
@@ -470,7 +617,8 @@ class AdapterRegistry:
     def stats(self) -> dict:
         """Counters (hits: resident when asked; cpu_hits / misses: put in a slot from CPU
         memory / from disk; loads, evictions_cpu, evictions_slot, failures), gauges
-        (resident, cpu_bytes, cpu_budget_bytes, cpu_mb, cpu_adapters, loading, staged, known),
+        (resident, cpu_bytes, cpu_budget_bytes, cpu_mb, cpu_adapters, loading, staged, known,
+        unavailable: directory entries whose check failed),
         per-tier hit rates, and cold-load p50/p99 seconds, for metrics."""
         with self._lock:  # not the engine's: metrics never wait for a step
             return {
@@ -484,6 +632,7 @@ class AdapterRegistry:
                 "loading": len(self._jobs),
                 "staged": len(self._staged),
                 "known": len(self._paths),
+                "unavailable": len(self.unavailable()),
                 "cold_loads": self.load_times.count,
                 "cold_load_p50_s": self.load_times.quantile(0.5),
                 "cold_load_p99_s": self.load_times.quantile(0.99),
@@ -505,6 +654,8 @@ class AdapterRegistry:
         (loads in flight finish; queued ones are dropped)."""
         with self._lock:
             self._closed = True
+        if self.hub is not None:
+            self.hub.close()
         self.engine.detach_adapter_source(self)
         self._pool.shutdown(wait=True, cancel_futures=True)
 

@@ -1,4 +1,5 @@
-"""Pick each sequence's next token (greedy or temperature/top-k/top-p) and decide when it stops."""
+"""Pick each sequence's next token (greedy or temperature/top-k/top-p, within its grammar's
+token mask when it has one) and decide when it stops."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lorafleet.serve.grammar import apply_masks, fill_masks
 from lorafleet.serve.sequence import SamplingParams, Sequence, TokenLogprob
 
 
@@ -34,18 +36,55 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
     return x
 
 
+def constrained(
+    logits: Tensor, seqs: list[Sequence], best: list[int]
+) -> tuple[dict[int, int], Tensor | None]:
+    """Apply the grammar rows' token masks: ({batch row: row of `masked`}, masked) where
+    `masked` [m, V] float32 is a copy of those rows with their disallowed tokens at -inf
+    (`logits` is unchanged), or ({}, None) when no row needs one. `best` is each row's argmax.
+
+    Only rows with a grammar pay for masks, and a greedy one only when its best token is not
+    allowed (else the masked argmax is that same token): its mask bits are read, not applied."""
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    if not rows:
+        return {}, None
+    bitmask = fill_masks([seqs[i].grammar for i in rows])  # [r, W] int32
+    top = torch.tensor([best[i] for i in rows])  # [r]
+    words = bitmask.gather(1, (top // 32).clamp(max=bitmask.shape[1] - 1)[:, None])[:, 0]
+    fits = ((words >> (top % 32)) & 1).bool() & (top < 32 * bitmask.shape[1])  # [r]
+    need = [j for j, i in enumerate(rows) if not (seqs[i].params.greedy and fits[j])]
+    if not need:
+        return {}, None
+    picked = [rows[j] for j in need]
+    masked = logits.index_select(0, torch.tensor(picked, device=logits.device)).float()
+    apply_masks(masked, bitmask[need])  # [m, V]
+    return {i: k for k, i in enumerate(picked)}, masked
+
+
 def sample(logits: Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> list[int]:
     """One token per row of logits [B, V]: argmax for greedy sequences, else a draw from the
-    filtered distribution with the sequence's own generator (seeded) or `generator`."""
+    filtered distribution with the sequence's own generator (seeded) or `generator`. A row
+    with a grammar picks among the tokens its grammar allows; the other rows' tokens do not
+    depend on it (their logits are not touched)."""
     tokens = logits.argmax(dim=-1).tolist()  # [B]
+    where, masked = constrained(logits, seqs, tokens)
+    if masked is not None:
+        best = masked.argmax(dim=-1).tolist()
+        for i, k in where.items():
+            if seqs[i].params.greedy:
+                tokens[i] = best[k]
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not sampled:
         return tokens
     params = [seqs[i].params for i in sampled]
     device = logits.device
     # float32 whatever the model's dtype: half-precision logits / a small temperature overflow.
+    x = logits[sampled].float()  # [n, V]
+    for row, i in enumerate(sampled):
+        if i in where:
+            x[row] = masked[where[i]]
     x = filter_logits(
-        logits[sampled].float(),  # [n, V]
+        x,
         torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
         torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
         torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
@@ -134,15 +173,22 @@ def advance(
 ) -> str | None:
     """Append a sampled token to `seq`, update its text, and return why it ends ("stop" or
     "length") or None. A stop id stays in the token ids but not in the text; text from a stop
-    string on is cut off."""
+    string on is cut off. A sequence with a grammar stops when its document is complete (a
+    stop id that completes it is left out of the text too); its grammar refusing the token
+    raises GrammarError (the caller fails that sequence)."""
     seq.generated.append(token)
     reason, text_ids = None, seq.generated
-    if token in stop_ids(seq.params, eos_ids):
+    if seq.grammar is not None:
+        if seq.grammar.advance(token):
+            reason = "stop"
+            if token in seq.grammar.stop_ids:
+                text_ids = seq.generated[:-1]
+    elif token in stop_ids(seq.params, eos_ids):
         reason, text_ids = "stop", seq.generated[:-1]
     # The whole generated text is decoded again: tokenizers that merge across token
     # boundaries (SentencePiece spaces, multi-byte characters) stay exact this way.
     text = decode(text_ids)
-    cut = find_stop(text, seq.params.stop) if seq.params.stop else None
+    cut = find_stop(text, seq.params.stop) if seq.params.stop and seq.grammar is None else None
     if cut is not None:
         reason, text = "stop", text[:cut]
     seq.text = text

@@ -6,6 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from lorafleet.serve.fair_share import AdmissionPolicy, admission_policy, client_of
 from lorafleet.serve.kv_cache import KVCache
 from lorafleet.serve.sequence import Sequence, Status
 
@@ -36,55 +37,113 @@ class Batch:
 
 
 class Scheduler:
-    """FIFO admission between steps within `max_batch_size` running sequences, a prefill token
-    budget of `max_batch_tokens` per step, and the KV cache's free slots.
+    """Admission between steps within `max_batch_size` running sequences, a prefill token
+    budget of `max_batch_tokens` per step, and the KV cache's free slots; the order is the
+    `policy`'s (serve/fair_share.py: "fair", the Virtual Token Counter, by default, or "fcfs").
 
     Each step decodes every running sequence and prefills the newly admitted ones in the same
-    forward. A waiting request whose adapter is not resident is skipped (it keeps its place and
-    others behind it may go); a request that does not fit the budget stops admission for this
-    step, so long prompts are not overtaken forever. The engine rejects prompts longer than the
-    budget when they are added, so every waiting request fits an empty step."""
+    forward. Only waiting requests whose adapters are resident are candidates (the others
+    keep their place and wait for their adapters); the policy picks among the candidates
+    one at a time. A pick that does not fit the step's token budget stops admission for this
+    step, so long prompts are not overtaken forever. A pick with no slot free (batch full or
+    no KV memory) may take the place of a running sequence the policy names (preemption:
+    that one frees its KV slot and waits again; when admitted again it re-prefills its prompt
+    and the tokens it generated, so only sequences of at most `max_batch_tokens` tokens are
+    offered); else its client's requests wait and the next pick is tried (only a preemption
+    can admit while no slot is free, so first come first served admits nothing more). The
+    engine rejects prompts longer than the budget when they are added, so every waiting
+    request fits an empty step."""
 
-    def __init__(self, kv: KVCache, gate: AdapterGate, max_batch_size: int, max_batch_tokens: int):
+    def __init__(
+        self,
+        kv: KVCache,
+        gate: AdapterGate,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        policy: str | AdmissionPolicy = "fair",
+    ):
         self.kv = kv
         self.gate = gate
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.policy = admission_policy(policy)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0  # running sequences sent back to the queue, in total
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
         self.waiting.append(seq)
+        self.policy.arrive(seq)
 
     def schedule(self) -> Batch:
-        """Admit what fits (allocating KV slots, fixing each one's adapter slot), then return
-        the admitted sequences as prefill and all earlier running ones as decode."""
+        """Admit what fits (allocating KV slots, fixing each one's adapter slot; preempting
+        where the policy says), then return the admitted sequences as prefill and the other
+        running ones as decode; the policy is charged for every token the batch yields."""
+        budget = self.max_batch_tokens
+        candidates = [
+            s for s in self.waiting if all(self.gate.adapter_ready(n) for n in s.adapters)
+        ]
+        admitted: list[Sequence] = []
+        while candidates:
+            seq = self.policy.pick(candidates)
+            if seq.num_tokens > budget:
+                break
+            candidates.remove(seq)
+            if not self._room():
+                fresh = set(map(id, admitted))
+                resumable = [
+                    s
+                    for s in self.running
+                    if id(s) not in fresh and s.num_tokens <= self.max_batch_tokens
+                ]
+                victim = self.policy.victim(seq, resumable) if resumable else None
+                if victim is None:
+                    # Its client's other requests wait too (a victim depends on the client
+                    # only); another client's pick may still preempt.
+                    client = client_of(seq)
+                    candidates = [s for s in candidates if client_of(s) != client]
+                    continue
+                self._preempt(victim)
+            budget -= seq.num_tokens
+            self._admit(seq)
+            admitted.append(seq)
+        fresh = set(map(id, admitted))
         # Decode rows in KV-slot order: slots are handed out lowest first, so they often form a
         # contiguous range that attention reads as a view of the cache instead of a gather.
-        batch = Batch(decode=sorted(self.running, key=lambda s: s.kv_slot))
-        budget = self.max_batch_tokens
-        for seq in list(self.waiting):
-            if len(self.running) >= self.max_batch_size or self.kv.free_slots == 0:
-                break
-            if not all(self.gate.adapter_ready(name) for name in seq.adapters):
-                continue  # an adapter is loading (or was evicted): it waits, others may go
-            if len(seq.prompt_ids) > budget:
-                break
-            budget -= len(seq.prompt_ids)
-            self.waiting.remove(seq)
-            seq.kv_slot = self.kv.allocate()
-            if seq.mixture is None:  # its adapters are pinned while it runs (in_use)
-                seq.lora_slot = self.gate.slot_of(seq.adapter)
-            else:
-                seq.mix_slots = tuple(self.gate.slot_of(name) for name in seq.adapters)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            batch.prefill.append(seq)
+        decode = sorted((s for s in self.running if id(s) not in fresh), key=lambda s: s.kv_slot)
         # Punica's layout: rows of one adapter contiguous, so the multi-LoRA layers take the
-        # segmented path without a gather (sorted() is stable: FIFO within an adapter).
-        batch.prefill = sorted(batch.prefill, key=lambda s: s.lora_slot)
+        # segmented path without a gather (sorted() is stable: admission order within an adapter).
+        batch = Batch(prefill=sorted(admitted, key=lambda s: s.lora_slot), decode=decode)
+        self.policy.charge(batch.prefill + batch.decode)  # each yields one token this step
         return batch
+
+    def _room(self) -> bool:
+        return len(self.running) < self.max_batch_size and self.kv.free_slots > 0
+
+    def _admit(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        seq.kv_slot = self.kv.allocate()
+        if seq.mixture is None:  # its adapters are pinned while it runs (in_use)
+            seq.lora_slot = self.gate.slot_of(seq.adapter)
+        else:
+            seq.mix_slots = tuple(self.gate.slot_of(name) for name in seq.adapters)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        self.policy.admit(seq, len(seq.prompt_ids))
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Send a running sequence back to the queue, at its arrival place (request ids grow
+        with arrival): its KV slot is freed and its whole prefix is recomputed when it runs
+        again; what it generated stays (and was streamed) as it is."""
+        self.policy.leave(seq, running=True)
+        self.running.remove(seq)
+        self.kv.free(seq.kv_slot)
+        seq.kv_slot, seq.num_cached, seq.status = None, 0, Status.WAITING
+        later = next((i for i, s in enumerate(self.waiting) if s.request_id > seq.request_id), None)
+        self.waiting.insert(len(self.waiting) if later is None else later, seq)
+        self.policy.arrive(seq)
+        self.preemptions += 1
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out (finished, cancelled or failed) and free its KV slot."""
@@ -92,8 +151,10 @@ class Scheduler:
             self.running.remove(seq)
             self.kv.free(seq.kv_slot)
             seq.kv_slot = None
+            self.policy.leave(seq, running=True)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+            self.policy.leave(seq, running=False)
         seq.status = Status.FINISHED
 
     def in_use(self, adapter: str) -> int:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafleet.errors import LorafleetError
+from lorafleet.serve.grammar import GrammarSpec, Matcher
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 MAX_LOGPROBS = 20  # the most top alternatives a request may ask per token (OpenAI's limit)
@@ -28,7 +29,10 @@ class SamplingParams:
     generator (reproducible).
     `logprobs` k (0..20, None = off): each generated token's log-probability and the k most
     likely alternatives; `prompt_logprobs` k: the same for every prompt token but the first
-    (see TokenLogprob for the distribution). Requests that ask for neither pay nothing."""
+    (see TokenLogprob for the distribution). Requests that ask for neither pay nothing.
+    `grammar` (serve/grammar.py): the tokens are constrained to that JSON grammar, and the
+    sequence ends ("stop") when its document is complete, or at max_tokens ("length"); stop
+    strings and stop_token_ids do not apply to it (they could cut the document short)."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -40,6 +44,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -64,6 +69,8 @@ class SamplingParams:
             k = getattr(self, what)
             if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
                 raise LorafleetError(f"{what} must be an integer in 0..{MAX_LOGPROBS}, got {k!r}")
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise LorafleetError(f"grammar must be a GrammarSpec, got {self.grammar!r}")
 
     @property
     def greedy(self) -> bool:
@@ -221,6 +228,7 @@ class Sequence:
     params: SamplingParams
     on_token: Callable[[TokenEvent], None] | None = None
     mixture: Mixture | None = None  # several adapters at once (then `adapter` is its label)
+    tenant: str | None = None  # whose fair share it counts against (None: its adapter's)
     generated: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None
@@ -235,6 +243,7 @@ class Sequence:
     logprobs: list[TokenLogprob] | None = None  # per generated token, when params ask
     prompt_logprobs: list[TokenLogprob | None] | None = None  # set by the prefill, when asked
     events: int = 0  # events sent to on_token (the first carries prompt_logprobs)
+    grammar: Matcher | None = None  # params.grammar's state for this row, set on admission
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -246,6 +255,12 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What its prefill runs over: the prompt, and after a preemption (see Scheduler) the
+        tokens it had generated too, whose K/V are recomputed."""
+        return self.prompt_ids + self.generated if self.generated else self.prompt_ids
 
     @property
     def last_token(self) -> int:

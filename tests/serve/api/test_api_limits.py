@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -149,7 +150,20 @@ def test_client_disconnect_cancels_and_frees_kv(server):
     assert engine.stats()["generated_tokens"] > 0
 
 
-def test_sigterm_finishes_in_flight_streams(tiny_base_dir, adapters_dir, tmp_path):
+def _sse_lines(url: str, body: dict, on_line=None) -> list[str]:
+    lines = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                lines.append(line)
+                if on_line is not None:
+                    on_line(len(lines))
+    return lines
+
+
+def test_sigterm_drains_finishes_in_flight_streams_and_cuts_the_rest(
+    tiny_base_dir, adapters_dir, tmp_path
+):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [
@@ -164,11 +178,11 @@ def test_sigterm_finishes_in_flight_streams(tiny_base_dir, adapters_dir, tmp_pat
         "--port",
         str(port),
         "--max-seq-len",
-        "128",
+        "2048",
         "--max-rank",
         "8",
-        "--shutdown-grace",
-        "20",
+        "--drain-timeout",
+        "2",
     ]
     log = (tmp_path / "server.log").open("w")  # closed in `finally`
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
@@ -185,24 +199,42 @@ def test_sigterm_finishes_in_flight_streams(tiny_base_dir, adapters_dir, tmp_pat
                 tmp_path / "server.log"
             ).read_text()
             time.sleep(0.3)
-        body = {
-            "model": "alpha",
-            "prompt": "Hello",
-            "max_tokens": 40,
-            "stream": True,
-            "temperature": 0,
-        }
-        lines = []
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data:"):
-                    lines.append(line)
-                    if len(lines) == 2:
-                        proc.send_signal(signal.SIGTERM)
+        # A long stream (4 x 2000 tokens) that the 2 s drain timeout cuts ...
+        long = {"model": "beta", "prompt": "Hi", "max_tokens": 2000, "n": 4, "stream": True}
+        long_lines, started = [], threading.Event()
+
+        def read_long() -> None:
+            body = {**long, "ignore_eos": True, "temperature": 0}
+            long_lines.extend(_sse_lines(url, body, lambda n: n == 1 and started.set()))
+
+        reader = threading.Thread(target=read_long)
+        reader.start()
+        assert started.wait(60)
+        # ... and a short one in flight when SIGTERM comes, which finishes.
+        body = {"model": "alpha", "prompt": "Hello", "max_tokens": 40, "temperature": 0}
+        refused = []
+
+        def on_line(n: int) -> None:
+            if n == 2:
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.3)  # the signal is taken on the server's next tick (0.1 s)
+                health = httpx.get(url + "/health", timeout=10)
+                new = httpx.post(url + "/v1/completions", json=body, timeout=10)
+                refused.extend([health, new])
+
+        lines = _sse_lines(url, {**body, "stream": True}, on_line)
         assert lines[-1] == "data: [DONE]"
-        assert '"finish_reason":"length"' in "".join(lines) or '"finish_reason":"stop"' in "".join(
-            lines
-        )
+        text = "".join(lines)
+        assert '"finish_reason":"length"' in text or '"finish_reason":"stop"' in text
+        health, new = refused
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        assert_openai_error(new, 503)
+        assert new.headers["retry-after"] and new.json()["error"]["code"] == "draining"
+        reader.join(60)
+        assert long_lines[-1] == "data: [DONE]", long_lines[-3:]  # not a dropped socket
+        cut = [line for line in long_lines if '"error"' in line]
+        assert len(cut) == 4 and '"code":"draining"' in cut[0]  # each choice says why
+        assert len(long_lines) < 4 * 2000
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:

@@ -71,7 +71,7 @@ class FakeBackend:
 
     # -- requests --------------------------------------------------------------------------
 
-    def add_request(self, prompt, adapter=None, params=None, on_token=None) -> int:
+    def add_request(self, prompt, adapter=None, params=None, on_token=None, *, tenant=None) -> int:
         label, mixture = resolve_adapter(adapter)
         adapters = mixture.names if mixture is not None else ((label,) if label else ())
         ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
@@ -326,7 +326,8 @@ def test_admin_adds_serves_and_removes_an_adapter(fake_server):
     assert r.status_code == 201, r.text
     assert complete(fake_server, "a2", "Hi", max_tokens=2).status_code == 200
     listed = call(fake_server, "GET", "/admin/adapters", ADMIN).json()["adapters"]
-    assert {"name": "a2", "state": "resident", "private_to": None} in listed
+    row = {"name": "a2", "state": "resident", "private_to": None, "kind": "adapter", "reason": None}
+    assert row in listed
     assert call(fake_server, "DELETE", "/admin/adapters/a2", ADMIN).status_code == 200
     assert "a2" not in fake_server.state.backend.loaded_adapters()
     assert complete(fake_server, "a2", "Hi").status_code == 404

@@ -163,7 +163,8 @@ def test_unsupported_models_are_refused(tokenizer):
     with pytest.raises(LorafleetError) as err:
         runner_class(gpt2)
     assert str(err.value) == (
-        "model type gpt2 is not supported by the engine (supported: llama, gemma3_text)"
+        "model type gpt2 is not supported by the engine (supported: llama, gemma3_text, "
+        "qwen2, qwen3, mistral, ministral, phi3, starcoder2, arcee)"
     )
     encoder = tiny_gemma(0, vocab_size=64, use_bidirectional_attention=True)
     base = Base("gemma-encoder", encoder, tokenizer, "x", None, False, 0.0)

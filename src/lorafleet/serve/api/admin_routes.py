@@ -23,6 +23,50 @@ from lorafleet.serve.api.state import ServerState, admin, state_of
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(admin)])
 UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# An upload is written to ADAPTERS_DIR/.upload-PID-NAME-XXXX, then renamed to NAME. A dot
+# name is never an adapter name, so such a dir is never served; one whose process is gone
+# (killed mid-upload) is removed at the next start (clean_stale_uploads).
+UPLOAD_PREFIX = ".upload-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_uploads(root: Path) -> list[Path]:
+    """Remove the upload temp dirs in `root` whose process is gone (or that name none);
+    returns them. A live process's upload in progress is left alone."""
+    removed = []
+    for path in root.glob(UPLOAD_PREFIX + "*"):
+        pid = path.name[len(UPLOAD_PREFIX) :].split("-", 1)[0]
+        if path.is_dir() and not (pid.isdigit() and pid != "0" and _alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync (the rename that publishes the adapter must not outrun its bytes)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename the complete upload into place (atomic) and make the rename durable."""
+    os.rename(tmp, target)  # fails (OSError) if target appeared meanwhile: never merged
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_name(state: ServerState, name) -> str:
@@ -54,12 +98,7 @@ def _validate_dir(state: ServerState, path: Path) -> None:
 def list_adapters(request: Request) -> AdapterList:
     state = state_of(request)
     reg = state.registry
-    adapters = [
-        AdapterInfo(
-            name=n, state=reg.state(n) if reg else "resident", private_to=state.auth.owner.get(n)
-        )
-        for n in state.adapter_names()
-    ]
+    adapters = [AdapterInfo(**row) for row in state.listing()]
     return AdapterList(adapters=adapters, stats=reg.stats() if reg else {})
 
 
@@ -134,7 +173,7 @@ async def _upload(state: ServerState, request: Request) -> AdapterAdded:
     target = root / name
     if target.exists() or (state.registry.state(name) is not None):
         raise APIError(409, f"adapter {name} already exists; delete it first", code="conflict")
-    tmp = Path(tempfile.mkdtemp(prefix=f".upload-{name}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{UPLOAD_PREFIX}{os.getpid()}-{name}-", dir=root))
     try:
         total = 0
         for filename, upload in files.items():
@@ -144,9 +183,14 @@ async def _upload(state: ServerState, request: Request) -> AdapterAdded:
                 raise APIError(
                     413, f"the upload is over {state.config.max_upload_mb:g} MB", code="too_large"
                 )
-            (tmp / filename).write_bytes(data)
+            await asyncio.to_thread(_write_synced, tmp / filename, data)
         await asyncio.to_thread(_validate_dir, state, tmp)
-        os.replace(tmp, target)  # atomic: the adapter appears whole or not at all
+        try:
+            await asyncio.to_thread(_publish, tmp, target)  # whole or not at all
+        except OSError:
+            raise APIError(
+                409, f"adapter {name} already exists; delete it first", code="conflict"
+            ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -169,4 +213,5 @@ def delete_adapter(name: str, request: Request) -> AdapterDeleted:
         status = 409 if "in use" in str(exc) else 404
         code = "conflict" if status == 409 else "not_found"
         raise APIError(status, str(exc), code=code) from None
+    state.metrics.forget(name)  # its series go with it (bounded /metrics under churn)
     return AdapterDeleted(name=name)

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from lorafleet.serve.api import errors
 from lorafleet.serve.api.admin_routes import router as admin_router
+from lorafleet.serve.api.drain import Drain, Gate
 from lorafleet.serve.api.encoding import BadBytesGuard
 from lorafleet.serve.api.image_edits import router as image_router
 from lorafleet.serve.api.lorax_routes import router as lorax_router
@@ -23,7 +24,8 @@ def playground_html(name: str = "playground.html") -> str:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    """An app serving `state`'s backend, which starts and stops with the app."""
+    """An app serving `state`'s backend, which starts and stops with the app; its drain
+    (`app.state.drain`, serve/api/drain.py) is what a server's SIGTERM starts."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -32,13 +34,17 @@ def create_app(state: ServerState) -> FastAPI:
             yield
         finally:
             state.closing = True
-            # Finish what is in flight (up to the grace period), cancel the rest.
-            await asyncio.to_thread(state.backend.stop, state.config.shutdown_grace_s)
+            # Finish what is in flight (up to the drain timeout), cancel the rest.
+            await asyncio.to_thread(state.backend.stop, state.config.drain_timeout_s)
 
     about = "One base model, many LoRA adapters: OpenAI-compatible serving."
     app = FastAPI(title="lorafleet", version="0.1", lifespan=lifespan, description=about)
     app.state.lorafleet = state
+    drain = app.state.drain = Drain(state)
+    state.metrics.in_flight.set_function(lambda: drain.in_flight)
+    state.metrics.draining.set_function(lambda: float(drain.active or state.closing))
     app.add_middleware(BadBytesGuard)  # invalid UTF-8 / lone surrogates: 400, never a 500
+    app.add_middleware(Gate, drain=drain)  # outermost: counts in-flight, refuses while draining
     errors.install(app)
     app.include_router(openai_router)
     app.include_router(lorax_router)
@@ -49,14 +55,16 @@ def create_app(state: ServerState) -> FastAPI:
     def health(request: Request):
         st = state_of(request)
         stats = st.backend.stats()
+        draining = drain.active or st.closing
         body = {
-            "status": "shutting_down" if st.closing else "ok",
+            "status": "draining" if draining else "ok",
             "model": st.config.model_name,
             "waiting": stats["waiting"],
             "running": stats["running"],
             "resident_adapters": stats["adapters_loaded"],
+            "in_flight": drain.in_flight,
         }
-        return JSONResponse(body, status_code=503 if st.closing else 200)
+        return JSONResponse(body, status_code=503 if draining else 200)
 
     def metrics_guard(request: Request):
         # With auth on, metrics name private adapters: admins only.

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafleet.errors import LorafleetError
+from lorafleet.serve.api.limits import Limits
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+LIMIT_FIELDS = ("max_concurrent", "tokens_per_minute")  # a tenant's optional limits
 
 
 def valid_name(name: str) -> bool:
@@ -35,10 +37,14 @@ def _digest(key: str) -> bytes:
 
 @dataclass
 class AuthConfig:
-    """`{"admin_keys": [...], "tenants": {NAME: {"keys": [...], "private_adapters": [...]}}}`.
+    """`{"admin_keys": [...], "tenants": {NAME: {"keys": [...], "private_adapters": [...],
+    "max_concurrent": N, "tokens_per_minute": M}}}`.
 
     With no config (auth off) every caller may use every adapter and admin routes are closed.
-    An adapter no tenant lists as private is public. Admin keys may use every adapter."""
+    An adapter no tenant lists as private is public. Admin keys may use every adapter.
+    `max_concurrent` / `tokens_per_minute` (optional, integers >= 1) limit the tenant, all its
+    keys together (serve/api/limits.py); a tenant without them gets the server's defaults
+    (`limits_for`); admin keys are never limited."""
 
     admin_keys: list[str] = field(default_factory=list)
     tenants: dict[str, dict] = field(default_factory=dict)
@@ -55,12 +61,13 @@ class AuthConfig:
             (_digest(k), Principal(None, admin=True)) for k in self.admin_keys
         ]
         self.owner: dict[str, str] = {}  # private adapter -> its tenant
+        self.limits: dict[str, Limits] = {}  # tenant -> its own limits (a field None: default)
         for name, spec in self.tenants.items():
             if not valid_name(name):
                 raise LorafleetError(f"auth: bad tenant name {name!r}")
             if not isinstance(spec, dict):
                 raise LorafleetError(f"auth: tenant {name}: settings must be an object")
-            unknown = set(spec) - {"keys", "private_adapters"}
+            unknown = set(spec) - {"keys", "private_adapters", *LIMIT_FIELDS}
             if unknown:
                 raise LorafleetError(f"auth: tenant {name}: unknown field(s) {sorted(unknown)}")
             keys, private = spec.get("keys", []), spec.get("private_adapters", [])
@@ -75,6 +82,10 @@ class AuthConfig:
                         f"and {name}"
                     )
             self._keys += [(_digest(k), Principal(name)) for k in keys]
+            try:
+                self.limits[name] = Limits(**{f: spec.get(f) for f in LIMIT_FIELDS})
+            except LorafleetError as exc:
+                raise LorafleetError(f"auth: tenant {name}: {exc}") from None
         digests = [d for d, _ in self._keys]
         if len(set(digests)) != len(digests):
             raise LorafleetError("auth: the same key is listed twice")
@@ -122,6 +133,16 @@ class AuthConfig:
             if hmac.compare_digest(probe, digest) and found is None:
                 found = principal
         return found
+
+    def limits_for(self, tenant: str, default: Limits = Limits()) -> Limits:
+        """`tenant`'s limits: its own where set, else `default`'s (the server's)."""
+        own = self.limits.get(tenant, Limits())
+        return Limits(
+            own.max_concurrent if own.max_concurrent is not None else default.max_concurrent,
+            own.tokens_per_minute
+            if own.tokens_per_minute is not None
+            else default.tokens_per_minute,
+        )
 
     def can_use(self, who: Principal, adapter: str) -> bool:
         owner = self.owner.get(adapter)

@@ -29,6 +29,7 @@ class Stream:
     finish_reason: str | None = None
     error: str | None = None
     done: bool = False
+    retry_after: int | None = None  # set when a drain cut it (answered 503 + Retry-After)
 
     def __aiter__(self):
         return self
@@ -53,27 +54,54 @@ class RequestStreams:
     The event loop never waits for a forward pass: the backend's `add_request` and `cancel`
     never wait for a step, and the queue depth is read from its stats snapshot. Tokens reach
     each stream through `call_soon_threadsafe` as the backend produces them (on its thread).
-    `max_waiting` bounds the queue of admitted-but-not-running requests (QueueFull past it)."""
+    `max_waiting` bounds the queue of admitted-but-not-running requests (QueueFull past it).
+    `live` holds the streams whose last event has not reached the event loop yet, by request
+    id (what a drain cuts)."""
 
     def __init__(self, backend: ServingBackend, max_waiting: int = 256):
         self.backend = backend
         self.max_waiting = max_waiting
+        self.live: dict[int, Stream] = {}
 
     async def submit(
-        self, prompt_ids: list[int], adapter: AdapterSpec, params: SamplingParams
+        self,
+        prompt_ids: list[int],
+        adapter: AdapterSpec,
+        params: SamplingParams,
+        tenant: str | None = None,
     ) -> Stream:
-        """Queue a request; its events arrive on the returned stream. Raises QueueFull."""
+        """Queue a request (`tenant`: whose fair share it counts against, None: its
+        adapter's); its events arrive on the returned stream. Raises QueueFull."""
         if self.backend.stats()["waiting"] >= self.max_waiting:
             raise QueueFull
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
-        def on_token(event: TokenEvent) -> None:  # runs on the backend's thread
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+        def deliver(event: TokenEvent) -> None:  # on the event loop
+            queue.put_nowait(event)
+            if event.finished:
+                self.live.pop(event.request_id, None)
 
-        request_id = self.backend.add_request(prompt_ids, adapter, params, on_token)
-        return Stream(request_id, len(prompt_ids), adapter, queue)
+        def on_token(event: TokenEvent) -> None:  # runs on the backend's thread
+            loop.call_soon_threadsafe(deliver, event)
+
+        request_id = self.backend.add_request(prompt_ids, adapter, params, on_token, tenant=tenant)
+        # No await since add_request: its events are delivered after this line.
+        stream = self.live[request_id] = Stream(request_id, len(prompt_ids), adapter, queue)
+        return stream
 
     def cancel(self, stream: Stream) -> None:
         if not stream.done:
             self.backend.cancel(stream.request_id)
+
+    def cut_all(self, message: str, retry_after_s: int) -> int:
+        """End every live stream now (on the event loop): after the events already queued,
+        its reader gets a last event with finish_reason "error" and `message`, and its
+        request is cancelled. Returns how many were cut."""
+        cut = list(self.live.values())
+        self.live.clear()
+        for stream in cut:
+            stream.retry_after = retry_after_s
+            stream.queue.put_nowait(TokenEvent(stream.request_id, None, "", True, "error", message))
+            self.backend.cancel(stream.request_id)
+        return len(cut)

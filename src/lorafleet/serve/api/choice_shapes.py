@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lorafleet.serve.api import generation as gen
+from lorafleet.serve.api import structured
 from lorafleet.serve.api.choices import Choice, chat_logprobs, completion_logprobs, usage
 from lorafleet.serve.api.errors import APIError
 from lorafleet.serve.api.responses import (
@@ -11,6 +12,7 @@ from lorafleet.serve.api.responses import (
     ChatCompletion,
     ChatDeltaChoice,
     ChatMessageOut,
+    ChatToolCallsMessage,
     Completion,
     CompletionChoice,
     CompletionWithUsage,
@@ -64,8 +66,9 @@ class CompletionShape(Shape):
 
     object = "text_completion"
 
-    def __init__(self, rid, created, model, body, tokenizer):
+    def __init__(self, rid, created, model, body, tokenizer, grammar=None):
         super().__init__(rid, created, model)
+        self.grammar = grammar  # response_format's (serve/grammar.GrammarSpec), or None
         if body.max_tokens == 0 and not body.echo:
             raise APIError(
                 400,
@@ -79,6 +82,7 @@ class CompletionShape(Shape):
 
     def sampling_kw(self) -> dict:
         kw = {"logprobs": self.k, "prompt_logprobs": self.k if self.echo else None}
+        kw["grammar"] = self.grammar
         return {**kw, "max_tokens": 1} if self.score_only else kw
 
     def prefix(self, choice: Choice) -> str:
@@ -147,12 +151,18 @@ class CompletionShape(Shape):
 
 class ChatShape(Shape):
     """/v1/chat/completions: `logprobs: true` (+ `top_logprobs` k) in the chat shape; the
-    role comes first, in a delta of its own."""
+    role comes first, in a delta of its own. With tools in play (`plan`, structured.ToolPlan)
+    an answer that is a tool call comes as `tool_calls` with finish_reason "tool_calls"; a
+    stream holds such an answer back and sends the call in one delta at its end (in "auto"
+    mode only while the text may still be a call: other text streams as usual)."""
 
     object = "chat.completion.chunk"
 
-    def __init__(self, rid, created, model, body, tokenizer):
+    def __init__(self, rid, created, model, body, tokenizer, plan=None, grammar=None):
         super().__init__(rid, created, model)
+        self.plan = plan if plan is not None else structured.ToolPlan()
+        self.grammar = grammar  # the response_format's or the forced call's, or None
+        self.held: dict[int, bool] = {}  # choice index -> its text is held (a possible call)
         if body.max_tokens == 0:
             raise APIError(
                 400, "max_tokens must be >= 1", code="invalid_request", param="max_tokens"
@@ -169,7 +179,35 @@ class ChatShape(Shape):
         self.wants_logprobs = self.k is not None
 
     def sampling_kw(self) -> dict:
-        return {"logprobs": self.k}
+        return {"logprobs": self.k, "grammar": self.grammar}
+
+    def call(self, choice: Choice) -> dict | None:
+        """The tool call a finished choice's answer is, or None (text; a cut-off call too)."""
+        if self.plan.mode == "none" or choice.stream.finish_reason != "stop":
+            return None
+        return structured.parse_call(choice.text, self.plan.names)
+
+    def release(self, choice: Choice) -> list:
+        """The pieces of every event of `choice` so far, as if none had been held."""
+        pieces, each = [], super().on_event
+        for event in choice.events:
+            pieces += each(choice, event)
+        return pieces
+
+    def on_event(self, choice: Choice, event: TokenEvent) -> list:
+        if self.plan.mode == "none" or not self.held.get(choice.index, True):
+            return super().on_event(choice, event)
+        if self.plan.mode == "auto" and not structured.might_be_call(choice.text):
+            self.held[choice.index] = False  # plain text after all: send what was held
+            return self.release(choice)
+        if not event.finished:
+            return []
+        found = self.call(choice)
+        if found is None:
+            self.held[choice.index] = False
+            return self.release(choice)
+        delta = {"tool_calls": [{"index": 0, **structured.tool_call(found)}]}
+        return [self.piece(choice, delta, None, None), self.piece(choice, {}, None, "tool_calls")]
 
     def piece(self, choice: Choice, delta: dict, logprobs, reason) -> ChatChunk:
         out = ChatDeltaChoice(
@@ -187,15 +225,22 @@ class ChatShape(Shape):
         return self.piece(choice, {"content": text} if text else {}, logprobs, reason)
 
     def final(self, choices: list[Choice]) -> ChatCompletion:
-        out = [
-            ChatChoice(
-                index=c.index,
-                message=ChatMessageOut(content=c.text),
-                logprobs=chat_logprobs(self.tokenizer, c.logprobs) if self.k is not None else None,
-                finish_reason=c.stream.finish_reason,
+        out = []
+        for c in choices:
+            message, reason = ChatMessageOut(content=c.text), c.stream.finish_reason
+            if (found := self.call(c)) is not None:
+                message = ChatToolCallsMessage(tool_calls=[structured.tool_call(found)])
+                reason = "tool_calls"
+            out.append(
+                ChatChoice(
+                    index=c.index,
+                    message=message,
+                    logprobs=(
+                        chat_logprobs(self.tokenizer, c.logprobs) if self.k is not None else None
+                    ),
+                    finish_reason=reason,
+                )
             )
-            for c in choices
-        ]
         return ChatCompletion(
             id=self.rid,
             created=self.created,

@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from lorafleet.serve.api import generation as gen
 from lorafleet.serve.api.bridge import Stream
 from lorafleet.serve.api.errors import APIError
+from lorafleet.serve.api.limits import Lease
 from lorafleet.serve.api.recording import CLIENT_CLOSED, RequestRecord
 from lorafleet.serve.api.responses import ChatLogprobs, CompletionLogprobs, TokenLogprobOut, Usage
 from lorafleet.serve.sequence import SamplingParams, TokenEvent, TokenLogprob
@@ -52,16 +53,22 @@ def check_n(state, n: int | None) -> int:
 
 
 async def submit_all(
-    state, adapter, prompts: list[list[int]], params: list[SamplingParams], n: int
+    state,
+    adapter,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    n: int,
+    lease: Lease | None = None,
 ) -> list[Choice]:
-    """n engine requests per prompt (choice index prompt * n + i); a seeded request's i-th
-    choice uses seed + i, so choices differ and each is reproducible."""
+    """n engine requests per prompt (choice index prompt * n + i), each tracked by `lease`
+    (its tenant's limits and fair share); a seeded request's i-th choice uses seed + i, so
+    choices differ and each is reproducible."""
     choices = []
     try:
         for p, (ids, base) in enumerate(zip(prompts, params, strict=True)):
             for i in range(n):
                 seeded = base if base.seed is None else replace(base, seed=base.seed + i)
-                stream = await gen.submit(state, ids, adapter, seeded)
+                stream = await gen.submit(state, ids, adapter, seeded, lease)
                 choices.append(Choice(p * n + i, ids, stream))
     except BaseException:  # e.g. the queue filled up part way: free what was queued
         cancel_all(state, choices)
@@ -145,8 +152,10 @@ def stream_response(
             if include_usage:
                 yield gen.sse(shape.usage_chunk(shape.usage(choices)))
             yield gen.sse("[DONE]")
-            failed = any(c.stream.finish_reason == "error" for c in choices)
-            status = 500 if failed else 200
+            failed = {
+                gen.failure(c.stream).status for c in choices if c.stream.finish_reason == "error"
+            }
+            status = (503 if 503 in failed else 500) if failed else 200  # 503: a drain cut it
         finally:
             for task in pending:
                 task.cancel()

@@ -16,13 +16,21 @@ class ServerConfig:
     model_name: str  # the id the base model is served under (`model` = this means no adapter)
     max_waiting: int = 256  # queued requests beyond which new ones get 429
     default_max_tokens: int = 256  # chat requests that give no max_tokens
-    shutdown_grace_s: float = 10.0
+    drain_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long, then are cut
     max_upload_mb: float = 512.0
     retry_after_s: int = 1
     max_mixture: int = 8  # adapters one request may mix (`adapters`, `mix:`, merged_adapters)
     merge_cache_mb: float = 256.0  # ties / dare merges kept as virtual adapters (LRU by bytes)
     max_n: int = 8  # choices one OpenAI request may ask for (`n`)
     engine_threads: int | None = None  # torch threads of the engine thread (None = torch's)
+    # `model` / adapter_id `org/name[@rev]` fetched from the Hugging Face hub on first use
+    # (off by default: it reaches the network); a local adapter of that name still wins.
+    hub_adapters: bool = False
+    # Limits of a tenant (an API key's, under --auth) that sets none of its own in the auth
+    # file (serve/api/limits.py): requests in flight, and prompt + completion tokens per
+    # minute. None: unlimited. Admin keys, and every caller when auth is off, are never limited.
+    max_concurrent_per_key: int | None = None
+    tokens_per_minute_per_key: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name.strip():
@@ -39,10 +47,16 @@ class ServerConfig:
             not isinstance(self.engine_threads, int) or self.engine_threads < 1
         ):
             raise LorafleetError(f"engine_threads must be >= 1, got {self.engine_threads!r}")
+        for what, value in (
+            ("max_concurrent_per_key", self.max_concurrent_per_key),
+            ("tokens_per_minute_per_key", self.tokens_per_minute_per_key),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise LorafleetError(f"{what} must be an integer >= 1, got {value!r}")
         if not self.merge_cache_mb >= 0:
             raise LorafleetError(f"merge_cache_mb must be >= 0, got {self.merge_cache_mb!r}")
-        if self.shutdown_grace_s < 0 or self.max_upload_mb <= 0:
-            raise LorafleetError("shutdown grace must be >= 0 and the upload limit > 0")
+        if not self.drain_timeout_s >= 0 or self.max_upload_mb <= 0:
+            raise LorafleetError("the drain timeout must be >= 0 and the upload limit > 0")
 
 
 @dataclass
@@ -57,3 +71,6 @@ class EngineSettings:
     cpu_cache_mb: float = 512.0
     quantize: str = "none"  # weight-only int8 / int4 base linears (layers/quant.py)
     cpu_cache_bytes: int | str | None = None  # e.g. "2GB"; replaces cpu_cache_mb when set
+    # Admission order under contention (serve/fair_share.py): "fair" shares tokens evenly
+    # between tenants (adapters when auth is off); "fcfs" is first come, first served.
+    schedule: str = "fair"

@@ -46,11 +46,13 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def model_not_found(name: str) -> APIError:
-    # The same answer for a missing model and another tenant's private one (no existence leak).
+def model_not_found(name: str, hint: str = "") -> APIError:
+    # The same answer for a missing model and another tenant's private one (no existence leak);
+    # `hint` (e.g. the flag that loads hub ids) ends the message in parentheses.
     return APIError(
         404,
-        f"The model `{name}` does not exist or you do not have access to it.",
+        f"The model `{name}` does not exist or you do not have access to it."
+        + (f" ({hint})" if hint else ""),
         code="model_not_found",
         param="model",
     )

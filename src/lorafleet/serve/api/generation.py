@@ -12,10 +12,14 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from lorafleet.errors import LorafleetError
+from lorafleet.serve.api.auth import Principal
 from lorafleet.serve.api.bridge import QueueFull, Stream
 from lorafleet.serve.api.errors import APIError
+from lorafleet.serve.api.limits import Lease, Refused
+from lorafleet.serve.api.recording import RequestRecord
 from lorafleet.serve.api.state import ServerState
 from lorafleet.serve.backend import AdapterSpec
+from lorafleet.serve.grammar import GrammarSpec
 from lorafleet.serve.sequence import SamplingParams, TokenEvent
 
 DISCONNECT_POLL_S = 0.25
@@ -73,6 +77,7 @@ def sampling(
     ignore_eos: bool = False,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
+    grammar: GrammarSpec | None = None,
 ) -> SamplingParams:
     """SamplingParams for a request; a 400 when prompt + max_tokens exceed the context."""
     room = state.backend.max_seq_len - n_prompt
@@ -99,18 +104,43 @@ def sampling(
             ignore_eos=ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            grammar=grammar,
         )
     except LorafleetError as exc:
         raise APIError(400, str(exc), code="invalid_request") from None
 
 
-async def submit(
-    state: ServerState, ids: list[int], adapter: AdapterSpec, params: SamplingParams
-) -> Stream:
-    if state.closing:
-        raise APIError(503, "the server is shutting down", code="shutting_down")
+def admit(
+    state: ServerState, rec: RequestRecord, who: Principal, choices: list[tuple[int, int]]
+) -> Lease:
+    """Admit a request under its tenant's limits (serve/api/limits.py): `choices` are the
+    (prompt tokens, max_tokens) of each engine request it makes. A 429 with Retry-After
+    over a limit, a 400 when it needs more than a minute's tokens. The lease ends with the
+    record (`rec.finish`); pass it to `submit`, which sends its tenant to the engine."""
     try:
-        return await state.streams.submit(ids, adapter, params)
+        lease = state.limits.acquire(who.tenant, sum(p + m for p, m in choices))
+    except Refused as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+        raise APIError(exc.status, str(exc), code=exc.code, headers=headers) from None
+    rec.on_finish(lease.release)
+    return lease
+
+
+async def submit(
+    state: ServerState,
+    ids: list[int],
+    adapter: AdapterSpec,
+    params: SamplingParams,
+    lease: Lease | None = None,
+) -> Stream:
+    """Queue one engine request (for `lease`'s tenant, which tracks it); 503 while shutting
+    down, 429 when the queue is full."""
+    if state.closing:
+        retry = {"Retry-After": str(state.config.retry_after_s)}
+        raise APIError(503, "the server is shutting down", code="shutting_down", headers=retry)
+    try:
+        tenant = lease.tenant if lease is not None else None
+        stream = await state.streams.submit(ids, adapter, params, tenant)
     except QueueFull:
         retry = {"Retry-After": str(state.config.retry_after_s)}
         raise APIError(
@@ -119,11 +149,18 @@ async def submit(
             code="queue_full",
             headers=retry,
         ) from None
+    if lease is not None:
+        lease.track(stream, params.max_tokens, state.streams.live)
+    return stream
 
 
 def failure(stream: Stream) -> APIError:
-    """The HTTP error for a request the engine failed (a bad adapter is the caller's 400)."""
+    """The HTTP error for a request the engine failed (a bad adapter is the caller's 400;
+    one a drain cut is a 503 with Retry-After)."""
     message = stream.error or "the request failed"
+    if stream.retry_after is not None:
+        retry = {"Retry-After": str(stream.retry_after)}
+        return APIError(503, message, code="draining", headers=retry)
     status = 500 if "forward pass failed" in message else 400
     return APIError(status, message, code="request_failed")
 

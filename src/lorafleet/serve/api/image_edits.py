@@ -23,8 +23,20 @@ TEXTS = ("lora", "model", "response_format", "prompt", "n")
 FORMATS = ("png", "b64_json")
 
 
-def editor_of(request: Request) -> ImageEditor:
-    editor = state_of(request).image_editor
+def editor_of(request: Request, model: str | None = None, who=None) -> ImageEditor:
+    """The editor a request names by `model`: a LoC model of the adapters directory (a 400
+    naming the problem when it failed its check), else the one of `--change` (without it, the
+    directory's first by name); a 404 when the server has none."""
+    state = state_of(request)
+    editors = state.image_editors
+    if model and editors is not None and who is not None:
+        state.check_entry(model, who, text=False)
+        found = editors.get(model)
+        if found is not None:
+            return found
+    editor = state.image_editor
+    if editor is None and editors is not None and editors.names():
+        editor = editors.get(editors.names()[0])
     if editor is None:
         raise APIError(
             404,
@@ -122,8 +134,9 @@ async def image_edits(request: Request, who: Principal = Depends(principal)) -> 
     saved LoRA's name) instead of the pair. Optional `model` (the LoC model's id) and
     `response_format`: `png` (default, an image/png body) or `b64_json` (OpenAI's
     `{"created", "data": [{"b64_json"}]}`). The edited image keeps B's size."""
-    editor = editor_of(request)
+    editor_of(request)  # a 404 first when the server edits no images
     fields = await read_form(request)
+    editor = editor_of(request, fields.get("model"), who)
     fmt = check_fields(editor, fields)
     args = (fields["image"], fields.get("before"), fields.get("after"), fields.get("lora"))
     try:

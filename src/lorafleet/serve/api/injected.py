@@ -29,6 +29,19 @@ class MoleModels(Protocol):
         ...
 
 
+class ImageEditors(Protocol):
+    """Image editors served by name, e.g. the LoC models of the adapters directory
+    (change.serving.ChangeCatalog); a request picks one with its `model` field."""
+
+    def get(self, name: str) -> ImageEditor | None:
+        """The editor named `name`, or None."""
+        ...
+
+    def names(self) -> list[str]:
+        """Every editor's name, sorted."""
+        ...
+
+
 class ImageEditor(Protocol):
     """Edits an image the way a before/after example shows (e.g. change.serving.ChangeEditor)."""
 

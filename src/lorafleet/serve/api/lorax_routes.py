@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from lorafleet.serve.api import generation as gen
-from lorafleet.serve.api import mixtures
+from lorafleet.serve.api import mixtures, structured
 from lorafleet.serve.api.auth import Principal
 from lorafleet.serve.api.recording import CLIENT_CLOSED, RequestRecord, record
 from lorafleet.serve.api.responses import (
@@ -30,6 +30,8 @@ async def _begin(state, body: GenerateRequest, request: Request, rec: RequestRec
     rec.started(label)
     ids = state.tokenizer(body.inputs)["input_ids"]
     gen.check_prompt(state, ids)
+    grammar = structured.response_grammar(p.response_format, "parameters.response_format")
+    await structured.check(grammar, "parameters.response_format")
     # LoRAX/TGI semantics: greedy unless do_sample, whatever the temperature says.
     temperature = (p.temperature if p.temperature is not None else 1.0) if p.do_sample else 0.0
     params = gen.sampling(
@@ -43,8 +45,10 @@ async def _begin(state, body: GenerateRequest, request: Request, rec: RequestRec
         seed=p.seed,
         stop=p.stop,
         logprobs=0,  # the clients need each logprob
+        grammar=grammar,
     )
-    stream = await gen.submit(state, ids, adapter, params)
+    lease = gen.admit(state, rec, who, [(len(ids), params.max_tokens)])  # 429 over limits
+    stream = await gen.submit(state, ids, adapter, params, lease)
     rec.started(rec.label, stream)
     first = await gen.next_event(state, request, stream)
     if first is not None and first.finished and first.finish_reason == "error":
@@ -52,11 +56,12 @@ async def _begin(state, body: GenerateRequest, request: Request, rec: RequestRec
     return stream, first
 
 
-def _reason(state, stream, last_token: int | None) -> str | None:
-    """TGI/LoRAX's finish reasons: length, eos_token (the model's EOS), stop_sequence."""
+def _reason(state, stream, last_token: int | None, grammar: bool = False) -> str | None:
+    """TGI/LoRAX's finish reasons: length, eos_token (the model's EOS, or the end of a
+    response_format's document), stop_sequence."""
     if stream.finish_reason != "stop":
         return stream.finish_reason
-    return "eos_token" if last_token in state.backend.eos_ids else "stop_sequence"
+    return "eos_token" if grammar or last_token in state.backend.eos_ids else "stop_sequence"
 
 
 def _details(stream, reason=None) -> GenerateDetails:
@@ -85,7 +90,8 @@ async def generate(body: GenerateRequest, request: Request, who: Principal = Dep
         if stream.finish_reason == "error":
             raise gen.failure(stream)
         tokens = [_token(e) for e in events if e.token_id is not None]
-        reason = _reason(state, stream, tokens[-1].id if tokens else None)
+        grammar = body.parameters.response_format is not None
+        reason = _reason(state, stream, tokens[-1].id if tokens else None, grammar)
         details = _details(stream, reason)
         if (body.parameters.model_extra or {}).get("details"):  # TGI: per-token details
             details = GenerateTokenDetails(**details.model_dump(), tokens=tokens)
@@ -114,10 +120,13 @@ async def generate_stream(
         if first is None:
             return rec.client_closed()
         rec.defer()
-        return StreamingResponse(_events(state, rec, stream, first), media_type="text/event-stream")
+        return StreamingResponse(
+            _events(state, rec, stream, first, body.parameters.response_format is not None),
+            media_type="text/event-stream",
+        )
 
 
-async def _events(state, rec: RequestRecord, stream, event):
+async def _events(state, rec: RequestRecord, stream, event, grammar: bool = False):
     """The token events of a /generate_stream request; records it when the stream ends."""
     status, text = CLIENT_CLOSED, []
     try:
@@ -125,7 +134,7 @@ async def _events(state, rec: RequestRecord, stream, event):
             text.append(event.text)
             done = event.finished
             token = None if event.token_id is None else _token(event)
-            reason = _reason(state, stream, event.token_id) if done else None
+            reason = _reason(state, stream, event.token_id, grammar) if done else None
             fields = {
                 "token": token,
                 "generated_text": "".join(text) if done else None,
@@ -136,7 +145,8 @@ async def _events(state, rec: RequestRecord, stream, event):
             else:
                 yield gen.sse(GenerateEvent(**fields))
             if done:
-                status = 200 if event.finish_reason != "error" else 500
+                failed = event.finish_reason == "error"
+                status = max(500, gen.failure(stream).status) if failed else 200  # 503: cut
                 return
             event = await stream.__anext__()
     finally:

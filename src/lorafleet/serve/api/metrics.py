@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import contextlib
+import threading
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from lorafleet.serve.backend import ServingBackend
@@ -26,6 +36,17 @@ class _EngineCollector:
             ("lorafleet_resident_adapters", "adapters_loaded", "Adapters in engine slots."),
         ):
             yield GaugeMetricFamily(name, doc, value=stats[key])
+        for name, key, doc in (  # not every backend reports these
+            ("lorafleet_kv_used_slots", "kv_used_slots", "KV-cache sequence slots in use."),
+            ("lorafleet_adapter_slots", "adapter_slots", "Adapter slots in all."),
+            (
+                "lorafleet_adapter_slots_in_use",
+                "adapters_in_use",
+                "Resident adapters a running request uses now (0 when idle).",
+            ),
+        ):
+            if stats.get(key) is not None:
+                yield GaugeMetricFamily(name, doc, value=stats[key])
         if self.registry is None:
             return
         if self.registry.can_merge:
@@ -37,6 +58,7 @@ class _EngineCollector:
             value=reg.get("cpu_mb", 0.0),
         )
         yield from _tier_metrics(self.registry, reg)
+        yield from _entry_metrics(self.registry)
         for key, doc in (
             ("hits", "Requests whose adapter was resident."),
             ("cpu_hits", "Adapter loads served from the CPU cache."),
@@ -68,6 +90,26 @@ def _tier_metrics(registry: AdapterRegistry, reg: dict):
         "Disk reads of adapters: read, check, stage (seconds).",
     )
     family.add_metric([], buckets, total)
+    yield family
+
+
+def _entry_metrics(registry: AdapterRegistry):
+    """Entries of the adapters directory that failed their checks (rescanned first, unless a
+    scan runs now): how many, and one line each labelled with its kind and reason."""
+    registry.rescan(blocking=False)
+    bad = registry.unavailable()
+    yield GaugeMetricFamily(
+        "lorafleet_adapters_unavailable",
+        "Entries of the adapters directory that failed their checks (see /admin/adapters).",
+        value=len(bad),
+    )
+    family = GaugeMetricFamily(
+        "lorafleet_adapter_unavailable",
+        "1 for each unavailable entry of the adapters directory, with its kind and reason.",
+        labels=["adapter", "kind", "reason"],
+    )
+    for entry in bad:
+        family.add_metric([entry.name, entry.kind, entry.reason or ""], 1)
     yield family
 
 
@@ -122,10 +164,25 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # Set by the app (serve/api/drain.py): read at scrape time.
+        self.in_flight = Gauge(
+            "lorafleet_http_requests_in_flight",
+            "HTTP requests being answered (streams until their last event; not /health, /metrics).",
+            registry=r,
+        )
+        self.draining = Gauge(
+            "lorafleet_draining", "1 while the server drains (SIGTERM), else 0.", registry=r
+        )
+        # RSS, CPU time, open files of this process (what a soak watches for growth).
+        ProcessCollector(registry=r)
         r.register(_EngineCollector(backend, registry))
+        self._series: dict[str, set[tuple[str, str]]] = {}  # adapter -> (endpoint, status)
+        self._lock = threading.Lock()  # finished() on the event loop, forget() in a worker
 
     def finished(self, endpoint: str, adapter: str, status: int, stream=None) -> None:
         self.requests.labels(endpoint, adapter, str(status)).inc()
+        with self._lock:
+            self._series.setdefault(adapter, set()).add((endpoint, str(status)))
         if stream is None:
             return
         self.prompt_tokens.labels(adapter).inc(stream.prompt_tokens)
@@ -136,6 +193,18 @@ class Metrics:
                 span = stream.last_token_at - stream.first_token_at
                 per = span / (stream.completion_tokens - 1)
                 self.tpot.labels(adapter).observe(per)
+
+    def forget(self, adapter: str) -> None:
+        """Drop every series labelled with `adapter` (deleted): a server whose adapters come
+        and go keeps no series for the ones gone, so /metrics and memory stay bounded."""
+        with self._lock:
+            series = self._series.pop(adapter, set())
+        for endpoint, status in series:
+            with contextlib.suppress(KeyError):
+                self.requests.remove(endpoint, adapter, status)
+        for metric in (self.prompt_tokens, self.generated_tokens, self.ttft, self.tpot):
+            with contextlib.suppress(KeyError):
+                metric.remove(adapter)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -145,6 +145,7 @@ async def openai_adapter(
 ):
     """(engine adapter spec, metrics label) of an OpenAI request: the base, an adapter, a
     mixture or a MoLE (its experts `mask`ed)."""
+    state.check_entry(model, who)  # a 400 for a MoLE (or other entry) that failed its check
     if state.moles is not None and model in state.moles and state.auth.can_use(who, model):
         if adapters is not None:
             raise bad("adapters", f"{model} is a MoLE; it takes no adapters field")

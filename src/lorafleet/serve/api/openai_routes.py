@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from fastapi import APIRouter, Depends, Request
 
 from lorafleet.models.chat import chat_prompt, has_chat_template
 from lorafleet.serve.api import choices as choices_mod
 from lorafleet.serve.api import generation as gen
-from lorafleet.serve.api import mixtures
+from lorafleet.serve.api import mixtures, structured
 from lorafleet.serve.api.auth import Principal
 from lorafleet.serve.api.choice_shapes import ChatShape, CompletionShape
 from lorafleet.serve.api.classify import class_probs, not_calibrated
@@ -64,14 +65,34 @@ def get_model(model_id: str, request: Request, who: Principal = Depends(principa
     return _model_card(state, model_id)
 
 
-def chat_prompt_ids(tokenizer, messages) -> list[int]:
-    """The base's chat template applied (generation prompt added); a plain fallback without one."""
-    turns = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in messages
-    ]
+def _turn(message, plan: structured.ToolPlan | None) -> dict:
+    """A request message as the chat template's turn. An assistant turn's `tool_calls` and a
+    tool turn's `tool_call_id` go along for a template that renders tools; for one that does
+    not, an assistant's calls become its content (the JSON the model would have written)."""
+    turn = {"role": "system" if message.role == "developer" else message.role}
+    turn["content"] = message.text()
+    extra = message.model_extra or {}
+    calls = extra.get("tool_calls")
+    if plan is not None and plan.render:
+        turn.update({k: extra[k] for k in ("tool_calls", "tool_call_id", "name") if k in extra})
+    elif isinstance(calls, list) and calls and not turn["content"]:
+        turn["content"] = json.dumps([c.get("function", c) for c in calls if isinstance(c, dict)])
+    return turn
+
+
+def chat_prompt_ids(tokenizer, messages, plan: structured.ToolPlan | None = None) -> list[int]:
+    """The base's chat template applied (generation prompt added); a plain fallback without one.
+    `plan`'s tools go to a template that renders them, else (a forced call) into the system
+    message."""
+    turns = [_turn(m, plan) for m in messages]
+    note = plan.system_note() if plan is not None else None
+    if note and turns[0]["role"] == "system":
+        turns[0] = {**turns[0], "content": f"{turns[0]['content']}\n\n{note}"}
+    elif note:
+        turns.insert(0, {"role": "system", "content": note})
     if has_chat_template(tokenizer):
-        return chat_prompt(tokenizer, turns, tokenize=True)
+        tools = plan.template_tools() if plan is not None else None
+        return chat_prompt(tokenizer, turns, tokenize=True, tools=tools)
     text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
     return tokenizer(text)["input_ids"]
 
@@ -93,7 +114,9 @@ async def _start(
     for ids in prompts:
         gen.check_prompt(state, ids)
     params = [gen.sampling(state, len(ids), default=default_max, **params_kw) for ids in prompts]
-    choices = await choices_mod.submit_all(state, adapter, prompts, params, n)
+    sizes = [(len(ids), p.max_tokens) for ids, p in zip(prompts, params, strict=True)]
+    lease = gen.admit(state, rec, who, sizes * n)  # 429 over the tenant's limits
+    choices = await choices_mod.submit_all(state, adapter, prompts, params, n, lease)
     rec.started(rec.label, choices[0].stream)
     # Wait for the first events before answering, so a failed request gets a real status code.
     return choices, await choices_mod.first_events(state, request, choices)
@@ -150,7 +173,11 @@ async def completions(
             return await _classify(
                 state, rec, body, body.prompt if isinstance(body.prompt, str) else prompt, who
             )
-        shape = CompletionShape(gen.new_id("cmpl"), gen.now(), body.model, body, state.tokenizer)
+        grammar = structured.response_grammar(body.response_format)
+        await structured.check(grammar)
+        shape = CompletionShape(
+            gen.new_id("cmpl"), gen.now(), body.model, body, state.tokenizer, grammar
+        )
         return await _respond(
             state, request, rec, body, prompts, who, COMPLETIONS_DEFAULT_MAX_TOKENS, shape
         )
@@ -194,8 +221,13 @@ async def chat_completions(
 ):
     state = state_of(request)
     with record(state, "chat") as rec:
-        ids = chat_prompt_ids(state.tokenizer, body.messages)
-        shape = ChatShape(gen.new_id("chatcmpl"), gen.now(), body.model, body, state.tokenizer)
+        plan = structured.tool_plan(body, state.tokenizer)
+        grammar = plan.grammar or structured.response_grammar(body.response_format)
+        await structured.check(grammar, "tools" if plan.grammar else "response_format")
+        ids = chat_prompt_ids(state.tokenizer, body.messages, plan)
+        shape = ChatShape(
+            gen.new_id("chatcmpl"), gen.now(), body.model, body, state.tokenizer, plan, grammar
+        )
         return await _respond(
             state, request, rec, body, [ids], who, state.config.default_max_tokens, shape
         )

@@ -27,6 +27,7 @@ class RequestRecord:
         self.status = 200
         self.deferred = False
         self.recorded = False
+        self.finishers: list = []  # called once when it is recorded (e.g. a limits lease)
 
     def started(self, label: str, stream=None) -> None:
         """The request's model is resolved to `label`; `stream` carries its token timings."""
@@ -37,6 +38,10 @@ class RequestRecord:
         self.status = CLIENT_CLOSED
         return JSONResponse({}, status_code=CLIENT_CLOSED)
 
+    def on_finish(self, callback) -> None:
+        """Call `callback()` when the request is recorded (however it ends)."""
+        self.finishers.append(callback)
+
     def defer(self) -> None:
         """A streamed body records the request itself (`finish`) when it ends."""
         self.deferred = True
@@ -46,6 +51,8 @@ class RequestRecord:
             return
         self.recorded = True
         self.status = self.status if status is None else status
+        for callback in self.finishers:
+            callback()
         self.metrics.finished(self.endpoint, self.label, self.status, self.stream)
 
 

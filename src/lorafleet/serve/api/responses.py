@@ -101,9 +101,17 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class ChatToolCallsMessage(ChatMessageOut):
+    """An answer that is a tool call: no content, `tool_calls` in OpenAI's shape ({"id",
+    "type": "function", "function": {"name", "arguments": JSON text}})."""
+
+    content: str | None = None
+    tool_calls: list[dict]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
-    message: ChatMessageOut
+    message: SerializeAsAny[ChatMessageOut]
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
@@ -119,7 +127,8 @@ class ChatCompletion(BaseModel):
 
 class ChatDeltaChoice(BaseModel):
     index: int = 0
-    delta: dict[str, str]  # {"role", "content"} first, then {"content"}, {} at the end
+    # {"role", "content"} first, then {"content"} (or {"tool_calls": [...]}), {} at the end
+    delta: dict[str, str | list[dict]]
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
@@ -182,8 +191,10 @@ class GenerateFailed(GenerateEvent):
 
 class AdapterInfo(BaseModel):
     name: str
-    state: str | None
+    state: str | None  # a tier (resident, cpu, disk, ...), failed, available or unavailable
     private_to: str | None
+    kind: str = "adapter"  # adapter | calibrated | mole | change | unknown (a stray entry)
+    reason: str | None = None  # why it cannot be served now (unavailable, failed)
 
 
 class AdapterList(BaseModel):

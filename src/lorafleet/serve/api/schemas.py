@@ -52,6 +52,51 @@ class AdapterWeight(_Body):
     weight: Weight = 1.0
 
 
+class JsonSchemaSpec(_Body):
+    """OpenAI's `response_format.json_schema`: a name, the schema, `strict` (always enforced:
+    the grammar never generates what the schema does not allow)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: Annotated[str, Field(max_length=256)] | None = None
+    description: str | None = None
+    schema_: dict | bool | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Body):
+    """`response_format`: OpenAI's {"type": "text" | "json_object" | "json_schema",
+    "json_schema": {...}}, and LoRAX's {"type": "json_object", "schema": {...}}."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+    schema_: dict | bool | None = Field(None, alias="schema")  # LoRAX's json_object + schema
+
+
+class FunctionSpec(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments (an object)
+    strict: StrictBool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+MAX_TOOLS = 128  # OpenAI's limit
+
+
 class _Adapters(_Sampling):
     # lorafleet extension: a mixture of adapters per request (`model` = the base or one of them)
     adapters: Annotated[list[AdapterWeight], Field(min_length=1, max_length=MAX_PARTS)] | None = (
@@ -74,6 +119,7 @@ class CompletionRequest(_Adapters):
     )
     echo: StrictBool = False
     logprobs: TopLogprobs | None = None  # top alternatives per token (legacy shape)
+    response_format: ResponseFormat | None = None  # vLLM's extension of /v1/completions
     # lorafleet extension: score these labels instead of generating (Laplace-LoRA probabilities
     # for a calibrated adapter); the answer's choice carries `class_probs`.
     class_choices: (
@@ -105,6 +151,10 @@ class ChatCompletionRequest(_Adapters):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
     logprobs: StrictBool = False
     top_logprobs: TopLogprobs | None = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None  # accepted; one call per choice is made
 
 
 class MergedAdapters(_Body):
@@ -133,6 +183,7 @@ class GenerateParameters(_Body):
     merged_adapters: MergedAdapters | None = None
     # lorafleet's extension: experts of a MoLE adapter_id to drop (as the OpenAI routes' mask).
     mask: Annotated[list[str], Field(max_length=MAX_PARTS)] | None = None
+    response_format: ResponseFormat | None = None  # LoRAX: {"type": "json_object", "schema"}
 
 
 class GenerateRequest(_Body):

@@ -6,8 +6,24 @@ from lorafleet.errors import LorafleetError
 from lorafleet.serve.runners.base import ModelRunner, StepInputs, rotate_half
 from lorafleet.serve.runners.gemma3 import Gemma3Runner
 from lorafleet.serve.runners.llama import LlamaRunner
+from lorafleet.serve.runners.mistral import MinistralRunner, MistralRunner
+from lorafleet.serve.runners.phi3 import Phi3Runner
+from lorafleet.serve.runners.qwen2 import Qwen2Runner
+from lorafleet.serve.runners.qwen3 import Qwen3Runner
 
-RUNNERS: dict[str, type[ModelRunner]] = {"llama": LlamaRunner, "gemma3_text": Gemma3Runner}
+# transformers' config.model_type -> the runner. Families whose blocks differ from their
+# runner's only in modules it calls as the model's own (norms, MLP) share it.
+RUNNERS: dict[str, type[ModelRunner]] = {
+    "llama": LlamaRunner,
+    "gemma3_text": Gemma3Runner,
+    "qwen2": Qwen2Runner,
+    "qwen3": Qwen3Runner,
+    "mistral": MistralRunner,
+    "ministral": MinistralRunner,
+    "phi3": Phi3Runner,
+    "starcoder2": MistralRunner,  # LayerNorms and a c_fc / c_proj MLP, called as modules
+    "arcee": LlamaRunner,  # a ReLU^2 up / down MLP, called as a module
+}
 
 
 def runner_class(model: nn.Module) -> type[ModelRunner]:
@@ -29,7 +45,12 @@ __all__ = [
     "RUNNERS",
     "Gemma3Runner",
     "LlamaRunner",
+    "MinistralRunner",
+    "MistralRunner",
     "ModelRunner",
+    "Phi3Runner",
+    "Qwen2Runner",
+    "Qwen3Runner",
     "StepInputs",
     "rotate_half",
     "runner_class",

@@ -45,6 +45,36 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on x [T, heads, D] with cos, sin [T, 1, R] (R <= D): the first R dims rotate
+    (x * cos + rotate_half(x) * sin), the other D - R pass through unchanged (partial rotary,
+    e.g. Phi-4-mini's 3/4), as transformers' apply_rotary_pos_emb."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+# How a family's config places sliding windows: never (Llama ignores `sliding_window`), on every
+# layer (Mistral, Phi-3, Starcoder2: `sliding_window` applies to all), or on the layers that
+# `layer_types` marks "sliding_attention" (Qwen2, Qwen3, Ministral, Gemma 3).
+SLIDING_RULES = ("none", "every_layer", "layer_types")
+
+
+def layer_windows(config, rule: str, max_len: int) -> list[int | None]:
+    """Each layer's sliding window under `rule` (SLIDING_RULES), None = full causal attention.
+    A window of at least `max_len` never masks a key the cache can hold: None as well."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    if rule == "none" or not window or window >= max_len:
+        return [None] * n
+    if rule == "every_layer":
+        return [window] * n
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * n
+    return [window if kind == "sliding_attention" else None for kind in kinds]
+
+
 class ModelRunner:
     """Architecture-independent parts: the KV cache, packing sequences into rows, attention.
 
@@ -73,11 +103,7 @@ class ModelRunner:
         # One base GEMM for q/k/v per layer (layers/fused.py); fuse=False calls each projection
         # on its own. gate/up are not fused: measured on the 2-core CPU, one [T, 576] x
         # [576, 3072] GEMM was 12 % slower than two of [576, 1536] at 32 rows (BENCHMARKS.md).
-        blocks = model.model.layers
-        self.qkv = [
-            FusedProjections([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj], fuse)
-            for b in blocks
-        ]
+        self.qkv = [FusedProjections(self.qkv_modules(b), fuse) for b in model.model.layers]
         self.fused = all(f.fused for f in self.qkv)
 
     @classmethod
@@ -95,17 +121,25 @@ class ModelRunner:
     def forward(self, inputs: StepInputs) -> Tensor:
         raise NotImplementedError
 
+    def qkv_modules(self, block: nn.Module) -> list[nn.Module]:
+        """The linears of `block` that `project_qkv` reads through one FusedProjections:
+        q_proj, k_proj, v_proj (a family with one fused qkv_proj returns that alone)."""
+        attn = block.self_attn
+        return [attn.q_proj, attn.k_proj, attn.v_proj]
+
     def project_qkv(self, index: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Layer `index`'s q, k, v projections of x [T, d]: [T, H*D], [T, Hkv*D], [T, Hkv*D]."""
         q, k, v = self.qkv[index](x)
         return q, k, v
 
     def build(self, prefill: list[Sequence], decode: list[Sequence]) -> StepInputs:
-        """Pack a step's sequences into rows (prefill prompts from position 0, then decodes)."""
+        """Pack a step's sequences into rows (prefills from position 0: the prompt, plus the
+        generated tokens of a preempted sequence that resumes; then decodes)."""
         ids, positions, slots, segments, last, mixtures = [], [], [], [], [], []
         for seq in prefill:
-            start, n = len(ids), len(seq.prompt_ids)
-            ids += seq.prompt_ids
+            tokens = seq.prefill_ids
+            start, n = len(ids), len(tokens)
+            ids += tokens
             positions += range(n)
             slots += [seq.lora_slot] * n
             segments.append((seq.kv_slot, start, n))
@@ -122,7 +156,8 @@ class ModelRunner:
             positions.append(seq.num_cached)
             slots.append(seq.lora_slot)
         for seq, (_, start, n) in zip(prefill, segments, strict=True):
-            if seq.params.prompt_logprobs is not None:  # positions 0..n-2 score tokens 1..n-1
+            # Positions 0..n-2 score prompt tokens 1..n-1 (a resumed sequence has them already).
+            if seq.params.prompt_logprobs is not None and not seq.generated:
                 last += range(start, start + n - 1)
         kv_slots = [seq.kv_slot for seq in decode]
         first = kv_slots[0] if kv_slots else 0

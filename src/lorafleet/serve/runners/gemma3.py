@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from lorafleet.errors import LorafleetError
 from lorafleet.layers import MultiLoRAContext
-from lorafleet.serve.runners.base import ModelRunner, StepInputs, rotate_half
+from lorafleet.serve.runners.base import ModelRunner, StepInputs, layer_windows, rotate_half
 
 SLIDING = "sliding_attention"
 
@@ -49,12 +49,7 @@ class Gemma3Runner(ModelRunner):
         super().__init__(model, context, max_seqs, max_len, fuse)
         n = config.num_hidden_layers
         self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
-        window = getattr(config, "sliding_window", None)
-        # A window at least max_len long never masks anything: plain causal attention then.
-        self.windows = [
-            window if kind == SLIDING and window and window < max_len else None
-            for kind in self.layer_types
-        ]
+        self.windows = layer_windows(config, "layer_types", max_len)
 
     def rotary(self, h: Tensor, positions: Tensor, kind: str) -> tuple[Tensor, Tensor]:
         """cos, sin: [T, 1, D] (broadcast over heads) for h: [T, d], positions: [T], one kind."""

@@ -30,6 +30,10 @@ $(STAMP): pyproject.toml Makefile
 	# Structured output's grammar engine (the `structured` extra) without triton, which only its
 	# GPU kernels use (lorafleet applies the token masks itself); its other needs are above.
 	$(PIP) install -q --no-deps 'xgrammar>=0.2' 'apache-tvm-ffi>=0.1.11'
+	# Ray Serve (the `ray` extra: `lorafleet serve --ray`), last and held to what is installed
+	# above (a constraints file of the venv as it is), so it changes no installed version.
+	$(PIP) freeze --exclude-editable > $(VENV)/constraints.txt
+	$(PIP) install -q -c $(VENV)/constraints.txt 'ray[serve]>=2.40'
 	touch $(STAMP)
 
 # Trains (or reuses) the task adapters, prints base vs adapter scores, then serves them all

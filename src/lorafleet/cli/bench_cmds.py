@@ -6,9 +6,16 @@ from pathlib import Path
 
 import typer
 
+from lorafleet.bench.fleet_config import FleetConfig, RoutingConfig
 from lorafleet.bench.soak_config import SoakConfig
 from lorafleet.cli.app import app
-from lorafleet.cli.options import BaseDefaultOpt, from_field, options_from, with_options
+from lorafleet.cli.options import (
+    BaseDefaultOpt,
+    FieldOption,
+    from_field,
+    options_from,
+    with_options,
+)
 from lorafleet.models.sources import TINY
 
 bench_app = typer.Typer(
@@ -665,4 +672,119 @@ def bench_soak(
     from lorafleet.bench.soak import run
 
     if not run(SOAK_OPTIONS.build(soak), json_out)["passed"]:
+        raise typer.Exit(1)
+
+
+def _listed(field: str, flag: str, kind: type, **typer_kw) -> FieldOption:
+    """A repeatable option for a config's tuple field (`flag` once per value)."""
+    return from_field(
+        field, flag, name=field, annotation=list[kind], to_cli=list, to_config=tuple, **typer_kw
+    )
+
+
+FLEET_OPTIONS = options_from(
+    FleetConfig,
+    from_field("adapters", min=1, help="Adapters the requests are drawn over."),
+    _listed("replicas", "--replicas", int, min=1, help="Replicas; repeat for several fleets."),
+    from_field("slots", min=1, help="Adapter slots per replica (max_num_models_per_replica)."),
+    from_field("max_batch", min=1, help="Running rows per replica's engine."),
+    from_field("max_batch_tokens", min=1, help="Prompt tokens prefilled per step, at most."),
+    from_field("max_ongoing", min=1, help="Ray's max_ongoing_requests per replica."),
+    from_field("rate", min=0.001, help="Requests per second (Poisson arrivals)."),
+    _listed("popularity", "--popularity", str, help="zipf | uniform; repeatable."),
+    from_field("zipf_s", min=0, help="Zipf exponent: adapter k drawn with weight 1/k^s."),
+    _listed("policies", "--policy", str, help="affinity | round-robin | pow2; repeatable."),
+    from_field("prompt_tokens", min=1),
+    from_field("new_tokens", min=1),
+    from_field("requests", min=1, help="Requests simulated per run."),
+    from_field("warmup", min=0, max=0.99, help="Share of the first requests left out."),
+    from_field("target_p99_s", help="TTFT p99 target for the replicas-needed search."),
+    from_field("find_replicas", "--find-replicas/--no-find-replicas"),
+    from_field("max_replicas", min=1, help="The replicas-needed search stops here."),
+    _listed("figures", "--figure", str, help="NAME=VALUE: replace a model figure; repeatable."),
+    from_field("seed"),
+)
+
+
+@bench_app.command("fleet-sim")
+@with_options(fleet=FLEET_OPTIONS)
+def bench_fleet_sim(
+    *,
+    fleet: dict,
+    json_out: Path | None = typer.Option(
+        Path("bench/results/fleet_sim.json"), "--json", help="Where the figures go."
+    ),
+):
+    """Simulate routing N adapters over R replicas (K slots each) on Ray Serve: affinity
+    (Ray's multiplexed routing), round-robin and power-of-two without affinity, Poisson
+    arrivals, Zipf or uniform adapters. Per run: TTFT p50/p99, tokens/s, adapter loads per
+    1,000 requests, and the load on the shared adapter store, the ingress processes and the
+    Ray controller; then the replicas each policy needs for --target-p99-s. The replicas' figures
+    are measured ones (BENCHMARKS.md), the rest documented or assumed; the output lists each
+    with its kind (replace any with --figure NAME=VALUE). See docs/scaling.md.
+
+    Examples:
+
+        lorafleet bench fleet-sim --adapters 10000 --replicas 100 --rate 120
+
+        lorafleet bench fleet-sim --replicas 50 --replicas 100 --no-find-replicas \\
+            --figure store_bandwidth_Bps=1.25e8 --figure adapter_bytes=8e7
+    """
+    from lorafleet.bench.fleet_sim import run
+
+    run(FLEET_OPTIONS.build(fleet), json_out)
+
+
+ROUTING_OPTIONS = options_from(
+    RoutingConfig,
+    from_field(
+        "base", "--base", "-b", help="tiny (a tiny random Llama) or any base `serve` takes."
+    ),
+    from_field("adapters", min=1, help="Random rank --rank q/v adapters the requests use."),
+    from_field("slots", min=1, help="Adapter slots per replica (max_num_models_per_replica)."),
+    from_field(
+        "clients", min=1, help="Streaming clients, each sending its next request when done."
+    ),
+    from_field("per_client", min=1, help="Requests per client."),
+    from_field("prompt_tokens", min=1),
+    from_field("new_tokens", min=1, help="Per request (EOS ignored)."),
+    from_field("rank", min=1),
+    from_field("max_batch", min=1, help="Running rows per engine."),
+    _listed("popularity", "--popularity", str, help="zipf | uniform; repeatable."),
+    _listed("layouts", "--layout", str, help="2x1 (replicas x threads) | 1x2; repeatable."),
+    _listed("routings", "--routing", str, help="affinity | round_robin; repeatable."),
+    from_field("ingress", "--ingress/--no-ingress", help="Also `lorafleet serve` on 1x2."),
+    from_field("tolerance", min=0, max=0.99, help="Pass: affinity tokens/s within this share."),
+    from_field("cache_dir", help="Where the random adapters are written once and reused."),
+    from_field("seed"),
+)
+
+
+@bench_app.command("ray-routing")
+@with_options(routing=ROUTING_OPTIONS)
+def bench_ray_routing(
+    *,
+    routing: dict,
+    json_out: Path = typer.Option(Path("bench/results/ray_routing.json"), "--json"),
+):
+    """Ray Serve's routing by adapter (affinity) against adapter-blind routing (round_robin:
+    Ray's power of two choices) over the same replicas, on 2 replicas x 1 thread and 1
+    replica x 2 threads, Zipf and uniform adapter draws, closed-loop streaming clients; and
+    the Ray ingress against `lorafleet serve` for one replica. Each run starts a fresh fleet
+    (a local Ray cluster) in its own process. Per run: tokens/s, TTFT p50/p99, adapter loads
+    per 1,000 requests. Pass rule (printed first; exit 1 when it fails): on 2x1, affinity
+    loads fewer adapters and its tokens/s is within --tolerance of round_robin's or better.
+    Needs lorafleet[ray].
+
+    Examples:
+
+        lorafleet bench ray-routing --base tiny
+
+        lorafleet bench ray-routing --base default --per-client 4
+
+        lorafleet bench ray-routing --per-client 1 --popularity zipf --layout 2x1 --no-ingress
+    """
+    from lorafleet.bench.ray_routing import run
+
+    if not run(ROUTING_OPTIONS.build(routing), json_out)["passed"]:
         raise typer.Exit(1)

@@ -19,23 +19,27 @@ def load_model(
     mask: list[str] | None = None,
     dtype: str = "float32",
     hub_adapters: bool = False,
+    device: str = "cpu",
 ):
     """(loaded base, adapter info or None, model): the base with `adapter` attached, the
     global model of the `lorafleet fed` run directory `fed`, or the MoLE directory `mole`
-    (its experts `mask`ed); every parameter (the adapter's too) in `dtype`. With
-    `hub_adapters`, `adapter` may be a hub id `org/name[@revision]` (a local path wins)."""
+    (its experts `mask`ed); every parameter (the adapter's too) in `dtype`, on `device`
+    (auto | cpu | cuda, models/device.py). With `hub_adapters`, `adapter` may be a hub id
+    `org/name[@revision]` (a local path wins)."""
     from lorafleet.adapters.hub import locate_adapter
-    from lorafleet.models import cast_parameters, parse_dtype
+    from lorafleet.models import cast_parameters, parse_dtype, resolve_device
 
     parse_dtype(dtype)  # a bad name fails before anything loads
+    where = resolve_device(device)  # so does cuda without a GPU
     if adapter is not None:  # a hub adapter is fetched (or refused) before the base loads
         adapter = locate_adapter(adapter, hub=hub_adapters)
-    loaded, info, model = _load_model(base, adapter, force, max_rank, fed, mole, mask, dtype)
+    loaded, info, model = _load_model(base, adapter, force, max_rank, fed, mole, mask, dtype, where)
     cast_parameters(model, dtype)
+    model.to(where)  # a fed or MoLE model loads on the CPU; its adapters came after the base
     return loaded, info, model
 
 
-def _load_model(base, adapter, force, max_rank, fed, mole, mask, dtype):
+def _load_model(base, adapter, force, max_rank, fed, mole, mask, dtype, device):
     # Heavy imports happen here so `lorafleet --help` stays fast.
     if mask and mole is None:
         raise LorafleetError("--mask drops experts of a --mole; give --mole DIR")
@@ -53,7 +57,7 @@ def _load_model(base, adapter, force, max_rank, fed, mole, mask, dtype):
     from lorafleet.adapters import load_adapter
     from lorafleet.models import load_base
 
-    loaded = load_base(base, dtype=dtype)
+    loaded = load_base(base, dtype=dtype, device=device)
     if adapter is None:
         return loaded, None, loaded.model
     info, model = load_adapter(

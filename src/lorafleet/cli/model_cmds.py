@@ -10,6 +10,7 @@ import typer
 from lorafleet.cli.app import app
 from lorafleet.cli.common import load_model, print_report
 from lorafleet.cli.options import (
+    DEVICE_OPTIONS,
     AdapterOpt,
     BaseOpt,
     DtypeOpt,
@@ -19,6 +20,7 @@ from lorafleet.cli.options import (
     MaskOpt,
     MaxRankOpt,
     MoleDirOpt,
+    with_options,
 )
 
 
@@ -65,7 +67,9 @@ def info(
 
 
 @app.command()
+@with_options(hardware=DEVICE_OPTIONS)
 def generate(
+    *,
     base: str = BaseOpt,
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
     adapter: Path | None = AdapterOpt,
@@ -83,6 +87,7 @@ def generate(
     mask: list[str] = MaskOpt,
     dtype: str = DtypeOpt,
     hub_adapters: bool = HubAdaptersOpt,
+    hardware: dict,
 ):
     """Generate a reply (greedy by default) and print only the generated text.
 
@@ -97,11 +102,22 @@ def generate(
         lorafleet generate --base default --mole runs/mole --mask clutrr --prompt "Great film!"
 
         lorafleet generate --base default --dtype bfloat16 --prompt "What is 2 + 2?"
+
+        lorafleet generate --base default --device cuda --prompt "What is 2 + 2?"
     """
     from lorafleet.models.generation import generate_text
 
     loaded, _, model = load_model(
-        base, adapter, force, max_rank, fed, mole, mask, dtype, hub_adapters=hub_adapters
+        base,
+        adapter,
+        force,
+        max_rank,
+        fed,
+        mole,
+        mask,
+        dtype,
+        hub_adapters=hub_adapters,
+        device=DEVICE_OPTIONS.build(hardware).device,
     )
     text = generate_text(
         model,

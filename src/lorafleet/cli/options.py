@@ -19,6 +19,7 @@ import typer
 
 from lorafleet.adapters import parse_targets
 from lorafleet.fed.config import AGGREGATIONS, FED_METHODS, FedConfig
+from lorafleet.models.device import DEVICE_HELP, DeviceConfig
 
 BASE_HELP = (
     "Base model: default, gemma-270m, qwen2.5-coder-0.5b, a tiny-* test model (tiny, "
@@ -236,6 +237,10 @@ def with_options(**groups: tuple[inspect.Parameter, ...] | ConfigOptions) -> Cal
 
     return wrap
 
+
+# `--device` of the commands that load a model and keep it in no config of their own (eval,
+# generate); serve's and train's is a field of EngineSettings / TrainConfig, same help.
+DEVICE_OPTIONS = options_from(DeviceConfig, from_field("device", help=DEVICE_HELP))
 
 # `lorafleet fed simulate | server | app`: what a federated run is (FedConfig's fields).
 FED_RUN = options_from(

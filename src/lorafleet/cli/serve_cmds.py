@@ -9,6 +9,7 @@ import typer
 
 from lorafleet.cli.app import app
 from lorafleet.cli.options import (
+    DEVICE_HELP,
     BaseOpt,
     DtypeOpt,
     PortOpt,
@@ -41,6 +42,7 @@ ENGINE_OPTIONS = options_from(
         help="Byte budget of the CPU adapter tier, e.g. 512MB or 2GB (replaces --cpu-cache-mb); "
         "least recently used adapters leave it, never one a running request uses.",
     ),
+    from_field("device", help=DEVICE_HELP),
 )
 # ... and the HTTP server's limits (ServerConfig).
 SERVER_OPTIONS = options_from(
@@ -121,6 +123,21 @@ def serve(
         help="Folder of LoRAs saved by `change apply --save-lora` "
         "(requests name one as `lora`); needs --change.",
     ),
+    ray: bool = typer.Option(
+        False,
+        "--ray",
+        help="Serve from replicas on a Ray cluster (Ray Serve, routed by adapter; needs "
+        "lorafleet[ray]); the same HTTP API here. --threads: per replica.",
+    ),
+    address: str | None = typer.Option(
+        None,
+        "--address",
+        help="With --ray: the cluster to join (auto: the `ray start` one on this machine; "
+        "host:6379); default: start a local one.",
+    ),
+    replicas: int | None = typer.Option(
+        None, "--replicas", min=1, help="With --ray: engine replicas (default 1)."
+    ),
 ):
     """Serve the base model and every adapter in --adapters over HTTP.
 
@@ -158,22 +175,37 @@ def serve(
 
         lorafleet serve --base default --change runs/loc --change-loras runs/loc-loras
 
+        lorafleet serve --ray --replicas 2 --base default --adapters /shared/adapters
+
+        lorafleet serve --ray --address auto --replicas 4 --base default --adapters /shared/adapters
+
         curl localhost:8000/v1/images/edits -F before=@A.png -F after=@A2.png -F image=@B.png
         -o B2.png
     """
     from lorafleet.bayes.serving import laplace_classifier
     from lorafleet.change.serving import ChangeCatalog, ChangeEditor
+    from lorafleet.cli.ray_serve import check_ray_flags, serve_on_ray
     from lorafleet.compose import merge_adapters
     from lorafleet.compose.mole_serve import MoleCatalog
     from lorafleet.errors import LorafleetError
-    from lorafleet.layers import check_quantize
-    from lorafleet.models import load_base
+    from lorafleet.layers import check_quantize, check_quantize_device
+    from lorafleet.models import load_base, resolve_device
     from lorafleet.serve.adapter_store import parse_size
     from lorafleet.serve.api import AuthConfig
     from lorafleet.serve.api.server import build_state, serve_forever
     from lorafleet.serve.fair_share import admission_policy
     from lorafleet.serve.hub_source import add_hub_adapter, serve_source
 
+    check_ray_flags(
+        ray,
+        address,
+        replicas,
+        **{
+            "--change": change,
+            "--change-loras": change_loras,
+            "--hub-adapters": server["hub_adapters"],
+        },
+    )
     if engine["cpu_cache_bytes"] is not None:
         parse_size(engine["cpu_cache_bytes"])  # a bad size: one line before the model loads
     # A local directory (it wins), or with --hub-adapters a hub id fetched now: one line if not.
@@ -190,7 +222,23 @@ def serve(
         model_name=model_name or base,
         engine_threads=threads or max(1, (os.cpu_count() or 2) - 1),
     )
-    loaded = load_base(base, dtype=dtype)
+    if ray:  # the replicas load the model, each on its own node's device
+        return serve_on_ray(
+            base=base,
+            dtype=dtype,
+            adapters_dir=adapters_dir,
+            auth=auth_config,
+            settings=settings,
+            config=config,
+            address=address,
+            replicas=replicas,
+            threads=threads,
+            host=host,
+            port=port,
+        )
+    device = resolve_device(settings.device)  # cuda without a GPU: one line, exit 2
+    check_quantize_device(settings.quantize, device)
+    loaded = load_base(base, dtype=dtype, device=device)
     state = build_state(
         loaded,
         adapters_dir,

@@ -12,6 +12,8 @@ from lorafleet.cli.app import app
 from lorafleet.cli.bayes_cmds import eval_bayes
 from lorafleet.cli.common import load_model, print_report, write_json
 from lorafleet.cli.options import (
+    DEVICE_HELP,
+    DEVICE_OPTIONS,
     NO_CHAT_HELP,
     AdapterOpt,
     BaseField,
@@ -80,6 +82,10 @@ TRAIN_OPTIONS = options_from(
     "keep_checkpoints",
     no_chat_option(help=NO_CHAT_HELP),
     from_field("resume", help="Continue from the newest checkpoint in --out."),
+    from_field(
+        "device",
+        help=DEVICE_HELP + " Under torchrun, cuda is each process's LOCAL_RANK GPU.",
+    ),
 )
 # `lorafleet eval`: how it scores (EvalConfig).
 EVAL_OPTIONS = options_from(
@@ -152,7 +158,7 @@ def train(
 
 
 @app.command("eval")
-@with_options(scoring=EVAL_OPTIONS)
+@with_options(scoring=EVAL_OPTIONS, hardware=DEVICE_OPTIONS)
 def eval_cmd(
     *,
     base: str = BaseOpt,
@@ -161,6 +167,7 @@ def eval_cmd(
     split: str = typer.Option("validation", "--split", help="train | validation (built-in tasks)."),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate the first N rows only."),
     scoring: dict,
+    hardware: dict,
     no_chat: bool = typer.Option(False, "--no-chat"),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the figures here."),
     force: bool = ForceOpt,
@@ -190,14 +197,26 @@ def eval_cmd(
 
         lorafleet eval --base default --data sst2 --limit 200 --dtype bfloat16
 
+        lorafleet eval --base default --adapter runs/sst2 --data sst2 --device cuda
+
         lorafleet eval --base default --hub-adapters -a my-org/sst2-lora@v1 --data sst2
     """
     from lorafleet.data import load_examples
     from lorafleet.eval import evaluate
 
     cfg = EVAL_OPTIONS.build(scoring)  # a bad --metric fails before the model loads
+    device = DEVICE_OPTIONS.build(hardware).device  # so do a bad --device and cuda without GPU
     loaded, _, model = load_model(
-        base, adapter, force, max_rank, fed, mole, mask, dtype, hub_adapters=hub_adapters
+        base,
+        adapter,
+        force,
+        max_rank,
+        fed,
+        mole,
+        mask,
+        dtype,
+        hub_adapters=hub_adapters,
+        device=device,
     )
     examples = load_examples(data, loaded.tokenizer, split=split, chat=not no_chat, limit=limit)
     if bayes:  # accuracy, ECE, NLL, Brier for MAP vs Laplace, reliability diagram, JSON

@@ -56,10 +56,23 @@ def choice_logprobs(
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-        logp = F.log_softmax(logits.float(), dim=-1).cpu()  # [B, T, V]
-        for row, (i, c, seq, n) in enumerate(chunk):
-            positions = torch.arange(len(seq) - n - 1, len(seq) - 1)  # predict the last n tokens
-            scores[i, c] = logp[row, positions, torch.tensor(seq[-n:])].sum()
+        logp = F.log_softmax(logits.float(), dim=-1)  # [B, T, V], on the model's device
+        # Each row's choice tokens are gathered where the logits are; only the B sums come
+        # back to the CPU (not the [B, T, V] log-probs: gigabytes per batch on a GPU).
+        where = logp.device
+        sums = torch.stack(
+            [
+                # positions len - n - 1 .. len - 2 predict the last n tokens
+                logp[
+                    row,
+                    torch.arange(len(seq) - n - 1, len(seq) - 1, device=where),
+                    torch.tensor(seq[-n:], device=where),
+                ].sum()
+                for row, (_, _, seq, n) in enumerate(chunk)
+            ]
+        ).cpu()  # [B]
+        for (i, c, _, _), total in zip(chunk, sums, strict=True):
+            scores[i, c] = total
         if progress:
             progress(len(chunk))
     return scores

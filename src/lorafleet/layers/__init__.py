@@ -27,6 +27,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "plan_rows": ".multilora",
         "QuantLinear": ".quant",
         "check_quantize": ".quant:check_mode",
+        "check_quantize_device": ".quant:check_device",
         "quantize_linears": ".quant",
         "weight_bytes": ".quant",
     },

@@ -40,7 +40,9 @@ class MultiLoRAContext:
         """Set the slot map (tensor or list of ints, or None for no single-adapter rows) and
         the row mixtures."""
         self._plans = {}
-        self._slots = None if slots is None else torch.as_tensor(slots, dtype=torch.long)
+        if slots is not None and not isinstance(slots, Tensor):  # a host list: a host tensor
+            slots = torch.tensor(list(slots), dtype=torch.long, device="cpu")
+        self._slots = None if slots is None else slots.long()  # moved per device in _build
         self._mixtures = tuple(mixtures or ())
 
     def clear(self) -> None:

@@ -111,14 +111,15 @@ def expand(mixtures: Sequence[RowMixture], n_units: int, per_unit: int, device) 
         rows.append(mix_rows.repeat(k))  # [K*n], candidate-major
         slot_t = torch.tensor(mix.slots, dtype=torch.long, device=device)  # [K]
         slots.append(slot_t.repeat_interleave(n))  # [K*n]
-        w = torch.tensor(mix.weights or [0.0] * k, dtype=torch.float64)  # [K], on the CPU
+        # [K], on the CPU: cast once per step to the rows' dtype and device (MixturePlan.fixed)
+        w = torch.tensor(mix.weights or [0.0] * k, dtype=torch.float64, device="cpu")
         fixed.append(w.repeat_interleave(n))  # [K*n]
         count += k * n
     empty = torch.zeros(0, dtype=torch.long, device=device)
     return Entries(
         torch.cat(rows) if rows else empty,
         torch.cat(slots) if slots else empty,
-        torch.cat(fixed) if fixed else torch.zeros(0, dtype=torch.float64),
+        torch.cat(fixed) if fixed else torch.zeros(0, dtype=torch.float64, device="cpu"),
         tuple(gated),
         tuple(direct),
         top,

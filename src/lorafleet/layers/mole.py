@@ -94,7 +94,9 @@ class MoleGates(nn.Module):
             return None
         if len(dropped) >= self.n_experts:
             raise ValueError("the mask drops every expert; keep at least one")
-        return torch.tensor([i not in dropped for i in range(self.n_experts)])
+        param = next(self.parameters(), None)  # made where the gates are (no copy per step)
+        where = param.device if param is not None else None
+        return torch.tensor([i not in dropped for i in range(self.n_experts)], device=where)
 
     def set_mask(self, dropped: Iterable[int]) -> None:
         """Drop these experts (indices) at inference; the rest are renormalised."""

@@ -170,6 +170,17 @@ def check_mode(mode: str | None) -> str:
     return mode
 
 
+def check_device(mode: str | None, device: torch.device | str) -> None:
+    """A one-line LorafleetError when `mode` quantises (int8 / int4) and `device` is not the
+    CPU: the kernels above are torch's CPU ones."""
+    mode, device = check_mode(mode), torch.device(device)
+    if mode != "none" and device.type != "cpu":
+        raise LorafleetError(
+            f"--quantize {mode} runs on torch's CPU kernels only, not on {device.type}: "
+            "use --device cpu, or --quantize none (--dtype bfloat16 halves the weights)"
+        )
+
+
 @torch.no_grad()
 def quantize_linears(model: nn.Module, mode: str | None) -> dict:
     """Replace the block linears of `model` (q/k/v/o, gate/up/down; also those wrapped as a

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lorafleet.errors import LorafleetError
 from lorafleet.models.cache import MARKER, converted_dir, quiet_transformers
+from lorafleet.models.device import DEVICES, resolve_device
 from lorafleet.models.fingerprint import fingerprint
 from lorafleet.models.sources import BaseSource, embedded_gguf_path, resolve_base
 from lorafleet.models.tiny_bases import build_tiny_base
@@ -101,12 +102,21 @@ def _from_dir(path: str | Path, dtype: torch.dtype, show_progress: bool = False)
     return model, tokenizer
 
 
-def load_base(name: str, *, dtype: str | torch.dtype = torch.float32, device: str = "cpu") -> Base:
+def load_base(
+    name: str,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Base:
     """Load an embedded model (`default`, `gemma-270m`, `qwen2.5-coder-0.5b`), a tiny random
     one (`tiny`, `tiny-qwen3`, ...: models/sources.TINY), a model dir, a .gguf file or a hub id,
-    in eval mode, with every weight in `dtype` (float32 or bfloat16; a name or a torch dtype)."""
+    in eval mode, with every weight in `dtype` (float32 or bfloat16; a name or a torch dtype),
+    on `device`: a `--device` name (auto | cpu | cuda: models/device.py; cuda without a GPU is
+    a one-line error before anything loads) or any torch device."""
     start = time.perf_counter()
     dtype = parse_dtype(dtype)
+    if isinstance(device, str) and device.strip().lower() in DEVICES:
+        device = resolve_device(device)
     source = resolve_base(name)
     from_cache = False
     try:

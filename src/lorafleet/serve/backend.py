@@ -11,6 +11,10 @@ from lorafleet.adapters import Adapter
 from lorafleet.serve.sequence import Mixture, SamplingParams, TokenEvent
 from lorafleet.serve.slot_table import AdapterSource
 
+# How the last event's `error` starts when the process serving the request died mid-way (a
+# Ray replica, serve/ray): the HTTP layer answers it 503 (retryable), not the caller's 400.
+REPLICA_FAILED = "replica failed"
+
 # What a request runs on: None (the base model), an adapter's name, or a mixture (a Mixture,
 # e.g. a MoLE's gated one, or (name, weight) pairs).
 AdapterSpec = str | Mixture | Iterable[tuple[str, float]] | None

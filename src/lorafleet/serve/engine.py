@@ -12,7 +12,13 @@ import torch
 
 from lorafleet.adapters import Adapter
 from lorafleet.errors import LorafleetError
-from lorafleet.layers import MultiLoRAModel, check_quantize, inject_multilora, quantize_linears
+from lorafleet.layers import (
+    MultiLoRAModel,
+    check_quantize,
+    check_quantize_device,
+    inject_multilora,
+    quantize_linears,
+)
 from lorafleet.models import Base, cast_parameters, parse_dtype
 from lorafleet.serve.fair_share import AdmissionPolicy
 from lorafleet.serve.grammar import GrammarCache, GrammarError
@@ -71,7 +77,12 @@ class Engine:
     the base's block linears by weight-only quantised ones (layers/quant.py; adapters stay in
     `dtype` beside them). Both stay after `close()`. `fuse` (default) computes each layer's
     q/k/v base products as one GEMM (layers/fused.py; the linears' weights become views of the
-    fused one); fuse=False calls every projection alone (benchmarks)."""
+    fused one); fuse=False calls every projection alone (benchmarks).
+
+    Device: the engine runs where the base's parameters are (load_base(device=...)): the KV
+    cache, adapter slots, step inputs and RNGs are made there; only host-side bookkeeping
+    (the slot map before each layer moves it, grammar bitmasks) is made on the CPU, on purpose
+    and explicitly (tests/serve/test_engine_device.py). A quantised base must be on the CPU."""
 
     def __init__(
         self,
@@ -93,6 +104,7 @@ class Engine:
         model, config = base.model, base.model.config
         cls = runner_class(model)  # refuse before the model is touched
         dtype, quantize = dtype and parse_dtype(dtype), check_quantize(quantize)
+        check_quantize_device(quantize, next(model.parameters()).device)
         max_pos = int(getattr(config, "max_position_embeddings", 2048))
         max_seq_len = min(2048, max_pos) if max_seq_len is None else max_seq_len
         for what, value, low in (

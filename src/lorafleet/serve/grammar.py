@@ -54,9 +54,15 @@ SUBSCHEMAS = {
 }
 # The engine's messages start with "[time] /path/file.cc:line: "; users need only the rest.
 ENGINE_PREFIX = re.compile(r"^\s*\[[^\]]*\]\s*\S+:\d+:\s*")
+# Bitmasks live on the CPU: the grammar engine (xgrammar) fills CPU int32 tensors; a step
+# moves them to the logits' device once (apply_masks). Made there explicitly, never on torch's
+# default device.
+HOST = torch.device("cpu")
 # Byte b of a bitmask -> the 8 tokens it covers: 0 where allowed, -inf where not.
 _BYTE_MASK = torch.where(
-    ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool(), 0.0, float("-inf")
+    ((torch.arange(256, device=HOST)[:, None] >> torch.arange(8, device=HOST)) & 1).bool(),
+    0.0,
+    float("-inf"),
 )  # [256, 8] float32
 
 
@@ -187,9 +193,10 @@ def _refusal(key: str, where: str) -> str:
 def pack_bits(allowed: torch.Tensor) -> torch.Tensor:
     """A bool [V] as a bitmask int32 [ceil(V / 32)]: bit t % 32 of word t // 32 = allowed[t]."""
     words = (allowed.numel() + 31) // 32
-    bits = torch.zeros(words * 32, dtype=torch.int64)
+    bits = torch.zeros(words * 32, dtype=torch.int64, device=allowed.device)
     bits[: allowed.numel()] = allowed.long()
-    packed = (bits.view(words, 32) << torch.arange(32)).sum(dim=1)  # [W], 0 .. 2**32 - 1
+    shifts = torch.arange(32, device=allowed.device)
+    packed = (bits.view(words, 32) << shifts).sum(dim=1)  # [W], 0 .. 2**32 - 1
     return (packed - (packed >= 2**31).long() * 2**32).to(torch.int32)  # two's complement
 
 
@@ -198,7 +205,7 @@ def keep_mask(decoded_vocab: Sequence[bytes], special: set[int], vocab_size: int
     0x20). JSON forbids those raw inside strings, and with no whitespace beyond spaces none is
     needed outside; the grammar engine's string rule lets some through, so they are masked
     here. Special tokens (EOS) stay. int32 bitmask [ceil(vocab_size / 32)]."""
-    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed = torch.ones(vocab_size, dtype=torch.bool, device=HOST)
     for i, token in enumerate(decoded_vocab[:vocab_size]):
         if i not in special and any(b < 0x20 for b in token):
             allowed[i] = False
@@ -234,7 +241,7 @@ class Matcher:
         return self._m.is_completed() and not self._more_than_stop()
 
     def _more_than_stop(self) -> bool:
-        mask = torch.zeros((1, (self.vocab_size + 31) // 32), dtype=torch.int32)
+        mask = torch.zeros((1, (self.vocab_size + 31) // 32), dtype=torch.int32, device=HOST)
         self.fill(mask, 0)
         allowed = _BYTE_MASK[mask.view(torch.uint8).long()].view(-1)[: self.vocab_size] == 0
         allowed[[t for t in self.stop_ids if 0 <= t < self.vocab_size]] = False  # [V] bool
@@ -311,7 +318,7 @@ def fill_masks(matchers: Sequence[Matcher]) -> torch.Tensor:
     """Each matcher's allowed next tokens: int32 [n, ceil(V / 32)] on the CPU, V being the
     matchers' vocabulary size (one engine's matchers share it)."""
     vocab_size = matchers[0].vocab_size
-    bitmask = torch.empty((len(matchers), (vocab_size + 31) // 32), dtype=torch.int32)
+    bitmask = torch.empty((len(matchers), (vocab_size + 31) // 32), dtype=torch.int32, device=HOST)
     for row, matcher in enumerate(matchers):
         matcher.fill(bitmask, row)
     return bitmask

@@ -49,7 +49,7 @@ def constrained(
     if not rows:
         return {}, None
     bitmask = fill_masks([seqs[i].grammar for i in rows])  # [r, W] int32
-    top = torch.tensor([best[i] for i in rows])  # [r]
+    top = torch.tensor([best[i] for i in rows], device=bitmask.device)  # [r], CPU as the masks
     words = bitmask.gather(1, (top // 32).clamp(max=bitmask.shape[1] - 1)[:, None])[:, 0]
     fits = ((words >> (top % 32)) & 1).bool() & (top < 32 * bitmask.shape[1])  # [r]
     need = [j for j, i in enumerate(rows) if not (seqs[i].params.greedy and fits[j])]

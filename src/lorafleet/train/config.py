@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lorafleet.adapters import METHODS, MethodConfig
 from lorafleet.errors import LorafleetError
+from lorafleet.models.device import check_device
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,14 @@ class TrainConfig:
     keep_checkpoints: int = 2
     chat: bool = True
     resume: bool = False
+    # auto | cpu | cuda (models/device.py): auto = CUDA when torch sees a GPU, as before the
+    # option; under torchrun, cuda is each process's LOCAL_RANK GPU (train/distributed.py).
+    device: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.out = Path(self.out)
+        self.device = check_device(self.device)
         if self.method not in METHODS:
             raise LorafleetError(f"unknown --method {self.method!r}: use {', '.join(METHODS)}")
         if self.steps is None and self.epochs is None:

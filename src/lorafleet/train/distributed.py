@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lorafleet.models.device import resolve_device
+
 
 @dataclass
 class Distributed:
@@ -20,9 +22,12 @@ class Distributed:
     device: torch.device = torch.device("cpu")
 
     @classmethod
-    def from_env(cls) -> Distributed:
+    def from_env(cls, device: str = "auto") -> Distributed:
+        """This process's place in a torchrun / accelerate run (WORLD_SIZE, LOCAL_RANK), on
+        `device` (auto | cpu | cuda, models/device.py): cuda is GPU LOCAL_RANK and nccl; cpu
+        is gloo; cuda without a GPU is a one-line LorafleetError."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if torch.cuda.is_available():
+        if resolve_device(device).type == "cuda":
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)

@@ -84,7 +84,7 @@ class Trainer:
         self.model_builder = model_builder
         self.on_step = on_step
         self.stop_signal: int | None = None
-        self.dist = Distributed.from_env()
+        self.dist = Distributed.from_env(cfg.device)
 
     # --- setup: the recipe, top to bottom -------------------------------------------------
     def setup(self) -> None:

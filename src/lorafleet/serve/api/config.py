@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorafleet.errors import LorafleetError
+from lorafleet.models.device import check_device
 
 
 @dataclass
@@ -74,3 +75,10 @@ class EngineSettings:
     # Admission order under contention (serve/fair_share.py): "fair" shares tokens evenly
     # between tenants (adapters when auth is off); "fcfs" is first come, first served.
     schedule: str = "fair"
+    # Where the model (and so every tensor of the engine) lives: auto | cpu | cuda
+    # (models/device.py; auto = a CUDA GPU when torch sees one). Checked here, resolved when
+    # the base loads; a Ray replica asks for a GPU when it resolves to cuda (serve/placement.py).
+    device: str = "auto"
+
+    def __post_init__(self):
+        self.device = check_device(self.device)

@@ -18,7 +18,7 @@ from lorafleet.serve.api.errors import APIError
 from lorafleet.serve.api.limits import Lease, Refused
 from lorafleet.serve.api.recording import RequestRecord
 from lorafleet.serve.api.state import ServerState
-from lorafleet.serve.backend import AdapterSpec
+from lorafleet.serve.backend import REPLICA_FAILED, AdapterSpec
 from lorafleet.serve.grammar import GrammarSpec
 from lorafleet.serve.sequence import SamplingParams, TokenEvent
 
@@ -161,6 +161,8 @@ def failure(stream: Stream) -> APIError:
     if stream.retry_after is not None:
         retry = {"Retry-After": str(stream.retry_after)}
         return APIError(503, message, code="draining", headers=retry)
+    if message.startswith(REPLICA_FAILED):  # the replica serving it died (serve/ray)
+        return APIError(503, message, code="replica_failed", headers={"Retry-After": "1"})
     status = 500 if "forward pass failed" in message else 400
     return APIError(status, message, code="request_failed")
 

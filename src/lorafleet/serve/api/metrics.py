@@ -47,11 +47,14 @@ class _EngineCollector:
         ):
             if stats.get(key) is not None:
                 yield GaugeMetricFamily(name, doc, value=stats[key])
+        if stats.get("replicas") is not None:  # a backend of replicas (serve/ray): each one
+            yield from _replica_metrics(stats["replicas"])
         if self.registry is None:
             return
         if self.registry.can_merge:
             yield from _merge_cache_metrics(self.registry.merged.stats())
-        reg = self.registry.stats()
+        # A backend of replicas reports their registries' counters, summed (serve/ray).
+        reg = {**self.registry.stats(), **stats.get("registry", {})}
         yield GaugeMetricFamily(
             "lorafleet_adapter_cpu_cache_mb",
             "CPU adapter cache size (MB).",
@@ -69,6 +72,21 @@ class _EngineCollector:
             ("evictions_cpu", "Adapters evicted from the CPU cache."),
         ):
             yield CounterMetricFamily(f"lorafleet_adapter_cache_{key}", doc, value=reg.get(key, 0))
+
+
+def _replica_metrics(rows: list[dict]):
+    """Per replica of a backend of replicas (serve/ray/wire.sum_stats): how many are live,
+    and each one's adapter loads (adapters put in its slots), requests and running ones."""
+    yield GaugeMetricFamily("lorafleet_replicas", "Live replicas.", value=len(rows))
+    for key, kind, doc in (
+        ("adapter_loads", CounterMetricFamily, "Adapters put in a replica's slots."),
+        ("requests", CounterMetricFamily, "Requests a replica got."),
+        ("running", GaugeMetricFamily, "Requests decoding on a replica now."),
+    ):
+        family = kind(f"lorafleet_replica_{key}", doc, labels=["replica", "pid"])
+        for row in rows:
+            family.add_metric([str(row["replica"]), str(row["pid"])], row.get(key) or 0)
+        yield family
 
 
 def _tier_metrics(registry: AdapterRegistry, reg: dict):

@@ -166,7 +166,9 @@ class ModelRunner:
         return StepInputs(
             input_ids=torch.tensor(ids, **as_long),
             positions=torch.tensor(positions, **as_long),
-            row_slots=torch.tensor(slots, dtype=torch.long),  # the context moves it per device
+            # On the CPU on purpose: `.any()` below costs no device sync, and the context
+            # moves it to each layer's device once per step (layers/linear.py).
+            row_slots=torch.tensor(slots, dtype=torch.long, device="cpu"),
             prefill=segments,
             n_prefill_rows=n_prefill,
             decode_slots=torch.tensor(kv_slots, **as_long),

@@ -25,6 +25,7 @@ def test_two_minute_soak_on_the_tiny_model_passes(run_cli, tmp_path):
         *("--concurrency", "3", "--adapters", "4", "--slots", "2", "--threads", "1"),
         *("--max-rss-growth", "0.03", "--json", out),
     )
+    assert out.exists(), stdout  # the soak itself failed (e.g. the server never started)
     figures = json.loads(out.read_text())
     assert code == 0, stdout
     assert figures["passed"] and all(c["ok"] for c in figures["checks"].values())

@@ -179,14 +179,17 @@ def test_preemption_gives_a_newcomer_a_slot_and_never_thrashes():
     (b,) = sim.add("B", max_tokens=20)
     batch = sim.step()
     assert [s.request_id for s in batch.prefill] == [b]  # at once, not after A's 20 tokens
+    assert batch.decode == []  # its prefill runs alone: A's rows wait this one step
     assert sim.sched.preemptions == 1
     victim = sim.seqs[a[3]]  # A's most recently admitted
     assert victim.status is Status.WAITING and victim.kv_slot is None and victim.num_cached == 0
     assert list(sim.sched.waiting)[0] is victim  # back at its arrival place
     assert len(victim.generated) == 2  # what it generated stays
-    # A second B request: B holds 1, A 3 -> one more of A's slots (an even split) ...
+    # A second B request: B holds 1, A 3 -> one more of A's slots (an even split) once A's
+    # counter is back above B's (A's rows skipped the prefill-only step, so were not charged) ...
     sim.add("B", max_tokens=20)
-    sim.step()
+    for _ in range(3):
+        sim.step()
     assert sim.sched.preemptions == 2
     # ... but a third does not preempt again (2 vs 2), and the A/B split stays.
     sim.add("B", max_tokens=20)

@@ -13,6 +13,7 @@ from grammar_schemas import LONG, SCHEMAS
 from lorafleet.errors import LorafleetError
 from lorafleet.serve import SamplingParams
 from lorafleet.serve.grammar import GrammarError, GrammarSpec, apply_masks
+from lorafleet.serve.sequence import is_internal
 
 PROMPT = "Answer in JSON:"
 
@@ -129,6 +130,55 @@ def test_the_engine_fails_only_the_row_whose_schema_it_cannot_compile(make_engin
     )
     assert outs[0].finish_reason == "error" and "minimum greater than maximum" in outs[0].error
     assert outs[1].finish_reason in ("stop", "length")
+
+
+class Broken:
+    """A row's matcher whose grammar engine raises in `where` ("fill": its token mask,
+    "advance": taking the sampled token), as an xgrammar bug would."""
+
+    def __init__(self, real, where: str):
+        self.real, self.where = real, where
+        self.vocab_size, self.stop_ids = real.vocab_size, real.stop_ids
+
+    def fill(self, bitmask, row: int) -> None:
+        if self.where == "fill":
+            raise RuntimeError("the grammar engine broke filling the mask\nat some/file.cc:12")
+        self.real.fill(bitmask, row)
+
+    def advance(self, token: int) -> bool:
+        if self.where == "advance":
+            raise RuntimeError("the grammar engine broke taking a token")
+        return self.real.advance(token)
+
+
+def test_a_grammar_engine_failure_fails_its_row_alone(make_engine, monkeypatch):
+    """A matcher that raises while its mask is filled or its token taken fails that row with
+    an internal error (the HTTP layer's 500); the other rows, constrained or free, run on and
+    the engine keeps stepping."""
+    free = [("Tell me a joke", "lora4", SamplingParams(max_tokens=10, ignore_eos=True))]
+    alone = make_engine().generate(free)[0].token_ids
+    engine = make_engine()
+    real = engine.grammars.matcher
+    breaks = {spec("enum"): "fill", spec("array"): "advance"}
+    monkeypatch.setattr(
+        engine.grammars,
+        "matcher",
+        lambda s: Broken(real(s), breaks[s]) if s in breaks else real(s),
+    )
+    rows = [
+        (PROMPT, None, constrained("enum")),
+        (PROMPT, "lora4", constrained("array", seed=5)),
+        (PROMPT, "attn2", constrained("nested")),
+    ]
+    for _ in range(2):  # the engine is not stuck after the failures: a second batch runs
+        outs = engine.generate(rows + free)
+        for out, where in zip(outs[:2], ["filling the mask", "taking a token"], strict=True):
+            assert out.finish_reason == "error" and is_internal(out.error), out.error
+            assert where in out.error and "file.cc" not in out.error  # one line
+        assert outs[2].finish_reason == "stop", outs[2].error
+        jsonschema.validate(json.loads(outs[2].text), SCHEMAS["nested"])
+        assert outs[3].token_ids == alone
+    assert engine.stats()["running"] == engine.stats()["kv_used_slots"] == 0
 
 
 def test_apply_masks_matches_the_bits():

@@ -563,22 +563,38 @@ def _by_op(results: list[Result]) -> dict:
     return out
 
 
-def _remote_adapters(url: str, key: str | None) -> list[str]:
+def _get(url: str, path: str, key: str | None):
+    """GET url + path with `key`; a one-line LorafleetError when the server cannot be reached."""
     import httpx
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    data = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"]
-    names = [m["id"] for m in data if m.get("parent")]
+    try:
+        return httpx.get(url + path, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise LorafleetError(f"--url {url}: cannot reach it ({type(exc).__name__})") from None
+
+
+def _models(url: str, key: str | None) -> list[dict]:
+    """GET /v1/models' entries ([] for any other answer: the caller names what is missing)."""
+    r = _get(url, "/v1/models", key)
+    try:
+        return r.json()["data"] if r.status_code == 200 else []
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
+def _remote_adapters(url: str, key: str | None) -> list[str]:
+    names = [m["id"] for m in _models(url, key) if m.get("parent")]
     if len(names) < 2:
-        raise LorafleetError(f"{url} serves {len(names)} adapter(s); the soak mixes two")
+        raise LorafleetError(
+            f"{url} serves {len(names)} adapter(s) to this key; the soak mixes two "
+            "(check --url and --api-key)"
+        )
     return names
 
 
 def _check_metrics(url: str, key: str | None) -> None:
-    import httpx
-
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    r = httpx.get(url + "/metrics", headers=headers, timeout=30)
+    r = _get(url, "/metrics", key)
     if r.status_code != 200:
         raise LorafleetError(f"{url}/metrics answered {r.status_code}: pass --admin-key")
     if "process_resident_memory_bytes" not in r.text:
@@ -586,8 +602,7 @@ def _check_metrics(url: str, key: str | None) -> None:
 
 
 def _remote_base(url: str, key: str | None) -> str:
-    import httpx
-
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    data = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"]
-    return next(m["id"] for m in data if not m.get("parent"))
+    base = next((m["id"] for m in _models(url, key) if not m.get("parent")), None)
+    if base is None:
+        raise LorafleetError(f"{url}/v1/models lists no base model")
+    return base

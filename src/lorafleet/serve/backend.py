@@ -69,7 +69,8 @@ class ServingBackend(Protocol):
         """Queue a request and return its id at once. `on_token` gets its events, on the
         backend's thread, in order: one per generated token, and a last one with
         finished=True (finish_reason "stop", "length", "cancelled" or "error" with `error`
-        set). A bad mixture raises a one-line LorafleetError; a bad prompt or an adapter that
+        set; marked by sequence.internal_error when the backend failed, not the request). A
+        bad mixture raises a one-line LorafleetError; a bad prompt or an adapter that
         cannot be served fails this request alone (its last event says why). Every adapter
         of the request stays resident while it runs. `tenant` names the client whose fair
         share of tokens the request counts against under contention (the API key's tenant;

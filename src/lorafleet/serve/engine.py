@@ -40,6 +40,7 @@ from lorafleet.serve.sequence import (
     Sequence,
     Status,
     TokenEvent,
+    internal_error,
     prompt_problem,
     resolve_adapter,
 )
@@ -416,19 +417,32 @@ class Engine:
             logits = self.runner.run(prefill, decode)  # [B, vocab]
         except Exception as exc:  # a failed forward fails its batch, never the engine
             log.exception("engine forward failed")
-            for seq in seqs:
-                self._fail(seq, f"the forward pass failed: {type(exc).__name__}: {exc}")
+            self._fail_all(seqs, "the forward pass failed", exc)
             return
         logits, extra = logits[: len(seqs)], logits[len(seqs) :]  # extra: prompt positions
-        tokens = sample(logits, seqs, self.generator)
-        logprobs = sampled_logprobs(logits, seqs, tokens)
-        self._prompt_logprobs(prefill, extra)
+        broken: dict[int, str] = {}  # rows whose grammar engine failed: they alone fail
+        try:
+            tokens = sample(logits, seqs, self.generator, broken)
+            logprobs = sampled_logprobs(logits, seqs, tokens)
+            self._prompt_logprobs(prefill, extra)
+        except Exception as exc:  # a sampling bug fails its batch, never every later step
+            log.exception("engine sampling failed")
+            self._fail_all(seqs, "sampling failed", exc)
+            return
         self.steps += 1
         self.peak_running = max(self.peak_running, len(seqs))
-        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
-            if not seq.finished:  # an on_token callback may have cancelled it meanwhile
+        for i, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
+            if i in broken:
+                log.error("request %s: structured output failed: %s", seq.request_id, broken[i])
+                self._fail(seq, internal_error(f"structured output failed: {broken[i]}"))
+            elif not seq.finished:  # an on_token callback may have cancelled it meanwhile
                 seq.num_cached = seq.num_tokens  # the prompt, or one more token, is now cached
                 self._append(seq, token, logprob)
+
+    def _fail_all(self, seqs: list[Sequence], what: str, exc: Exception) -> None:
+        """Fail a batch the server could not run (an internal error: HTTP 500)."""
+        for seq in seqs:
+            self._fail(seq, internal_error(f"{what}: {type(exc).__name__}: {exc}"))
 
     def _start_grammar(self, seq: Sequence) -> bool:
         """Give a sequence whose params ask for a grammar its matcher (compiled on the engine's
@@ -439,6 +453,11 @@ class Engine:
             seq.grammar = self.grammars.matcher(seq.params.grammar)
         except LorafleetError as exc:
             self._fail(seq, str(exc))
+            return False
+        except Exception as exc:  # the grammar engine's own failure (e.g. on this tokenizer)
+            log.exception("structured output setup failed")  # fails this row, not every step
+            message = f"structured output failed: {type(exc).__name__}: {exc}"
+            self._fail(seq, internal_error(message))
             return False
         return True
 
@@ -461,6 +480,10 @@ class Engine:
             reason = advance(seq, token, self.eos_ids, self._decode, self.max_seq_len)
         except GrammarError as exc:  # its grammar refused the token: this row alone fails
             self._fail(seq, str(exc))
+            return
+        except Exception as exc:  # the grammar engine's (or tokenizer's) own failure: this row
+            log.exception("request %s: taking its token failed", seq.request_id)
+            self._fail(seq, internal_error(f"taking a token failed: {type(exc).__name__}: {exc}"))
             return
         self.generated_tokens += 1
         if reason is not None:
@@ -497,7 +520,8 @@ class Engine:
         except Exception as exc:  # a broken callback fails its own request only
             log.exception("on_token callback of request %s failed", seq.request_id)
             if not seq.finished:
-                self._fail(seq, f"on_token callback failed: {type(exc).__name__}: {exc}")
+                message = f"on_token callback failed: {type(exc).__name__}: {exc}"
+                self._fail(seq, internal_error(message))
 
     def _finish(
         self, seq: Sequence, reason: str, token: int | None = None, error: str | None = None

@@ -314,13 +314,23 @@ class GrammarCache:
         return Matcher(xgr.GrammarMatcher(compiled), self.stop_ids, self.vocab_size, self._keep)
 
 
-def fill_masks(matchers: Sequence[Matcher]) -> torch.Tensor:
+def fill_masks(matchers: Sequence[Matcher], failed: dict[int, str] | None = None) -> torch.Tensor:
     """Each matcher's allowed next tokens: int32 [n, ceil(V / 32)] on the CPU, V being the
-    matchers' vocabulary size (one engine's matchers share it)."""
+    matchers' vocabulary size (one engine's matchers share it).
+
+    A matcher that raises (the grammar engine's own failure): with `failed`, its row allows
+    every token and failed[row] is the error as one line (the caller fails that row alone);
+    without, the error propagates."""
     vocab_size = matchers[0].vocab_size
     bitmask = torch.empty((len(matchers), (vocab_size + 31) // 32), dtype=torch.int32, device=HOST)
     for row, matcher in enumerate(matchers):
-        matcher.fill(bitmask, row)
+        try:
+            matcher.fill(bitmask, row)
+        except Exception as exc:
+            if failed is None:
+                raise
+            bitmask[row] = -1  # every bit set: the row is failed, its mask must not matter
+            failed[row] = f"{type(exc).__name__}: {engine_message(exc)}"
     return bitmask
 
 

@@ -5,7 +5,6 @@ their own (never on the engine's step nor the HTTP event loop), once each; and w
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 from lorafleet.adapters.format import CONFIG_NAME
 from lorafleet.adapters.hub import HubRef, fetch_adapter, not_found_hint, parse_hub_ref
 from lorafleet.errors import LorafleetError
+from lorafleet.serve.adapter_store import Failures
 
 
 class HubAdapters:
@@ -38,7 +38,7 @@ class HubAdapters:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lorafleet-hub")
         self._jobs: dict[str, Future] = {}
-        self._failed: dict[str, tuple[str, float]] = {}
+        self._failed = Failures(failure_ttl_s)  # reasons, kept failure_ttl_s seconds
 
     def claims(self, name) -> bool:
         """True when `name` is a hub id (`org/name[@revision]`)."""
@@ -61,12 +61,11 @@ class HubAdapters:
         if local is not None:
             return local, None
         with self._lock:
-            failed = self._failed.get(name)
-            if failed is not None and time.monotonic() - failed[1] < self.failure_ttl_s:
-                return None, failed[0]
+            failed = self._failed.get(name, None)  # None once expired
+            if failed is not None:
+                return None, failed
             job = self._jobs.get(name)
             if job is None:
-                self._failed.pop(name, None)
                 self._jobs[name] = self._pool.submit(self._fetch, ref)
                 return None, None
             if not job.done():
@@ -78,8 +77,7 @@ class HubAdapters:
                 reason = str(exc)
             except Exception as exc:  # a fetch bug fails this adapter, not the server
                 reason = f"hub adapter {ref}: {type(exc).__name__}: {exc}"
-            self._failed[name] = (reason, time.monotonic())
-            return None, reason
+            return None, self._failed.remember(name, reason, None)
 
     def close(self) -> None:
         """Stop the fetch thread; a fetch in flight is not waited for."""

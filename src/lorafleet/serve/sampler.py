@@ -37,22 +37,31 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
 
 
 def constrained(
-    logits: Tensor, seqs: list[Sequence], best: list[int]
+    logits: Tensor, seqs: list[Sequence], best: list[int], failed: dict[int, str] | None = None
 ) -> tuple[dict[int, int], Tensor | None]:
     """Apply the grammar rows' token masks: ({batch row: row of `masked`}, masked) where
     `masked` [m, V] float32 is a copy of those rows with their disallowed tokens at -inf
     (`logits` is unchanged), or ({}, None) when no row needs one. `best` is each row's argmax.
 
     Only rows with a grammar pay for masks, and a greedy one only when its best token is not
-    allowed (else the masked argmax is that same token): its mask bits are read, not applied."""
+    allowed (else the masked argmax is that same token): its mask bits are read, not applied.
+    A row whose grammar engine raises goes unmasked, with the error in failed[batch row]
+    (fill_masks; without `failed` the error propagates)."""
     rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
     if not rows:
         return {}, None
-    bitmask = fill_masks([seqs[i].grammar for i in rows])  # [r, W] int32
+    broken: dict[int, str] | None = {} if failed is not None else None
+    bitmask = fill_masks([seqs[i].grammar for i in rows], broken)  # [r, W] int32
+    for j, reason in (broken or {}).items():
+        failed[rows[j]] = reason
     top = torch.tensor([best[i] for i in rows], device=bitmask.device)  # [r], CPU as the masks
     words = bitmask.gather(1, (top // 32).clamp(max=bitmask.shape[1] - 1)[:, None])[:, 0]
     fits = ((words >> (top % 32)) & 1).bool() & (top < 32 * bitmask.shape[1])  # [r]
-    need = [j for j, i in enumerate(rows) if not (seqs[i].params.greedy and fits[j])]
+    need = [
+        j
+        for j, i in enumerate(rows)
+        if not (seqs[i].params.greedy and fits[j]) and not (broken and j in broken)
+    ]
     if not need:
         return {}, None
     picked = [rows[j] for j in need]
@@ -61,13 +70,20 @@ def constrained(
     return {i: k for k, i in enumerate(picked)}, masked
 
 
-def sample(logits: Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> list[int]:
+def sample(
+    logits: Tensor,
+    seqs: list[Sequence],
+    generator: torch.Generator | None,
+    failed: dict[int, str] | None = None,
+) -> list[int]:
     """One token per row of logits [B, V]: argmax for greedy sequences, else a draw from the
     filtered distribution with the sequence's own generator (seeded) or `generator`. A row
     with a grammar picks among the tokens its grammar allows; the other rows' tokens do not
-    depend on it (their logits are not touched)."""
+    depend on it (their logits are not touched). With `failed`, a row whose grammar engine
+    raises gets an unconstrained token and failed[row] the error (one line): the caller fails
+    that row alone; without, the error propagates."""
     tokens = logits.argmax(dim=-1).tolist()  # [B]
-    where, masked = constrained(logits, seqs, tokens)
+    where, masked = constrained(logits, seqs, tokens, failed)
     if masked is not None:
         best = masked.argmax(dim=-1).tolist()
         for i, k in where.items():

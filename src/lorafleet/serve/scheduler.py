@@ -50,7 +50,9 @@ class Scheduler:
     that one frees its KV slot and waits again; when admitted again it re-prefills its prompt
     and the tokens it generated, so only sequences of at most `max_batch_tokens` tokens are
     offered); else its client's requests wait and the next pick is tried (only a preemption
-    can admit while no slot is free, so first come first served admits nothing more). The
+    can admit while no slot is free, so first come first served admits nothing more). A step
+    that preempted prefills only (its running rows skip that one step's decode): the admitted
+    client's first token then waits for a prefill-only forward, not a full batch. The
     engine rejects prompts longer than the budget when they are added, so every waiting
     request fits an empty step."""
 
@@ -85,6 +87,7 @@ class Scheduler:
             s for s in self.waiting if all(self.gate.adapter_ready(n) for n in s.adapters)
         ]
         admitted: list[Sequence] = []
+        preempted = False
         while candidates:
             seq = self.policy.pick(candidates)
             if seq.num_tokens > budget:
@@ -105,6 +108,7 @@ class Scheduler:
                     candidates = [s for s in candidates if client_of(s) != client]
                     continue
                 self._preempt(victim)
+                preempted = True
             budget -= seq.num_tokens
             self._admit(seq)
             admitted.append(seq)
@@ -112,6 +116,11 @@ class Scheduler:
         # Decode rows in KV-slot order: slots are handed out lowest first, so they often form a
         # contiguous range that attention reads as a view of the cache instead of a gather.
         decode = sorted((s for s in self.running if id(s) not in fresh), key=lambda s: s.kv_slot)
+        if preempted:
+            # A preemption admits a client that was held out of a full batch: its prefill runs
+            # alone this step (the decode rows wait one step), so its first token comes after
+            # a short prefill-only forward, not after a full batch's decode as well.
+            decode = []
         # Punica's layout: rows of one adapter contiguous, so the multi-LoRA layers take the
         # segmented path without a gather (sorted() is stable: admission order within an adapter).
         batch = Batch(prefill=sorted(admitted, key=lambda s: s.lora_slot), decode=decode)

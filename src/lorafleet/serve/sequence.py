@@ -13,6 +13,9 @@ from lorafleet.errors import LorafleetError
 from lorafleet.serve.grammar import GrammarSpec, Matcher
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# An error's message starts with this when the server failed the request (its forward pass, the
+# grammar engine, a bug), not the request itself: the HTTP layer answers 500, not 400.
+INTERNAL_ERROR = "internal error: "
 MAX_LOGPROBS = 20  # the most top alternatives a request may ask per token (OpenAI's limit)
 # Below this temperature sampling is greedy (vLLM's cut-off too): logits / 1e-45 overflow float32
 # to inf and the softmax gives NaN, and the limit of sampling as temperature -> 0 is the argmax.
@@ -164,6 +167,16 @@ def prompt_problem(
     if len(ids) > max_batch_tokens:
         return f"the prompt has {len(ids)} tokens; max_batch_tokens is {max_batch_tokens}"
     return None
+
+
+def internal_error(message: str) -> str:
+    """`message` marked as the server's own failure (INTERNAL_ERROR; is_internal)."""
+    return message if is_internal(message) else INTERNAL_ERROR + message
+
+
+def is_internal(error: str | None) -> bool:
+    """True for an error message marked by internal_error: the server failed, not the request."""
+    return bool(error) and error.startswith(INTERNAL_ERROR)
 
 
 class Status(enum.Enum):

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 from peft import LoraConfig
 from serve_helpers import TARGETS, peft_adapter, tiny_base
@@ -69,6 +70,20 @@ def start(
         classifier,
     )
     return ServerThread(state).start()
+
+
+def sse_data_lines(url: str, body: dict, on_line=None) -> list[str]:
+    """The `data:` lines of a streamed POST /v1/completions (answered 200), in order;
+    `on_line(n)` is called after the n-th one (e.g. to signal the server mid-stream)."""
+    lines = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                lines.append(line)
+                if on_line is not None:
+                    on_line(len(lines))
+    return lines
 
 
 @pytest.fixture(scope="module")

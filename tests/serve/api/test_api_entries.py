@@ -10,6 +10,8 @@ import io
 import os
 import re
 import shutil
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -240,3 +242,37 @@ def test_rescans_break_and_fix_entries(srv, entries, tmp_path, caplog):
     assert complete(srv, "beta").status_code == 200
     count, labelled = unavailable_metrics(srv)
     assert count == len(BROKEN) - 1 and "beta" not in labelled and "calib-broken" not in labelled
+
+
+def test_entry_checks_and_rescans_run_off_the_event_loop(srv, monkeypatch):
+    """Re-checking a named entry (which may load a MoLE or LoC model from disk) and the rescan
+    behind a listing run on worker threads: the server answers other requests meanwhile."""
+    reg, inside = srv.state.registry, threading.Event()
+
+    def slow(real):
+        def run(*args, **kw):
+            inside.set()
+            time.sleep(2.0)  # a big model's load
+            return real(*args, **kw)
+
+        return run
+
+    monkeypatch.setattr(reg, "refresh", slow(reg.refresh))
+    monkeypatch.setattr(reg, "rescan", slow(reg.rescan))
+    chat = {"model": "moe", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    for send in (
+        lambda: complete(srv, "moe"),
+        lambda: call(srv, "POST", "/v1/chat/completions", json=chat),
+        lambda: edit(srv, "loc-good"),
+        lambda: call(srv, "GET", "/v1/models"),
+    ):
+        inside.clear()
+        got = {}
+        worker = threading.Thread(target=lambda send=send, got=got: got.update(r=send()))
+        worker.start()
+        assert inside.wait(60)
+        began = time.monotonic()
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
+        assert time.monotonic() - began < 1.0  # not behind the 2 s check
+        worker.join(60)
+        assert got["r"].status_code == 200, got["r"].text

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import SETTINGS, start
+from conftest import SETTINGS, sse_data_lines, start
 
 from lorafleet.serve.api.server import free_port
 
@@ -150,26 +150,34 @@ def test_client_disconnect_cancels_and_frees_kv(server):
     assert engine.stats()["generated_tokens"] > 0
 
 
-def _sse_lines(url: str, body: dict, on_line=None) -> list[str]:
-    lines = []
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data:"):
-                lines.append(line)
-                if on_line is not None:
-                    on_line(len(lines))
-    return lines
+# `lorafleet serve ARGS` with every engine step made at least STEP_S slower (the model is
+# tiny): a request of N tokens then runs for at least N * STEP_S seconds, however fast the CPU.
+STEP_S = 0.01
+SLOW_SERVE = """
+import sys, time
+from lorafleet.serve.engine import Engine
+from lorafleet.cli import main
+step = Engine.step
+def slow_step(self):
+    time.sleep(float(sys.argv[1]))
+    return step(self)
+Engine.step = slow_step
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 def test_sigterm_drains_finishes_in_flight_streams_and_cuts_the_rest(
     tiny_base_dir, adapters_dir, tmp_path
 ):
+    """The drain timeout (2 s) lets a short stream in flight finish (18 steps left) and cuts
+    the long ones (4 x 2000 tokens: 20 s at the least, on any CPU)."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable,
-        "-m",
-        "lorafleet.cli",
+        "-c",
+        SLOW_SERVE,
+        str(STEP_S),
         "serve",
         "--base",
         str(tiny_base_dir),
@@ -199,19 +207,19 @@ def test_sigterm_drains_finishes_in_flight_streams_and_cuts_the_rest(
                 tmp_path / "server.log"
             ).read_text()
             time.sleep(0.3)
-        # A long stream (4 x 2000 tokens) that the 2 s drain timeout cuts ...
+        # A long stream (4 x 2000 tokens, >= 20 s) that the 2 s drain timeout cuts ...
         long = {"model": "beta", "prompt": "Hi", "max_tokens": 2000, "n": 4, "stream": True}
         long_lines, started = [], threading.Event()
 
         def read_long() -> None:
             body = {**long, "ignore_eos": True, "temperature": 0}
-            long_lines.extend(_sse_lines(url, body, lambda n: n == 1 and started.set()))
+            long_lines.extend(sse_data_lines(url, body, lambda n: n == 1 and started.set()))
 
         reader = threading.Thread(target=read_long)
         reader.start()
         assert started.wait(60)
         # ... and a short one in flight when SIGTERM comes, which finishes.
-        body = {"model": "alpha", "prompt": "Hello", "max_tokens": 40, "temperature": 0}
+        body = {"model": "alpha", "prompt": "Hello", "max_tokens": 20, "temperature": 0}
         refused = []
 
         def on_line(n: int) -> None:
@@ -222,7 +230,7 @@ def test_sigterm_drains_finishes_in_flight_streams_and_cuts_the_rest(
                 new = httpx.post(url + "/v1/completions", json=body, timeout=10)
                 refused.extend([health, new])
 
-        lines = _sse_lines(url, {**body, "stream": True}, on_line)
+        lines = sse_data_lines(url, {**body, "stream": True}, on_line)
         assert lines[-1] == "data: [DONE]"
         text = "".join(lines)
         assert '"finish_reason":"length"' in text or '"finish_reason":"stop"' in text

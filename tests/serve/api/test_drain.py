@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+from conftest import sse_data_lines
 from serve_helpers import tiny_base
 
 from lorafleet.serve.api import AuthConfig, ServerConfig
@@ -47,18 +48,6 @@ def body(max_tokens: int, stream: bool = True) -> dict:
     }
 
 
-def data_lines(srv, payload: dict, on_line=None) -> list[str]:
-    lines = []
-    with httpx.stream("POST", srv.url + "/v1/completions", json=payload, timeout=60) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data:"):
-                lines.append(line)
-                if on_line is not None:
-                    on_line(len(lines))
-    return lines
-
-
 def assert_draining(srv) -> None:
     health = httpx.get(srv.url + "/health", timeout=10)
     assert health.status_code == 503 and health.json()["status"] == "draining"
@@ -81,7 +70,7 @@ def test_drain_refuses_new_requests_and_lets_in_flight_ones_finish(tokenizer, ad
                 srv.drain()
                 assert_draining(srv)
 
-        lines = data_lines(srv, body(100), on_line)
+        lines = sse_data_lines(srv.url, body(100), on_line)
         assert lines[-1] == "data: [DONE]"
         chunks = [json.loads(line[5:]) for line in lines[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
@@ -102,6 +91,12 @@ def test_drain_timeout_cuts_streams_with_an_error_event(tokenizer, adapters_dir)
 
         waiter = threading.Thread(target=non_streamed)
         waiter.start()
+        # It must be running when the drain starts (else it is refused, not cut, and the
+        # assertions below on the cut would hold for the wrong reason).
+        deadline = time.monotonic() + 30
+        while srv.state.backend.stats()["running"] < 1:
+            assert time.monotonic() < deadline, "the non-streamed request never started"
+            time.sleep(0.01)
         began = []
 
         def on_line(n: int) -> None:
@@ -109,7 +104,7 @@ def test_drain_timeout_cuts_streams_with_an_error_event(tokenizer, adapters_dir)
                 began.append(time.monotonic())
                 srv.drain()
 
-        lines = data_lines(srv, body(400), on_line)
+        lines = sse_data_lines(srv.url, body(400), on_line)
         waiter.join(30)
         assert time.monotonic() - began[0] < 10  # cut at the timeout, not after 400 steps
         assert lines[-1] == "data: [DONE]"  # the stream ends properly ...
@@ -121,6 +116,7 @@ def test_drain_timeout_cuts_streams_with_an_error_event(tokenizer, adapters_dir)
         r = plain["r"]  # the non-streamed request in flight: 503, OpenAI's shape
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "draining"
+        assert "drain timeout" in r.json()["error"]["message"]  # cut, not refused at the door
         srv.thread.join(20)
         assert not srv.thread.is_alive()
         stats = srv.state.backend.stats()

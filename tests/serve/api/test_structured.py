@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/serve: the shared sc
 from grammar_schemas import LONG, SCHEMAS  # noqa: E402
 
 from lorafleet.serve.api import structured  # noqa: E402
+from lorafleet.serve.api.errors import APIError  # noqa: E402
 from lorafleet.serve.api.openai_routes import chat_prompt_ids  # noqa: E402
 from lorafleet.serve.api.schemas import ChatCompletionRequest  # noqa: E402
 
@@ -193,6 +194,84 @@ def test_bad_schemas_get_a_400_naming_the_problem(server, fmt, message):
         assert "\n" not in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("fmt", "param"),
+    [
+        ({"type": "json_schema"}, "response_format.json_schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x"}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": None}},
+            "response_format.json_schema.schema",
+        ),
+    ],
+)
+def test_a_json_schema_without_its_schema_is_a_400_not_json_object(server, fmt, param):
+    """OpenAI refuses type json_schema without the schema; it is not served as json_object."""
+    for route, body in [
+        ("/v1/chat/completions", {"messages": ASK}),
+        ("/v1/completions", {"prompt": "Hi"}),
+    ]:
+        r = httpx.post(
+            f"{server.url}{route}",
+            json={"model": "alpha", "response_format": fmt, "max_tokens": 2, **body},
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (
+            error["param"] == param
+            and error["message"] == f"{param} is required when type is json_schema"
+        )
+
+
+class FailingMatcher:
+    """A matcher whose grammar engine raises (an xgrammar bug) when its mask is filled."""
+
+    def __init__(self, real):
+        self.vocab_size, self.stop_ids = real.vocab_size, real.stop_ids
+
+    def fill(self, bitmask, row: int) -> None:
+        raise RuntimeError("the grammar engine broke\nat some/file.cc:12")
+
+    def advance(self, token: int) -> bool:
+        raise AssertionError("never reached: its row failed at fill")
+
+
+def test_a_grammar_engine_failure_is_a_500_internal_error_not_a_400(server, monkeypatch):
+    """The server's own failure on a valid request is OpenAI's 500 (type server_error, code
+    internal_error, one line) on either route, streamed or not; the next request serves."""
+    grammars = server.state.backend.grammars
+    real = grammars.matcher
+    monkeypatch.setattr(grammars, "matcher", lambda spec: FailingMatcher(real(spec)))
+    ask = {
+        "model": "alpha",
+        "prompt": "Hi",
+        "max_tokens": 8,
+        "response_format": json_schema("enum"),
+    }
+    r = httpx.post(f"{server.url}/v1/completions", json=ask, timeout=60)
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    assert error["message"].startswith("internal error: structured output failed: RuntimeError")
+    assert "\n" not in error["message"] and "file.cc" not in error["message"]
+    chat = {
+        "model": "alpha",
+        "messages": ASK,
+        "max_tokens": 8,
+        "response_format": ask["response_format"],
+    }
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+    r = httpx.post(f"{server.url}/v1/completions", json={**ask, "stream": True}, timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+    monkeypatch.undo()
+    r = httpx.post(f"{server.url}/v1/completions", json=ask, timeout=60)
+    assert r.status_code == 200, r.text
+
+
 def test_tool_choice_required_and_named_give_tool_calls(client):
     kw = {"model": "alpha", "messages": ASK, "max_tokens": 80, "tools": [WEATHER, ADD]}
     for choice in ["required", {"type": "function", "function": {"name": "add"}}]:
@@ -281,6 +360,17 @@ def test_tools_reach_a_template_that_declares_them_and_a_forced_call_is_describe
     assert auto.mode == "auto" and auto.render
     text = with_tools.decode(chat_prompt_ids(with_tools, body.messages, auto))
     assert text.startswith("TOOL get_weather") and "You can call" not in text
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(tokenizer):
+    """A template's own refusal (Mistral's: roles must alternate) is the caller's one-line
+    400 naming it, not a 500."""
+    strict = copy.copy(tokenizer)
+    strict.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(APIError) as err:
+        chat_prompt_ids(strict, ChatCompletionRequest(model="m", messages=ASK).messages)
+    assert err.value.status == 400 and err.value.param == "messages"
+    assert "roles must alternate" in err.value.message and "\n" not in err.value.message
 
 
 def test_an_answer_is_a_tool_call_only_when_it_is_one():

@@ -12,13 +12,21 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
+import pytest
 from conftest import ADMIN, make_adapter, start
 
 from lorafleet.adapters import write_adapter
 from lorafleet.serve.api import AuthConfig
-from lorafleet.serve.api.admin_routes import UPLOAD_PREFIX, clean_stale_uploads
+from lorafleet.serve.api.admin_routes import (
+    PROCESS_START,
+    UPLOAD_PREFIX,
+    clean_stale_uploads,
+    process_start,
+    upload_owner,
+)
 from lorafleet.serve.api.server import free_port
 
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
@@ -97,7 +105,7 @@ def test_sigkill_mid_upload_leaves_nothing_served(
         log.close()
     # What a SIGKILL between writing an upload and renaming it into place leaves behind: a
     # complete, valid adapter in a temp dir of a process that is gone.
-    leftover = root / f"{UPLOAD_PREFIX}999999999-gamma2-x1y2"
+    leftover = root / f"{UPLOAD_PREFIX}999999999.1234-gamma2-x1y2"
     shutil.copytree(new, leftover)
     # The next start on the same directory.
     srv = start(tokenizer, root, AuthConfig.load(auth_file))
@@ -138,11 +146,36 @@ def test_sigkill_mid_upload_leaves_nothing_served(
 
 
 def test_clean_stale_uploads_keeps_live_ones(tmp_path):
-    mine = tmp_path / f"{UPLOAD_PREFIX}{os.getpid()}-a-xyz"  # this process: in progress
-    gone = tmp_path / f"{UPLOAD_PREFIX}999999999-b-xyz"
-    unnamed = tmp_path / f"{UPLOAD_PREFIX}c-xyz"  # no pid (an older server's)
-    adapter = tmp_path / "d"
-    for path in (mine, gone, unnamed, adapter):
+    pid, parent = os.getpid(), os.getppid()
+    mine = tmp_path / f"{UPLOAD_PREFIX}{upload_owner()}-a-xyz"  # this process: in progress
+    gone = tmp_path / f"{UPLOAD_PREFIX}999999999.1234-b-xyz"
+    unnamed = tmp_path / f"{UPLOAD_PREFIX}c-xyz"  # no pid
+    # A dead predecessor that had this process's PID (a restart as PID 1 in a container):
+    # its PID is alive, but it is this process now, started later.
+    before = tmp_path / f"{UPLOAD_PREFIX}{pid}.{PROCESS_START}0-e-xyz"
+    legacy = tmp_path / f"{UPLOAD_PREFIX}{pid}-f-xyz"  # an older server's name, this PID
+    stale = [gone, unnamed, before, legacy]
+    kept = [mine, tmp_path / "d"]  # d: an adapter, never touched
+    start = process_start(parent)
+    if start is not None:  # where /proc tells: another live process's upload stays, and a
+        kept.append(tmp_path / f"{UPLOAD_PREFIX}{parent}.{start}-g-xyz")  # PID reused is stale
+        stale.append(tmp_path / f"{UPLOAD_PREFIX}{parent}.{int(start) + 1}-h-xyz")
+    for path in stale + kept:
         path.mkdir()
-    assert sorted(clean_stale_uploads(tmp_path)) == sorted([gone, unnamed])
-    assert mine.exists() and adapter.exists() and not gone.exists() and not unnamed.exists()
+    assert sorted(clean_stale_uploads(tmp_path)) == sorted(stale)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc here")
+def test_process_start_reads_another_process_and_a_later_one_starts_later():
+    code = "import sys; print(open('/proc/self/stat').read(), flush=True); sys.stdin.read()"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        own = child.stdout.readline().rsplit(")", 1)[1].split()[19]  # field 22, its own view
+        assert process_start(child.pid) == own
+        assert int(own) >= int(PROCESS_START)  # ticks since boot: started after this process
+    finally:
+        child.communicate("")
+    assert process_start(999999999) is None

@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
@@ -23,9 +24,11 @@ from lorafleet.serve.api.state import ServerState, admin, state_of
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(admin)])
 UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# An upload is written to ADAPTERS_DIR/.upload-PID-NAME-XXXX, then renamed to NAME. A dot
-# name is never an adapter name, so such a dir is never served; one whose process is gone
-# (killed mid-upload) is removed at the next start (clean_stale_uploads).
+# An upload is written to ADAPTERS_DIR/.upload-PID.START-NAME-XXXX (START: when process PID
+# started, process_start), then renamed to NAME. A dot name is never an adapter name, so such a
+# dir is never served; one whose process is gone (killed mid-upload) is removed at the next
+# start (clean_stale_uploads). START tells a restarted server that got its dead predecessor's
+# PID (PID 1 in a container) from that predecessor.
 UPLOAD_PREFIX = ".upload-"
 
 
@@ -39,13 +42,51 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, as the kernel counts it (clock ticks since boot, field 22
+    of /proc/PID/stat): the same for a process's whole life, different for a later process
+    given the same PID. None where /proc cannot tell (not Linux, or no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 and fields[19].isdigit() else None
+
+
+# This process's start: /proc's where it tells (comparable with other processes'), else the
+# time this module was imported (then only this process's own uploads can be told apart).
+PROCESS_START = process_start(os.getpid()) or f"t{time.time_ns()}"
+
+
+def upload_owner() -> str:
+    """The PID.START part of this process's upload temp dir names."""
+    return f"{os.getpid()}.{PROCESS_START}"
+
+
+def _stale(owner: str) -> bool:
+    """True when the process that named an upload dir `owner` (PID.START) is gone: no such
+    PID, or that PID is now another process (a later start). An owner without START (an older
+    server's) is stale when its PID is gone or is this process's own."""
+    pid, _, start = owner.partition(".")
+    if not (pid.isdigit() and int(pid) > 0) or not _alive(int(pid)):
+        return True
+    if int(pid) == os.getpid():
+        return start != PROCESS_START
+    if not start:
+        return False
+    now = process_start(int(pid))
+    return now is not None and now != start
+
+
 def clean_stale_uploads(root: Path) -> list[Path]:
-    """Remove the upload temp dirs in `root` whose process is gone (or that name none);
-    returns them. A live process's upload in progress is left alone."""
+    """Remove the upload temp dirs in `root` whose process is gone (or that name none, or
+    whose PID another process has taken since); returns them. A live process's upload in
+    progress is left alone."""
     removed = []
     for path in root.glob(UPLOAD_PREFIX + "*"):
-        pid = path.name[len(UPLOAD_PREFIX) :].split("-", 1)[0]
-        if path.is_dir() and not (pid.isdigit() and pid != "0" and _alive(int(pid))):
+        owner = path.name[len(UPLOAD_PREFIX) :].split("-", 1)[0]
+        if path.is_dir() and _stale(owner):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -173,7 +214,7 @@ async def _upload(state: ServerState, request: Request) -> AdapterAdded:
     target = root / name
     if target.exists() or (state.registry.state(name) is not None):
         raise APIError(409, f"adapter {name} already exists; delete it first", code="conflict")
-    tmp = Path(tempfile.mkdtemp(prefix=f"{UPLOAD_PREFIX}{os.getpid()}-{name}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{UPLOAD_PREFIX}{upload_owner()}-{name}-", dir=root))
     try:
         total = 0
         for filename, upload in files.items():

@@ -20,7 +20,7 @@ from lorafleet.serve.api.recording import RequestRecord
 from lorafleet.serve.api.state import ServerState
 from lorafleet.serve.backend import REPLICA_FAILED, AdapterSpec
 from lorafleet.serve.grammar import GrammarSpec
-from lorafleet.serve.sequence import SamplingParams, TokenEvent
+from lorafleet.serve.sequence import SamplingParams, TokenEvent, is_internal
 
 DISCONNECT_POLL_S = 0.25
 
@@ -155,16 +155,19 @@ async def submit(
 
 
 def failure(stream: Stream) -> APIError:
-    """The HTTP error for a request the engine failed (a bad adapter is the caller's 400;
-    one a drain cut is a 503 with Retry-After)."""
-    message = stream.error or "the request failed"
+    """The HTTP error for a request the engine failed: the caller's 400 (a bad adapter, a
+    schema that admits no value), a 500 `internal_error` when the server failed it (its
+    forward pass, the grammar engine: sequence.is_internal), a 503 with Retry-After when a
+    drain cut it. One line, OpenAI's shape."""
+    message = " ".join((stream.error or "the request failed").split())
     if stream.retry_after is not None:
         retry = {"Retry-After": str(stream.retry_after)}
         return APIError(503, message, code="draining", headers=retry)
     if message.startswith(REPLICA_FAILED):  # the replica serving it died (serve/ray)
         return APIError(503, message, code="replica_failed", headers={"Retry-After": "1"})
-    status = 500 if "forward pass failed" in message else 400
-    return APIError(status, message, code="request_failed")
+    if is_internal(message):
+        return APIError(500, message, code="internal_error")
+    return APIError(400, message, code="request_failed")
 
 
 async def next_event(state: ServerState, request: Request, stream: Stream) -> TokenEvent | None:

@@ -136,7 +136,8 @@ async def image_edits(request: Request, who: Principal = Depends(principal)) -> 
     `{"created", "data": [{"b64_json"}]}`). The edited image keeps B's size."""
     editor_of(request)  # a 404 first when the server edits no images
     fields = await read_form(request)
-    editor = editor_of(request, fields.get("model"), who)
+    # Off the event loop: naming a LoC model re-checks it if its files changed (a load).
+    editor = await asyncio.to_thread(editor_of, request, fields.get("model"), who)
     fmt = check_fields(editor, fields)
     args = (fields["image"], fields.get("before"), fields.get("after"), fields.get("lora"))
     try:

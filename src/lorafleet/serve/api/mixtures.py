@@ -140,17 +140,16 @@ async def engine_spec(state: ServerState, mix: MixRequest):
         raise APIError(400, message, code="merge_failed", param=mix.param) from None
 
 
-async def openai_adapter(
-    state: ServerState, who: Principal, model: str, adapters, mask: list[str] | None = None
-):
-    """(engine adapter spec, metrics label) of an OpenAI request: the base, an adapter, a
-    mixture or a MoLE (its experts `mask`ed)."""
+def _pick(state: ServerState, who: Principal, model: str, adapters, mask):
+    """openai_adapter's look-ups: ((spec, label), None) for the base, an adapter or a MoLE,
+    (None, mixture) for a mixture. Blocking: naming a directory entry re-checks it if its
+    files changed (state.check_entry, which may load a MoLE or LoC model from disk)."""
     state.check_entry(model, who)  # a 400 for a MoLE (or other entry) that failed its check
     if state.moles is not None and model in state.moles and state.auth.can_use(who, model):
         if adapters is not None:
             raise bad("adapters", f"{model} is a MoLE; it takes no adapters field")
         try:
-            return state.moles.spec(model, mask or ()), model
+            return (state.moles.spec(model, mask or ()), model), None
         except LorafleetError as exc:
             raise bad("mask", str(exc)) from None
     if mask:
@@ -158,13 +157,25 @@ async def openai_adapter(
     mix = from_openai(state, who, model, adapters)
     if mix is None:
         adapter = state.resolve(model, who)
-        return adapter, adapter or state.config.model_name
+        return (adapter, adapter or state.config.model_name), None
+    return None, mix
+
+
+async def openai_adapter(
+    state: ServerState, who: Principal, model: str, adapters, mask: list[str] | None = None
+):
+    """(engine adapter spec, metrics label) of an OpenAI request: the base, an adapter, a
+    mixture or a MoLE (its experts `mask`ed). The look-ups run on a worker thread, never on
+    the event loop (they may read a directory entry from disk)."""
+    picked, mix = await asyncio.to_thread(_pick, state, who, model, adapters, mask)
+    if mix is None:
+        return picked
     return await engine_spec(state, mix), mix.label
 
 
 async def lorax_adapter(state: ServerState, who: Principal, params):
     """(engine adapter spec, metrics label) of a LoRAX request (adapter_id or merged_adapters)."""
-    mix = from_lorax(state, who, params)
+    mix = await asyncio.to_thread(from_lorax, state, who, params)  # may re-check entries
     if mix is None:  # one adapter, the base, or a MoLE with its experts masked
         name = params.adapter_id or state.config.model_name
         return await openai_adapter(state, who, name, None, params.mask)

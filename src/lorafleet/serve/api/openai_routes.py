@@ -91,8 +91,19 @@ def chat_prompt_ids(tokenizer, messages, plan: structured.ToolPlan | None = None
     elif note:
         turns.insert(0, {"role": "system", "content": note})
     if has_chat_template(tokenizer):
+        from jinja2 import TemplateError  # what apply_chat_template renders with
+
         tools = plan.template_tools() if plan is not None else None
-        return chat_prompt(tokenizer, turns, tokenize=True, tools=tools)
+        try:
+            return chat_prompt(tokenizer, turns, tokenize=True, tools=tools)
+        except TemplateError as exc:  # e.g. Mistral's: roles must alternate user/assistant
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise APIError(
+                400,
+                f"messages: the model's chat template refused them: {message}",
+                code="invalid_request",
+                param="messages",
+            ) from None
     text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
     return tokenizer(text)["input_ids"]
 
@@ -194,7 +205,7 @@ async def _classify(
             code="invalid_request",
             param="class_choices",
         )
-    adapter = state.resolve(body.model, who)
+    adapter = await asyncio.to_thread(state.resolve, body.model, who)  # may re-check an entry
     if adapter is None:
         raise not_calibrated("class_choices needs a calibrated adapter, not the base model")
     rec.started(adapter)

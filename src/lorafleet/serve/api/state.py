@@ -57,7 +57,8 @@ class ServerState:
 
     def adapter_names(self) -> list[str]:
         """The adapters and MoLEs requests may name (the registry rescans its directory first,
-        so a MoLE fixed or broken since is listed as it is now)."""
+        so a MoLE fixed or broken since is listed as it is now; blocking: the routes that
+        list are plain `def`s, which FastAPI runs on its thread pool)."""
         if self.registry is not None:
             names = [n for n in self.registry.names() if n != self.config.model_name]
         else:
@@ -102,7 +103,9 @@ class ServerState:
         """A 400 naming the problem when `model` names an entry of the adapters directory
         that failed its check (re-checked first if its files changed), or, for a `text`
         request, one that serves no text (a LoC model); another tenant's private entry is the
-        usual 404. Nothing for any other name (plain adapters are checked as they load)."""
+        usual 404. Nothing for any other name (plain adapters are checked as they load).
+        Blocking (the re-check may load a MoLE or LoC model): call it from a worker thread,
+        never on the event loop."""
         if self.registry is None or model == self.config.model_name or not valid_name(model):
             return
         self.registry.refresh(model)
@@ -118,7 +121,7 @@ class ServerState:
 
     def resolve(self, model: str, who: Principal) -> str | None:
         """The adapter `model` names for this caller (None = the base), or a 404 (a 400 for
-        an unavailable entry of the adapters directory: check_entry)."""
+        an unavailable entry of the adapters directory: check_entry, blocking as it is)."""
         if model == self.config.model_name:
             return None
         self.check_entry(model, who)

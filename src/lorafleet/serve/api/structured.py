@@ -40,7 +40,8 @@ def unavailable_error() -> APIError | None:
 
 def response_grammar(fmt, param: str = "response_format") -> GrammarSpec | None:
     """The grammar of a `response_format` (schemas.ResponseFormat) or None for text; a 400
-    naming the problem for a schema the engine would not enforce."""
+    naming the problem (and `param`) for a schema the engine would not enforce, or for type
+    json_schema without its `json_schema` or its `json_schema.schema` (never json_object)."""
     if fmt is None or fmt.type == "text":
         return None
     schema = fmt.schema_
@@ -54,6 +55,13 @@ def response_grammar(fmt, param: str = "response_format") -> GrammarSpec | None:
                 param=f"{param}.json_schema",
             )
         schema, where = fmt.json_schema.schema_, f"{param}.json_schema.schema"
+        if schema is None:  # OpenAI refuses it too; it is not a request for json_object
+            raise APIError(
+                400,
+                f"{where} is required when type is json_schema",
+                code="invalid_request",
+                param=where,
+            )
     if schema is None:
         return GrammarSpec.json_object()
     try:

@@ -32,6 +32,28 @@ def tiny_base(tokenizer) -> Base:
     return Base("tiny", model, tokenizer, fingerprint(model), None, False, 0.0)
 
 
+def engine_and_generate_greedy(base: Base, prompt: str, max_tokens: int = 8):
+    """Greedy tokens for `prompt` from transformers' generate and from a one-row Engine over
+    the same base, as (engine tokens, generate tokens, the engine's runner type); generate runs
+    first, since the engine changes the model in place."""
+    ids = base.tokenizer(prompt)["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = base.model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+        )
+    expected = out[0, x.shape[1] :].tolist()
+    engine = Engine(base, max_slots=1, max_rank=4, max_batch_size=1, max_seq_len=64)
+    try:
+        [result] = engine.generate([(ids, None, SamplingParams(max_tokens=max_tokens))])
+    finally:
+        engine.close()
+    return result.token_ids, expected, type(engine.runner)
+
+
 class RunnerCheck:
     """Drives `engine.runner.run` step by step and checks every row's logits against a
     reference transformers model per adapter (`refs[None]` = the plain base)."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import randomize_adapter
 from peft import LoraConfig, get_peft_model
-from serve_helpers import RunnerCheck
+from serve_helpers import RunnerCheck, engine_and_generate_greedy
 from transformers import (
     ArceeConfig,
     ArceeForCausalLM,
@@ -321,18 +321,7 @@ def test_real_qwen_coder_greedy_matches_generate():
     session from the GGUF its six part packages hold)."""
     base = load_base("qwen2.5-coder-0.5b")
     assert base.model.config.model_type == "qwen2" and base.model.config.num_hidden_layers == 24
-    ids = base.tokenizer("def fibonacci(n):")["input_ids"]
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        out = base.model.generate(
-            input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False
-        )
-    expected = out[0, x.shape[1] :].tolist()
-    engine = Engine(base, max_slots=1, max_rank=4, max_batch_size=1, max_seq_len=64)
-    try:
-        [result] = engine.generate([(ids, None, SamplingParams(max_tokens=8))])
-    finally:
-        engine.close()
-    assert type(engine.runner) is Qwen2Runner
-    assert result.token_ids == expected
+    got, expected, runner = engine_and_generate_greedy(base, "def fibonacci(n):")
+    assert runner is Qwen2Runner
+    assert got == expected
     assert "if n" in base.tokenizer.decode(expected)  # real code, not noise

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import randomize_adapter
 from peft import LoraConfig, get_peft_model
-from serve_helpers import TARGETS, RunnerCheck
+from serve_helpers import TARGETS, RunnerCheck, engine_and_generate_greedy
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel
 
 from lorafleet.adapters import adapter_from_model, attach
@@ -176,16 +176,6 @@ def test_unsupported_models_are_refused(tokenizer):
 def test_real_gemma_270m_greedy_matches_generate():
     """The real gemma-3-270m (18 layers, window 512; converted once per test session)."""
     base = load_base("gemma-270m")
-    ids = base.tokenizer("The capital of France is")["input_ids"]
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        out = base.model.generate(
-            input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False
-        )
-    expected = out[0, x.shape[1] :].tolist()
-    engine = Engine(base, max_slots=1, max_rank=4, max_batch_size=1, max_seq_len=64)
-    try:
-        [result] = engine.generate([(ids, None, SamplingParams(max_tokens=8))])
-    finally:
-        engine.close()
-    assert result.token_ids == expected
+    got, expected, runner = engine_and_generate_greedy(base, "The capital of France is")
+    assert runner is Gemma3Runner
+    assert got == expected

@@ -30,6 +30,12 @@ $(STAMP): pyproject.toml Makefile
 	# Structured output's grammar engine (the `structured` extra) without triton, which only its
 	# GPU kernels use (lorafleet applies the token masks itself); its other needs are above.
 	$(PIP) install -q --no-deps 'xgrammar>=0.2' 'apache-tvm-ffi>=0.1.11'
+	# laplace-torch (tests/bayes/test_bayes_laplace_torch.py checks the KFAC factors against its
+	# KronLaplace) requires torchvision, which it never imports and which PyPI's build cannot load
+	# beside this torch: it and the pure-python packages it imports, without their requirements.
+	$(PIP) install -q --no-deps 'laplace-torch>=0.3' 'asdfghjkl==0.1a4' 'backpack-for-pytorch>=1.7' \
+		'unfoldNd>=0.2.3' 'curvlinops-for-pytorch>=3.0.1' 'einconv>=0.1' 'linear-operator>=0.6' \
+		'opt-einsum>=3.4' 'einops>=0.8' 'torchmetrics>=1.9' 'lightning-utilities>=0.15.3'
 	# Ray Serve (the `ray` extra: `lorafleet serve --ray`), last and held to what is installed
 	# above (a constraints file of the venv as it is), so it changes no installed version.
 	$(PIP) freeze --exclude-editable > $(VENV)/constraints.txt

@@ -19,6 +19,7 @@ from lorafleet.cli.fed_cmds import KEEP_CLIENTS
 from lorafleet.cli.options import FED_APP, FED_RUN, field_default
 from lorafleet.cli.serve_cmds import ENGINE_OPTIONS, SERVER_OPTIONS
 from lorafleet.cli.train_cmds import EVAL_OPTIONS, TRAIN_OPTIONS
+from lorafleet.cli.transfer_cmds import PREPARE_OPTIONS, RUN_OPTIONS
 from lorafleet.eval import EvalConfig
 from lorafleet.fed import FedConfig
 from lorafleet.serve.api import ServerConfig
@@ -39,6 +40,12 @@ GROUPS = [
     ("fed server", FED_RUN, RUN),
     ("fed app", FED_APP, RUN),
     ("bench soak", SOAK_OPTIONS, {}),
+    ("transfer prepare", PREPARE_OPTIONS, {**RUN, "adapter": Path("a")}),
+    (
+        "transfer run",
+        RUN_OPTIONS,
+        {"kit": Path("k"), "target_base": "t", "synthetic": 4, "out": Path("o")},
+    ),
 ]
 IDS = [f"{path}:{group.config.__name__}:{group.specs[0].name}" for path, group, _ in GROUPS]
 # Options that set a config field but whose CLI default is the command's own policy.

@@ -12,10 +12,11 @@ from lorafleet.errors import LorafleetError
 from lorafleet.models.tiny import tiny_llama
 
 
-def _brute_force_factors(model, items):
-    """Per example, unbatched and unpadded: the mean LoRA-Linear input a_bar (forward hook) and
-    E[:, c] = d f_c / d b for a zero bias b added to the Linear's output at every position
-    (= the output gradient summed over positions); Q = sum a a^T, G = sum E Lambda E^T."""
+def _brute_force_factors(model, items, kfac="reduce"):
+    """Per example, unbatched and unpadded, with a zero bias b_t added to the Linear's output
+    at each position t (E_t[:, c] = d f_c / d b_t) and the Linear's inputs a_t (forward hook).
+    reduce: Q = sum_n a_bar a_bar^T (mean input), G = sum_n E Lambda E^T with E = sum_t E_t.
+    expand: Q = sum_{n,t} a_t a_t^T times n / (positions), G = sum_{n,t} E_t Lambda E_t^T."""
     linears = {}
     for name, layer in lora_layers(model).items():
         linears[(name, "A")] = layer.lora_A["default"]
@@ -25,7 +26,7 @@ def _brute_force_factors(model, items):
     for item in items:
         probes, acts, handles = {}, {}, []
         for key, lin in linears.items():
-            probes[key] = torch.zeros(lin.out_features, requires_grad=True)
+            probes[key] = torch.zeros(len(item.ids), lin.out_features, requires_grad=True)
 
             def hook(mod, inp, out, key=key, acts=acts, probes=probes):
                 acts[key] = inp[0][0].detach()  # [T, d_in]
@@ -44,18 +45,28 @@ def _brute_force_factors(model, items):
         p = torch.softmax(logits.detach().double(), -1)
         lam = torch.diag(p) - torch.outer(p, p)
         for k in keys:
-            a = acts[k].double().mean(0)
-            Ek = torch.stack(E[k], 1).double()  # [d_out, C]
-            Q[k] = Q[k] + torch.outer(a, a)
-            G[k] = G[k] + Ek @ lam @ Ek.T
+            Et = torch.stack(E[k], -1).double()  # [T, d_out, C]
+            if kfac == "reduce":
+                a = acts[k].double().mean(0)
+                Q[k] = Q[k] + torch.outer(a, a)
+                G[k] = G[k] + Et.sum(0) @ lam @ Et.sum(0).T
+            else:
+                Q[k] = Q[k] + acts[k].double().T @ acts[k].double()
+                G[k] = G[k] + torch.einsum("toc,cd,tpd->op", Et, lam, Et)
+    if kfac == "expand":
+        positions = sum(len(item.ids) for item in items)
+        Q = {k: q * len(items) / positions for k, q in Q.items()}
     return Q, G
 
 
-def test_factors_match_brute_force_per_example_sums():
+@pytest.mark.parametrize("kfac", ["reduce", "expand"])
+def test_factors_match_brute_force_per_example_sums(kfac):
     model = tiny_lora(seed=3)
     items = random_items(10, seed=4, classes=3)
-    factors = fit_kfac(model, items, LaplaceConfig(batch_size=4))  # batched, padded, hooked
-    Q, G = _brute_force_factors(model, items)
+    # batched, padded, hooked
+    factors = fit_kfac(model, items, LaplaceConfig(batch_size=4, kfac=kfac))
+    assert factors.config["kfac"] == kfac
+    Q, G = _brute_force_factors(model, items, kfac)
     assert factors.n == 10
     for name, m in factors.modules.items():
         for part, (q, g) in {"A": (m.A_in, m.A_out), "B": (m.B_in, m.B_out)}.items():

@@ -68,7 +68,8 @@ def test_low_rank_factors_approach_dense_kfac_and_the_exact_ggn_as_rank_grows():
     model = tiny_lora(seed=0)
     train, test = random_items(24, seed=1), random_items(6, seed=2)
     lam = 1.0
-    dense = fit_kfac(model, train, LaplaceConfig(batch_size=8))
+    # reduce: one vector per example, so rank 24 holds all of them (expand: one per position).
+    dense = fit_kfac(model, train, LaplaceConfig(batch_size=8, kfac="reduce"))
     ref = glm_predictive(model, test, dense, prior_precision=lam, link="probit").cov
     H, _, _ = dense_ggn(model, train)
     sigma = torch.linalg.inv(H + lam * torch.eye(H.shape[0], dtype=torch.float64))
@@ -79,7 +80,8 @@ def test_low_rank_factors_approach_dense_kfac_and_the_exact_ggn_as_rank_grows():
     ggn = torch.stack(ggn).float()
     to_dense, to_ggn = [], []
     for k in (1, 2, 4, 8, 16, 24):
-        f = fit_kfac(model, train, LaplaceConfig(batch_size=8, n_kfac=k, threshold=16))
+        cfg = LaplaceConfig(batch_size=8, n_kfac=k, threshold=16, kfac="reduce")
+        f = fit_kfac(model, train, cfg)
         cov = glm_predictive(model, test, f, prior_precision=lam, link="probit").cov
         to_dense.append(float((cov - ref).norm() / ref.norm()))
         to_ggn.append(float((cov - ggn).norm() / ggn.norm()))

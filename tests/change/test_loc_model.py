@@ -13,7 +13,7 @@ from lorafleet.change.edits import UNSEEN_TYPES
 from lorafleet.change.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, load_photos, random_crops
 from lorafleet.change.sampling import RANGES, train_edit, unseen_edit
 from lorafleet.change.store import ChangeConfig, build
-from lorafleet.change.train import pair_losses
+from lorafleet.change.train import Pairs, pair_losses
 
 TINY = ChangeConfig(image_size=16, width=4, dim=16, depth=1)
 
@@ -30,8 +30,9 @@ def _randomize(hyper, seed=1, scale=0.05):
             p.add_(scale * torch.randn(p.shape, generator=g))
 
 
-def test_zero_init_hypernetwork_leaves_the_editor_unchanged():
-    editor, hyper = build(TINY)
+@pytest.mark.parametrize("kind", ["residual", "plain"])
+def test_zero_init_hypernetwork_leaves_the_editor_unchanged(kind):
+    editor, hyper = build(ChangeConfig(**{**TINY.__dict__, "editor": kind}))
     a, a2 = _images()
     lora = hyper(a, a2)
     assert all(bool((b == 0).all()) and bool(a_.abs().sum() > 0) for a_, b in lora.values())
@@ -43,22 +44,30 @@ def test_zero_init_hypernetwork_leaves_the_editor_unchanged():
         assert float((editor(a, hyper(a, a2)) - editor(a)).abs().max()) > 1e-3
 
 
+def _pairs(a, a2, reverse=(True, True)):
+    n = a.shape[0]
+    none = torch.zeros(n, dtype=torch.bool)
+    return Pairs(a, a2, a, a2, torch.tensor(reverse), none, none)
+
+
 def test_reverse_loss_uses_the_negated_lora():
     editor, hyper = build(TINY)
     _randomize(hyper)
     a, a2 = _images()
-    losses = pair_losses(editor, hyper, a, a2, TINY)
+    losses = pair_losses(editor, hyper, _pairs(a, a2), TINY)
     lora = hyper(a, a2)
     negated = {k: (a_, -b) for k, (a_, b) in lora.items()}
     torch.testing.assert_close(losses["reverse"], F.mse_loss(editor(a2, negated), a))
     torch.testing.assert_close(losses["forward"], F.mse_loss(editor(a, lora), a2))
     assert float((losses["reverse"] - F.mse_loss(editor(a2, lora), a)).abs().detach()) > 1e-6
     no_rev = ChangeConfig(**{**TINY.__dict__, "reverse": False})
-    assert set(pair_losses(editor, hyper, a, a2, no_rev)) == {"forward"}
+    assert set(pair_losses(editor, hyper, _pairs(a, a2), no_rev)) == {"forward"}
     quad = ChangeConfig(**{**TINY.__dict__, "quad_weight": 0.5})
     b, b2 = _images(seed=3)
+    pairs = _pairs(a, a2)
+    pairs.b, pairs.b2 = b, b2
     with torch.no_grad():
-        got = pair_losses(editor, hyper, a, a2, quad, b, b2)["quad"]
+        got = pair_losses(editor, hyper, pairs, quad)["quad"]
         torch.testing.assert_close(got, 0.5 * F.mse_loss(editor(b, lora), b2))
 
 

@@ -46,7 +46,7 @@ def test_short_training_beats_identity_on_held_out_photos(tmp_path, one_thread):
         dim=32,
         depth=1,
         editor_steps=20,
-        steps=40,
+        steps=80,  # the residual editor's zero head: the first steps only move out's LoRA
         batch=8,
         editor_lr=5e-3,
         lr=2e-3,
@@ -138,6 +138,31 @@ def test_cli_train_examples_apply_and_reuse_the_lora(tmp_path, run_cli):
         assert x.tobytes() == y.tobytes()
     code, _, err = run_cli("change", "train", "--out", model, *TINY_ARGS)
     assert code == 2 and "already holds a model" in err
+    # two "seeds" under one label, scored per family with intervals
+    ev = tmp_path / "ev"
+    code, out, err = run_cli(
+        "change", "eval", "-m", f"LoC={model}", "-m", f"LoC={model}", "--per-edit", "1", "-o", ev
+    )
+    assert code == 0, err
+    assert "colour/tone" in out and "LoC - identity" in out
+    results = json.loads((ev / "results.json").read_text())
+    assert set(results["cells"]) == {"colour/tone", "filter", "geometry"}
+    assert len(results["cells"]["filter"]["seen"]["LoC"]["psnr_seeds"]) == 2
+    assert (ev / "grid.png").is_file()
+
+
+def test_train_options_read_their_defaults_from_the_config():
+    import typer
+
+    from lorafleet.change.config import ChangeConfig
+    from lorafleet.cli import app
+    from lorafleet.cli.change_cmds import TRAIN_OPTIONS
+
+    command = typer.main.get_command(app).commands["change"].commands["train"]
+    defaults = {p.name: p.default for p in command.params}
+    values = {s.name: defaults[s.name] for s in TRAIN_OPTIONS.specs}
+    assert TRAIN_OPTIONS.build(values) == ChangeConfig()
+    assert defaults["editor"] == "residual" and defaults["reverse_scope"] == "invertible"
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, run_cli):

@@ -15,14 +15,19 @@ def reference_logits(tokenizer, specs, gates, input_ids, keep=None):
 
 
 def reference_model(tokenizer, specs, gates, keep=None):
-    """The tiny Llama computing base + sum_k g_k(x) s_k B_k A_k x per layer, the deltas from
-    PEFT's own layers, with plain forward hooks (no multi-LoRA op)."""
+    """The tiny Llama computing base + sum_k g_k s_k B_k A_k x per layer, the deltas from
+    PEFT's own layers, with plain forward hooks (no multi-LoRA op). g per linear (linear,
+    input) or per block (block: computed at the block's first gated layer from its experts'
+    outputs, reused by the block's other layers)."""
     model = tiny(tokenizer)
     adapters = [a.adapter for a in read_experts(specs)]
     deltas = [peft_deltas(tokenizer, a) for a in adapters]  # weight name -> [d_out, d_in]
-    names = gates.layer_names
+    names = [n for ls in gates.blocks.values() for n in ls]
+    block_g = {}
 
     def hook(name):
+        unit = gates.unit_of[name]
+
         def fn(module, args, y):
             x = args[0]
             d = torch.stack(
@@ -37,10 +42,16 @@ def reference_model(tokenizer, specs, gates, keep=None):
                 dim=-2,
             )  # [..., K, d_out]
             flat_x, flat_d = x.reshape(-1, x.shape[-1]), d.reshape(-1, *d.shape[-2:])
-            feats = flat_d.reshape(flat_d.shape[0], -1) if gates.variant == "outputs" else flat_x
-            feats = torch.nn.functional.normalize(feats.double(), dim=-1)
-            W = gates.weight[name.replace(".", "__")].detach().double()
-            g = gate_probs(feats @ W.T, gates.temperature, keep)  # [n, K]
+            if gates.variant == "block" and name != gates.anchor[unit]:
+                g = block_g[unit]
+            else:
+                feats = flat_d.reshape(flat_d.shape[0], -1) if gates.variant != "input" else flat_x
+                feats = torch.nn.functional.normalize(feats.double(), dim=-1)
+                W = gates.weight[unit.replace(".", "__")].detach().double()
+                tau = gates.tau(unit)
+                tau = tau.detach().double() if torch.is_tensor(tau) else tau
+                g = gate_probs(feats @ W.T, tau, keep)  # [n, K]
+                block_g[unit] = g
             mix = (g[:, :, None] * flat_d).sum(1).reshape(y.shape)
             return (y.double() + mix).to(y.dtype)
 

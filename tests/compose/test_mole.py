@@ -86,7 +86,7 @@ def _random_gates(mole, seed=0):
             p.copy_(3.0 * torch.randn(p.shape, generator=gen))
 
 
-@pytest.mark.parametrize("variant", ["outputs", "input"])
+@pytest.mark.parametrize("variant", ["block", "outputs", "input"])
 def test_mole_forward_equals_the_reference_and_masking(tokenizer, experts, input_ids, variant):
     mole = attach_mole(tiny(tokenizer), read_experts(experts), variant=variant, temperature=0.7)
     _random_gates(mole, seed=1)
@@ -181,14 +181,18 @@ def test_training_moves_only_the_gates_and_resume_equals_uninterrupted(
     assert summary["data"] == {two_tasks[0]: 4, two_tasks[1]: 8}
     config = json.loads((out / "mole_config.json").read_text())
     assert [e["name"] for e in config["experts"]] == ["e0", "e1", "e2"]
-    assert config["variant"] == "outputs" and config["temperature"] == 1.0
+    assert config["variant"] == "block" and config["temperature"] == 1.0  # the paper's gate
+    assert config["train"]["loss"] == "task-balanced"
     rows = _metrics(out)
-    assert len(rows) == 4 and all("balance" in r for r in rows)
+    assert len(rows) == 4 and all("balance" in r and "tau" in r for r in rows)
 
     base = load_base(str(tiny_base_dir))
     mole = load_mole(out, base.model, base.fingerprint)
-    # Initialised N(0, 0.01^2) (max |w| ~0.04 over these sizes): every layer's gate moved.
+    # Initialised N(0, 0.01^2) (max |w| ~0.04 over these sizes): every block's gate moved,
+    # and so did its learnable temperature (initialised at 1).
     assert min(float(w.detach().abs().max()) for w in mole.gates.weight.values()) > 0.1
+    assert len(mole.gates.units) == 2  # one gate per block of the 2-block tiny model
+    assert all(abs(t - 1.0) > 1e-3 for t in mole.gates.temperatures().values())
 
     # Ctrl-C during step 2 stops after it with a checkpoint; resume: the same gates and losses
     # as the uninterrupted run.

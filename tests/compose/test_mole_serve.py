@@ -41,7 +41,7 @@ def moles(tokenizer, tmp_path_factory):
         write_adapter(root / f"e{i}", adapter)
         specs.append((f"e{i}", str(root / f"e{i}")))
     gen = torch.Generator().manual_seed(7)
-    for variant in ("outputs", "input"):
+    for variant in ("block", "outputs", "input"):
         mole = attach_mole(tiny(tokenizer), read_experts(specs), variant=variant, temperature=0.7)
         with torch.no_grad():
             for p in mole.gates.parameters():
@@ -62,7 +62,7 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("variant", ["outputs", "input"])
+@pytest.mark.parametrize("variant", ["block", "outputs", "input"])
 def test_served_mole_equals_the_reference_next_to_plain_rows(tokenizer, moles, variant):
     root, specs, plain = moles
     path = root / f"mole-{variant}"
@@ -129,7 +129,9 @@ def test_http_serves_a_mole_dir_by_name_with_masks(tokenizer, moles):
     from lorafleet.serve.api import AuthConfig, ServerConfig
     from lorafleet.serve.api.server import EngineSettings, ServerThread, build_state
 
-    root, _, _ = moles  # e0, e1, e2 and the MoLE dirs mole-outputs, mole-input side by side
+    root, _, _ = (
+        moles  # e0, e1, e2 and the MoLE dirs mole-block, mole-outputs, mole-input side by side
+    )
     settings = EngineSettings(
         max_adapters=4, max_rank=8, max_batch_size=8, max_batch_tokens=256, max_seq_len=64
     )
@@ -146,7 +148,7 @@ def test_http_serves_a_mole_dir_by_name_with_masks(tokenizer, moles):
     srv = ServerThread(state).start()
     try:
         cards = httpx.get(srv.url + "/v1/models", timeout=30).json()["data"]
-        card = next(c for c in cards if c["id"] == "mole-input")
+        card = next(c for c in cards if c["id"] == "mole-block")
         assert card["experts"] == ["e0", "e1", "e2"]
 
         def text(model, **extra):
@@ -161,10 +163,10 @@ def test_http_serves_a_mole_dir_by_name_with_masks(tokenizer, moles):
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["text"]
 
-        full, only_e1, e1 = text("mole-input"), text("mole-input", mask=["e0", "e2"]), text("e1")
+        full, only_e1, e1 = text("mole-block"), text("mole-block", mask=["e0", "e2"]), text("e1")
         assert only_e1 == e1 and full != e1
         for model, mask, message in (
-            ("mole-input", ["nope"], "not an expert of mole-input"),
+            ("mole-block", ["nope"], "not an expert of mole-block"),
             ("e1", ["e0"], "is not one"),
         ):
             body = {"model": model, "prompt": "hi", "max_tokens": 2, "mask": mask}
@@ -181,8 +183,8 @@ def test_http_serves_a_mole_dir_by_name_with_masks(tokenizer, moles):
             assert r.status_code == 200, r.text
             return r.json()["generated_text"]
 
-        assert generated("mole-input", mask=["e0", "e2"]) == generated("e1") == e1
-        assert generated("mole-input") == full
+        assert generated("mole-block", mask=["e0", "e2"]) == generated("e1") == e1
+        assert generated("mole-block") == full
         body = {"inputs": "hi", "parameters": {"adapter_id": "e1", "mask": ["e0"]}}
         r = httpx.post(srv.url + "/generate", json=body, timeout=60)
         assert r.status_code == 400 and "is not one" in r.json()["error"]["message"]

@@ -72,6 +72,9 @@ def test_evaluate_reports_the_task_metric(tiny_model, tokenizer):
     examples = ExampleSet(examples=EXAMPLES, name="toy", metric="accuracy")
     result = evaluate(tiny_model, tokenizer, examples, return_predictions=True)
     assert result["examples"] == 3 and 0.0 <= result["accuracy"] <= 1.0
+    scores = choice_logprobs(tiny_model, tokenizer, EXAMPLES)  # the label tokens only
+    want = -float(sum(scores[i, ex.label] for i, ex in enumerate(EXAMPLES))) / 3
+    assert abs(result["label_loss"] - want) < 1e-5
     assert result["perplexity"] > 1 and len(result["predictions"]) == 3
 
 

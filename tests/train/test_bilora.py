@@ -17,12 +17,14 @@ from lorafleet.adapters import MethodConfig, new_adapter
 from lorafleet.errors import LorafleetError
 from lorafleet.layers.bilora import add_pseudo_svd, orthogonality
 from lorafleet.models import load_base
-from lorafleet.train import TrainConfig
+from lorafleet.train import TrainConfig, Trainer
 from lorafleet.train.bilora import (
+    BilevelBatch,
     BiLoRAConfig,
     BiLoRAStep,
     BiLoRATrainer,
     bilora_options,
+    phase,
     split_indices,
 )
 
@@ -81,7 +83,10 @@ def test_options_are_checked():
         "bilevel": "first",
         "bilevel_split": 0.8,
         "ortho_weight": 0.1,
+        "lambda_lr": 0.05,
+        "warm_start": 0,
     }
+    assert bilora_options("bilora", lambda_lr=0.1, warm_start=3)["lambda_lr"] == 0.1
     assert bilora_options("lora") == {}
     with pytest.raises(LorafleetError, match="^--bilevel-split applies to --method bilora only"):
         bilora_options("lora", bilevel_split=0.5)
@@ -89,6 +94,23 @@ def test_options_are_checked():
         bilora_options("bilora", bilevel="third")
     with pytest.raises(LorafleetError, match=r"--bilevel-split must be in \(0, 1\)"):
         bilora_options("bilora", bilevel_split=1.0)
+    with pytest.raises(LorafleetError, match="--lambda-lr must be > 0, got 0"):
+        bilora_options("bilora", lambda_lr=0)
+    with pytest.raises(LorafleetError, match="--warm-start must be >= 0, got -1"):
+        bilora_options("bilora", warm_start=-1)
+    with pytest.raises(LorafleetError, match="--warm-start applies to --bilevel first | second"):
+        bilora_options("bilora", bilevel="joint", warm_start=2)
+    with pytest.raises(LorafleetError, match="^--lambda-lr applies to --method bilora only"):
+        bilora_options("lora", lambda_lr=0.1)
+
+
+def test_phase_is_joint_for_the_warm_start_then_upper_first():
+    assert [phase(s) for s in range(4)] == ["upper", "lower", "upper", "lower"]
+    assert [phase(s, warm_start=3) for s in range(6)] == ["joint"] * 3 + [
+        "upper",
+        "lower",
+        "upper",
+    ]
 
 
 def _snapshots(trainer):
@@ -143,6 +165,85 @@ def test_first_order_alternates_levels_and_saves_plain_lora_peft_loads(
     assert (trained - logits(load_base(str(tiny_base_dir)).model, ids)).abs().max() > 1e-3
     theirs = PeftModel.from_pretrained(load_base(str(tiny_base_dir)).model, out).eval()
     torch.testing.assert_close(logits(theirs, ids), trained, atol=ATOL, rtol=0)
+
+
+def test_lambda_has_its_own_learning_rate(tiny_base_dir, arithmetic_file, tmp_path):
+    """Adam's first step moves every coordinate by its group's lr (times sign(grad)): step 0
+    (upper) moves each lambda by lambda_lr, step 1 (lower) P and Q by at most the run's lr."""
+    cfg = _config(
+        tiny_base_dir, arithmetic_file, tmp_path / "lr", lr=1e-3, steps=2, extra={"lambda_lr": 0.05}
+    )
+    trainer = BiLoRATrainer(cfg)
+    seen = _snapshots(trainer)
+    trainer.run()
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert groups["values"]["initial_lr"] == 0.05 and groups["vectors"]["initial_lr"] == 1e-3
+    lam = torch.cat([(seen[1][n] - seen[0][n]).flatten() for n in seen[0] if "pseudo_sv" in n])
+    assert lam.numel() == 14 * 4
+    torch.testing.assert_close(lam.abs(), torch.full_like(lam, 0.05), rtol=1e-3, atol=0)
+    vec = torch.cat([(seen[2][n] - seen[1][n]).flatten() for n in seen[0] if "lora_" in n])
+    assert 0.5e-3 < float(vec.abs().max()) <= 1.001e-3
+
+
+def test_warm_start_trains_everything_on_d1_then_alternates(
+    tiny_base_dir, arithmetic_file, tmp_path
+):
+    out = tmp_path / "warm"
+    cfg = _config(tiny_base_dir, arithmetic_file, out, steps=5, extra={"warm_start": 2})
+    trainer = BiLoRATrainer(cfg)
+    seen = _snapshots(trainer)
+    trainer.run()
+    moved = [
+        (len(_moved(seen[k - 1], seen[k], "pseudo_sv")), len(_moved(seen[k - 1], seen[k], "lora_")))
+        for k in range(1, 6)
+    ]
+    # steps 0, 1 joint (lambda moves at step 0, P and Q once lambda is no longer 0),
+    # then upper (lambda), lower (P, Q), upper
+    assert moved[0][0] == 14 and moved[1] == (14, 28)
+    assert moved[2:] == [(14, 0), (0, 28), (14, 0)]
+    kinds = [type(next(trainer.batches.for_step(k))) for k in range(5)]
+    assert [k is BilevelBatch for k in kinds] == [False, False, True, False, True]  # D1, D2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["upper"] for r in rows if r["split"] == "train"] == [0.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def _max_delta_norm(model) -> float:
+    """max over adapted linears of ||delta W||_2 (s B A for LoRA, P diag(lambda) Q for BiLoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    from lorafleet.layers.bilora import pseudo_svd_layers
+
+    with torch.no_grad():
+        parts = pseudo_svd_layers(model)
+        if parts:
+            deltas = [p.delta() for p in parts.values()]
+        else:
+            deltas = [
+                m.get_delta_weight("default") for m in model.modules() if isinstance(m, LoraLayer)
+            ]
+        return max(float(torch.linalg.matrix_norm(d, ord=2)) for d in deltas)
+
+
+def test_default_bilora_moves_the_weights_about_as_far_as_lora(
+    tiny_base_dir, arithmetic_file, tmp_path
+):
+    """At the run's lr (1e-3) and the default lambda_lr, first-order BiLoRA's delta W grows to
+    the same order as a LoRA's in the same steps; with lambda at the run's lr (the old
+    behaviour) it stays over 10x smaller."""
+    kw = dict(lr=1e-3, steps=12, warmup=0.0)
+    lora = Trainer(
+        _config(tiny_base_dir, arithmetic_file, tmp_path / "l", method="lora", alpha=8, **kw)
+    )
+    lora.run()
+    bilora = BiLoRATrainer(_config(tiny_base_dir, arithmetic_file, tmp_path / "b", **kw))
+    bilora.run()
+    old = BiLoRATrainer(
+        _config(tiny_base_dir, arithmetic_file, tmp_path / "o", extra={"lambda_lr": 1e-3}, **kw)
+    )
+    old.run()
+    ref = _max_delta_norm(lora.model)
+    assert 0.3 < _max_delta_norm(bilora.model) / ref < 3
+    assert _max_delta_norm(old.model) / ref < 0.1
 
 
 def test_joint_control_updates_everything_every_step(tiny_base_dir, arithmetic_file, tmp_path):
@@ -235,11 +336,27 @@ def test_cli_trains_bilora_second_order_and_refuses_stray_options(
     tiny_base_dir, arithmetic_file, tmp_path, run_cli
 ):
     out = tmp_path / "cli"
-    args = train_args(tiny_base_dir, arithmetic_file, out, "--method", "bilora", "--steps", "2")
-    code, stdout, _ = run_cli(*args, "--bilevel", "second", "--bilevel-split", "0.75")
+    args = train_args(tiny_base_dir, arithmetic_file, out, "--method", "bilora", "--steps", "3")
+    code, stdout, _ = run_cli(
+        *args,
+        "--bilevel",
+        "second",
+        "--bilevel-split",
+        "0.75",
+        "--lambda-lr",
+        "0.02",
+        "--warm-start",
+        "1",
+    )
     assert code == 0 and "adapter written" in stdout
     saved = json.loads((out / "train_config.json").read_text())["extra"]
-    assert saved == {"bilevel": "second", "bilevel_split": 0.75, "ortho_weight": 0.1}
+    assert saved == {
+        "bilevel": "second",
+        "bilevel_split": 0.75,
+        "ortho_weight": 0.1,
+        "lambda_lr": 0.02,
+        "warm_start": 1,
+    }
     code, _, err = run_cli(
         *train_args(tiny_base_dir, arithmetic_file, tmp_path / "x"), "--bilevel", "first"
     )

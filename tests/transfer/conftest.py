@@ -33,21 +33,23 @@ BAD = [
 # Fast settings for every stage on tiny models.
 TINY_PREPARE = {
     "seeds": 3,
-    "real": 8,
+    "real": 128,  # the floor: 128 real + 128 synthetic training inputs
+    "held_out": 4,
     "disc_steps": 4,
     "disc_rank": 4,
-    "batch_size": 4,
-    "max_new_tokens": 12,
+    "batch_size": 16,  # few engine steps for the 132 synthetic inputs
+    "max_new_tokens": 6,
 }
 
 
 @pytest.fixture(scope="session")
 def task_file(tmp_path_factory) -> Path:
-    """24 text/label rows, each text distinct (so a leak into the kit is detectable)."""
+    """144 text/label rows, each text distinct and none inside another (so a leak into the kit
+    is detectable)."""
     path = tmp_path_factory.mktemp("task") / "reviews.jsonl"
     rows = [
-        {"text": f"{t} #{i}", "label": "positive" if j == 0 else "negative"}
-        for i in range(2)
+        {"text": f"{t} ({i})", "label": "positive" if j == 0 else "negative"}
+        for i in range(12)
         for j, texts in enumerate((GOOD, BAD))
         for t in texts
     ]

@@ -60,14 +60,17 @@ def calibrate(
     weight_samples: int = CalibrateConfig.weight_samples,
     prior: str = CalibrateConfig.prior,
     evidence: str = CalibrateConfig.evidence,
+    search: str = CalibrateConfig.search,
+    prior_steps: int = CalibrateConfig.prior_steps,
 ) -> dict:
     """Fit KFAC factors on `train`, tune the prior precision (evidence, or validation NLL when
     tune="val") of the `prior` kind (config.PRIORS), save them beside the adapter and return a
     report of the figures (with `weight_samples` > 0 also the weight-sampling predictive on
-    `val`); the evidence in the `evidence` form (config.EVIDENCE_FORMS); report["warnings"]
-    lists tuned precisions on the edge of their search range. The settings after `val` are
-    CalibrateConfig's fields (and checked by it) and LaplaceConfig's."""
-    CalibrateConfig(tune, prior, evidence, max_length, weight_samples)
+    `val`); the evidence in the `evidence` form (config.EVIDENCE_FORMS), maximised by `search`
+    (config.SEARCHES; `prior_steps` Adam steps); report["warnings"] lists tuned precisions on
+    the edge of their search range. The settings after `val` are CalibrateConfig's fields (and
+    checked by it) and LaplaceConfig's."""
+    CalibrateConfig(tune, prior, evidence, max_length, weight_samples, search, prior_steps)
     init = read_init(adapter_dir)
     if prior == "init" and init is None:
         raise LorafleetError(
@@ -90,10 +93,13 @@ def calibrate(
             model, items, cfg, pad=pad, progress=bar.update if bar else None, init=init
         )
     fit_s = time.perf_counter() - start
-    lam, curve = tune_prior(factors, prior=prior, form=evidence)
+    lam, curve = tune_prior(factors, prior=prior, form=evidence, search=search, steps=prior_steps)
     report: dict = {
         "train_examples": factors.n,
         "parameters": factors.n_params,
+        "subset": cfg.subset,
+        "kfac": cfg.kfac,
+        "search": search,
         "train_log_lik": factors.log_lik,
         "prior": prior,
         "evidence_form": evidence,
@@ -102,10 +108,12 @@ def calibrate(
         "fit_seconds": fit_s,
     }
     span = f"1e{GRID_LOG10[0]:g}..1e{GRID_LOG10[1]:g}"
-    warnings = [
-        f"the evidence's optimum for the {g} weights lies on the edge of the searched range {span}"
-        for g in factors.edge
-    ]
+    where = (
+        f"lies on the edge of the searched range {span}"
+        if search == "grid"
+        else f"was still moving after {prior_steps} Adam steps (try --search grid)"
+    )
+    warnings = [f"the evidence's optimum for the {g} weights {where}" for g in factors.edge]
     tuning: dict = {
         "method": tune,
         "prior": prior,

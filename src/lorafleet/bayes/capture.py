@@ -8,11 +8,15 @@ shared shift), so curvature and uncertainty are taken over g: one backward pass 
 (one for a yes/no task, not two). For every LoRA Linear (lora_A, lora_B) the forward hooks keep
 the input activations [B, T, d_in], and each backward pass gives the gradient of g_c w.r.t. the
 Linear's output [B, T, d_out]; rows of a batch are independent, so these are per-example.
+A LoRA on lm_head sees only the last prompt position (the head runs on it alone): its
+activations and gradients come as [B, 1, d]. Its lora_B may be cut to the rows of the answer
+tokens (`rows`): the only rows of the head the class logits depend on, as the official code's
+`last_layer` head keeps them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -140,6 +144,43 @@ def lora_weight(layer: nn.Module, part: str, adapter_name: str = "default") -> n
     return (layer.lora_A if part == "A" else layer.lora_B)[adapter_name].weight
 
 
+def head_name(model: nn.Module, layers: dict[str, nn.Module]) -> str | None:
+    """The name of the LoRA layer that is the model's output embeddings (lm_head), if any."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    return next((name for name, layer in layers.items() if layer is head), None)
+
+
+def subset_layers(
+    model: nn.Module, subset: str = "all", adapter_name: str = "default"
+) -> dict[str, nn.Module]:
+    """The LoRA layers a posterior over `subset` (config.SUBSETS) covers: all of them, or
+    ("last_layer") only the LoRA on lm_head; one-line error when there is none."""
+    layers = lora_layers(model, adapter_name)
+    if subset == "all":
+        return layers
+    if subset != "last_layer":
+        raise LorafleetError(f"subset must be one of all, last_layer, got {subset!r}")
+    head = head_name(model, layers)
+    if head is None:
+        raise LorafleetError(
+            "subset 'last_layer' needs a LoRA on lm_head (train with targets including lm_head)"
+        )
+    return {head: layers[head]}
+
+
+def answer_rows(items: Sequence[ClassItem]) -> torch.Tensor:
+    """The answer tokens' ids every item shares ([C]): the rows of lm_head the class logits
+    read; one-line error when items have different answer tokens."""
+    classes = {it.classes for it in items}
+    if len(classes) != 1:
+        raise LorafleetError(
+            "a LoRA on lm_head is cut to the answer tokens' rows, so every example needs "
+            f"the same choices; found {len(classes)} different sets"
+        )
+    return torch.tensor(next(iter(classes)), dtype=torch.long)
+
+
 def _pad(items: Sequence[ClassItem], pad: int):
     longest = max(len(it.ids) for it in items)
     ids = torch.full((len(items), longest), pad, dtype=torch.long)
@@ -180,6 +221,12 @@ class Captured:
     acts: dict[tuple[str, str], torch.Tensor]
     grads: dict[tuple[str, str], torch.Tensor] | None
 
+    def positions(self, key: tuple[str, str]) -> torch.Tensor:
+        """The mask [B, T] of the positions `key`'s Linear saw: the prompt's, or ones [B, 1]
+        for the head's single (last) position."""
+        T = self.acts[key].shape[1]
+        return self.mask if self.mask.shape[1] == T else torch.ones(self.mask.shape[0], T)
+
 
 @contextmanager
 def _hooks(layers: dict[str, nn.Module], adapter_name: str, store: dict, keep_output: bool):
@@ -212,15 +259,18 @@ def capture(
     with_grads: bool = True,
     adapter_name: str = "default",
     pad: int = 0,
+    rows: Mapping[str, torch.Tensor] | None = None,
 ) -> Captured:
-    """Forward the batch (and one backward pass per contrast when `with_grads`), with hooks."""
+    """Forward the batch (and one backward pass per contrast when `with_grads`), with hooks;
+    `rows` {module: row ids}: that module's lora_B output gradients cut to those rows."""
+    rows = rows or {}
     store: dict = {}
     _, mask, _ = _pad(items, pad)
     # The server may call this under inference_mode; gradients need it switched off here.
     with torch.inference_mode(False), torch.enable_grad() if with_grads else torch.no_grad():
         with _hooks(layers, adapter_name, store, keep_output=with_grads):
             f = class_logits(model, items, pad)
-        acts = {key: act.float().cpu() for key, (act, _) in store.items()}
+        acts = {key: _positions(act).float().cpu() for key, (act, _) in store.items()}
         if not with_grads:
             return Captured(f.detach().cpu(), mask, acts, None)
         keys = list(store)
@@ -236,11 +286,18 @@ def capture(
             per_class.append(
                 [torch.zeros_like(o) if g is None else g for g, o in zip(gs, outputs, strict=True)]
             )
-    grads = {
-        k: torch.stack([pc[i] for pc in per_class]).float().cpu()  # [C-1, B, T, d_out]
-        for i, k in enumerate(keys)
-    }
+    grads = {}
+    for i, (name, part) in enumerate(keys):
+        g = torch.stack([_positions(pc[i]) for pc in per_class])  # [C-1, B, T, d_out]
+        if part == "B" and name in rows:
+            g = g.index_select(-1, rows[name].to(g.device))  # [C-1, B, T, len(rows)]
+        grads[(name, part)] = g.float().cpu()
     return Captured(f.detach().float().cpu(), mask, acts, grads)
+
+
+def _positions(t: torch.Tensor) -> torch.Tensor:
+    """[B, d] (the head's single position) -> [B, 1, d]; [B, T, d] as is."""
+    return t.unsqueeze(1) if t.dim() == 2 else t
 
 
 def jacobian(cap: Captured, key: tuple[str, str]) -> torch.Tensor:

@@ -72,6 +72,13 @@ class FactorAccumulator:
             return
         self.diag += (v * v).sum(0)
         # [M, V^T] [M, V^T]^T = M M^T + V^T V: the new sum; keep its top-k left singular part.
+        if self.M.shape[1] + v.shape[0] > self.dim:
+            # More vectors than dimensions (KFAC-expand adds one per position): the same top-k
+            # from the eigendecomposition of the d x d sum, cheaper than the SVD of [M, V^T].
+            s, U = torch.linalg.eigh(self.M @ self.M.T + v.T @ v)  # ascending
+            k = min(self.rank, self.dim)
+            self.M = U[:, -k:].flip(1) * s[-k:].flip(0).clamp_min(0).sqrt()  # [dim, k]
+            return
         Z = torch.cat([self.M, v.T], dim=1)  # [dim, k + n]
         U, S, _ = torch.linalg.svd(Z, full_matrices=False)
         k = min(self.rank, S.shape[0])
@@ -85,6 +92,11 @@ class FactorAccumulator:
         # What the low-rank part misses on the diagonal stays, so diag(F) is exact.
         rest = (self.diag - (U * U * s).sum(1)).clamp_min(0)
         return Factor(U=U.float(), s=s.float(), d=rest.float())
+
+
+def scaled(factor: Factor, c: float) -> Factor:
+    """The factor times c >= 0 (same eigenvectors)."""
+    return Factor(U=factor.U, s=factor.s * c, d=factor.d * c)
 
 
 def sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,16 @@ class BlockPosterior:
         psi = torch.linalg.solve_triangular(self.L, t.unsqueeze(-1), upper=False)  # [r, k, 1]
         return float(diag + lam**2 * psi.double().pow(2).sum())
 
+    def trace_cov(self) -> float:
+        """tr(P^-1), the trace of the block's posterior covariance: d logdet(P) / d lam.
+
+        Low-rank + diagonal (Woodbury): sum 1/M - ||L^-1 W^T M^-1||_F^2 per row j."""
+        if self.dense:
+            return float((1.0 / self.prec.double()).sum())
+        Z = (self.W / self.M.unsqueeze(-1)).transpose(1, 2).double()  # [r, k, d]: W^T M^-1
+        S = torch.linalg.solve_triangular(self.L.double(), Z, upper=False)  # [r, k, d]
+        return float((1.0 / self.M.double()).sum() - S.pow(2).sum())
+
     def logdet(self) -> float:
         """log det of the block's posterior precision."""
         if self.dense:

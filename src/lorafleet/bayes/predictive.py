@@ -24,6 +24,7 @@ from lorafleet.bayes.fit import KfacFactors
 from lorafleet.bayes.posterior import orient
 from lorafleet.bayes.prior import AdapterPosterior, posterior
 from lorafleet.data import bos_to_add
+from lorafleet.errors import LorafleetError
 
 LINKS = ("probit", "mc")
 
@@ -51,6 +52,16 @@ def logit_cov(cap: Captured, post: AdapterPosterior) -> torch.Tensor:
             cov -= torch.einsum("bcf,bef->bce", psi, psi).double()
     cov = 0.5 * (cov + cov.transpose(1, 2))
     return cov.float()
+
+
+def covered_layers(model: nn.Module, factors: KfacFactors) -> dict[str, nn.Module]:
+    """The model's LoRA layers that `factors` cover (all, or the subset they were fitted on);
+    one-line error when the model lacks one of them."""
+    layers = lora_layers(model, factors.config.get("adapter_name", "default"))
+    missing = [name for name in factors.modules if name not in layers]
+    if missing:
+        raise LorafleetError(f"the Laplace factors name LoRA layers the model lacks: {missing[0]}")
+    return {name: layers[name] for name in factors.modules}
 
 
 def link_probs(
@@ -120,7 +131,15 @@ def glm_predictive_grid(
     progress: Callable[[int], None] | None = None,
 ) -> list[Predictions]:
     """glm_predictive for several prior precisions from one pass (the Jacobians are shared)."""
-    layers = lora_layers(model, factors.config.get("adapter_name", "default"))
+    layers = covered_layers(model, factors)
+    rows = factors.rows()
+    for ids in rows.values():
+        outside = {c for it in items for c in it.classes} - set(ids.tolist())
+        if outside:
+            raise LorafleetError(
+                f"the Laplace factors cover the lm_head rows of the answer tokens "
+                f"{ids.tolist()} only; these choices start with token {min(outside)}"
+            )
     posts = [
         posterior(factors, lam) if lam is None else AdapterPosterior(factors, lam)
         for lam in prior_precisions
@@ -132,7 +151,7 @@ def glm_predictive_grid(
     model.eval()
     try:
         for idx in batches(items, batch_size):
-            cap = capture(model, layers, [items[i] for i in idx], pad=pad)
+            cap = capture(model, layers, [items[i] for i in idx], pad=pad, rows=rows)
             c = cap.f.shape[1]
             logits[idx, :c] = cap.f
             for k, post in enumerate(posts):
@@ -196,7 +215,8 @@ def sampled_predictive(
     """Monte-Carlo over weights (not linearised): draw LoRA weights from the KFAC posterior,
     run the model, average the class probabilities. The MAP weights are restored after."""
     adapter_name = factors.config.get("adapter_name", "default")
-    layers = lora_layers(model, adapter_name)
+    layers = covered_layers(model, factors)
+    rows = factors.rows()
     post = posterior(factors, prior_precision)
     gen = torch.Generator().manual_seed(seed)
     saved = {
@@ -207,8 +227,12 @@ def sampled_predictive(
         for _ in range(samples):
             for (name, part), block in post.blocks.items():
                 w = lora_weight(layers[name], part, adapter_name)
-                delta = orient(part, block.sample(gen))  # back to the weight's own shape
-                w.copy_(saved[(name, part)] + delta.to(w.dtype).to(w.device))
+                delta = orient(part, block.sample(gen)).to(w.dtype).to(w.device)  # W's shape
+                w.copy_(saved[(name, part)])
+                if part == "B" and name in rows:  # only the answer tokens' rows are covered
+                    w[rows[name].to(w.device)] += delta
+                else:
+                    w += delta
             probs = map_predictive(
                 model, items, batch_size=batch_size, pad=pad, adapter_name=adapter_name
             ).probs

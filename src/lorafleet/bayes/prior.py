@@ -20,6 +20,12 @@ Evidence forms (`EVIDENCE_FORMS`), i.e. how the trained weights theta enter it:
   replaced by theta^T lam H (H + lam)^-1 theta: a coordinate counts only as far as the
   curvature H pins it down. Its optimum satisfies lam = gamma / ||theta*||^2 with theta* =
   (H + lam)^-1 H theta the prior-consistent mode. Needs the weights (KfacFactors.weights).
+
+Search (`SEARCHES`), how each group's lam is found: "adam" as the official code (laplace-torch's
+`optimize_prior_precision(method="marglik")`): `steps` Adam steps (lr 0.1) on log lam from
+lam = 1, with the exact slope of the evidence (analytic for the mode form, a central difference
+for the quadratic one); it moves log lam by about 0.1 a step, so 100 steps reach lam in about
+e^-10..e^10. "grid": a grid over 1e-4..1e7 refined by golden section (the global optimum).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import math
 
 import torch
 
-from lorafleet.bayes.config import EVIDENCE_FORMS, PRIORS
+from lorafleet.bayes.config import EVIDENCE_FORMS, PRIORS, SEARCHES
 from lorafleet.bayes.fit import KfacFactors
 from lorafleet.bayes.posterior import BlockPosterior, log_evidence
 from lorafleet.errors import LorafleetError
@@ -37,6 +43,8 @@ from lorafleet.errors import LorafleetError
 GRID_LOG10 = (-4.0, 7.0)
 GRID_POINTS = 67
 EDGE_TOL = 0.01  # nats
+ADAM_LR = 0.1  # the official code's (laplace-torch's optimize_prior_precision lr)
+ADAM_STEPS = 100  # the official run script's --laplace_optim_step
 
 
 def group_of(prior: str, part: str, name: str = "") -> str | None:
@@ -134,6 +142,39 @@ def group_evidence(
     return log_evidence(0.0, sq, logdet, size, lam, fit if form == "quadratic" else None)
 
 
+def group_slope(
+    factors: KfacFactors, prior: str, group: str, lam: float, form: str | None = None
+) -> float:
+    """d group_evidence / d log lam at lam. Mode form, exactly:
+    -lam/2 [||theta_g||^2 + tr((H + lam)^-1) - P_g / lam]; quadratic: a central difference."""
+    form = factors.evidence_form if form is None else form
+    if form == "quadratic":
+        h = 1e-2  # the evidence sums float32 terms: smaller steps difference round-off
+        up = group_evidence(factors, prior, group, lam * math.exp(h), form)
+        down = group_evidence(factors, prior, group, lam * math.exp(-h), form)
+        return (up - down) / (2 * h)
+    trace, size = 0.0, 0
+    for name, part, small, big in factors.blocks():
+        if group_of(prior, part, name) == group:
+            trace += BlockPosterior(small, big, lam, factors.n).trace_cov()
+            size += small.dim * big.dim
+    return -0.5 * lam * (_group_sq(factors, prior, group) + trace - size / lam)
+
+
+def _adam(slope, steps: int) -> tuple[float, list[float]]:
+    """Adam (torch's, lr ADAM_LR) ascending a function of x = log lam from x = 0 given its
+    slope; returns (x, the x visited)."""
+    x = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([x], lr=ADAM_LR)
+    path = []
+    for _ in range(steps):
+        opt.zero_grad()
+        x.grad = torch.tensor(-slope(float(x.detach())), dtype=torch.float64)  # Adam minimises
+        opt.step()
+        path.append(float(x.detach()))
+    return float(x.detach()), path
+
+
 def evidence(factors: KfacFactors, prior_precision: float) -> float:
     """Laplace log marginal likelihood of the training data at this prior precision
     (the reference group's; the others at their ratios)."""
@@ -173,21 +214,46 @@ def _maximise(f, iters: int) -> tuple[float, list[tuple[float, float]], bool]:
 
 
 def tune_prior(
-    factors: KfacFactors, *, prior: str | None = None, form: str | None = None, iters: int = 30
+    factors: KfacFactors,
+    *,
+    prior: str | None = None,
+    form: str | None = None,
+    iters: int = 30,
+    search: str = "grid",
+    steps: int = ADAM_STEPS,
 ) -> tuple[float, list[dict]]:
     """Each group's lam maximising the evidence (in `form`, EVIDENCE_FORMS; default the
-    factors') under `prior` (default the factors' kind); sets factors.evidence_form too.
+    factors') under `prior` (default the factors' kind), found by `search` (SEARCHES: "grid",
+    or `steps` Adam steps as the official code); sets factors.evidence_form too.
     Sets factors.prior and factors.ratios (each group's lam over the reference group's, "B" or
-    "all") and returns (reference lam, curve): per grid point {"prior_precision",
-    "log_evidence", "group"}, the group's share plus log p(D|theta) (the whole evidence when
-    there is one group). factors.edge lists the groups whose optimum is on the grid's edge."""
+    "all") and returns (reference lam, curve): per point visited (the grid, or Adam's steps)
+    {"prior_precision", "log_evidence", "group"}, the group's share plus log p(D|theta) (the
+    whole evidence when there is one group). factors.edge lists the groups whose optimum is on
+    the grid's edge (or, for Adam, still moving after its last step: beyond its reach)."""
     prior = factors.prior if prior is None else prior
     form = factors.evidence_form if form is None else form
     check_prior(factors, prior, form)
+    if search not in SEARCHES:
+        raise LorafleetError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
     factors.evidence_form = form
     groups = sorted({group_of(prior, p, n) for n, p, _, _ in factors.blocks()} - {None})
     best, curve, edge = {}, [], []
     for g in groups:
+        if search == "adam":
+            x, path = _adam(lambda x, g=g: group_slope(factors, prior, g, math.exp(x), form), steps)
+            best[g] = math.exp(x)
+            curve += [
+                {
+                    "prior_precision": math.exp(p),
+                    "log_evidence": factors.log_lik
+                    + group_evidence(factors, prior, g, math.exp(p), form),
+                    "group": g,
+                }
+                for p in path[:: max(1, len(path) // 20)]
+            ]
+            if len(path) > 1 and abs(path[-1] - path[-2]) > 0.5 * ADAM_LR:
+                edge.append(g)
+            continue
         x, points, on_edge = _maximise(
             lambda x, g=g: group_evidence(factors, prior, g, 10.0**x, form), iters
         )

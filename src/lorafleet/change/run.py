@@ -10,7 +10,7 @@ import torch
 from lorafleet.change import apply as ap
 from lorafleet.change.evaluate import BASELINES, evaluate, predictions, quads
 from lorafleet.change.grid import save_grid
-from lorafleet.change.photos import load_photo
+from lorafleet.change.photos import HELDOUT_PHOTOS, load_photo
 from lorafleet.change.sampling import seen_edit, unseen_edit
 from lorafleet.change.store import ChangeConfig, load_model
 from lorafleet.change.train import Trainer
@@ -68,10 +68,10 @@ def apply_change(
 
 
 def _grid_rows(qs, models, rows_per_group: int) -> list[dict]:
-    """One quad per edit type, evenly spread over each group's types."""
+    """One quad per edit type, evenly spread over each family's types, for each condition."""
     firsts: dict = {}
     for q in qs:
-        firsts.setdefault(q["group"], {}).setdefault(q["edit"], q)
+        firsts.setdefault((q["family"], q["condition"]), {}).setdefault(q["edit"], q)
     picked = []
     for by_type in firsts.values():
         types = list(by_type.values())
@@ -79,34 +79,41 @@ def _grid_rows(qs, models, rows_per_group: int) -> list[dict]:
         picked += [types[int(i * step)] for i in range(min(rows_per_group, len(types)))]
     rows = []
     for q in picked:
-        preds = predictions(q, models)
-        row = {"label": f"{q['group']}: {q['label']}", "A": q["a"], "A'": q["a2"], "B": q["b"]}
+        preds = {m: p[0] for m, p in predictions(q, models).items()}  # the first seed's
+        label = f"{q['condition']}: {q['label']}"
+        row = {"label": label, "A": q["a"], "A'": q["a2"], "B": q["b"]}
         rows.append({**row, "true B'": q["b2"], **preds})
     return rows
 
 
 def evaluate_models(
-    models: dict[str, Path], out: Path, per_edit: int = 8, seed: int = 0, rows_per_group: int = 9
+    models: list[tuple[str, Path]],
+    out: Path,
+    per_edit: int = 8,
+    seed: int = 0,
+    rows_per_group: int = 9,
 ) -> dict:
-    """Score each LoC model (label -> dir) and the baselines; write results.json and grid.png."""
+    """Score the LoC models ((label, dir); a label given several times: one model per training
+    seed) and the baselines; write results.json and grid.png."""
     from tqdm.auto import tqdm
 
-    loaded = {}
+    loaded: dict = {}
     size = None
-    for label, folder in models.items():
+    for label, folder in models:
         cfg, editor, hyper = load_model(folder)
         if size not in (None, cfg.image_size):
             raise LorafleetError("the models were trained at different image sizes")
         size = cfg.image_size
-        loaded[label] = (editor, hyper)
+        loaded.setdefault(label, []).append((editor, hyper))
     torch.manual_seed(seed)
     qs = quads(seed, per_edit, size)
     with tqdm(total=len(qs), desc="evaluating", unit="quad") as bar:
         results = evaluate(loaded, qs, lambda i, n: bar.update(1))
     results["settings"] = {
-        "models": {k: str(v) for k, v in models.items()},
+        "models": [[label, str(folder)] for label, folder in models],
         "per_edit": per_edit,
         "seed": seed,
+        "heldout_photos": list(HELDOUT_PHOTOS),
     }
     out = Path(out)
     atomic_write_json(out / "results.json", results)
@@ -136,13 +143,38 @@ def write_examples(out: Path, edit: str = "hue", unseen: bool = False, seed: int
 
 
 def results_table(results: dict) -> str:
-    """Markdown table of mean PSNR / SSIM per group and method."""
-    groups = results["groups"]
-    methods = list(next(iter(groups.values())))
-    lines = ["| edits | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    for group, row in groups.items():
-        cells = [f"{row[m]['psnr']:.2f} / {row[m]['ssim']:.3f}" for m in methods]
-        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    """Markdown table: mean PSNR (dB) per family, condition and method (quads, seeds)."""
+    cells = results["cells"]
+    first = next(iter(next(iter(cells.values())).values()))
+    methods = [m for m in first if m != "n"]
+    lines = [
+        "| family | edits | quads | " + " | ".join(methods) + " |",
+        "|---" * (len(methods) + 3) + "|",
+    ]
+    for fam, by_condition in cells.items():
+        for condition, cell in by_condition.items():
+            row = [fam, condition, str(cell["n"]), *(f"{cell[m]['psnr']:.2f}" for m in methods)]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def diffs_table(results: dict) -> str:
+    """Markdown table: each LoC model minus identity, "G alone" and difference (dB, 95%
+    bootstrap interval over the quads)."""
+    lines = []
+    for fam, by_condition in results["diffs"].items():
+        for condition, d in by_condition.items():
+            keys = [k for k in d if k.endswith((" - identity", " - G alone", " - difference"))]
+            if not lines:
+                lines = [
+                    "| family | edits | " + " | ".join(keys) + " |",
+                    "|---" * (len(keys) + 2) + "|",
+                ]
+            cells = [
+                f"{d[k]['mean']:+.2f} [{d[k]['ci95'][0]:+.2f}, {d[k]['ci95'][1]:+.2f}]"
+                for k in keys
+            ]
+            lines.append(f"| {fam} | {condition} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lorafleet.change.edits import SEEN_TYPES, TINTS, UNSEEN_TYPES, Edit
+from lorafleet.change.edits import SEEN_TYPES, TINTS, UNSEEN_TYPES, Edit, family
 from lorafleet.errors import LorafleetError
 
 
@@ -43,6 +43,7 @@ RANGES = {
         lambda g: {"g": _u(g, 2.4, 3.0)},
     ),
     "posterize": (None, lambda g: {"levels": _pick(g, [3, 4, 5])}),
+    "sepia": (None, lambda g: {"amount": _u(g, 0.6, 1.0)}),
     "flip_h": (lambda g: {}, None),
     "flip_v": (None, lambda g: {}),
     "rot90": (lambda g: {"k": 1}, lambda g: {"k": 3}),
@@ -56,7 +57,13 @@ RANGES = {
     "emboss": (None, lambda g: {}),
     "pixelate": (lambda g: {"block": _pick(g, [2, 4])}, lambda g: {"block": 8}),
 }
-UNSEEN_RANGE_TYPES = tuple(n for n in SEEN_TYPES if RANGES[n][1] is not None)
+# The exchange trains on inverse edits too, whose parameters reach these types' held-out ranges
+# (saturation 1/0.6 = 1.7, contrast 1/0.4 = 2.5, rot90 k=1 undone is k=3): not reported unseen.
+COVERED_BY_EXCHANGE = ("saturation", "contrast", "rot90")
+UNSEEN_RANGE_TYPES = tuple(
+    n for n in SEEN_TYPES if RANGES[n][1] is not None and n not in COVERED_BY_EXCHANGE
+)
+CONDITIONS = ("seen", "unseen type", "unseen range")
 COMPOSE_P = 0.2  # share of training edits that are compositions of two seen edits
 
 
@@ -85,8 +92,11 @@ def unseen_edit(g: torch.Generator, name: str) -> Edit:
     return Edit(name, unseen(g))
 
 
-def eval_edits(g: torch.Generator) -> list[tuple[str, Edit]]:
-    """One edit per evaluated condition, tagged "seen" or "unseen"."""
-    out = [("seen", seen_edit(g, n)) for n in SEEN_TYPES]
-    out += [("unseen", unseen_edit(g, n)) for n in UNSEEN_TYPES + UNSEEN_RANGE_TYPES]
+def eval_edits(g: torch.Generator) -> list[tuple[str, str, Edit]]:
+    """One edit per evaluated edit type and condition: (family, condition, edit); conditions:
+    "seen" (a training type and range), "unseen type" (a type held out of training),
+    "unseen range" (a training type, a parameter outside its training range)."""
+    out = [(family(n), "seen", seen_edit(g, n)) for n in SEEN_TYPES]
+    out += [(family(n), "unseen type", unseen_edit(g, n)) for n in UNSEEN_TYPES]
+    out += [(family(n), "unseen range", unseen_edit(g, n)) for n in UNSEEN_RANGE_TYPES]
     return out

@@ -3,48 +3,25 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorafleet.change.config import ChangeConfig
 from lorafleet.change.editor import Editor
 from lorafleet.change.hyper import HyperNet
 from lorafleet.errors import LorafleetError
 from lorafleet.fsutil import atomic_write, atomic_write_json
 
-
-@dataclass
-class ChangeConfig:
-    """Sizes and training settings of one LoC model."""
-
-    seed: int = 0
-    image_size: int = 32
-    width: int = 12
-    rank: int = 4
-    dim: int = 64
-    depth: int = 2
-    editor_steps: int = 500
-    steps: int = 1500
-    batch: int = 16
-    editor_lr: float = 3e-3
-    lr: float = 5e-4
-    reverse: bool = True
-    quad_weight: float = 0.0
-    checkpoint_every: int = 100
-    edit_types: str = ""  # comma-separated seen types to train on; empty: all of them
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ChangeConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+__all__ = ["ChangeConfig", "build", "load_model", "load_weights", "save_model", "save_weights"]
 
 
 def build(cfg: ChangeConfig) -> tuple[Editor, HyperNet]:
     """A fresh editor and hypernetwork (seeded by cfg.seed)."""
     torch.manual_seed(cfg.seed)
-    editor = Editor(cfg.width)
+    editor = Editor(cfg.width, residual=cfg.editor == "residual")
     hyper = HyperNet(editor.layer_shapes(), cfg.rank, cfg.dim, cfg.image_size, cfg.depth)
     return editor, hyper
 
@@ -76,7 +53,7 @@ def load_model(folder: str | Path) -> tuple[ChangeConfig, Editor, HyperNet]:
         raise LorafleetError(f"{file}: missing (not a `lorafleet change train` directory)")
     try:
         cfg = ChangeConfig.from_dict(json.loads(file.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
+    except (json.JSONDecodeError, TypeError, LorafleetError) as exc:
         raise LorafleetError(f"{file}: not a valid LoC config ({exc})") from exc
     editor, hyper = build(cfg)
     try:

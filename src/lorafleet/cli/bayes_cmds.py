@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from lorafleet.bayes.config import CalibrateConfig, LaplaceConfig
+from lorafleet.bayes.config import FIT_ROWS, CalibrateConfig, LaplaceConfig
 from lorafleet.cli.app import app
 from lorafleet.cli.common import load_model, print_report, write_json
 from lorafleet.cli.options import (
@@ -29,15 +29,28 @@ FIT_OPTIONS = options_from(
     from_field("labels", help="Fisher labels: exact (all classes) | sampled (one draw)."),
     from_field("batch_size", min=1),
     "seed",
+    from_field(
+        "kfac",
+        help="KFAC over a weight shared by the prompt's positions: expand (every position an "
+        "example, as the official Laplace-LoRA code's backend) | reduce (mean input, summed "
+        "output gradient: one term per example; this project's form before).",
+    ),
+    from_field(
+        "subset",
+        help="Weights under the posterior, the official code's --laplace_sub: all (every LoRA "
+        "weight; the paper's Laplace-LoRA) | last_layer (only a LoRA on lm_head, cut to the "
+        "answer tokens' rows: needs an adapter that targets lm_head). A LoRA on lm_head is cut "
+        "to those rows in both.",
+    ),
 )
 TUNING_OPTIONS = options_from(
     CalibrateConfig,
     from_field("tune", help="Prior precision by: evidence (marginal likelihood) | val."),
     from_field(
         "prior",
-        help="Prior on the LoRA weights: b-only (A fixed, B ~ N(0, 1/lam)) | b-layers (b-only, "
-        "one lam per module) | init (centred at lora_init.safetensors) | parts (lam_A, lam_B) "
-        "| zero (N(0, 1/lam) on A and B).",
+        help="Prior on the LoRA weights: zero (N(0, 1/lam) on A and B, one lam: the paper's) | "
+        "b-only (A fixed, B ~ N(0, 1/lam)) | b-layers (b-only, one lam per module) | init "
+        "(centred at lora_init.safetensors) | parts (lam_A, lam_B).",
     ),
     from_field(
         "evidence",
@@ -50,6 +63,13 @@ TUNING_OPTIONS = options_from(
         "weight_samples", min=0, help="Also report the weight-sampling predictive on --val."
     ),
     from_field("max_length", min=8),
+    from_field(
+        "search",
+        help="How the evidence is maximised over log lam: adam (--prior-steps Adam steps, lr "
+        "0.1, from lam 1: the official code's) | grid (1e-4..1e7, then golden section: the "
+        "global optimum, also beyond Adam's reach of about e^-10..e^10).",
+    ),
+    from_field("prior_steps", min=1, help="Adam steps of --search adam."),
 )
 
 
@@ -69,8 +89,12 @@ def calibrate(
     ),
     split: str = typer.Option("train", "--split", help="Split of --data (built-in tasks)."),
     val_split: str = typer.Option("validation", "--val-split", help="Split of --val."),
-    train_limit: int | None = typer.Option(
-        None, "--train-limit", min=1, help="Use the first N rows of --data."
+    train_limit: int = typer.Option(
+        FIT_ROWS,
+        "--train-limit",
+        min=1,
+        help="Fit on the first N rows of --data (the whole split when it has fewer; the paper "
+        "fits on the whole training set).",
     ),
     val_limit: int | None = typer.Option(200, "--val-limit", min=1, help="Validation rows used."),
     fit: dict,
@@ -84,16 +108,21 @@ def calibrate(
     laplace.safetensors + laplace.json in the adapter directory.
 
     Needs classification / multiple-choice data (examples with choices, e.g. sst2, strategyqa);
-    then `lorafleet eval --bayes` reports MAP vs Laplace calibration.
+    then `lorafleet eval --bayes` reports MAP vs Laplace calibration. Defaults are the official
+    code's: KFAC-expand on up to 1,000 training rows, all LoRA weights, one zero-mean prior
+    precision tuned by the marginal likelihood with 100 Adam steps on log lam. Factors wider than
+    --threshold are low-rank + diagonal as the paper describes (the official code keeps them
+    dense: a large --threshold).
 
     Examples:
 
-        lorafleet calibrate --base default --adapter runs/sst2 --data sst2 --train-limit 500
+        lorafleet calibrate --base default --adapter runs/sst2 --data sst2
 
         lorafleet calibrate -b default -a runs/sqa --data strategyqa --val strategyqa --tune val
 
-        lorafleet calibrate -b default -a runs/sst2 --data sst2 --train-limit 500 --prior zero \
-            --evidence quadratic
+        lorafleet calibrate -b default -a runs/sst2 --data sst2 --subset last_layer --kfac reduce
+
+        lorafleet calibrate -b default -a runs/sst2 --data sst2 --prior b-only --search grid
     """
     from lorafleet.bayes import calibrate as calibrate_adapter
     from lorafleet.data import load_examples

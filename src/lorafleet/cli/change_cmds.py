@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
+from lorafleet.change.config import ChangeConfig
 from lorafleet.cli.app import app
+from lorafleet.cli.options import from_field, options_from, with_options
 
 change_app = typer.Typer(
     help="LoRA of Change: a hypernetwork turns a before/after pair into a LoRA for a small "
@@ -18,32 +20,63 @@ change_app = typer.Typer(
 app.add_typer(change_app, name="change")
 
 
+# `lorafleet change train`: the fields of ChangeConfig (each default read from the field).
+TRAIN_OPTIONS = options_from(
+    ChangeConfig,
+    from_field("steps", "--steps", "-S", help="Hypernetwork training steps."),
+    from_field("editor_steps", help="Pre-training steps of the editor's U-Net (0: none)."),
+    from_field("seed", help="Seed for weights, crops and edits."),
+    from_field("rank", "--rank", "-r", help="Rank of the emitted LoRAs."),
+    from_field("batch", help="Pairs per step."),
+    from_field("lr", help="Hypernetwork learning rate."),
+    from_field("width", help="Editor U-Net base channels."),
+    from_field("image_size", help="Training crop side (px), a multiple of 8."),
+    from_field(
+        "editor",
+        help="residual: G(x) = x + f(x), f's last conv zeroed after pre-training, so G alone is "
+        "the identity | plain: G(x) = f(x) trained to copy its input (issue 18).",
+    ),
+    from_field(
+        "query",
+        help="flip: query/target are the horizontally flipped pair (the paper's) where the edit "
+        "commutes with a flip, else the pair itself | flip-all: always flipped (the paper's "
+        "form) | pair: never.",
+    ),
+    from_field(
+        "exchange", help="Probability of training on <A', A> (the reverse edit) instead of <A, A'>."
+    ),
+    from_field(
+        "reverse",
+        "--reverse/--no-reverse",
+        help="LoRA Reverse |G(-H(A,A'), Q') - Q| (--no-reverse: the ablation).",
+    ),
+    from_field(
+        "reverse_scope",
+        help="Pairs that get Reverse and the exchange: invertible (edits that can be undone; "
+        "not grayscale, posterize, blur, edges, emboss, pixelate) | all (the paper's form).",
+    ),
+    from_field("quad_weight", help="Add the quad loss |G(H(A,A'),B) - B'| with this weight."),
+    from_field("checkpoint_every", help="Steps per checkpoint."),
+)
+
+
 @change_app.command()
+@with_options(config=TRAIN_OPTIONS)
 def train(
+    *,
     out: Path = typer.Option(..., "--out", "-o", help="Model directory to write."),
-    steps: int = typer.Option(1500, "--steps", "-S", help="Hypernetwork training steps."),
-    editor_steps: int = typer.Option(500, "--editor-steps", help="Editor pre-training steps."),
-    seed: int = typer.Option(0, "--seed", help="Seed for weights, crops and edits."),
-    rank: int = typer.Option(4, "--rank", "-r", help="Rank of the emitted LoRAs."),
-    batch: int = typer.Option(16, "--batch", help="Pairs per step."),
-    lr: float = typer.Option(5e-4, "--lr", help="Hypernetwork learning rate."),
-    width: int = typer.Option(12, "--width", help="Editor U-Net base channels."),
-    image_size: int = typer.Option(32, "--image-size", help="Training crop side (px)."),
-    no_reverse: bool = typer.Option(
-        False, "--no-reverse", help="Ablation: forward pair loss only, no LoRA Reverse term."
-    ),
-    quad_weight: float = typer.Option(
-        0.0, "--quad-weight", help="Add the quad loss |G(H(A,A'),B) - B'| with this weight."
-    ),
-    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Steps per checkpoint."),
+    config: dict,
     resume: bool = typer.Option(False, "--resume", help="Continue from DIR/checkpoint/."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Train a LoC model on crops of the photos bundled with scikit-image / scikit-learn:
-    first the editor G learns to reproduce its input, then G is frozen and the hypernetwork H
-    learns from before/after pairs with the forward loss `|G(H(A,A'), A) - A'|` and LoRA
-    Reverse `|G(-H(A,A'), A') - A|`. Held-out photos, edit types and parameter ranges are
-    never seen. Checkpoints go to DIR/checkpoint/ (`--resume` continues there).
+    first the editor's U-Net f learns to reproduce its input (the residual editor G = x + f
+    then has f's last conv zeroed: G alone is the identity), then G is frozen and the
+    hypernetwork H learns from before/after pairs as the paper trains on pairs only: random
+    exchange of <A, A'>, the flipped pair as query Q and target Q', the forward loss
+    `|G(H(A,A'), Q) - Q'|` and LoRA Reverse `|G(-H(A,A'), Q') - Q|` (on invertible edits).
+    Held-out photos, edit types and parameter ranges are never seen. Checkpoints go to
+    DIR/checkpoint/ (`--resume` continues there).
 
     Examples:
 
@@ -51,31 +84,15 @@ def train(
 
         lorafleet change train --out runs/loc-norev --no-reverse --seed 0
 
+        lorafleet change train --out runs/loc-paper --query flip-all --reverse-scope all
+
         lorafleet change train --out runs/tiny --steps 50 --editor-steps 50 --width 4
 
         lorafleet change train --out runs/loc --resume
     """
     from lorafleet.change.run import train_model
-    from lorafleet.change.store import ChangeConfig
 
-    if min(steps, editor_steps, rank, batch, width, checkpoint_every) < 1 or image_size % 8:
-        raise typer.BadParameter(
-            "steps, ranks and sizes must be >= 1; --image-size a multiple of 8"
-        )
-    cfg = ChangeConfig(
-        seed=seed,
-        image_size=image_size,
-        width=width,
-        rank=rank,
-        editor_steps=editor_steps,
-        steps=steps,
-        batch=batch,
-        lr=lr,
-        reverse=not no_reverse,
-        quad_weight=quad_weight,
-        checkpoint_every=checkpoint_every,
-    )
-    folder = train_model(cfg, out, resume=resume, quiet=quiet)
+    folder = train_model(TRAIN_OPTIONS.build(config), out, resume=resume, quiet=quiet)
     typer.echo(f"LoC model written to {folder}")
 
 
@@ -124,34 +141,38 @@ def apply(
 @change_app.command("eval")
 def evaluate(
     model: list[str] = typer.Option(
-        ..., "--model", "-m", help="LABEL=DIR (or DIR) of a trained model; repeatable."
+        ...,
+        "--model",
+        "-m",
+        help="LABEL=DIR (or DIR) of a trained model; repeatable; a label given again adds a "
+        "seed of that model.",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Writes results.json and grid.png here."),
-    per_edit: int = typer.Option(8, "--per-edit", help="Held-out quads per edit."),
+    per_edit: int = typer.Option(8, "--per-edit", min=1, help="Held-out quads per edit."),
     seed: int = typer.Option(0, "--seed", help="Seed for the held-out quads."),
 ):
     """Score LoC models on held-out photos: PSNR / SSIM of G(H(A,A'), B) against the true B',
-    for seen and unseen edits, beside the frozen editor alone (G(B), its reconstruction floor)
-    and the identity (B), copy (A') and pixel-difference (B + A' - A) baselines.
-    Writes DIR/results.json and a picture grid DIR/grid.png (rows:
-    edits; columns: A, A', B, true B', each model, the baselines).
+    per edit family (colour/tone, filter, geometry) for seen edits, held-out edit types and
+    held-out parameter ranges, beside the frozen editor alone (G(B)) and the identity (B),
+    copy (A') and pixel-difference (B + A' - A) baselines, with each model's paired
+    differences and bootstrap intervals. Writes DIR/results.json and a picture grid
+    DIR/grid.png (rows: edits; columns: A, A', B, true B', each model, the baselines).
 
     Examples:
 
-        lorafleet change eval -m loc=runs/loc -m no-reverse=runs/loc-norev --out runs/loc-eval
+        lorafleet change eval -m LoC=runs/loc-s0 -m LoC=runs/loc-s1 --out runs/loc-eval
 
         lorafleet change eval -m runs/loc --per-edit 2 --out /tmp/quick
     """
-    from lorafleet.change.run import evaluate_models, results_table
+    from lorafleet.change.run import diffs_table, evaluate_models, results_table
 
-    if per_edit < 1:
-        raise typer.BadParameter("--per-edit must be >= 1")
-    models = {}
+    models = []
     for spec in model:
         label, _, folder = spec.rpartition("=")
-        models[label or Path(folder).name] = Path(folder)
+        models.append((label or Path(folder).name, Path(folder)))
     results = evaluate_models(models, out, per_edit=per_edit, seed=seed)
-    typer.echo("PSNR (dB) / SSIM on held-out photos\n" + results_table(results))
+    typer.echo("PSNR (dB) on held-out photos\n" + results_table(results))
+    typer.echo("\nPSNR differences (dB) [95% bootstrap interval]\n" + diffs_table(results))
     typer.echo(f"written {out}/results.json and {out}/grid.png")
 
 

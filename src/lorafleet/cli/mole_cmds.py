@@ -26,18 +26,30 @@ def train(
         ..., "--data", "-d", help="TASK_OR_FILE[@WEIGHT], repeatable: sampled in proportion."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="The MoLE directory to write."),
-    steps: int = typer.Option(100, "--steps", min=1),
+    steps: int = typer.Option(300, "--steps", min=1),
     lr: float = typer.Option(5e-3, "--lr", min=0.0),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
-    balance_weight: float = typer.Option(
-        0.01, "--balance-weight", min=0.0, help="beta of the balancing loss -log prod_i q_i."
+    batch_size: int = typer.Option(
+        12, "--batch-size", min=1, help="Rows per step, drawn evenly across the --data tasks."
     ),
-    temperature: float = typer.Option(1.0, "--temperature", min=1e-6, help="Softmax tau."),
+    balance_weight: float = typer.Option(
+        0.5,
+        "--balance-weight",
+        min=0.0,
+        help="beta of the balancing loss -log prod_i q_i (0.5: the paper's).",
+    ),
+    temperature: float = typer.Option(
+        1.0,
+        "--temperature",
+        min=1e-6,
+        help="Softmax tau: the initial one for block gates (learnt), fixed for linear / input.",
+    ),
     gate: str = typer.Option(
-        "outputs",
+        "block",
         "--gate",
-        help="outputs (the paper: on the experts' outputs) | input (the "
-        "official code: on the layer input).",
+        help="block (the paper: one gate per transformer block on the experts' outputs, "
+        "learnable temperature) | linear (one gate per adapted linear on its experts' outputs, "
+        "fixed tau; the default before issue 29) | input (one gate per linear on the layer "
+        "input, fixed tau).",
     ),
     train_limit: int | None = typer.Option(
         None, "--train-limit", min=1, help="Rows read from each source."
@@ -48,14 +60,19 @@ def train(
     no_chat: bool = NoChatOpt,
     seed: int = SeedOpt,
 ):
-    """Train only the gates (one per adapted layer; experts and base frozen) on a mix of
-    tasks, then write OUT/mole_config.json (experts by relative path and sha256, gate variant,
-    temperature, base fingerprint) and OUT/gates.safetensors.
+    """Train only the gates (one per transformer block by default; experts and base frozen)
+    on a mix of tasks, task-balanced (rows drawn evenly per --data source, each task's mean
+    row loss weighing the same), then write OUT/mole_config.json (experts by relative path
+    and sha256, gate variant, temperature, base fingerprint) and OUT/gates.safetensors.
+    Departures from the paper: the gate is per token (the paper's flattens a whole
+    sequence, which generation cannot), and a block gate reads its experts' outputs at the
+    block's first adapted linear (e.g. q_proj), since running every expert's whole block
+    separately would need one KV cache per expert.
 
     Examples:
 
         lorafleet mole train -b default -e sst2=runs/sst2 -e clutrr=runs/clutrr -e sqa=runs/sqa
-        -d sst2 -d clutrr -d strategyqa --train-limit 200 --steps 100 -o runs/mole
+        -d sst2 -d clutrr -d strategyqa --train-limit 200 --steps 300 -o runs/mole
 
         lorafleet mole train -b default -e a=A -e b=B -d mixed.jsonl --gate input -o runs/mole
 
@@ -64,8 +81,8 @@ def train(
     from lorafleet.compose.mole import MoleError, parse_expert
     from lorafleet.compose.mole_train import MoleTrainConfig, train_mole
 
-    if gate not in ("outputs", "input"):
-        raise MoleError(f"--gate must be outputs or input, got {gate!r}")
+    if gate not in ("block", "linear", "input", "outputs"):  # outputs: linear's old name
+        raise MoleError(f"--gate must be block, linear or input, got {gate!r}")
     cfg = MoleTrainConfig(
         base=base,
         experts=[parse_expert(e) for e in expert],

@@ -120,6 +120,16 @@ def train(
         "--ortho-weight",
         help=f"bilora: weight of ||P'P - I||^2 + ||QQ' - I||^2 ({BiLoRAConfig.ortho_weight}).",
     ),
+    lambda_lr: float | None = typer.Option(
+        None,
+        "--lambda-lr",
+        help=f"bilora: lambda's own Adam lr (default {BiLoRAConfig.lambda_lr}; P, Q use --lr).",
+    ),
+    warm_start: int | None = typer.Option(
+        None,
+        "--warm-start",
+        help=f"bilora: joint steps on D1 before alternating (default {BiLoRAConfig.warm_start}).",
+    ),
 ):
     """Fine-tune an adapter. Ctrl-C or SIGTERM saves a checkpoint; --resume continues it.
 
@@ -138,7 +148,9 @@ def train(
     from lorafleet.train import trainer_for
     from lorafleet.train.bilora_config import bilora_options
 
-    extra = bilora_options(run["method"], bilevel, bilevel_split, ortho_weight)
+    extra = bilora_options(
+        run["method"], bilevel, bilevel_split, ortho_weight, lambda_lr, warm_start
+    )
     cfg = TRAIN_OPTIONS.build(run, extra=extra)
     trainer = trainer_for(cfg)
     result = trainer.run()

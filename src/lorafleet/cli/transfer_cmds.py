@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import operator
 
 import typer
 
 from lorafleet.cli.app import app
 from lorafleet.cli.common import print_report
-from lorafleet.cli.options import BaseOpt, NoChatOpt, SeedOpt
+from lorafleet.cli.options import (
+    BaseField,
+    from_field,
+    no_chat_option,
+    options_from,
+    with_options,
+)
+from lorafleet.transfer.config import PrepareConfig, RunConfig
 
 transfer_app = typer.Typer(
     help="Trans-LoRA: move a task adapter to another base model with no task data.",
@@ -18,123 +25,143 @@ transfer_app = typer.Typer(
 app.add_typer(transfer_app, name="transfer")
 
 
-@transfer_app.command("prepare")
-def prepare_cmd(
-    base: str = BaseOpt,
-    adapter: Path = typer.Option(..., "--adapter", "-a", help="The source adapter (PEFT dir)."),
-    data: str = typer.Option(
-        ...,
+# `lorafleet transfer prepare`: PrepareConfig's fields (each default is the field's).
+PREPARE_OPTIONS = options_from(
+    PrepareConfig,
+    BaseField,
+    from_field("adapter", "--adapter", "-a", help="The source adapter (PEFT dir)."),
+    from_field(
+        "data",
         "--data",
         "-d",
-        help="The task: a built-in task, or a text/label or "
-        "prompt/completion file (read now; the kit keeps only the seeds).",
+        help="The task: a built-in task, or a text/label or prompt/completion file (read now; "
+        "the kit keeps only the seeds).",
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="The kit directory to write."),
-    seeds: int = typer.Option(5, "--seeds", help="Seed rows kept in the kit."),
-    real: int = typer.Option(
-        64, "--real", help="Real inputs the discriminator learns from (as many synthetic)."
+    from_field("out", "--out", "-o", help="The kit directory to write."),
+    from_field("seeds", help="Seed rows kept in the kit."),
+    from_field(
+        "real",
+        help="Real inputs the discriminator trains on, and as many synthetic ones (at least "
+        "128; fewer is refused).",
     ),
-    disc_steps: int = typer.Option(60, "--disc-steps", min=1, help="Discriminator steps."),
-    disc_rank: int = typer.Option(8, "--disc-rank", min=1),
-    disc_lr: float = typer.Option(1e-3, "--disc-lr", min=0.0),
-    held_out: float = typer.Option(
-        0.25, "--held-out", help="Fraction of each class held out for the reported accuracy."
+    from_field(
+        "held_out",
+        help="More inputs of each class (real, synthetic), never trained on: the reported "
+        "held-out accuracy.",
     ),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
-    temperature: float = typer.Option(0.9, "--temperature", min=0.0),
-    max_new_tokens: int = typer.Option(96, "--max-new-tokens", min=1, help="Per input."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
-    no_chat: bool = NoChatOpt,
-    seed: int = SeedOpt,
-):
+    from_field("disc_steps", min=1, help="Discriminator training steps."),
+    from_field("disc_rank", min=1),
+    from_field("disc_lr", min=0.0),
+    from_field("batch_size", min=1),
+    from_field("temperature", min=0.0),
+    from_field("max_new_tokens", min=1, help="Per synthetic input."),
+    from_field("overwrite", help="Replace an existing --out."),
+    no_chat_option(help="Plain prompts, no chat template."),
+    "seed",
+)
+
+# `lorafleet transfer run`: RunConfig's fields.
+RUN_OPTIONS = options_from(
+    RunConfig,
+    from_field("kit", "--kit", "-k", help="A kit from `transfer prepare`."),
+    from_field(
+        "target_base",
+        "--target-base",
+        "-t",
+        help="The new base: gemma-270m, a model dir, .gguf or hub id.",
+    ),
+    from_field(
+        "synthetic",
+        "--synthetic",
+        "-n",
+        help="K: the rows the target LoRA trains on. With the filter, candidates are drawn and "
+        "judged until K pass (Trans-LoRA's rejection sampling); --no-filter: the first K.",
+    ),
+    from_field(
+        "max_candidates",
+        help="Cap on candidates drawn while rejection sampling (default 10 x K); when it is "
+        "hit, the run keeps the fewer that passed and says so (note in the report).",
+    ),
+    from_field(
+        "out", "--out", "-o", help="Run dir: *.jsonl per stage, state.json, train/, adapter/."
+    ),
+    from_field("source_base", help="Where the source base is now (default: the kit's name)."),
+    from_field("source_adapter", help="Where the source adapter is now (hash checked)."),
+    from_field(
+        "filter",
+        "--no-filter",
+        name="no_filter",
+        annotation=bool,
+        to_cli=operator.not_,
+        to_config=operator.not_,
+        help="No discriminator: the first K candidates (the ablation).",
+    ),
+    from_field("threshold", min=0.0, max=1.0, help="A candidate passes when P(real) >= this."),
+    from_field("steps", min=1, help="Target LoRA training steps."),
+    from_field("rank", "--rank", "-r", min=1),
+    "alpha",
+    from_field("lr", min=0.0),
+    from_field("batch_size", min=1),
+    from_field("temperature", min=0.0),
+    from_field("max_new_tokens", min=1, help="Per candidate input."),
+    from_field("label_tokens", min=1, help="Per teacher reply (generation tasks)."),
+    from_field(
+        "chat",
+        "--no-chat",
+        name="no_chat",
+        annotation=bool,
+        to_cli=lambda chat: chat is False,
+        to_config=lambda no_chat: False if no_chat else None,
+        help="Train the target on plain prompts (no chat template); default: as the kit.",
+    ),
+    from_field(
+        "candidates",
+        help="Reuse another run's generated.jsonl, in its order (e.g. the filtered run's, for "
+        "--no-filter: the same first candidates).",
+    ),
+    "seed",
+)
+
+
+@transfer_app.command("prepare")
+@with_options(options=PREPARE_OPTIONS)
+def prepare_cmd(options: dict):
     """While the task data exists: keep a few seed rows, have the source base generate
     synthetic inputs from them (few-shot, sampled, de-duplicated, batched in the engine), train
-    a discriminator LoRA on the source base to tell real inputs from synthetic ones (its
-    held-out accuracy is reported), and write the kit: KIT/kit.json (source base fingerprint,
-    source adapter path + sha256), KIT/seeds.jsonl, KIT/discriminator/.
+    a discriminator LoRA on the source base on --real real + --real synthetic inputs, report
+    its accuracy on --held-out more of each that it did not train on, and write the kit:
+    KIT/kit.json (source base fingerprint, source adapter path + sha256), KIT/seeds.jsonl,
+    KIT/discriminator/.
 
     Examples:
 
         lorafleet transfer prepare -b default -a runs/sst2 -d sst2 -o kits/sst2
 
-        lorafleet transfer prepare -b default -a runs/clutrr -d clutrr --seeds 8 --real 128
+        lorafleet transfer prepare -b default -a runs/clutrr -d clutrr --seeds 8 --real 256
         --disc-steps 120 -o kits/clutrr
     """
-    from lorafleet.transfer import PrepareConfig, prepare
+    from lorafleet.transfer import prepare
 
-    cfg = PrepareConfig(
-        base=base,
-        adapter=adapter,
-        data=data,
-        out=out,
-        seeds=seeds,
-        real=real,
-        disc_steps=disc_steps,
-        disc_rank=disc_rank,
-        disc_lr=disc_lr,
-        batch_size=batch_size,
-        held_out=held_out,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        chat=not no_chat,
-        seed=seed,
-        overwrite=overwrite,
-    )
-    report = prepare(cfg)
+    report = prepare(PREPARE_OPTIONS.build(options))
     examples = report.pop("synthetic_examples")
     print_report({"transfer prepare": report})
     for text in examples:
         typer.echo(f"  synthetic: {' '.join(text.split())[:120]}")
-    typer.echo(f"wrote kit {out}")
+    typer.echo(f"wrote kit {options['out']}")
 
 
 @transfer_app.command("run")
-def run_cmd(
-    kit: Path = typer.Option(..., "--kit", "-k", help="A kit from `transfer prepare`."),
-    target_base: str = typer.Option(
-        ..., "--target-base", "-t", help="The new base: gemma-270m, a model dir, .gguf or hub id."
-    ),
-    synthetic: int = typer.Option(
-        ..., "--synthetic", "-n", help="Candidate inputs the target base generates."
-    ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Run dir: *.jsonl per stage, state.json, train/, adapter/."
-    ),
-    source_base: str | None = typer.Option(
-        None, "--source-base", help="Where the source base is now (default: the kit's name)."
-    ),
-    source_adapter: Path | None = typer.Option(
-        None, "--source-adapter", help="Where the source adapter is now (hash checked)."
-    ),
-    no_filter: bool = typer.Option(
-        False, "--no-filter", help="Keep every candidate (the ablation)."
-    ),
-    threshold: float = typer.Option(0.5, "--threshold", help="Keep when P(real) >= this."),
-    steps: int = typer.Option(100, "--steps", help="Target LoRA training steps."),
-    rank: int = typer.Option(8, "--rank", "-r"),
-    alpha: float = typer.Option(16.0, "--alpha"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
-    temperature: float = typer.Option(0.9, "--temperature", min=0.0),
-    max_new_tokens: int = typer.Option(96, "--max-new-tokens", min=1, help="Per input."),
-    label_tokens: int = typer.Option(
-        64, "--label-tokens", min=1, help="Per teacher reply (generation tasks)."
-    ),
-    no_chat: bool = typer.Option(
-        False, "--no-chat", help="Train the target on plain prompts (no chat template)."
-    ),
-    candidates: Path | None = typer.Option(
-        None, "--candidates", help="Reuse another run's generated.jsonl (e.g. for --no-filter)."
-    ),
-    seed: int = SeedOpt,
-):
-    """Without the task data: the target base, prompted with the kit's seeds, generates N
-    candidate inputs (engine batches, progress + tokens/s); the discriminator keeps those it
-    judges real (accept rate reported); the teacher (source base + source adapter) labels them
-    (for choice tasks its answer among the labels); a LoRA on the target base learns from
-    (input, teacher output) and is written to DIR/adapter as a PEFT adapter with the transfer
-    recipe in its metadata. Each stage is saved (DIR/generated.jsonl, filtered.jsonl,
-    labelled.jsonl); rerunning the same command resumes after the last finished stage.
+@with_options(options=RUN_OPTIONS)
+def run_cmd(options: dict):
+    """Without the task data: the target base, prompted with the kit's seeds, generates
+    candidate inputs (engine batches, progress + tokens/s) and the discriminator judges them
+    until K pass (rejection sampling, capped by --max-candidates; accept rate and candidates
+    drawn reported); the teacher (source base + source adapter) labels the K (for choice
+    tasks its answer among the labels); a LoRA on the target base learns from (input, teacher
+    output) and is written to DIR/adapter as a PEFT adapter with the transfer recipe in its
+    metadata. Each stage is saved (DIR/generated.jsonl: every candidate with its P(real),
+    filtered.jsonl, labelled.jsonl); rerunning the same command resumes after the last
+    finished stage.
 
     Examples:
 
@@ -145,34 +172,16 @@ def run_cmd(
 
         lorafleet eval -b gemma-270m -a runs/sst2-gemma/adapter -d sst2 --limit 200
     """
-    from lorafleet.transfer import RunConfig, run_transfer
+    from lorafleet.transfer import run_transfer
 
-    cfg = RunConfig(
-        kit=kit,
-        target_base=target_base,
-        synthetic=synthetic,
-        out=out,
-        source_base=source_base,
-        source_adapter=source_adapter,
-        filter=not no_filter,
-        threshold=threshold,
-        chat=False if no_chat else None,
-        steps=steps,
-        rank=rank,
-        alpha=alpha,
-        lr=lr,
-        batch_size=batch_size,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        label_tokens=label_tokens,
-        seed=seed,
-        candidates=candidates,
-    )
-    report = run_transfer(cfg)
+    report = run_transfer(RUN_OPTIONS.build(options))
     flat = {"out": report["out"]}
     for stage in ("generate", "filter", "label", "train"):
         for key, value in (report.get(stage) or {}).items():
-            if key != "adapter":
+            if key not in ("adapter", "note"):
                 flat[f"{stage}.{key}"] = value
     print_report({"transfer run": flat})
+    note = (report.get("filter") or {}).get("note")
+    if note:
+        typer.echo(f"warning: {note}", err=True)
     typer.echo(f"wrote adapter {report['adapter']}")

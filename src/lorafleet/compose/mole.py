@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -23,7 +22,7 @@ from lorafleet.compose.mole_find import Digests, find_experts
 from lorafleet.errors import LorafleetError
 from lorafleet.fsutil import atomic_write, atomic_write_json
 from lorafleet.layers import MultiLoRAError, MultiLoRAModel, RowMixture, inject_multilora
-from lorafleet.layers.mole import DEFAULT_VARIANT, MoleGates, gate_key
+from lorafleet.layers.mole import DEFAULT_VARIANT, MoleGates, canonical_variant
 
 MOLE_CONFIG = "mole_config.json"
 GATES_FILE = "gates.safetensors"
@@ -121,8 +120,13 @@ def attach_mole(
     variant: str = DEFAULT_VARIANT,
     temperature: float = 1.0,
 ) -> MoleModel:
-    """Put the experts into slots 1..K of `model` (in place) and gate them per layer; new
-    gates (variant, temperature) unless `gates` is given. The base and experts stay frozen."""
+    """Put the experts into slots 1..K of `model` (in place) and gate them (per block or per
+    layer: see MoleGates); new gates (variant, temperature) unless `gates` is given. The base
+    and experts stay frozen."""
+    try:
+        variant = canonical_variant(variant)
+    except ValueError as exc:
+        raise MoleError(str(exc)) from exc
     for p in model.parameters():
         p.requires_grad_(False)
     rank, targets = _max_rank(experts)
@@ -157,16 +161,14 @@ def save_mole(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gates = mole.gates
-    tensors = {
-        f"{n}.gate": gates.weight[gate_key(n)].detach().float().cpu().contiguous()
-        for n in gates.layer_names
-    }
+    tensors = gates.export()
     atomic_write(out / GATES_FILE, lambda tmp: save_file(tensors, tmp))
     config = {
         "format": FORMAT,
-        "version": 1,
+        "version": 2 if gates.variant == "block" else 1,
         "variant": gates.variant,
-        "temperature": gates.temperature,
+        "temperature": gates.temperature,  # the initial one for block gates (learnt: the file)
+        **({"blocks": gates.blocks} if gates.variant == "block" else {}),
         "base_fingerprint": base_fingerprint,
         "experts": [
             {
@@ -254,18 +256,12 @@ def load_mole(
     )
     saved = load_file(str(Path(path) / GATES_FILE))
     gates = mole.gates
-    want = {f"{n}.gate" for n in gates.layer_names}
-    if set(saved) != want:
-        raise MoleError(f"{path}: {GATES_FILE} does not match the experts' layers")
-    with torch.no_grad():
-        for n in gates.layer_names:
-            W = gates.weight[gate_key(n)]
-            if saved[f"{n}.gate"].shape != W.shape:
-                raise MoleError(
-                    f"{path}: the gate of {n} has shape "
-                    f"{tuple(saved[f'{n}.gate'].shape)}, expected {tuple(W.shape)}"
-                )
-            W.copy_(saved[f"{n}.gate"])
+    if gates.variant == "block" and config.get("blocks") not in (None, gates.blocks):
+        raise MoleError(f"{path}: its gates' blocks do not match this model's blocks")
+    try:
+        gates.load_tensors(saved)
+    except ValueError as exc:
+        raise MoleError(f"{path}: {GATES_FILE}: {exc}") from exc
     gates.eval()
     mole.mask(list(mask))
     return mole

@@ -61,10 +61,11 @@ def read_gates(path: str | Path) -> MoleGates:
     """The gates of the MoLE directory `path` (no model needed)."""
     config = read_mole_config(path)
     saved = load_file(str(Path(path) / GATES_FILE))
-    tensors = {k.removesuffix(".gate"): v for k, v in saved.items()}
     try:
-        gates = gates_from_tensors(tensors, config["variant"], float(config["temperature"]))
-    except (ValueError, KeyError) as exc:
+        gates = gates_from_tensors(
+            saved, config["variant"], float(config["temperature"]), config.get("blocks")
+        )
+    except (ValueError, KeyError, TypeError) as exc:
         raise MoleError(f"{path}: {GATES_FILE}: {exc}") from exc
     if gates.n_experts != len(config["experts"]):
         raise MoleError(

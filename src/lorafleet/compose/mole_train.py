@@ -1,6 +1,9 @@
 """`lorafleet mole train`: train only MoLE's gates (experts and base frozen) on mixed-task data.
 
-The trainer's step runner (train/step.py) does each step with `MoleStep` as its TrainStep;
+Task-balanced (mole_balance): every step's rows are drawn evenly across the --data sources and
+the task loss is the mean over tasks of their rows' mean token loss, so a task with long answers
+does not outweigh one with two-token answers. The trainer's step runner (train/step.py) does
+each step with `MoleStep` as its TrainStep;
 checkpoints here hold the gates + optimizer + scheduler + RNG (the Trainer's own checkpoints
 snapshot a PEFT adapter, which a MoLE model does not have), and resume replays the same order.
 """
@@ -16,13 +19,13 @@ from pathlib import Path
 import torch
 
 from lorafleet.compose.mole import MoleError, attach_mole, read_experts, save_mole
+from lorafleet.compose.mole_balance import TASK_KEY, TaskBatches, row_losses, task_balanced
 from lorafleet.data import load_examples
 from lorafleet.fsutil import atomic_write
 from lorafleet.layers.mole import DEFAULT_VARIANT, balance_loss
 from lorafleet.models import load_base
 from lorafleet.train import (
     Batch,
-    Batches,
     DataConfig,
     OptimizerConfig,
     ParamGroup,
@@ -43,10 +46,10 @@ class MoleTrainConfig:
     experts: list[tuple[str, str]]  # (name, adapter dir)
     data: list[str]  # TASK_OR_FILE[@WEIGHT]
     out: Path
-    steps: int = 100
+    steps: int = 300
     lr: float = 5e-3
-    batch_size: int = 8
-    balance_weight: float = 0.01
+    batch_size: int = 12
+    balance_weight: float = 0.5  # the paper's beta
     temperature: float = 1.0
     variant: str = DEFAULT_VARIANT
     train_limit: int | None = None  # rows per source
@@ -60,7 +63,9 @@ class MoleTrainConfig:
 
 
 class MoleStep:
-    """The task loss + balance_weight x MoLE's balancing loss; only the gates train."""
+    """The task-balanced loss (`task_balanced` over each row's mean token loss) +
+    balance_weight x MoLE's balancing loss; only the gates train. Logs the balancing loss,
+    each task's loss (`task<i>`) and the gates' mean temperature (`tau`)."""
 
     def __init__(self, balance_weight: float):
         self.balance_weight = balance_weight
@@ -71,9 +76,18 @@ class MoleStep:
     def loss(self, model, batch: Batch) -> StepOutput:
         gates = model.mole_gates
         gates.take_recorded()
-        lm = model(**batch.inputs, num_items_in_batch=batch.num_items).loss
-        bal = balance_loss(gates.take_recorded(), batch.inputs["attention_mask"].reshape(-1))
-        return StepOutput(lm + self.balance_weight * batch.share * bal, {"balance": bal})
+        inputs = dict(batch.inputs)
+        tasks = inputs.pop(TASK_KEY, None)
+        task, per_task = task_balanced(row_losses(model, inputs), tasks)
+        bal = balance_loss(gates.take_recorded(), inputs["attention_mask"].reshape(-1))
+        # The runner logs share-weighted sums over a step's micro-batches (one per task): the
+        # task and balancing losses come out as their means over tasks; a task's own loss,
+        # seen in its micro-batch only, is divided by the share to come out as itself.
+        logs = {"balance": bal, "task_loss": task}
+        logs.update({f"task{t}": v / batch.share for t, v in per_task.items()})
+        temps = gates.temperatures()
+        logs["tau"] = sum(temps.values()) / max(1, len(temps))
+        return StepOutput(batch.share * (task + self.balance_weight * bal), logs)
 
 
 def parse_source(spec: str) -> tuple[str, float]:
@@ -92,7 +106,7 @@ def parse_source(spec: str) -> tuple[str, float]:
 
 def mixed_examples(specs: list[str], tokenizer, cfg: MoleTrainConfig):
     """Each source's training rows, encoded, taken in proportion to the sources' weights (as
-    many as the scarcest source allows); returns (encoded, per-source counts)."""
+    many as the scarcest source allows); returns (rows per source, per-source counts)."""
     if not specs:
         raise MoleError("give at least one --data source")
     sources = [parse_source(s) for s in specs]
@@ -105,11 +119,11 @@ def mixed_examples(specs: list[str], tokenizer, cfg: MoleTrainConfig):
     unit = min(len(e) / w for e, (_, w) in zip(encoded, sources, strict=True))
     counts = {s: max(1, int(unit * w)) for s, w in sources}
     gen = torch.Generator().manual_seed(cfg.seed)
-    mixed = []
+    per_source = []
     for rows, (source, _) in zip(encoded, sources, strict=True):
         pick = torch.randperm(len(rows), generator=gen)[: counts[source]].tolist()
-        mixed.extend(rows[i] for i in sorted(pick))
-    return mixed, counts
+        per_source.append([rows[i] for i in sorted(pick)])
+    return per_source, counts
 
 
 def _ckpt_dir(out: Path) -> Path:
@@ -170,8 +184,14 @@ def train_mole(cfg: MoleTrainConfig, on_step=None) -> dict:
     train_only(model, groups)
     optimizer = build_optimizer(groups, OptimizerConfig(lr=cfg.lr))
     scheduler = build_scheduler(optimizer, ScheduleConfig(cfg.steps, cfg.warmup))
-    batches = Batches(
-        data, batch_size=cfg.batch_size, pad_token_id=base.tokenizer.pad_token_id, seed=cfg.seed
+    # Each source is a task: drawn evenly per step, each weighing the same in the loss (the
+    # @WEIGHT of --data sets how many of its rows are read, not its weight in the loss).
+    batches = TaskBatches(
+        data,
+        batch_size=cfg.batch_size,
+        pad_token_id=base.tokenizer.pad_token_id,
+        seed=cfg.seed,
+        device=next(model.parameters()).device,
     )
     runner = StepRunner(model, step_fn, batches, optimizer, scheduler)
     start = _restore(out, model, optimizer, scheduler) if cfg.resume else 0
@@ -184,17 +204,24 @@ def train_mole(cfg: MoleTrainConfig, on_step=None) -> dict:
         "steps": cfg.steps,
         "experts": mole.names,
         "data": counts,
-        "variant": cfg.variant,
+        "variant": mole.gates.variant,
         "temperature": cfg.temperature,
+        "learnt_temperature": _mean(mole.gates.temperatures().values()),
     }
     train = {
         k: v
         for k, v in asdict(cfg).items()
         if k in ("steps", "lr", "batch_size", "seed", "balance_weight", "data")
     }
+    train["loss"] = "task-balanced"
     save_mole(out, mole, experts, base.fingerprint, {"train": train, **cfg.extra})
     summary["out"] = str(out)
     return summary
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(1, len(values))
 
 
 def _run(cfg, runner, model, optimizer, scheduler, start, on_step) -> bool:
@@ -233,7 +260,11 @@ def _steps(cfg, runner, model, optimizer, scheduler, start, on_step, stop) -> bo
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", balance=f"{result.logs['balance']:.3f}")
+            bar.set_postfix(
+                loss=f"{result.loss:.4f}",
+                balance=f"{result.logs['balance']:.3f}",
+                tau=f"{result.logs['tau']:.3f}",
+            )
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 _save_state(out, step + 1, model, optimizer, scheduler)
             stopped = (on_step is not None and on_step(step + 1) is False) or stop

@@ -13,6 +13,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "contains": ".metrics",
         "exact_match": ".metrics",
         "extract_answer": ".metrics",
+        "label_token_loss": ".metrics",
         "perplexity": ".metrics",
     },
 )

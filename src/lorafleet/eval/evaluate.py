@@ -7,7 +7,7 @@ from contextlib import nullcontext
 from lorafleet.data import ExampleSet, encode_all
 from lorafleet.errors import LorafleetError
 from lorafleet.eval.config import EvalConfig
-from lorafleet.eval.metrics import accuracy, contains, exact_match, perplexity
+from lorafleet.eval.metrics import accuracy, contains, exact_match, label_token_loss, perplexity
 from lorafleet.eval.scoring import choice_logprobs, generate_greedy, token_loss
 
 
@@ -33,6 +33,8 @@ def evaluate(
 ) -> dict:
     """Returns {"examples", metric: value, "loss", "perplexity", ["predictions"]}; the default
     metric is the data set's own (accuracy for choice tasks, exact match for generation).
+    With accuracy also "label_loss": the mean -log p(right choice | prompt) (metrics.py's
+    label_token_loss), while "loss" averages every target token (label + end of turn).
     The settings are EvalConfig's fields (and checked by it)."""
     metrics = tuple(metrics or (examples.metric, "perplexity"))
     EvalConfig(metrics, batch_size, max_new_tokens, max_length)
@@ -55,7 +57,9 @@ def evaluate(
                     progress=bar.update if bar else None,
                 )
             predicted = scores.argmax(dim=1).tolist()
-            result["accuracy"] = accuracy(predicted, [ex.label for ex in rows])
+            labels = [ex.label for ex in rows]
+            result["accuracy"] = accuracy(predicted, labels)
+            result["label_loss"] = label_token_loss(scores.tolist(), labels)
             if return_predictions:
                 result["predictions"] = [
                     ex.choices[p] for ex, p in zip(rows, predicted, strict=True)

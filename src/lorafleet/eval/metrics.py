@@ -51,5 +51,17 @@ def accuracy(predicted: list[int], labels: list[int]) -> float:
     return sum(p == y for p, y in zip(predicted, labels, strict=True)) / len(labels)
 
 
+def label_token_loss(choice_logprobs: list[list[float]], labels: list[int]) -> float:
+    """Mean over rows of -log p(the right choice's tokens | prompt), full-vocabulary log-probs
+    (rows of `choice_logprobs`: one summed log-prob per choice). For one-token labels (sst2's
+    "positive" / "negative") this is the label token's cross-entropy alone, without the
+    end-of-turn token that the teacher-forced `loss` also averages in."""
+    if len(choice_logprobs) != len(labels):
+        raise ValueError("choice_logprobs and labels differ in length")
+    if not labels:
+        return float("nan")
+    return -sum(row[y] for row, y in zip(choice_logprobs, labels, strict=True)) / len(labels)
+
+
 def perplexity(mean_token_nll: float) -> float:
     return math.exp(min(mean_token_nll, 50.0))  # capped: exp overflows past ~709

@@ -20,8 +20,10 @@ from lorafleet.layers.multilora import (
 class MixtureGate(Protocol):
     """Per-token weights over a mixture's K candidate slots (MoLE's gates plug in here).
 
-    Every MultiLoRALinear the mixture's rows pass calls the gate once per forward with
-    `layer`: that layer's module name (one gate per layer in MoLE); `x`: [n, d_in] the rows'
+    Every MultiLoRALinear the mixture's rows pass calls the gate once per forward, in the
+    model's execution order, with `layer`: that layer's module name (MoLE keys its gates on it:
+    one per layer, or one per transformer block computed at the block's first layer and reused
+    by the block's later layers in the same forward); `x`: [n, d_in] the rows'
     layer input; `slots`: the K candidate slots; `deltas`: [n, K, d_out], candidate k's delta
     s_k B_k A_k x per row, when the gate sets `wants_deltas` (else None, and nothing per
     candidate is materialised). It returns weights [n, K] (any float dtype; x's device)."""

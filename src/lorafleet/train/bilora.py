@@ -1,9 +1,10 @@
 """BiLoRA training: P diag(lambda) Q per linear, P and Q on D1 (lower level), lambda on D2.
 
 The training data is split once into D1 / D2 (`bilevel_split` of it in D1; seeded, so the same
-seed gives the same split). Optimizer steps alternate: even steps are upper-level steps
-(lambda on a D2 batch, P and Q held constant), odd steps lower-level steps (P and Q on a D1
-batch plus `ortho_weight` x the orthogonality regulariser, lambda held constant). Variants:
+seed gives the same split). After `warm_start` joint steps (P, Q and lambda together on D1
+batches; 0 by default), optimizer steps alternate: the first is an upper-level step (lambda on a
+D2 batch, P and Q held constant), the next a lower-level step (P and Q on a D1 batch plus
+`ortho_weight` x the orthogonality regulariser, lambda held constant), and so on. Variants:
 
 - `first` (the default): the upper step uses grad_lambda L2(P, Q, lambda), the first-order
   approximation. It costs one forward/backward per step, like LoRA, and the spec marks the
@@ -15,6 +16,17 @@ batch plus `ortho_weight` x the orthogonality regulariser, lambda held constant)
   About four forward/backward passes per upper step.
 - `joint`: the control without bi-level optimisation: every P, Q and lambda on all the data
   with the regulariser, each step.
+
+Lambda is real-valued (the first of the paper's three ablated forms; softmax and approximately
+binary are not built) and starts at 0, P and Q orthonormal, so the delta starts at exactly 0.
+Lambda has its own learning rate (`lambda_lr`, 5e-2 by default, in every variant): Adam moves
+each coordinate by about its lr per step whatever the gradient's size, and with P, Q orthonormal
+||delta W||_2 = max|lambda|, so at the run's lr (1e-3) delta W could grow by only ~1e-3 per upper
+step, while a LoRA's s B A (d_out x r entries of B, each moving by lr) grows by ~0.05 per step on
+SmolLM2's width (bench/bilora_experiment.py --toy: max ||delta W||_2 after 32 steps 1.55 for
+LoRA, 0.009 first-order and 0.019 joint with lambda at lr 1e-3, 0.19 / 0.48 at 2e-2). P and Q
+get a gradient from the first lower step on (lambda has moved by then): it is lambda's step
+size, not a missing gradient, that held the bi-level variants at the base model.
 
 Saved as plain PEFT LoRA (A = Q, B = P diag(lambda), alpha = r so the scale is exactly 1); the
 lorafleet metadata says it was trained with BiLoRA, and how.
@@ -65,9 +77,21 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(perm[:n1]), sorted(perm[n1:])
 
 
-def is_upper(step: int) -> bool:
-    """Even steps update lambda (upper level), odd steps P and Q (lower level)."""
-    return step % 2 == 0
+JOINT, UPPER, LOWER = "joint", "upper", "lower"
+
+
+def phase(step: int, warm_start: int = 0) -> str:
+    """What optimizer step `step` (0-based) updates: the first `warm_start` steps are joint (P, Q
+    and lambda on D1), then upper (lambda on D2) and lower (P and Q on D1) alternate, upper
+    first."""
+    if step < warm_start:
+        return JOINT
+    return UPPER if (step - warm_start) % 2 == 0 else LOWER
+
+
+def is_upper(step: int, warm_start: int = 0) -> bool:
+    """Whether step `step` is an upper-level step (lambda on a D2 batch)."""
+    return phase(step, warm_start) == UPPER
 
 
 @dataclass
@@ -78,16 +102,17 @@ class BilevelBatch(Batch):
 
 
 class BilevelBatches(Batches):
-    """D1 batches on lower steps, D2 batches on upper steps (each a pure function of seed and
-    step, as for every run). len() and global_size describe D1."""
+    """D1 batches on lower and warm-start steps, D2 batches on upper steps (each a pure function
+    of seed and step, as for every run). len() and global_size describe D1."""
 
-    def __init__(self, d1, d2, *, pair: bool, **kw):
+    def __init__(self, d1, d2, *, pair: bool, warm_start: int = 0, **kw):
         super().__init__(d1, **kw)
         self.upper = Batches(d2, **{**kw, "seed": kw.get("seed", 0) + 1})
         self.pair = pair
+        self.warm_start = warm_start
 
     def for_step(self, step: int):
-        if not is_upper(step):
+        if not is_upper(step, self.warm_start):
             yield from super().for_step(step)
             return
         lowers = super().for_step(step) if self.pair else None
@@ -107,17 +132,22 @@ class BiLoRAStep:
         self.config, self.xi = config, xi
 
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
+        """P and Q at the run's lr; lambda at `lambda_lr` (see the module doc)."""
         layers = pseudo_svd_layers(model)
-        return [ParamGroup("vectors", vectors(layers)), ParamGroup("values", values(layers))]
+        return [
+            ParamGroup("vectors", vectors(layers)),
+            ParamGroup("values", values(layers), lr=self.config.lambda_lr),
+        ]
 
     def loss(self, model: nn.Module, batch: Batch) -> StepOutput:
         layers = pseudo_svd_layers(model)
         gamma = self.config.ortho_weight
-        if self.config.bilevel == "joint":
+        step_phase = phase(batch.step, self.config.warm_start)
+        if self.config.bilevel == "joint" or step_phase == JOINT:
             reg = orthogonality(layers)
             loss = lm_loss(model, batch) + batch.share * gamma * reg
             return StepOutput(loss, {"ortho": reg, "upper": 0.0})
-        if not is_upper(batch.step):
+        if step_phase == LOWER:
             reg = orthogonality(layers)
             with constant_values(layers):
                 loss = lm_loss(model, batch) + batch.share * gamma * reg
@@ -197,6 +227,7 @@ class BiLoRATrainer(Trainer):
             [self.train[i] for i in d1],
             [self.train[i] for i in d2],
             pair=self.bilora.bilevel == "second",
+            warm_start=self.bilora.warm_start,
             batch_size=self.cfg.batch_size,
             grad_accum=self.cfg.grad_accum,
             seed=self.cfg.seed,
@@ -219,7 +250,7 @@ class BiLoRATrainer(Trainer):
         adapter.meta["bilora"] = {
             **asdict(self.bilora),
             "split_sizes": self.split_sizes,
-            "upper_steps": "even",
+            "upper_steps": f"{self.bilora.warm_start}, {self.bilora.warm_start} + 2, ...",
             "saved_as": "lora: A = Q, B = P diag(lambda), alpha = r",
         }
         return adapter

@@ -37,33 +37,52 @@ def disc_example(tokenizer: Any, chat: bool, kind: str, text: str, real: bool) -
     return Example(prompt, choices[label], choices, label, "discriminator")
 
 
-def disc_sets(
-    tokenizer,
-    chat: bool,
-    kind: str,
-    real: Sequence[str],
-    synthetic: Sequence[str],
-    held_out: float,
-    seed: int,
-) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples, both classes in both, shuffled with `seed`."""
+def split_held(
+    real: Sequence[str], synthetic: Sequence[str], held_out: int, seed: int
+) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
+    """((train real, train synthetic), (held-out real, held-out synthetic)): `held_out` texts of
+    each class set aside at random (`seed`), the rest for training; the two never overlap."""
     rng = random.Random(seed)
-    train, test = [], []
-    for texts, is_real in ((real, True), (synthetic, False)):
-        items = [disc_example(tokenizer, chat, kind, t, is_real) for t in texts]
+    parts = []
+    for texts in (real, synthetic):
+        items = list(texts)
         rng.shuffle(items)
-        k = max(1, round(held_out * len(items))) if len(items) > 1 else 0
-        test += items[:k]
-        train += items[k:]
-    rng.shuffle(train)
-    return train, test
+        parts.append((items[held_out:], items[:held_out]))
+    (train_real, held_real), (train_synth, held_synth) = parts
+    return (train_real, train_synth), (held_real, held_synth)
+
+
+def disc_examples(
+    tokenizer, chat: bool, kind: str, real: Sequence[str], synthetic: Sequence[str], seed: int
+) -> list[Example]:
+    """The discriminator's training examples: every real text labelled "real", every synthetic
+    one "generated", shuffled with `seed`."""
+    items = [disc_example(tokenizer, chat, kind, t, True) for t in real]
+    items += [disc_example(tokenizer, chat, kind, t, False) for t in synthetic]
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def held_out_accuracy(
+    p_real_of_real: Sequence[float], p_real_of_synthetic: Sequence[float], threshold: float = 0.5
+) -> dict:
+    """The discriminator's accuracy on held-out texts at the filter's rule (real when
+    P(real) >= threshold): overall, on the real ones, on the synthetic ones."""
+    right_real = sum(p >= threshold for p in p_real_of_real)
+    right_synth = sum(p < threshold for p in p_real_of_synthetic)
+    n_real, n_synth = len(p_real_of_real), len(p_real_of_synthetic)
+    return {
+        "held_out_accuracy": (right_real + right_synth) / max(1, n_real + n_synth),
+        "held_out_real_accuracy": right_real / max(1, n_real),
+        "held_out_synthetic_accuracy": right_synth / max(1, n_synth),
+        "held_out_examples": n_real + n_synth,
+    }
 
 
 def train_discriminator(
     base_name: str,
     out: Path,
     train: list[Example],
-    held_out: list[Example],
     *,
     steps: int,
     rank: int,
@@ -73,7 +92,8 @@ def train_discriminator(
     max_length: int = 256,
 ) -> dict:
     """Train the discriminator LoRA into `out` (a trainer run dir; resumes its checkpoints) and
-    return {"held_out_accuracy", "steps", ...}."""
+    return {"train_examples", "steps"}. Its held-out accuracy is measured afterwards with
+    `load_judge` on texts it did not train on (`held_out_accuracy`)."""
     cfg = TrainConfig(
         base=base_name,
         data="translora-discriminator",
@@ -86,24 +106,42 @@ def train_discriminator(
         seed=seed,
         max_length=max_length,
         eval_limit=None,
-        val_metrics=("accuracy",),
         save_every=max(1, steps // 2),
         keep_checkpoints=1,
         resume=latest_checkpoint(out) is not None,
     )
-    result = Trainer(cfg, examples=train, val_examples=held_out or None).run()
+    result = Trainer(cfg, examples=train).run()
     if result.get("interrupted"):
         raise LorafleetError(f"discriminator training stopped at step {result['steps']}")
-    val = result.get("validation") or {}
-    return {
-        "held_out_accuracy": val.get("val_accuracy"),
-        "held_out_examples": len(held_out),
-        "train_examples": len(train),
-        "steps": result["steps"],
-    }
+    return {"train_examples": len(train), "steps": result["steps"]}
 
 
-@torch.inference_mode()
+def load_judge(
+    base: Base,
+    disc_dir: Path,
+    chat: bool,
+    kind: str,
+    batch_size: int = 16,
+    progress=None,
+):
+    """A function texts -> P(real) per text, by the discriminator on `base` (whose fingerprint
+    it must match). Attaches the discriminator to `base.model` once, through PEFT (the base is
+    changed in place: reload it to use it without the discriminator)."""
+    _, model = load_adapter(disc_dir, base.model, base_fingerprint=base.fingerprint)
+
+    @torch.inference_mode()
+    def score(texts: Sequence[str]) -> list[float]:
+        if not texts:
+            return []
+        examples = [disc_example(base.tokenizer, chat, kind, t, True) for t in texts]
+        scores = choice_logprobs(
+            model, base.tokenizer, examples, batch_size=batch_size, progress=progress
+        )
+        return torch.softmax(scores, dim=1)[:, 0].tolist()
+
+    return score
+
+
 def judge(
     base: Base,
     disc_dir: Path,
@@ -113,11 +151,5 @@ def judge(
     batch_size: int = 16,
     progress=None,
 ) -> list[float]:
-    """P(real) for every text, by the discriminator on `base` (whose fingerprint it must match).
-    Attaches the discriminator to `base.model` through PEFT (the base is changed in place)."""
-    _, model = load_adapter(disc_dir, base.model, base_fingerprint=base.fingerprint)
-    examples = [disc_example(base.tokenizer, chat, kind, t, True) for t in texts]
-    scores = choice_logprobs(
-        model, base.tokenizer, examples, batch_size=batch_size, progress=progress
-    )
-    return torch.softmax(scores, dim=1)[:, 0].tolist()
+    """P(real) for every text (`load_judge` once, then its scores)."""
+    return load_judge(base, disc_dir, chat, kind, batch_size, progress)(texts)

@@ -3,48 +3,23 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.adapters import content_digest, fingerprint_status, read_adapter, write_adapter
 from lorafleet.fsutil import atomic_dir
 from lorafleet.models import load_base
 from lorafleet.models.chat import has_chat_template
-from lorafleet.transfer.discriminator import disc_sets, train_discriminator
+from lorafleet.transfer.config import PrepareConfig
+from lorafleet.transfer.discriminator import (
+    disc_examples,
+    held_out_accuracy,
+    load_judge,
+    split_held,
+    train_discriminator,
+)
 from lorafleet.transfer.kit import DISC_DIR, write_kit
 from lorafleet.transfer.synth import generate_inputs
 from lorafleet.transfer.task import TransferError, split_rows, task_format, task_rows
-
-
-@dataclass
-class PrepareConfig:
-    base: str
-    adapter: Path
-    data: str
-    out: Path
-    seeds: int = 5
-    real: int = 64  # real inputs the discriminator learns from (and as many synthetic ones)
-    disc_steps: int = 60
-    disc_rank: int = 8
-    disc_lr: float = 1e-3
-    batch_size: int = 8
-    held_out: float = 0.25  # fraction of each class kept aside to report the accuracy
-    temperature: float = 0.9
-    max_new_tokens: int = 96
-    chat: bool = True
-    seed: int = 0
-    overwrite: bool = False
-
-    def check(self) -> None:
-        if self.seeds < 1:
-            raise TransferError(f"--seeds must be >= 1, got {self.seeds}")
-        if self.real < 2:
-            raise TransferError(f"--real must be >= 2, got {self.real}")
-        if not 0 < self.held_out < 1:
-            raise TransferError(f"--held-out must be in (0, 1), got {self.held_out}")
-        out = Path(self.out)
-        if out.exists() and any(out.iterdir()) and not self.overwrite:
-            raise TransferError(f"{out} exists and is not empty; pass --overwrite or another --out")
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -53,7 +28,13 @@ def prepare(cfg: PrepareConfig) -> dict:
     adapter = read_adapter(cfg.adapter)  # one line if missing or not an adapter
     rows = task_rows(cfg.data)
     task = task_format(cfg.data, rows[0], rows)
-    seeds, real_rows = split_rows(rows, cfg.seeds, cfg.real, cfg.seed)
+    wanted = cfg.real + cfg.held_out
+    seeds, real_rows = split_rows(rows, cfg.seeds, wanted, cfg.seed)
+    if len(real_rows) < wanted:
+        raise TransferError(
+            f"{cfg.data}: {len(rows)} rows; the kit needs --seeds {cfg.seeds} + --real "
+            f"{cfg.real} + --held-out {cfg.held_out} distinct rows"
+        )
     real = [task.input_of(r) for r in real_rows]
     seed_inputs = [task.input_of(r) for r in seeds]
     base = load_base(cfg.base)
@@ -66,22 +47,23 @@ def prepare(cfg: PrepareConfig) -> dict:
         base,
         task.kind,
         seed_inputs,
-        len(real),
+        wanted,
         seed=cfg.seed,
         temperature=cfg.temperature,
         max_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         desc="synthetic (source)",
     )
-    if len(synthetic) < 2:
+    if len(synthetic) < wanted:
         raise TransferError(
-            f"the source base produced {len(synthetic)} usable synthetic inputs; "
-            "try a higher --temperature"
+            f"the source base produced {len(synthetic)} distinct synthetic inputs of the "
+            f"{wanted} the discriminator needs (--real + --held-out); try a higher --temperature"
         )
     chat = cfg.chat and has_chat_template(base.tokenizer)
-    train, held = disc_sets(
-        base.tokenizer, chat, task.kind, real, synthetic, cfg.held_out, cfg.seed
+    (train_real, train_synth), (held_real, held_synth) = split_held(
+        real, synthetic, cfg.held_out, cfg.seed
     )
+    train = disc_examples(base.tokenizer, chat, task.kind, train_real, train_synth, cfg.seed)
     del base
     out = Path(cfg.out)
     work = out.parent / f".{out.name}.disc-work"
@@ -89,13 +71,20 @@ def prepare(cfg: PrepareConfig) -> dict:
         cfg.base,
         work,
         train,
-        held,
         steps=cfg.disc_steps,
         rank=cfg.disc_rank,
         lr=cfg.disc_lr,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
     )
+    # Held-out accuracy: real and synthetic inputs it did not train on, by the filter's rule.
+    score = load_judge(load_base(cfg.base), work, chat, task.kind, batch_size=cfg.batch_size)
+    disc = {
+        **held_out_accuracy(score(held_real), score(held_synth)),
+        "train_real": len(train_real),
+        "train_synthetic": len(train_synth),
+        **disc,
+    }
     trained = read_adapter(work)
     trained.meta["translora"] = {
         "role": "discriminator",
@@ -125,9 +114,11 @@ def prepare(cfg: PrepareConfig) -> dict:
     return {
         "kit": str(out),
         "seeds": len(seeds),
-        "real_inputs": len(real),
-        "synthetic_inputs": len(synthetic),
+        "discriminator_train": f"{len(train_real)} real + {len(train_synth)} synthetic",
+        "held_out": f"{len(held_real)} real + {len(held_synth)} synthetic",
         "generation_tokens_per_s": gen.tokens_per_s,
         "held_out_accuracy": disc["held_out_accuracy"],
+        "held_out_real_accuracy": disc["held_out_real_accuracy"],
+        "held_out_synthetic_accuracy": disc["held_out_synthetic_accuracy"],
         "synthetic_examples": synthetic[:3],
     }

@@ -1,17 +1,20 @@
 """`lorafleet transfer run`: without the task data, move the source adapter to a target base.
 
 Stages, each resumable (its output is written whole, then recorded in DIR/state.json):
-  generate  the target base, prompted with the kit's seeds, samples N inputs -> generated.jsonl
-  filter    the discriminator keeps those it judges real (--no-filter: all) -> filtered.jsonl
+  generate  the target base, prompted with the kit's seeds, samples candidates; with the filter
+            it is Trans-LoRA's rejection sampling: candidates are drawn and judged by the
+            discriminator until K pass (or --max-candidates were drawn)   -> generated.jsonl
+  filter    the first K candidates that passed (--no-filter: the first K) -> filtered.jsonl
   label     the teacher (source base + source adapter) gives outputs       -> labelled.jsonl
   train     a LoRA on the target base learns (input, teacher output)       -> DIR/adapter/
+So the filtered and unfiltered arms train on the same number K of rows (the unfiltered arm given
+the filtered run's candidates with --candidates takes the first K of them).
 A rerun with the same settings skips the stages already done (training resumes its checkpoints).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lorafleet.adapters import read_adapter, write_adapter
@@ -19,49 +22,16 @@ from lorafleet.fsutil import atomic_write, atomic_write_json
 from lorafleet.models import load_base
 from lorafleet.models.chat import has_chat_template
 from lorafleet.train import TrainConfig, Trainer, latest_checkpoint
-from lorafleet.transfer.discriminator import judge
+from lorafleet.transfer.config import RunConfig
+from lorafleet.transfer.discriminator import load_judge
 from lorafleet.transfer.kit import Kit, kit_digest, read_kit
-from lorafleet.transfer.synth import generate_inputs
+from lorafleet.transfer.rejection import RejectionResult, rejection_sample
+from lorafleet.transfer.synth import CandidateStream, generate_inputs
 from lorafleet.transfer.task import TransferError
 from lorafleet.transfer.teacher import label_inputs
 
 STATE_FILE = "state.json"
 STAGE_FILES = {"generate": "generated.jsonl", "filter": "filtered.jsonl", "label": "labelled.jsonl"}
-
-
-@dataclass
-class RunConfig:
-    kit: Path
-    target_base: str
-    synthetic: int
-    out: Path
-    source_base: str | None = None  # None: the base named in the kit
-    source_adapter: Path | None = None  # None: the path recorded in the kit
-    filter: bool = True
-    threshold: float = 0.5  # keep an input when the discriminator's P(real) >= this
-    chat: bool | None = None  # None: as the kit was prepared
-    steps: int = 100
-    rank: int = 8
-    alpha: float = 16.0
-    lr: float = 1e-3
-    batch_size: int = 8
-    temperature: float = 0.9
-    max_new_tokens: int = 96  # per synthetic input
-    label_tokens: int = 64  # per teacher reply (generation tasks)
-    seed: int = 0
-    candidates: Path | None = None  # a generated.jsonl to reuse instead of generating
-
-    def check(self) -> None:
-        if self.synthetic < 1:
-            raise TransferError(f"--synthetic must be >= 1, got {self.synthetic}")
-        if not 0 <= self.threshold <= 1:
-            raise TransferError(f"--threshold must be in [0, 1], got {self.threshold}")
-        if self.steps < 1 or self.rank < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise TransferError("--steps, --rank, --batch-size and --lr must be positive")
-
-    def settings(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("kit", "out", "source_adapter")}
-        return json.loads(json.dumps(d, default=str))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -138,6 +108,55 @@ class TransferRun:
         cfg, kit = self.cfg, self.kit
         if cfg.candidates is not None:
             return self._reuse(Path(cfg.candidates))
+        if not cfg.filter:
+            return self._generate_plain()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.synthetic, desc="accepted (rejection sampling)", unit="input")
+
+        def show(tokens: int, seconds: float) -> None:
+            bar.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+
+        score = load_judge(
+            self.source, kit.discriminator, kit.chat, kit.task.kind, batch_size=cfg.batch_size
+        )
+
+        def judged(texts):
+            p = score(texts)
+            bar.update(min(sum(x >= cfg.threshold for x in p), bar.total - bar.n))
+            return p
+
+        stream = CandidateStream(
+            self.target,
+            kit.task.kind,
+            kit.seed_inputs(),
+            seed=cfg.seed,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            on_tokens=show,
+        )
+        try:
+            result = rejection_sample(stream.next, judged, cfg.rejection())
+        finally:
+            bar.close()
+            stream.close()
+        self.source = load_base(self.source_name)  # the judge attached its adapter in place
+        summary = {
+            **result.summary(),
+            "sampled": stream.sampled,
+            "new_tokens": stream.new_tokens,
+            "seconds": round(stream.seconds, 2),
+            "tokens_per_s": round(stream.new_tokens / max(stream.seconds, 1e-9), 1),
+            "candidates_per_s": round(result.generated / max(stream.seconds, 1e-9), 3),
+        }
+        if result.message():
+            summary["note"] = result.message()
+        self._finish("generate", result.candidates, summary)
+
+    def _generate_plain(self) -> None:
+        """--no-filter without --candidates: K distinct candidates, none judged."""
+        cfg, kit = self.cfg, self.kit
         texts, gen = generate_inputs(
             self.target,
             kit.task.kind,
@@ -158,16 +177,18 @@ class TransferRun:
             "new_tokens": gen.new_tokens,
             "seconds": round(gen.seconds, 2),
             "tokens_per_s": round(gen.tokens_per_s, 1),
+            "candidates_per_s": round(gen.generated / max(gen.seconds, 1e-9), 3),
         }
         self._finish("generate", [{"input": t} for t in texts], summary)
 
     def _reuse(self, path: Path) -> None:
-        """The first N inputs of another run's generated.jsonl (an ablation on the same data)."""
+        """Another run's generated.jsonl, whole and in its order (its P(real) kept): the filter
+        stage takes its first K (--no-filter) or its first K that pass."""
         if not path.is_file():
             raise TransferError(f"{path}: no such candidates file (a run's generated.jsonl)")
         try:
-            rows = [{"input": r["input"]} for r in read_jsonl(path)][: self.cfg.synthetic]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            rows = [{"input": r["input"], "p_real": r.get("p_real")} for r in read_jsonl(path)]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise TransferError(f'{path}: not a generated.jsonl (rows of {{"input"}})') from None
         if not rows:
             raise TransferError(f"{path}: no candidates")
@@ -175,48 +196,61 @@ class TransferRun:
         self._finish("generate", rows, summary)
 
     def filter(self) -> None:
-        texts = [r["input"] for r in self.rows("generate")]
-        if not self.cfg.filter:
-            rows = [{"input": t, "p_real": None} for t in texts]
-            self._finish(
-                "filter",
-                rows,
-                {"filtered": False, "kept": len(rows), "judged": len(rows), "accept_rate": None},
-            )
+        cfg = self.cfg
+        candidates = self.rows("generate")
+        if not cfg.filter:
+            rows = [{"input": r["input"], "p_real": r.get("p_real")} for r in candidates]
+            rows = rows[: cfg.synthetic]
+            summary = {"filtered": False, "requested": cfg.synthetic, "kept": len(rows)}
+            summary["accept_rate"] = None
+            if len(rows) < cfg.synthetic:
+                summary["note"] = f"only {len(rows)} candidates for --synthetic {cfg.synthetic}"
+            self._finish("filter", rows, summary)
             return
-        from tqdm.auto import tqdm
-
-        with tqdm(total=2 * len(texts), desc="discriminator") as bar:
-            p_real = judge(
-                self.source,
-                self.kit.discriminator,
-                self.kit.chat,
-                self.kit.task.kind,
-                texts,
-                batch_size=self.cfg.batch_size,
-                progress=bar.update,
-            )
-        self.source = load_base(self.source_name)  # the judge attached its adapter in place
-        rows = [
-            {"input": t, "p_real": p}
-            for t, p in zip(texts, p_real, strict=True)
-            if p >= self.cfg.threshold
-        ]
-        if not rows:
+        result = self._replay(candidates)
+        if not result.kept:
             raise TransferError(
-                f"the discriminator rejected all {len(texts)} inputs; lower --threshold, "
-                "generate more, or pass --no-filter"
+                f"the discriminator rejected all {result.generated} inputs; lower --threshold, "
+                "raise --max-candidates, or pass --no-filter"
             )
-        self._finish(
-            "filter",
-            rows,
-            {
-                "filtered": True,
-                "kept": len(rows),
-                "judged": len(texts),
-                "accept_rate": len(rows) / len(texts),
-            },
-        )
+        p_real = {c["input"]: c["p_real"] for c in result.candidates}
+        rows = [{"input": t, "p_real": p_real[t]} for t in result.kept]
+        gen = self.state["stages"]["generate"]
+        if "passed" in gen:  # judged while generating: that loop's record (its cap) stands
+            summary = {"filtered": True, **{k: gen[k] for k in result.summary() if k in gen}}
+            note = gen.get("note")
+        else:  # a reused pool: the loop over it is the record
+            summary, note = {"filtered": True, **result.summary()}, result.message()
+        if note:
+            summary["note"] = note
+        self._finish("filter", rows, summary)
+
+    def _replay(self, candidates: list[dict]) -> RejectionResult:
+        """The rejection loop over recorded candidates, in order: the P(real) they carry, the
+        discriminator's for those without one (a reused --no-filter pool)."""
+        unjudged = [r["input"] for r in candidates if r.get("p_real") is None]
+        scored: dict[str, float] = {}
+        if unjudged:
+            kit = self.kit
+            score = load_judge(
+                self.source, kit.discriminator, kit.chat, kit.task.kind, self.cfg.batch_size
+            )
+            scored = dict(zip(unjudged, score(unjudged), strict=True))
+            self.source = load_base(self.source_name)  # the judge attached its adapter
+        texts = [r["input"] for r in candidates]
+        p = {r["input"]: r["p_real"] for r in candidates if r.get("p_real") is not None}
+        p.update(scored)
+        position = 0
+
+        def propose(n: int) -> list[str]:
+            nonlocal position
+            batch = texts[position : position + n]
+            position += len(batch)
+            return batch
+
+        cap = min(self.cfg.cap, len(texts)) if self.cfg.candidates is None else len(texts)
+        cfg = self.cfg.rejection(cap=max(cap, self.cfg.synthetic))
+        return rejection_sample(propose, lambda batch: [p[t] for t in batch], cfg)
 
     def label(self) -> None:
         texts = [r["input"] for r in self.rows("filter")]
@@ -284,6 +318,8 @@ class TransferRun:
             "target_base": {"name": self.cfg.target_base, "fingerprint": self.target.fingerprint},
             "synthetic": self.cfg.synthetic,
             "generated": stages["generate"]["generated"],
+            "kept": stages["filter"]["kept"],
+            "max_candidates": self.cfg.cap,
             "filtered": self.cfg.filter,
             "threshold": self.cfg.threshold,
             "accept_rate": stages["filter"]["accept_rate"],

@@ -84,6 +84,86 @@ def engine_generate(
     return [results[i].text for i in ids]
 
 
+class CandidateStream:
+    """Distinct synthetic inputs from `base` prompted with the seeds, sampled on demand in the
+    engine's batches: `next(n)` samples `n` completions and returns those that are new (not
+    empty, not a seed, not returned before), so it may return fewer than `n`. Close it (or use
+    it as a context manager) to free the engine."""
+
+    def __init__(
+        self,
+        base: Base,
+        kind: str,
+        seeds: Sequence[str],
+        *,
+        seed: int = 0,
+        temperature: float = 0.9,
+        top_p: float = 0.95,
+        max_tokens: int = 96,
+        batch_size: int = 16,
+        on_tokens=None,
+    ):
+        self.kind, self.seeds = kind, list(seeds)
+        self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
+        self.rng = random.Random(seed)
+        self.seen = {normalise(s) for s in seeds}
+        self.sampled = 0
+        self.on_tokens = on_tokens  # called as on_tokens(tokens so far, seconds so far)
+        longest = len(base.tokenizer(few_shot_prompt(kind, seeds, random.Random(0)))["input_ids"])
+        self.engine = Engine(
+            base,
+            max_slots=0,
+            max_batch_size=batch_size,
+            seed=seed,
+            max_seq_len=seq_len(base, longest + 32 + max_tokens),
+            max_batch_tokens=max(2048, 2 * longest),
+        )
+        self.start = time.perf_counter()
+
+    @property
+    def new_tokens(self) -> int:
+        return self.engine.generated_tokens
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def next(self, n: int) -> list[str]:
+        prompts = [few_shot_prompt(self.kind, self.seeds, self.rng) for _ in range(n)]
+        params = [
+            SamplingParams(
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                stop=STOP,
+                seed=self.rng.randrange(2**31),
+            )
+            for _ in prompts
+        ]
+        texts = engine_generate(self.engine, prompts, params, on_done=self._show)
+        self.sampled += len(texts)
+        fresh = []
+        for text in map(clean, texts):
+            key = normalise(text)
+            if key and key not in self.seen:
+                self.seen.add(key)
+                fresh.append(text)
+        return fresh
+
+    def _show(self, _finished: int, engine: Engine) -> None:
+        if self.on_tokens is not None:
+            self.on_tokens(engine.generated_tokens, self.seconds)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> CandidateStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def generate_inputs(
     base: Base,
     kind: str,
@@ -101,52 +181,33 @@ def generate_inputs(
     differ from the seeds, sampled from `base` prompted with the seeds; progress bar + tok/s."""
     from tqdm.auto import tqdm
 
-    rng = random.Random(seed)
-    seen = {normalise(s) for s in seeds}
     kept: list[str] = []
-    longest = len(base.tokenizer(few_shot_prompt(kind, seeds, random.Random(0)))["input_ids"])
-    engine = Engine(
-        base,
-        max_slots=0,
-        max_batch_size=batch_size,
-        seed=seed,
-        max_seq_len=seq_len(base, longest + 32 + max_tokens),
-        max_batch_tokens=max(2048, 2 * longest),
-    )
-    start, sampled = time.perf_counter(), 0
     bar = tqdm(total=n, desc=desc, unit="input")
 
-    def show(_n: int, eng: Engine) -> None:
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(tok_s=f"{eng.generated_tokens / max(elapsed, 1e-9):.0f}")
+    def show(tokens: int, seconds: float) -> None:
+        bar.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
 
+    stream = CandidateStream(
+        base,
+        kind,
+        seeds,
+        seed=seed,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        on_tokens=show,
+    )
     try:
         for _ in range(MAX_ROUNDS):
             missing = n - len(kept)
             if missing <= 0:
                 break
-            prompts = [few_shot_prompt(kind, seeds, rng) for _ in range(missing)]
-            params = [
-                SamplingParams(
-                    max_tokens=max_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    stop=STOP,
-                    seed=rng.randrange(2**31),
-                )
-                for _ in prompts
-            ]
-            texts = engine_generate(engine, prompts, params, on_done=show)
-            sampled += len(texts)
-            for text in map(clean, texts):
-                key = normalise(text)
-                if key and key not in seen and len(kept) < n:
-                    seen.add(key)
-                    kept.append(text)
-                    bar.update(1)
-        tokens = engine.generated_tokens
+            fresh = stream.next(missing)[:missing]
+            kept += fresh
+            bar.update(len(fresh))
     finally:
         bar.close()
-        engine.close()
-    stats = GenerationStats(n, len(kept), sampled, tokens, time.perf_counter() - start)
+        stream.close()
+    stats = GenerationStats(n, len(kept), stream.sampled, stream.new_tokens, stream.seconds)
     return kept, stats

@@ -103,11 +103,22 @@ def answers(url: str) -> list[str]:
     return out
 
 
+def settled_stats(fleet, done, timeout_s: float = 5.0) -> list[dict]:
+    """The replicas' rows once `done(rows)` holds or the timeout passes: a replica posts its
+    counters to the board every REPORT_EVERY_S, so a request just answered may not be in yet."""
+    deadline = time.monotonic() + timeout_s
+    rows = fleet.replica_stats()
+    while not done(rows) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rows = fleet.replica_stats()
+    return rows
+
+
 def test_the_fleet_answers_as_the_single_process_server(fleet, single):
     got = answers(fleet.url)
     assert got == answers(single.url)
     assert all(got)
-    rows = fleet.replica_stats()
+    rows = settled_stats(fleet, lambda rows: sum(row["requests"] for row in rows) >= len(got))
     assert len(rows) == 2 and len({row["pid"] for row in rows}) == 2
     assert sum(row["requests"] for row in rows) >= len(got)
 

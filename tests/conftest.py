@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Point the cache at a fresh dir before lorafleet is imported anywhere: tests never touch the
-# user's cache, and the `default` model's first (converting) load is exercised every run.
-os.environ.setdefault("LORAFLEET_CACHE", tempfile.mkdtemp(prefix="lorafleet-test-cache-"))
+# user's cache, and the `default` model's first (converting) load is exercised every run. The
+# dir holds converted real models (gigabytes): removed when the run ends, so runs do not pile up.
+if "LORAFLEET_CACHE" not in os.environ:
+    os.environ["LORAFLEET_CACHE"] = tempfile.mkdtemp(prefix="lorafleet-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LORAFLEET_CACHE"], ignore_errors=True)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402

@@ -41,7 +41,7 @@ KIT_REAL=${KIT_REAL:-128}      # discriminator training: real inputs (+ as many 
 KIT_HELD=${KIT_HELD:-32}       # held-out inputs per class for its reported accuracy
 DISC_STEPS=${DISC_STEPS:-32}
 K=${K:-32}                     # rows each transferred LoRA trains on
-MAX_CAND=${MAX_CAND:-160}      # cap on candidates the target draws
+MAX_CAND=${MAX_CAND:-480}      # cap on candidates the target draws
 EVAL_ROWS=${EVAL_ROWS:-200}
 CEILING=${CEILING:-0}
 declare -A NEW_TOKENS=([sst2]=48 [clutrr]=96 [gsm8k]=128 [strategyqa]=48)  # per synthetic input

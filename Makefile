@@ -63,9 +63,10 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Optional, never needed by `make test`: llama.cpp (llama-server + the llama-cpp-python binding,
-# from its PyPI source package) under build/peers/, for `lorafleet bench engine --peers`.
-# Compiles llama.cpp once, niced, CMAKE_BUILD_PARALLEL_LEVEL jobs (default 1): tens of minutes.
+# Optional, never needed by `make test`: llama.cpp (llama-server, llama-batched-bench,
+# llama-perplexity, llama-quantize, from the sources in llama-cpp-python's PyPI source package)
+# under build/peers/, for `lorafleet bench engine --peers`, `bench serve --peers` and
+# `bench quality`. Compiles once, niced, CMAKE_BUILD_PARALLEL_LEVEL jobs (default 1): tens of minutes.
 bench-peers: install
 	VENV=$(VENV) bash bench/peers_build.sh
 

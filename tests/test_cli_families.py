@@ -91,7 +91,12 @@ def test_train_eval_merge_serve(run_cli, base, tmp_path):
         torch.testing.assert_close(merged.model(input_ids=ids).logits, want, atol=1e-4, rtol=0)
 
     settings = EngineSettings(
-        max_adapters=1, max_rank=8, max_batch_size=2, max_batch_tokens=128, max_seq_len=64
+        quantize="none",
+        max_adapters=1,
+        max_rank=8,
+        max_batch_size=2,
+        max_batch_tokens=128,
+        max_seq_len=64,
     )
     state = build_state(
         load_base(base), adapters, AuthConfig.off(), settings, ServerConfig(model_name=base)

@@ -1,14 +1,10 @@
-"""The llama.cpp peer bench without the peers built: the 'not installed' error, the conversion
-inputs and driver, llama-server's command and requests, and the binding worker on a stand-in."""
+"""The llama.cpp peers without the peers built: the 'not installed' errors, the build's paths,
+the LoRA conversion inputs and driver, llama-server's command, the matched pairs."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 import textwrap
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,45 +18,57 @@ def fake_peers(tmp_path: Path, convert_script: str = "") -> peer_tools.Peers:
     script = tmp_path / "convert_lora_to_gguf.py"
     script.write_text(convert_script)
     return peer_tools.Peers(
-        root=tmp_path,
-        python=Path(sys.executable),
-        server=tmp_path / "srv",
-        lib_dir=tmp_path,
-        convert=script,
+        root=tmp_path, server=tmp_path / "srv", lib_dir=tmp_path, convert=script
     )
-
-
-def test_missing_peers_is_one_line_naming_make_bench_peers(tmp_path, run_cli):
-    with pytest.raises(LorafleetError, match="make bench-peers"):
-        peer_tools.require(tmp_path)
-    code, out, err = run_cli("bench", "engine", "--only-peers", "--peers-dir", str(tmp_path))
-    assert code == 2 and out == ""
-    assert len(err.strip().splitlines()) == 1 and "run `make bench-peers` first" in err
-
-
-def test_bench_serve_peers_checks_the_build_first(tmp_path, run_cli):
-    code, _, err = run_cli("bench", "serve", "--peers", "--peers-dir", str(tmp_path))
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "make bench-peers" in err
 
 
 def complete_build(root: Path) -> peer_tools.Peers:
     found = peer_tools.locate(root)
-    for path in (found.python, found.server, found.lib_dir / "libllama.so", found.convert):
+    for name in peer_tools.TOOLS:
+        path = getattr(found, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
+    (found.lib_dir / "libllama.so").write_text("")
     return found
 
 
-def test_locate_finds_a_complete_build(tmp_path):
+@pytest.mark.parametrize(
+    ("command", "missing"),
+    [
+        (("bench", "engine", "--peers"), "llama-batched-bench"),
+        (("bench", "engine", "--only-peers"), "llama-batched-bench"),
+        (("bench", "serve", "--peers"), "llama-server"),
+    ],
+)
+def test_missing_peers_is_one_line_naming_the_tool_and_make_bench_peers(
+    tmp_path, run_cli, command, missing
+):
+    code, out, err = run_cli(*command, "--peers-dir", str(tmp_path))
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "run `make bench-peers` first" in err and missing in err
+
+
+def test_require_checks_only_the_tools_asked_for(tmp_path):
     found = complete_build(tmp_path)
     assert peer_tools.require(tmp_path) == found
-    assert found.binding_env()["LLAMA_CPP_LIB_PATH"] == str(found.lib_dir)
+    assert found.batched_bench.name == "llama-batched-bench"
+    assert found.perplexity.name == "llama-perplexity" and found.quantize.name == "llama-quantize"
+    found.perplexity.unlink()
+    assert peer_tools.require(tmp_path, tools=("batched_bench", "server")) == found
+    with pytest.raises(LorafleetError, match="llama-perplexity at .*make bench-peers"):
+        peer_tools.require(tmp_path)
+    (found.lib_dir / "libllama.so").unlink()
+    with pytest.raises(LorafleetError, match="libllama.so"):
+        peer_tools.require(tmp_path, tools=("server",))
+    with pytest.raises(ValueError, match="unknown peer tools"):
+        peer_tools.require(tmp_path, tools=("llama-bench",))
 
 
-def test_serve_peer_takes_the_random_bench_adapters_only(tmp_path):
+def test_a_bad_setting_is_one_line_before_anything_runs(tmp_path, run_cli):
     complete_build(tmp_path)
-    with pytest.raises(LorafleetError, match="not --adapters-dir"):
-        peers.serve_peer("default", (1,), ["sst2"], [[1, 2]], 4, 2, 8, 1, 1, tmp_path)
+    code, _, err = run_cli("bench", "engine", "--peers", "--peers-dir", str(tmp_path), "-s", "fp8")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "fp8" in err
 
 
 def test_conversion_inputs_plain_lora_only(tiny_model):
@@ -89,18 +97,22 @@ def test_convert_runs_the_script_per_adapter_in_one_process_atomically(tmp_path)
         out = Path(args[args.index("--outfile") + 1])
         out.write_text(" ".join(args))
         with open(Path(args[-1]).parent / "log", "a") as f:
-            f.write(f"{os.getpid()}\\n")
+            f.write(f"{os.getpid()} {os.environ['PYTHONPATH'].split(os.pathsep)[0]}\\n")
     """)
     peers_ = fake_peers(tmp_path, script)
     jobs = [(tmp_path / f"a{i}", tmp_path / f"a{i}.gguf") for i in range(3)]
-    assert peer_tools.convert(peers_, tmp_path / "base", jobs) == [out for _, out in jobs]
+    assert peer_tools.convert(peers_, tmp_path / "base", jobs, "bf16") == [o for _, o in jobs]
     for src, out in jobs:
         args = out.read_text().split()
         assert args[args.index("--base") + 1] == str(tmp_path / "base")
-        assert args[args.index("--outtype") + 1] == "f32" and args[-1] == str(src)
+        assert args[args.index("--outtype") + 1] == "bf16" and args[-1] == str(src)
         assert args[args.index("--outfile") + 1] == str(out) + ".tmp"  # renamed once complete
-    assert len(set((tmp_path / "log").read_text().split())) == 1  # one process for all three
+    logged = {tuple(line.split()) for line in (tmp_path / "log").read_text().splitlines()}
+    assert len({pid for pid, _ in logged}) == 1  # one process for all three
+    assert {path for _, path in logged} == {str(tmp_path / "gguf-py")}  # its own tree's gguf-py
     assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(LorafleetError, match="outtype 'q8_0'"):
+        peer_tools.convert(peers_, tmp_path / "base", jobs, "q8_0")
 
 
 def test_convert_failure_is_one_error_and_no_output(tmp_path):
@@ -110,56 +122,26 @@ def test_convert_failure_is_one_error_and_no_output(tmp_path):
     assert not (tmp_path / "a0.gguf").exists()
 
 
-def test_server_command_slots_context_and_loras(tmp_path):
+def test_lora_precision_follows_the_adapters_dtype():
+    assert peer_tools.lora_outtype("float32") == "f32"
+    assert peer_tools.lora_outtype("torch.bfloat16") == "bf16"
+    with pytest.raises(LorafleetError, match="float16"):
+        peer_tools.lora_outtype("float16")
+
+
+def test_server_command_slots_context_loras_then_flags(tmp_path):
     peers_ = fake_peers(tmp_path)
     loras = [tmp_path / "a0.gguf", tmp_path / "a1.gguf"]
-    args = peer_tools.server_command(peers_, tmp_path / "m.gguf", loras, 32, 172, 2, 8123)
+    flags = ("-t", "2", "-kvu")
+    args = peer_tools.server_command(peers_, tmp_path / "m.gguf", loras, 32, 172, 8123, flags)
     assert args[0] == str(tmp_path / "srv")
     assert args[args.index("-np") + 1] == "32" and args[args.index("-c") + 1] == str(32 * 172)
-    assert args[args.index("-t") + 1] == "2" and args[args.index("--port") + 1] == "8123"
+    assert args[args.index("--port") + 1] == "8123" and args[-3:] == list(flags)
     assert [args[i + 1] for i, a in enumerate(args) if a == "--lora"] == [str(p) for p in loras]
     assert "--lora-init-without-apply" in args  # scale 0 until a request picks one
-    assert "--lora-init-without-apply" not in peer_tools.server_command(
-        peers_, tmp_path / "m.gguf", [], 1, 64, 1, 1
-    )
-    body = peer_tools.completion_body([1, 2, 3], 16, 5)
-    assert body["lora"] == [{"id": 5, "scale": 1.0}] and body["prompt"] == [1, 2, 3]
-    assert body["ignore_eos"] and not body["cache_prompt"] and body["temperature"] == 0.0
-    assert peer_tools.completion_body([1], 16, None)["lora"] == []
-
-
-FAKE_LLAMA_CPP = """
-class Llama:
-    def __init__(self, model_path, n_ctx, **kw):
-        self.n_ctx, self.resets = n_ctx, 0
-    def reset(self):
-        self.resets += 1
-    def generate(self, ids, temp, top_k, reset):
-        assert temp == 0.0 and not reset and self.resets
-        token = len(ids)
-        while True:  # never stops by itself, like the real one; 2 stands for EOS
-            yield 2 if token % 3 == 0 else token
-            token += 1
-"""
-
-
-def test_binding_worker_decodes_exactly_new_tokens_per_prompt(tmp_path, monkeypatch):
-    (tmp_path / "llama_cpp.py").write_text(FAKE_LLAMA_CPP)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    cfg = {
-        "gguf": tmp_path / "m.gguf",
-        "prompts": [[1] * 5, [1] * 7, [1] * 9],
-        "single": 2,
-        "new_tokens": 6,
-        "threads": 1,
-        "reps": 2,
-        "prompt_tokens": 9,
-    }
-    out = peers.run_binding(fake_peers(tmp_path), cfg, limit_s=120)
-    fig = out["workloads"]["single"]
-    assert fig["tokens"] == 12  # 2 prompts x 6 tokens, EOS (2) not stopping them
-    assert out["request0"] == [5, 2, 7, 8, 2, 10]
-    assert fig["ttft_p50"] is not None and out["peak_rss_mb"] > 0
+    assert args[args.index("--cache-ram") + 1] == "0"
+    plain = peer_tools.server_command(peers_, tmp_path / "m.gguf", [], 1, 64, 1)
+    assert "--lora-init-without-apply" not in plain and "-t" not in plain
 
 
 def test_base_gguf_is_the_shipped_file_and_needs_a_gguf_base(tmp_path):
@@ -170,102 +152,37 @@ def test_base_gguf_is_the_shipped_file_and_needs_a_gguf_base(tmp_path):
         peers.base_gguf(str(tmp_path))
 
 
-class FakeLlamaServer(BaseHTTPRequestHandler):
-    """/completion streamed as llama-server does (SSE, `tokens` per chunk, a final stop)."""
-
-    bodies: list = []
-
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeLlamaServer.bodies.append(body)
-        if body["n_predict"] < 0:
-            self.send_response(400)
-            self.end_headers()
-            self.wfile.write(b'{"error": {"message": "bad n_predict"}}')
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        lora = body["lora"][0]["id"] if body["lora"] else 0
-        chunks = [[100 * lora + i] for i in range(body["n_predict"])] + [[]]
-        for i, tokens in enumerate(chunks):
-            event = {"content": "x" * len(tokens), "tokens": tokens, "stop": i == len(chunks) - 1}
-            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-            self.wfile.flush()
-
-    def log_message(self, *args):
-        pass
-
-
-def test_over_server_streams_every_request_and_counts_tokens():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLlamaServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    FakeLlamaServer.bodies = []
-    try:
-        bodies = [peer_tools.completion_body([1, 2], 5, lora) for lora in (3, None, 1)]
-        fig = asyncio.run(peers.over_server(url, bodies))
-        assert fig["tokens"] == 15 and fig["request0"] == [300, 301, 302, 303, 304]
-        assert fig["ttft_p50"] is not None and fig["tpot_p50"] is not None
-        loras = sorted(str(b["lora"]) for b in FakeLlamaServer.bodies)
-        assert loras == ["[]", "[{'id': 1, 'scale': 1.0}]", "[{'id': 3, 'scale': 1.0}]"]
-        with pytest.raises(LorafleetError, match="HTTP 400"):
-            asyncio.run(peers.over_server(url, [peer_tools.completion_body([1], -1, None)]))
-    finally:
-        server.shutdown()
-
-
-def test_settings_are_labelled_and_each_is_compared_with_llama_cpp(tmp_path):
-    assert peers.label("float32") == "lorafleet"
-    assert peers.label("bfloat16+int8") == "lorafleet bfloat16+int8"
+def test_settings_are_named_once_and_matched_by_bytes():
+    assert peers.setting_name("float32+none") == "float32"
+    assert peers.setting_name("bfloat16+int8") == "bfloat16+int8"
+    assert peers.setting_name("float32+int8") == "int8"
+    assert peers.label("bfloat16") == "lorafleet bfloat16"
+    assert peers.matched_gguf("float32") == "f32" and peers.matched_gguf("bfloat16") == "bf16"
+    assert peers.matched_gguf("bfloat16+int8") == "q8_0" and peers.matched_gguf("int4") is None
     with pytest.raises(LorafleetError, match="unknown"):
-        peers.label("fp8")
+        peers.setting_name("fp8")
 
-    def fig(tok_s: float) -> dict:
-        return {
-            "tokens": 64,
-            "tokens_per_s": tok_s,
-            "ttft_p50": 0.1,
-            "ttft_p99": 0.2,
-            "tpot_p50": 0.01,
-            "tpot_p99": 0.02,
-        }
 
-    ours = {k: fig(v) for k, v in (("all_base", 120.0), ("adapters", 100.0), ("single", 20.0))}
-    faster = {k: fig(2 * v["tokens_per_s"]) for k, v in ours.items()}
-    server = {
-        "all_base": {**fig(60.0), "request0": [1]},
-        "adapters": {**fig(40.0), "request0": [2]},
-    }
-    results = {
-        "lorafleet": {"workloads": ours, "peak_rss_mb": 1},
-        "lorafleet bfloat16": {"workloads": faster, "peak_rss_mb": 1},
-        "llama.cpp": {"workloads": {"single": fig(50.0)}, "peak_rss_mb": 1},
-        "llama-server": {"workloads": server, "peak_rss_mb": 1},
-    }
-    cfg = {
-        "base": "default",
-        "gguf": "m.gguf",
-        "requests": 4,
-        "loras": [1, 2],
-        "rank": 8,
-        "prompt_tokens": 8,
-        "new_tokens": 16,
-        "single": 1,
-        "threads": 1,
-    }
-    out = peers._report(results, cfg, tmp_path / "peers.json")
-    fp32, bf16 = (
-        out["targets_by_setting"]["lorafleet"],
-        out["targets_by_setting"]["lorafleet bfloat16"],
-    )
-    assert out["targets"] == fp32
-    assert (
-        fp32["single"]["lorafleet_vs_llama_cpp"] == pytest.approx(0.4) and not fp32["single"]["met"]
-    )
-    assert bf16["single"]["lorafleet_vs_llama_cpp"] == pytest.approx(0.8) and bf16["single"]["met"]
-    assert bf16["adapters"]["lorafleet_vs_llama_cpp"] == pytest.approx(5.0)
-    assert json.loads((tmp_path / "peers.json").read_text())["targets_by_setting"].keys() == {
-        "lorafleet",
-        "lorafleet bfloat16",
-    }
+@pytest.mark.parametrize("default", ["float32+none", "bfloat16+int8"])
+def test_matched_pairs_and_their_targets(default):
+    pairs = peers.matched_pairs(default)
+    assert [(p.setting, p.gguf) for p in pairs] == [
+        ("float32", "f32"),
+        ("bfloat16", "bf16"),
+        ("bfloat16+int8", "q8_0"),
+        (peers.setting_name(default), peers.SHIPPED),  # the user's pick vs serve's default
+    ]
+    assert all(p.targets == {"parallel": 1.0, "single": 0.8} for p in pairs[:3])
+    assert pairs[3].targets == {"single": 0.5}
+    assert pairs[0].title == "F32 / float32" and pairs[3].title.startswith("Q4_1 (shipped) / ")
+
+
+def test_the_default_pair_is_what_serve_runs_with_no_flags(monkeypatch):
+    import lorafleet.serve.api.config as config
+
+    monkeypatch.setattr(config, "SERVE_DTYPE", "bfloat16")
+    monkeypatch.setattr(config, "SERVE_QUANTIZE", "int4")
+    assert peers.serve_default_setting() == "bfloat16+int4"
+    monkeypatch.setattr(config, "SERVE_QUANTIZE", "none")
+    assert peers.serve_default_setting() == "bfloat16"
+    assert peers.matched_pairs(peers.serve_default_setting())[-1].setting == "bfloat16"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lorafleet.bench.quality import _agreement, parse_setting
+from lorafleet.bench.quality import greedy_agreement, parse_limits, parse_setting
 from lorafleet.errors import LorafleetError
 
 
@@ -25,37 +25,109 @@ def test_settings_and_agreement():
     with pytest.raises(LorafleetError, match="unknown dtype"):
         parse_setting("float16")
     # shared prefix over n: 2/4 and 4/4 -> 0.75; one prompt of two identical
-    assert _agreement([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 0, 4], [5, 6, 7, 8]], 4) == (0.75, 0.5)
+    pair = ([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 0, 4], [5, 6, 7, 8]])
+    assert greedy_agreement(*pair, 4) == (0.75, 0.5)
+    assert parse_limits(["bfloat16=2", "bfloat16+int8=1"]) == {
+        "bfloat16+none": 2,
+        "bfloat16+int8": 1,
+    }
+    with pytest.raises(LorafleetError, match="SETTING=PIECES"):
+        parse_limits(["bfloat16"])
 
 
-def test_bench_quality_on_a_tiny_base(run_cli, tiny_base_dir, tmp_path):
+def test_bench_quality_on_a_tiny_base(run_cli, tiny_base_dir, tmp_path, monkeypatch):
     out_file = tmp_path / "q.json"
-    code, out, err = run_cli(
-        "bench",
-        "quality",
-        "--base",
-        tiny_base_dir,
-        "--setting",
-        "int8",
-        "--setting",
-        "bfloat16",
-        "--prompts",
-        "3",
-        "--prompt-tokens",
-        "8",
-        "--new-tokens",
-        "4",
-        "--json",
-        out_file,
-    )
+    args = ["bench", "quality", "--base", tiny_base_dir, "--setting", "int8", "--setting"]
+    args += ["bfloat16", "--context", "64", "--tokens", "400", "--piece-tokens", "155"]
+    args += ["--limit", "bfloat16=1", "--task-rows", "6", "--prompts", "2", "--prompt-tokens"]
+    args += ["8", "--new-tokens", "4", "--boot", "20", "--no-peers", "--json", out_file]
+    code, out, err = run_cli(*args)
     assert code == 0, err
-    rows = {r["setting"]: r for r in json.loads(out_file.read_text())["rows"]}
-    assert set(rows) == {"reference", "float32+int8", "bfloat16+none"}
-    ref = rows["reference"]
-    assert ref["max_logit_error"] == 0 and ref["top1_kept"] == 1 and ref["greedy_agreement"] == 1
-    assert 0 < rows["float32+int8"]["max_logit_error"] < 0.5
-    assert rows["float32+int8"]["weight_mb"] < ref["weight_mb"]
-    assert "pass rule" in out
+    figures = json.loads(out_file.read_text())
+    rows = {r["setting"]: r for r in figures["rows"]}
+    assert set(rows) == {"float32+none", "float32+int8", "bfloat16+none"}
+    ref, int8, bf16 = rows["float32+none"], rows["float32+int8"], rows["bfloat16+none"]
+    assert ref["kl_mean"] == 0 and ref["same_top1"] == 1 and ref["greedy_agreement"] == 1
+    # 400 scored tokens at 31 a chunk (64-token context): 13 chunks, in pieces of 5
+    assert [p["chunks"] for p in figures["pieces"]] == [5, 5, 5]
+    assert int8["tokens"] == 15 * 31 and int8["chunks"] == 15
+    assert bf16["tokens"] == 5 * 31 and bf16["pieces"] == 1  # --limit: the first piece only
+    assert 0 < int8["kl_mean"] < 0.05 and int8["kl_p99"] >= int8["kl_mean"]
+    lo, hi = int8["kl_mean_ci"]
+    assert lo <= int8["kl_mean"] <= hi
+    assert 0.5 < int8["same_top1"] <= 1 and 0.9 < int8["ppl_ratio"] < 1.1
+    assert int8["weight_mb"] < ref["weight_mb"]
+    assert int8["task_rows"] == 12 and bf16["task_rows"] == 4  # a third of the rows
+    assert 0 <= int8["mcnemar"]["p_value"] <= 1 and "accuracy_lower" in int8
+    assert "the rule cannot be applied" in out and "verdict" not in figures
+    # --only-peers needs the peers (none here): one line naming `make bench-peers`
+    monkeypatch.setenv("LORAFLEET_PEERS_DIR", str(tmp_path / "no-peers"))
+    code, _, err = run_cli(*args[:-3], "--only-peers", "--json", out_file)
+    assert code == 2 and "make bench-peers" in err
+    # --rule-only: the rule on stored figures; Q8_0's KL per piece decides who may be default
+    code, _, err = run_cli(*args[:-3], "--rule-only", "--json", out_file)
+    assert code == 2 and "holds no llama.cpp figures" in err
+    pct = {str(f): 0.05 for f in (0.001, 0.01, 0.05, 0.1, 0.5, 0.9, 0.95, 0.99, 0.999)}
+    q8 = [  # bfloat16 (first piece) is above Q8_0 there; int8 is below Q8_0 over all pieces
+        {"chunks": 5, "tokens": 155, "kl_mean": bf16["kl_mean"] / 10, "kl_percentiles": pct}
+    ]
+    q8 += [dict(q8[0], kl_mean=1.0) for _ in range(2)]
+    for piece in q8:
+        piece.update({"same_top1": 0.9, "ln_ppl_ratio": 0.0, "ln_ppl_ratio_se": 0.0})
+        piece.update({"ppl_q": 10.0, "ppl_base": 10.0, "kl_p99": 0.05, "kl_mean_se": 0.1})
+    figures["llama_cpp"]["pieces"] = {"Q8_0": q8}
+    out_file.write_text(json.dumps(figures))
+    speeds = tmp_path / "p.json"
+    fast = {"single_stream_vs_fp32": 2.0, "all_base_vs_fp32": 2.0}
+    rows = [{"setting": k, **fast} for k in ("bfloat16+none", "float32+int8")]
+    speeds.write_text(json.dumps({"rows": rows}))
+    code, out, err = run_cli(*args[:-3], "--rule-only", "--speeds", speeds, "--json", out_file)
+    assert code == 0, err
+    verdict = json.loads(out_file.read_text())["verdict"]
+    assert verdict["default"] == ("float32+none" if int8["accuracy_lower"] else "float32+int8")
+    assert "> llama.cpp Q8_0's" in verdict["reasons"]["bfloat16+none"]
+    assert "default by the rule" in out
+
+
+def test_kl_of_a_setting_against_itself_is_zero(tiny_base_dir):
+    from lorafleet.bench import quality
+
+    engine = quality._engine(str(tiny_base_dir), "float32", "none", 2, 40, 64)
+    ids = list(range(100, 132))
+    piece = quality.Piece("", ids, 1, {})
+    tallies = quality.kl_pass(
+        {"float32+none": engine, "same": engine}, [piece], 32, {}, lambda: None
+    )
+    kl = tallies["same"].kl[0]
+    assert len(kl) == 15 and abs(kl).max() < 1e-6 and tallies["same"].same[0].all()
+    # all_logits: row j predicts token j + 1, as a plain forward of the same ids
+    import torch
+
+    with torch.no_grad():
+        direct = engine.base.model(torch.tensor([ids])).logits[0].float()
+    got = quality.all_logits(engine, [ids])[0]
+    assert torch.allclose(got, direct, atol=1e-3)
+
+
+def test_text_pieces_and_choice_prefills(tokenizer):
+    from lorafleet.bench import quality
+
+    docs = [("a", i, f"Sentence number {i} is here.") for i in range(200)]
+    pieces = quality.build_pieces(tokenizer, 16, 40, 21, documents=docs)
+    # 7 scored a chunk: 6 chunks for 40, 3 a piece at most -> 2 pieces of 3 chunks
+    assert [p.chunks for p in pieces] == [3, 3] and all(len(p.ids) == 48 for p in pieces)
+    assert pieces[0].ids == tokenizer(pieces[0].text, add_special_tokens=False)["input_ids"][:48]
+    assert pieces[0].text.split(quality.SEPARATOR)[0] == "Sentence number 0 is here."
+    assert not set(pieces[0].text.split(quality.SEPARATOR)) & set(pieces[1].text.split("\n\n"))
+    one = {"choices": [([1, 2, 3, 7], 1), ([1, 2, 3, 8], 1)]}
+    assert quality.score_sequences(one) == [([1, 2, 3], [(0, [7]), (1, [8])], 0)]
+    two = {"choices": [([1, 2, 7, 9], 2), ([1, 2, 8], 1)]}
+    assert quality.score_sequences(two) == [
+        ([1, 2, 7, 9], [(0, [7, 9])], 1),
+        ([1, 2, 8], [(1, [8])], 1),
+    ]
+    with pytest.raises(LorafleetError, match="too few tokens"):
+        quality.build_pieces(tokenizer, 16, 10_000, 21, documents=docs[:3])
 
 
 def test_bench_precision_on_a_tiny_base(run_cli, tiny_base_dir, tmp_path):

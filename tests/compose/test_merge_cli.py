@@ -61,7 +61,12 @@ def test_into_base_writes_a_model_dir_that_loads_and_serves(
     from lorafleet.serve.api.server import EngineSettings, ServerThread, build_state
 
     settings = EngineSettings(
-        max_adapters=1, max_rank=8, max_batch_size=4, max_batch_tokens=128, max_seq_len=64
+        quantize="none",
+        max_adapters=1,
+        max_rank=8,
+        max_batch_size=4,
+        max_batch_tokens=128,
+        max_seq_len=64,
     )
     state = build_state(loaded, None, AuthConfig.off(), settings, ServerConfig(model_name="m"))
     with ServerThread(state) as srv:

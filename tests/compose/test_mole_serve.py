@@ -133,7 +133,12 @@ def test_http_serves_a_mole_dir_by_name_with_masks(tokenizer, moles):
         moles  # e0, e1, e2 and the MoLE dirs mole-block, mole-outputs, mole-input side by side
     )
     settings = EngineSettings(
-        max_adapters=4, max_rank=8, max_batch_size=8, max_batch_tokens=256, max_seq_len=64
+        quantize="none",
+        max_adapters=4,
+        max_rank=8,
+        max_batch_size=8,
+        max_batch_tokens=256,
+        max_seq_len=64,
     )
     state = build_state(
         _base(tokenizer),

@@ -150,6 +150,19 @@ def test_layer_equals_base_exactly_without_adapters():
     assert torch.equal(layer(x), expected)
 
 
+def test_context_is_active_only_while_rows_may_use_an_adapter():
+    base, layer = _layer()
+    gen = torch.Generator().manual_seed(1)
+    layer.set_slot(1, torch.randn(3, 12, generator=gen), torch.randn(10, 3, generator=gen), 2.0)
+    x = torch.randn(2, 12)
+    context = layer.context
+    assert not context.active  # nothing set: every layer returns its base product at once
+    context.set_slots([1, 0])
+    assert context.active and not torch.equal(layer(x), base(x))
+    context.clear()
+    assert not context.active and torch.equal(layer(x), base(x))
+
+
 @pytest.mark.parametrize("path", [None, "segmented", "gathered"])
 def test_layer_adds_each_rows_adapter(path):
     base, layer = _layer()

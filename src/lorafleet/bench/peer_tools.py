@@ -30,13 +30,22 @@ class Peers:
     """Paths of one `make bench-peers` build (see bench/peers_build.sh)."""
 
     root: Path
-    python: Path  # the venv holding the llama-cpp-python binding
     server: Path  # llama-server
-    lib_dir: Path  # libllama.so and libggml*.so, loaded by the binding (LLAMA_CPP_LIB_PATH)
+    lib_dir: Path  # where the binaries and libllama.so / libggml*.so are
     convert: Path  # convert_lora_to_gguf.py from the same llama.cpp sources
+    batched_bench: Path | None = None  # llama-batched-bench (in-process batched decoding)
+    perplexity: Path | None = None  # llama-perplexity (KL divergence against a base run)
+    quantize: Path | None = None  # llama-quantize
 
-    def binding_env(self) -> dict[str, str]:
-        return {**os.environ, "LLAMA_CPP_LIB_PATH": str(self.lib_dir)}
+
+# What `require` can be asked for: Peers field -> how the one-line error names it.
+TOOLS = {
+    "server": "llama-server",
+    "batched_bench": "llama-batched-bench",
+    "perplexity": "llama-perplexity",
+    "quantize": "llama-quantize",
+    "convert": "convert_lora_to_gguf.py",
+}
 
 
 def locate(root: str | Path | None = None) -> Peers:
@@ -44,26 +53,27 @@ def locate(root: str | Path | None = None) -> Peers:
     root = Path(root or os.environ.get("LORAFLEET_PEERS_DIR") or DEFAULT_DIR)
     src = root / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
     bin_dir = root / "llama.cpp" / "bin"
-    peers = Peers(
+    return Peers(
         root=root,
-        python=root / "venv" / "bin" / "python",
         server=bin_dir / "llama-server",
         lib_dir=bin_dir,
         convert=src / "convert_lora_to_gguf.py",
+        batched_bench=bin_dir / "llama-batched-bench",
+        perplexity=bin_dir / "llama-perplexity",
+        quantize=bin_dir / "llama-quantize",
     )
-    return peers
 
 
-def require(root: str | Path | None = None) -> Peers:
-    """`locate`, or one line saying what is missing and to run `make bench-peers`."""
+def require(root: str | Path | None = None, tools: tuple[str, ...] = tuple(TOOLS)) -> Peers:
+    """`locate`, or one line saying which of `tools` (TOOLS' names; all by default) and the
+    shared libraries are missing, and to run `make bench-peers`."""
     peers = locate(root)
-    checks = [
-        (peers.python, "the binding's venv"),
-        (peers.server, "llama-server"),
-        (peers.lib_dir / "libllama.so", "libllama.so"),
-        (peers.convert, "convert_lora_to_gguf.py"),
-    ]
-    missing = [f"{what} at {path}" for path, what in checks if not path.exists()]
+    unknown = sorted(set(tools) - set(TOOLS))
+    if unknown:
+        raise ValueError(f"unknown peer tools {unknown}: expected some of {sorted(TOOLS)}")
+    checks = [(getattr(peers, name), TOOLS[name]) for name in tools]
+    checks.append((peers.lib_dir / "libllama.so", "libllama.so"))
+    missing = [f"{what} at {path}" for path, what in checks if path is None or not path.exists()]
     if missing:
         raise LorafleetError(NOT_INSTALLED.format(missing="; ".join(missing)))
     return peers
@@ -94,9 +104,26 @@ def check_convertible(config: dict, tensors: dict) -> float:
     return scale
 
 
-def convert_command(peers: Peers, base_config_dir: Path, jobs: list[tuple[Path, Path]]) -> list:
+LORA_OUTTYPES = ("f32", "bf16")  # convert_lora_to_gguf.py's --outtype names we use
+
+
+def lora_outtype(dtype: str) -> str:
+    """The GGUF LoRA type matching lorafleet's adapter slots in `dtype` (the engine keeps the
+    adapters in its dtype): float32 -> f32, bfloat16 -> bf16."""
+    found = {"float32": "f32", "bfloat16": "bf16"}.get(str(dtype).removeprefix("torch."))
+    if found is None:
+        raise LorafleetError(f"no GGUF LoRA type matches adapters in {dtype}")
+    return found
+
+
+def convert_command(
+    peers: Peers, base_config_dir: Path, jobs: list[tuple[Path, Path]], outtype: str = "f32"
+) -> list:
     """One process running convert_lora_to_gguf.py once per (PEFT dir, out .gguf) pair, against
-    the base's HF config dir, to f32 (imports paid once: ~25 s each on a loaded 2-core box)."""
+    the base's HF config dir, to `outtype` (f32 | bf16; imports paid once: ~25 s each on a
+    loaded 2-core box)."""
+    if outtype not in LORA_OUTTYPES:
+        raise LorafleetError(f"GGUF LoRA outtype {outtype!r}: expected one of {LORA_OUTTYPES}")
     runs = [
         [
             "--base",
@@ -104,7 +131,7 @@ def convert_command(peers: Peers, base_config_dir: Path, jobs: list[tuple[Path, 
             "--outfile",
             str(out),
             "--outtype",
-            "f32",
+            outtype,
             str(adapter_dir),
         ]
         for adapter_dir, out in jobs
@@ -120,11 +147,19 @@ def convert_command(peers: Peers, base_config_dir: Path, jobs: list[tuple[Path, 
     return [sys.executable, "-c", driver, str(peers.convert), json.dumps(runs)]
 
 
-def convert(peers: Peers, base_config_dir: Path, jobs: list[tuple[Path, Path]]) -> list[Path]:
-    """Convert each (PEFT dir, out) pair; each out appears only once complete (temp + rename)."""
+def convert(
+    peers: Peers, base_config_dir: Path, jobs: list[tuple[Path, Path]], outtype: str = "f32"
+) -> list[Path]:
+    """Convert each (PEFT dir, out) pair to `outtype`; each out appears only once complete
+    (temp + rename). The script imports gguf-py from its own tree (the format the build reads)."""
     tmp_jobs = [(src, out.with_name(out.name + ".tmp")) for src, out in jobs]
+    gguf_py = str(peers.convert.parent / "gguf-py")
+    path = os.pathsep.join(p for p in (gguf_py, os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.run(
-        convert_command(peers, base_config_dir, tmp_jobs), capture_output=True, text=True
+        convert_command(peers, base_config_dir, tmp_jobs, outtype),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
     )
     if proc.returncode != 0 or not all(tmp.is_file() for _, tmp in tmp_jobs):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -138,10 +173,17 @@ def convert(peers: Peers, base_config_dir: Path, jobs: list[tuple[Path, Path]]) 
 
 
 def server_command(
-    peers: Peers, gguf: Path, loras: list[Path], slots: int, slot_ctx: int, threads: int, port: int
+    peers: Peers,
+    gguf: Path,
+    loras: list[Path],
+    slots: int,
+    slot_ctx: int,
+    port: int,
+    flags: tuple[str, ...] = (),
 ) -> list[str]:
-    """llama-server with `slots` parallel slots of `slot_ctx` tokens each, every LoRA loaded at
-    scale 0 (each request picks its own through the `lora` field), no prompt cache reuse."""
+    """llama-server with `slots` parallel slots (-np) of `slot_ctx` tokens each (-c is their
+    sum), every LoRA loaded at scale 0 (each request picks its own through the `lora` field),
+    no prompt cache in RAM, no web UI, then `flags` (threads, batch sizes, ...)."""
     args = [
         str(peers.server),
         "-m",
@@ -154,10 +196,6 @@ def server_command(
         str(slots),
         "-c",
         str(slots * slot_ctx),
-        "-t",
-        str(threads),
-        "-tb",
-        str(threads),
         "--cache-ram",
         "0",
         "--no-webui",
@@ -166,22 +204,7 @@ def server_command(
         args += ["--lora", str(lora)]
     if loras:
         args.append("--lora-init-without-apply")
-    return args
-
-
-def completion_body(prompt: list[int], new_tokens: int, lora_id: int | None) -> dict:
-    """One llama-server /completion request: greedy, EOS ignored, streamed token by token, no
-    prompt cache, LoRA `lora_id` at scale 1 (None: the base, every LoRA at scale 0)."""
-    return {
-        "prompt": prompt,
-        "n_predict": new_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-        "cache_prompt": False,
-        "return_tokens": True,
-        "lora": [] if lora_id is None else [{"id": lora_id, "scale": 1.0}],
-    }
+    return args + list(flags)
 
 
 def peak_rss_mb(pid: int) -> float | None:

@@ -47,21 +47,46 @@ def labelled(engine):
         setattr(owner, name, fn(old))
         undo.append((owner, name, old, had))
 
-    for label, places in engine.forward_parts().items():  # attention, kv_write, fused GEMMs
+    for label, places in engine.forward_parts().items():  # attention, kv_write
+        if label == "base_matmul":
+            continue  # every plain GEMM is labelled at F.linear below (fused ones included)
         for owner, method in places:
             patch(owner, method, lambda f, label=label: _wrap(label, f))
+    # The runners call F.linear directly where no row uses an adapter (and for the fused
+    # q/k/v GEMM): label the function, not the nn.Linear modules.
+    patch(F, "linear", lambda f: _wrap("base_matmul", f))
     sdpa = F.scaled_dot_product_attention
+    inside = {"decode": False}  # within a decode kernel below: its SDPA is labelled already
 
     def by_shape(q, *args, **kwargs):  # decode rows attend with one query position each
+        if inside["decode"]:
+            return sdpa(q, *args, **kwargs)
         label = "decode_attention" if q.shape[-2] == 1 else "prefill_attention"
         return _wrap(label, sdpa)(q, *args, **kwargs)
 
+    def decode_kernel(f):
+        labelled_f = _wrap("decode_attention", f)
+
+        def call(*args, **kwargs):
+            inside["decode"] = True
+            try:
+                return labelled_f(*args, **kwargs)
+            finally:
+                inside["decode"] = False
+
+        return call
+
     patch(F, "scaled_dot_product_attention", lambda f: by_shape)
-    # decode batches of >= GROUPED_MIN_ROWS rows attend through the grouped kernel, not SDPA
-    patch(runner_mod, "grouped_decode_attention", lambda f: _wrap("decode_attention", f))
-    for module in engine.base.model.modules():
-        if isinstance(module, nn.Linear) or (
-            type(module).__name__.endswith("Linear") and not hasattr(module, "base_layer")
+    # decode rows attend through the grouped kernels (float32 batches: matmuls; else SDPA over
+    # grouped query heads), not SDPA over one query position
+    for name in ("grouped_decode_attention", "sdpa_decode_attention"):
+        if hasattr(runner_mod, name):
+            patch(runner_mod, name, decode_kernel)
+    for module in engine.base.model.modules():  # quantised linears: their own kernels
+        if (
+            not isinstance(module, nn.Linear)
+            and type(module).__name__.endswith("Linear")
+            and not hasattr(module, "base_layer")
         ):
             patch(module, "forward", lambda f: _wrap("base_matmul", f))
     for name in ("add_lora_segmented_", "add_lora_gathered_", "add_mixture_"):
@@ -100,6 +125,22 @@ def split(events, step_label: str) -> dict[str, float]:
                 out["other_ops"] -= aten
     out["attention_glue"] = out["attention"] - out["prefill_attention"] - out["decode_attention"]
     return out
+
+
+def ops_per_step(events, step_label: str, steps: int) -> dict[str, float]:
+    """Outermost aten ops (those not called by another aten op) per `step_label` step: "ops"
+    in all and per op name."""
+    counts: dict[str, float] = {"ops": 0.0, "aten::linear": 0.0}
+    for ev in events:
+        if not ev.name.startswith("aten::") or not _under(ev, step_label):
+            continue
+        parent = ev.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is None:
+            counts["ops"] += 1 / steps
+            counts[ev.name] = counts.get(ev.name, 0.0) + 1 / steps
+    return counts
 
 
 def _aten_time(ev) -> float:
@@ -155,11 +196,13 @@ def decode_bytes(engine, rows: int, context: int, distinct: int) -> dict[str, in
 
 def _workload(cfg: dict):
     from lorafleet.bench.engine import gsm8k_prompts, random_adapters
+    from lorafleet.bench.quality import parse_setting
     from lorafleet.models import load_base
     from lorafleet.serve.engine import Engine
     from lorafleet.serve.sequence import SamplingParams
 
-    loaded = load_base(cfg["base"])
+    dtype, quantize = parse_setting(cfg.get("setting", "float32"))
+    loaded = load_base(cfg["base"], dtype=dtype)
     loaded.model.eval()
     n, p, new = cfg["requests"], cfg["prompt_tokens"], cfg["new_tokens"]
     prompts = gsm8k_prompts(loaded.tokenizer, n, p)
@@ -171,6 +214,7 @@ def _workload(cfg: dict):
         max_batch_size=n,
         max_batch_tokens=max(n * p, p + 1),
         max_seq_len=p + new + 8,
+        quantize=quantize,
     )
     names = [f"a{i}" for i in range(len(made))]
     for name, adapter in zip(names, made, strict=True):
@@ -207,9 +251,12 @@ def run(
     rank: int = 16,
     stream_mb: int = 256,
     json_out: str | Path = "bench/results/profile.json",
+    setting: str = "float32",
 ) -> dict:
-    """Profile one run of `requests` (request i uses adapter i % k) and print the split of the
-    prefill step and of the mean decode step, then the decode roofline."""
+    """Profile one run of `requests` (request i uses adapter i % k; adapters=0: all on the base;
+    requests=1: the single-row decode step) in `setting` (float32, bfloat16, bfloat16+int8, ...)
+    and print the split of the prefill step and of the mean decode step, the torch ops per
+    decode step, then the decode roofline."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -217,6 +264,7 @@ def run(
 
     cfg = {
         "base": base,
+        "setting": setting,
         "requests": requests,
         "adapters": adapters,
         "rank": rank,
@@ -251,6 +299,12 @@ def run(
         )
     ]
     print_table(rows, ["part", "prefill_ms", "decode_ms", "decode_share"])
+    ops = ops_per_step(events, "step:decode", decode_steps)
+    layers = len(engine.base.model.model.layers)
+    print(
+        f"decode step: {ops['ops']:.0f} torch ops ({ops['ops'] / layers:.1f} per layer over "
+        f"{layers} layers), of them {ops['aten::linear']:.0f} linear calls"
+    )
     decode_ms = 1e3 * sorted(plain[1:])[len(plain[1:]) // 2] if len(plain) > 1 else None
     bw = measure(stream_mb, 3, torch.get_num_threads())
     moved = decode_bytes(engine, requests, prompt_tokens + new_tokens // 2, adapters)
@@ -265,6 +319,7 @@ def run(
         "benchmark": "profile",
         **cfg,
         "rows": rows,
+        "ops_per_decode_step": ops,
         "prefill_step_ms": plain[0] * 1e3,
         "decode_step_ms_p50": decode_ms,
         "bytes_per_decode_step": moved,

@@ -180,23 +180,17 @@ def run(
     max_batch_size: int = 64,
     reps: int = 2,
     threads: int | None = None,
-    peers: bool = False,
-    peers_dir: str | Path | None = None,
     json_out: str | Path = "bench/results/serve.json",
 ) -> dict:
     """Each N in `clients`, `reps` times: the engine in-process, then the same requests over
-    HTTP (alternating, best run of each kept, so their ratio holds under other load). With
-    `peers`, then the same requests through llama-server (lorafleet.bench.peers)."""
+    HTTP (alternating, best run of each kept, so their ratio holds under other load). The
+    llama.cpp peers over HTTP: lorafleet.bench.peers_http (`bench serve --peers`)."""
     import torch
 
-    from lorafleet.bench import peers as peer_bench
     from lorafleet.bench.engine import gsm8k_prompts
-    from lorafleet.bench.peer_tools import require
     from lorafleet.models import load_base
     from lorafleet.serve.api.server import EngineSettings, build_state
 
-    if peers:
-        require(peers_dir)  # before the long runs, not after
     # The same torch threads on both sides (the server's own default: all cores but one).
     threads = threads or max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(threads)
@@ -238,32 +232,19 @@ def run(
             server.stop()
             state.registry.close()
             state.backend.close()
-    llama = {}
-    if peers:
-        if temperature != 0.0:
-            raise LorafleetError("--peers compares greedy decoding only (--temperature 0)")
-        llama = peer_bench.serve_peer(
-            base, clients, names, prompts, new_tokens, prompt_tokens, rank, reps, threads, peers_dir
-        )
     return _report(
-        base, clients, names, inproc, http, temperature, prompt_tokens, new_tokens, json_out, llama
+        base, clients, names, inproc, http, temperature, prompt_tokens, new_tokens, json_out
     )
 
 
 def _report(
-    base, clients, names, inproc, http, temperature, prompt_tokens, new_tokens, json_out, llama=None
+    base, clients, names, inproc, http, temperature, prompt_tokens, new_tokens, json_out
 ) -> dict:
     rows, figures = [], {}
     for n in clients:
         ratio = http[n]["tokens_per_s"] / inproc[n]["tokens_per_s"]
         figures[str(n)] = {"in_process": inproc[n], "http": http[n], "http_vs_in_process": ratio}
         sides = [("in-process", inproc[n]), ("http", http[n])]
-        peer = (llama or {}).get("workloads", {}).get(str(n))
-        if peer:  # llama-server, same requests over HTTP
-            peer.pop("request0", None)
-            figures[str(n)]["llama_server"] = peer
-            figures[str(n)]["http_vs_llama_server"] = http[n]["tokens_per_s"] / peer["tokens_per_s"]
-            sides.append(("llama-server", peer))
         for where, fig in sides:
             rows.append(
                 {
@@ -294,8 +275,6 @@ def _report(
     )
     worst = http[max(clients)].get("health_worst_s")
     print(f"/health worst latency during the {max(clients)}-client run: {worst:.3f} s")
-    if (llama or {}).get("error"):
-        print(f"llama-server: {llama['error']}")
     result = {
         "benchmark": "serve",
         "base": base,
@@ -305,8 +284,6 @@ def _report(
         "new_tokens": new_tokens,
         "clients": figures,
         "health_worst_s": worst,
-        "llama_server_error": (llama or {}).get("error"),
-        "llama_server_peak_rss_mb": (llama or {}).get("peak_rss_mb"),
     }
     print(f"wrote {write_json(json_out, result)}")
     return result

@@ -7,11 +7,15 @@ from pathlib import Path
 import typer
 
 from lorafleet.bench.fleet_config import FleetConfig, RoutingConfig
+from lorafleet.bench.peers_config import PeerTableConfig
+from lorafleet.bench.prefix_cache import PrefixBenchConfig
 from lorafleet.bench.soak_config import SoakConfig
 from lorafleet.cli.app import app
 from lorafleet.cli.options import (
     BaseDefaultOpt,
+    DtypeOpt,
     FieldOption,
+    field_default,
     from_field,
     options_from,
     with_options,
@@ -204,8 +208,32 @@ def bench_families(
     run(bases, requests, adapters, prompt_tokens, new_tokens, rank, json_out, quick)
 
 
+# The llama.cpp peer tables (`bench engine --peers`, `bench serve --peers`): repetitions and
+# threads; their workload is bench engine's own options / PeerTableConfig's defaults.
+PEER_OPTIONS = options_from(
+    PeerTableConfig,
+    from_field(
+        "reps",
+        "--peer-reps",
+        name="peer_reps",
+        min=1,
+        help="With --peers: interleaved repetitions (median and min over them).",
+    ),
+    from_field(
+        "threads",
+        "--peer-threads",
+        name="peer_threads",
+        min=1,
+        help="With --peers: threads of every system (default: engine table every core; HTTP "
+        "table serve's own default, all cores but one).",
+    ),
+)
+
+
 @bench_app.command("engine")
+@with_options(peer=PEER_OPTIONS)
 def bench_engine(
+    *,
     base: str = BaseDefaultOpt,
     requests: int = typer.Option(32, "--requests", min=1),
     adapters: int = typer.Option(
@@ -219,17 +247,20 @@ def bench_engine(
     quick: bool = typer.Option(False, "--quick", help="8 requests, 4 adapters, 32+16 tokens."),
     json_out: Path = typer.Option(Path("bench/results/engine.json"), "--json"),
     peers: bool = typer.Option(
-        False, "--peers", help="Also lorafleet vs llama.cpp (needs `make bench-peers`)."
+        False,
+        "--peers",
+        "--only-peers",
+        help="Instead: the engine vs llama-batched-bench at matched precision (needs `make "
+        "bench-peers`).",
     ),
-    only_peers: bool = typer.Option(False, "--only-peers", help="Only the llama.cpp comparison."),
     peers_dir: Path | None = typer.Option(None, "--peers-dir", help="Default: build/peers."),
     peers_json: Path = typer.Option(Path("bench/results/peers.json"), "--peers-json"),
     setting: list[str] = typer.Option(
-        ["float32"],
+        [],
         "--setting",
         "-s",
-        help="With --peers / --only-peers: lorafleet's dtype / quantisation (float32, "
-        "bfloat16, int8, bfloat16+int8, ...); repeatable, each in its own process.",
+        help="With --peers: only the pairs of these lorafleet settings (float32, bfloat16, "
+        "bfloat16+int8, or serve's default for the Q4_1 pair); repeatable. Default: every pair.",
     ),
     slots: int = typer.Option(
         32,
@@ -259,29 +290,50 @@ def bench_engine(
         help="Instead: split a prefill and a decode step into attention, "
         "base matmuls, LoRA ops, sampling, other ops and Python; the decode roofline.",
     ),
+    peer: dict,
 ):
     """Engine throughput (many adapters at once) vs PEFT one request at a time, and vs batching
-    on the base alone (the engine, transformers' static batch and its generate_batch). With
-    --peers, then lorafleet vs llama.cpp (binding single stream, llama-server N slots with the
-    adapters as GGUF LoRA): tok/s, TTFT, TPOT p50/p99, peak RSS, each in its own process.
+    on the base alone (the engine, transformers' static batch and its generate_batch).
+
+    With --peers, instead the in-process peer table: the engine against llama-batched-bench
+    (--requests sequences of --prompt-tokens prefilled together, then --new-tokens each; and
+    one alone; flash attention on, one batch for every prompt) at matched precision: float32
+    vs F32, bfloat16 vs BF16, bfloat16+int8 vs Q8_0 (GGUFs by llama.cpp's convert_hf_to_gguf.py
+    from the same weights) and serve's default setting vs the shipped Q4_1. Interleaved,
+    --peer-reps times: generated tok/s (prefill included) median [min-max], prefill and decode
+    apart, load average per run, the ratios against the targets, memory, bytes per token.
 
     Examples:
 
         lorafleet bench engine --base default --requests 32 --adapters 16
 
-        lorafleet bench engine --only-peers --requests 32 --adapters 16
+        lorafleet bench engine --peers
 
-        lorafleet bench engine --only-peers --setting float32 --setting bfloat16
+        lorafleet bench engine --peers --setting bfloat16 --peer-reps 5
 
         lorafleet bench engine --adapters 1000 --slots 32 --rank 8 --requests 256 --popularity
         uniform --popularity zipf --cpu-cache 512MB --prompt-tokens 64 --new-tokens 32
 
         lorafleet bench engine --profile --requests 32 --adapters 16 --new-tokens 16
     """
-    from lorafleet.bench import peers as peer_bench
     from lorafleet.bench.engine import run
-    from lorafleet.bench.peer_tools import require
 
+    if peers:
+        _engine_peers(
+            PEER_OPTIONS.build(
+                peer,
+                requests=8 if quick else requests,
+                adapters=4 if quick else adapters,
+                prompt_tokens=32 if quick else prompt_tokens,
+                new_tokens=16 if quick else new_tokens,
+                rank=rank,
+            ),
+            base,
+            setting,
+            peers_dir,
+            peers_json,
+        )
+        return
     if profile or adapters > slots:
         _engine_variants(
             base,
@@ -298,34 +350,40 @@ def bench_engine(
         )
         return
 
-    if peers or only_peers:
-        require(peers_dir)  # before the long runs, not after
-        for text in setting:
-            peer_bench.label(text)  # a bad --setting: one line now
-    if not only_peers:
-        run(
-            base=base,
-            requests=requests,
-            adapters=adapters,
-            prompt_tokens=prompt_tokens,
-            new_tokens=new_tokens,
-            rank=rank,
-            json_out=json_out,
-            quick=quick,
-        )
-    if peers or only_peers:
-        peer_bench.run(
-            base=base,
-            requests=requests,
-            adapters=adapters,
-            prompt_tokens=prompt_tokens,
-            new_tokens=new_tokens,
-            rank=rank,
-            quick=quick,
-            peers_dir=peers_dir,
-            json_out=peers_json,
-            settings=tuple(setting),
-        )
+    run(
+        base=base,
+        requests=requests,
+        adapters=adapters,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        rank=rank,
+        json_out=json_out,
+        quick=quick,
+    )
+
+
+def _engine_peers(cfg, base, settings, peers_dir, peers_json) -> None:
+    """bench engine --peers: the pairs of `settings` (all when empty), checked up front."""
+    from lorafleet.bench import peers as peer_bench
+    from lorafleet.bench import peers_inproc
+    from lorafleet.bench.peer_tools import require
+    from lorafleet.errors import LorafleetError
+
+    require(peers_dir, tools=("batched_bench", "convert"))  # before anything loads
+    pairs = peer_bench.matched_pairs(peer_bench.serve_default_setting())
+    wanted = {peer_bench.setting_name(text) for text in settings}  # a bad one: one line now
+    chosen = [p for p in pairs if not wanted or peer_bench.setting_name(p.setting) in wanted]
+    if not chosen:
+        names = sorted({peer_bench.setting_name(p.setting) for p in pairs})
+        raise LorafleetError(f"--setting: no pair for {sorted(wanted)}; pairs: {names}")
+    peers_inproc.run(
+        cfg,
+        peer_bench.serve_default_setting(),
+        base,
+        peers_dir,
+        json_out=peers_json,
+        pairs=chosen,
+    )
 
 
 def _engine_variants(
@@ -398,7 +456,9 @@ def bench_stream(
 
 
 @bench_app.command("serve")
+@with_options(peer=PEER_OPTIONS)
 def bench_serve(
+    *,
     base: str = BaseDefaultOpt,
     clients: list[int] = typer.Option(
         [1, 8, 32, 64], "--clients", "-n", min=1, help="Concurrent streaming clients; repeatable."
@@ -420,22 +480,44 @@ def bench_serve(
     ),
     json_out: Path = typer.Option(Path("bench/results/serve.json"), "--json"),
     peers: bool = typer.Option(
-        False, "--peers", help="Then the same clients against llama-server (make bench-peers)."
+        False,
+        "--peers",
+        help="Instead: lorafleet serve vs a tuned llama-server behind the same HTTP client "
+        "(needs `make bench-peers`).",
     ),
     peers_dir: Path | None = typer.Option(None, "--peers-dir", help="Default: build/peers."),
+    peers_json: Path = typer.Option(Path("bench/results/serve-peers.json"), "--peers-json"),
+    peer: dict,
 ):
     """Concurrent streaming HTTP clients vs the engine in-process on the same requests:
     total tokens/s, TTFT and time per output token (p50/p99), /health latency under load.
-    With --peers, the same requests against llama-server too (the adapters as GGUF LoRA).
+
+    With --peers, instead the HTTP peer table: `lorafleet serve` (its default setting) and
+    llama-server (the GGUF of the same bytes, the adapters as GGUF LoRA of the same
+    precision), both behind the same streaming client; llama-server's flags picked by a short
+    pre-run of the candidates (-b 512 -ub 512 -fa on, top-k greedy, --poll 0, -kvu, threads);
+    then 32 requests over 16 adapters, all on the base and a single stream (100 prompt + 64
+    new tokens; --rank), interleaved --peer-reps times: median [min-max], load per run, the
+    ratio against the >= 2x target.
 
     Examples:
 
         lorafleet bench serve --base default --clients 1 --clients 32 --adapters 4
 
-        lorafleet bench serve --clients 32 --adapters 16 --peers
+        lorafleet bench serve --peers
     """
     from lorafleet.bench.serve import run
 
+    if peers:
+        from lorafleet.bench import peers_http
+        from lorafleet.bench.peer_tools import require
+
+        require(peers_dir, tools=("server", "convert"))  # before anything loads
+        cfg = PEER_OPTIONS.build(peer, rank=rank)
+        from lorafleet.bench.peers import serve_default_setting
+
+        peers_http.run(cfg, serve_default_setting(), base, peers_dir, json_out=peers_json)
+        return
     run(
         base=base,
         clients=tuple(clients),
@@ -450,8 +532,6 @@ def bench_serve(
         max_batch_size=max_batch_size,
         reps=reps,
         threads=threads,
-        peers=peers,
-        peers_dir=peers_dir,
         json_out=json_out,
     )
 
@@ -788,3 +868,64 @@ def bench_ray_routing(
 
     if not run(ROUTING_OPTIONS.build(routing), json_out)["passed"]:
         raise typer.Exit(1)
+
+
+PREFIX_OPTIONS = options_from(
+    PrefixBenchConfig,
+    from_field(
+        "base", "--base", "-b", help="default (SmolLM2-135M), tiny, or any base serve takes."
+    ),
+    from_field("clients", min=1, help="Closed-loop clients, client i on adapter i % --adapters."),
+    from_field("adapters", min=1, help="Random LoRA adapters (rank --rank)."),
+    from_field("system_tokens", min=1, help="The shared system prompt's tokens."),
+    from_field("user_tokens", min=1, help="Each request's own tokens after it."),
+    from_field("new_tokens", min=1, help="Generated per request (greedy, EOS ignored)."),
+    from_field("rounds", min=1, help="Requests per client, one after another."),
+    from_field("reps", min=1, help="Repetitions (settings interleaved); medians reported."),
+    from_field("rank", min=1),
+    from_field("max_batch_tokens", min=1, help="Prompt tokens prefilled per step, at most."),
+    from_field("prefix_cache_bytes", min=1, help="The cache's budget when on (bytes)."),
+    from_field(
+        "threads", min=1, help="torch threads of the engine thread (default: serve's, cores - 1)."
+    ),
+    from_field("workload", help="shared | distinct | both."),
+)
+
+
+@bench_app.command("prefix-cache")
+@with_options(prefix=PREFIX_OPTIONS)
+def bench_prefix_cache(
+    *,
+    prefix: dict,
+    dtype: str = DtypeOpt,
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="A smoke run: 4 clients, 2 adapters, 2 rounds, 1 repetition, short prompts.",
+    ),
+    json_out: Path = typer.Option(Path("bench/results/prefix_cache.json"), "--json"),
+):
+    """Adapter-aware prefix caching on vs off, in-process (one engine per setting, started as a
+    server's): --clients closed-loop clients over --adapters adapters, each sending --rounds
+    requests; workload "shared" (one --system-tokens system prompt + --user-tokens each) and
+    "distinct" (same lengths, nothing shared). Per run: TTFT p50 and generated tokens/s; each
+    repetition starts with an empty cache, settings alternate (ABBA), load average per run;
+    medians and mins over --reps. Pass rule (issue 33, printed with the table): shared TTFT
+    p50 >= 4x lower with the cache; distinct tokens/s with the cache >= 0.95x without.
+
+    Examples:
+
+        lorafleet bench prefix-cache
+
+        lorafleet bench prefix-cache --quick --base tiny
+
+        lorafleet bench prefix-cache --workload shared --clients 16 --rounds 2 --dtype bfloat16
+    """
+    from lorafleet.bench.prefix_cache import run
+    from lorafleet.serve.api.config import EngineSettings
+
+    more = {"dtype": dtype, "quantize": field_default(EngineSettings, "quantize")}
+    if quick:
+        more |= {"clients": 4, "adapters": 2, "rounds": 2, "reps": 1, "new_tokens": 4}
+        more |= {"system_tokens": 48, "user_tokens": 8}
+    run(PREFIX_OPTIONS.build(prefix, **more), json_out)

@@ -11,13 +11,12 @@ from lorafleet.cli.app import app
 from lorafleet.cli.options import (
     DEVICE_HELP,
     BaseOpt,
-    DtypeOpt,
     PortOpt,
     from_field,
     options_from,
     with_options,
 )
-from lorafleet.serve.api.config import EngineSettings, ServerConfig
+from lorafleet.serve.api.config import SERVE_DTYPE, SERVE_QUANTIZE, EngineSettings, ServerConfig
 
 # `lorafleet serve`: the engine's and registry's sizes (EngineSettings) ...
 ENGINE_OPTIONS = options_from(
@@ -43,6 +42,20 @@ ENGINE_OPTIONS = options_from(
         "least recently used adapters leave it, never one a running request uses.",
     ),
     from_field("device", help=DEVICE_HELP),
+    from_field(
+        "prefix_cache_bytes",
+        annotation=str,
+        help="Byte budget of the prefix cache, e.g. 256MB or 1GB (0 = off): the KV of prompt "
+        "prefixes is kept per adapter (name and content) and reused by later requests that "
+        "start with the same tokens under the same adapter; least recently used out.",
+    ),
+)
+# serve's own --dtype default: the precision `bench quality`'s rule picked (config.py).
+ServeDtypeOpt = typer.Option(
+    SERVE_DTYPE,
+    "--dtype",
+    help="float32 | bfloat16: base weights, adapters and KV cache (the default is the setting "
+    "`lorafleet bench quality`'s rule picked; float32 + --quantize none = exact float32).",
 )
 # ... and the HTTP server's limits (ServerConfig).
 SERVER_OPTIONS = options_from(
@@ -88,7 +101,7 @@ SERVER_OPTIONS = options_from(
 def serve(
     *,
     base: str = BaseOpt,
-    dtype: str = DtypeOpt,
+    dtype: str = ServeDtypeOpt,
     adapters: str | None = typer.Option(
         None,
         "--adapters",
@@ -208,6 +221,7 @@ def serve(
     )
     if engine["cpu_cache_bytes"] is not None:
         parse_size(engine["cpu_cache_bytes"])  # a bad size: one line before the model loads
+    parse_size(engine["prefix_cache_bytes"])
     # A local directory (it wins), or with --hub-adapters a hub id fetched now: one line if not.
     adapters_dir, hub_ref, hub_path = serve_source(adapters, server["hub_adapters"])
     auth_config = AuthConfig.load(auth) if auth is not None else AuthConfig.off()
@@ -237,6 +251,8 @@ def serve(
             port=port,
         )
     device = resolve_device(settings.device)  # cuda without a GPU: one line, exit 2
+    if device.type != "cpu" and settings.quantize == SERVE_QUANTIZE:
+        settings.quantize = "none"  # the default's int8 / int4 kernels are the CPU's
     check_quantize_device(settings.quantize, device)
     loaded = load_base(base, dtype=dtype, device=device)
     state = build_state(

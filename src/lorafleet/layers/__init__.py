@@ -1,5 +1,5 @@
 """Torch modules PEFT lacks: multi-adapter linears (SGMV/BGMV), row mixtures, int8/int4 linears,
-fused base projections."""
+fused base projections, exact fast norms."""
 
 from lorafleet.lazy import lazy_exports
 
@@ -9,6 +9,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
     {
         "SEGMENT_MIN_ROWS_PER_SLOT": ".multilora",
         "FusedProjections": ".fused",
+        "base_linear": ".fused",
+        "fast_norm": ".norm",
         "can_fuse": ".fused",
         "MixtureGate": ".mixture",
         "MixturePlan": ".mixture",

@@ -26,15 +26,16 @@ from torch import Tensor, nn
 from lorafleet.layers.linear import MultiLoRALinear
 
 
-def _base_linear(module: nn.Module) -> nn.Linear | None:
-    """The plain nn.Linear computing `module`'s base product, or None (quantised, other)."""
+def base_linear(module: nn.Module) -> nn.Linear | None:
+    """The plain nn.Linear computing `module`'s base product (`module` itself, or a
+    MultiLoRALinear's base layer), or None (quantised, other)."""
     base = module.base_layer if isinstance(module, MultiLoRALinear) else module
     return base if type(base) is nn.Linear else None
 
 
 def can_fuse(modules: Sequence[nn.Module]) -> bool:
     """Whether `modules` can share one base GEMM (see the module docstring)."""
-    bases = [_base_linear(m) for m in modules]
+    bases = [base_linear(m) for m in modules]
     if len(bases) < 2 or any(b is None for b in bases):
         return False
     w0 = bases[0].weight
@@ -53,7 +54,7 @@ class FusedProjections:
         self.fused = fuse and can_fuse(self.modules)
         if not self.fused:
             return
-        bases = [_base_linear(m) for m in self.modules]
+        bases = [base_linear(m) for m in self.modules]
         self.sizes = [b.out_features for b in bases]
         with torch.no_grad():
             weight = torch.cat([b.weight for b in bases])  # [sum d_out, d_in]

@@ -27,6 +27,8 @@ class MultiLoRAContext:
         self._slots: Tensor | None = None
         self._mixtures: tuple[RowMixture, ...] = ()
         self._plans: dict[tuple, tuple[SlotPlan | None, MixturePlan | None]] = {}
+        # False while no row uses an adapter (no map, no mixtures): every layer is its base
+        self.active = False
 
     @property
     def row_slots(self) -> Tensor | None:
@@ -44,6 +46,7 @@ class MultiLoRAContext:
             slots = torch.tensor(list(slots), dtype=torch.long, device="cpu")
         self._slots = None if slots is None else slots.long()  # moved per device in _build
         self._mixtures = tuple(mixtures or ())
+        self.active = self._slots is not None or bool(self._mixtures)
 
     def clear(self) -> None:
         self.set_slots(None)
@@ -161,8 +164,8 @@ class MultiLoRALinear(nn.Module):
     def add_adapters(self, x: Tensor, y: Tensor) -> Tensor:
         """y (the base product of x, [..., d_out]; may be a column block of a wider tensor)
         plus this layer's adapter terms for the context's rows, added in place; returns y."""
-        if self.rank == 0 and not self.dense:
-            return y  # no adapter resident here: exactly the base layer
+        if not self.context.active or (self.rank == 0 and not self.dense):
+            return y  # no row uses an adapter, or none is resident here: the base layer
         plan = self.context.plan(x.shape[:-1], x.device)
         mix = self.context.mixture_plan(x.shape[:-1], x.device)
         if (plan is None or plan.path == "none") and mix is None:

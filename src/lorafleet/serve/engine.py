@@ -23,6 +23,7 @@ from lorafleet.models import Base, cast_parameters, parse_dtype
 from lorafleet.serve.fair_share import AdmissionPolicy
 from lorafleet.serve.grammar import GrammarCache, GrammarError
 from lorafleet.serve.intake import Intake
+from lorafleet.serve.prefix_cache import DEFAULT_BYTES, PrefixCache, adapter_digest
 from lorafleet.serve.runners import runner_class
 from lorafleet.serve.sampler import (
     advance,
@@ -63,6 +64,12 @@ class Engine:
     KV memory is preallocated for `max_batch_size` sequences of `max_seq_len` tokens
     (`stats()["kv_bytes"]`).
 
+    Prefix caching (serve/prefix_cache.py): the K/V of every prefill's full 16-token blocks
+    are kept, keyed by the request's adapter (name and content digest) and tokens, within
+    `prefix_cache_bytes` (least recently used out; 0 = off); a later request under the same
+    adapter that starts with the same blocks gets them copied into its slot and prefills only
+    the rest (stats(): prefix_cache_hits / _misses / _hit_tokens / _bytes).
+
     Threads: a step holds one re-entrant lock for its whole forward. `add_request`, `cancel`
     and `stats` never wait for it, so an asyncio server may call them on its event loop while
     another thread steps: when no step runs they act at once; during a step a request or
@@ -101,6 +108,7 @@ class Engine:
         quantize: str | None = None,
         fuse: bool = True,
         schedule: str | AdmissionPolicy = "fair",
+        prefix_cache_bytes: int = DEFAULT_BYTES,
     ):
         model, config = base.model, base.model.config
         cls = runner_class(model)  # refuse before the model is touched
@@ -114,6 +122,7 @@ class Engine:
             ("max_batch_size", max_batch_size, 1),
             ("max_batch_tokens", max_batch_tokens, 1),
             ("max_seq_len", max_seq_len, 2),
+            ("prefix_cache_bytes", prefix_cache_bytes, 0),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise LorafleetError(f"{what} must be an integer >= {low}, got {value!r}")
@@ -131,7 +140,16 @@ class Engine:
         context = handle.context if handle is not None else None
         self.runner = cls(model, context, max_batch_size, max_seq_len, fuse=fuse)
         self.kv = self.runner.kv
-        self.scheduler = Scheduler(self.kv, self.slots, max_batch_size, max_batch_tokens, schedule)
+        reusable = self.runner.prefix_reusable  # else the cache stays off (0 blocks)
+        self.prefix = PrefixCache(self.kv, prefix_cache_bytes if reusable else 0)
+        self.scheduler = Scheduler(
+            self.kv,
+            self.slots,
+            max_batch_size,
+            max_batch_tokens,
+            schedule,
+            prefix=self.prefix if self.prefix.enabled else None,
+        )
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_ids = default_eos_ids(model, self.tokenizer)
         # Structured output: grammars compiled for this tokenizer on first use, by spec.
@@ -304,12 +322,16 @@ class Engine:
 
     def load_adapter(self, name: str, adapter: Adapter, *, force: bool = False) -> int:
         """Copy a LoRA/rsLoRA adapter into a free slot (or its own, if `name` is resident and
-        idle) and return the slot. Every check runs before anything is copied."""
+        idle) and return the slot. Every check runs before anything is copied. Its content
+        digest (outside the lock) keys its requests' prefix cache blocks."""
         self.slots.check(name, adapter, force=force)
+        digest = adapter_digest(adapter) if self.prefix.enabled else ""
         with self._lock:
             if name in self.slots:
                 self._refuse_in_use(name, "replaced")
-            return self.slots.load(name, adapter)
+            slot = self.slots.load(name, adapter)
+            self.prefix.set_identity(name, digest)
+            return slot
 
     def unload_adapter(self, name: str) -> None:
         """Free `name`'s slot; refused while a running request uses it. Waiting requests for
@@ -318,6 +340,7 @@ class Engine:
             if name in self.slots:
                 self._refuse_in_use(name, "unloaded")
             self.slots.unload(name)
+            self.prefix.forget(name)
 
     def stats(self) -> dict:
         """waiting, running, KV and adapter slot use, steps, tokens, peak_running. Never waits:
@@ -331,6 +354,11 @@ class Engine:
         snapshot = dict(self._snapshot)
         snapshot["waiting"] += self.intake.pending_adds()
         return snapshot
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every cached prompt block (e.g. a benchmark's cold start); takes the lock."""
+        with self._lock:
+            self.prefix.clear()
 
     def _num_running(self) -> int:
         return len(self.scheduler.running)  # lock-free: the stepping thread reads it per step
@@ -352,6 +380,7 @@ class Engine:
             "steps": self.steps,
             "generated_tokens": self.generated_tokens,
             "peak_running": self.peak_running,
+            **self.prefix.stats(),
         }
 
     def close(self) -> None:
@@ -419,6 +448,9 @@ class Engine:
             log.exception("engine forward failed")
             self._fail_all(seqs, "the forward pass failed", exc)
             return
+        for seq in prefill:  # their slots hold their prefill's K/V now: keep its full blocks
+            self.prefix.store(seq)
+            seq.prefix_hit = 0
         logits, extra = logits[: len(seqs)], logits[len(seqs) :]  # extra: prompt positions
         broken: dict[int, str] = {}  # rows whose grammar engine failed: they alone fail
         try:

@@ -11,11 +11,18 @@ from torch import Tensor
 from lorafleet.serve.grammar import apply_masks, fill_masks
 from lorafleet.serve.sequence import SamplingParams, Sequence, TokenLogprob
 
+# How many of a row's most likely tokens top-p ranks first. The nucleus (the tokens whose mass
+# reaches top_p) nearly always lies among them, and ranking them (torch.topk) costs a fraction
+# of sorting the whole vocabulary (49,152 tokens for SmolLM2); when a row's nucleus does not fit,
+# the whole vocabulary is sorted as before (`top_p_drop`).
+TOP_P_CANDIDATES = 1024
+
 
 def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     """Scale by temperature, then keep each row's top_k (0 = all), then its smallest set of
     tokens whose probability reaches top_p (1 = all); dropped tokens get -inf. The order is
-    transformers' (temperature, top-k, top-p).
+    transformers' (temperature, top-k, top-p). Top-k and top-p cost nothing for rows that do
+    not ask (top_k 0, top_p 1 on every row: no topk, no sort).
 
     logits: [n, V] float; temperature (> 0), top_p: [n] float; top_k: [n] long -> [n, V]."""
     x = logits / temperature[:, None]  # [n, V]
@@ -26,14 +33,37 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
         threshold = kth.gather(-1, (k - 1)[:, None])  # [n, 1]: each row's k-th largest value
         x = x.masked_fill(x < threshold, float("-inf"))
     if bool((top_p < 1).any()):
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)  # [n, V]
-        probs = sorted_x.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # [n, V]: mass of the tokens ranked above
-        # A token stays while the tokens above it hold less than top_p (the first always stays).
-        drop_sorted = before >= top_p[:, None]
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocab order
-        x = x.masked_fill(drop, float("-inf"))
+        x = x.masked_fill(top_p_drop(x, top_p), float("-inf"))
     return x
+
+
+def top_p_drop(x: Tensor, top_p: Tensor, candidates: int = TOP_P_CANDIDATES) -> Tensor:
+    """[n, V] bool: the tokens outside each row's nucleus, the smallest set of most likely
+    tokens whose softmax(x) mass reaches top_p (the first token always stays): a token is
+    dropped when the tokens ranked above it hold >= top_p.
+
+    Ranks only the `candidates` most likely tokens when every row's candidates hold >= top_p:
+    every token past them then has at least that much above it and is dropped, so the result
+    is the full sort's (up to the float rounding of the softmax's sum, which is taken over the
+    vocabulary in its own order rather than sorted; and the order among equal logits, which
+    no sort fixes). Otherwise sorts the whole vocabulary. x: [n, V] float; top_p: [n]."""
+    vocab = x.shape[-1]
+    if candidates < vocab:
+        values, order = torch.topk(x, candidates, dim=-1)  # [n, c], descending
+        top = values[:, :1]  # [n, 1]: each row's largest logit (softmax's shift)
+        total = (x - top).exp().sum(dim=-1, keepdim=True)  # [n, 1]: the whole row's mass
+        probs = (values - top).exp() / total  # [n, c]: the candidates' softmax probabilities
+        mass = probs.cumsum(dim=-1)  # [n, c]
+        if bool((mass[:, -1] >= top_p).all()):
+            drop_sorted = mass - probs >= top_p[:, None]  # [n, c]: mass ranked above >= top_p
+            drop = torch.ones_like(x, dtype=torch.bool)  # every non-candidate is dropped
+            return drop.scatter(-1, order, drop_sorted)  # [n, V]
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)  # [n, V]
+    probs = sorted_x.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # [n, V]: mass of the tokens ranked above
+    # A token stays while the tokens above it hold less than top_p (the first always stays).
+    drop_sorted = before >= top_p[:, None]
+    return torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocab order
 
 
 def constrained(
@@ -83,6 +113,8 @@ def sample(
     raises gets an unconstrained token and failed[row] the error (one line): the caller fails
     that row alone; without, the error propagates."""
     tokens = logits.argmax(dim=-1).tolist()  # [B]
+    if all(s.params.greedy and s.grammar is None for s in seqs):
+        return tokens  # greedy rows without a grammar: the argmax is all there is
     where, masked = constrained(logits, seqs, tokens, failed)
     if masked is not None:
         best = masked.argmax(dim=-1).tolist()

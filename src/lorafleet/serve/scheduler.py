@@ -24,6 +24,19 @@ class AdapterGate(Protocol):
         ...
 
 
+class PrefixReuse(Protocol):
+    """What the scheduler asks a prefix cache (serve/prefix_cache.py answers)."""
+
+    def cached_tokens(self, seq: Sequence) -> int:
+        """Leading prefill tokens of `seq` its admission would reuse now (changes nothing)."""
+        ...
+
+    def attach(self, seq: Sequence) -> int:
+        """At admission (seq holds its KV slot and adapter slot): put the reusable prefix in
+        its slot, set seq.prefix_hit and return it."""
+        ...
+
+
 @dataclass
 class Batch:
     """One step's work: sequences to prefill (packed first, grouped by adapter slot) and
@@ -54,7 +67,10 @@ class Scheduler:
     that preempted prefills only (its running rows skip that one step's decode): the admitted
     client's first token then waits for a prefill-only forward, not a full batch. The
     engine rejects prompts longer than the budget when they are added, so every waiting
-    request fits an empty step."""
+    request fits an empty step.
+
+    With a `prefix` cache, a request's admission reuses the K/V of its cached leading tokens
+    (copied into its slot) and counts only the rest against the token budget."""
 
     def __init__(
         self,
@@ -63,8 +79,10 @@ class Scheduler:
         max_batch_size: int,
         max_batch_tokens: int,
         policy: str | AdmissionPolicy = "fair",
+        prefix: PrefixReuse | None = None,
     ):
         self.kv = kv
+        self.prefix = prefix
         self.gate = gate
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -90,7 +108,8 @@ class Scheduler:
         preempted = False
         while candidates:
             seq = self.policy.pick(candidates)
-            if seq.num_tokens > budget:
+            rows = seq.num_tokens - (self.prefix.cached_tokens(seq) if self.prefix else 0)
+            if rows > budget:
                 break
             candidates.remove(seq)
             if not self._room():
@@ -109,7 +128,7 @@ class Scheduler:
                     continue
                 self._preempt(victim)
                 preempted = True
-            budget -= seq.num_tokens
+            budget -= rows
             self._admit(seq)
             admitted.append(seq)
         fresh = set(map(id, admitted))
@@ -137,6 +156,8 @@ class Scheduler:
             seq.lora_slot = self.gate.slot_of(seq.adapter)
         else:
             seq.mix_slots = tuple(self.gate.slot_of(name) for name in seq.adapters)
+        if self.prefix is not None:
+            self.prefix.attach(seq)
         seq.status = Status.RUNNING
         self.running.append(seq)
         self.policy.admit(seq, len(seq.prompt_ids))
@@ -149,6 +170,7 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq.kv_slot)
         seq.kv_slot, seq.num_cached, seq.status = None, 0, Status.WAITING
+        seq.prefix_hit = 0
         later = next((i for i, s in enumerate(self.waiting) if s.request_id > seq.request_id), None)
         self.waiting.insert(len(self.waiting) if later is None else later, seq)
         self.policy.arrive(seq)

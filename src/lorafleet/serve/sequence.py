@@ -250,6 +250,9 @@ class Sequence:
     lora_slot: int = 0  # adapter slot while RUNNING (0 = base, and for a mixture)
     mix_slots: tuple[int, ...] = ()  # a mixture's adapter slots while RUNNING
     num_cached: int = 0  # tokens whose K/V are in the cache
+    # Prefill tokens whose K/V the prefix cache copied into the slot at admission
+    # (serve/prefix_cache.py): its prefill runs from there. 0 once the prefill ran.
+    prefix_hit: int = 0
     generator: torch.Generator | None = None  # own RNG when seeded
     text: str = ""  # decoded generated text (stop string cut off once found)
     emitted: int = 0  # characters of `text` already sent to on_token

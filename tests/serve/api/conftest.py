@@ -28,7 +28,12 @@ AUTH = {
 }
 PUBLIC = ["alpha", "beta", "gamma"]
 SETTINGS = EngineSettings(
-    max_adapters=4, max_rank=8, max_batch_size=32, max_batch_tokens=512, max_seq_len=128
+    quantize="none",
+    max_adapters=4,
+    max_rank=8,
+    max_batch_size=32,
+    max_batch_tokens=512,
+    max_seq_len=128,
 )
 
 

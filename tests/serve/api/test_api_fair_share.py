@@ -28,7 +28,9 @@ TENANTS = {
     "metered": {"keys": [KEYS["metered"]]},  # tokens_per_minute: the server's default
 }
 FLOOD = 8
-SMALL = EngineSettings(max_adapters=1, max_rank=8, max_batch_size=2, max_seq_len=64)
+SMALL = EngineSettings(
+    quantize="none", max_adapters=1, max_rank=8, max_batch_size=2, max_seq_len=64
+)
 
 
 def auth() -> AuthConfig:

@@ -14,7 +14,9 @@ from serve_helpers import tiny_base
 from lorafleet.serve.api import AuthConfig, ServerConfig
 from lorafleet.serve.api.server import EngineSettings, ServerThread, build_state
 
-LONG = EngineSettings(max_adapters=2, max_rank=8, max_batch_tokens=512, max_seq_len=512)
+LONG = EngineSettings(
+    quantize="none", max_adapters=2, max_rank=8, max_batch_tokens=512, max_seq_len=512
+)
 STEP_S = 0.01  # each engine step made this much slower: requests stay in flight long enough
 
 

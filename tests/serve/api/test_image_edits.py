@@ -56,7 +56,7 @@ def loc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loc_server(tokenizer, loc):
-    settings = EngineSettings(max_adapters=2, max_rank=8, max_seq_len=128)
+    settings = EngineSettings(quantize="none", max_adapters=2, max_rank=8, max_seq_len=128)
     state = build_state(
         tiny_base(tokenizer),
         None,

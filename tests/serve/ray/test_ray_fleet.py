@@ -31,7 +31,12 @@ from lorafleet.serve.ray import start_fleet  # noqa: E402
 
 ADMIN, KEY = "admin-key-ray", "tenant-key-ray"
 SETTINGS = EngineSettings(
-    max_adapters=2, max_rank=8, max_batch_size=16, max_batch_tokens=256, max_seq_len=512
+    quantize="none",
+    max_adapters=2,
+    max_rank=8,
+    max_batch_size=16,
+    max_batch_tokens=256,
+    max_seq_len=512,
 )
 TARGETS = ["q_proj", "v_proj", "o_proj"]
 PROMPTS = ["Once upon a time", "The capital of France is"]

@@ -60,6 +60,15 @@ class ServerConfig:
             raise LorafleetError("the drain timeout must be >= 0 and the upload limit > 0")
 
 
+# `lorafleet serve`'s default precision: the setting that `lorafleet bench quality`'s rule,
+# written before measuring (bench/quality_stats.py DEFAULT_RULE), picked from its figures
+# (BENCHMARKS.md, "Quality of reduced precision"). `--dtype float32 --quantize none` serves in
+# exact float32. The int8 / int4 kernels are the CPU's: on a GPU `serve` drops the default's
+# quantisation (an explicit other --quantize is refused there, as before).
+SERVE_DTYPE = "bfloat16"
+SERVE_QUANTIZE = "int4"
+
+
 @dataclass
 class EngineSettings:
     """Engine and registry sizes for `lorafleet serve`; checked by the engine itself."""
@@ -70,7 +79,7 @@ class EngineSettings:
     max_batch_tokens: int = 2048
     max_seq_len: int = 1024
     cpu_cache_mb: float = 512.0
-    quantize: str = "none"  # weight-only int8 / int4 base linears (layers/quant.py)
+    quantize: str = SERVE_QUANTIZE  # weight-only int8 / int4 base linears (layers/quant.py)
     cpu_cache_bytes: int | str | None = None  # e.g. "2GB"; replaces cpu_cache_mb when set
     # Admission order under contention (serve/fair_share.py): "fair" shares tokens evenly
     # between tenants (adapters when auth is off); "fcfs" is first come, first served.
@@ -79,6 +88,9 @@ class EngineSettings:
     # (models/device.py; auto = a CUDA GPU when torch sees one). Checked here, resolved when
     # the base loads; a Ray replica asks for a GPU when it resolves to cuda (serve/placement.py).
     device: str = "auto"
+    # Prompt KV kept for reuse by later requests with the same prefix under the same adapter
+    # (serve/prefix_cache.py), least recently used out past this size, e.g. "256MB"; 0 = off.
+    prefix_cache_bytes: int | str = "256MB"
 
     def __post_init__(self):
         self.device = check_device(self.device)

@@ -47,6 +47,15 @@ class _EngineCollector:
         ):
             if stats.get(key) is not None:
                 yield GaugeMetricFamily(name, doc, value=stats[key])
+        for key, kind, doc in (  # the engine's prefix cache (serve/prefix_cache.py)
+            ("hits", CounterMetricFamily, "Requests that reused a cached prompt prefix."),
+            ("misses", CounterMetricFamily, "Requests that looked a prefix up and found none."),
+            ("hit_tokens", CounterMetricFamily, "Prompt tokens reused instead of prefilled."),
+            ("bytes", GaugeMetricFamily, "Bytes of prompt KV the prefix cache holds."),
+        ):
+            if stats.get(f"prefix_cache_{key}") is not None:
+                value = stats[f"prefix_cache_{key}"]
+                yield kind(f"lorafleet_prefix_cache_{key}", doc, value=value)
         if stats.get("replicas") is not None:  # a backend of replicas (serve/ray): each one
             yield from _replica_metrics(stats["replicas"])
         if self.registry is None:

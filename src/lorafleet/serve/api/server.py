@@ -17,6 +17,7 @@ from uvicorn.server import HANDLED_SIGNALS
 
 from lorafleet.errors import LorafleetError
 from lorafleet.models import Base
+from lorafleet.serve.adapter_store import parse_size
 from lorafleet.serve.api.admin_routes import clean_stale_uploads
 from lorafleet.serve.api.app import create_app
 from lorafleet.serve.api.auth import AuthConfig
@@ -72,6 +73,7 @@ def build_state(
         max_seq_len=min(s.max_seq_len, _max_positions(base)),
         quantize=s.quantize,
         schedule=s.schedule,
+        prefix_cache_bytes=parse_size(s.prefix_cache_bytes),
     )
     registry = AdapterRegistry(
         engine,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.auth import AuthConfig
-from lorafleet.serve.api.config import EngineSettings, ServerConfig
+from lorafleet.serve.api.config import SERVE_QUANTIZE, EngineSettings, ServerConfig
 from lorafleet.serve.ray.wire import FleetSpec
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,10 @@ def start_fleet(
     try:
         gpus = ray.cluster_resources().get("GPU", 0)  # the cluster decides "auto"
         spec.resources = replica_resources(spec.settings.device, threads, cluster_gpus=gpus)
-        check_quantize_device(spec.settings.quantize, replica_device(spec.resources))
+        device = replica_device(spec.resources)
+        if device != "cpu" and spec.settings.quantize == SERVE_QUANTIZE:
+            spec.settings.quantize = "none"  # the default's int8 / int4 kernels are the CPU's
+        check_quantize_device(spec.settings.quantize, device)
         serve.start(proxy_location="Disabled")
         board = Board.remote()
         app = replica_deployment(spec).bind(spec, board)

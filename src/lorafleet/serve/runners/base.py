@@ -12,22 +12,28 @@ from lorafleet.layers import FusedProjections, MultiLoRAContext, RowMixture
 from lorafleet.serve.kv_cache import KVCache
 from lorafleet.serve.sequence import Sequence
 
-# Decode rows at or above which attention runs as two grouped matmuls instead of SDPA. Measured
-# on the 2-core CPU (SmolLM2: 9 query / 3 KV heads, D 64, 120 keys, 2 threads): 32 rows took
-# 189 us vs SDPA's 285 us in float32 and 325 us vs 1,779 us in bfloat16 (SDPA's CPU kernel
-# with a mask is slow in bfloat16); one row: SDPA 19 us vs 27 us (BENCHMARKS.md).
+# Float32 decode rows at or above which attention runs as two grouped matmuls instead of SDPA.
+# Measured on the 2-core CPU (SmolLM2: 9 query / 3 KV heads, D 64, 120 keys, 2 threads): 32 rows
+# took 189 us vs SDPA's 285 us in float32; one row: SDPA 19 us vs 27 us (BENCHMARKS.md). In
+# bfloat16, SDPA with each KV head's query heads as its query positions (`sdpa_decode_attention`)
+# beats both at every row count (one row: 31 us vs 109 us for SDPA over 9 heads with a mask;
+# 32 rows: 0.43 ms vs 2.9 ms grouped, on a loaded machine): other dtypes always take it.
 GROUPED_MIN_ROWS = 2
 
 
 @dataclass
 class StepInputs:
     """One forward's rows: prefill sequences' prompts packed back to back (no padding), then
-    one row per decoding sequence. T = prefill tokens + decoding sequences, B = sequences."""
+    one row per decoding sequence. T = prefill tokens + decoding sequences, B = sequences.
+    A prefill whose first `offset` tokens' K/V are in its slot already (the prefix cache put
+    them there) has rows for tokens offset..n-1 only, at positions offset..n-1."""
 
     input_ids: Tensor  # [T] long
     positions: Tensor  # [T] long, each row's position in its own sequence
     row_slots: Tensor  # [T] long, each row's adapter slot (0 = base) for MultiLoRAContext
-    prefill: list[tuple[int, int, int]]  # (kv_slot, first row, length) per prefill sequence
+    # (kv_slot, first row, rows, offset) per prefill sequence: its rows are its tokens
+    # offset..offset+rows-1 (offset 0 unless the prefix cache supplied the first ones)
+    prefill: list[tuple[int, int, int, int]]
     n_prefill_rows: int  # rows [0, n_prefill_rows) are prefill, the rest decode
     decode_slots: Tensor  # [n_dec] long, KV slot per decode row
     decode_range: tuple[int, int] | None  # (first, end) when decode_slots is a contiguous range
@@ -37,6 +43,9 @@ class StepInputs:
     last_rows: Tensor
     decode_min_len: int = 0  # shortest context among decode rows (bounds sliding-window reads)
     mixtures: list[RowMixture] = field(default_factory=list)  # rows over several adapters
+    # Masks of prefills after a cached prefix, built by the first layer that needs each one:
+    # (offset, rows, window) -> [rows, keys read] bool (the same on every layer of a kind).
+    prefix_masks: dict[tuple, Tensor] = field(default_factory=dict)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -83,6 +92,10 @@ class ModelRunner:
     sliding window for local-attention layers."""
 
     model_type = ""
+    # Whether a token's K/V depend only on the tokens before it (not on the forward it ran in),
+    # so a prefix's K/V may be reused by a later prefill (serve/prefix_cache.py). False where a
+    # forward's length changes every row (Phi-3's longrope picks factors per forward).
+    prefix_reusable = True
 
     def __init__(
         self,
@@ -133,16 +146,18 @@ class ModelRunner:
         return q, k, v
 
     def build(self, prefill: list[Sequence], decode: list[Sequence]) -> StepInputs:
-        """Pack a step's sequences into rows (prefills from position 0: the prompt, plus the
-        generated tokens of a preempted sequence that resumes; then decodes)."""
+        """Pack a step's sequences into rows (prefills from position `seq.prefix_hit`, usually
+        0: the prompt, plus the generated tokens of a preempted sequence that resumes; then
+        decodes)."""
         ids, positions, slots, segments, last, mixtures = [], [], [], [], [], []
         for seq in prefill:
             tokens = seq.prefill_ids
-            start, n = len(ids), len(tokens)
-            ids += tokens
-            positions += range(n)
+            offset = seq.prefix_hit  # leading tokens whose K/V are in its slot already
+            start, n = len(ids), len(tokens) - offset  # n: this prefill's rows (>= 1)
+            ids += tokens[offset:]
+            positions += range(offset, offset + n)
             slots += [seq.lora_slot] * n
-            segments.append((seq.kv_slot, start, n))
+            segments.append((seq.kv_slot, start, n, offset))
             last.append(start + n - 1)
             if seq.mixture is not None:  # its rows have slot 0 in the map
                 mixtures.append(_row_mixture(range(start, start + n), seq))
@@ -155,9 +170,10 @@ class ModelRunner:
             ids.append(seq.last_token)
             positions.append(seq.num_cached)
             slots.append(seq.lora_slot)
-        for seq, (_, start, n) in zip(prefill, segments, strict=True):
-            # Positions 0..n-2 score prompt tokens 1..n-1 (a resumed sequence has them already).
-            if seq.params.prompt_logprobs is not None and not seq.generated:
+        for seq, (_, start, n, offset) in zip(prefill, segments, strict=True):
+            # Positions 0..n-2 score prompt tokens 1..n-1 (a resumed sequence has them already;
+            # the prefix cache never gives such a request an offset).
+            if seq.params.prompt_logprobs is not None and not seq.generated and offset == 0:
                 last += range(start, start + n - 1)
         kv_slots = [seq.kv_slot for seq in decode]
         first = kv_slots[0] if kv_slots else 0
@@ -197,10 +213,10 @@ class ModelRunner:
     def write_kv(self, layer: int, k: Tensor, v: Tensor, inputs: StepInputs) -> None:
         """Store this step's keys and values (k, v: [T, kv_heads, head_dim]) in the cache."""
         k_cache, v_cache = self.kv.layer(layer)  # [S, kv_heads, max_len, head_dim] each
-        for slot, start, n in inputs.prefill:
-            rows = slice(start, start + n)
-            k_cache[slot, :, :n] = k[rows].transpose(0, 1)  # [n, Hkv, D] -> [Hkv, n, D]
-            v_cache[slot, :, :n] = v[rows].transpose(0, 1)
+        for slot, start, n, offset in inputs.prefill:
+            rows, at = slice(start, start + n), slice(offset, offset + n)
+            k_cache[slot, :, at] = k[rows].transpose(0, 1)  # [n, Hkv, D] -> [Hkv, n, D]
+            v_cache[slot, :, at] = v[rows].transpose(0, 1)
         p = inputs.n_prefill_rows
         if p < k.shape[0]:
             pos = inputs.positions[p:]  # [n_dec]
@@ -221,14 +237,20 @@ class ModelRunner:
         """Causal attention of every row over its own sequence, after `write_kv`.
 
         q: [T, heads, D], k, v: [T, kv_heads, D] (this step's rows) -> [T, heads, D]. Prefill
-        sequences attend over their own fresh rows (nothing is cached before them); decode rows
-        over their sequence's cached prefix, batched with a length mask. GQA via SDPA.
+        sequences attend over their own fresh rows, or, with an offset (a prefix from the
+        prefix cache), over their slot's keys 0..offset+n-1 with the causal mask shifted by the
+        offset; decode rows over their sequence's cached prefix, batched with a length mask.
+        GQA via SDPA.
         `window` (sliding-window layers): the query at position i sees only keys j with
         i - window < j <= i, its last `window` positions, as transformers' sliding mask."""
         out = torch.empty_like(q)  # [T, H, D]; every row is written below
-        for _, start, n in inputs.prefill:
+        for slot, start, n, offset in inputs.prefill:
             rows = slice(start, start + n)
             qs = q[rows].transpose(0, 1).unsqueeze(0)  # [n, H, D] -> [1, H, n, D]
+            if offset:
+                o = self._attend_after_prefix(layer, qs, slot, offset, scale, window, inputs)
+                out[rows] = o[0].transpose(0, 1)  # [1, H, n, D] -> [n, H, D]
+                continue
             ks = k[rows].transpose(0, 1).unsqueeze(0)  # [n, Hkv, D] -> [1, Hkv, n, D]
             vs = v[rows].transpose(0, 1).unsqueeze(0)
             if window is None or n <= window:
@@ -256,36 +278,92 @@ class ModelRunner:
             else:
                 kd = k_cache[:, :, keys].index_select(0, inputs.decode_slots)  # [n, Hkv, L, D]
                 vd = v_cache[:, :, keys].index_select(0, inputs.decode_slots)
-            lens = inputs.positions[p:, None] + 1  # [n_dec, 1]: context incl. this step's token
-            key_pos = torch.arange(first_key, length, device=q.device)  # [L]
-            mask = key_pos < lens  # [n_dec, L]
-            if window is not None:
-                mask &= key_pos >= lens - window
-            if q.shape[0] - p >= GROUPED_MIN_ROWS:
-                out[p:] = grouped_decode_attention(q[p:], kd, vd, mask, scale)  # [n_dec, H, D]
+            # Rows of one length (a single row always) see every key read: no mask is built.
+            mask = None
+            if inputs.decode_min_len != length:
+                lens = inputs.positions[p:, None] + 1  # [n_dec, 1]: context incl. this token
+                key_pos = torch.arange(first_key, length, device=q.device)  # [L]
+                mask = key_pos < lens  # [n_dec, L]
+                if window is not None:
+                    mask &= key_pos >= lens - window
+            if q.dtype == torch.float32 and q.shape[0] - p >= GROUPED_MIN_ROWS:
+                o = grouped_decode_attention(q[p:], kd, vd, mask, scale)  # [n_dec, H, D]
             else:
-                qd = q[p:].unsqueeze(2)  # [n_dec, H, D] -> [n_dec, H, 1, D]
-                mask = mask[:, None, None, :]  # [n_dec, L] -> [n_dec, 1, 1, L]
-                o = F.scaled_dot_product_attention(
-                    qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True
-                )
-                out[p:] = o.squeeze(2)  # [n_dec, H, 1, D] -> [n_dec, H, D]
+                o = sdpa_decode_attention(q[p:], kd, vd, mask, scale)  # [n_dec, H, D]
+            if p == 0:
+                return o  # a decode-only step: every row is here, no copy into `out`
+            out[p:] = o
         return out
 
+    def _attend_after_prefix(
+        self,
+        layer: int,
+        qs: Tensor,
+        slot: int,
+        offset: int,
+        scale: float,
+        window: int | None,
+        inputs: StepInputs,
+    ) -> Tensor:
+        """A prefill's n queries at positions offset..offset+n-1 (qs [1, H, n, D]) over its
+        slot's keys, read after write_kv: query i sees key j when j <= i (and i - j < window
+        on sliding layers). -> [1, H, n, D]."""
+        n = qs.shape[2]
+        end = offset + n
+        # With a window, no query sees a key before `first`: skip reading them.
+        first = 0 if window is None else max(0, offset - window + 1)
+        k_cache, v_cache = self.kv.layer(layer)  # [S, Hkv, max_len, D]
+        ks = k_cache[slot, :, first:end].unsqueeze(0)  # [Hkv, L, D] -> [1, Hkv, L, D]
+        vs = v_cache[slot, :, first:end].unsqueeze(0)
+        mask = inputs.prefix_masks.get((offset, n, window))
+        if mask is None:
+            query_pos = torch.arange(offset, end, device=qs.device)  # [n]
+            key_pos = torch.arange(first, end, device=qs.device)  # [L]
+            ahead = query_pos[:, None] - key_pos[None, :]  # [n, L]: query pos - key pos
+            mask = ahead >= 0 if window is None else (ahead >= 0) & (ahead < window)
+            inputs.prefix_masks[(offset, n, window)] = mask
+        return F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
+        )
 
-def grouped_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+
+def sdpa_decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+) -> Tensor:
+    """One query per row over its own keys by SDPA, the G = H / Hkv query heads that share a
+    KV head taken as that head's G query positions (no KV repeat, no causal mask: each sees
+    every key it is given).
+
+    q: [n, H, D]; k, v: [n, Hkv, L, D] (any strides, e.g. views of the cache); mask: [n, L]
+    bool (True = attend; each row has at least one) or None = every key. -> [n, H, D] in q's
+    dtype; query head h reads KV head h // G, as SDPA's enable_gqa. Equals SDPA over [n, H, 1,
+    D] to float rounding (tests/serve/runners/test_attention.py)."""
+    n, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(n, kv_heads, heads // kv_heads, dim)  # [n, H, D] -> [n, Hkv, G, D]
+    if mask is not None:
+        mask = mask[:, None, None, :]  # [n, L] -> [n, 1, 1, L]
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [n, Hkv, G, D]
+    return o.reshape(n, heads, dim)  # [n, Hkv, G, D] -> [n, H, D]
+
+
+def grouped_decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+) -> Tensor:
     """One query per row over its own keys, GQA by grouping the query heads (no KV repeat).
 
     q: [n, H, D]; k, v: [n, Hkv, L, D] (any strides, e.g. views of the cache); mask: [n, L]
-    bool, True = attend (each row has at least one). H = Hkv * G; query head h reads KV head
-    h // G, as SDPA's enable_gqa. -> [n, H, D] in q's dtype. The products run in q's dtype,
-    the masking and softmax in float32. Equals SDPA to float rounding
+    bool, True = attend (each row has at least one), or None = every key. H = Hkv * G; query
+    head h reads KV head h // G, as SDPA's enable_gqa. -> [n, H, D] in q's dtype. The products
+    run in q's dtype, the masking and softmax in float32. Equals SDPA to float rounding
     (tests/serve/runners/test_attention.py)."""
     n, heads, dim = q.shape
     kv_heads = k.shape[1]
     qg = q.view(n, kv_heads, heads // kv_heads, dim)  # [n, H, D] -> [n, Hkv, G, D]
     scores = torch.matmul(qg, k.transpose(-1, -2)).float()  # [n, Hkv, G, L]
-    scores.mul_(scale).masked_fill_(~mask[:, None, None, :], float("-inf"))
+    scores.mul_(scale)
+    if mask is not None:
+        scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
     weights = torch.softmax(scores, dim=-1).to(v.dtype)  # [n, Hkv, G, L]
     return torch.matmul(weights, v).view(n, heads, dim)  # [n, Hkv, G, D] -> [n, H, D]
 

@@ -52,6 +52,8 @@ class Phi3Runner(LlamaRunner):
                 rope.get("original_max_position_embeddings")
                 or config.original_max_position_embeddings
             )
+        # A prompt's keys depend on its whole forward's length here: no prefix reuse.
+        self.prefix_reusable = self.long_after is None
 
     def run(self, prefill: list[Sequence], decode: list[Sequence]) -> Tensor:
         """As ModelRunner.run; decode sequences at the longrope switch (L tokens cached) run as
@@ -87,8 +89,8 @@ class Phi3Runner(LlamaRunner):
         if self.long_after is None:
             return super().rotary(h, inputs)
         span = inputs.positions + 1  # [T]: a decode row's forward ends at its own position
-        for _, start, n in inputs.prefill:  # a prefill row's forward is its whole prompt
-            span[start : start + n] = n
+        for _, start, n, offset in inputs.prefill:  # a prefill row's forward: its whole prompt
+            span[start : start + n] = offset + n
         long = span > self.long_after  # [T] bool
         if bool(long.all()) or not bool(long.any()):
             return super().rotary(h, inputs)

@@ -1,0 +1,51 @@
+"""`lorafleet bench prefix-cache`: its pass rule over runs (pure) and its config checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafleet.bench.prefix_cache import PrefixBenchConfig, summarize
+from lorafleet.errors import LorafleetError
+
+
+def runs(shared_on: float, shared_off: float, distinct_on: float, distinct_off: float) -> list:
+    out = []
+    for rep in range(3):
+        noise = 1 + 0.01 * rep
+        for workload, setting, ttft, tok in (
+            ("shared", "cache_on", shared_on * noise, 100.0),
+            ("shared", "cache_off", shared_off * noise, 50.0),
+            ("distinct", "cache_on", 1.0, distinct_on * noise),
+            ("distinct", "cache_off", 1.0, distinct_off * noise),
+        ):
+            out.append(
+                {
+                    "rep": rep,
+                    "workload": workload,
+                    "setting": setting,
+                    "ttft_p50_s": ttft,
+                    "tok_s": tok,
+                    "load_1m": 1.0,
+                }
+            )
+    return out
+
+
+def test_the_pass_rule_reads_medians_over_repetitions():
+    met = summarize(runs(0.5, 2.5, 96.0, 100.0))
+    assert met["shared_ttft_ratio"] == pytest.approx(5.0) and met["shared_ttft_met"]
+    assert met["distinct_tok_s_ratio"] == pytest.approx(0.96) and met["distinct_tok_s_met"]
+    assert met["rows"]["shared/cache_on"]["ttft_p50_min_s"] == pytest.approx(0.5)
+    missed = summarize(runs(1.0, 3.0, 90.0, 100.0))
+    assert not missed["shared_ttft_met"] and not missed["distinct_tok_s_met"]
+    only_shared = summarize([r for r in runs(1, 5, 1, 1) if r["workload"] == "shared"])
+    assert "distinct_tok_s_ratio" not in only_shared and only_shared["shared_ttft_met"]
+
+
+def test_bad_sizes_are_refused_in_one_line():
+    with pytest.raises(LorafleetError, match="workload"):
+        PrefixBenchConfig(workload="all")
+    with pytest.raises(LorafleetError, match="clients"):
+        PrefixBenchConfig(clients=0)
+    with pytest.raises(LorafleetError, match="max_batch_tokens"):
+        PrefixBenchConfig(system_tokens=3000)

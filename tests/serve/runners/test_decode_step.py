@@ -1,0 +1,108 @@
+"""The decode step's shortcuts: RoPE in four ops (q and k in one pass), decode attention by SDPA
+over grouped query heads (no mask for rows of one length), equal to the plain forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from serve_helpers import tiny_base
+
+from lorafleet.serve import Engine, SamplingParams
+from lorafleet.serve.runners.base import apply_rotary, sdpa_decode_attention
+from lorafleet.serve.runners.llama import adjacent_heads, rotate, rotate_qk, signed_sin
+
+
+def tables(rows: int, dim: int, dtype):
+    pos = torch.arange(rows, dtype=torch.float32)[:, None] + 3
+    freqs = pos / (10000 ** (torch.arange(0, dim, 2) / dim))  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_rotate_is_apply_rotary_bit_for_bit(dtype, rows):
+    cos, sin = tables(rows, 16, dtype)
+    x = torch.randn(rows, 6, 16).to(dtype)
+    assert torch.equal(rotate(x, cos, signed_sin(sin, 16)), apply_rotary(x, cos, sin))
+    assert signed_sin(sin[..., :8], 16) is None  # partial rotary: apply_rotary's slicing
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_q_and_k_of_one_fused_gemm_rotate_in_one_pass(rows):
+    heads, kv_heads, dim = 6, 2, 16
+    y = torch.randn(rows, (heads + 2 * kv_heads) * dim)  # [q | k | v], one GEMM's output
+    q, k, v = y.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k = q.view(rows, heads, dim), k.view(rows, kv_heads, dim)
+    joint = adjacent_heads(q, k)
+    assert joint is not None and joint.shape == (rows, heads + kv_heads, dim)
+    assert adjacent_heads(q, v.view(rows, kv_heads, dim)) is None  # v does not follow q
+    assert adjacent_heads(q.clone(), k.clone()) is None  # separate storages
+    cos, sin = tables(rows, dim, torch.float32)
+    got_q, got_k = rotate_qk(q, k, cos, signed_sin(sin, dim))
+    assert torch.equal(got_q, apply_rotary(q, cos, sin))
+    assert torch.equal(got_k, apply_rotary(k, cos, sin))
+
+
+def reference(q, k, v, mask, scale):
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return o.squeeze(2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 1)])
+def test_sdpa_decode_attention_equals_sdpa_per_head(dtype, tol, heads, kv_heads):
+    g = torch.Generator().manual_seed(heads)
+    cache = torch.randn(6, kv_heads, 20, 16, generator=g).to(dtype)
+    k, v = cache[1:4, :, :12], cache[2:5, :, 3:15]  # strided views, as of the cache
+    q = torch.randn(3, heads, 16, generator=g).to(dtype)
+    ragged = torch.arange(12)[None, :] < torch.tensor([[12], [5], [9]])
+    every = torch.ones(3, 12, dtype=torch.bool)
+    for mask, given in ((ragged, ragged), (every, None)):
+        got = sdpa_decode_attention(q, k, v, given, 0.25)
+        want = reference(q.float(), k.float(), v.float(), mask, 0.25)
+        assert got.dtype == dtype and got.shape == (3, heads, 16)
+        assert (got.float() - want).abs().max() < tol
+
+
+def test_bfloat16_single_rows_and_batches_give_the_same_tokens(tokenizer):
+    """bfloat16 decode rows take the grouped-heads SDPA: one row alone (no mask) and a ragged
+    batch (masked) agree with each other."""
+    base = tiny_base(tokenizer)
+    engine = Engine(base, max_slots=0, max_batch_size=4, dtype="bfloat16")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 13, 2], [7, 7, 1], [3, 4, 5, 6, 8, 10], [11]]
+    alone = [engine.generate([(p, None, params)])[0].token_ids for p in prompts]
+    batched = [o.token_ids for o in engine.generate([(p, None, params) for p in prompts])]
+    assert batched == alone
+
+
+def test_plain_blocks_give_the_modules_results_bit_for_bit(tokenizer):
+    """With no adapter row, o_proj and the MLP run as direct F.linear calls on the base
+    linears: the logits equal those of the modules' path exactly (prefill and decode)."""
+    from lorafleet.serve import Sequence
+
+    engine = Engine(tiny_base(tokenizer), max_slots=1, max_batch_size=1, dtype="bfloat16")
+    runner = engine.runner
+    assert all(p is not None for p in runner.plain)
+
+    def step_logits() -> list[torch.Tensor]:
+        s = Sequence(0, [5, 9, 13, 2, 7], None, SamplingParams())
+        s.kv_slot, s.lora_slot = 0, 0
+        first = engine.forward([s], [])  # prefill
+        s.num_cached = s.num_tokens
+        s.generated.append(int(first[0].argmax()))
+        return [first, engine.forward([], [s])]  # and one decode step
+
+    fast = step_logits()
+    runner.plain = [None] * len(runner.plain)  # the modules' path
+    slow = step_logits()
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+
+
+def test_quantised_blocks_are_not_plain(tokenizer):
+    engine = Engine(tiny_base(tokenizer), max_slots=0, max_batch_size=1, quantize="int8")
+    assert all(p is None for p in engine.runner.plain)

@@ -65,7 +65,7 @@ class ServerConfig:
 # (BENCHMARKS.md, "Quality of reduced precision"). `--dtype float32 --quantize none` serves in
 # exact float32. The int8 / int4 kernels are the CPU's: on a GPU `serve` drops the default's
 # quantisation (an explicit other --quantize is refused there, as before).
-SERVE_DTYPE = "bfloat16"
+SERVE_DTYPE = "float32"
 SERVE_QUANTIZE = "int4"
 
 

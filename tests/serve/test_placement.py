@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorafleet.errors import LorafleetError
-from lorafleet.serve.placement import replica_device, replica_resources
+from lorafleet.serve.placement import Spread, replica_device, replica_resources
 
 
 def test_cpu_replicas_ask_for_their_threads_only():
@@ -46,3 +46,15 @@ def test_bad_input_is_one_line(args, message):
     kw = {"gpus_per_replica": gpus[0]} if gpus else {}
     with pytest.raises(LorafleetError, match=message):
         replica_resources(device, threads, **kw)
+
+
+def test_spread_caps_replicas_per_node_and_names_a_cluster_too_small():
+    assert Spread().ray_options() == {}  # Ray Serve's own best-effort spreading
+    assert Spread(1).ray_options() == {"max_replicas_per_node": 1}
+    Spread(1).check_room(replicas=2, nodes=2)
+    Spread().check_room(replicas=8, nodes=1)  # no cap: any cluster
+    with pytest.raises(LorafleetError, match=r"has 1 node\(s\), room for 1 of 2 replicas"):
+        Spread(1).check_room(replicas=2, nodes=1)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(LorafleetError, match="max_replicas_per_node must be an integer"):
+            Spread(bad)

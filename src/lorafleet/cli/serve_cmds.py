@@ -17,6 +17,7 @@ from lorafleet.cli.options import (
     with_options,
 )
 from lorafleet.serve.api.config import SERVE_DTYPE, SERVE_QUANTIZE, EngineSettings, ServerConfig
+from lorafleet.serve.placement import Spread
 
 # `lorafleet serve`: the engine's and registry's sizes (EngineSettings) ...
 ENGINE_OPTIONS = options_from(
@@ -95,9 +96,20 @@ SERVER_OPTIONS = options_from(
     ),
 )
 
+# `lorafleet serve --ray`: how the replicas spread over the Ray cluster's nodes (Spread).
+SPREAD_OPTIONS = options_from(
+    Spread,
+    from_field(
+        "max_replicas_per_node",
+        min=1,
+        help="With --ray: at most this many replicas on one Ray node (1: one per machine); "
+        "default: Ray Serve's best-effort spreading.",
+    ),
+)
+
 
 @app.command()
-@with_options(engine=ENGINE_OPTIONS, server=SERVER_OPTIONS)
+@with_options(engine=ENGINE_OPTIONS, server=SERVER_OPTIONS, spread=SPREAD_OPTIONS)
 def serve(
     *,
     base: str = BaseOpt,
@@ -140,7 +152,10 @@ def serve(
         False,
         "--ray",
         help="Serve from replicas on a Ray cluster (Ray Serve, routed by adapter; needs "
-        "lorafleet[ray]); the same HTTP API here. --threads: per replica.",
+        "lorafleet[ray]); the same HTTP API here. --threads: per replica. MoLEs route by their "
+        "name; ties/dare merges and hub adapters are made here once and written to --adapters "
+        "(hidden .lorafleet-* folders) for the replicas; class_choices run on a replica; "
+        "--change image edits run here, in the ingress.",
     ),
     address: str | None = typer.Option(
         None,
@@ -151,6 +166,7 @@ def serve(
     replicas: int | None = typer.Option(
         None, "--replicas", min=1, help="With --ray: engine replicas (default 1)."
     ),
+    spread: dict,
 ):
     """Serve the base model and every adapter in --adapters over HTTP.
 
@@ -192,6 +208,9 @@ def serve(
 
         lorafleet serve --ray --address auto --replicas 4 --base default --adapters /shared/adapters
 
+        lorafleet serve --ray --address auto --base default --adapters /shared/adapters
+        --hub-adapters --change runs/loc
+
         curl localhost:8000/v1/images/edits -F before=@A.png -F after=@A2.png -F image=@B.png
         -o B2.png
     """
@@ -213,11 +232,9 @@ def serve(
         ray,
         address,
         replicas,
-        **{
-            "--change": change,
-            "--change-loras": change_loras,
-            "--hub-adapters": server["hub_adapters"],
-        },
+        spread["max_replicas_per_node"],
+        hub_adapters=server["hub_adapters"],
+        adapters=adapters,
     )
     if engine["cpu_cache_bytes"] is not None:
         parse_size(engine["cpu_cache_bytes"])  # a bad size: one line before the model loads
@@ -249,6 +266,15 @@ def serve(
             threads=threads,
             host=host,
             port=port,
+            spread=SPREAD_OPTIONS.build(spread),
+            features={
+                "classifier": laplace_classifier,
+                "merge": merge_adapters,
+                "moles": MoleCatalog,
+                "image_editor": editor,
+                "image_editors": ChangeCatalog,
+            },
+            hub=(hub_ref, hub_path) if hub_ref is not None else None,
         )
     device = resolve_device(settings.device)  # cuda without a GPU: one line, exit 2
     if device.type != "cpu" and settings.quantize == SERVE_QUANTIZE:

@@ -1,10 +1,44 @@
 """Where a Ray Serve replica runs: the resources it asks Ray for, from `--device` and its threads
-(light: no torch, no ray; the Ray deployment passes the dict as `ray_actor_options`)."""
+(light: no torch, no ray; the Ray deployment passes the dict as `ray_actor_options`), and how
+replicas spread over the cluster's nodes (Spread, `--max-replicas-per-node`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lorafleet.errors import LorafleetError
 from lorafleet.models.device import check_device
+
+
+@dataclass(frozen=True)
+class Spread:
+    """How a fleet's replicas spread over the Ray cluster's nodes: at most
+    `max_replicas_per_node` replicas on one node (None: Ray Serve's own spreading, best effort;
+    1: each replica on a machine of its own). Checked on creation."""
+
+    max_replicas_per_node: int | None = None
+
+    def __post_init__(self):
+        n = self.max_replicas_per_node
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise LorafleetError(f"max_replicas_per_node must be an integer >= 1, got {n!r}")
+
+    def ray_options(self) -> dict[str, int]:
+        """The Ray Serve deployment options that enforce it ({} when unset)."""
+        if self.max_replicas_per_node is None:
+            return {}
+        return {"max_replicas_per_node": self.max_replicas_per_node}
+
+    def check_room(self, replicas: int, nodes: int) -> None:
+        """A one-line LorafleetError when `nodes` live Ray nodes cannot hold `replicas` at
+        max_replicas_per_node each (Ray Serve would wait for more nodes without a word)."""
+        n = self.max_replicas_per_node
+        if n is not None and nodes * n < replicas:
+            raise LorafleetError(
+                f"--max-replicas-per-node {n}: the Ray cluster has {nodes} node(s), room for "
+                f"{nodes * n} of {replicas} replicas; join more machines "
+                "(ray start --address=HEAD:6379) or lower --replicas"
+            )
 
 
 def replica_resources(

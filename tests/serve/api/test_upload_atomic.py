@@ -21,9 +21,12 @@ from conftest import ADMIN, make_adapter, start
 from lorafleet.adapters import write_adapter
 from lorafleet.serve.api import AuthConfig
 from lorafleet.serve.api.admin_routes import (
+    HOST,
+    OTHER_HOST_STALE_S,
     PROCESS_START,
     UPLOAD_PREFIX,
     clean_stale_uploads,
+    host_tag,
     process_start,
     upload_owner,
 )
@@ -164,6 +167,26 @@ def test_clean_stale_uploads_keeps_live_ones(tmp_path):
         path.mkdir()
     assert sorted(clean_stale_uploads(tmp_path)) == sorted(stale)
     assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+
+
+def test_another_hosts_uploads_are_judged_by_age_not_pid(tmp_path):
+    """On a directory several machines share (serve --ray), a PID names a process only on
+    its own host: another host's upload dir with a PID dead here stays (its upload may be in
+    progress there) until it is OTHER_HOST_STALE_S old; this host's dead one goes."""
+    dead = "999999999.1234"
+    other = host_tag("other-node.example")
+    assert other != HOST and "-" not in other and "@" not in other
+    elsewhere = tmp_path / f"{UPLOAD_PREFIX}{dead}@{other}-a-xyz"  # live there, maybe
+    old = tmp_path / f"{UPLOAD_PREFIX}{dead}@{other}-b-xyz"  # a day old: left over
+    here = tmp_path / f"{UPLOAD_PREFIX}{dead}@{HOST}-c-xyz"  # this host, process gone
+    mine = tmp_path / f"{UPLOAD_PREFIX}{upload_owner()}-d-xyz"  # this process: in progress
+    for path in (elsewhere, old, here, mine):
+        path.mkdir()
+    long_ago = time.time() - OTHER_HOST_STALE_S - 60
+    os.utime(old, (long_ago, long_ago))
+    assert upload_owner().endswith("@" + HOST)
+    assert sorted(clean_stale_uploads(tmp_path)) == sorted([old, here])
+    assert elsewhere.exists() and mine.exists() and not old.exists() and not here.exists()
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc here")

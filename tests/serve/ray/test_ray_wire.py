@@ -80,11 +80,14 @@ def test_ray_flags_without_ray_and_unsupported_options_are_one_line_errors():
     from lorafleet.cli.ray_serve import check_ray_flags
 
     check_ray_flags(False, None, None)
-    check_ray_flags(True, "auto", 2, **{"--change": None})
-    with pytest.raises(LorafleetError, match="need --ray"):
+    check_ray_flags(True, "auto", 2, **{"--not-on-ray": None})
+    with pytest.raises(LorafleetError, match="^--replicas needs --ray$"):
         check_ray_flags(False, None, 2)
-    with pytest.raises(LorafleetError, match="--change"):
-        check_ray_flags(True, None, None, **{"--change": "runs/loc"})
+    with pytest.raises(LorafleetError, match="^--address and --max-replicas-per-node need --ray$"):
+        check_ray_flags(False, "auto", None, 1)
+    # An option the fleet cannot serve (none today: --change and --hub-adapters now work).
+    with pytest.raises(LorafleetError, match="^--ray does not serve --not-on-ray"):
+        check_ray_flags(True, None, None, **{"--not-on-ray": "x"})
 
 
 def test_a_replica_failure_is_a_503_in_openais_error_shape():

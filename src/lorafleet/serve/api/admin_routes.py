@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -24,12 +26,16 @@ from lorafleet.serve.api.state import ServerState, admin, state_of
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(admin)])
 UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# An upload is written to ADAPTERS_DIR/.upload-PID.START-NAME-XXXX (START: when process PID
-# started, process_start), then renamed to NAME. A dot name is never an adapter name, so such a
-# dir is never served; one whose process is gone (killed mid-upload) is removed at the next
-# start (clean_stale_uploads). START tells a restarted server that got its dead predecessor's
-# PID (PID 1 in a container) from that predecessor.
+# An upload is written to ADAPTERS_DIR/.upload-PID.START@HOST-NAME-XXXX (START: when process
+# PID started, process_start; HOST: this machine's name, host_tag), then renamed to NAME. A dot
+# name is never an adapter name, so such a dir is never served; one whose process is gone
+# (killed mid-upload) is removed at the next start (clean_stale_uploads). START tells a
+# restarted server that got its dead predecessor's PID (PID 1 in a container) from that
+# predecessor. HOST matters where several machines share the directory (`serve --ray`): a PID
+# means something only on the machine that wrote it, so another host's upload dir is left
+# alone unless it is older than OTHER_HOST_STALE_S (no upload takes that long).
 UPLOAD_PREFIX = ".upload-"
+OTHER_HOST_STALE_S = 24 * 3600.0
 
 
 def _alive(pid: int) -> bool:
@@ -59,15 +65,41 @@ def process_start(pid: int) -> str | None:
 PROCESS_START = process_start(os.getpid()) or f"t{time.time_ns()}"
 
 
+def host_tag(hostname: str | None = None) -> str:
+    """`hostname` (default: this machine's, socket.gethostname) as it goes into an upload dir's
+    name: characters other than [A-Za-z0-9._] become "_" (the name's "-" separates its parts),
+    at most 64 of them."""
+    name = socket.gethostname() if hostname is None else hostname
+    return re.sub(r"[^A-Za-z0-9._]", "_", name)[:64] or "_"
+
+
+HOST = host_tag()
+
+
 def upload_owner() -> str:
-    """The PID.START part of this process's upload temp dir names."""
-    return f"{os.getpid()}.{PROCESS_START}"
+    """The PID.START@HOST part of this process's upload temp dir names."""
+    return f"{os.getpid()}.{PROCESS_START}@{HOST}"
 
 
-def _stale(owner: str) -> bool:
-    """True when the process that named an upload dir `owner` (PID.START) is gone: no such
-    PID, or that PID is now another process (a later start). An owner without START (an older
-    server's) is stale when its PID is gone or is this process's own."""
+def _stale(owner: str, path: Path, now: float) -> bool:
+    """True when upload dir `path`, named by `owner` (PID.START@HOST), is left over: written on
+    this host (or before hosts were named: PID.START, PID) by a process that is gone; or
+    written on another host and not modified for OTHER_HOST_STALE_S seconds (its PID cannot
+    be checked from here)."""
+    owner, at, host = owner.partition("@")
+    if at and host != HOST:
+        try:
+            age = now - path.stat().st_mtime
+        except OSError:  # removed meanwhile (by its own server)
+            return False
+        return age > OTHER_HOST_STALE_S
+    return _process_gone(owner)
+
+
+def _process_gone(owner: str) -> bool:
+    """True when the process that named an upload dir `owner` (PID.START) on this host is
+    gone: no such PID, or that PID is now another process (a later start). An owner without
+    START (an older server's) is stale when its PID is gone or is this process's own."""
     pid, _, start = owner.partition(".")
     if not (pid.isdigit() and int(pid) > 0) or not _alive(int(pid)):
         return True
@@ -80,13 +112,14 @@ def _stale(owner: str) -> bool:
 
 
 def clean_stale_uploads(root: Path) -> list[Path]:
-    """Remove the upload temp dirs in `root` whose process is gone (or that name none, or
-    whose PID another process has taken since); returns them. A live process's upload in
-    progress is left alone."""
-    removed = []
+    """Remove the upload temp dirs in `root` left over (_stale): this host's whose process is
+    gone (or that name none, or whose PID another process has taken since), other hosts'
+    untouched for OTHER_HOST_STALE_S; returns them. A live process's upload in progress is
+    left alone, on any host sharing `root`."""
+    removed, now = [], time.time()
     for path in root.glob(UPLOAD_PREFIX + "*"):
         owner = path.name[len(UPLOAD_PREFIX) :].split("-", 1)[0]
-        if path.is_dir() and _stale(owner):
+        if path.is_dir() and _stale(owner, path, now):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -85,16 +85,18 @@ class _EngineCollector:
 
 def _replica_metrics(rows: list[dict]):
     """Per replica of a backend of replicas (serve/ray/wire.sum_stats): how many are live,
-    and each one's adapter loads (adapters put in its slots), requests and running ones."""
+    and each one's adapter loads (adapters put in its slots), requests and running ones,
+    labelled by replica, pid and node (the IP of the Ray node it runs on)."""
     yield GaugeMetricFamily("lorafleet_replicas", "Live replicas.", value=len(rows))
     for key, kind, doc in (
         ("adapter_loads", CounterMetricFamily, "Adapters put in a replica's slots."),
         ("requests", CounterMetricFamily, "Requests a replica got."),
         ("running", GaugeMetricFamily, "Requests decoding on a replica now."),
     ):
-        family = kind(f"lorafleet_replica_{key}", doc, labels=["replica", "pid"])
+        family = kind(f"lorafleet_replica_{key}", doc, labels=["replica", "pid", "node"])
         for row in rows:
-            family.add_metric([str(row["replica"]), str(row["pid"])], row.get(key) or 0)
+            labels = [str(row["replica"]), str(row["pid"]), str(row.get("node") or "")]
+            family.add_metric(labels, row.get(key) or 0)
         yield family
 
 

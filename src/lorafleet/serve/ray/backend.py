@@ -10,13 +10,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.backend import REPLICA_FAILED, AdapterSpec
-from lorafleet.serve.ray.wire import RayRequest, adapter_names, route_id, sum_stats
+from lorafleet.serve.ray.wire import RayRequest, route_id, sum_stats
 from lorafleet.serve.sequence import SamplingParams, TokenEvent, resolve_adapter
 
 log = logging.getLogger(__name__)
@@ -47,8 +46,11 @@ class RayBackend:
     is sent again (`retries` times; Ray routes it to a live replica); after: its last event
     is finish_reason "error" naming the replica failure. Residency is each replica's own (its
     registry over the shared directory): here nothing is resident, `load_adapter` refuses,
-    and `path_of` (set by the fleet) names the directory of an adapter added from outside
-    the adapters directory's own entry, sent to replicas with its requests.
+    and `place(spec)` (set by the fleet: ingress.SharedAdapters.place) gives, on the worker
+    thread before the request is sent, the spec to send (a merge: the adapter it was written
+    to in the shared directory) and the directories of its adapters that replicas cannot find
+    by name there (added through admin from another folder, hub adapters), sent along; a
+    LorafleetError from it ends the request with that error.
     `stats()` is the sum over live replicas (wire.sum_stats) of the rows `read_rows()` returns
     (one per live replica: the fleet reads its board), read every POLL_S seconds by a thread
     of its own, so it never waits. `handle` is the deployment's Ray Serve handle (or anything
@@ -74,7 +76,7 @@ class RayBackend:
         self.base_fingerprint = info["base_fingerprint"]
         self.model_config = info["model_config"]
         self.device = torch.device("cpu")  # the ingress runs no model
-        self.path_of: Callable[[str], Path | None] = lambda name: None
+        self.place: Callable[[AdapterSpec], tuple[AdapterSpec, dict[str, str]]] = _as_is
         self._ids = itertools.count()
         self._flights: dict[int, _Flight] = {}
         self._pool = ThreadPoolExecutor(1024, thread_name_prefix="lorafleet-ray")
@@ -98,17 +100,21 @@ class RayBackend:
     ) -> int:
         label, mixture = resolve_adapter(adapter)  # a bad mixture: its one-line error, now
         spec = mixture if mixture is not None else label  # plain data: it crosses processes
-        paths = {n: str(p) for n in adapter_names(spec) if (p := self.path_of(n)) is not None}
-        request = RayRequest(prompt, spec, params or SamplingParams(), tenant, paths)
-        model_id = route_id(spec) if self.routing == "affinity" else ""
+        request = RayRequest(prompt, spec, params or SamplingParams(), tenant)
         request_id = next(self._ids)
         self._flights[request_id] = flight = _Flight()
-        self._pool.submit(self._run, request_id, flight, request, model_id, on_token or _drop)
+        self._pool.submit(self._run, request_id, flight, request, on_token or _drop)
         return request_id
 
-    def _run(self, request_id, flight, request, model_id, on_token) -> None:
+    def _run(self, request_id, flight, request, on_token) -> None:
         try:
-            last = self._relay(request_id, flight, request, model_id, on_token)
+            try:  # may write a merge or fetch a hub adapter: here, off the caller's thread
+                request.adapter, request.paths = self.place(request.adapter)
+            except LorafleetError as exc:
+                last = TokenEvent(request_id, None, "", True, "error", str(exc))
+            else:
+                model_id = route_id(request.adapter) if self.routing == "affinity" else ""
+                last = self._relay(request_id, flight, request, model_id, on_token)
         except Exception as exc:  # never leave a client without its last event
             log.exception("request %d failed at the ingress", request_id)
             last = TokenEvent(request_id, None, "", True, "error", failure_text(exc))
@@ -236,6 +242,11 @@ class RayBackend:
 
     def slot_format(self):
         return None
+
+
+def _as_is(spec: AdapterSpec) -> tuple[AdapterSpec, dict[str, str]]:
+    """A `place` for a fleet without anything to place: the spec as it is, no paths."""
+    return spec, {}
 
 
 def _drop(event: TokenEvent) -> None:

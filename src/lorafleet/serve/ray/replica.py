@@ -9,14 +9,17 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import ray
 from ray import serve
 
 from lorafleet.errors import LorafleetError
+from lorafleet.serve.backend import AdapterSpec
 from lorafleet.serve.placement import replica_device
-from lorafleet.serve.ray.wire import REGISTRY_COUNTERS, FleetSpec, RayRequest
-from lorafleet.serve.sequence import TokenEvent
+from lorafleet.serve.ray.wire import REGISTRY_COUNTERS, FleetSpec, MoleRef, RayRequest
+from lorafleet.serve.sequence import Mixture, TokenEvent
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5  # how often a replica posts its stats to the board
@@ -41,22 +44,55 @@ class Board:
         return [row for at, row in self.rows.values() if now - at <= max_age_s]
 
 
+@dataclass
+class ReplicaExtras:
+    """What a replica serves beside plain adapters, injected as `lorafleet serve` injects it
+    into build_state (the factories cross to the replicas by reference: module-level names):
+    `moles` (compose.mole_serve.MoleCatalog) serves MoLE dirs, `classifier`
+    (bayes.serving.laplace_classifier) answers class_choices, `hub_adapters` lets the
+    registry take hub ids `org/name[@rev]` (their paths come from the ingress, which fetched
+    them). Merges and image edits are the ingress's (serve.ray.ingress)."""
+
+    moles: Callable | None = None
+    classifier: Callable | None = None
+    hub_adapters: bool = False
+
+
 class ReplicaCore:
     """An engine + registry built from a FleetSpec (what `lorafleet serve` builds, without the
-    HTTP app), its adapter bookkeeping and stats. No Ray here but the board it posts to."""
+    HTTP app; with `extras`' MoLEs and classifier), its adapter bookkeeping and stats. No Ray
+    here but the board it posts to."""
 
-    def __init__(self, spec: FleetSpec, board, replica_id: str):
+    def __init__(
+        self,
+        spec: FleetSpec,
+        board,
+        replica_id: str,
+        node: str = "",
+        extras: ReplicaExtras | None = None,
+    ):
         from lorafleet.models import load_base
         from lorafleet.serve.api.config import ServerConfig
         from lorafleet.serve.api.server import build_state
 
         self.replica_id, self.pid = replica_id, os.getpid()
+        self.node = node  # the IP of the Ray node it runs on: where each replica went
         # The device Ray's placement implies (auto without a GPU granted: the CPU).
         loaded = load_base(spec.base, dtype=spec.dtype, device=replica_device(spec.resources))
-        config = ServerConfig(model_name=spec.model_name)
-        # No merges: ties / dare merges are refused at the ingress (a 400), never sent here.
-        state = build_state(loaded, spec.adapters_dir, None, spec.settings, config)
+        extras = extras or ReplicaExtras()
+        config = ServerConfig(model_name=spec.model_name, hub_adapters=extras.hub_adapters)
+        # No merge function: the ingress merges once and sends the merge's directory.
+        state = build_state(
+            loaded,
+            spec.adapters_dir,
+            None,
+            spec.settings,
+            config,
+            classifier=extras.classifier,
+            moles=extras.moles,
+        )
         self.engine, self.registry = state.backend, state.registry
+        self.moles, self.classifier = state.moles, state.classifier
         self.engine.start(spec.threads)
         self.routed_loads = 0  # adapters Ray's multiplexing asked this replica to take
         self.requests = 0
@@ -100,12 +136,42 @@ class ReplicaCore:
             except LorafleetError as exc:  # its request fails with the registry's reason
                 log.warning("adapter %s at %s: %s", name, path, exc)
 
+    def engine_spec(self, adapter: AdapterSpec) -> AdapterSpec:
+        """What this engine runs for a request's spec: a MoLE sent by reference (a Mixture
+        whose gate is a MoleRef) becomes this replica's own MoLE spec (its gates, on its
+        device), re-checked first if its files changed; anything else as it is. A one-line
+        LorafleetError when this replica cannot serve the MoLE."""
+        if not (isinstance(adapter, Mixture) and isinstance(adapter.gate, MoleRef)):
+            return adapter
+        ref = adapter.gate
+        self.registry.refresh(ref.name)
+        if self.moles is None or ref.name not in self.moles:
+            reason = self.registry.reason(ref.name) or "not a MoLE in the adapters directory"
+            raise LorafleetError(f"MoLE {ref.name}: {reason}")
+        return self.moles.spec(ref.name, ref.mask)
+
+    def classify(
+        self, adapter: str, prompt: str, choices: list[str], paths: dict[str, str]
+    ) -> dict:
+        """The classifier's answer (class_choices) for `adapter`, or {"error": one line}."""
+        if self.classifier is None:
+            return {"error": "class_choices is not served by this fleet's replicas"}
+        self.learn_paths(paths)
+        try:
+            problem = self.classifier.problem(adapter)
+            if problem:
+                return {"error": problem}
+            return self.classifier.probs(adapter, prompt, choices)
+        except LorafleetError as exc:
+            return {"error": str(exc)}
+
     def report(self) -> dict:
         reg = self.registry.stats()
         return {
             **self.engine.stats(),
             "replica": self.replica_id,
             "pid": self.pid,
+            "node": self.node,
             "requests": self.requests,
             "routed_loads": self.routed_loads,
             # adapters put in a slot (from CPU memory or from disk): the routing's cost
@@ -153,11 +219,13 @@ def replica_deployment(spec: FleetSpec):
         ray_actor_options=options,
         health_check_period_s=1.0,
         graceful_shutdown_timeout_s=2.0,
+        **spec.spread.ray_options(),
     )
     class LorafleetReplica:
-        def __init__(self, spec: FleetSpec, board):
+        def __init__(self, spec: FleetSpec, board, extras: ReplicaExtras | None = None):
             context = serve.get_replica_context()
-            self.core = ReplicaCore(spec, board, context.replica_id.unique_id)
+            node = ray.util.get_node_ip_address()
+            self.core = ReplicaCore(spec, board, context.replica_id.unique_id, node, extras)
 
         @serve.multiplexed(max_num_models_per_replica=slots)
         async def routed(self, name: str) -> str:
@@ -174,6 +242,13 @@ def replica_deployment(spec: FleetSpec):
                 await self.routed(model_id)
             if request.paths:
                 await asyncio.to_thread(core.learn_paths, request.paths)
+            adapter = request.adapter
+            if isinstance(adapter, Mixture) and isinstance(adapter.gate, MoleRef):
+                try:  # may re-check the MoLE's files: off the event loop
+                    adapter = await asyncio.to_thread(core.engine_spec, adapter)
+                except LorafleetError as exc:
+                    yield TokenEvent(-1, None, "", True, "error", str(exc))
+                    return
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
 
@@ -182,7 +257,7 @@ def replica_deployment(spec: FleetSpec):
 
             try:
                 rid = core.engine.add_request(
-                    request.prompt, request.adapter, request.params, on_token, tenant=request.tenant
+                    request.prompt, adapter, request.params, on_token, tenant=request.tenant
                 )
             except LorafleetError as exc:
                 yield TokenEvent(-1, None, "", True, "error", str(exc))
@@ -196,6 +271,15 @@ def replica_deployment(spec: FleetSpec):
             finally:  # the client went away (Ray cancels this generator): free its row
                 if not finished:
                     core.engine.cancel(rid)
+
+        async def classify(
+            self, adapter: str, prompt: str, choices: list[str], paths: dict[str, str]
+        ) -> dict:
+            """class_choices' answer (ReplicaCore.classify), on a thread of its own."""
+            model_id = serve.get_multiplexed_model_id()
+            if model_id:
+                await self.routed(model_id)
+            return await asyncio.to_thread(self.core.classify, adapter, prompt, choices, paths)
 
         def describe(self) -> dict:
             return self.core.describe()

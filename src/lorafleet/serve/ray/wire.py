@@ -9,9 +9,16 @@ from dataclasses import dataclass, field
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.config import EngineSettings
 from lorafleet.serve.backend import AdapterSpec
+from lorafleet.serve.placement import Spread
 from lorafleet.serve.sequence import SamplingParams, resolve_adapter
 
 ROUTINGS = ("affinity", "round_robin")
+# What --ray cannot serve on a cluster: hub adapters without a directory every node reads.
+HUB_NEEDS_SHARED_DIR = (
+    "--hub-adapters on a Ray cluster (--address) needs --adapters DIR, a directory every "
+    "node reads at the same path: hub adapters are copied there for the replicas (ask for "
+    "them by `model`: org/name[@revision])"
+)
 # Engine stats summed over replicas (the rest of a replica's stats are its own).
 SUMMED = ("waiting", "running", "kv_free_slots", "adapters_loaded", "adapter_slots", "steps")
 SUMMED_TOO = ("generated_tokens", "kv_used_slots", "adapters_in_use")
@@ -37,6 +44,8 @@ class FleetSpec:
     # Ray resources per replica (serve/placement.replica_resources: CPUs = threads, a GPU
     # where the device is CUDA, or auto on a cluster with GPUs); set once Ray is up.
     resources: dict = field(default_factory=dict)
+    # How replicas spread over the cluster's nodes (max_replicas_per_node).
+    spread: Spread = field(default_factory=Spread)
 
     def __post_init__(self):
         for what, value in (("replicas", self.replicas), ("threads", self.threads)):
@@ -57,6 +66,16 @@ class RayRequest:
     params: SamplingParams
     tenant: str | None = None
     paths: dict[str, str] = field(default_factory=dict)  # adapter name -> its directory
+
+
+@dataclass(frozen=True)
+class MoleRef:
+    """A MoLE as the ingress sends it: the gate of the request's Mixture names the MoLE and
+    the experts `mask` drops; the replica runs its own gates for it (on its device, one gate
+    object per mask, so its batch coalesces the rows), from the shared directory."""
+
+    name: str
+    mask: tuple[str, ...] = ()
 
 
 def adapter_names(spec: AdapterSpec) -> tuple[str, ...]:

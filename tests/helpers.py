@@ -21,3 +21,20 @@ def randomize_adapter(model, seed: int = 123, scale: float = 0.1) -> None:
 @torch.no_grad()
 def logits(model, input_ids):
     return model(input_ids=input_ids).logits
+
+
+def write_random_lora(
+    base, path, seed: int, targets=("q_proj", "v_proj", "o_proj"), scale: float = 0.2
+) -> None:
+    """A rank-4 PEFT LoRA of `base` (a LoadedBase) on `targets` with random A and B (seeded),
+    written as a lorafleet adapter at `path`."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from lorafleet.adapters import adapter_from_model, write_adapter
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), task_type="CAUSAL_LM")
+    model = get_peft_model(copy.deepcopy(base.model), config)
+    randomize_adapter(model, seed=seed, scale=scale)
+    write_adapter(path, adapter_from_model(model, base_fingerprint=base.fingerprint))

@@ -19,12 +19,11 @@ import torch
 pytest.importorskip("ray")  # the only reason these tests skip: `make install` installs Ray
 pytest.importorskip("ray.serve")
 
-from helpers import randomize_adapter  # noqa: E402
+from helpers import write_random_lora  # noqa: E402
 from hub_cache import adapter_files, go_offline, put_repo  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lorafleet.adapters import adapter_from_model, attach, read_adapter, write_adapter  # noqa: E402
+from lorafleet.adapters import attach, read_adapter  # noqa: E402
 from lorafleet.bayes import calibrate  # noqa: E402
 from lorafleet.bayes.serving import laplace_classifier  # noqa: E402
 from lorafleet.change.serving import ChangeCatalog, ChangeEditor  # noqa: E402
@@ -50,18 +49,10 @@ SETTINGS = EngineSettings(
     max_batch_tokens=256,
     max_seq_len=512,
 )
-TARGETS = ["q_proj", "v_proj", "o_proj"]
 HUB_REPO = "acme/tiny-lora"
 PROMPT = "Review: a warm, funny and moving film\nSentiment:"
 CHOICES = [" negative", " positive"]
 WAIT = 120
-
-
-def write_lora(base, path, seed: int) -> None:
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = get_peft_model(copy.deepcopy(base.model), config)
-    randomize_adapter(model, seed=seed, scale=0.2)
-    write_adapter(path, adapter_from_model(model, base_fingerprint=base.fingerprint))
 
 
 def write_mole(base, out, experts: dict) -> None:
@@ -90,15 +81,15 @@ def env(tmp_path_factory):
     adapters = root / "adapters"
     base = load_base("tiny", device="cpu")
     for seed, name in enumerate(["alpha", "beta"]):
-        write_lora(base, adapters / name, 500 + seed)
+        write_random_lora(base, adapters / name, 500 + seed)
     write_mole(base, adapters / "moe", {"a": adapters / "alpha", "b": adapters / "beta"})
-    write_lora(base, adapters / "calib", 500)
+    write_random_lora(base, adapters / "calib", 500)
     model = attach(copy.deepcopy(base.model), read_adapter(adapters / "calib"))
     train = load_examples("sst2", base.tokenizer, split="train", chat=False, limit=12)
     calibrate(model, base.tokenizer, adapters / "calib", train, max_length=96)
     cfg = ChangeConfig(image_size=16, width=4, dim=16, depth=1)
     save_model(root / "loc", cfg, *build(cfg))
-    write_lora(base, root / "hub-src", 599)
+    write_random_lora(base, root / "hub-src", 599)
     with pytest.MonkeyPatch.context() as mp:
         cache = go_offline(mp, root)
         commit = put_repo(cache, HUB_REPO, adapter_files(root / "hub-src"))

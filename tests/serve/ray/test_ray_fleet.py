@@ -6,7 +6,6 @@ requests go to the survivor, Ray restarts the replica, and the uploaded adapter 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -19,10 +18,8 @@ import pytest
 pytest.importorskip("ray")  # the only reason these tests skip: `make install` installs Ray
 pytest.importorskip("ray.serve")
 
-from helpers import randomize_adapter  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from helpers import write_random_lora  # noqa: E402
 
-from lorafleet.adapters import adapter_from_model, write_adapter  # noqa: E402
 from lorafleet.models import load_base  # noqa: E402
 from lorafleet.serve.api import AuthConfig, ServerConfig  # noqa: E402
 from lorafleet.serve.api.config import EngineSettings  # noqa: E402
@@ -38,15 +35,7 @@ SETTINGS = EngineSettings(
     max_batch_tokens=256,
     max_seq_len=512,
 )
-TARGETS = ["q_proj", "v_proj", "o_proj"]
 PROMPTS = ["Once upon a time", "The capital of France is"]
-
-
-def write_lora(base, path, seed: int) -> None:
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = get_peft_model(copy.deepcopy(base.model), config)
-    randomize_adapter(model, seed=seed, scale=0.2)
-    write_adapter(path, adapter_from_model(model, base_fingerprint=base.fingerprint))
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +44,8 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray-fleet")
     base = load_base("tiny", device="cpu")
     for seed, name in enumerate(["alpha", "beta"]):
-        write_lora(base, root / "adapters" / name, 300 + seed)
-    write_lora(base, root / "upload" / "delta", 399)
+        write_random_lora(base, root / "adapters" / name, 300 + seed)
+    write_random_lora(base, root / "upload" / "delta", 399)
     auth = root / "auth.json"
     auth.write_text(json.dumps({"admin_keys": [ADMIN], "tenants": {"t": {"keys": [KEY]}}}))
     return root

@@ -10,7 +10,6 @@ directory), and Ctrl-C + `ray stop` on each machine leaving nothing running."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -28,11 +27,9 @@ import pytest
 pytest.importorskip("ray")  # `make install` installs Ray: this skip is for a bare checkout
 pytest.importorskip("ray.serve")
 
-from helpers import randomize_adapter  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from helpers import write_random_lora  # noqa: E402
 from two_hosts import TwoHosts, require_two_hosts, sh  # noqa: E402
 
-from lorafleet.adapters import adapter_from_model, write_adapter  # noqa: E402
 from lorafleet.models import load_base  # noqa: E402
 from lorafleet.serve.api import AuthConfig, ServerConfig  # noqa: E402
 from lorafleet.serve.api.config import SERVE_DTYPE, EngineSettings  # noqa: E402
@@ -69,15 +66,6 @@ PROMPTS = ["Once upon a time", "The capital of France is"]
 BURST, BURST_TOKENS = 6, 300
 
 
-def write_lora(base, path, seed: int) -> None:
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
-    )
-    model = get_peft_model(copy.deepcopy(base.model), config)
-    randomize_adapter(model, seed=seed, scale=0.2)
-    write_adapter(path, adapter_from_model(model, base_fingerprint=base.fingerprint))
-
-
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """The shared adapters dir (alpha, beta), delta to upload later, the same three in ref/
@@ -86,7 +74,7 @@ def shared(tmp_path_factory):
     root = tmp_path_factory.mktemp("two-hosts")
     base = load_base("tiny", device="cpu")
     for seed, name in enumerate(["alpha", "beta", "delta"]):
-        write_lora(base, root / "ref" / name, 500 + seed)
+        write_random_lora(base, root / "ref" / name, 500 + seed, targets=("q_proj", "v_proj"))
     for name in ("alpha", "beta"):
         shutil.copytree(root / "ref" / name, root / "adapters" / name)
     shutil.copytree(root / "ref" / "delta", root / "upload" / "delta")

@@ -173,3 +173,93 @@ def test_generate_in_bfloat16_and_bad_options(run_cli, tiny_base_dir):
     assert code == 2 and "unknown dtype 'fp8'" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("serve", "--base", tiny_base_dir, "--quantize", "int3")
     assert code == 2 and "unknown quantisation 'int3'" in err
+
+
+def _quality(run_cli, tiny_base_dir, out_file, *more):
+    args = ["bench", "quality", "--base", tiny_base_dir, "--setting", "int8", "--context", "64"]
+    args += ["--piece-tokens", "155", "--task-rows", "4", "--prompts", "2", "--prompt-tokens"]
+    args += ["8", "--new-tokens", "4", "--boot", "20", "--no-peers", "--json", out_file, *more]
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    return {r["setting"]: r for r in json.loads(out_file.read_text())["rows"]}, out
+
+
+def test_pieces_run_one_call_each_resume_and_combine(run_cli, tiny_base_dir, tmp_path):
+    whole, _ = _quality(run_cli, tiny_base_dir, tmp_path / "w.json", "--tokens", "400")
+    split = tmp_path / "s.json"
+    for k in range(3):  # one call per piece (the first also runs the task stage)
+        rows, out = _quality(run_cli, tiny_base_dir, split, "--tokens", "400", "--pieces", str(k))
+        assert rows["float32+int8"]["pieces"] == k + 1 and "accuracy" in rows["float32+int8"]
+        assert out.count("checkpointed piece") == 1  # only this call's piece was scored
+    folder = json.loads(split.read_text())["checkpoints"]
+    assert sorted(p.name for p in (tmp_path / "s_pieces").rglob("*.npz")) == [
+        f"piece00{k}.float32+int8.npz" for k in range(3)
+    ]
+    assert str(tmp_path / "s_pieces") in folder
+    rows, out = _quality(run_cli, tiny_base_dir, split, "--tokens", "400", "--pieces", "0:")
+    assert "all checkpointed already" in out and "checkpointed piece" not in out
+    a, b = rows["float32+int8"], whole["float32+int8"]
+    assert a["tokens"] == b["tokens"] == 15 * 31 and a["chunks"] == 15
+    for key in ("kl_mean", "kl_p99", "same_top1", "ppl_ratio"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4), key  # float32 checkpoints
+    assert a["kl_mean_ci"] == pytest.approx(b["kl_mean_ci"], rel=1e-4)
+    assert a["accuracy"] == b["accuracy"] and a["mcnemar"] == b["mcnemar"]
+    assert a["greedy_agreement"] == b["greedy_agreement"]
+    # another text spec: its own folder; a range past the text: one line
+    _quality(run_cli, tiny_base_dir, split, "--tokens", "155", "--no-tasks")
+    assert len([p for p in (tmp_path / "s_pieces").iterdir() if p.is_dir()]) == 2
+    code, _, err = run_cli(
+        "bench",
+        "quality",
+        "--base",
+        tiny_base_dir,
+        "--tokens",
+        "155",
+        "--pieces",
+        "4:5",
+        "--no-peers",
+        "--json",
+        split,
+    )
+    assert code == 2 and "the text has 1 pieces" in err
+
+
+def test_an_earlier_summary_stands_in_for_its_pieces(run_cli, tiny_base_dir, tmp_path):
+    first, _ = _quality(run_cli, tiny_base_dir, tmp_path / "a.json", "--tokens", "155")
+    older = json.loads((tmp_path / "a.json").read_text())
+    older.pop("checkpoints")  # as a run from before checkpoints wrote it
+    (tmp_path / "a.json").write_text(json.dumps(older))
+    whole, _ = _quality(run_cli, tiny_base_dir, tmp_path / "w.json", "--tokens", "310")
+    got, _ = _quality(
+        run_cli,
+        tiny_base_dir,
+        tmp_path / "b.json",
+        "--tokens",
+        "310",
+        "--pieces",
+        "1",
+        "--no-tasks",
+        "--import-summary",
+        tmp_path / "a.json",
+    )
+    a, w, f = got["float32+int8"], whole["float32+int8"], first["float32+int8"]
+    assert a["from"] == {"summary_pieces": [0], "checkpointed_pieces": [1]}
+    assert a["tokens"] == w["tokens"] == 10 * 31 and a["pieces"] == 2
+    for key in ("kl_mean", "same_top1", "ppl_ratio"):  # exact, token-weighted
+        assert a[key] == pytest.approx(w[key], rel=1e-4), key
+    assert a["kl_p99"] == pytest.approx(w["kl_p99"], rel=0.5)  # the scaled-mixture estimate
+    for key in ("kl_mean", "same_top1", "ppl_ratio"):
+        lo, hi = a[f"{key}_ci"]
+        assert lo <= a[key] <= hi, key
+    assert a["task_rows"] == f["task_rows"] and a["accuracy"] == f["accuracy"]  # imported
+
+    # the earlier run's pieces must be this text's first pieces (here: 4 chunks, not 5)
+    def import_summary(piece_tokens: str, summary: str, out: str):
+        args = ["bench", "quality", "--base", tiny_base_dir, "--context", "64", "--tokens"]
+        args += ["310", "--piece-tokens", piece_tokens, "--no-peers", "--import-summary"]
+        return run_cli(*args, tmp_path / summary, "--json", tmp_path / out)
+
+    code, _, err = import_summary("124", "a.json", "c.json")
+    assert code == 2 and "not the first pieces" in err
+    code, _, err = import_summary("155", "w.json", "d.json")  # itself from checkpoints
+    assert code == 2 and "written from checkpoints" in err

@@ -182,11 +182,22 @@ def test_the_piece_loop_against_a_stand_in_llama_perplexity(tmp_path, monkeypatc
         quality.Piece(" ".join(map(str, ids)), ids, 3, {"x": 1}),
         quality.Piece(" ".join(map(str, ids[:16])) + " 99 99", ids[:16], 2, {"x": 1}),
     ]
-    ticks = []
-    parts, same, used = quality.llama_pass(
-        peers, "default", pieces, 8, 1, 10, lambda: ticks.append(1)
+    ticks, saved = [], {}
+    quality.llama_pass(
+        peers,
+        "default",
+        dict(enumerate(pieces)),
+        8,
+        1,
+        10,
+        lambda: ticks.append(1),
+        saved.__setitem__,
     )
-    assert len(ticks) == 2 * 4 and same == 1.0 and set(used) == set(models)
+    assert len(ticks) == 2 * 4 and sorted(saved) == [0, 1]
+    assert sum(r["same_ids"] for r in saved.values()) == 24 + 16
+    assert sum(r["compared_ids"] for r in saved.values()) == 24 + 16
+    assert set(saved[0]["models"]) == set(models)
+    parts = {name: [saved[i]["parts"][name] for i in (0, 1)] for name in quality.LLAMA_ROWS}
     assert set(parts) == {"Q4_1", "Q8_0", "BF16"} and len(parts["Q8_0"]) == 2
     rows = {name: llama_ppl.combine(p) for name, p in parts.items()}
     assert rows["Q8_0"]["kl_mean"] == pytest.approx(0.006789)

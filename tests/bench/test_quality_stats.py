@@ -94,3 +94,37 @@ def test_the_rule_picks_the_fastest_qualifying_setting():
     verdict = qs.pick_default(kl, lower, 0.005, {"float32+none": 1.0})
     assert verdict.default == "float32+none" and "no speed" in verdict.reasons["bfloat16+int8"]
     assert qs.speed_score({"single_stream_vs_fp32": 2.0, "all_base_vs_fp32": 8.0}) == 4.0
+
+
+def _tally(seed: int, chunks: int, noise: float) -> qs.Tally:
+    gen = torch.Generator().manual_seed(seed)
+    tally = qs.Tally()
+    for _ in range(chunks):
+        ref = torch.randn(25, 40, generator=gen)
+        got = ref + noise * torch.randn(25, 40, generator=gen)
+        tally.add(*qs.token_figures(ref, got, torch.randint(0, 40, (25,), generator=gen)))
+    return tally
+
+
+def test_an_earlier_summary_combines_with_per_token_pieces():
+    old, new = _tally(2, 30, 0.2), _tally(3, 20, 0.2)
+    whole = qs.Tally(*(a + b for a, b in zip(vars(old).values(), vars(new).values(), strict=True)))
+    ref = qs.summarise(whole, boot=300)
+    got = qs.combine_with_summary(
+        qs.summarise(old, boot=300), qs.summarise(new, boot=300), np.concatenate(new.kl)
+    )
+    assert got["tokens"] == 50 * 25 and got["chunks"] == 50
+    for key in ("kl_mean", "same_top1", "ppl_ratio", "kl_mean_pm"):  # exact
+        assert got[key] == pytest.approx(ref[key], rel=1e-9), key
+    assert got["kl_p99"] == pytest.approx(ref["kl_p99"], rel=0.1)  # halves alike: close
+    for key in qs.STATS:  # the normal approximation: about as wide as the pooled bootstrap
+        (lo, hi), (rlo, rhi) = got[f"{key}_ci"], ref[f"{key}_ci"]
+        wide = 3 if key == "kl_p99" else 2  # a tail quantile of few tokens: rougher
+        assert lo < got[key] < hi and 0.5 < (hi - lo) / (rhi - rlo) < wide, key
+    # a summary half whose KL is twice as large: p99 between the halves' p99s
+    kl = np.concatenate(new.kl)
+    p99 = qs.scaled_mixture_p99(2 * np.percentile(kl, 99), kl, 0.5)
+    assert np.percentile(kl, 99) < p99 < 2 * np.percentile(kl, 99)
+    assert qs.scaled_mixture_p99(np.percentile(kl, 99), kl, 0.6) == pytest.approx(
+        np.percentile(kl, 99), rel=0.02
+    )

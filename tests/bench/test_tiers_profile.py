@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import torch
 import torch.nn.functional as F
 
 from lorafleet.bench import profile, stream, thousand
@@ -112,3 +113,23 @@ def test_a_tiered_run_serves_every_request(tiny_base_dir, tmp_path):
     # Cold start: every distinct adapter is read from disk once at least, and its load timed.
     assert r["misses"] >= r["distinct"] > 2 and r["cold_load_p50_ms"] > 0
     assert r["evictions_slot"] >= r["distinct"] - 2  # two slots for more adapters
+
+
+def test_profile_honours_setting(run_cli, tiny_base_dir, monkeypatch):
+    seen = []
+    monkeypatch.setattr(profile, "run", lambda **kw: seen.append(kw))
+    base = ["bench", "engine", "--profile", "--base", str(tiny_base_dir), "--requests", "1"]
+    for given, want in (([], "float32"), (["-s", "bfloat16+int8"], "bfloat16+int8")):
+        code, _, err = run_cli(*base, "--adapters", "1", *given)
+        assert code == 0, err
+        assert seen[-1]["setting"] == want and seen[-1]["requests"] == 1
+    code, _, err = run_cli(*base, "-s", "int4")
+    assert code == 0 and seen[-1]["setting"] == "float32+int4"
+    code, _, err = run_cli(*base, "-s", "bfloat16", "-s", "int8")
+    assert code == 2 and "--profile takes one --setting" in err and len(seen) == 3
+    code, _, err = run_cli(*base, "-s", "float16")
+    assert code == 2 and "unknown dtype" in err
+    # the workload is built in that setting: a bfloat16 engine for "bfloat16"
+    cfg = {"base": str(tiny_base_dir), "requests": 1, "adapters": 0, "rank": 4}
+    engine, _ = profile._workload({**cfg, "prompt_tokens": 8, "new_tokens": 2, "setting": "bf16"})
+    assert next(engine.base.model.parameters()).dtype == torch.bfloat16

@@ -23,6 +23,12 @@ convert_hf_to_gguf.py from the same safetensors, bench/peer_ggufs.py) writes the
 log-probs, then the shipped Q4_1 file, Q8_0 and BF16 are scored against them; the pieces'
 printed summaries are combined (llama_ppl.combine), each .kld file deleted after its piece.
 
+Checkpoints (quality_store): each piece is written, per setting, as soon as it is scored
+(per-token figures; llama.cpp's parsed summaries per piece), and a call skips what is there for
+the same text spec, so a long run can be one call per piece (--pieces) and resumed; the figures
+always combine every checkpointed piece. An earlier run's JSON from before checkpoints can stand
+in for its pieces (--import-summary; quality_stats.combine_with_summary says what is exact).
+
 Task accuracy: the choice tasks' validation rows (sst2, strategyqa; first `task_rows` each),
 scored as `lorafleet eval` scores them (sum of log p(choice tokens | prompt), chat template),
 through each engine; McNemar's exact test against float32 on the same rows, pooled over tasks.
@@ -42,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.bench import print_table, write_json
+from lorafleet.bench.quality_config import QualityConfig
 from lorafleet.errors import LorafleetError
 
 SETTINGS = (
@@ -231,26 +238,37 @@ def torch_cat(a, b):
     return torch.cat([a, b], dim=0)
 
 
-def kl_pass(engines: dict, pieces: list[Piece], context: int, limits: dict, progress) -> dict:
-    """Per setting (every engine but "float32+none", the reference), a quality_stats.Tally over
-    every chunk of its pieces (the first limits.get(setting, all) pieces); one chunk's logits
-    alive per engine at a time."""
+def kl_piece(engines: dict, piece: Piece, context: int, keys: list[str], progress) -> dict:
+    """One piece's quality_stats.Tally for each of `keys` (engines other than the reference,
+    "float32+none"), chunk by chunk; one chunk's logits alive per engine at a time."""
     import torch
 
     from lorafleet.bench.quality_stats import REFERENCE, Tally, token_figures
 
     first = context // 2
+    tallies = {key: Tally() for key in keys}
+    for c in range(piece.chunks):
+        ids = piece.ids[c * context : (c + 1) * context]
+        targets = torch.tensor(ids[first + 1 :])  # [context - 1 - first]
+        ref = all_logits(engines[REFERENCE], [ids])[0][first : context - 1]
+        for key, tally in tallies.items():
+            got = all_logits(engines[key], [ids])[0][first : context - 1]
+            tally.add(*token_figures(ref, got, targets))
+        progress()
+    return tallies
+
+
+def kl_pass(engines: dict, pieces: list[Piece], context: int, limits: dict, progress) -> dict:
+    """Per setting (every engine but "float32+none", the reference), a quality_stats.Tally over
+    every chunk of its pieces (the first limits.get(setting, all) pieces), kept in memory."""
+    from lorafleet.bench.quality_stats import REFERENCE, Tally
+
     tallies = {key: Tally() for key in engines if key != REFERENCE}
     for p, piece in enumerate(pieces):
-        for c in range(piece.chunks):
-            ids = piece.ids[c * context : (c + 1) * context]
-            targets = torch.tensor(ids[first + 1 :])  # [context - 1 - first]
-            ref = all_logits(engines[REFERENCE], [ids])[0][first : context - 1]
-            for key, tally in tallies.items():
-                if p < limits.get(key, len(pieces)):
-                    got = all_logits(engines[key], [ids])[0][first : context - 1]
-                    tally.add(*token_figures(ref, got, targets))
-            progress()
+        keys = [k for k in tallies if p < limits.get(k, len(pieces))]
+        for key, got in kl_piece(engines, piece, context, keys, progress).items():
+            for name in ("kl", "same", "nll", "nll_ref"):
+                getattr(tallies[key], name).extend(getattr(got, name))
     return tallies
 
 
@@ -360,11 +378,19 @@ def _run_tool(cmd: list[str], env: dict, what: str) -> str:
 
 
 def llama_pass(
-    peers, base: str, pieces: list[Piece], context: int, threads: int, n_vocab: int, progress
-):
-    """llama.cpp's figures over the same pieces: {name: [one parse_kld_output per piece]} for
-    LLAMA_ROWS, the share of token ids llama.cpp's tokeniser gave that equal lorafleet's, and
-    the GGUF files used."""
+    peers,
+    base: str,
+    pieces: dict[int, Piece],
+    context: int,
+    threads: int,
+    n_vocab: int,
+    progress,
+    save,
+) -> None:
+    """llama.cpp's figures over the pieces {index: Piece}: per piece, `save(index, record)`
+    as soon as it is done, record = {"parts": {name: parse_kld_output} for LLAMA_ROWS,
+    "same_ids": token ids llama.cpp's tokeniser gave equal to lorafleet's, "compared_ids",
+    "models": the GGUF files used}."""
     import os
 
     from lorafleet.bench import llama_ppl
@@ -378,9 +404,7 @@ def llama_pass(
     env = {**os.environ, "LD_LIBRARY_PATH": str(peers.lib_dir)}
     work = peers.root / "quality"
     work.mkdir(parents=True, exist_ok=True)
-    parts: dict[str, list[dict]] = {name: [] for name in LLAMA_ROWS}
-    same = total = 0
-    for i, piece in enumerate(pieces):
+    for i, piece in pieces.items():
         text, kld = work / f"piece{i}.txt", work / f"piece{i}.kld"
         need = llama_ppl.kld_file_bytes(context, piece.chunks, n_vocab)
         if shutil.disk_usage(work).free < need:
@@ -396,16 +420,23 @@ def llama_pass(
             _run_tool(cmd, env, "F32 reference")
             progress()
             ids = llama_ppl.read_kld_tokens(kld)[2]
-            same += sum(a == b for a, b in zip(ids, piece.ids, strict=False))
-            total += len(piece.ids)
+            parts = {}
             for name in LLAMA_ROWS:
                 cmd = llama_ppl.kld_command(binary, models[name], kld, context, threads)
-                parts[name].append(llama_ppl.parse_kld_output(_run_tool(cmd, env, name)))
+                parts[name] = llama_ppl.parse_kld_output(_run_tool(cmd, env, name))
                 progress()
         finally:
             kld.unlink(missing_ok=True)
             text.unlink(missing_ok=True)
-    return parts, (same / total if total else 0.0), {k: str(v) for k, v in models.items()}
+        save(
+            i,
+            {
+                "parts": parts,
+                "same_ids": sum(a == b for a, b in zip(ids, piece.ids, strict=False)),
+                "compared_ids": len(piece.ids),
+                "models": {k: str(v) for k, v in models.items()},
+            },
+        )
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -422,122 +453,208 @@ def read_speeds(path: str | Path) -> dict[str, float]:
     return {r["setting"]: speed_score(r) for r in rows if "single_stream_vs_fp32" in r}
 
 
+def setting_keys(names) -> list[str]:
+    """The settings a call scores as "dtype+quantize" keys, the reference left out; all of
+    SETTINGS when `names` is empty."""
+    from lorafleet.bench.quality_stats import REFERENCE
+
+    chosen = [parse_setting(n) for n in names] or list(SETTINGS)
+    keys = [f"{d}+{q}" for d, q in chosen]
+    return [k for i, k in enumerate(keys) if k != REFERENCE and k not in keys[:i]]
+
+
 def run(
-    base: str = "default",
-    settings=SETTINGS,
-    context: int = 512,
-    tokens: int = 50_000,
-    piece_tokens: int = 20_000,
-    task_rows: int = 400,
-    prompts: int = 32,
-    prompt_tokens: int = 64,
-    new_tokens: int = 64,
+    config: QualityConfig | None = None,
+    *,
     peers: bool = True,
     only_peers: bool = False,
     rule_only: bool = False,
-    limits: dict[str, int] | None = None,
-    threads: int | None = None,
-    boot: int = 1000,
     speeds: str | Path = "bench/results/precision.json",
     json_out: str | Path = "bench/results/quality.json",
 ) -> dict:
-    """Every setting against float32 (see the module doc); prints tables, applies the rule,
-    writes JSON. `limits`: setting -> pieces it is scored on (the first K; default all), with
-    the same share of task rows. `only_peers`: lorafleet's rows come from `json_out` (an earlier
-    --no-peers run on the same text); only llama.cpp's pass runs, then the rule. `rule_only`:
-    nothing runs; the rule is applied again to `json_out`'s figures with the current `speeds`."""
+    """Score the pieces config.pieces picks (see the module doc), each piece checkpointed as it
+    is done and pieces already checkpointed skipped; then combine every checkpointed piece (and
+    an imported earlier summary) into the figures, print them, apply the rule, write JSON.
+    `peers`: also llama.cpp's pass; `only_peers`: only it. `rule_only`: nothing runs, the rule
+    is applied again to `json_out`'s figures with the current `speeds`."""
     import torch
 
-    from lorafleet.bench import quality_stats as qs
+    from lorafleet.bench.quality_stats import DEFAULT_RULE
+    from lorafleet.bench.quality_store import Store, import_summary
     from lorafleet.models import load_base
 
+    config = config or QualityConfig()
     start = time.perf_counter()
-    if threads:
-        torch.set_num_threads(threads)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     threads = torch.get_num_threads()
-    limits = {"+".join(parse_setting(k)): int(v) for k, v in (limits or {}).items()}
-    located = _locate_peers() if (peers or only_peers) and not rule_only else None
-    text = {"context": context, "tokens": tokens, "piece_tokens": piece_tokens}
-    earlier = _earlier(json_out, text) if only_peers or rule_only else None
-    tokenizer = load_base(base).tokenizer
-    pieces = build_pieces(tokenizer, context, tokens, piece_tokens)
-    figures: dict = {
+    text = {k: v for k, v in config.text_spec().items() if k != "base"}
+    if rule_only:
+        figures = _earlier(json_out, text)
+        _apply_rule(figures, speeds)
+        _print(figures)
+        print(f"wrote {write_json(json_out, figures)}")
+        return figures
+    located = _locate_peers() if peers or only_peers else None
+    keys = setting_keys(config.settings)
+    limits = parse_limits(list(config.limits))
+    tokenizer = load_base(config.base).tokenizer
+    pieces = build_pieces(tokenizer, config.context, config.tokens, config.piece_tokens)
+    chosen = config.piece_range(len(pieces))
+    store = Store.open(config.checkpoint_folder(json_out), config.text_spec())
+    described = [{"chunks": p.chunks, "rows": p.rows} for p in pieces]
+    if config.import_summary is not None:
+        path = Path(config.import_summary)
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise LorafleetError(f"--import-summary: cannot read {path}") from None
+        import_summary(store, earlier, described, str(path))
+    stages: dict = {}
+    if not only_peers:
+        _lorafleet_side(config, keys, limits, tokenizer, pieces, chosen, store, stages)
+    if located is not None:
+        done = store.llama()
+        todo = {i: pieces[i] for i in chosen if i not in done}
+        mark = time.perf_counter()
+        if todo:
+            vocab = load_base(config.base).model.config.vocab_size
+            _with_bar(
+                "llama-perplexity",
+                len(todo) * (1 + len(LLAMA_ROWS)),
+                lambda tick: llama_pass(
+                    located,
+                    config.base,
+                    todo,
+                    config.context,
+                    threads,
+                    vocab,
+                    tick,
+                    lambda i, record: _saved(store.save_llama(i, record)),
+                ),
+            )
+        stages["llama_cpp"] = time.perf_counter() - mark
+    figures = {
         "benchmark": "quality",
-        "base": base,
+        "base": config.base,
         "text": text,
         "threads": threads,
-        "pieces": [{"chunks": p.chunks, "rows": p.rows} for p in pieces],
-        "rule": qs.DEFAULT_RULE,
+        "pieces": described,
+        "scored_this_call": [chosen.start, chosen.stop],
+        "checkpoints": str(store.root),
+        "rule": DEFAULT_RULE,
+        **combined_figures(store, config.boot),
     }
-    stages = {}
-    if earlier is None:
-        rows, task_counts = _lorafleet_side(
-            base,
-            settings,
-            tokenizer,
-            pieces,
-            context,
-            task_rows,
-            prompts,
-            prompt_tokens,
-            new_tokens,
-            limits,
-            boot,
-            stages,
-        )
-    else:
-        rows, task_counts = earlier["rows"], earlier["task_rows"]
-        stages = dict(earlier.get("seconds_by_stage") or {})
-    figures["rows"], figures["task_rows"] = rows, task_counts
-    parts, same_tokens, models = {}, None, {}
-    if rule_only:
-        llama = earlier.get("llama_cpp") or {}
-        parts, same_tokens, models = (llama.get(k) for k in ("pieces", "same_token_ids", "models"))
-        if not parts:
-            raise LorafleetError(f"--rule-only: {json_out} holds no llama.cpp figures")
-    elif located is not None:
-        mark = time.perf_counter()
-        parts, same_tokens, models = _with_bar(
-            "llama-perplexity",
-            len(pieces) * (1 + len(LLAMA_ROWS)),
-            lambda tick: llama_pass(
-                located,
-                base,
-                pieces,
-                context,
-                threads,
-                load_base(base).model.config.vocab_size,
-                tick,
-            ),
-        )
-        stages["llama_cpp"] = time.perf_counter() - mark
-    from lorafleet.bench.llama_ppl import combine
-
-    figures["llama_cpp"] = {
-        "rows": {name: combine(p) for name, p in parts.items()},
-        "pieces": parts,
-        "models": models,
-        "same_token_ids": same_tokens,
-    }
-    speed = read_speeds(speeds)
-    figures["speeds"] = {"file": str(speeds), "score": speed}
-    if "Q8_0" in parts:
-        q8 = {  # Q8_0 over the very pieces each setting was scored on
-            r["setting"]: combine(parts["Q8_0"][: r.get("pieces", len(pieces))])["kl_mean"]
-            for r in rows
-        }
-        verdict = qs.pick_default(
-            {r["setting"]: r["kl_mean"] for r in rows},
-            {r["setting"]: r["accuracy_lower"] for r in rows},
-            q8,
-            speed,
-        )
-        figures["verdict"] = {"default": verdict.default, "reasons": verdict.reasons}
+    _apply_rule(figures, speeds)
     figures["seconds"] = time.perf_counter() - start
     figures["seconds_by_stage"] = stages
     _print(figures)
     print(f"wrote {write_json(json_out, figures)}")
     return figures
+
+
+def _saved(path: Path) -> None:
+    print(f"checkpointed {path.name} at {time.strftime('%H:%M:%S')}", flush=True)
+
+
+def combined_figures(store, boot: int) -> dict:
+    """Every checkpointed piece (and the imported summary) as the figures' "rows" (reference
+    first, then SETTINGS' order), "task_rows" and "llama_cpp"."""
+    import numpy as np
+
+    from lorafleet.bench import quality_stats as qs
+    from lorafleet.bench.llama_ppl import combine
+
+    legacy = store.legacy().get("rows", {})
+    tasks = store.tasks()
+    weights = store.weights()
+    order = [f"{d}+{q}" for d, q in SETTINGS]
+    present = store.settings()
+    rows = []
+    for key in sorted(present, key=lambda k: (order.index(k) if k in order else 99, k)):
+        tally, indexes = store.tally(key)
+        new = qs.summarise(tally, boot=boot) if indexes else None
+        old = legacy.get(key)
+        if old and new:
+            row = qs.combine_with_summary(old, new, np.concatenate(tally.kl))
+        else:
+            row = dict(new or old)
+        summary_pieces = list(old["pieces"]) if old else []
+        row["piece_indexes"] = sorted(set(summary_pieces) | set(indexes))
+        row["pieces"] = len(row["piece_indexes"])
+        row["from"] = {"summary_pieces": summary_pieces, "checkpointed_pieces": indexes}
+        rows.append({"setting": key, "weight_mb": weights.get(key), **row})
+    every = sorted({i for r in rows for i in r["piece_indexes"]})
+    reference = {
+        "setting": qs.REFERENCE,
+        "weight_mb": weights.get(qs.REFERENCE),
+        "tokens": max([r["tokens"] for r in rows], default=0),
+        "kl_mean": 0.0,
+        "kl_p99": 0.0,
+        "same_top1": 1.0,
+        "ppl_ratio": 1.0,
+        "piece_indexes": every,
+        "pieces": len(every),
+    }
+    rows = [reference, *rows]
+    for row in rows:
+        row.update(tasks.get("settings", {}).get(row["setting"], {}))
+    records = store.llama()
+    index = sorted(records)
+    parts = {name: [records[i]["parts"][name] for i in index] for name in LLAMA_ROWS}
+    parts = {k: v for k, v in parts.items() if v}
+    compared = sum(records[i]["compared_ids"] for i in index)
+    return {
+        "rows": rows,
+        "task_rows": tasks.get("task_counts", {}),
+        "llama_cpp": {
+            "rows": {name: combine(p) for name, p in parts.items()},
+            "pieces": parts,
+            "piece_index": index,
+            "models": records[index[-1]]["models"] if index else {},
+            "same_token_ids": (
+                sum(records[i]["same_ids"] for i in index) / compared if compared else None
+            ),
+        },
+    }
+
+
+def _apply_rule(figures: dict, speeds: str | Path) -> None:
+    """DEFAULT_RULE on the figures (in place: "speeds", "verdict"): each setting's KL against
+    llama.cpp Q8_0's over the very pieces that setting was scored on ("piece_indexes", or the
+    first "pieces"); a setting with none of its pieces scored by llama.cpp cannot qualify."""
+    from lorafleet.bench import quality_stats as qs
+    from lorafleet.bench.llama_ppl import combine
+
+    speed = read_speeds(speeds)
+    figures["speeds"] = {"file": str(speeds), "score": speed}
+    llama = figures.get("llama_cpp") or {}
+    q8_parts = (llama.get("pieces") or {}).get("Q8_0")
+    if not q8_parts:
+        figures.pop("verdict", None)
+        return
+    at = dict(zip(llama.get("piece_index") or range(len(q8_parts)), q8_parts, strict=True))
+    q8, missing = {}, {}
+    for r in figures["rows"]:
+        want = r.get("piece_indexes") or list(range(r.get("pieces", len(at))))
+        got = [at[i] for i in want if i in at]
+        if got:
+            q8[r["setting"]] = combine(got)["kl_mean"]
+        if len(got) < len(want):
+            missing[r["setting"]] = [i for i in want if i not in at]
+    verdict = qs.pick_default(
+        {r["setting"]: r["kl_mean"] for r in figures["rows"] if r["setting"] in q8},
+        {r["setting"]: r.get("accuracy_lower", True) for r in figures["rows"]},
+        q8,
+        speed,
+    )
+    reasons = dict(verdict.reasons)
+    for r in figures["rows"]:
+        if r["setting"] not in q8 and r["setting"] != qs.REFERENCE:
+            reasons[r["setting"]] = "no llama.cpp Q8_0 figures on its pieces: cannot qualify"
+    figures["verdict"] = {"default": verdict.default, "reasons": reasons}
+    if missing:
+        figures["verdict"]["q8_0_missing_pieces"] = missing
 
 
 def _locate_peers():
@@ -548,20 +665,19 @@ def _locate_peers():
 
 
 def _earlier(json_out: str | Path, text: dict) -> dict:
-    """lorafleet's rows from an earlier run on the same text (for --only-peers)."""
+    """The figures of an earlier run on the same text (for --rule-only)."""
     path = Path(json_out)
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise LorafleetError(
-            f"--only-peers / --rule-only: no earlier `bench quality` figures at {path}"
-        ) from None
+        raise LorafleetError(f"--rule-only: no earlier `bench quality` figures at {path}") from None
     if earlier.get("text") != text or not earlier.get("rows"):
         raise LorafleetError(
-            f"--only-peers / --rule-only: {path} was measured on other text "
-            f"({earlier.get('text')}); rerun "
+            f"--rule-only: {path} was measured on other text ({earlier.get('text')}); rerun "
             "with the same --context / --tokens / --piece-tokens"
         )
+    if not (earlier.get("llama_cpp") or {}).get("pieces"):
+        raise LorafleetError(f"--rule-only: {path} holds no llama.cpp figures")
     return earlier
 
 
@@ -574,67 +690,103 @@ def _with_bar(what: str, total: int, work):
 
 
 def _lorafleet_side(
-    base,
-    settings,
+    config: QualityConfig,
+    keys: list[str],
+    limits: dict[str, int],
     tokenizer,
-    pieces,
-    context,
-    task_rows,
-    prompts,
-    prompt_tokens,
-    new_tokens,
-    limits,
-    boot,
-    stages,
-) -> tuple[list[dict], dict]:
-    """lorafleet's rows: KL figures, task accuracy with McNemar's test, greedy agreement."""
+    pieces: list[Piece],
+    chosen: range,
+    store,
+    stages: dict,
+) -> None:
+    """lorafleet's pass over the `chosen` pieces: per piece, the settings not checkpointed
+    there yet (nor in an imported summary; within their --limit) scored and checkpointed;
+    then, with config.tasks, task accuracy (McNemar against float32) and greedy agreement for
+    the settings without them in the checkpoint (float32 rerun beside them, to pair rows)."""
     from lorafleet.bench import quality_stats as qs
-    from lorafleet.bench.engine import gsm8k_prompts
     from lorafleet.layers import weight_bytes
 
+    summarised = {k: set(r["pieces"]) for k, r in store.legacy().get("rows", {}).items()}
+    todo = {}
+    for i in chosen:  # a piece an imported summary covers counts as done
+        mine = [k for k in keys if i < limits.get(k, len(pieces))]
+        mine = [k for k in mine if i not in summarised.get(k, ())]
+        todo[i] = [k for k in mine if not store.has_piece(i, k, pieces[i].rows)]
+    todo = {i: ks for i, ks in todo.items() if ks}
+    have = store.tasks().get("settings", {})
+    task_keys = [k for k in keys if k not in have] if config.tasks else []
+    if task_keys or (config.tasks and qs.REFERENCE not in have):
+        task_keys = [qs.REFERENCE, *task_keys]
+    if not todo and not task_keys:
+        print(f"pieces {chosen.start}..{chosen.stop - 1}: all checkpointed already")
+        return
     mark = time.perf_counter()
-    items = [it for t in CHOICE_TASKS for it in choice_items(tokenizer, t, task_rows, context)]
-    greedy_ids = gsm8k_prompts(tokenizer, prompts, prompt_tokens) if prompts else []
+    context = config.context
+    items = []
+    if task_keys:
+        rows = config.task_rows
+        items = [it for t in CHOICE_TASKS for it in choice_items(tokenizer, t, rows, context)]
     lengths = [len(c[0]) for it in items for c in it["choices"]]
-    longest = max([context, prompt_tokens + new_tokens, *lengths])
+    longest = max([context, config.prompt_tokens + config.new_tokens, *lengths])
     batch_tokens = max(context, 1024)
-    keys = [qs.REFERENCE] + [f"{d}+{q}" for d, q in settings if f"{d}+{q}" != qs.REFERENCE]
-    engines = {k: _engine(base, *k.split("+"), 8, longest + 2, batch_tokens) for k in keys}
+    needed = {qs.REFERENCE, *task_keys, *(k for ks in todo.values() for k in ks)}
+    engines = {
+        k: _engine(config.base, *k.split("+"), 8, longest + 2, batch_tokens)
+        for k in [qs.REFERENCE, *keys]
+        if k in needed
+    }
+    store.save_weights({k: weight_bytes(e.base.model) / 2**20 for k, e in engines.items()})
     stages["load"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    chunks = sum(p.chunks for p in pieces)
-    tallies = _with_bar(
-        "KL over chunks", chunks, lambda tick: kl_pass(engines, pieces, context, limits, tick)
-    )
+    for i, ks in todo.items():
+        piece = pieces[i]
+        tallies = _with_bar(
+            f"KL, piece {i}",
+            piece.chunks,
+            lambda tick, piece=piece, ks=ks: kl_piece(engines, piece, context, ks, tick),
+        )
+        for key, tally in tallies.items():
+            _saved(store.save_piece(i, key, tally, piece.rows))
     stages["kl"] = time.perf_counter() - mark
-    mark = time.perf_counter()
+    if task_keys:
+        mark = time.perf_counter()
+        fields = task_fields(config, {k: engines[k] for k in task_keys}, items, limits, len(pieces))
+        store.save_tasks(fields, {t: sum(it["task"] == t for it in items) for t in CHOICE_TASKS})
+        stages["tasks_and_greedy"] = time.perf_counter() - mark
+
+
+def task_fields(
+    config: QualityConfig, engines: dict, items: list[dict], limits: dict, n_pieces: int
+) -> dict[str, dict]:
+    """Per engine (the reference among them): task accuracy on its share of `items` (a
+    --limit of K pieces: K / n_pieces of the rows), McNemar's test against the reference on
+    the same rows, and greedy agreement with the reference (information only)."""
+    from lorafleet.bench import quality_stats as qs
+    from lorafleet.bench.engine import gsm8k_prompts
+    from lorafleet.models import load_base
+
+    batch_tokens = max(config.context, 1024)
     right = {}
     for key, engine in engines.items():
-        share = min(limits.get(key, len(pieces)), len(pieces)) / len(pieces)
-        per_task = max(1, math.ceil(task_rows * share))
+        share = min(limits.get(key, n_pieces), n_pieces) / n_pieces
+        per_task = max(1, math.ceil(config.task_rows * share))
         mine = [it for it in items if it["row"] < per_task]
         right[key] = (mine, choice_correct(engine, mine, batch_tokens))
-    stages["tasks"] = time.perf_counter() - mark
-    mark = time.perf_counter()
+    greedy_ids = []
+    if config.prompts:
+        tokenizer = load_base(config.base).tokenizer
+        greedy_ids = gsm8k_prompts(tokenizer, config.prompts, config.prompt_tokens)
     greedy = {
-        k: _greedy(e, greedy_ids, new_tokens) if greedy_ids else [] for k, e in engines.items()
+        k: _greedy(e, greedy_ids, config.new_tokens) if greedy_ids else []
+        for k, e in engines.items()
     }
-    stages["greedy"] = time.perf_counter() - mark
-    rows = []
     ref_items, ref_right = right[qs.REFERENCE]
     ref_by_item = {id(it): r for it, r in zip(ref_items, ref_right, strict=True)}
-    for key, engine in engines.items():
-        row: dict = {"setting": key, "weight_mb": weight_bytes(engine.base.model) / 2**20}
-        row["pieces"] = min(limits.get(key, len(pieces)), len(pieces))
-        if key in tallies:
-            row.update(qs.summarise(tallies[key], boot=boot))
-        else:
-            scored = sum(p.chunks for p in pieces) * (context - 1 - context // 2)
-            row.update({"tokens": scored, "kl_mean": 0.0, "kl_p99": 0.0})
-            row.update({"same_top1": 1.0, "ppl_ratio": 1.0})
+    out = {}
+    for key in engines:
         mine, got = right[key]
         ref = [ref_by_item[id(it)] for it in mine]
-        row["task_rows"] = len(mine)
+        row: dict = {"task_rows": len(mine)}
         row["accuracy"] = sum(got) / max(1, len(got))
         row["accuracy_ref"] = sum(ref) / max(1, len(ref))
         for task_name in CHOICE_TASKS:
@@ -644,10 +796,10 @@ def _lorafleet_side(
         row["accuracy_lower"] = qs.significantly_lower(ref, got)
         if greedy_ids:
             row["greedy_agreement"], row["prompts_identical"] = greedy_agreement(
-                greedy[qs.REFERENCE], greedy[key], new_tokens
+                greedy[qs.REFERENCE], greedy[key], config.new_tokens
             )
-        rows.append(row)
-    return rows, {t: sum(it["task"] == t for it in items) for t in CHOICE_TASKS}
+        out[key] = row
+    return out
 
 
 def _print(figures: dict) -> None:
@@ -663,10 +815,10 @@ def _print(figures: dict) -> None:
                 "kl_p99": r["kl_p99"],
                 "same_top1": r["same_top1"],
                 "ppl_ratio": r["ppl_ratio"],
-                "accuracy": r["accuracy"],
+                "accuracy": r.get("accuracy"),
                 "acc_fp32": r.get("accuracy_ref"),
                 "task_rows": r.get("task_rows"),
-                "mcnemar_p": r["mcnemar"]["p_value"],
+                "mcnemar_p": (r.get("mcnemar") or {}).get("p_value"),
                 "greedy_agreement": r.get("greedy_agreement"),
             }
         )

@@ -179,3 +179,82 @@ def pick_default(
     reasons[REFERENCE] = "the reference (KL 0): the fallback"
     best = max(qualified, key=lambda k: (qualified[k], k == REFERENCE))
     return Verdict(best, reasons, dict(qualified))
+
+
+Z95 = 1.96
+
+
+def _half_se(ci, log: bool = False) -> float:
+    """A 95 % interval's standard error under a normal approximation: (hi - lo) / (2 * 1.96),
+    of the logarithms when `log` (a ratio's interval)."""
+    if not ci:
+        return 0.0
+    lo, hi = (math.log(c) for c in ci) if log else ci
+    return (hi - lo) / (2 * Z95)
+
+
+def scaled_mixture_p99(summary_p99: float, kl: np.ndarray, w_summary: float) -> float:
+    """The 0.99-quantile of a token-weighted mixture of two halves when one half (weight
+    `w_summary` of the tokens) is known only by its p99: that half's KL distribution is taken
+    as the other half's (`kl`, per token) scaled so its p99 is `summary_p99` (exact when the
+    halves agree up to scale). Solves w F_s(x) + (1 - w) F(x) = 0.99 by bisection, F the
+    empirical CDF of `kl`, F_s(x) = F(x * p99(kl) / summary_p99)."""
+    kl = np.sort(np.asarray(kl, dtype=float))
+    scale = float(np.percentile(kl, 99.0)) / summary_p99 if summary_p99 > 0 else 1.0
+
+    def cdf(x: float) -> float:
+        def f(v: float) -> float:
+            return np.searchsorted(kl, v, side="right") / len(kl)
+
+        return w_summary * f(x * scale) + (1 - w_summary) * f(x)
+
+    lo, hi = 0.0, max(float(kl[-1]), float(kl[-1]) / max(scale, 1e-12)) + 1e-12
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cdf(mid) < 0.99 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def combine_with_summary(earlier: dict, new: dict, kl: np.ndarray) -> dict:
+    """One setting's figures over two disjoint sets of pieces: `earlier`, a summary printed by
+    an older run (summarise's fields, no per-token data) and `new`, summarise's output over
+    the checkpointed pieces whose per-token KL values are `kl`. Weights w = tokens / all.
+
+    Exact: tokens, chunks, kl_mean, same_top1 (token-weighted), ppl, ppl_ref and ppl_ratio
+    (token-weighted means of the log-perplexities), kl_mean_pm (each half's sum of squares
+    recovered from its mean and ±). Approximate: kl_p99 (scaled_mixture_p99), and every 95 %
+    interval: each half's standard error read from its bootstrap interval as (hi - lo) /
+    (2 * 1.96), combined as sqrt(sum w^2 se^2), then estimate ± 1.96 se (ppl_ratio's in logs;
+    kl_p99's as though it were the weighted mean of the halves' p99s)."""
+    halves = (earlier, new)
+    n = np.asarray([h["tokens"] for h in halves], dtype=float)
+    w = n / n.sum()
+    out: dict = {"tokens": int(n.sum()), "chunks": int(sum(h.get("chunks", 0) for h in halves))}
+    for key in ("kl_mean", "same_top1"):
+        out[key] = float(sum(wi * h[key] for wi, h in zip(w, halves, strict=True)))
+    for key in ("ppl", "ppl_ref"):
+        out[key] = math.exp(sum(wi * math.log(h[key]) for wi, h in zip(w, halves, strict=True)))
+    out["ppl_ratio"] = out["ppl"] / out["ppl_ref"]
+    # ± over tokens: sd^2 = pm^2 (n - 1) / z^2; sum of squares = n (sd^2 + mean^2)
+    sq = sum(
+        ni * ((h.get("kl_mean_pm", 0.0) / Z95) ** 2 * (ni - 1) + h["kl_mean"] ** 2)
+        for ni, h in zip(n, halves, strict=True)
+    )
+    var = max(0.0, sq / n.sum() - out["kl_mean"] ** 2)
+    out["kl_mean_pm"] = Z95 * math.sqrt(var / (n.sum() - 1))
+    out["kl_p99"] = scaled_mixture_p99(earlier["kl_p99"], kl, float(w[0]))
+    for key in STATS:
+        log = key == "ppl_ratio"
+        se = math.sqrt(
+            sum(
+                (wi * _half_se(h.get(f"{key}_ci"), log)) ** 2
+                for wi, h in zip(w, halves, strict=True)
+            )
+        )
+        if not se:
+            continue
+        mid = math.log(out[key]) if log else out[key]
+        lo, hi = mid - Z95 * se, mid + Z95 * se
+        out[f"{key}_ci"] = (math.exp(lo), math.exp(hi)) if log else (lo, hi)
+    out["interval"] = "normal approximation from both halves' intervals (see combine_with_summary)"
+    return out

@@ -260,7 +260,9 @@ def bench_engine(
         "--setting",
         "-s",
         help="With --peers: only the pairs of these lorafleet settings (float32, bfloat16, "
-        "bfloat16+int8, or serve's default for the Q4_1 pair); repeatable. Default: every pair.",
+        "bfloat16+int8, or serve's default for the Q4_1 pair); repeatable. Default: every pair. "
+        "With --profile: the one setting profiled (float32, bfloat16, bfloat16+int8, "
+        "float32+int4, ...; default float32).",
     ),
     slots: int = typer.Option(
         32,
@@ -315,6 +317,8 @@ def bench_engine(
         uniform --popularity zipf --cpu-cache 512MB --prompt-tokens 64 --new-tokens 32
 
         lorafleet bench engine --profile --requests 32 --adapters 16 --new-tokens 16
+
+        lorafleet bench engine --profile --requests 1 --adapters 0 --setting bfloat16+int8
     """
     from lorafleet.bench.engine import run
 
@@ -347,6 +351,7 @@ def bench_engine(
             adapter_cache,
             cpu_cache,
             profile,
+            setting,
         )
         return
 
@@ -398,13 +403,19 @@ def _engine_variants(
     adapter_cache,
     cpu_cache,
     profile,
+    settings=(),
 ) -> None:
-    """bench engine --profile, or the tiered run (--adapters above --slots)."""
+    """bench engine --profile (in the one --setting given, float32 by default), or the tiered
+    run (--adapters above --slots)."""
     from lorafleet.errors import LorafleetError
 
     if profile:
         from lorafleet.bench.profile import run as run_profile
+        from lorafleet.bench.quality import parse_setting
 
+        if len(settings) > 1:
+            raise LorafleetError(f"--profile takes one --setting, not {len(settings)}")
+        setting = "+".join(parse_setting(settings[0])) if settings else "float32"
         run_profile(
             base=base,
             requests=requests,
@@ -412,6 +423,7 @@ def _engine_variants(
             rank=rank,
             prompt_tokens=prompt_tokens,
             new_tokens=new_tokens,
+            setting=setting,
         )
         return
     from lorafleet.bench.thousand import POPULARITIES

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
+from lorafleet.bench.quality_config import QualityConfig
 from lorafleet.cli.bench_cmds import bench_app
-from lorafleet.cli.options import BaseDefaultOpt
+from lorafleet.cli.options import BaseDefaultOpt, BaseField, from_field, options_from, with_options
 
 SettingOpt = typer.Option(
     [],
@@ -18,30 +19,72 @@ SettingOpt = typer.Option(
 )
 
 
-@bench_app.command("quality")
-def bench_quality(
-    base: str = BaseDefaultOpt,
-    setting: list[str] = SettingOpt,
-    context: int = typer.Option(
-        512, "--context", min=4, help="Tokens per chunk; the second half of each is scored."
+QUALITY_OPTIONS = options_from(
+    QualityConfig,
+    BaseField,
+    from_field(
+        "settings",
+        "--setting",
+        "-s",
+        annotation=list[str],
+        to_cli=list,
+        to_config=tuple,
+        help="bfloat16, int8, int4 or DTYPE+QUANT (e.g. bfloat16+int8): the settings this call "
+        "scores; repeatable (default: all). The figures cover every checkpointed setting.",
     ),
-    tokens: int = typer.Option(
-        50_000, "--tokens", min=1, help="Scored tokens of held-out text, at least."
-    ),
-    piece_tokens: int = typer.Option(
-        20_000,
-        "--piece-tokens",
+    from_field("context", min=4, help="Tokens per chunk; the second half of each is scored."),
+    from_field("tokens", min=1, help="Scored tokens of held-out text, at least."),
+    from_field(
+        "piece_tokens",
         min=1,
-        help="Scored tokens per llama-perplexity piece (its log-prob file: ~100 KB a token).",
+        help="Scored tokens per piece (the unit of checkpoints and of llama-perplexity's "
+        "log-prob file: ~100 KB a token).",
     ),
-    task_rows: int = typer.Option(
-        400, "--task-rows", min=1, help="Validation rows of each choice task (sst2, strategyqa)."
+    from_field(
+        "pieces",
+        help="A:B: score only pieces A..B-1 (from 0; 'A' alone: that piece) in this call, e.g. "
+        "one call per piece; every checkpointed piece is combined into the figures.",
     ),
-    prompts: int = typer.Option(
-        32, "--prompts", min=0, help="Greedy-agreement prompts (information only; 0: none)."
+    from_field("task_rows", min=1, help="Validation rows of each choice task (sst2, strategyqa)."),
+    from_field(
+        "tasks",
+        "--tasks/--no-tasks",
+        help="Run task accuracy and greedy agreement for settings not yet checkpointed (off: "
+        "only the KL pass, e.g. in a one-piece call).",
     ),
-    prompt_tokens: int = typer.Option(64, "--prompt-tokens", min=1),
-    new_tokens: int = typer.Option(64, "--new-tokens", min=1),
+    from_field("prompts", min=0, help="Greedy-agreement prompts (information only; 0: none)."),
+    from_field("prompt_tokens", min=1),
+    from_field("new_tokens", min=1),
+    from_field(
+        "limits",
+        "--limit",
+        name="limit",
+        annotation=list[str],
+        to_cli=list,
+        to_config=tuple,
+        help="SETTING=K: score that setting on pieces 0..K-1 only (and that share of the task "
+        "rows), compared with llama.cpp on the same pieces; repeatable.",
+    ),
+    from_field("threads", min=0, help="Threads for torch and llama-perplexity (0: torch's)."),
+    from_field("boot", min=0, help="Bootstrap resamples of chunks."),
+    from_field(
+        "checkpoints",
+        help="Checkpoint folder (default: beside --json, <its stem>_pieces); one subfolder per "
+        "text spec (base, context, tokens, piece tokens).",
+    ),
+    from_field(
+        "import_summary",
+        help="An earlier `bench quality` JSON without checkpoints whose pieces are this text's "
+        "first pieces: its summaries stand in for them (combined by a normal approximation).",
+    ),
+)
+
+
+@bench_app.command("quality")
+@with_options(quality=QUALITY_OPTIONS)
+def bench_quality(
+    *,
+    quality: dict,
     peers: bool = typer.Option(
         True,
         "--peers/--no-peers",
@@ -49,10 +92,7 @@ def bench_quality(
         "rule needs the Q8_0 row.",
     ),
     only_peers: bool = typer.Option(
-        False,
-        "--only-peers",
-        help="Only llama.cpp's pass (and the rule): lorafleet's rows from the --json file of an "
-        "earlier --no-peers run on the same text.",
+        False, "--only-peers", help="Only llama.cpp's pass on the pieces (and the rule)."
     ),
     rule_only: bool = typer.Option(
         False,
@@ -60,16 +100,6 @@ def bench_quality(
         help="Run nothing: apply the rule again to the --json file's figures with the current "
         "--speeds (e.g. after a new `bench precision`).",
     ),
-    limit: list[str] = typer.Option(
-        [],
-        "--limit",
-        help="SETTING=K: score that setting on the first K pieces only (and that share of the "
-        "task rows), compared with llama.cpp on the same pieces; repeatable.",
-    ),
-    threads: int = typer.Option(
-        0, "--threads", min=0, help="Threads for torch and llama-perplexity (0: torch's)."
-    ),
-    boot: int = typer.Option(1000, "--boot", min=0, help="Bootstrap resamples of chunks."),
     speeds: Path = typer.Option(
         Path("bench/results/precision.json"),
         "--speeds",
@@ -82,32 +112,24 @@ def bench_quality(
     --tokens held-out tokens (validation rows of the built-in tasks), with bootstrap intervals;
     llama.cpp's Q4_1 / Q8_0 / BF16 on the same text; choice-task accuracy with McNemar's test;
     greedy agreement (information only). Then the pre-written rule picks the default setting.
+    Each piece of text is checkpointed when scored and skipped when asked again, so a long run
+    can be one call per piece (--pieces) and resumed.
 
     Examples:
 
         OMP_NUM_THREADS=1 lorafleet bench quality --base default --threads 1
 
+        lorafleet bench quality --threads 1 --pieces 3 --no-tasks --no-peers   # one piece
+
         lorafleet bench quality --no-peers --tokens 5000 --task-rows 50 --prompts 4
     """
-    from lorafleet.bench.quality import SETTINGS, parse_limits, parse_setting, run
+    from lorafleet.bench.quality import run
 
-    chosen = tuple(parse_setting(s) for s in setting) or SETTINGS
     run(
-        base=base,
-        settings=chosen,
-        limits=parse_limits(limit),
+        QUALITY_OPTIONS.build(quality),
+        peers=peers,
         only_peers=only_peers,
         rule_only=rule_only,
-        context=context,
-        tokens=tokens,
-        piece_tokens=piece_tokens,
-        task_rows=task_rows,
-        prompts=prompts,
-        prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens,
-        peers=peers,
-        threads=threads or None,
-        boot=boot,
         speeds=speeds,
         json_out=json_out,
     )

@@ -95,7 +95,7 @@ def one_tree(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     import lorafleet
     from lorafleet.bench.engine import gsm8k_prompts, random_adapters
-    from lorafleet.bench.quality import parse_setting
+    from lorafleet.bench.settings import parse_setting
     from lorafleet.models import load_base
     from lorafleet.serve.engine import Engine
     from lorafleet.serve.sequence import SamplingParams

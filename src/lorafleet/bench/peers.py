@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lorafleet.bench import peer_tools
 from lorafleet.bench.peers_config import TARGETS
+from lorafleet.bench.settings import parse_setting
 from lorafleet.errors import LorafleetError
 
 SHIPPED = "shipped"  # the GGUF file an embedded base ships (default: SmolLM2's Q4_1)
@@ -19,22 +20,6 @@ SHIPPED = "shipped"  # the GGUF file an embedded base ships (default: SmolLM2's 
 # float32 = F32, bfloat16 = BF16, bfloat16 + int8 (per-row scales) ~ Q8_0 (8.5 bits a weight).
 MATCHED = {("float32", "none"): "f32", ("bfloat16", "none"): "bf16", ("bfloat16", "int8"): "q8_0"}
 GGUF_TITLES = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0", SHIPPED: "Q4_1 (shipped)"}
-
-
-def setting_key(setting: str) -> tuple[str, str]:
-    """'bfloat16+int8' -> ('bfloat16', 'int8'), as the engine takes them (dtype, quantize);
-    a part left out is float32 / none; one-line error for an unknown part. (bench.quality
-    reads settings the same way; it imports this module, so this one cannot import it.)"""
-    from lorafleet.layers import check_quantize
-    from lorafleet.models import parse_dtype
-
-    dtype, quantize = "float32", "none"
-    for part in str(setting).lower().split("+"):
-        if part in ("int8", "int4", "none"):
-            quantize = check_quantize(part)
-        else:
-            dtype = str(parse_dtype(part)).removeprefix("torch.")
-    return dtype, quantize
 
 
 def serve_default_setting() -> str:
@@ -47,7 +32,7 @@ def serve_default_setting() -> str:
 
 def setting_name(setting: str) -> str:
     """The canonical text of a setting: 'float32', 'bfloat16', 'bfloat16+int8', 'int8', ..."""
-    dtype, quantize = setting_key(setting)
+    dtype, quantize = parse_setting(setting)
     if quantize == "none":
         return dtype
     return quantize if dtype == "float32" else f"{dtype}+{quantize}"
@@ -60,7 +45,7 @@ def label(setting: str) -> str:
 
 def matched_gguf(setting: str) -> str | None:
     """The GGUF type ("f32" / "bf16" / "q8_0") matching `setting`'s bytes; None if none does."""
-    return MATCHED.get(setting_key(setting))
+    return MATCHED.get(parse_setting(setting))
 
 
 @dataclass(frozen=True)

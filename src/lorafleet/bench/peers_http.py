@@ -38,6 +38,7 @@ from lorafleet.bench import peer_tools, peers, print_table, write_json
 from lorafleet.bench.peers_batched import buffer_mib
 from lorafleet.bench.peers_config import TARGETS, PeerTableConfig
 from lorafleet.bench.peers_runs import interleave, load1, ratio, shown, summarise_reps, verdict
+from lorafleet.bench.settings import parse_setting
 from lorafleet.bench.streaming import sse_events, summarise
 from lorafleet.errors import LorafleetError
 
@@ -301,7 +302,7 @@ def run(
     from lorafleet.models import load_base
 
     found = peer_tools.require(peers_dir, tools=("server", "convert"))
-    dtype, _ = peers.setting_key(default_setting)
+    dtype, _ = parse_setting(default_setting)
     gguf_type = peers.matched_gguf(default_setting) or peers.SHIPPED
     gguf = peers.peer_gguf(found, base, gguf_type)
     lora_type = peer_tools.lora_outtype(dtype)

@@ -37,6 +37,7 @@ from lorafleet.bench.peers_batched import (
 )
 from lorafleet.bench.peers_config import PeerTableConfig
 from lorafleet.bench.peers_runs import interleave, load1, ratio, shown, summarise_reps, verdict
+from lorafleet.bench.settings import parse_setting
 from lorafleet.errors import LorafleetError
 
 METRICS = ("gen_tok_s", "prefill_tok_s", "decode_tok_s")
@@ -90,7 +91,7 @@ def _worker(conn, cfg: dict) -> None:
         from lorafleet.serve.engine import Engine
 
         torch.set_num_threads(cfg["threads"])
-        dtype, quantize = peers.setting_key(cfg["setting"])
+        dtype, quantize = parse_setting(cfg["setting"])
         loaded = load_base(cfg["base"], dtype=dtype)
         n, p, new = cfg["requests"], cfg["prompt_tokens"], cfg["new_tokens"]
         engine = Engine(

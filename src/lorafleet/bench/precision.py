@@ -21,7 +21,7 @@ SCENARIOS = ("adapters", "all_base", "single_stream")
 
 def _engines(base: str, settings, adapters: int, rank: int, requests: int, length: int) -> dict:
     from lorafleet.bench.engine import random_adapters
-    from lorafleet.bench.quality import parse_setting
+    from lorafleet.bench.settings import parse_setting
     from lorafleet.layers import weight_bytes
     from lorafleet.models import load_base
     from lorafleet.serve import Engine
@@ -93,7 +93,7 @@ def run(
 ) -> dict:
     """tokens/s per (setting, scenario) and each setting's ratio to float32; table + JSON."""
     from lorafleet.bench.engine import gsm8k_prompts
-    from lorafleet.bench.quality import parse_setting
+    from lorafleet.bench.settings import parse_setting
 
     for text in settings:
         parse_setting(split_fuse(text)[0])  # a bad name fails before anything loads

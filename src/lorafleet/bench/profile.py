@@ -196,7 +196,7 @@ def decode_bytes(engine, rows: int, context: int, distinct: int) -> dict[str, in
 
 def _workload(cfg: dict):
     from lorafleet.bench.engine import gsm8k_prompts, random_adapters
-    from lorafleet.bench.quality import parse_setting
+    from lorafleet.bench.settings import parse_setting
     from lorafleet.models import load_base
     from lorafleet.serve.engine import Engine
     from lorafleet.serve.sequence import SamplingParams

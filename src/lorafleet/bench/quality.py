@@ -49,6 +49,7 @@ from pathlib import Path
 
 from lorafleet.bench import print_table, write_json
 from lorafleet.bench.quality_config import QualityConfig
+from lorafleet.bench.settings import parse_setting
 from lorafleet.errors import LorafleetError
 
 SETTINGS = (
@@ -62,20 +63,6 @@ CHOICE_TASKS = ("sst2", "strategyqa")
 TEXT_SOURCES = ("gsm8k", "strategyqa", "sst2", "clutrr")
 LLAMA_ROWS = ("Q4_1", "Q8_0", "BF16")  # scored against llama.cpp's F32 GGUF
 SEPARATOR = "\n\n"
-
-
-def parse_setting(text: str) -> tuple[str, str]:
-    """'bfloat16', 'int8', 'bfloat16+int4' -> (dtype, quantize); one-line error otherwise."""
-    from lorafleet.layers import check_quantize
-    from lorafleet.models import parse_dtype
-
-    dtype, quantize = "float32", "none"
-    for part in str(text).lower().split("+"):
-        if part in ("int8", "int4", "none"):
-            quantize = check_quantize(part)
-        else:
-            dtype = str(parse_dtype(part)).removeprefix("torch.")
-    return dtype, quantize
 
 
 def parse_limits(texts: list[str]) -> dict[str, int]:

@@ -411,7 +411,7 @@ def _engine_variants(
 
     if profile:
         from lorafleet.bench.profile import run as run_profile
-        from lorafleet.bench.quality import parse_setting
+        from lorafleet.bench.settings import parse_setting
 
         if len(settings) > 1:
             raise LorafleetError(f"--profile takes one --setting, not {len(settings)}")

@@ -40,6 +40,9 @@ $(STAMP): pyproject.toml Makefile
 	# above (a constraints file of the venv as it is), so it changes no installed version.
 	$(PIP) freeze --exclude-editable > $(VENV)/constraints.txt
 	$(PIP) install -q -c $(VENV)/constraints.txt 'ray[serve]>=2.40'
+	# lorafleet's decode GEMV (src/lorafleet/kernels), compiled now for this machine (~25 s)
+	# instead of at the first decode; without a compiler it says so and torch's kernels run.
+	$(PY) -m lorafleet.kernels
 	touch $(STAMP)
 
 # Trains (or reuses) the task adapters, prints base vs adapter scores, then serves them all

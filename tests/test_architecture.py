@@ -17,6 +17,7 @@ FLOORS = {
     "fsutil": 0,
     "lazy": 0,
     "adapters": 1,
+    "kernels": 1,
     "models": 1,
     "data": 2,
     "layers": 2,

@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorafleet import kernels
 from lorafleet.layers.linear import MultiLoRALinear
 
 
@@ -71,7 +71,7 @@ class FusedProjections:
 
     def base(self, x: Tensor) -> Tensor:
         """The parts' base products side by side: [..., d_in] -> [..., sum d_out]."""
-        return F.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)
 
     def __call__(self, x: Tensor) -> list[Tensor]:
         if not self.fused:

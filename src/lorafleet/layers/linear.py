@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from lorafleet import kernels
 from lorafleet.adapters.methods import SlotEntry
 from lorafleet.layers.mixture import MixturePlan, RowMixture, add_mixture_, expand, plan_mixtures
 from lorafleet.layers.multilora import SlotPlan, add_lora_gathered_, add_lora_segmented_, plan_rows
@@ -159,7 +160,7 @@ class MultiLoRALinear(nn.Module):
         self.rank = max(self.ranks)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.add_adapters(x, self.base_layer(x))
+        return self.add_adapters(x, base_product(self.base_layer, x))
 
     def add_adapters(self, x: Tensor, y: Tensor) -> Tensor:
         """y (the base product of x, [..., d_out]; may be a column block of a wider tensor)
@@ -215,3 +216,11 @@ class MultiLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         slots, r, _ = self.lora_A.shape
         return f"slots={slots - 1}, max_rank={r}"
+
+
+def base_product(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x); a plain nn.Linear's product through `kernels.linear` (the decode GEMV for a
+    few rows, torch's F.linear otherwise)."""
+    if type(module) is nn.Linear:
+        return kernels.linear(x, module.weight, module.bias)
+    return module(x)

@@ -106,3 +106,38 @@ def test_plain_blocks_give_the_modules_results_bit_for_bit(tokenizer):
 def test_quantised_blocks_are_not_plain(tokenizer):
     engine = Engine(tiny_base(tokenizer), max_slots=0, max_batch_size=1, quantize="int8")
     assert all(p is None for p in engine.runner.plain)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_through_lorafleets_gemv_matches_torchs_kernels(tokenizer, monkeypatch, dtype):
+    """Decode rows' base linears and head run lorafleet's GEMV (kernels/): the same greedy
+    tokens as with torch's kernels ($LORAFLEET_KERNELS=0), and the GEMV really ran."""
+    from lorafleet import kernels
+    from lorafleet.kernels import build
+
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 13, 2], [7, 7, 1], [3, 4, 5, 6, 8, 10]]
+
+    def tokens() -> list[list[int]]:
+        kernels.reset()
+        engine = Engine(tiny_base(tokenizer), max_slots=0, max_batch_size=3, dtype=dtype)
+        return [o.token_ids for o in engine.generate([(p, None, params) for p in prompts])]
+
+    calls = []
+    real = kernels.linear
+
+    def counted(x, weight, bias=None):
+        calls.append(kernels.covers(x, weight))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(kernels, "linear", counted)
+    for module in ("lorafleet.serve.runners.llama", "lorafleet.layers.fused"):
+        target = __import__(module, fromlist=["x"])
+        if hasattr(target, "linear"):
+            monkeypatch.setattr(target, "linear", counted)
+    ours = tokens()
+    assert kernels.available() and sum(calls) > 0  # decode rows took the GEMV
+    monkeypatch.setenv(build.ENV_SWITCH, "0")
+    theirs = tokens()
+    kernels.reset()
+    assert ours == theirs

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorafleet import kernels
 from lorafleet.layers import FusedProjections, MultiLoRAContext, RowMixture
 from lorafleet.serve.kv_cache import KVCache
 from lorafleet.serve.sequence import Sequence
@@ -122,6 +123,15 @@ class ModelRunner:
     @classmethod
     def check(cls, model: nn.Module) -> None:
         """Raise a one-line LorafleetError if this runner cannot serve `model`'s config."""
+
+    def head(self, h: Tensor) -> Tensor:
+        """The model's output head on h [B, d] -> [B, vocab]: a plain nn.Linear through
+        `kernels.linear` (the decode GEMV for a few rows: the head is the largest single weight
+        of a small model), anything else as its module."""
+        lm_head = self.model.lm_head
+        if type(lm_head) is nn.Linear:
+            return kernels.linear(h, lm_head.weight, lm_head.bias)
+        return lm_head(h)
 
     def geometry(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) for the KV cache, from the model's config (head_dim, or

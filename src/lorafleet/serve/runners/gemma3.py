@@ -91,7 +91,7 @@ class Gemma3Runner(ModelRunner):
             m = layer.mlp(layer.pre_feedforward_layernorm(h))  # [T, d]
             h = h + layer.post_feedforward_layernorm(m)
         last = body.norm(h.index_select(0, inputs.last_rows))  # [B, d]
-        logits = self.model.lm_head(last)  # [B, vocab]
+        logits = self.head(last)  # [B, vocab]
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorafleet.kernels import linear
 from lorafleet.layers import MultiLoRAContext, base_linear, fast_norm
 from lorafleet.serve.runners.base import ModelRunner, StepInputs, apply_rotary, layer_windows
 
@@ -97,13 +98,13 @@ class LlamaRunner(ModelRunner):
                 h = h + layer.mlp(norm2(h))  # [T, d]
                 continue
             o_proj, gate, up, down = plain  # no adapter row: each module is its base linear
-            h = h + F.linear(o, o_proj.weight, o_proj.bias)  # [T, d]
+            h = h + linear(o, o_proj.weight, o_proj.bias)  # [T, d]
             x = norm2(h)
-            x = F.silu(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias)
-            h = h + F.linear(x, down.weight, down.bias)  # [T, inter] -> [T, d]
+            x = F.silu(linear(x, gate.weight, gate.bias)) * linear(x, up.weight, up.bias)
+            h = h + linear(x, down.weight, down.bias)  # [T, inter] -> [T, d]
         if not (inputs.n_prefill_rows == 0 and inputs.last_rows.shape[0] == h.shape[0]):
             h = h.index_select(0, inputs.last_rows)  # [B, d]; decode rows only: already so
-        return self.model.lm_head(self.final_norm(h)).float()  # [B, vocab]
+        return self.head(self.final_norm(h)).float()  # [B, vocab]
 
 
 def plain_block(block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear] | None:

@@ -1,0 +1,106 @@
+"""lorafleet's own CPU kernels (decode GEMV), built once per machine, with torch as the fallback.
+
+    y = kernels.linear(x, weight, bias)  # x [..., K] -> [..., N], == F.linear up to rounding
+
+It runs gemv.cpp (its header states the exact semantics) when the call is a decode-sized
+product it covers: x and weight on the CPU in the same dtype, float32 with at most
+MAX_ROWS["float32"] rows or bfloat16 with at most MAX_ROWS["bfloat16"], K a multiple of 16, a
+contiguous weight, no gradient wanted. Anything else, or a machine where the extension cannot
+be built (no C++ compiler) or `$LORAFLEET_KERNELS=0`, runs torch's own op instead: the same
+product, summed in another order.
+
+The extension is compiled on first use (~25 s) into ~/.cache/lorafleet-kernels (build.py);
+`make install` builds it ahead (`python -m lorafleet.kernels`).
+"""
+
+from __future__ import annotations
+
+import threading
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lorafleet.kernels import build
+
+# Rows at or below which the GEMV runs, per dtype. Measured over SmolLM2's block linears and
+# head (`python bench/decode_gemv.py`, 2 threads, AVX-512 EPYC; BENCHMARKS.md "Decode GEMV"):
+# float32 2.6x torch at 1 row, 2.4x at 4, 1.6x at 6, even at 8, 0.45x at 32 (MKL's blocked GEMM
+# is compute-bound there); bfloat16 2.4x at 1 row, 1.2x at 3, 0.8x at 4 (oneDNN's AVX512-BF16
+# GEMM). Torch's int8 / int4 kernels beat this loop here, so quantised weights keep them.
+MAX_ROWS = {torch.float32: 6, torch.bfloat16: 3}
+LANES = 16  # gemv.cpp's K step
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module": the extension, or "error": why it is not there
+
+
+def extension() -> ModuleType | None:
+    """The compiled kernels, or None (disabled, or the build failed: `unavailable_reason`)."""
+    module = _state.get("module")
+    if module is not None or "error" in _state:
+        return module  # type: ignore[return-value]
+    with _lock:
+        if "module" not in _state and "error" not in _state:
+            if not build.enabled():
+                _state["error"] = f"disabled by ${build.ENV_SWITCH}"
+            else:
+                try:
+                    _state["module"] = build.load()
+                except Exception as exc:  # no compiler, no ninja, a failed build: torch's ops
+                    reason = str(exc).strip().splitlines()
+                    _state["error"] = reason[-1] if reason else type(exc).__name__
+                    build.log.warning(
+                        "lorafleet's CPU kernels are unavailable (%s); using torch's",
+                        _state["error"],
+                    )
+    return _state.get("module")  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the kernels are built and enabled (builds them on first call)."""
+    return extension() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels are not in use, or None when they are."""
+    return None if available() else str(_state.get("error"))
+
+
+def reset() -> None:
+    """Forget the loaded state, so the next call re-reads `$LORAFLEET_KERNELS` (tests)."""
+    with _lock:
+        _state.clear()
+
+
+def covers(x: Tensor, weight: Tensor) -> bool:
+    """Whether x @ weight^T is a product the GEMV takes (see the module docstring)."""
+    k, max_rows = weight.shape[-1], MAX_ROWS.get(weight.dtype, 0)
+    return (
+        x.dtype == weight.dtype
+        and 0 < x.numel() <= max_rows * k
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and weight.dim() == 2
+        and k % LANES == 0
+        and x.shape[-1] == k
+        and weight.is_contiguous()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) for x [..., K], weight [N, K] (see the module docstring)."""
+    if covers(x, weight):
+        ext = extension()
+        if ext is not None:
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [..., K] -> [M, K]
+            y = ext.linear_dense(x2, weight, bias_for(bias, weight))  # [M, N]
+            return y.view(*x.shape[:-1], weight.shape[0])  # [M, N] -> [..., N]
+    return F.linear(x, weight, bias)
+
+
+def bias_for(bias: Tensor | None, weight: Tensor) -> Tensor | None:
+    """bias as the kernel reads it: contiguous, in the weight's dtype."""
+    return None if bias is None else bias.to(weight.dtype).contiguous()

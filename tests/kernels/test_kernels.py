@@ -33,7 +33,7 @@ def test_the_extension_builds_here():
     assert kernels.unavailable_reason() is None
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_float32_matches_a_float64_reference(rows, with_bias):
     torch.manual_seed(rows)
@@ -44,7 +44,7 @@ def test_float32_matches_a_float64_reference(rows, with_bias):
     torch.testing.assert_close(y.double(), reference(x, w, b), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 3, 6])
 def test_bfloat16_accumulates_in_float32_and_rounds_once(rows):
     torch.manual_seed(rows)
     w = torch.randn(64, 256).bfloat16()
@@ -59,9 +59,9 @@ def test_bfloat16_accumulates_in_float32_and_rounds_once(rows):
 
 def test_a_row_does_not_depend_on_the_rest_of_the_batch():
     torch.manual_seed(0)
-    w, x = torch.randn(80, 192), torch.randn(6, 192)
+    w, x = torch.randn(80, 192), torch.randn(11, 192)  # two passes of 4 rows, then 3
     batch = kernels.linear(x, w)
-    for i in range(6):
+    for i in range(11):
         assert torch.equal(kernels.linear(x[i : i + 1], w)[0], batch[i])
 
 
@@ -91,8 +91,8 @@ def test_gemv_really_runs_where_it_covers(monkeypatch):
 @pytest.mark.parametrize(
     "x, w",
     [
-        (torch.randn(7, 32), torch.randn(8, 32)),  # more float32 rows than MAX_ROWS
-        (torch.randn(4, 32).bfloat16(), torch.randn(8, 32).bfloat16()),  # bfloat16 above 3
+        (torch.randn(17, 32), torch.randn(8, 32)),  # more float32 rows than MAX_ROWS
+        (torch.randn(7, 32).bfloat16(), torch.randn(8, 32).bfloat16()),  # bfloat16 above 6
         (torch.randn(1, 40), torch.randn(8, 40)),  # K not a multiple of 16
         (torch.randn(1, 32).double(), torch.randn(8, 32).double()),  # another dtype
         (torch.randn(1, 32), torch.randn(32, 8).T),  # a transposed (non-contiguous) weight

@@ -26,10 +26,11 @@ from lorafleet.kernels import build
 
 # Rows at or below which the GEMV runs, per dtype. Measured over SmolLM2's block linears and
 # head (`python bench/decode_gemv.py`, 2 threads, AVX-512 EPYC; BENCHMARKS.md "Decode GEMV"):
-# float32 2.6x torch at 1 row, 2.4x at 4, 1.6x at 6, even at 8, 0.45x at 32 (MKL's blocked GEMM
-# is compute-bound there); bfloat16 2.4x at 1 row, 1.2x at 3, 0.8x at 4 (oneDNN's AVX512-BF16
-# GEMM). Torch's int8 / int4 kernels beat this loop here, so quantised weights keep them.
-MAX_ROWS = {torch.float32: 6, torch.bfloat16: 3}
+# float32 2.4x torch at 1 row, 4x at 4, 1.9x at 8, 1.3x at 16, 1.1x at 24, even at 32 (MKL's
+# blocked GEMM, compute-bound there); bfloat16 2.4x at 1 row, 1.8x at 4, 1.15x at 6, 0.8x at 8
+# (oneDNN's AVX512-BF16 GEMM). Torch's int8 / int4 kernels beat a plain loop over those weights
+# here (0.7x at one row for int8), so quantised weights keep them.
+MAX_ROWS = {torch.float32: 16, torch.bfloat16: 6}
 LANES = 16  # gemv.cpp's K step
 
 _lock = threading.Lock()

@@ -1,27 +1,28 @@
 // lorafleet's decode GEMV: y = x @ W^T (+ b) for a few rows of x, on the CPU.
 //
-// Semantics (every entry point): x [M, K] float32 or bfloat16 (contiguous), W [N, K]
+// Semantics of linear_dense(x, W, bias): x [M, K] float32 or bfloat16 (contiguous), W [N, K]
 // float32 or bfloat16 (contiguous), bias [N] or None; returns y [M, N] in x's dtype with
 //     y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]),
 // accumulated in float32 (x converted to float32 first; bfloat16 outputs rounded to nearest
-// even once, at the end).
-// Each output's sum runs over k in the same order whatever M is, so a row's result does not
+// even once, at the end). Each output's sum runs over k in the same order whatever M is, so a row's result does not
 // depend on the other rows of the batch.
 //
 // Why: torch's CPU GEMV (MKL sgemv for M = 1, sgemm above) streams the weights at 10-16 GiB/s
 // on one core of this project's 2-core machines; decode reads every weight once per token, so
 // the step is bandwidth-bound and this loop, split over N across torch's intra-op threads,
-// reaches 25-39 GiB/s (BENCHMARKS.md). Above a handful of rows the product is compute-bound and
-// the blocked GEMMs win (MKL's float32; oneDNN's bfloat16, on CPUs with AVX512-BF16, from 3
-// rows): the Python side (kernels/__init__.py) sends only M <= MAX_ROWS[dtype] here.
+// reaches 28-50 GiB/s at 1-6 rows (BENCHMARKS.md). With more rows the product turns
+// compute-bound and the blocked GEMMs catch up (MKL's float32 at ~32 rows; oneDNN's bfloat16,
+// with AVX512-BF16, at ~8): the Python side (kernels/__init__.py) sends only M <= MAX_ROWS[dtype].
 //
-// Built once per machine by torch.utils.cpp_extension with -O3 -march=native: the loops below
-// are written for the compiler to vectorise (16 float32 lanes per step; K % 16 == 0 required).
+// Built once per machine by torch.utils.cpp_extension with -O3 -march=native. The loops use
+// GCC's generic vectors of 16 float32 lanes (one AVX-512 register, two AVX2 ones); K % 16 == 0.
+// Per weight row, x's rows go 4 at a time (the row stays in L1 between passes).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -31,27 +32,42 @@ namespace {
 constexpr int LANES = 16;
 constexpr int BLOCK_ROWS = 4;  // rows of x per pass over a weight row (kept in L1 meanwhile)
 
-inline float widen(float v) { return v; }
-inline float widen(uint16_t bf16_bits) {  // bfloat16 -> float32 is exact: the high 16 bits
+// LANES float32 values as one vector (GCC's generic vectors: one zmm with AVX-512, two ymm with
+// AVX2); loads go through memcpy, so no alignment is assumed.
+typedef float floats __attribute__((vector_size(LANES * sizeof(float))));
+typedef uint32_t words __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint16_t halves __attribute__((vector_size(LANES * sizeof(uint16_t))));
+
+inline floats load(const float* p) {
+  floats v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline floats load(const uint16_t* bf16_bits) {  // bfloat16 -> float32 is exact: the high 16 bits
+  halves h;
+  std::memcpy(&h, bf16_bits, sizeof h);
+  const words u = __builtin_convertvector(h, words) << 16;
+  floats v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+inline float widen(uint16_t bf16_bits) {
   const uint32_t u = static_cast<uint32_t>(bf16_bits) << 16;
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
-// out[m] = sum_k x[m * K + k] * w[k] for R rows of x (float32), w of element type T.
+// out[m] = sum_k x[m * K + k] * w[k] for R rows of x (float32), w of element type T: one vector
+// accumulator per row, lane j summing k = j, j + LANES, ..., then the lanes summed in order.
 template <int R, typename T>
 inline void dot_rows(const T* __restrict w, const float* __restrict x, int64_t K, float* out) {
-  float acc[R][LANES] = {};
+  floats acc[R] = {};
   for (int64_t k = 0; k < K; k += LANES) {
-    float wk[LANES];
-#pragma GCC unroll 16
-    for (int j = 0; j < LANES; ++j) wk[j] = widen(w[k + j]);
-    for (int m = 0; m < R; ++m) {
-      const float* xm = x + m * K + k;
-#pragma GCC unroll 16
-      for (int j = 0; j < LANES; ++j) acc[m][j] += xm[j] * wk[j];
-    }
+    const floats wk = load(w + k);
+    for (int m = 0; m < R; ++m) acc[m] += load(x + m * K + k) * wk;
   }
   for (int m = 0; m < R; ++m) {
     float s = 0.0f;
@@ -60,27 +76,42 @@ inline void dot_rows(const T* __restrict w, const float* __restrict x, int64_t K
   }
 }
 
-// y32[m, n] = (x[m] . w[n]) + bias[n] for n in [0, N), split over torch's intra-op threads.
-template <typename T>
-void gemv(const float* x, const T* w, const float* bias, float* y32,
-          int64_t M, int64_t N, int64_t K) {
+// y[m * N] = out[m] + add for m < rows (one output column of y).
+inline void store(const float* out, int64_t rows, float add, float* y, int64_t N) {
+  for (int64_t m = 0; m < rows; ++m) y[m * N] = out[m] + add;
+}
+
+// y32[m, n] = dot(n, rows m..) + bias[n] for n in [0, N), split over torch's intra-op threads;
+// dot(n, x0, rows, out) fills out[0..rows) for R = rows <= BLOCK_ROWS rows of x from x0.
+template <typename Dot>
+void gemv(const float* x, const Dot& dot, const float* bias, float* y32, int64_t M, int64_t N,
+          int64_t K) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     float out[BLOCK_ROWS];
     for (int64_t n = begin; n < end; ++n) {
-      const T* wn = w + n * K;
       const float add = bias ? bias[n] : 0.0f;
-      int64_t m0 = 0;
-      for (; m0 + BLOCK_ROWS <= M; m0 += BLOCK_ROWS) {
-        dot_rows<BLOCK_ROWS>(wn, x + m0 * K, K, out);
-        for (int m = 0; m < BLOCK_ROWS; ++m) y32[(m0 + m) * N + n] = out[m] + add;
-      }
-      for (; m0 < M; ++m0) {  // the last M % 4 rows, one at a time (same per-row sum order)
-        dot_rows<1>(wn, x + m0 * K, K, out);
-        y32[m0 * N + n] = out[0] + add;
+      for (int64_t m0 = 0; m0 < M; m0 += BLOCK_ROWS) {
+        const int64_t rows = std::min<int64_t>(BLOCK_ROWS, M - m0);
+        dot(n, x + m0 * K, rows, out);
+        store(out, rows, add, y32 + m0 * N + n, N);
       }
     }
   });
 }
+
+// The row-dot of a dense weight W [N, K] of element type T.
+template <typename T>
+struct DenseDot {
+  const T* w;
+  int64_t K;
+  void operator()(int64_t n, const float* x, int64_t rows, float* out) const {
+    const T* wn = w + n * K;
+    if (rows == 4) dot_rows<4>(wn, x, K, out);
+    if (rows == 3) dot_rows<3>(wn, x, K, out);
+    if (rows == 2) dot_rows<2>(wn, x, K, out);
+    if (rows == 1) dot_rows<1>(wn, x, K, out);
+  }
+};
 
 // A float32 copy of t (x or bias: small), or t's own data when it is float32 already.
 const float* as_float(const torch::Tensor& t, std::vector<float>& buffer) {
@@ -93,20 +124,18 @@ const float* as_float(const torch::Tensor& t, std::vector<float>& buffer) {
   return buffer.data();
 }
 
-void check_inputs(const torch::Tensor& x, const torch::Tensor& w) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
-              "x [M, K] and W [N, K] expected");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "contiguous x and W expected");
-  TORCH_CHECK(x.size(1) % LANES == 0, "K must be a multiple of ", LANES);
+void check_inputs(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), "contiguous x [M, K] expected");
+  TORCH_CHECK(K % LANES == 0, "K must be a multiple of ", LANES);
 }
 
 torch::Tensor finish(const torch::Tensor& y32, const torch::Tensor& x) {
   return x.scalar_type() == torch::kFloat ? y32 : y32.to(x.scalar_type());
 }
 
-template <typename T>
-torch::Tensor run(const torch::Tensor& x, const T* w, int64_t N,
+template <typename Dot>
+torch::Tensor run(const torch::Tensor& x, const Dot& dot, int64_t N,
                   const c10::optional<torch::Tensor>& bias) {
   const int64_t M = x.size(0), K = x.size(1);
   std::vector<float> xbuf, bbuf;
@@ -117,18 +146,21 @@ torch::Tensor run(const torch::Tensor& x, const T* w, int64_t N,
     bf = as_float(*bias, bbuf);
   }
   auto y32 = torch::empty({M, N}, x.options().dtype(torch::kFloat));
-  gemv<T>(xf, w, bf, y32.data_ptr<float>(), M, N, K);
+  gemv(xf, dot, bf, y32.data_ptr<float>(), M, N, K);
   return finish(y32, x);
 }
 
 }  // namespace
 
 torch::Tensor linear_dense(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-  check_inputs(x, w);
-  const int64_t N = w.size(0);
-  if (w.scalar_type() == torch::kFloat) return run<float>(x, w.data_ptr<float>(), N, bias);
+  check_inputs(x, w.size(1));
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
+              "contiguous CPU W [N, K] expected");
+  const int64_t N = w.size(0), K = w.size(1);
+  if (w.scalar_type() == torch::kFloat) return run(x, DenseDot<float>{w.data_ptr<float>(), K}, N, bias);
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "W must be float32 or bfloat16");
-  return run<uint16_t>(x, reinterpret_cast<const uint16_t*>(w.data_ptr()), N, bias);
+  const auto* bits = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  return run(x, DenseDot<uint16_t>{bits, K}, N, bias);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

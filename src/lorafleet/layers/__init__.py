@@ -9,7 +9,9 @@ __getattr__, __dir__, __all__ = lazy_exports(
     {
         "SEGMENT_MIN_ROWS_PER_SLOT": ".multilora",
         "FusedProjections": ".fused",
+        "base_layer": ".fused",
         "base_linear": ".fused",
+        "base_product": ".linear",
         "fast_norm": ".norm",
         "can_fuse": ".fused",
         "MixtureGate": ".mixture",

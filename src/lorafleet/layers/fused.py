@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lorafleet import kernels
 from lorafleet.layers.linear import MultiLoRALinear
+from lorafleet.layers.quant import QuantLinear
 
 
 def base_linear(module: nn.Module) -> nn.Linear | None:
@@ -31,6 +32,13 @@ def base_linear(module: nn.Module) -> nn.Linear | None:
     MultiLoRALinear's base layer), or None (quantised, other)."""
     base = module.base_layer if isinstance(module, MultiLoRALinear) else module
     return base if type(base) is nn.Linear else None
+
+
+def base_layer(module: nn.Module) -> nn.Module | None:
+    """The layer computing `module`'s base product when it is a plain nn.Linear or a
+    QuantLinear (`module` itself, or a MultiLoRALinear's base layer), else None."""
+    base = module.base_layer if isinstance(module, MultiLoRALinear) else module
+    return base if type(base) in (nn.Linear, QuantLinear) else None
 
 
 def can_fuse(modules: Sequence[nn.Module]) -> bool:

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorafleet.kernels import linear
-from lorafleet.layers import MultiLoRAContext, base_linear, fast_norm
+from lorafleet.layers import MultiLoRAContext, base_layer, base_product, fast_norm
 from lorafleet.serve.runners.base import ModelRunner, StepInputs, apply_rotary, layer_windows
 
 
@@ -47,10 +46,10 @@ class LlamaRunner(ModelRunner):
             for b in body.layers
         ]
         self.final_norm = fast_norm(body.norm)
-        # Per block, when o_proj and a Llama SwiGLU MLP are plain linears underneath (not
-        # quantised): (o, gate, up, down) nn.Linears, called directly by `forward` while no row
-        # uses an adapter (the same F.linear calls as the modules', without ~40 module calls
-        # per block); else None, and the modules are called.
+        # Per block, when o_proj and a Llama SwiGLU MLP are plain or quantised linears
+        # underneath: (o, gate, up, down) base layers, called directly by `forward` while no row
+        # uses an adapter (the same products as the modules', without ~40 module calls per
+        # block); else None, and the modules are called.
         self.plain = [plain_block(b) for b in body.layers]
 
     def heads(self, index: int, attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,19 +96,20 @@ class LlamaRunner(ModelRunner):
                 h = h + attn.o_proj(o)  # [T, d]
                 h = h + layer.mlp(norm2(h))  # [T, d]
                 continue
-            o_proj, gate, up, down = plain  # no adapter row: each module is its base linear
-            h = h + linear(o, o_proj.weight, o_proj.bias)  # [T, d]
+            o_proj, gate, up, down = plain  # no adapter row: each module is its base layer
+            h = h + base_product(o_proj, o)  # [T, d]
             x = norm2(h)
-            x = F.silu(linear(x, gate.weight, gate.bias)) * linear(x, up.weight, up.bias)
-            h = h + linear(x, down.weight, down.bias)  # [T, inter] -> [T, d]
+            x = F.silu(base_product(gate, x)) * base_product(up, x)  # [T, inter]
+            h = h + base_product(down, x)  # [T, inter] -> [T, d]
         if not (inputs.n_prefill_rows == 0 and inputs.last_rows.shape[0] == h.shape[0]):
             h = h.index_select(0, inputs.last_rows)  # [B, d]; decode rows only: already so
         return self.head(self.final_norm(h)).float()  # [B, vocab]
 
 
-def plain_block(block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear] | None:
-    """(o_proj, gate_proj, up_proj, down_proj) as the plain nn.Linears computing them when
-    `block`'s MLP runs LlamaMLP's forward (down(act(gate(x)) * up(x))) with SiLU, else None."""
+def plain_block(block: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None:
+    """(o_proj, gate_proj, up_proj, down_proj) as the base layers computing them (plain
+    nn.Linears or QuantLinears) when `block`'s MLP runs LlamaMLP's forward
+    (down(act(gate(x)) * up(x))) with SiLU, else None."""
     from transformers.activations import SiLUActivation
     from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -121,7 +121,7 @@ def plain_block(block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.L
     if not (same_forward(mlp, LlamaMLP) and silu):
         return None
     parts = (block.self_attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    linears = tuple(base_linear(m) for m in parts)
+    linears = tuple(base_layer(m) for m in parts)
     return None if any(lin is None for lin in linears) else linears
 
 

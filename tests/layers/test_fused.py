@@ -76,3 +76,30 @@ def test_parts_that_cannot_share_a_gemm_fall_back_to_calling_each():
         torch.testing.assert_close(g, layer(x))
     mixed_bias = [_linear(16, 8, 0, bias=True), _linear(16, 8, 1, bias=False)]
     assert not can_fuse(mixed_bias) and not can_fuse(mixed_bias[:1])
+
+
+def test_quantised_parts_of_one_mode_share_one_kernel_call_with_adapters():
+    for mode in ("int8", "int4"):
+        context = MultiLoRAContext()
+        parts = [
+            MultiLoRALinear(_linear(32, d, i, bias=True), context, 4, 4, f"q{i}")
+            for i, d in enumerate((32, 16, 16))
+        ]
+        for part in parts:
+            part.base_layer = QuantLinear(part.base_layer, mode)
+        gen = torch.Generator().manual_seed(2)
+        parts[0].set_slot(
+            1, torch.randn(2, 32, generator=gen), torch.randn(32, 2, generator=gen), 0.5
+        )
+        x = torch.randn(5, 32, generator=gen)
+        context.set_slots(torch.tensor([0, 1, 1, 0, 1]))
+        expected = [part(x).clone() for part in parts]
+        assert can_fuse(parts)
+        fused = FusedProjections(parts)
+        assert fused.fused and fused.quantised is not None
+        for g, e in zip(fused(x), expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        for part, e in zip(parts, expected, strict=True):  # still usable alone
+            torch.testing.assert_close(part(x), e, rtol=1e-5, atol=1e-5)
+    mixed = [QuantLinear(_linear(32, 16, 0), "int8"), QuantLinear(_linear(32, 16, 1), "int4")]
+    assert not can_fuse(mixed)

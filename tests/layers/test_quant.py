@@ -61,22 +61,24 @@ def test_int4_unpacking_inverts_the_kernel_packing():
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 5, quant.PACKED_MAX_ROWS + 7])  # packed, packed, dequantised
+@pytest.mark.parametrize("more", [None, 1, 7])  # rows: 1 and 5 (packed), or past the limit
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_path_equals_dequantise_then_matmul(mode, rows, dtype):
+def test_each_path_equals_dequantise_then_matmul(mode, more, dtype):
+    limit = quant.packed_max_rows(mode, dtype)
+    rows = 5 if more == 1 else (1 if more is None else limit + more)
     lin = _linear(64, 96, bias=True, seed=1)
     q = QuantLinear(lin, mode)
     x = torch.randn(rows, 96).to(dtype)
     y = q(x)
     assert y.dtype == dtype and y.shape == (rows, 64)
-    if rows <= quant.PACKED_MAX_ROWS or dtype == torch.bfloat16:  # a bfloat16 kernel or GEMM
+    if rows <= limit or dtype == torch.bfloat16:  # a bfloat16 kernel or GEMM
         ref = x.to(torch.bfloat16).float() @ q.dequantize().T
     else:
         ref = x.float() @ q.dequantize().T
     ref = ref + lin.bias.detach().float()
     tol = 2e-2 * ref.abs().max().item()  # bfloat16 output rounding, nothing more
     torch.testing.assert_close(y.float(), ref, rtol=0, atol=tol)
-    if rows > quant.PACKED_MAX_ROWS and dtype == torch.float32:
+    if rows > limit and dtype == torch.float32:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)  # one float32 GEMM
 
 
@@ -86,6 +88,14 @@ def test_leading_dims_and_weight_property():
     x = torch.randn(2, 3, 64)
     assert q(x).shape == (2, 3, 32)
     assert q.weight.shape == (32, 64) and q.weight.dtype == torch.float32
+
+
+def test_the_packed_limit_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(quant, "avx512", lambda: False)
+    assert quant.packed_max_rows("int4", torch.float32) == quant.PACKED_MAX_ROWS
+    monkeypatch.setattr(quant, "avx512", lambda: True)
+    assert quant.packed_max_rows("int4", torch.float32) == 512
+    assert quant.packed_max_rows("int8", torch.bfloat16) == 64
 
 
 def test_bad_shapes_are_refused_or_kept_dense():
@@ -108,3 +118,36 @@ def test_quantize_linears_on_a_tiny_model():
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[1, 5, 9]])).logits
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("past_limit", [False, True])  # packed kernel, dequantised
+def test_concat_stacks_the_parts_values_and_shares_their_bytes(mode, past_limit):
+    rows = quant.packed_max_rows(mode, torch.float32) + 3 if past_limit else 1
+    parts = [
+        QuantLinear(_linear(n, 96, bias=True, seed=i), mode) for i, n in enumerate((64, 32, 32))
+    ]
+    x = torch.randn(rows, 96)
+    before = [p(x) for p in parts]
+    values = torch.cat([p.dequantize() for p in parts])
+    fused = QuantLinear.concat(parts)
+    assert torch.equal(fused.dequantize(), values)  # the same values: nothing re-quantised
+    y = fused(x)
+    assert y.shape == (rows, 128)
+    torch.testing.assert_close(y, torch.cat(before, dim=-1), rtol=1e-5, atol=1e-5)
+    start = 0
+    for part, b in zip(parts, before, strict=True):
+        assert torch.equal(part(x), b)  # each part still gives its own output
+        torch.testing.assert_close(part.dequantize(), values[start : start + part.out_features])
+        start += part.out_features
+    if mode == "int8":  # row blocks of the fused weight: held once
+        ptr = fused.qweight.data_ptr()
+        assert parts[1].qweight.data_ptr() == ptr + 64 * 96
+
+
+def test_concat_refuses_parts_that_differ():
+    a = QuantLinear(_linear(32, 64), "int8")
+    with pytest.raises(LorafleetError, match="cannot share"):
+        QuantLinear.concat([a, QuantLinear(_linear(32, 64), "int4")])
+    with pytest.raises(LorafleetError, match="cannot share"):
+        QuantLinear.concat([a])

@@ -38,6 +38,7 @@ def labelled(engine):
     import lorafleet.layers.linear as linear_mod
     import lorafleet.serve.engine as engine_mod
     import lorafleet.serve.runners.base as runner_mod
+    from lorafleet import kernels
 
     undo = []
 
@@ -53,8 +54,10 @@ def labelled(engine):
         for owner, method in places:
             patch(owner, method, lambda f, label=label: _wrap(label, f))
     # The runners call F.linear directly where no row uses an adapter (and for the fused
-    # q/k/v GEMM): label the function, not the nn.Linear modules.
+    # q/k/v GEMM): label the function, not the nn.Linear modules; and lorafleet's GEMV, which
+    # every base product goes through first (kernels.linear: an extension call, no aten op).
     patch(F, "linear", lambda f: _wrap("base_matmul", f))
+    patch(kernels, "linear", lambda f: _wrap("base_matmul", f))
     sdpa = F.scaled_dot_product_attention
     inside = {"decode": False}  # within a decode kernel below: its SDPA is labelled already
 
@@ -110,7 +113,8 @@ def split(events, step_label: str) -> dict[str, float]:
     """Microseconds per category summed over the `step_label` events: time inside aten ops
     under each label (kernels), `other_ops` (aten ops outside every label: norms, RoPE,
     embeddings, residual adds) and `python_overhead` (step time not inside any aten op: Python,
-    module calls, the profiler's own cost), plus `step` itself; the parts add up to `step`."""
+    module calls, the profiler's own cost), plus `step` itself; the parts add up to `step`.
+    `base_matmul` counts its labels' whole time: lorafleet's GEMV is not an aten op."""
     out = dict.fromkeys(("step", *TOP, *SDPA, "other_ops", "python_overhead"), 0.0)
     for ev in events:
         if ev.name == step_label:
@@ -119,10 +123,16 @@ def split(events, step_label: str) -> dict[str, float]:
             out["python_overhead"] += ev.cpu_time_total - aten
             out["other_ops"] += aten
         elif (ev.name in TOP or ev.name in SDPA) and _under(ev, step_label):
+            if _under(ev, ev.name):
+                continue  # a label inside the same label (kernels.linear -> F.linear): once
             aten = _aten_time(ev)
             out[ev.name] += aten
             if ev.name in TOP:
                 out["other_ops"] -= aten
+            if ev.name == "base_matmul":  # lorafleet's GEMV runs outside aten ops: count it
+                extra = ev.cpu_time_total - aten
+                out[ev.name] += extra
+                out["python_overhead"] -= extra
     out["attention_glue"] = out["attention"] - out["prefill_attention"] - out["decode_attention"]
     return out
 

@@ -76,15 +76,19 @@ inline void dot_rows(const T* __restrict w, const float* __restrict x, int64_t K
   }
 }
 
-// y[m * N] = out[m] + add for m < rows (one output column of y).
+// y[m * N] = out[m] + add for m < rows (one output column of y), rounded to y's type.
 inline void store(const float* out, int64_t rows, float add, float* y, int64_t N) {
   for (int64_t m = 0; m < rows; ++m) y[m * N] = out[m] + add;
 }
 
-// y32[m, n] = dot(n, rows m..) + bias[n] for n in [0, N), split over torch's intra-op threads;
+inline void store(const float* out, int64_t rows, float add, c10::BFloat16* y, int64_t N) {
+  for (int64_t m = 0; m < rows; ++m) y[m * N] = c10::BFloat16(out[m] + add);  // nearest even
+}
+
+// y[m, n] = dot(n, rows m..) + bias[n] for n in [0, N), split over torch's intra-op threads;
 // dot(n, x0, rows, out) fills out[0..rows) for R = rows <= BLOCK_ROWS rows of x from x0.
-template <typename Dot>
-void gemv(const float* x, const Dot& dot, const float* bias, float* y32, int64_t M, int64_t N,
+template <typename Dot, typename Out>
+void gemv(const float* x, const Dot& dot, const float* bias, Out* y, int64_t M, int64_t N,
           int64_t K) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     float out[BLOCK_ROWS];
@@ -93,7 +97,7 @@ void gemv(const float* x, const Dot& dot, const float* bias, float* y32, int64_t
       for (int64_t m0 = 0; m0 < M; m0 += BLOCK_ROWS) {
         const int64_t rows = std::min<int64_t>(BLOCK_ROWS, M - m0);
         dot(n, x + m0 * K, rows, out);
-        store(out, rows, add, y32 + m0 * N + n, N);
+        store(out, rows, add, y + m0 * N + n, N);
       }
     }
   });
@@ -130,10 +134,6 @@ void check_inputs(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(K % LANES == 0, "K must be a multiple of ", LANES);
 }
 
-torch::Tensor finish(const torch::Tensor& y32, const torch::Tensor& x) {
-  return x.scalar_type() == torch::kFloat ? y32 : y32.to(x.scalar_type());
-}
-
 template <typename Dot>
 torch::Tensor run(const torch::Tensor& x, const Dot& dot, int64_t N,
                   const c10::optional<torch::Tensor>& bias) {
@@ -145,9 +145,13 @@ torch::Tensor run(const torch::Tensor& x, const Dot& dot, int64_t N,
     TORCH_CHECK(bias->numel() == N && bias->is_contiguous(), "bias [N] expected");
     bf = as_float(*bias, bbuf);
   }
-  auto y32 = torch::empty({M, N}, x.options().dtype(torch::kFloat));
-  gemv(xf, dot, bf, y32.data_ptr<float>(), M, N, K);
-  return finish(y32, x);
+  auto y = torch::empty({M, N}, x.options());  // x's dtype: float32 or bfloat16
+  if (x.scalar_type() == torch::kFloat) {
+    gemv(xf, dot, bf, y.data_ptr<float>(), M, N, K);
+  } else {
+    gemv(xf, dot, bf, y.data_ptr<c10::BFloat16>(), M, N, K);
+  }
+  return y;
 }
 
 }  // namespace

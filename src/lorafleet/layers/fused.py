@@ -6,11 +6,13 @@ Semantics: ys[i] == modules[i](x) for every i, with the base products of all par
 one x @ cat(W_i)^T (+ cat(b_i)) and each part's adapter term (a MultiLoRALinear's slots, DoRA
 ratios, Bat deltas, mixtures) added to its column block afterwards, exactly as its own forward
 would. One larger GEMM instead of 3 (attention) or 2 (MLP) per layer: fewer kernel calls and
-Python per decode step, and a wider output for the BLAS to block over.
+Python per decode step, and a wider output for the BLAS to block over. Quantised bases of one
+mode share one kernel call the same way (`QuantLinear.concat`: their values stacked, not
+re-quantised).
 
 The parts' weights are re-pointed at views of the fused weight, so nothing is held twice and
-the modules stay usable on their own. Parts that cannot share a GEMM (a quantised base, other
-dtypes or devices, bias on some parts only, a single part) fall back to calling each module:
+the modules stay usable on their own. Parts that cannot share a GEMM (plain and quantised mixed,
+other dtypes or devices, bias on some parts only, a single part) fall back to calling each module:
 `fused` says which path an instance took. The outputs are column blocks of one [T, sum d_i]
 tensor (views, not contiguous), which `.view` into heads keeps as views.
 """
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 
 from lorafleet import kernels
 from lorafleet.layers.linear import MultiLoRALinear
-from lorafleet.layers.quant import QuantLinear
+from lorafleet.layers.quant import QuantLinear, can_concat
 
 
 def base_linear(module: nn.Module) -> nn.Linear | None:
@@ -43,6 +45,8 @@ def base_layer(module: nn.Module) -> nn.Module | None:
 
 def can_fuse(modules: Sequence[nn.Module]) -> bool:
     """Whether `modules` can share one base GEMM (see the module docstring)."""
+    if can_concat([base_layer(m) for m in modules]):
+        return True  # quantised bases of one mode: one QuantLinear over their rows
     bases = [base_linear(m) for m in modules]
     if len(bases) < 2 or any(b is None for b in bases):
         return False
@@ -60,10 +64,14 @@ class FusedProjections:
         """fuse=False (or parts that cannot share a GEMM): call each module, touch nothing."""
         self.modules = list(modules)
         self.fused = fuse and can_fuse(self.modules)
+        self.quantised: QuantLinear | None = None
         if not self.fused:
             return
-        bases = [base_linear(m) for m in self.modules]
+        bases = [base_layer(m) for m in self.modules]
         self.sizes = [b.out_features for b in bases]
+        if type(bases[0]) is QuantLinear:
+            self.quantised = QuantLinear.concat(bases)  # the parts' buffers become its views
+            return
         with torch.no_grad():
             weight = torch.cat([b.weight for b in bases])  # [sum d_out, d_in]
             bias = None
@@ -79,6 +87,8 @@ class FusedProjections:
 
     def base(self, x: Tensor) -> Tensor:
         """The parts' base products side by side: [..., d_in] -> [..., sum d_out]."""
+        if self.quantised is not None:
+            return self.quantised(x)
         return kernels.linear(x, self.weight, self.bias)
 
     def __call__(self, x: Tensor) -> list[Tensor]:

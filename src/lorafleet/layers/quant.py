@@ -17,12 +17,13 @@ Kernel requirements (checked before anything is changed): K % 32 == 0 for both (
 kernel crashes on some other K), and N % 16 == 0 for int4. `quantize_linears` leaves a linear
 that does not fit in its dense dtype and reports it.
 
-Two paths, chosen per call by the number of rows M = x.numel() / K:
-- packed (M <= PACKED_MAX_ROWS, decode): torch's weight-only kernels
+Two paths, chosen per call by the number of rows M = x.numel() / K and `packed_max_rows` (32
+rows on AVX2 CPUs; on AVX-512 ones, where torch's packed kernels are faster, up to 512):
+- packed (M <= packed_max_rows, decode and short prefills): torch's weight-only kernels
   `aten._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu` on x cast to bfloat16 (fed
   float32 they were 7-30x slower here), the output cast back to x's dtype. They read the
   int8 / int4 bytes directly: the decode step moves 1 or 0.625 bytes per weight.
-- dequantised (M > PACKED_MAX_ROWS, prefill): W_hat is built for this call and the product
+- dequantised (M > packed_max_rows, prefill): W_hat is built for this call and the product
   runs as one GEMM (faster than the packed kernels at these sizes): in float32 for float32 x;
   for bfloat16 x, W_hat in bfloat16 and a bfloat16 GEMM (measured 3.6x a float32 GEMM at 24 to
   512 rows over SmolLM2's weights, 2 threads, on a quiet machine: BENCHMARKS.md). Nothing is
@@ -35,6 +36,7 @@ for bit.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,14 +47,37 @@ from lorafleet.linear_layers import block_linear_modules
 
 MODES = ("none", "int8", "int4")
 GROUP_SIZE = 32
-# Rows at or below which the packed kernels run. Measured on the project's 2-core CPU (1
-# thread, load average ~8, so rough) over SmolLM2's four linear shapes: packed int8 2.4 ms vs
-# dequantise + float32 GEMM 2.8 ms at 16 rows, 15.2 vs 8.1 ms at 128 rows (a bfloat16 GEMM:
-# 10.1 and 63 ms; float32 dense 2.0 and 8.4 ms). Re-measured quiet over all of SmolLM2's weights
-# (2 threads, weights streamed from memory, not cached): bfloat16 GEMMs are 2.8-4x float32 at
-# every M from 1 to 512, so the dequantised path runs in bfloat16 when x is (module doc).
+# Rows at or below which the packed kernels run (`packed_max_rows`). On AVX2 CPUs, measured on
+# the project's earlier 2-core host (1 thread, load average ~8, so rough) over SmolLM2's four
+# linear shapes: packed int8 2.4 ms vs dequantise + float32 GEMM 2.8 ms at 16 rows, 15.2 vs
+# 8.1 ms at 128 rows (a bfloat16 GEMM: 10.1 and 63 ms; float32 dense 2.0 and 8.4 ms); quiet,
+# over all of SmolLM2's weights, bfloat16 GEMMs were 2.8-4x float32 at every M from 1 to 512.
 PACKED_MAX_ROWS = 32
+# Where torch runs its AVX-512 kernels (with AVX512-BF16 dot products), measured over all of
+# SmolLM2's block linears (2 threads, AVX-512 EPYC, BENCHMARKS.md "Decode GEMV"): int4 packed
+# 24 / 67 / 170 / 341 ms at 32 / 100 / 256 / 512 rows vs dequantised 235 / 307 / 507 / 750 in
+# float32 and 207 / 222 / 274 / 346 in bfloat16; int8 packed 27 / 101 / 365 ms at 32 / 128 /
+# 512 rows vs 109 / 227 / 596 float32 and 51 / 95 / 193 bfloat16.
+PACKED_MAX_ROWS_AVX512 = {
+    ("int4", torch.float32): 512,
+    ("int4", torch.bfloat16): 512,
+    ("int8", torch.float32): 512,
+    ("int8", torch.bfloat16): 64,
+}
 KERNEL_DTYPE = torch.bfloat16
+
+
+@functools.cache
+def avx512() -> bool:
+    """Whether torch runs its AVX-512 CPU kernels here."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def packed_max_rows(mode: str, dtype: torch.dtype) -> int:
+    """Rows at or below which `mode`'s packed kernel runs for x in `dtype` on this CPU."""
+    if avx512():
+        return PACKED_MAX_ROWS_AVX512.get((mode, dtype), PACKED_MAX_ROWS)
+    return PACKED_MAX_ROWS
 
 
 def fits(mode: str, out_features: int, in_features: int) -> bool:
@@ -94,6 +119,48 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", packed)
             self.register_buffer("scales_and_zeros", sz)
 
+    @classmethod
+    def concat(cls, parts: Sequence[QuantLinear]) -> QuantLinear:
+        """One QuantLinear computing the parts' outputs side by side ([..., sum N_i]) from the
+        same quantised values, scales and biases stacked along N: nothing is quantised again,
+        so each output column equals its part's. The parts' int8 weights and scales become
+        views of the new one's (int4 weights too where the kernel's packing keeps rows apart):
+        they stay usable on their own and their bytes are held once."""
+        if not can_concat(parts):
+            raise LorafleetError("these quantised linears cannot share one kernel call")
+        first = parts[0]
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.out_features = sum(p.out_features for p in parts)
+        fused.in_features, fused.mode, fused.dtype = first.in_features, first.mode, first.dtype
+        fused.bias = None
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), False)  # [sum N]
+        if first.mode == "int8":
+            fused.register_buffer("qweight", torch.cat([p.qweight for p in parts]))  # [sum N, K]
+            fused.register_buffer("scales", torch.cat([p.scales for p in parts]))  # [sum N]
+        else:
+            values = torch.cat([p.int_values() for p in parts]).to(torch.int32)  # [sum N, K]
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+            fused.register_buffer("qweight", packed)  # [sum N, K/2] uint8
+            sz = torch.cat([p.scales_and_zeros for p in parts], dim=1)  # [K/32, sum N, 2]
+            fused.register_buffer("scales_and_zeros", sz)
+        fused.share_with(parts)
+        return fused
+
+    def share_with(self, parts: Sequence[QuantLinear]) -> None:
+        """Re-point each part's row-block buffers at views of this (their concatenation)."""
+        start = 0
+        for part in parts:
+            rows = slice(start, start + part.out_features)
+            if torch.equal(self.qweight[rows], part.qweight):  # int4: if packing keeps rows apart
+                part.qweight = self.qweight[rows]
+            if self.mode == "int8":
+                part.scales = self.scales[rows]
+            if part.bias is not None:
+                part.bias = nn.Parameter(self.bias[rows], False)
+            start += part.out_features
+
     def int_values(self) -> Tensor:
         """q as stored, unpacked: [N, K] (int8 values, or int4 values 0..15 as uint8)."""
         if self.mode == "int8":
@@ -121,7 +188,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if x2.shape[0] <= PACKED_MAX_ROWS:
+        if x2.shape[0] <= packed_max_rows(self.mode, x2.dtype):
             xk = x2.to(KERNEL_DTYPE)
             if self.mode == "int8":
                 y = torch.ops.aten._weight_int8pack_mm(xk, self.qweight, self.scales)
@@ -140,6 +207,21 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.mode}, dtype={self.dtype}"
+
+
+def can_concat(parts: Sequence[nn.Module]) -> bool:
+    """Whether `parts` are QuantLinears that `QuantLinear.concat` can stack: at least two, one
+    mode, dtype and in_features, and a bias on all or none."""
+    if len(parts) < 2 or any(type(p) is not QuantLinear for p in parts):
+        return False
+    first = parts[0]
+    return all(
+        p.mode == first.mode
+        and p.dtype == first.dtype
+        and p.in_features == first.in_features
+        and (p.bias is None) == (first.bias is None)
+        for p in parts
+    )
 
 
 @functools.lru_cache(maxsize=32)

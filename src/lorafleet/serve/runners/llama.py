@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorafleet.layers import MultiLoRAContext, base_layer, base_product, fast_norm
+from lorafleet.layers import (
+    FusedProjections,
+    MultiLoRAContext,
+    base_layer,
+    base_product,
+    can_concat,
+    fast_norm,
+)
 from lorafleet.serve.runners.base import ModelRunner, StepInputs, apply_rotary, layer_windows
 
 
@@ -51,6 +58,9 @@ class LlamaRunner(ModelRunner):
         # uses an adapter (the same products as the modules', without ~40 module calls per
         # block); else None, and the modules are called.
         self.plain = [plain_block(b) for b in body.layers]
+        # gate and up of a quantised plain block as one kernel call (QuantLinear.concat); plain
+        # float ones stay two GEMMs (one wider GEMM measured slower: see ModelRunner.__init__)
+        self.gate_up = [fused_gate_up(p) if fuse else None for p in self.plain]
 
     def heads(self, index: int, attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Layer `index`'s q [T, H, D], k [T, Hkv, D], v [T, Hkv, D] of x [T, d], before RoPE."""
@@ -99,7 +109,12 @@ class LlamaRunner(ModelRunner):
             o_proj, gate, up, down = plain  # no adapter row: each module is its base layer
             h = h + base_product(o_proj, o)  # [T, d]
             x = norm2(h)
-            x = F.silu(base_product(gate, x)) * base_product(up, x)  # [T, inter]
+            gate_up = self.gate_up[index]
+            if gate_up is None:
+                x = F.silu(base_product(gate, x)) * base_product(up, x)  # [T, inter]
+            else:
+                g, u = gate_up(x)  # [T, inter] each: column blocks of one product
+                x = F.silu(g) * u
             h = h + base_product(down, x)  # [T, inter] -> [T, d]
         if not (inputs.n_prefill_rows == 0 and inputs.last_rows.shape[0] == h.shape[0]):
             h = h.index_select(0, inputs.last_rows)  # [B, d]; decode rows only: already so
@@ -123,6 +138,14 @@ def plain_block(block: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.M
     parts = (block.self_attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     linears = tuple(base_layer(m) for m in parts)
     return None if any(lin is None for lin in linears) else linears
+
+
+def fused_gate_up(plain: tuple[nn.Module, ...] | None) -> FusedProjections | None:
+    """A plain block's gate and up base layers as one FusedProjections when both are quantised
+    alike (`can_concat`), else None."""
+    if plain is None or not can_concat(plain[1:3]):
+        return None
+    return FusedProjections(plain[1:3])
 
 
 def same_forward(module: nn.Module | None, cls: type) -> bool:

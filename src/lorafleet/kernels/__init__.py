@@ -76,16 +76,19 @@ def reset() -> None:
 
 
 def covers(x: Tensor, weight: Tensor) -> bool:
-    """Whether x @ weight^T is a product the GEMV takes (see the module docstring)."""
-    k, max_rows = weight.shape[-1], MAX_ROWS.get(weight.dtype, 0)
+    """Whether x @ weight^T is a product the GEMV takes (see the module docstring). Called on
+    every base product of a decode step: the cheap, usually deciding checks come first."""
+    max_rows = MAX_ROWS.get(weight.dtype)
+    if max_rows is None or x.dtype is not weight.dtype:
+        return False
+    k = weight.shape[-1]
     return (
-        x.dtype == weight.dtype
-        and 0 < x.numel() <= max_rows * k
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
-        and weight.dim() == 2
-        and k % LANES == 0
+        0 < x.numel() <= max_rows * k
         and x.shape[-1] == k
+        and k % LANES == 0
+        and x.is_cpu
+        and weight.is_cpu
+        and weight.dim() == 2
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )

@@ -4,8 +4,8 @@
 // float32 or bfloat16 (contiguous), bias [N] or None; returns y [M, N] in x's dtype with
 //     y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]),
 // accumulated in float32 (x converted to float32 first; bfloat16 outputs rounded to nearest
-// even once, at the end). Each output's sum runs over k in the same order whatever M is, so a row's result does not
-// depend on the other rows of the batch.
+// even once, at the end). Each output's sum runs over k in the same order whatever M is, so a
+// row's result does not depend on the other rows of the batch.
 //
 // Why: torch's CPU GEMV (MKL sgemv for M = 1, sgemm above) streams the weights at 10-16 GiB/s
 // on one core of this project's 2-core machines; decode reads every weight once per token, so
@@ -161,7 +161,9 @@ torch::Tensor linear_dense(torch::Tensor x, torch::Tensor w, c10::optional<torch
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
               "contiguous CPU W [N, K] expected");
   const int64_t N = w.size(0), K = w.size(1);
-  if (w.scalar_type() == torch::kFloat) return run(x, DenseDot<float>{w.data_ptr<float>(), K}, N, bias);
+  if (w.scalar_type() == torch::kFloat) {
+    return run(x, DenseDot<float>{w.data_ptr<float>(), K}, N, bias);
+  }
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "W must be float32 or bfloat16");
   const auto* bits = reinterpret_cast<const uint16_t*>(w.data_ptr());
   return run(x, DenseDot<uint16_t>{bits, K}, N, bias);

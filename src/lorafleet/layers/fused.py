@@ -91,6 +91,10 @@ class FusedProjections:
             return self.quantised(x)
         return kernels.linear(x, self.weight, self.bias)
 
+    def gemv(self, x: Tensor) -> bool:
+        """Whether the fused float product of x runs lorafleet's GEMV (kernels.covers)."""
+        return self.fused and self.quantised is None and kernels.covers(x, self.weight)
+
     def __call__(self, x: Tensor) -> list[Tensor]:
         if not self.fused:
             return [m(x) for m in self.modules]

@@ -143,3 +143,21 @@ def test_decode_through_lorafleets_gemv_matches_torchs_kernels(tokenizer, monkey
     theirs = tokens()
     kernels.reset()
     assert ours == theirs
+
+
+def test_gate_and_up_share_one_product_where_the_gemv_runs(tokenizer):
+    """Float gate/up of a plain block: one fused product for few rows (lorafleet's GEMV), two
+    GEMMs above; the tokens equal an engine that fuses nothing."""
+    engine = Engine(tiny_base(tokenizer), max_slots=0, max_batch_size=3, dtype="float32")
+    runner = engine.runner
+    assert all(g is not None and g.fused and g.quantised is None for g in runner.gate_up)
+    width = runner.gate_up[0].weight.shape[1]
+    assert runner.gate_up[0].gemv(torch.randn(2, width))
+    assert not runner.gate_up[0].gemv(torch.randn(40, width))  # MKL's two GEMMs instead
+    unfused = Engine(tiny_base(tokenizer), max_slots=0, max_batch_size=3, fuse=False)
+    assert all(g is None for g in unfused.runner.gate_up)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 13, 2], [7, 7, 1], [3, 4, 5, 6, 8, 10]]
+    fused = [o.token_ids for o in engine.generate([(p, None, params) for p in prompts])]
+    plain = [o.token_ids for o in unfused.generate([(p, None, params) for p in prompts])]
+    assert fused == plain

@@ -115,8 +115,10 @@ class ModelRunner:
             layers, max_seqs, kv_heads, max_len, self.head_dim, self.dtype, self.device
         )
         # One base GEMM for q/k/v per layer (layers/fused.py); fuse=False calls each projection
-        # on its own. gate/up are not fused: measured on the 2-core CPU, one [T, 576] x
-        # [576, 3072] GEMM was 12 % slower than two of [576, 1536] at 32 rows (BENCHMARKS.md).
+        # on its own. gate/up are not fused here: measured on the 2-core CPU, one [T, 576] x
+        # [576, 3072] GEMM was 12 % slower than two of [576, 1536] at 32 rows (BENCHMARKS.md);
+        # runners that call the MLP's linears themselves fuse them where lorafleet's GEMV runs
+        # (LlamaRunner.gate_up).
         self.qkv = [FusedProjections(self.qkv_modules(b), fuse) for b in model.model.layers]
         self.fused = all(f.fused for f in self.qkv)
 

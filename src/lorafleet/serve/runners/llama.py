@@ -12,7 +12,7 @@ from lorafleet.layers import (
     MultiLoRAContext,
     base_layer,
     base_product,
-    can_concat,
+    can_fuse,
     fast_norm,
 )
 from lorafleet.serve.runners.base import ModelRunner, StepInputs, apply_rotary, layer_windows
@@ -58,8 +58,9 @@ class LlamaRunner(ModelRunner):
         # uses an adapter (the same products as the modules', without ~40 module calls per
         # block); else None, and the modules are called.
         self.plain = [plain_block(b) for b in body.layers]
-        # gate and up of a quantised plain block as one kernel call (QuantLinear.concat); plain
-        # float ones stay two GEMMs (one wider GEMM measured slower: see ModelRunner.__init__)
+        # gate and up of a plain block as one product: always when quantised (one kernel call,
+        # QuantLinear.concat); float ones only where lorafleet's GEMV runs (few rows: one call
+        # instead of two), two GEMMs above (one wider GEMM measured slower: ModelRunner.__init__)
         self.gate_up = [fused_gate_up(p) if fuse else None for p in self.plain]
 
     def heads(self, index: int, attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -110,11 +111,11 @@ class LlamaRunner(ModelRunner):
             h = h + base_product(o_proj, o)  # [T, d]
             x = norm2(h)
             gate_up = self.gate_up[index]
-            if gate_up is None:
-                x = F.silu(base_product(gate, x)) * base_product(up, x)  # [T, inter]
-            else:
+            if gate_up is not None and (gate_up.quantised is not None or gate_up.gemv(x)):
                 g, u = gate_up(x)  # [T, inter] each: column blocks of one product
                 x = F.silu(g) * u
+            else:
+                x = F.silu(base_product(gate, x)) * base_product(up, x)  # [T, inter]
             h = h + base_product(down, x)  # [T, inter] -> [T, d]
         if not (inputs.n_prefill_rows == 0 and inputs.last_rows.shape[0] == h.shape[0]):
             h = h.index_select(0, inputs.last_rows)  # [B, d]; decode rows only: already so
@@ -141,9 +142,9 @@ def plain_block(block: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.M
 
 
 def fused_gate_up(plain: tuple[nn.Module, ...] | None) -> FusedProjections | None:
-    """A plain block's gate and up base layers as one FusedProjections when both are quantised
-    alike (`can_concat`), else None."""
-    if plain is None or not can_concat(plain[1:3]):
+    """A plain block's gate and up base layers as one FusedProjections (their weights become
+    views of one), or None when they cannot share one (`can_fuse`)."""
+    if plain is None or not can_fuse(plain[1:3]):
         return None
     return FusedProjections(plain[1:3])
 

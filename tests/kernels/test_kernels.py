@@ -44,7 +44,7 @@ def test_float32_matches_a_float64_reference(rows, with_bias):
     torch.testing.assert_close(y.double(), reference(x, w, b), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 6])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_bfloat16_accumulates_in_float32_and_rounds_once(rows):
     torch.manual_seed(rows)
     w = torch.randn(64, 256).bfloat16()
@@ -92,7 +92,7 @@ def test_gemv_really_runs_where_it_covers(monkeypatch):
     "x, w",
     [
         (torch.randn(17, 32), torch.randn(8, 32)),  # more float32 rows than MAX_ROWS
-        (torch.randn(7, 32).bfloat16(), torch.randn(8, 32).bfloat16()),  # bfloat16 above 6
+        (torch.randn(5, 32).bfloat16(), torch.randn(8, 32).bfloat16()),  # bfloat16 above 4
         (torch.randn(1, 40), torch.randn(8, 40)),  # K not a multiple of 16
         (torch.randn(1, 32).double(), torch.randn(8, 32).double()),  # another dtype
         (torch.randn(1, 32), torch.randn(32, 8).T),  # a transposed (non-contiguous) weight

@@ -25,12 +25,13 @@ from torch import Tensor
 from lorafleet.kernels import build
 
 # Rows at or below which the GEMV runs, per dtype. Measured over SmolLM2's block linears and
-# head (`python bench/decode_gemv.py`, 2 threads, AVX-512 EPYC; BENCHMARKS.md "Decode GEMV"):
-# float32 2.4x torch at 1 row, 4x at 4, 1.9x at 8, 1.3x at 16, 1.1x at 24, even at 32 (MKL's
-# blocked GEMM, compute-bound there); bfloat16 2.4x at 1 row, 1.8x at 4, 1.15x at 6, 0.8x at 8
-# (oneDNN's AVX512-BF16 GEMM). Torch's int8 / int4 kernels beat a plain loop over those weights
-# here (0.7x at one row for int8), so quantised weights keep them.
-MAX_ROWS = {torch.float32: 16, torch.bfloat16: 6}
+# head (`python bench/decode_gemv.py`, 2 threads, AVX-512 EPYC, median of 5 interleaved; the
+# figures and the runs' spread in BENCHMARKS.md "Decode GEMV"): float32 2.0-3.3x torch's at 1-6
+# rows, 2.2x at 8, 1.3x at 16, 1.1x at 24, 0.8x at 32 (MKL's blocked GEMM, compute-bound there);
+# bfloat16 1.7x at 1-2 rows, 1.4x at 4, even at 6, 0.8x at 8 (oneDNN's AVX512-BF16 GEMM).
+# Torch's int8 / int4 kernels beat a plain loop over those weights here (0.7x at one row for
+# int8), so quantised weights keep them.
+MAX_ROWS = {torch.float32: 16, torch.bfloat16: 4}
 LANES = 16  # gemv.cpp's K step
 
 _lock = threading.Lock()

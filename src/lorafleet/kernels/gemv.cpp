@@ -7,12 +7,13 @@
 // even once, at the end). Each output's sum runs over k in the same order whatever M is, so a
 // row's result does not depend on the other rows of the batch.
 //
-// Why: torch's CPU GEMV (MKL sgemv for M = 1, sgemm above) streams the weights at 10-16 GiB/s
-// on one core of this project's 2-core machines; decode reads every weight once per token, so
-// the step is bandwidth-bound and this loop, split over N across torch's intra-op threads,
-// reaches 28-50 GiB/s at 1-6 rows (BENCHMARKS.md). With more rows the product turns
-// compute-bound and the blocked GEMMs catch up (MKL's float32 at ~32 rows; oneDNN's bfloat16,
-// with AVX512-BF16, at ~8): the Python side (kernels/__init__.py) sends only M <= MAX_ROWS[dtype].
+// Why: torch's CPU GEMV (MKL sgemv for M = 1, sgemm above) streams float32 weights at 10-16
+// GiB/s on this project's 2-core machines; decode reads every weight once per token, so the
+// step is bandwidth-bound and this loop, split over N across torch's intra-op threads, reaches
+// 30-50 GiB/s at 1-6 rows (BENCHMARKS.md, "lorafleet's own decode GEMV"). With more rows the
+// product turns compute-bound and the blocked GEMMs catch up (MKL's float32 at ~24-32 rows;
+// oneDNN's bfloat16, with AVX512-BF16, at ~6): the Python side (kernels/__init__.py) sends only
+// M <= MAX_ROWS[dtype] here.
 //
 // Built once per machine by torch.utils.cpp_extension with -O3 -march=native. The loops use
 // GCC's generic vectors of 16 float32 lanes (one AVX-512 register, two AVX2 ones); K % 16 == 0.

@@ -8,12 +8,11 @@ import peft
 import pytest
 import torch
 from compose_helpers import exact_model, logits_of, make_adapter, merged_logits, rel, tiny
+from packaging.version import Version
 from peft import MissConfig, PeftModel, get_peft_model
 from peft.utils import set_peft_model_state_dict
 
 from lorafleet.adapters import adapter_from_model, attach, read_adapter, write_adapter
-from packaging.version import Version
-
 from lorafleet.compose import MergeError, merge_adapters
 
 RSLORA = {"r": 4, "lora_alpha": 8, "use_rslora": True}

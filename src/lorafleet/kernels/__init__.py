@@ -1,4 +1,5 @@
-"""lorafleet's own CPU kernels (decode GEMV), built once per machine, with torch as the fallback.
+"""lorafleet's own CPU kernels (decode GEMV, decode-layer ops), built once per machine, with torch
+as the fallback.
 
     y = kernels.linear(x, weight, bias)  # x [..., K] -> [..., N], == F.linear up to rounding
 
@@ -8,6 +9,10 @@ MAX_ROWS["float32"] rows or bfloat16 with at most MAX_ROWS["bfloat16"], K a mult
 contiguous weight, no gradient wanted. Anything else, or a machine where the extension cannot
 be built (no C++ compiler) or `$LORAFLEET_KERNELS=0`, runs torch's own op instead: the same
 product, summed in another order.
+
+The decode-layer ops (`rms_norm`, `add_rms_norm`, `silu_mul`, `decode_attention`: decode.cpp)
+do the small work between a decode layer's products in 4 calls instead of ~40 torch ops; the
+runners use them when `decode_ready` (reference.py states the same semantics in torch ops).
 
 The extension is compiled on first use (~25 s) into ~/.cache/lorafleet-kernels (build.py);
 `make install` builds it ahead (`python -m lorafleet.kernels`).
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorafleet.kernels import build
+from lorafleet.kernels import build, reference
 
 # Rows at or below which the GEMV runs, per dtype. Measured over SmolLM2's block linears and
 # head (`python bench/decode_gemv.py`, 2 threads, AVX-512 EPYC, median of 5 interleaved; the
@@ -113,3 +118,54 @@ def bias_for(bias: Tensor | None, weight: Tensor) -> Tensor | None:
     if bias is None or (bias.dtype == weight.dtype and bias.is_contiguous()):
         return bias
     return bias.to(weight.dtype).contiguous()
+
+
+# The decode-layer kernels (decode.cpp: its header states their exact semantics; reference.py
+# gives them in torch ops, which run instead where the extension is not built).
+
+
+def decode_ready(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the compiled decode-layer kernels take a model of `dtype` and `head_dim`."""
+    return dtype in MAX_ROWS and head_dim % LANES == 0 and available()
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama's RMSNorm of x [M, d] (contiguous) with weight [d] in x's dtype -> [M, d]."""
+    ext = extension()
+    return reference.rms_norm(x, weight, eps) if ext is None else ext.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(h: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(h + delta, rms_norm(h + delta)): a residual add and the next norm, [M, d] each."""
+    ext = extension()
+    if ext is None:
+        return reference.add_rms_norm(h, delta, weight, eps)
+    return ext.add_rms_norm(h, delta, weight, eps)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up of gate_up [M, 2I] (contiguous; gate = the first I columns) -> [M, I]."""
+    ext = extension()
+    return reference.silu_mul(gate_up) if ext is None else ext.silu_mul(gate_up)
+
+
+def decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slots: Tensor,
+    positions: Tensor,
+    scale: float,
+    window: int | None = None,
+) -> Tensor:
+    """One decode row per sequence: RoPE on q [n, H*D] and k [n, Hkv*D], k and v [n, Hkv*D]
+    written to k_cache, v_cache [S, Hkv, L, D] at (slots[i], positions[i]), then each row's
+    attention over its keys 0..positions[i] (the last `window` only, on sliding layers) ->
+    o [n, H*D]. cos, sin: [n, D]."""
+    ext = extension()
+    args = (q, k, v, cos, sin, k_cache, v_cache, slots, positions, scale, window or 0)
+    return reference.decode_attention(*args) if ext is None else ext.decode_attention(*args)

@@ -1,4 +1,5 @@
-"""Building and loading gemv.cpp: once per machine, into a cache keyed by source, torch and CPU."""
+"""Building and loading the kernels' C++ sources: once per machine, into a cache keyed by the
+sources, torch and the CPU."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("gemv.cpp")
+HERE = Path(__file__).parent
+# Compiled into one extension (module.cpp binds them); the headers are hashed too.
+SOURCES = [HERE / name for name in ("gemv.cpp", "decode.cpp", "module.cpp")]
+HEADERS = [HERE / name for name in ("kernels.h", "vectors.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 # Set to 0 / off / false to never build or use the kernels (torch's kernels run instead).
 ENV_SWITCH = "LORAFLEET_KERNELS"
@@ -47,10 +51,11 @@ def cpu_flags() -> str:
 
 
 def build_tag() -> str:
-    """A key for this source, compiler flags, torch, Python and CPU."""
+    """A key for these sources, compiler flags, torch, Python and CPU."""
     import torch
 
-    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), torch.__version__.encode()]
+    parts = [path.read_bytes() for path in SOURCES + HEADERS]
+    parts += [" ".join(FLAGS).encode(), torch.__version__.encode()]
     parts += [sys.version.encode(), cpu_flags().encode(), platform.machine().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
@@ -73,7 +78,7 @@ def load(verbose: bool = False) -> ModuleType:
     log.warning("building lorafleet's CPU kernels into %s (once per machine, ~25 s)", directory)
     return cpp_extension.load(
         name,
-        [str(SOURCE)],
+        [str(path) for path in SOURCES],
         extra_cflags=FLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),

@@ -19,7 +19,9 @@
 // GCC's generic vectors of 16 float32 lanes (one AVX-512 register, two AVX2 ones); K % 16 == 0.
 // Per weight row, x's rows go 4 at a time (the row stays in L1 between passes).
 
-#include <torch/extension.h>
+#include "kernels.h"
+#include "vectors.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -30,36 +32,9 @@
 
 namespace {
 
-constexpr int LANES = 16;
+using namespace lorafleet;
+
 constexpr int BLOCK_ROWS = 4;  // rows of x per pass over a weight row (kept in L1 meanwhile)
-
-// LANES float32 values as one vector (GCC's generic vectors: one zmm with AVX-512, two ymm with
-// AVX2); loads go through memcpy, so no alignment is assumed.
-typedef float floats __attribute__((vector_size(LANES * sizeof(float))));
-typedef uint32_t words __attribute__((vector_size(LANES * sizeof(uint32_t))));
-typedef uint16_t halves __attribute__((vector_size(LANES * sizeof(uint16_t))));
-
-inline floats load(const float* p) {
-  floats v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline floats load(const uint16_t* bf16_bits) {  // bfloat16 -> float32 is exact: the high 16 bits
-  halves h;
-  std::memcpy(&h, bf16_bits, sizeof h);
-  const words u = __builtin_convertvector(h, words) << 16;
-  floats v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-
-inline float widen(uint16_t bf16_bits) {
-  const uint32_t u = static_cast<uint32_t>(bf16_bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // out[m] = sum_k x[m * K + k] * w[k] for R rows of x (float32), w of element type T: one vector
 // accumulator per row, lane j summing k = j, j + LANES, ..., then the lanes summed in order.
@@ -168,9 +143,4 @@ torch::Tensor linear_dense(torch::Tensor x, torch::Tensor w, c10::optional<torch
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "W must be float32 or bfloat16");
   const auto* bits = reinterpret_cast<const uint16_t*>(w.data_ptr());
   return run(x, DenseDot<uint16_t>{bits, K}, N, bias);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lorafleet's decode GEMV kernels (see gemv.cpp's header for the semantics)";
-  m.def("linear_dense", &linear_dense, "y = x @ W^T (+ b); W float32 or bfloat16");
 }

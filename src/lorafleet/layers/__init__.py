@@ -13,6 +13,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "base_linear": ".fused",
         "base_product": ".linear",
         "fast_norm": ".norm",
+        "is_llama_rms_norm": ".norm",
         "can_concat": ".quant",
         "can_fuse": ".fused",
         "MixtureGate": ".mixture",

@@ -585,9 +585,14 @@ class Engine:
 
     def forward_parts(self) -> dict[str, list[tuple[object, str]]]:
         """Where a forward pass's parts are, for a profiler to wrap (owner, method name):
-        "attention", "kv_write" (the runner's), "base_matmul" (the fused q/k/v GEMMs)."""
+        "attention", "kv_write" (the runner's), "base_matmul" (the fused q/k/v GEMMs). A
+        runner's `attend_decode` (the decode-layer kernel: RoPE, KV write and attention in one
+        call) counts as attention."""
+        attention = [(self.runner, "attend")]
+        if hasattr(self.runner, "attend_decode"):
+            attention.append((self.runner, "attend_decode"))
         return {
-            "attention": [(self.runner, "attend")],
+            "attention": attention,
             "kv_write": [(self.runner, "write_kv")],
             "base_matmul": [(fused, "base") for fused in self.runner.qkv if fused.fused],
         }

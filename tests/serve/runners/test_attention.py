@@ -65,8 +65,9 @@ def test_grouped_decode_attention_in_bfloat16_is_close_to_float32():
 
 
 def test_engine_decode_batches_use_the_grouped_path_and_match_one_by_one(monkeypatch, tokenizer):
-    """Decode steps of >= GROUPED_MIN_ROWS rows go through the grouped kernel, and a batch
-    gives the tokens each request gets alone (single rows: SDPA)."""
+    """Without the decode-layer kernels (runner.fast_decode off: a machine with no compiler),
+    decode steps of >= GROUPED_MIN_ROWS rows go through the grouped kernel, and a batch gives
+    the tokens each request gets alone (single rows: SDPA)."""
     calls = []
     real = runner_base.grouped_decode_attention
 
@@ -76,6 +77,7 @@ def test_engine_decode_batches_use_the_grouped_path_and_match_one_by_one(monkeyp
 
     monkeypatch.setattr(runner_base, "grouped_decode_attention", counting)
     engine = Engine(tiny_base(tokenizer), max_slots=0, max_batch_size=4)
+    engine.runner.fast_decode = False
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     prompts = [[5, 9, 13, 2], [7, 7, 1], [3, 4, 5, 6, 8, 10], [11]]
     alone = [engine.generate([(p, None, params)])[0].token_ids for p in prompts]

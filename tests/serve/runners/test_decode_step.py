@@ -161,3 +161,56 @@ def test_gate_and_up_share_one_product_where_the_gemv_runs(tokenizer):
     fused = [o.token_ids for o in engine.generate([(p, None, params) for p in prompts])]
     plain = [o.token_ids for o in unfused.generate([(p, None, params) for p in prompts])]
     assert fused == plain
+
+
+def test_decode_only_steps_take_the_decode_layer_kernels(
+    tokenizer, adapters, prompt_ids, monkeypatch
+):
+    """With the kernels built, a decode-only step (rows on adapters and on the base together,
+    KV slots in and out of order) calls kernels.decode_attention once per layer, and every
+    row's logits equal transformers + PEFT's to 1e-5 (float32); a step with a prefill row
+    takes the torch path."""
+    from serve_helpers import RunnerCheck
+
+    from lorafleet import kernels
+    from lorafleet.adapters import attach
+    from lorafleet.models.tiny import tiny_llama
+
+    calls = []
+    real = kernels.decode_attention
+
+    def counted(q, *args):
+        calls.append(q.shape[0])
+        return real(q, *args)
+
+    monkeypatch.setattr(kernels, "decode_attention", counted)
+    engine = Engine(tiny_base(tokenizer), max_slots=3, max_rank=8, max_batch_size=3)
+    assert engine.runner.fast_decode
+    refs = {None: tiny_llama(0, vocab_size=len(tokenizer))}
+    for name in ("lora4", "rslora8"):
+        engine.load_adapter(name, adapters[name])
+        refs[name] = attach(tiny_llama(0, vocab_size=len(tokenizer)), adapters[name])
+    run = RunnerCheck(engine, refs, prompt_ids)
+    a, b, c = run.seq(0, "lora4", kv_slot=2), run.seq(1, None, kv_slot=0), run.seq(4, "rslora8", 1)
+    layers = engine.base.model.config.num_hidden_layers
+    with torch.no_grad():
+        run.check([a, b, c], [])
+        assert not calls  # prefill: the torch path
+        run.check([], [b, c, a])  # KV slots 0, 1, 2
+        run.check([], [a, c])  # KV slots 2, 1
+    assert calls == [3] * layers + [2] * layers
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_layer_kernels_give_the_torch_paths_tokens(tokenizer, dtype):
+    """Greedy tokens of a ragged batch with the decode-layer kernels and without them
+    (runner.fast_decode off: torch's ops, as where no compiler is)."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 13, 2], [7, 7, 1], [3, 4, 5, 6, 8, 10]]
+    outputs = []
+    for fast in (True, False):
+        engine = Engine(tiny_base(tokenizer), max_slots=0, max_batch_size=3, dtype=dtype)
+        assert engine.runner.fast_decode
+        engine.runner.fast_decode = fast
+        outputs.append([o.token_ids for o in engine.generate([(p, None, params) for p in prompts])])
+    assert outputs[0] == outputs[1]

@@ -83,6 +83,9 @@ class Family:
     runner: type
     overrides: dict  # 3 layers and a 4-token window where the family has windows
     windows: list  # the runner's per-layer windows for those overrides
+    # whether decode-only steps run lorafleet's decode-layer kernels (LlamaRunner.fast_decode):
+    # not Qwen3 (per-head q/k norms) nor Starcoder2 (LayerNorm)
+    decode_kernels: bool = True
 
 
 FAMILIES = {
@@ -99,6 +102,7 @@ FAMILIES = {
         Qwen3Runner,
         {"use_sliding_window": True, "sliding_window": WINDOW, "layer_types": MIXED},
         [WINDOW, None, WINDOW],
+        decode_kernels=False,
     ),
     "mistral": Family(
         tiny_mistral,
@@ -118,7 +122,12 @@ FAMILIES = {
         tiny_phi3, tiny_phi3_tokenizer, Phi3Runner, {"sliding_window": WINDOW}, [WINDOW] * 3
     ),
     "starcoder2": Family(
-        starcoder2, tiny_mistral_tokenizer, MistralRunner, {"sliding_window": WINDOW}, [WINDOW] * 3
+        starcoder2,
+        tiny_mistral_tokenizer,
+        MistralRunner,
+        {"sliding_window": WINDOW},
+        [WINDOW] * 3,
+        decode_kernels=False,
     ),
     "arcee": Family(arcee, tiny_mistral_tokenizer, LlamaRunner, {}, [None] * 3),
 }
@@ -203,6 +212,7 @@ def test_logits_match_transformers_with_peft(setup):
     engine = setup.engine()
     assert type(engine.runner) is setup.family.runner
     assert engine.runner.windows == setup.family.windows
+    assert engine.runner.fast_decode == setup.family.decode_kernels  # the built kernels (CI)
     run = RunnerCheck(engine, setup.refs, setup.prompt_ids, atol=1e-4)
     seq, check, expected = run.seq, run.check, run.expected
 

@@ -117,8 +117,8 @@ class ModelRunner:
         # One base GEMM for q/k/v per layer (layers/fused.py); fuse=False calls each projection
         # on its own. gate/up are not fused here: measured on the 2-core CPU, one [T, 576] x
         # [576, 3072] GEMM was 12 % slower than two of [576, 1536] at 32 rows (BENCHMARKS.md);
-        # runners that call the MLP's linears themselves fuse them where lorafleet's GEMV runs
-        # (LlamaRunner.gate_up).
+        # runners that call the MLP's linears themselves fuse them where one product is faster
+        # (llama.one_product: the GEMV's rows, bfloat16, quantised).
         self.qkv = [FusedProjections(self.qkv_modules(b), fuse) for b in model.model.layers]
         self.fused = all(f.fused for f in self.qkv)
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorafleet import kernels
 from lorafleet.layers import (
     FusedProjections,
     MultiLoRAContext,
@@ -14,6 +15,7 @@ from lorafleet.layers import (
     base_product,
     can_fuse,
     fast_norm,
+    is_llama_rms_norm,
 )
 from lorafleet.serve.runners.base import ModelRunner, StepInputs, apply_rotary, layer_windows
 
@@ -58,10 +60,18 @@ class LlamaRunner(ModelRunner):
         # uses an adapter (the same products as the modules', without ~40 module calls per
         # block); else None, and the modules are called.
         self.plain = [plain_block(b) for b in body.layers]
-        # gate and up of a plain block as one product: always when quantised (one kernel call,
-        # QuantLinear.concat); float ones only where lorafleet's GEMV runs (few rows: one call
-        # instead of two), two GEMMs above (one wider GEMM measured slower: ModelRunner.__init__)
+        # gate and up of a plain block as one product where that is faster (`one_product`)
         self.gate_up = [fused_gate_up(p) if fuse else None for p in self.plain]
+        # Decode-only steps run `decode_forward` (lorafleet's decode-layer kernels: norms,
+        # RoPE + KV write + attention, SiLU in 4 calls per layer instead of ~40 torch ops) where
+        # the kernels are built and every norm is Llama's RMSNorm in the model's dtype.
+        self.decode_norms = decode_norms(model, self.dtype)
+        self.fast_decode = (
+            fuse
+            and self.decode_norms is not None
+            and type(self).heads is LlamaRunner.heads  # no per-head q/k norms (Qwen3's)
+            and kernels.decode_ready(self.dtype, self.head_dim)
+        )
 
     def heads(self, index: int, attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Layer `index`'s q [T, H, D], k [T, Hkv, D], v [T, Hkv, D] of x [T, d], before RoPE."""
@@ -88,6 +98,8 @@ class LlamaRunner(ModelRunner):
         body = self.model.model
         h = body.embed_tokens(inputs.input_ids)  # [T, d]
         cos, sin = self.rotary(h, inputs)  # [T, 1, R] each
+        if self.fast_decode and self.decodes_only(inputs) and cos.shape[-1] == self.head_dim:
+            return self.decode_forward(h, cos[:, 0], sin[:, 0], inputs)  # [T, 1, D] -> [T, D]
         signed = signed_sin(sin, self.head_dim)  # None: partial rotary (apply_rotary slices)
         adapted = self.context is not None and self.context.active  # some row uses an adapter
         for index, layer in enumerate(body.layers):
@@ -111,7 +123,7 @@ class LlamaRunner(ModelRunner):
             h = h + base_product(o_proj, o)  # [T, d]
             x = norm2(h)
             gate_up = self.gate_up[index]
-            if gate_up is not None and (gate_up.quantised is not None or gate_up.gemv(x)):
+            if one_product(gate_up, x):
                 g, u = gate_up(x)  # [T, inter] each: column blocks of one product
                 x = F.silu(g) * u
             else:
@@ -120,6 +132,87 @@ class LlamaRunner(ModelRunner):
         if not (inputs.n_prefill_rows == 0 and inputs.last_rows.shape[0] == h.shape[0]):
             h = h.index_select(0, inputs.last_rows)  # [B, d]; decode rows only: already so
         return self.head(self.final_norm(h)).float()  # [B, vocab]
+
+    def decodes_only(self, inputs: StepInputs) -> bool:
+        """Whether the step is decode rows only, each one's logits wanted (no prompt rows)."""
+        return inputs.n_prefill_rows == 0 and inputs.last_rows.shape[0] == inputs.positions.shape[0]
+
+    def decode_forward(self, h: Tensor, cos: Tensor, sin: Tensor, inputs: StepInputs) -> Tensor:
+        """`forward` of a decode-only step through lorafleet's decode-layer kernels: h [n, d]
+        embedded rows, cos, sin [n, D] -> logits [n, vocab] float32. Per layer: q/k/v product
+        -> `kernels.decode_attention` (RoPE, cache write, attention) -> o_proj -> residual add
+        and norm (one call) -> gate/up -> SiLU * up (one call when they are fused) -> down ->
+        residual add and the next layer's norm (one call). The same arithmetic as `forward`
+        (kernels/decode.cpp's semantics), rounded in other places."""
+        body = self.model.model
+        adapted = self.context is not None and self.context.active
+        first, _ = self.decode_norms[0]
+        x = kernels.rms_norm(h, first.weight, first.variance_epsilon)  # [n, d]
+        for index, layer in enumerate(body.layers):
+            attn = layer.self_attn
+            q, k, v = self.project_qkv(index, x)  # [n, H*D], [n, Hkv*D], [n, Hkv*D]
+            o = self.attend_decode(index, q, k, v, cos, sin, inputs, attn.scaling)  # [n, H*D]
+            norm2 = self.decode_norms[index][1]
+            plain = None if adapted else self.plain[index]
+            if plain is None:
+                h, x = kernels.add_rms_norm(h, attn.o_proj(o), norm2.weight, norm2.variance_epsilon)
+                delta = layer.mlp(x)  # [n, d]
+            else:
+                o_proj, _, _, down = plain  # no adapter row: each module is its base layer
+                delta = base_product(o_proj, o)  # [n, d]
+                h, x = kernels.add_rms_norm(h, delta, norm2.weight, norm2.variance_epsilon)
+                delta = base_product(down, self.swiglu(index, x))  # [n, inter] -> [n, d]
+            after = self.decode_norms[index + 1][0] if index + 1 < len(body.layers) else body.norm
+            h, x = kernels.add_rms_norm(h, delta, after.weight, after.variance_epsilon)
+        return self.head(x).float()  # [n, vocab]
+
+    def attend_decode(
+        self,
+        index: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        inputs: StepInputs,
+        scale: float,
+    ) -> Tensor:
+        """Layer `index`'s RoPE, KV write and attention of decode rows in one kernel call:
+        q [n, H*D], k, v [n, Hkv*D] (before RoPE), cos, sin [n, D] -> o [n, H*D]."""
+        k_cache, v_cache = self.kv.layer(index)  # [S, Hkv, max_len, D] each
+        return kernels.decode_attention(
+            q,
+            k,
+            v,
+            cos,
+            sin,
+            k_cache,
+            v_cache,
+            inputs.decode_slots,
+            inputs.positions,
+            scale,
+            self.windows[index],
+        )
+
+    def swiglu(self, index: int, x: Tensor) -> Tensor:
+        """silu(gate(x)) * up(x) [n, inter] of a plain block's MLP on x [n, d]: one product
+        and one kernel call where gate and up share one (as `forward`), else two products."""
+        _, gate, up, _ = self.plain[index]
+        gate_up = self.gate_up[index]
+        if one_product(gate_up, x):
+            return kernels.silu_mul(gate_up.base(x))  # [n, 2 * inter] -> [n, inter]
+        return F.silu(base_product(gate, x)) * base_product(up, x)
+
+
+def decode_norms(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Module, nn.Module]] | None:
+    """Each block's (input, post-attention) norm when they and the final norm are all Llama's
+    RMSNorm with weights in `dtype` (what the decode-layer kernels compute), else None."""
+    body = model.model
+    pairs = [(b.input_layernorm, b.post_attention_layernorm) for b in body.layers]
+    norms = [n for pair in pairs for n in pair] + [body.norm]
+    if all(is_llama_rms_norm(n) and n.weight.dtype == dtype for n in norms):
+        return pairs
+    return None
 
 
 def plain_block(block: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None:
@@ -147,6 +240,17 @@ def fused_gate_up(plain: tuple[nn.Module, ...] | None) -> FusedProjections | Non
     if plain is None or not can_fuse(plain[1:3]):
         return None
     return FusedProjections(plain[1:3])
+
+
+def one_product(gate_up: FusedProjections | None, x: Tensor) -> bool:
+    """Whether a block's fused gate/up computes x [T, d] as one product: always when quantised
+    (one kernel call, QuantLinear.concat) or bfloat16; float32 only where lorafleet's GEMV runs.
+    Measured on the 2-core AVX-512 CPU (SmolLM2's [576] -> 2 x [1536], median of 7): bfloat16
+    one [T, 3072] GEMM 7-14 % faster than two at 8-64 rows; float32 MKL's two GEMMs 4-7 %
+    faster at 32-64 (12 % on the AVX2 host, BENCHMARKS.md), the GEMV's one call faster below."""
+    if gate_up is None:
+        return False
+    return gate_up.quantised is not None or gate_up.weight.dtype != torch.float32 or gate_up.gemv(x)
 
 
 def same_forward(module: nn.Module | None, cls: type) -> bool:

@@ -112,6 +112,7 @@ def _worker(conn, cfg: dict) -> None:
             {
                 "weights_bytes": weight_bytes(loaded.model),
                 "kv_bytes": engine.stats()["kv_bytes"],
+                "packed_bytes": engine.stats()["packed_weight_bytes"],
                 "adapter_bytes": adapter_slot_bytes(loaded.model),
             }
         )
@@ -339,6 +340,8 @@ def report(
         {
             "system": system,
             "weights MiB": _mib(m.get("weights_bytes")) or m.get("weights_mib") or "-",
+            # lorafleet's oneDNN-packed copies of its float weights (kernels/packed.py)
+            "packed copies MiB": _mib(m.get("packed_bytes")) or "-",
             "KV MiB": _mib(m.get("kv_bytes")) or m.get("kv_mib") or "-",
             "adapters MiB": _mib(m.get("adapter_bytes")) or "-",
             "compute MiB": m.get("compute_mib") or "-",

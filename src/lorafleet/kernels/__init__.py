@@ -10,6 +10,9 @@ contiguous weight, no gradient wanted. Anything else, or a machine where the ext
 be built (no C++ compiler) or `$LORAFLEET_KERNELS=0`, runs torch's own op instead: the same
 product, summed in another order.
 
+A weight registered with `pack` (packed.py: a oneDNN-packed copy) runs through that copy for
+products of more than packed.GEMV_ROWS rows, ahead of the GEMV and of F.linear.
+
 The decode-layer ops (`rms_norm`, `add_rms_norm`, `silu_mul`, `decode_attention`: decode.cpp)
 do the small work between a decode layer's products in 4 calls instead of ~40 torch ops; the
 runners use them when `decode_ready` (reference.py states the same semantics in torch ops).
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorafleet.kernels import build, reference
+from lorafleet.kernels import build, packed, reference
 
 # Rows at or below which the GEMV runs, per dtype. Measured over SmolLM2's block linears and
 # head (`python bench/decode_gemv.py`, 2 threads, AVX-512 EPYC, median of 5 interleaved; the
@@ -81,6 +84,12 @@ def reset() -> None:
         _state.clear()
 
 
+def pack(weight: Tensor) -> bool:
+    """Keep a oneDNN-packed copy of `weight` [N, K] for `linear` (packed.py); False where none
+    is made (not a dense CPU float32 / bfloat16 weight, no oneDNN, `$LORAFLEET_KERNELS=0`)."""
+    return build.enabled() and packed.pack(weight)
+
+
 def covers(x: Tensor, weight: Tensor) -> bool:
     """Whether x @ weight^T is a product the GEMV takes (see the module docstring). Called on
     every base product of a decode step: the cheap, usually deciding checks come first."""
@@ -102,6 +111,9 @@ def covers(x: Tensor, weight: Tensor) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias) for x [..., K], weight [N, K] (see the module docstring)."""
+    y = packed.linear_or_none(x, weight, bias)  # a packed copy, above the GEMV's rows
+    if y is not None:
+        return y
     if covers(x, weight):
         ext = extension()
         if ext is not None:

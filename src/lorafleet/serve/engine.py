@@ -139,6 +139,7 @@ class Engine:
         self.quantization = quantize_linears(model, quantize)  # {"mode", "quantized", ...}
         context = handle.context if handle is not None else None
         self.runner = cls(model, context, max_batch_size, max_seq_len, fuse=fuse)
+        self.packed_bytes = self.runner.pack_weights()  # kernels/packed.py: batched products
         self.kv = self.runner.kv
         reusable = self.runner.prefix_reusable  # else the cache stays off (0 blocks)
         self.prefix = PrefixCache(self.kv, prefix_cache_bytes if reusable else 0)
@@ -373,6 +374,7 @@ class Engine:
             "kv_free_slots": self.kv.free_slots,
             "kv_used_slots": self.kv.used_slots,
             "kv_bytes": self.kv.bytes,
+            "packed_weight_bytes": self.packed_bytes,  # oneDNN copies of the base weights
             "adapters_loaded": len(self.slots),
             "adapter_slots": self.max_slots,
             # resident adapters pinned by a running request (0 when idle: none leaked)

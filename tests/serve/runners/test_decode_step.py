@@ -214,3 +214,37 @@ def test_decode_layer_kernels_give_the_torch_paths_tokens(tokenizer, dtype):
         engine.runner.fast_decode = fast
         outputs.append([o.token_ids for o in engine.generate([(p, None, params) for p in prompts])])
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batched_products_run_the_packed_copies_and_give_the_same_tokens(
+    tokenizer, monkeypatch, dtype
+):
+    """The engine packs its dense base weights (kernels.pack); steps of more rows than the
+    GEMV's (prefills, 8 decode rows) run through the copies, with the tokens of an engine
+    whose copies were dropped (torch's F.linear)."""
+    from lorafleet.kernels import packed
+
+    if not packed.supported():
+        pytest.skip("this torch has no oneDNN")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 13, 2], [7, 7, 1], [3, 4, 5, 6, 8, 10], [11], [2, 3], [9] * 7, [4, 1], [8]]
+    calls = []
+    real = packed.onednn_linear
+
+    def counted(x, *args):
+        calls.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(packed, "onednn_linear", counted)
+    outputs = []
+    for keep in (True, False):
+        engine = Engine(tiny_base(tokenizer), max_slots=0, max_batch_size=8, dtype=dtype)
+        assert engine.stats()["packed_weight_bytes"] > 0
+        if not keep:
+            packed.unpack_all()
+        before = len(calls)
+        outputs.append([o.token_ids for o in engine.generate([(p, None, params) for p in prompts])])
+        assert (len(calls) > before) == keep
+    packed.unpack_all()
+    assert outputs[0] == outputs[1]

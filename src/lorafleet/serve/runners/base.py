@@ -122,6 +122,24 @@ class ModelRunner:
         self.qkv = [FusedProjections(self.qkv_modules(b), fuse) for b in model.model.layers]
         self.fused = all(f.fused for f in self.qkv)
 
+    def pack_weights(self) -> int:
+        """Give every dense float base weight this runner multiplies a oneDNN-packed copy
+        (kernels.pack: products above the GEMV's rows run on it): the fused projections'
+        weights and each plain nn.Linear's own weight (not the parts' views of a fused one),
+        the head included. Returns the copies' bytes (0 where none is made). Called once the
+        runner has fused what it fuses."""
+        weights = [f.weight for f in self.fused_projections() if f.fused and f.quantised is None]
+        for module in self.model.modules():
+            if type(module) is nn.Linear and owns_storage(module.weight):
+                weights.append(module.weight)
+        unique = {id(w): w for w in weights}.values()  # a tied head and embedding: once
+        return sum(w.numel() * w.element_size() for w in unique if kernels.pack(w))
+
+    def fused_projections(self) -> list[FusedProjections]:
+        """Every FusedProjections this runner computes through (q/k/v; a subclass adds its
+        own, e.g. LlamaRunner's gate/up)."""
+        return list(self.qkv)
+
     @classmethod
     def check(cls, model: nn.Module) -> None:
         """Raise a one-line LorafleetError if this runner cannot serve `model`'s config."""
@@ -337,6 +355,12 @@ class ModelRunner:
         return F.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
         )
+
+
+def owns_storage(weight: Tensor) -> bool:
+    """Whether `weight` is all of its storage (not a view into a larger tensor, such as a part
+    of a fused projection's weight)."""
+    return weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
 
 
 def sdpa_decode_attention(

@@ -73,6 +73,9 @@ class LlamaRunner(ModelRunner):
             and kernels.decode_ready(self.dtype, self.head_dim)
         )
 
+    def fused_projections(self) -> list[FusedProjections]:
+        return super().fused_projections() + [g for g in self.gate_up if g is not None]
+
     def heads(self, index: int, attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Layer `index`'s q [T, H, D], k [T, Hkv, D], v [T, Hkv, D] of x [T, d], before RoPE."""
         q, k, v = self.project_qkv(index, x)  # [T, H*D], [T, Hkv*D], [T, Hkv*D]

@@ -181,3 +181,27 @@ def decode_attention(
     ext = extension()
     args = (q, k, v, cos, sin, k_cache, v_cache, slots, positions, scale, window or 0)
     return reference.decode_attention(*args) if ext is None else ext.decode_attention(*args)
+
+
+def decode_stack(
+    h: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    slots: Tensor,
+    positions: Tensor,
+    weights: list[Tensor],
+    k_all: Tensor,
+    v_all: Tensor,
+    eps: list[float],
+    scales: list[float],
+    windows: list[int],
+) -> Tensor:
+    """Every layer of a Llama-layout decoder for decode rows h [n, d] in one call (stack.cpp
+    states the arguments: 8 weights per layer, the whole KV cache [layers, S, Hkv, L, D]) ->
+    the final norm of the last hidden states [n, d]. Needs the extension (`decode_ready`)."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"lorafleet's kernels are unavailable: {unavailable_reason()}")
+    return ext.decode_stack(
+        h, cos, sin, slots, positions, weights, k_all, v_all, eps, scales, windows
+    )

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 # Compiled into one extension (module.cpp binds them); the headers are hashed too.
-SOURCES = [HERE / name for name in ("gemv.cpp", "decode.cpp", "module.cpp")]
+SOURCES = [HERE / name for name in ("gemv.cpp", "decode.cpp", "stack.cpp", "module.cpp")]
 HEADERS = [HERE / name for name in ("kernels.h", "vectors.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 # Set to 0 / off / false to never build or use the kernels (torch's kernels run instead).

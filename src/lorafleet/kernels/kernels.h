@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <tuple>
+#include <vector>
 
 // gemv.cpp
 torch::Tensor linear_dense(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
@@ -17,3 +18,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                                torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                                torch::Tensor v_cache, torch::Tensor slots,
                                torch::Tensor positions, double scale, int64_t window);
+
+// stack.cpp
+torch::Tensor decode_stack(torch::Tensor h, torch::Tensor cos, torch::Tensor sin,
+                           torch::Tensor slots, torch::Tensor positions,
+                           std::vector<torch::Tensor> weights, torch::Tensor k_all,
+                           torch::Tensor v_all, std::vector<double> eps,
+                           std::vector<double> scales, std::vector<int64_t> windows);

@@ -103,6 +103,7 @@ def test_plain_blocks_give_the_modules_results_bit_for_bit(tokenizer, dtype, qua
 
     fast = step_logits()
     runner.plain = [None] * len(runner.plain)  # the modules' path
+    runner.stackable = False  # (kernels.decode_stack computes plain blocks only)
     slow = step_logits()
     assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
 
@@ -248,3 +249,56 @@ def test_batched_products_run_the_packed_copies_and_give_the_same_tokens(
         assert (len(calls) > before) == keep
     packed.unpack_all()
     assert outputs[0] == outputs[1]
+
+
+def tiny_family_base(family: str, tokenizer):
+    """A tiny seed-0 base of `family`: Llama, Qwen2 (q/k/v bias), Mistral (a 4-token window)."""
+    from lorafleet.models import Base, fingerprint
+    from lorafleet.models.tiny_mistral import tiny_mistral, tiny_mistral_tokenizer
+    from lorafleet.models.tiny_qwen2 import tiny_qwen2, tiny_qwen_tokenizer
+
+    if family == "llama":
+        return tiny_base(tokenizer)
+    if family == "qwen2":
+        tokenizer = tiny_qwen_tokenizer()
+        model = tiny_qwen2(0, tokenizer, num_hidden_layers=3)
+    else:
+        tokenizer = tiny_mistral_tokenizer()
+        model = tiny_mistral(0, tokenizer, num_hidden_layers=3, sliding_window=4)
+    return Base("tiny", model, tokenizer, fingerprint(model), None, False, 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_decode_stack_equals_the_kernels_called_layer_by_layer(tokenizer, family, dtype):
+    """kernels.decode_stack (every layer in one call, few rows on the base) gives the logits of
+    the same kernels called from Python layer by layer, bit for bit, over steps whose rows
+    slide past a window (Mistral) and add a q/k/v bias (Qwen2)."""
+    from lorafleet.serve import Sequence
+
+    base = tiny_family_base(family, tokenizer)
+    engine = Engine(base, max_slots=0, max_batch_size=3, max_seq_len=64, dtype=dtype)
+    runner = engine.runner
+    assert runner.fast_decode and runner.stackable
+    prompts = [[5, 9, 13, 2, 7, 8, 3], [7, 7, 1], [3, 4]]
+
+    def decode_logits() -> list[torch.Tensor]:
+        seqs = []
+        for i, prompt in enumerate(prompts):
+            s = Sequence(i, prompt, None, SamplingParams())
+            s.kv_slot, s.lora_slot = i, 0
+            seqs.append(s)
+        logits = engine.forward(seqs, [])  # prefill, then 6 decode steps of ragged rows
+        out = []
+        for _ in range(6):
+            for s, row in zip(seqs, logits, strict=True):
+                s.num_cached = s.num_tokens
+                s.generated.append(int(row.argmax()))
+            logits = engine.forward([], seqs)
+            out.append(logits)
+        return out
+
+    stacked = decode_logits()
+    runner.stackable = False
+    layered = decode_logits()
+    assert all(torch.equal(a, b) for a, b in zip(stacked, layered, strict=True))

@@ -72,6 +72,11 @@ class LlamaRunner(ModelRunner):
             and type(self).heads is LlamaRunner.heads  # no per-head q/k norms (Qwen3's)
             and kernels.decode_ready(self.dtype, self.head_dim)
         )
+        # ... and all layers in one call (kernels.decode_stack) for a few rows on the base
+        # when every block is a plain float one with fused q/k/v and gate/up
+        self.stackable = self.fast_decode and all(
+            self.stack_block(i) for i in range(len(self.plain))
+        )
 
     def fused_projections(self) -> list[FusedProjections]:
         return super().fused_projections() + [g for g in self.gate_up if g is not None]
@@ -149,6 +154,9 @@ class LlamaRunner(ModelRunner):
         (kernels/decode.cpp's semantics), rounded in other places."""
         body = self.model.model
         adapted = self.context is not None and self.context.active
+        if self.stackable and not adapted and self.gemv_rows(h):
+            x = kernels.decode_stack(h, cos, sin, *self.stack_arguments(inputs))  # [n, d]
+            return self.head(x).float()  # [n, vocab]
         first, _ = self.decode_norms[0]
         x = kernels.rms_norm(h, first.weight, first.variance_epsilon)  # [n, d]
         for index, layer in enumerate(body.layers):
@@ -168,6 +176,53 @@ class LlamaRunner(ModelRunner):
             after = self.decode_norms[index + 1][0] if index + 1 < len(body.layers) else body.norm
             h, x = kernels.add_rms_norm(h, delta, after.weight, after.variance_epsilon)
         return self.head(x).float()  # [n, vocab]
+
+    def stack_block(self, index: int) -> bool:
+        """Whether block `index` is one kernels.decode_stack computes: plain float linears,
+        q/k/v and gate/up fused, no bias on o_proj, gate/up or down."""
+        plain, qkv, gate_up = self.plain[index], self.qkv[index], self.gate_up[index]
+        return (
+            plain is not None
+            and all(type(m) is nn.Linear and m.bias is None for m in plain)
+            and qkv.fused
+            and qkv.quantised is None
+            and gate_up is not None
+            and gate_up.quantised is None
+            and gate_up.bias is None
+        )
+
+    def gemv_rows(self, h: Tensor) -> bool:
+        """Whether h's rows are few enough for every product to run the GEMV (the rows the
+        packed copies leave to it, kernels/packed.py)."""
+        return h.shape[0] <= kernels.packed.GEMV_ROWS and kernels.covers(h, self.qkv[0].weight)
+
+    def stack_arguments(self, inputs: StepInputs) -> tuple:
+        """kernels.decode_stack's arguments after h, cos, sin (stack.cpp's order), the weights
+        read now (a cast or reload replaces them)."""
+        body = self.model.model
+        weights, eps = [], []
+        for index in range(len(body.layers)):
+            norm1, norm2 = self.decode_norms[index]
+            after = self.decode_norms[index + 1][0] if index + 1 < len(body.layers) else body.norm
+            qkv, gate_up = self.qkv[index], self.gate_up[index]
+            o_proj, _, _, down = self.plain[index]
+            bias = qkv.bias if qkv.bias is not None else qkv.weight.new_empty(0)
+            weights += [norm1.weight, qkv.weight, bias, o_proj.weight, norm2.weight]
+            weights += [gate_up.weight, down.weight, after.weight]
+            eps += [norm1.variance_epsilon, norm2.variance_epsilon]
+        eps.append(body.norm.variance_epsilon)
+        scales = [layer.self_attn.scaling for layer in body.layers]
+        windows = [w or 0 for w in self.windows]
+        return (
+            inputs.decode_slots,
+            inputs.positions,
+            weights,
+            self.kv.k,
+            self.kv.v,
+            eps,
+            scales,
+            windows,
+        )
 
     def attend_decode(
         self,

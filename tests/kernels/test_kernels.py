@@ -145,3 +145,43 @@ def test_the_build_key_changes_with_the_cpu(monkeypatch):
     tag = build.build_tag()
     monkeypatch.setattr(build, "cpu_flags", lambda: "some other cpu")
     assert build.build_tag() != tag
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_gemv_is_the_dequantised_product(dtype, with_bias):
+    """linear_int8: y = x @ (q * scales)^T (+ b) for one row, q int8 [N, K], scales [N]
+    bfloat16 (layers/quant.py's layout); more rows are left to torch (None)."""
+    torch.manual_seed(3)
+    q = torch.randint(-127, 128, (80, 64), dtype=torch.int8)
+    scales = (torch.rand(80) * 0.01 + 0.001).to(torch.bfloat16)
+    bias = torch.randn(80) if with_bias else None
+    x = torch.randn(1, 64).to(dtype)
+    with torch.no_grad():
+        got = kernels.linear_int8(x, q, scales, bias)
+        assert kernels.linear_int8(torch.randn(2, 64).to(dtype), q, scales, bias) is None
+    want = x.double() @ (q.double() * scales.double()[:, None]).T
+    if bias is not None:
+        want = want + bias.double()
+    assert got.dtype == dtype and got.shape == (1, 80)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((got.double() - want).abs().max() / want.abs().max()) < tol
+
+
+def test_int8_quantlinear_decode_row_takes_the_gemv_and_matches_torchs_kernel(monkeypatch):
+    from lorafleet.layers.quant import QuantLinear
+
+    torch.manual_seed(4)
+    layer = QuantLinear(torch.nn.Linear(64, 48).to(torch.bfloat16), "int8")
+    calls = []
+    real = kernels.linear_int8
+    monkeypatch.setattr(
+        kernels, "linear_int8", lambda x, *a: calls.append(x.shape[0]) or real(x, *a)
+    )
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        ours = layer(x)
+        theirs = torch.ops.aten._weight_int8pack_mm(x, layer.qweight, layer.scales)
+    assert calls == [1]
+    theirs = theirs + layer.bias.to(theirs.dtype)
+    assert (ours.float() - theirs.float()).abs().max() < 0.05 * theirs.float().abs().max()

@@ -125,6 +125,34 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+# Rows at or below which int8 weights (layers/quant.py) run gemv.cpp's linear_int8: one row
+# 1.26x torch's _weight_int8pack_mm over SmolLM2's block linears (3.54 vs 4.45 ms, AVX-512,
+# median of 7), slower from two rows (5.5 vs 4.4 ms).
+INT8_MAX_ROWS = 1
+
+
+def linear_int8(x: Tensor, q: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor | None:
+    """x [M, K] @ (q * scales[:, None])^T (+ bias) for an int8 q [N, K] with per-row scales [N]
+    by the GEMV when it covers the call (M <= INT8_MAX_ROWS, x float32 / bfloat16 on the CPU,
+    K % 16 == 0, no gradient), else None. x is used as given (torch's int8 kernel rounds a
+    float32 x to bfloat16 first)."""
+    if not (
+        x.dim() == 2
+        and 0 < x.shape[0] <= INT8_MAX_ROWS
+        and x.dtype in MAX_ROWS
+        and x.shape[1] % LANES == 0
+        and x.is_cpu
+        and not torch.is_grad_enabled()
+    ):
+        return None
+    ext = extension()
+    if ext is None:
+        return None
+    if bias is not None and (bias.dtype not in MAX_ROWS or not bias.is_contiguous()):
+        bias = bias.float().contiguous()  # the kernel reads a float32 or bfloat16 bias
+    return ext.linear_int8(x.contiguous(), q, scales, bias)
+
+
 def bias_for(bias: Tensor | None, weight: Tensor) -> Tensor | None:
     """bias as the kernel reads it: contiguous, in the weight's dtype."""
     if bias is None or (bias.dtype == weight.dtype and bias.is_contiguous()):

@@ -7,6 +7,10 @@
 // even once, at the end). Each output's sum runs over k in the same order whatever M is, so a
 // row's result does not depend on the other rows of the batch.
 //
+// linear_int8(x, q, scales, bias): the same with an int8 weight q [N, K] and per-row scales [N]
+// (float32 or bfloat16; layers/quant.py's int8 layout): y[m, n] = scales[n] * sum_k x[m, k] *
+// q[n, k] (+ bias[n]), q converted to float32 exactly. One byte per weight read.
+//
 // Why: torch's CPU GEMV (MKL sgemv for M = 1, sgemm above) streams float32 weights at 10-16
 // GiB/s on this project's 2-core machines; decode reads every weight once per token, so the
 // step is bandwidth-bound and this loop, split over N across torch's intra-op threads, reaches
@@ -93,6 +97,21 @@ struct DenseDot {
   }
 };
 
+// The row-dot of an int8 weight q [N, K] with per-row scales: scale[n] * sum_k x[k] q[n, k].
+struct Int8Dot {
+  const int8_t* q;
+  const float* scales;
+  int64_t K;
+  void operator()(int64_t n, const float* x, int64_t rows, float* out) const {
+    const int8_t* qn = q + n * K;
+    if (rows == 4) dot_rows<4>(qn, x, K, out);
+    if (rows == 3) dot_rows<3>(qn, x, K, out);
+    if (rows == 2) dot_rows<2>(qn, x, K, out);
+    if (rows == 1) dot_rows<1>(qn, x, K, out);
+    for (int64_t m = 0; m < rows; ++m) out[m] *= scales[n];
+  }
+};
+
 // A float32 copy of t (x or bias: small), or t's own data when it is float32 already.
 const float* as_float(const torch::Tensor& t, std::vector<float>& buffer) {
   if (t.scalar_type() == torch::kFloat) return t.data_ptr<float>();
@@ -143,4 +162,17 @@ torch::Tensor linear_dense(torch::Tensor x, torch::Tensor w, c10::optional<torch
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "W must be float32 or bfloat16");
   const auto* bits = reinterpret_cast<const uint16_t*>(w.data_ptr());
   return run(x, DenseDot<uint16_t>{bits, K}, N, bias);
+}
+
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
+                          c10::optional<torch::Tensor> bias) {
+  check_inputs(x, q.size(1));
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 2 && q.is_contiguous() &&
+                  q.scalar_type() == torch::kChar,
+              "contiguous CPU int8 q [N, K] expected");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(scales.numel() == N && scales.is_contiguous(), "scales [N] expected");
+  std::vector<float> sbuf;
+  const float* sf = as_float(scales, sbuf);
+  return run(x, Int8Dot{q.data_ptr<int8_t>(), sf, K}, N, bias);
 }

@@ -8,6 +8,8 @@
 
 // gemv.cpp
 torch::Tensor linear_dense(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
+                          c10::optional<torch::Tensor> bias);
 
 // decode.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);

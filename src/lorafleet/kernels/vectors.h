@@ -4,6 +4,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace lorafleet {
 
 constexpr int LANES = 16;
@@ -27,6 +31,25 @@ inline floats load(const uint16_t* bf16_bits) {  // bfloat16 -> float32 is exact
   floats v;
   std::memcpy(&v, &u, sizeof v);
   return v;
+}
+
+typedef int8_t bytes __attribute__((vector_size(LANES)));
+
+typedef int32_t ints __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+inline floats load(const int8_t* p) {  // int8 -> int32 -> float32: exact (sign-extend, convert)
+#if defined(__AVX512F__)
+  // GCC scalarises the generic conversion below (measured 3.6x slower than torch's int8 GEMV)
+  const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+      reinterpret_cast<const __m128i*>(p))));
+  floats f;
+  std::memcpy(&f, &v, sizeof f);
+  return f;
+#else
+  bytes b;
+  std::memcpy(&b, p, sizeof b);
+  return __builtin_convertvector(__builtin_convertvector(b, ints), floats);
+#endif
 }
 
 inline float widen(uint16_t bf16_bits) {

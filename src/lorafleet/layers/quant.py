@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorafleet import kernels
 from lorafleet.errors import LorafleetError
 from lorafleet.linear_layers import block_linear_modules
 
@@ -188,6 +189,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
+        if self.mode == "int8":  # a decode row: lorafleet's int8 GEMV (kernels.linear_int8)
+            y = kernels.linear_int8(x2, self.qweight, self.scales, self.bias)
+            if y is not None:
+                return y.view(*lead, self.out_features)
         if x2.shape[0] <= packed_max_rows(self.mode, x2.dtype):
             xk = x2.to(KERNEL_DTYPE)
             if self.mode == "int8":

@@ -226,6 +226,12 @@ PRIVATE_OK = {
     ("torch.ops.aten", "_weight_int8pack_mm"),
     ("torch.ops.aten", "_weight_int4pack_mm_for_cpu"),
     ("torch.ops.aten", "_convert_weight_to_int4pack_for_cpu"),
+    # oneDNN's packed CPU linear, likewise only as operators (kernels/packed.py), and a
+    # tensor's in-place version counter, which torch exposes by no public name (packed.py uses
+    # it to never multiply by a copy of a weight changed since it was packed)
+    ("torch.ops.mkldnn", "_reorder_linear_weight"),
+    ("torch.ops.mkldnn", "_linear_pointwise"),
+    ("weight", "_version"),
 }
 ATTR_FUNCTIONS = {"getattr", "hasattr", "setattr", "delattr"}
 

@@ -85,6 +85,9 @@ def labelled(engine):
     for name in ("grouped_decode_attention", "sdpa_decode_attention"):
         if hasattr(runner_mod, name):
             patch(runner_mod, name, decode_kernel)
+    # lorafleet's decode-layer kernel (RoPE, KV write and attention in one call) is decode
+    # attention; the decode stack (every layer in one call) has no parts a label can reach
+    patch(kernels, "decode_attention", decode_kernel)
     for module in engine.base.model.modules():  # quantised linears: their own kernels
         if (
             not isinstance(module, nn.Linear)
@@ -114,7 +117,8 @@ def split(events, step_label: str) -> dict[str, float]:
     under each label (kernels), `other_ops` (aten ops outside every label: norms, RoPE,
     embeddings, residual adds) and `python_overhead` (step time not inside any aten op: Python,
     module calls, the profiler's own cost), plus `step` itself; the parts add up to `step`.
-    `base_matmul` counts its labels' whole time: lorafleet's GEMV is not an aten op."""
+    `base_matmul` and `decode_attention` count their labels' whole time: lorafleet's GEMV and
+    decode-layer kernel are not aten ops."""
     out = dict.fromkeys(("step", *TOP, *SDPA, "other_ops", "python_overhead"), 0.0)
     for ev in events:
         if ev.name == step_label:
@@ -129,9 +133,13 @@ def split(events, step_label: str) -> dict[str, float]:
             out[ev.name] += aten
             if ev.name in TOP:
                 out["other_ops"] -= aten
-            if ev.name == "base_matmul":  # lorafleet's GEMV runs outside aten ops: count it
+            if ev.name in ("base_matmul", "decode_attention"):  # lorafleet's kernels run
+                # outside aten ops: count their whole time (decode attention's in its parent,
+                # attention, too, so the top-level parts still add up to the step)
                 extra = ev.cpu_time_total - aten
                 out[ev.name] += extra
+                if ev.name == "decode_attention":
+                    out["attention"] += extra
                 out["python_overhead"] -= extra
     out["attention_glue"] = out["attention"] - out["prefill_attention"] - out["decode_attention"]
     return out

@@ -51,8 +51,9 @@ _packed: dict[int, Packed] = {}  # id(weight) -> its copy
 
 
 def supported() -> bool:
-    """Whether this torch has oneDNN's CPU linear (the packed path)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this torch has oneDNN on the CPU (the packed path; a build without its linear
+    operators makes `pack` return False)."""
+    return torch.backends.mkldnn.is_available()
 
 
 def pack(weight: Tensor) -> bool:
@@ -66,8 +67,11 @@ def pack(weight: Tensor) -> bool:
         and weight.is_contiguous()
     ):
         return False
-    with torch.no_grad():
-        copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
+    try:
+        with torch.no_grad():
+            copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
+    except (AttributeError, RuntimeError):  # a torch without oneDNN's linear operators
+        return False
     entry = Packed(
         weakref.ref(weight),
         weight._version,

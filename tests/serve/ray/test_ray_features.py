@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import time
 
 import httpx
 import numpy as np
@@ -157,9 +158,15 @@ def test_a_mole_runs_on_a_replica_routed_by_its_name(fleet, single):
         got = complete(fleet.url, "moe", **extra)
         assert got == complete(single.url, "moe", **extra)
     assert complete(fleet.url, "moe") != complete(fleet.url, "alpha")
-    # Both experts went into the slots of the one replica the MoLE's name routes to.
-    rows = fleet.replica_stats()
-    assert any({"moe.a", "moe.b"} <= set(row["resident"]) for row in rows), rows
+    # Both experts went into the slots of the one replica the MoLE's name routes to. Replicas
+    # post their stats every REPORT_EVERY_S: a row read at once may predate the loads.
+    deadline = time.monotonic() + 10
+    while True:
+        rows = fleet.replica_stats()
+        if any({"moe.a", "moe.b"} <= set(row["resident"]) for row in rows):
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.2)
     r = post(fleet.url, "/v1/completions", {"model": "moe", "prompt": "Hi", "mask": ["zz"]})
     assert r.status_code == 400 and "not an expert of moe" in r.json()["error"]["message"]
 

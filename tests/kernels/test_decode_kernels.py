@@ -14,14 +14,6 @@ from lorafleet.kernels import build, reference
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def fresh_state(monkeypatch):
-    monkeypatch.delenv(build.ENV_SWITCH, raising=False)
-    kernels.reset()
-    yield
-    kernels.reset()
-
-
 @pytest.fixture
 def ext():
     module = kernels.extension()

@@ -12,15 +12,6 @@ from lorafleet import kernels
 from lorafleet.kernels import build
 
 
-@pytest.fixture(autouse=True)
-def fresh_state(monkeypatch):
-    """Each test sees the kernels as a new process would; the switch is restored after."""
-    monkeypatch.delenv(build.ENV_SWITCH, raising=False)
-    kernels.reset()
-    yield
-    kernels.reset()
-
-
 def reference(x, w, b=None):
     """x @ w^T + b in float64, as x's dtype's callers would round it."""
     y = x.double() @ w.double().T

@@ -14,13 +14,10 @@ pytestmark = pytest.mark.skipif(not packed.supported(), reason="this torch has n
 
 
 @pytest.fixture(autouse=True)
-def fresh(monkeypatch):
-    monkeypatch.delenv(build.ENV_SWITCH, raising=False)
-    kernels.reset()
+def no_copies_left():
     packed.unpack_all()
     yield
     packed.unpack_all()
-    kernels.reset()
 
 
 def relative(got, want):

@@ -26,6 +26,20 @@ PROMPTS = [
 ]
 
 
+def record_rows(monkeypatch, owner, name: str) -> list[int]:
+    """Wrap `owner.name` (a kernel taking rows [n, ...] first) to record each call's n; the
+    list fills as the code under test calls it."""
+    calls: list[int] = []
+    real = getattr(owner, name)
+
+    def recording(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
+
+
 def tiny_base(tokenizer) -> Base:
     """A fresh tiny Llama (seed 0) as a Base; the engine changes its model in place."""
     model = tiny_llama(0, vocab_size=len(tokenizer))

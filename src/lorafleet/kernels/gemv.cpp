@@ -83,17 +83,22 @@ void gemv(const float* x, const Dot& dot, const float* bias, Out* y, int64_t M, 
   });
 }
 
+// dot_rows for 1..BLOCK_ROWS rows, the count known at run time.
+template <typename T>
+inline void dot_some_rows(const T* w, const float* x, int64_t K, int64_t rows, float* out) {
+  if (rows == 4) dot_rows<4>(w, x, K, out);
+  if (rows == 3) dot_rows<3>(w, x, K, out);
+  if (rows == 2) dot_rows<2>(w, x, K, out);
+  if (rows == 1) dot_rows<1>(w, x, K, out);
+}
+
 // The row-dot of a dense weight W [N, K] of element type T.
 template <typename T>
 struct DenseDot {
   const T* w;
   int64_t K;
   void operator()(int64_t n, const float* x, int64_t rows, float* out) const {
-    const T* wn = w + n * K;
-    if (rows == 4) dot_rows<4>(wn, x, K, out);
-    if (rows == 3) dot_rows<3>(wn, x, K, out);
-    if (rows == 2) dot_rows<2>(wn, x, K, out);
-    if (rows == 1) dot_rows<1>(wn, x, K, out);
+    dot_some_rows(w + n * K, x, K, rows, out);
   }
 };
 
@@ -103,11 +108,7 @@ struct Int8Dot {
   const float* scales;
   int64_t K;
   void operator()(int64_t n, const float* x, int64_t rows, float* out) const {
-    const int8_t* qn = q + n * K;
-    if (rows == 4) dot_rows<4>(qn, x, K, out);
-    if (rows == 3) dot_rows<3>(qn, x, K, out);
-    if (rows == 2) dot_rows<2>(qn, x, K, out);
-    if (rows == 1) dot_rows<1>(qn, x, K, out);
+    dot_some_rows(q + n * K, x, K, rows, out);
     for (int64_t m = 0; m < rows; ++m) out[m] *= scales[n];
   }
 };

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from serve_helpers import tiny_base
+from serve_helpers import record_rows, tiny_base
 
 import lorafleet.serve.runners.base as runner_base
 from lorafleet.serve import Engine, SamplingParams
@@ -68,14 +68,7 @@ def test_engine_decode_batches_use_the_grouped_path_and_match_one_by_one(monkeyp
     """Without the decode-layer kernels (runner.fast_decode off: a machine with no compiler),
     decode steps of >= GROUPED_MIN_ROWS rows go through the grouped kernel, and a batch gives
     the tokens each request gets alone (single rows: SDPA)."""
-    calls = []
-    real = runner_base.grouped_decode_attention
-
-    def counting(q, *args):
-        calls.append(q.shape[0])
-        return real(q, *args)
-
-    monkeypatch.setattr(runner_base, "grouped_decode_attention", counting)
+    calls = record_rows(monkeypatch, runner_base, "grouped_decode_attention")
     engine = Engine(tiny_base(tokenizer), max_slots=0, max_batch_size=4)
     engine.runner.fast_decode = False
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from serve_helpers import tiny_base
+from serve_helpers import record_rows, tiny_base
 
 from lorafleet.serve import Engine, SamplingParams
 from lorafleet.serve.runners.base import apply_rotary, sdpa_decode_attention
@@ -177,14 +177,7 @@ def test_decode_only_steps_take_the_decode_layer_kernels(
     from lorafleet.adapters import attach
     from lorafleet.models.tiny import tiny_llama
 
-    calls = []
-    real = kernels.decode_attention
-
-    def counted(q, *args):
-        calls.append(q.shape[0])
-        return real(q, *args)
-
-    monkeypatch.setattr(kernels, "decode_attention", counted)
+    calls = record_rows(monkeypatch, kernels, "decode_attention")
     engine = Engine(tiny_base(tokenizer), max_slots=3, max_rank=8, max_batch_size=3)
     assert engine.runner.fast_decode
     refs = {None: tiny_llama(0, vocab_size=len(tokenizer))}
@@ -230,14 +223,7 @@ def test_batched_products_run_the_packed_copies_and_give_the_same_tokens(
         pytest.skip("this torch has no oneDNN")
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     prompts = [[5, 9, 13, 2], [7, 7, 1], [3, 4, 5, 6, 8, 10], [11], [2, 3], [9] * 7, [4, 1], [8]]
-    calls = []
-    real = packed.onednn_linear
-
-    def counted(x, *args):
-        calls.append(x.shape[0])
-        return real(x, *args)
-
-    monkeypatch.setattr(packed, "onednn_linear", counted)
+    calls = record_rows(monkeypatch, packed, "onednn_linear")
     outputs = []
     for keep in (True, False):
         engine = Engine(tiny_base(tokenizer), max_slots=0, max_batch_size=8, dtype=dtype)

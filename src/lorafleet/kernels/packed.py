@@ -92,15 +92,9 @@ def _forget(key: int, entry: Packed) -> None:
 
 
 def unpack_all() -> None:
-    """Drop every packed copy (tests; a server that shuts its engine down)."""
+    """Drop every packed copy (tests; a copy otherwise goes with its weight)."""
     with _lock:
         _packed.clear()
-
-
-def packed_bytes() -> int:
-    """Bytes held by live packed copies."""
-    with _lock:
-        return sum(e.nbytes for e in _packed.values() if e.source() is not None)
 
 
 def copy_for(x: Tensor, weight: Tensor) -> Packed | None:

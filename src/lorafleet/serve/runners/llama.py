@@ -137,7 +137,7 @@ class LlamaRunner(ModelRunner):
             else:
                 x = F.silu(base_product(gate, x)) * base_product(up, x)  # [T, inter]
             h = h + base_product(down, x)  # [T, inter] -> [T, d]
-        if not (inputs.n_prefill_rows == 0 and inputs.last_rows.shape[0] == h.shape[0]):
+        if not self.decodes_only(inputs):
             h = h.index_select(0, inputs.last_rows)  # [B, d]; decode rows only: already so
         return self.head(self.final_norm(h)).float()  # [B, vocab]
 
@@ -302,13 +302,17 @@ def fused_gate_up(plain: tuple[nn.Module, ...] | None) -> FusedProjections | Non
 
 def one_product(gate_up: FusedProjections | None, x: Tensor) -> bool:
     """Whether a block's fused gate/up computes x [T, d] as one product: always when quantised
-    (one kernel call, QuantLinear.concat) or bfloat16; float32 only where lorafleet's GEMV runs.
-    Measured on the 2-core AVX-512 CPU (SmolLM2's [576] -> 2 x [1536], median of 7): bfloat16
-    one [T, 3072] GEMM 7-14 % faster than two at 8-64 rows; float32 MKL's two GEMMs 4-7 %
-    faster at 32-64 (12 % on the AVX2 host, BENCHMARKS.md), the GEMV's one call faster below."""
+    (one kernel call, QuantLinear.concat) or bfloat16; float32 where lorafleet's GEMV or the
+    fused weight's packed copy (kernels/packed.py; gate's and up's own weights are views of it,
+    never packed) runs it. Measured on the 2-core AVX-512 CPU (SmolLM2's [576] -> 2 x [1536],
+    median of 7): bfloat16 one [T, 3072] GEMM 7-14 % faster than two at 8-64 rows; float32
+    MKL's two GEMMs 4-7 % faster than its one at 32-64 (12 % on the AVX2 host, BENCHMARKS.md),
+    but MKL is what only an unpacked weight still runs."""
     if gate_up is None:
         return False
-    return gate_up.quantised is not None or gate_up.weight.dtype != torch.float32 or gate_up.gemv(x)
+    if gate_up.quantised is not None or gate_up.weight.dtype != torch.float32:
+        return True
+    return gate_up.gemv(x) or kernels.packed.copy_for(x, gate_up.weight) is not None
 
 
 def same_forward(module: nn.Module | None, cls: type) -> bool:

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 # DESIGN.md's floors; bench (the `lorafleet bench` implementations) sits just under cli.
 FLOORS = {
+    "cpu": 0,
     "errors": 0,
     "fsutil": 0,
     "lazy": 0,

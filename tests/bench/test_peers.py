@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lorafleet import cpu
 from lorafleet.adapters import MethodConfig, adapter_from_model, new_adapter
 from lorafleet.bench import peer_tools, peers
 from lorafleet.errors import LorafleetError
@@ -186,3 +187,9 @@ def test_the_default_pair_is_what_serve_runs_with_no_flags(monkeypatch):
     monkeypatch.setattr(config, "SERVE_QUANTIZE", "none")
     assert peers.serve_default_setting() == "bfloat16"
     assert peers.matched_pairs(peers.serve_default_setting())[-1].setting == "bfloat16"
+    monkeypatch.setattr(config, "SERVE_DTYPE", "auto")
+    monkeypatch.setattr(config, "SERVE_QUANTIZE", "auto")
+    monkeypatch.setattr(cpu, "native_bfloat16", lambda flags=None: True)
+    assert peers.serve_default_setting() == "bfloat16"
+    monkeypatch.setattr(cpu, "native_bfloat16", lambda flags=None: False)
+    assert peers.serve_default_setting() == "int4"

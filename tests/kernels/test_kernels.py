@@ -134,7 +134,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
 
 def test_the_build_key_changes_with_the_cpu(monkeypatch):
     tag = build.build_tag()
-    monkeypatch.setattr(build, "cpu_flags", lambda: "some other cpu")
+    monkeypatch.setattr(build.cpu, "cpu_flags", lambda: "some other cpu")
     assert build.build_tag() != tag
 
 

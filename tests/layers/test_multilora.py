@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import randomize_adapter
 from peft import LoraConfig, MissConfig, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorafleet.adapters import adapter_from_model, attach, read_adapter, write_adapter
 from lorafleet.layers import (
@@ -21,6 +22,7 @@ from lorafleet.layers import (
     lora_delta_segmented,
     plan_rows,
 )
+from lorafleet.layers.multilora import buckets_rows
 from lorafleet.models.tiny import tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -315,3 +317,60 @@ def test_refusals(tokenizer, adapters):
         inject_multilora(only_q.model)
     with pytest.raises(MultiLoRAError, match="targets the model lacks: nope"):
         inject_multilora(tiny_llama(0, vocab_size=len(tokenizer)), ["q_proj", "nope"])
+
+
+class RowCounts(TorchDispatchMode):
+    """Records the row counts of the bfloat16 matrix products it sees (mm, addmm, bmm, ...):
+    the first operand's second-to-last dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        name = func.__name__
+        if name.split(".")[0].lstrip("_") in (
+            "mm",
+            "addmm",
+            "addmm_",
+            "bmm",
+            "baddbmm",
+            "baddbmm_",
+        ):
+            operand = args[1] if name.startswith(("addmm", "baddbmm")) else first
+            if operand is not None and operand.dtype == torch.bfloat16:
+                self.rows.append(operand.shape[-2])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["segmented", "gathered"])
+def test_bfloat16_cpu_products_run_on_few_row_counts(path):
+    """bfloat16 on the CPU (where oneDNN keeps memory for every row count it meets): the
+    segmented path pads each product to a multiple of 16 rows, at most 256 per product, the
+    gathered path each group to 1, 2, 4, 8, 16 rows or a multiple of 16; the results are the
+    unpadded rows' (against float64 on the same bfloat16 inputs)."""
+    A, B, scale = _stack([8, 4, 8], d_in=32, d_out=24, dtype=torch.float32)
+    A, B, scale = (A / 4).bfloat16(), B.bfloat16(), scale.bfloat16()
+    gen = torch.Generator().manual_seed(0)
+    for per_slot in (1, 3, 17, 40, 300):
+        idx = torch.tensor([0, 1, 2, 3] * per_slot)[torch.randperm(4 * per_slot, generator=gen)]
+        x = torch.randn(len(idx), 32, generator=gen).bfloat16()
+        with RowCounts() as seen:
+            got = PATHS[path](x, A, B, scale, idx)
+        want = _reference(x.double(), A.double(), B.double(), scale.double(), idx)
+        assert (got.double() - want).abs().max() <= 0.02 * want.abs().max()
+        if path == "segmented":
+            assert seen.rows and all(r % 16 == 0 and r <= 256 for r in seen.rows), seen.rows
+        else:
+            assert seen.rows and all(r in (1, 2, 4, 8, 16) or r % 16 == 0 for r in seen.rows)
+
+
+def test_float32_products_are_not_padded():
+    A, B, scale = _stack([8, 4], d_in=32, d_out=24, dtype=torch.float32)
+    idx = torch.tensor([1] * 40 + [2] * 33)
+    x = torch.randn(len(idx), 32)
+    assert not buckets_rows(x) and buckets_rows(x.bfloat16())
+    torch.testing.assert_close(
+        lora_delta_segmented(x, A, B, scale, idx), _reference(x, A, B, scale, idx)
+    )

@@ -23,11 +23,14 @@ GGUF_TITLES = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0", SHIPPED: "Q4_1 (shi
 
 
 def serve_default_setting() -> str:
-    """What `lorafleet serve` runs with no --dtype / --quantize, read from its config at run
-    time ('bfloat16+int4', ...): the setting `bench quality`'s rule picked."""
+    """What `lorafleet serve` runs on this CPU with no --dtype / --quantize, read from its
+    config at run time and resolved as serve resolves `auto` ('bfloat16', 'int4', ...): the
+    setting `bench quality`'s rule picked for this kind of CPU."""
+    from lorafleet.serve.api import precision
     from lorafleet.serve.api.config import SERVE_DTYPE, SERVE_QUANTIZE
 
-    return setting_name(f"{SERVE_DTYPE}+{SERVE_QUANTIZE}")
+    dtype, quantize = precision.resolve(SERVE_DTYPE, SERVE_QUANTIZE, "cpu")
+    return setting_name(f"{dtype}+{quantize}")
 
 
 def setting_name(setting: str) -> str:

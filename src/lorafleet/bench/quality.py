@@ -607,19 +607,30 @@ def combined_figures(store, boot: int) -> dict:
 
 
 def _apply_rule(figures: dict, speeds: str | Path) -> None:
-    """DEFAULT_RULE on the figures (in place: "speeds", "verdict"): each setting's KL against
+    """DEFAULT_RULE on the figures (in place: "speeds", "verdict"), with the speeds of the
+    `bench precision` JSON at `speeds`; no verdict without llama.cpp Q8_0 figures."""
+    speed = read_speeds(speeds)
+    figures["speeds"] = {"file": str(speeds), "score": speed}
+    verdict = rule_verdict(figures, speed)
+    if verdict is None:
+        figures.pop("verdict", None)
+    else:
+        figures["verdict"] = verdict
+
+
+def rule_verdict(figures: dict, speed: dict[str, float], among=None) -> dict | None:
+    """DEFAULT_RULE on `bench quality` figures (its JSON) with `speed` (read_speeds), the pick
+    made among the settings `among` (None = all): {"default", "reasons"[,
+    "q8_0_missing_pieces"]}, or None without llama.cpp Q8_0 figures. Each setting's KL faces
     llama.cpp Q8_0's over the very pieces that setting was scored on ("piece_indexes", or the
     first "pieces"); a setting with none of its pieces scored by llama.cpp cannot qualify."""
     from lorafleet.bench import quality_stats as qs
     from lorafleet.bench.llama_ppl import combine
 
-    speed = read_speeds(speeds)
-    figures["speeds"] = {"file": str(speeds), "score": speed}
     llama = figures.get("llama_cpp") or {}
     q8_parts = (llama.get("pieces") or {}).get("Q8_0")
     if not q8_parts:
-        figures.pop("verdict", None)
-        return
+        return None
     at = dict(zip(llama.get("piece_index") or range(len(q8_parts)), q8_parts, strict=True))
     q8, missing = {}, {}
     for r in figures["rows"]:
@@ -634,14 +645,16 @@ def _apply_rule(figures: dict, speeds: str | Path) -> None:
         {r["setting"]: r.get("accuracy_lower", True) for r in figures["rows"]},
         q8,
         speed,
+        among,
     )
     reasons = dict(verdict.reasons)
     for r in figures["rows"]:
         if r["setting"] not in q8 and r["setting"] != qs.REFERENCE:
             reasons[r["setting"]] = "no llama.cpp Q8_0 figures on its pieces: cannot qualify"
-    figures["verdict"] = {"default": verdict.default, "reasons": reasons}
+    result = {"default": verdict.default, "reasons": reasons}
     if missing:
-        figures["verdict"]["q8_0_missing_pieces"] = missing
+        result["q8_0_missing_pieces"] = missing
+    return result
 
 
 def _locate_peers():

@@ -5,6 +5,7 @@ pre-written rule that picks the default setting (DEFAULT_RULE)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,15 +157,21 @@ def pick_default(
     accuracy_lower: dict[str, bool],
     q8_0_kl_mean: float | dict[str, float],
     speeds: dict[str, float],
+    among: Collection[str] | None = None,
 ) -> Verdict:
     """DEFAULT_RULE: `kl_mean` and `accuracy_lower` per setting name (e.g. "bfloat16+int8";
     accuracy_lower = significantly_lower against float32), llama.cpp Q8_0's mean KL on the same
     text (one figure, or one per setting: Q8_0's over the text that setting was scored on),
     `speeds` per setting (speed_score). A setting without a speed figure cannot be ranked and
-    is left out; float32 (REFERENCE) qualifies by definition."""
-    reasons, qualified = {}, {REFERENCE: speeds.get(REFERENCE, 1.0)}
+    is left out; float32 (REFERENCE) qualifies by definition. `among`: the settings the pick
+    is made from (serve's --dtype given, --quantize auto: that dtype's settings); None = all.
+    Raises ValueError when none of `among` qualifies."""
+    allowed = (lambda name: True) if among is None else (lambda name: name in among)
+    reasons, qualified = {}, {}
+    if allowed(REFERENCE):
+        qualified[REFERENCE] = speeds.get(REFERENCE, 1.0)
     for name, kl in kl_mean.items():
-        if name == REFERENCE:
+        if name == REFERENCE or not allowed(name):
             continue
         q8 = q8_0_kl_mean[name] if isinstance(q8_0_kl_mean, dict) else q8_0_kl_mean
         if kl > q8:
@@ -176,7 +183,10 @@ def pick_default(
         else:
             reasons[name] = f"qualifies (speed {speeds[name]:.2f}x float32)"
             qualified[name] = speeds[name]
-    reasons[REFERENCE] = "the reference (KL 0): the fallback"
+    if allowed(REFERENCE):
+        reasons[REFERENCE] = "the reference (KL 0): the fallback"
+    if not qualified:
+        raise ValueError(f"none of {sorted(among or ())} qualifies under the rule")
     best = max(qualified, key=lambda k: (qualified[k], k == REFERENCE))
     return Verdict(best, reasons, dict(qualified))
 

@@ -16,14 +16,18 @@ from lorafleet.cli.options import (
     options_from,
     with_options,
 )
-from lorafleet.serve.api.config import SERVE_DTYPE, SERVE_QUANTIZE, EngineSettings, ServerConfig
+from lorafleet.serve.api import precision
+from lorafleet.serve.api.config import SERVE_DTYPE, EngineSettings, ServerConfig
 from lorafleet.serve.placement import Spread
 
 # `lorafleet serve`: the engine's and registry's sizes (EngineSettings) ...
 ENGINE_OPTIONS = options_from(
     EngineSettings,
     from_field(
-        "quantize", help="none | int8 | int4: weight-only base linears (adapters: --dtype)."
+        "quantize",
+        help="auto | none | int8 | int4: weight-only base linears (adapters: --dtype); auto = "
+        "the quality rule's pick for this CPU and --dtype (int4 with float32, none with "
+        "bfloat16, none on a GPU).",
     ),
     from_field("max_adapters", min=1, help="Resident adapter slots."),
     from_field("max_rank", min=1),
@@ -55,8 +59,9 @@ ENGINE_OPTIONS = options_from(
 ServeDtypeOpt = typer.Option(
     SERVE_DTYPE,
     "--dtype",
-    help="float32 | bfloat16: base weights, adapters and KV cache (the default is the setting "
-    "`lorafleet bench quality`'s rule picked; float32 + --quantize none = exact float32).",
+    help="auto | float32 | bfloat16: base weights, adapters and KV cache; "
+    + precision.HELP
+    + ". --dtype float32 --quantize none = exact float32.",
 )
 # ... and the HTTP server's limits (ServerConfig).
 SERVER_OPTIONS = options_from(
@@ -245,7 +250,8 @@ def serve(
     if change_loras is not None and change is None:
         raise LorafleetError("--change-loras needs --change DIR (the LoC model they belong to)")
     editor = ChangeEditor(change, change_loras) if change is not None else None
-    check_quantize(engine["quantize"])
+    if engine["quantize"] != precision.AUTO:
+        check_quantize(engine["quantize"])
     admission_policy(engine["schedule"])  # a bad --schedule: one line before the model loads
     settings = ENGINE_OPTIONS.build(engine)
     config = SERVER_OPTIONS.build(
@@ -277,8 +283,8 @@ def serve(
             hub=(hub_ref, hub_path) if hub_ref is not None else None,
         )
     device = resolve_device(settings.device)  # cuda without a GPU: one line, exit 2
-    if device.type != "cpu" and settings.quantize == SERVE_QUANTIZE:
-        settings.quantize = "none"  # the default's int8 / int4 kernels are the CPU's
+    chosen = precision.describe(dtype, settings.quantize, device.type)
+    dtype, settings.quantize = precision.resolve(dtype, settings.quantize, device.type)
     check_quantize_device(settings.quantize, device)
     loaded = load_base(base, dtype=dtype, device=device)
     state = build_state(
@@ -297,7 +303,7 @@ def serve(
         add_hub_adapter(state.registry, hub_ref, hub_path)
     names = state.adapter_names()
     typer.echo(
-        f"lorafleet: serving {config.model_name} + {len(names)} adapter(s) "
+        f"lorafleet: serving {config.model_name} in {chosen} + {len(names)} adapter(s) "
         f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}) on "
         f"http://{host}:{port}  (playground: http://{host}:{port}/)",
         err=True,

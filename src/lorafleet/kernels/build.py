@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from lorafleet import cpu
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
@@ -38,25 +40,14 @@ def kernels_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lorafleet-kernels"
 
 
-def cpu_flags() -> str:
-    """The CPU's feature flags (Linux), so a cache shared between machines never loads a
-    build made with another CPU's -march=native."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def build_tag() -> str:
-    """A key for these sources, compiler flags, torch, Python and CPU."""
+    """A key for these sources, compiler flags, torch, Python and CPU (its flags: a cache shared
+    between machines never loads a build made with another CPU's -march=native)."""
     import torch
 
     parts = [path.read_bytes() for path in SOURCES + HEADERS]
     parts += [" ".join(FLAGS).encode(), torch.__version__.encode()]
-    parts += [sys.version.encode(), cpu_flags().encode(), platform.machine().encode()]
+    parts += [sys.version.encode(), cpu.cpu_flags().encode(), platform.machine().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 

@@ -56,6 +56,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lorafleet.kernels.packed import CHUNK_ROWS, ROW_BUCKET
+
 # Measured on this project's 2-core CPU with SmolLM2's shapes (7 linears, rank 16, best of 25):
 # the grouped bmm beats the loop of per-slot matmul pairs up to ~16 rows per adapter (0.85 vs
 # 0.55 of base at 64 rows / 4 adapters); at 64 rows per adapter the per-slot GEMMs win (0.99 vs
@@ -171,24 +173,72 @@ def add_lora_segmented_(y, x, A, B, scale, plan: SlotPlan, ranks=None, weights=N
     # Rows already grouped in place add straight into y; others go through a buffer that is
     # scattered back (every row of it is written below, so it need not be zeroed).
     out = None if plan.rows is None else y.new_empty(xs.shape[0], y.shape[1])  # [T_nz, d_out]
+    bucketed = buckets_rows(x)
     for slot, start, end in plan.segments:
         r = A.shape[1] if ranks is None else ranks[slot]
         if r == 0:
             if out is not None:
                 out[start:end].zero_()
             continue
-        h = xs[start:end] @ A[slot, :r].T  # [n, d_in] @ [d_in, r] -> [n, r]
-        if scale is not None:
-            h.mul_(scale[slot])
-        if weights is not None:
-            h.mul_(weights[start:end, None])  # [n, r] * [n, 1]
-        if out is None:
-            y[start:end].addmm_(h, Bt[slot, :r])  # += [n, r] @ [r, d_out]
-        else:
-            torch.mm(h, Bt[slot, :r], out=out[start:end])  # [n, r] @ [r, d_out]
+        factor = None if scale is None else scale[slot]
+        for lo, hi in _chunks(start, end, bucketed):
+            _slot_product_(
+                y[lo:hi] if out is None else out[lo:hi],
+                xs[lo:hi],
+                A[slot, :r],
+                Bt[slot, :r],
+                factor,
+                None if weights is None else weights[lo:hi],
+                add=out is None,
+                pad=bucketed,
+            )
     if out is not None:
         y.index_add_(0, plan.rows, out)  # scatter the grouped rows back to their places
     return y
+
+
+def buckets_rows(x: Tensor) -> bool:
+    """Whether products over x's rows run on bucketed row counts: bfloat16 on the CPU, where
+    oneDNN keeps a primitive (and its memory) for every row count it meets (kernels/packed.py:
+    ~1.5 MB each, so a server meeting prompts of every length grows without it)."""
+    return x.dtype == torch.bfloat16 and x.is_cpu
+
+
+def _chunks(start: int, end: int, bucketed: bool):
+    """(lo, hi) ranges covering start..end: one, or chunks of CHUNK_ROWS when `bucketed`."""
+    if not bucketed:
+        yield start, end
+        return
+    for lo in range(start, end, CHUNK_ROWS):
+        yield lo, min(end, lo + CHUNK_ROWS)
+
+
+def _slot_product_(target, x, a, bt, scale, weights, *, add: bool, pad: bool) -> None:
+    """target (+)= ((x @ a.T) * scale * weights) @ bt for one slot's rows, in place.
+
+    x: [n, d_in], a: [r, d_in], bt: [r, d_out], target: [n, d_out], scale: a 0-dim tensor or
+    None, weights: [n] or None; `add`: accumulate into target, else overwrite it. `pad`: x is
+    first padded with zero rows to a multiple of ROW_BUCKET (the padding rows are cut off the
+    result), so both products see one of few row counts."""
+    n = x.shape[0]
+    padded = -(-n // ROW_BUCKET) * ROW_BUCKET if pad else n
+    if padded != n:
+        x = torch.cat((x, x.new_zeros(padded - n, x.shape[1])))  # [n, d_in] -> [padded, d_in]
+    h = x @ a.T  # [padded, d_in] @ [d_in, r] -> [padded, r]
+    if scale is not None:
+        h.mul_(scale)
+    if weights is not None:
+        h[:n].mul_(weights[:, None])  # [n, r] * [n, 1]
+    if padded != n:
+        delta = (h @ bt)[:n]  # [padded, r] @ [r, d_out] -> [padded, d_out] -> [n, d_out]
+        if add:
+            target.add_(delta)
+        else:
+            target.copy_(delta)
+    elif add:
+        target.addmm_(h, bt)  # += [n, r] @ [r, d_out]
+    else:
+        torch.mm(h, bt, out=target)  # [n, r] @ [r, d_out]
 
 
 def add_lora_gathered_(y, x, A, B, scale, plan: SlotPlan, rank=None, weights=None) -> Tensor:
@@ -212,19 +262,34 @@ def add_lora_gathered_(y, x, A, B, scale, plan: SlotPlan, rank=None, weights=Non
         xg = x.view(G, m, x.shape[1])  # [T, d_in] -> [G, m, d_in]
     else:
         xg = x.index_select(0, lay.src).view(G, m, x.shape[1])  # [G*m, d_in] -> [G, m, d_in]
-    h = torch.bmm(xg, Ag.transpose(1, 2))  # [G, m, d_in] @ [G, d_in, r] -> [G, m, r]
+    m_run = group_bucket(m) if buckets_rows(x) else m
+    if m_run != m:  # zero rows after each group's m, cut off below
+        xg = torch.cat((xg, xg.new_zeros(G, m_run - m, xg.shape[2])), 1)  # [G, m_run, d_in]
+    h = torch.bmm(xg, Ag.transpose(1, 2))  # [G, m_run, d_in] @ [G, d_in, r] -> [G, m_run, r]
     if scale is not None:
         h.mul_(scale.index_select(0, lay.slot_index)[:, None, None])  # [G, 1, 1]
+    hm = h[:, :m]  # [G, m, r]: a view, the real positions
     if weights is not None:
-        h.mul_(weights.view(G, m, 1))  # [G*m] -> [G, m, 1]
+        hm.mul_(weights.view(G, m, 1))  # [G*m] -> [G, m, 1]
     if lay.pad is not None:
-        h.masked_fill_(lay.pad, 0.0)  # padding rows contribute exactly 0
-    if lay.identity:
+        hm.masked_fill_(lay.pad, 0.0)  # padding rows contribute exactly 0
+    if lay.identity and m_run == m:
         y.view(G, m, y.shape[1]).baddbmm_(h, Bg)  # [G, m, d_out] += [G, m, r] @ [G, r, d_out]
+        return y
+    out = torch.bmm(h, Bg)[:, :m]  # [G, m_run, d_out] -> [G, m, d_out]
+    if lay.identity:
+        y.view(G, m, y.shape[1]).add_(out)
     else:
-        out = torch.bmm(h, Bg).view(G * m, y.shape[1])  # [G, m, d_out] -> [G*m, d_out]
-        y.index_add_(0, lay.src, out)  # scatter back; padding adds 0.0 to row 0
+        y.index_add_(0, lay.src, out.reshape(G * m, y.shape[1]))  # padding adds 0.0 to row 0
     return y
+
+
+def group_bucket(m: int) -> int:
+    """The rows per group a bucketed gathered product runs with: m rounded up to a power of
+    two up to ROW_BUCKET, then to a multiple of ROW_BUCKET."""
+    if m <= ROW_BUCKET:
+        return 1 << (m - 1).bit_length()
+    return -(-m // ROW_BUCKET) * ROW_BUCKET
 
 
 def _regroup(plan: SlotPlan, device) -> GroupLayout:

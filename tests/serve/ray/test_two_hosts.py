@@ -31,7 +31,11 @@ from helpers import write_random_lora  # noqa: E402
 from two_hosts import TwoHosts, require_two_hosts, sh  # noqa: E402
 
 from lorafleet.models import load_base  # noqa: E402
-from lorafleet.serve.api import AuthConfig, ServerConfig  # noqa: E402
+from lorafleet.serve.api import (  # noqa: E402
+    AuthConfig,
+    ServerConfig,
+    precision,  # noqa: E402
+)
 from lorafleet.serve.api.config import SERVE_DTYPE, EngineSettings  # noqa: E402
 from lorafleet.serve.api.server import ServerThread, build_state  # noqa: E402
 
@@ -87,7 +91,7 @@ def shared(tmp_path_factory):
 def single(shared):
     """The single-process server over the same base and adapters: the answers to match."""
     state = build_state(
-        load_base("tiny", dtype=SERVE_DTYPE, device="cpu"),
+        load_base("tiny", dtype=precision.resolve(SERVE_DTYPE, "auto")[0], device="cpu"),
         shared / "ref",
         AuthConfig.load(shared / "auth.json"),
         SETTINGS,

@@ -164,6 +164,37 @@ def test_gate_and_up_share_one_product_where_the_gemv_runs(tokenizer):
     assert fused == plain
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_adapter_rows_take_the_blocks_fused_gate_up_product(
+    tokenizer, adapters, monkeypatch, dtype
+):
+    """Steps with rows on adapters (prefills and decodes) compute gate and up as the block's
+    one fused base product plus each module's adapter terms, never as products of gate's and
+    up's own weights (views of the fused one that no kernel packs); float32 tokens equal an
+    engine that fuses nothing."""
+    from lorafleet import kernels
+
+    engine = Engine(tiny_base(tokenizer), max_slots=2, max_rank=8, max_batch_size=3, dtype=dtype)
+    unfused = Engine(
+        tiny_base(tokenizer), max_slots=2, max_rank=8, max_batch_size=3, dtype=dtype, fuse=False
+    )
+    for each in (engine, unfused):
+        each.load_adapter("lora4", adapters["lora4"])
+    parts = {id(m.weight) for _, gate, up, _ in engine.runner.plain for m in (gate, up)}
+    products, linear = [], kernels.linear
+    monkeypatch.setattr(
+        kernels, "linear", lambda x, w, b=None: products.append(id(w)) or linear(x, w, b)
+    )
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    prompts = [([5, 9, 13, 2] * 10, "lora4"), ([7, 7, 1], None), ([3, 4, 5, 6, 8, 10], "lora4")]
+    requests = [(p, name, params) for p, name in prompts]
+    got = [o.token_ids for o in engine.generate(requests)]
+    assert products and not parts & set(products)
+    want = [o.token_ids for o in unfused.generate(requests)]
+    if dtype == "float32":
+        assert got == want
+
+
 def test_decode_only_steps_take_the_decode_layer_kernels(
     tokenizer, adapters, prompt_ids, monkeypatch
 ):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from lorafleet.errors import LorafleetError
 from lorafleet.models.device import check_device
+from lorafleet.serve.api.precision import AUTO
 
 
 @dataclass
@@ -60,13 +61,13 @@ class ServerConfig:
             raise LorafleetError("the drain timeout must be >= 0 and the upload limit > 0")
 
 
-# `lorafleet serve`'s default precision: the setting that `lorafleet bench quality`'s rule,
-# written before measuring (bench/quality_stats.py DEFAULT_RULE), picked from its figures
-# (BENCHMARKS.md, "Quality of reduced precision"). `--dtype float32 --quantize none` serves in
-# exact float32. The int8 / int4 kernels are the CPU's: on a GPU `serve` drops the default's
-# quantisation (an explicit other --quantize is refused there, as before).
-SERVE_DTYPE = "float32"
-SERVE_QUANTIZE = "int4"
+# `lorafleet serve`'s default precision: `auto`, resolved where the model loads by
+# precision.resolve to the setting `bench quality`'s rule (bench/quality_stats.py DEFAULT_RULE,
+# written before measuring) picked for this kind of CPU: bfloat16 where it is native, float32 +
+# int4 elsewhere, exact float32 on a GPU. `--dtype float32 --quantize none` serves in exact
+# float32 anywhere.
+SERVE_DTYPE = AUTO
+SERVE_QUANTIZE = AUTO
 
 
 @dataclass
@@ -79,7 +80,8 @@ class EngineSettings:
     max_batch_tokens: int = 2048
     max_seq_len: int = 1024
     cpu_cache_mb: float = 512.0
-    quantize: str = SERVE_QUANTIZE  # weight-only int8 / int4 base linears (layers/quant.py)
+    # weight-only int8 / int4 base linears (layers/quant.py); auto: precision.resolve's pick
+    quantize: str = SERVE_QUANTIZE
     cpu_cache_bytes: int | str | None = None  # e.g. "2GB"; replaces cpu_cache_mb when set
     # Admission order under contention (serve/fair_share.py): "fair" shares tokens evenly
     # between tenants (adapters when auth is off); "fcfs" is first come, first served.

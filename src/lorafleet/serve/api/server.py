@@ -18,6 +18,7 @@ from uvicorn.server import HANDLED_SIGNALS
 from lorafleet.errors import LorafleetError
 from lorafleet.models import Base
 from lorafleet.serve.adapter_store import parse_size
+from lorafleet.serve.api import precision
 from lorafleet.serve.api.admin_routes import clean_stale_uploads
 from lorafleet.serve.api.app import create_app
 from lorafleet.serve.api.auth import AuthConfig
@@ -71,7 +72,7 @@ def build_state(
         max_batch_size=s.max_batch_size,
         max_batch_tokens=s.max_batch_tokens,
         max_seq_len=min(s.max_seq_len, _max_positions(base)),
-        quantize=s.quantize,
+        quantize=_quantize(base, s.quantize),
         schedule=s.schedule,
         prefix_cache_bytes=parse_size(s.prefix_cache_bytes),
     )
@@ -102,6 +103,13 @@ def build_state(
         image_editor=image_editor,
         **made,
     )
+
+
+def _quantize(base, quantize: str) -> str:
+    """`quantize`, with `auto` resolved for the loaded base's dtype and device."""
+    parameter = next(base.model.parameters())
+    dtype = str(parameter.dtype).removeprefix("torch.")
+    return precision.resolve(dtype, quantize, parameter.device.type)[1]
 
 
 def _max_positions(base) -> int:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.api.auth import AuthConfig
-from lorafleet.serve.api.config import SERVE_QUANTIZE, EngineSettings, ServerConfig
+from lorafleet.serve.api.config import EngineSettings, ServerConfig
 from lorafleet.serve.api.injected import ImageEditor
+from lorafleet.serve.api.precision import AUTO
 from lorafleet.serve.merged import MergeFn
 from lorafleet.serve.placement import Spread
 from lorafleet.serve.ray.wire import HUB_NEEDS_SHARED_DIR, FleetSpec, route_id
@@ -202,7 +203,7 @@ def start_fleet(
     config: ServerConfig | None = None,
     auth: AuthConfig | None = None,
     address: str | None = None,
-    dtype: str = "float32",
+    dtype: str = AUTO,
     retries: int = 3,
     app_name: str = APP_NAME,
     spread: Spread | None = None,
@@ -256,9 +257,8 @@ def start_fleet(
         gpus = ray.cluster_resources().get("GPU", 0)  # the cluster decides "auto"
         spec.resources = replica_resources(spec.settings.device, threads, cluster_gpus=gpus)
         device = replica_device(spec.resources)
-        if device != "cpu" and spec.settings.quantize == SERVE_QUANTIZE:
-            spec.settings.quantize = "none"  # the default's int8 / int4 kernels are the CPU's
-        check_quantize_device(spec.settings.quantize, device)
+        if spec.settings.quantize != AUTO:  # auto: each replica resolves it for its CPU
+            check_quantize_device(spec.settings.quantize, device)
         serve.start(proxy_location="Disabled")
         board = Board.remote()
         extras = ReplicaExtras(moles=moles, classifier=classifier, hub_adapters=config.hub_adapters)

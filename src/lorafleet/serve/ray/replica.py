@@ -72,13 +72,19 @@ class ReplicaCore:
         extras: ReplicaExtras | None = None,
     ):
         from lorafleet.models import load_base
+        from lorafleet.serve.api import precision
         from lorafleet.serve.api.config import ServerConfig
         from lorafleet.serve.api.server import build_state
 
         self.replica_id, self.pid = replica_id, os.getpid()
         self.node = node  # the IP of the Ray node it runs on: where each replica went
-        # The device Ray's placement implies (auto without a GPU granted: the CPU).
-        loaded = load_base(spec.base, dtype=spec.dtype, device=replica_device(spec.resources))
+        # The device Ray's placement implies (auto without a GPU granted: the CPU), and the
+        # precision `auto` picks for this node's CPU.
+        device = replica_device(spec.resources)
+        dtype, spec.settings.quantize = precision.resolve(
+            spec.dtype, spec.settings.quantize, device
+        )
+        loaded = load_base(spec.base, dtype=dtype, device=device)
         extras = extras or ReplicaExtras()
         config = ServerConfig(model_name=spec.model_name, hub_adapters=extras.hub_adapters)
         # No merge function: the ingress merges once and sends the merge's directory.

@@ -37,7 +37,7 @@ class FleetSpec:
     adapters_dir: str | None = None
     replicas: int = 1
     threads: int = 1
-    dtype: str = "float32"
+    dtype: str = "auto"  # each replica resolves auto for its own CPU (api/precision.py)
     routing: str = "affinity"  # affinity: multiplexed model id = adapter; round_robin: none
     model_name: str = "base"
     settings: EngineSettings = field(default_factory=EngineSettings)

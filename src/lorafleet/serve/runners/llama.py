@@ -11,6 +11,7 @@ from lorafleet import kernels
 from lorafleet.layers import (
     FusedProjections,
     MultiLoRAContext,
+    MultiLoRALinear,
     base_layer,
     base_product,
     can_fuse,
@@ -125,7 +126,7 @@ class LlamaRunner(ModelRunner):
             plain = None if adapted else self.plain[index]
             if plain is None:
                 h = h + attn.o_proj(o)  # [T, d]
-                h = h + layer.mlp(norm2(h))  # [T, d]
+                h = h + self.adapted_mlp(index, layer.mlp, norm2(h))  # [T, d]
                 continue
             o_proj, gate, up, down = plain  # no adapter row: each module is its base layer
             h = h + base_product(o_proj, o)  # [T, d]
@@ -167,7 +168,7 @@ class LlamaRunner(ModelRunner):
             plain = None if adapted else self.plain[index]
             if plain is None:
                 h, x = kernels.add_rms_norm(h, attn.o_proj(o), norm2.weight, norm2.variance_epsilon)
-                delta = layer.mlp(x)  # [n, d]
+                delta = self.adapted_mlp(index, layer.mlp, x)  # [n, d]
             else:
                 o_proj, _, _, down = plain  # no adapter row: each module is its base layer
                 delta = base_product(o_proj, o)  # [n, d]
@@ -252,6 +253,20 @@ class LlamaRunner(ModelRunner):
             self.windows[index],
         )
 
+    def adapted_mlp(self, index: int, mlp: nn.Module, x: Tensor) -> Tensor:
+        """Block `index`'s MLP of x [T, d] -> [T, d] in a step where some row uses an adapter,
+        equal to mlp(x): where gate and up take one product (`one_product`), that product
+        (the fused weight's packed copy or GEMV; gate's and up's own weights are views no
+        kernel packs, so calling them ran MKL in float32 and an unbucketed oneDNN bfloat16
+        GEMM) plus each module's adapter terms on its column block; else the module."""
+        gate_up = self.gate_up[index]
+        if not one_product(gate_up, x):
+            return mlp(x)
+        g, u = gate_up.base(x).split(gate_up.sizes, dim=-1)  # [T, inter] each: column views
+        g = adapter_terms(mlp.gate_proj, x, g)
+        u = adapter_terms(mlp.up_proj, x, u)
+        return mlp.down_proj(F.silu(g) * u)  # [T, inter] -> [T, d]
+
     def swiglu(self, index: int, x: Tensor) -> Tensor:
         """silu(gate(x)) * up(x) [n, inter] of a plain block's MLP on x [n, d]: one product
         and one kernel call where gate and up share one (as `forward`), else two products."""
@@ -298,6 +313,11 @@ def fused_gate_up(plain: tuple[nn.Module, ...] | None) -> FusedProjections | Non
     if plain is None or not can_fuse(plain[1:3]):
         return None
     return FusedProjections(plain[1:3])
+
+
+def adapter_terms(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """y (module's base product of x) plus its adapter terms when it is a MultiLoRALinear."""
+    return module.add_adapters(x, y) if isinstance(module, MultiLoRALinear) else y
 
 
 def one_product(gate_up: FusedProjections | None, x: Tensor) -> bool:

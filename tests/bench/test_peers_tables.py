@@ -312,3 +312,29 @@ def test_http_rows_judge_the_adapters_workload_only():
     rows = {r["workload"]: r for r in peers_http.table_rows(summary)}
     assert rows["adapters"]["ratio"] == pytest.approx(3.0) and rows["adapters"]["verdict"] == "met"
     assert rows["all_base"]["verdict"] == "no target" and rows["single"]["target"] is None
+
+
+def test_base_rows_also_face_a_llama_server_without_loras():
+    """llama-server computes every LoRA it has loaded for every token: the base-only rows also
+    run on one without LoRAs (the adapters row cannot), and get a ratio against it."""
+    assert peers_http.NO_LORAS not in peers_http.systems("adapters")
+    assert (
+        peers_http.systems("all_base")[-1]
+        == peers_http.systems("single")[-1]
+        == "llama-server-no-loras"
+    )
+
+    def fig(median):
+        return {"gen_tok_s": {"median": median}, "ttft_p50": {"median": 1.0}, "load1": [1.0]}
+
+    summary = {
+        "adapters|lorafleet": fig(300.0),
+        "adapters|llama-server": fig(100.0),
+        "all_base|lorafleet": fig(200.0),
+        "all_base|llama-server": fig(20.0),
+        "all_base|llama-server-no-loras": fig(250.0),
+    }
+    rows = {r["workload"]: r for r in peers_http.table_rows(summary)}
+    assert rows["all_base"]["ratio"] == pytest.approx(10.0)
+    assert rows["all_base"]["ratio_no_loras"] == pytest.approx(0.8)
+    assert rows["adapters"]["ratio_no_loras"] is None and rows["single"]["ratio"] is None

@@ -20,7 +20,12 @@ i % adapters), the same all on the base, and a single stream (one request); each
 prompts (no cache serves a run from an earlier one), the same on both sides. Interleaved
 (lorafleet, llama-server, next workload, ..., next repetition), the 1-minute load average read
 before each run, median [min-max] over `reps`; ratio = median over median; target: requests
-over adapters >= 2x (peers_config.TARGETS["http_adapters"])."""
+over adapters >= 2x (peers_config.TARGETS["http_adapters"]).
+
+llama-server computes every LoRA it has loaded for every token, scale 0 or not (measured: 32
+base requests at 26 tok/s with 16 LoRAs loaded, 310 with none). So the base-only workloads
+also run on a second llama-server with the same flags and no LoRAs (NO_LORAS): what a user
+serving only the base would run, and the fair peer of those rows."""
 
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from lorafleet.errors import LorafleetError
 WORKLOADS = ("adapters", "all_base", "single")
 METRICS = ("gen_tok_s", "ttft_p50", "tpot_p50")
 SYSTEMS = ("lorafleet", "llama-server")
+NO_LORAS = "llama-server-no-loras"  # the same flags and GGUF, no LoRA loaded: base rows only
 BASE_NAME = "base"  # the id lorafleet serves its base under here
 
 
@@ -315,7 +321,7 @@ def run(
     lorafleet_threads = cfg.threads or max(1, (os.cpu_count() or 2) - 1)  # serve's default
     print(f"starting lorafleet serve ({peers.setting_name(default_setting)}) ...", flush=True)
     ours = lorafleet_server(base, dirs[0].parent, cfg)
-    theirs = None
+    theirs = plain = None
     runs: dict[str, list[dict]] = {}
     try:
         warm = prompts[-per_rep:]
@@ -332,19 +338,21 @@ def run(
         print(f"  best: {cand.name} ({picked['results'][cand.name]:.1f} tok/s)", flush=True)
         slot_ctx = cfg.prompt_tokens + new + 8
         theirs = LlamaServer(found, gguf, loras, n, slot_ctx, cand)
-        urls = {"lorafleet": ours.url, "llama-server": theirs.url}
-        extra = {"lorafleet": None, "llama-server": cand.body}
-        order = interleave([f"{w}|{s}" for w in WORKLOADS for s in SYSTEMS], cfg.reps)
+        plain = LlamaServer(found, gguf, [], n, slot_ctx, cand)
+        urls = {"lorafleet": ours.url, "llama-server": theirs.url, NO_LORAS: plain.url}
+        extra = {"lorafleet": None, "llama-server": cand.body, NO_LORAS: cand.body}
+        order = interleave([f"{w}|{s}" for w in WORKLOADS for s in systems(w)], cfg.reps)
         for rep, key in order:
             kind, system = key.split("|")
             batch = prompts[rep * per_rep : (rep + 1) * per_rep]
             batch = batch[:n] if kind == "adapters" else batch[n:]
-            bodies = workload_bodies(system, kind, batch, new, cfg.adapters, extra[system])
+            client = "lorafleet" if system == "lorafleet" else "llama-server"
+            bodies = workload_bodies(client, kind, batch, new, cfg.adapters, extra[system])
             load = load1()
             fig = asyncio.run(send_all(urls[system], bodies, system))
             runs.setdefault(key, []).append({**fig, "load1": load})
             print(
-                f"rep {rep + 1}/{cfg.reps} {kind:<9} {system:<13} {fig['gen_tok_s']:7.1f} tok/s "
+                f"rep {rep + 1}/{cfg.reps} {kind:<9} {system:<21} {fig['gen_tok_s']:7.1f} tok/s "
                 f"(TTFT p50 {fig['ttft_p50']:.2f} s, load {load:.2f})",
                 flush=True,
             )
@@ -352,8 +360,10 @@ def run(
             "lorafleet": {"peak_rss_mb": peer_tools.peak_rss_mb(ours.proc.pid)},
             "llama-server": theirs.memory(),
         }
+        memory[NO_LORAS] = {"peak_rss_mb": peer_tools.peak_rss_mb(plain.proc.pid)}
         theirs.stop()
-        theirs = None
+        plain.stop()
+        theirs = plain = None
         # Its buffer sizes are logged at -lv 4 only, which also traces every slot step: read
         # them from a copy started after the runs, never from the server measured.
         probe = LlamaServer(
@@ -365,8 +375,9 @@ def run(
         probe.stop()
     finally:
         ours.stop()
-        if theirs is not None:
-            theirs.stop()
+        for server in (theirs, plain):
+            if server is not None:
+                server.stop()
     info = {
         "base": base,
         "setting": peers.setting_name(default_setting),
@@ -381,12 +392,19 @@ def run(
     return report(runs, memory, cfg, info, json_out)
 
 
+def systems(workload: str) -> tuple[str, ...]:
+    """The servers a workload runs on: both, and for the base-only ones also NO_LORAS."""
+    return SYSTEMS if workload == "adapters" else (*SYSTEMS, NO_LORAS)
+
+
 def table_rows(summary: dict) -> list[dict]:
     """One row per workload: each side's tok/s and TTFT p50 (median [min-max]), the ratio of
-    the tok/s medians, and its target and verdict where the issue sets one."""
+    the tok/s medians, and its target and verdict where the issue sets one; base-only rows
+    also llama-server without LoRAs and the ratio against it."""
     rows = []
     for kind in WORKLOADS:
         a, b = summary.get(f"{kind}|lorafleet", {}), summary.get(f"{kind}|llama-server", {})
+        c = summary.get(f"{kind}|{NO_LORAS}", {})
         value = ratio(a.get("gen_tok_s"), b.get("gen_tok_s"))
         target = TARGETS["http_adapters"] if kind == "adapters" else None
         rows.append(
@@ -397,9 +415,15 @@ def table_rows(summary: dict) -> list[dict]:
                 "lorafleet_ttft_p50": a.get("ttft_p50"),
                 "llama_server_ttft_p50": b.get("ttft_p50"),
                 "ratio": value,
+                "llama_server_no_loras": c.get("gen_tok_s"),
+                "ratio_no_loras": ratio(a.get("gen_tok_s"), c.get("gen_tok_s")),
                 "target": target,
                 "verdict": verdict(value, target) if target else "no target",
-                "load1": {"lorafleet": a.get("load1"), "llama-server": b.get("load1")},
+                "load1": {
+                    "lorafleet": a.get("load1"),
+                    "llama-server": b.get("load1"),
+                    NO_LORAS: c.get("load1"),
+                },
             }
         )
     return rows
@@ -415,6 +439,8 @@ def report(runs: dict, memory: dict, cfg: PeerTableConfig, info: dict, json_out)
             "llama-server tok/s": shown(r["llama_server"]),
             "ratio": ("-" if r["ratio"] is None else f"{r['ratio']:.2f}x")
             + (f" (>= {r['target']}x: {r['verdict']})" if r["target"] else ""),
+            "no-LoRA llama-server tok/s": shown(r["llama_server_no_loras"]),
+            "ratio to it": "-" if r["ratio_no_loras"] is None else f"{r['ratio_no_loras']:.2f}x",
             "TTFT p50 s lf / ls": f"{shown(r['lorafleet_ttft_p50'], 2)} / "
             f"{shown(r['llama_server_ttft_p50'], 2)}",
         }

@@ -353,8 +353,13 @@ def test_bfloat16_cpu_products_run_on_few_row_counts(path):
     A, B, scale = _stack([8, 4, 8], d_in=32, d_out=24, dtype=torch.float32)
     A, B, scale = (A / 4).bfloat16(), B.bfloat16(), scale.bfloat16()
     gen = torch.Generator().manual_seed(0)
-    for per_slot in (1, 3, 17, 40, 300):
-        idx = torch.tensor([0, 1, 2, 3] * per_slot)[torch.randperm(4 * per_slot, generator=gen)]
+    cases = [(n, False) for n in (1, 3, 17, 40, 300)] + [(n, True) for n in (3, 40, 300)]
+    for per_slot, grouped in cases:
+        if grouped:  # rows already grouped by slot, none on the base: added in place
+            idx = torch.tensor([1, 2, 3]).repeat_interleave(per_slot)
+        else:  # scattered rows and base rows: through the grouped buffer
+            idx = torch.tensor([0, 1, 2, 3] * per_slot)
+            idx = idx[torch.randperm(len(idx), generator=gen)]
         x = torch.randn(len(idx), 32, generator=gen).bfloat16()
         with RowCounts() as seen:
             got = PATHS[path](x, A, B, scale, idx)

@@ -171,9 +171,12 @@ def add_lora_segmented_(y, x, A, B, scale, plan: SlotPlan, ranks=None, weights=N
     Bt = B.transpose(1, 2)  # [S, r_max, d_out]
     xs = x if plan.rows is None else x.index_select(0, plan.rows)  # [T_nz, d_in], grouped
     # Rows already grouped in place add straight into y; others go through a buffer that is
-    # scattered back (every row of it is written below, so it need not be zeroed).
-    out = None if plan.rows is None else y.new_empty(xs.shape[0], y.shape[1])  # [T_nz, d_out]
+    # scattered back (every row of it is written below, so it need not be zeroed). A bucketed
+    # product writes its padding rows into the buffer too: into the rows of the segment or
+    # chunk that follows (written after it), or past the end (ROW_BUCKET - 1 spare rows).
     bucketed = buckets_rows(x)
+    spare = ROW_BUCKET - 1 if bucketed else 0
+    out = None if plan.rows is None else y.new_empty(xs.shape[0] + spare, y.shape[1])
     for slot, start, end in plan.segments:
         r = A.shape[1] if ranks is None else ranks[slot]
         if r == 0:
@@ -182,18 +185,18 @@ def add_lora_segmented_(y, x, A, B, scale, plan: SlotPlan, ranks=None, weights=N
             continue
         factor = None if scale is None else scale[slot]
         for lo, hi in _chunks(start, end, bucketed):
+            rows = _bucket_rows(xs, lo, hi) if bucketed else xs[lo:hi]  # [m, d_in], m >= n
             _slot_product_(
-                y[lo:hi] if out is None else out[lo:hi],
-                xs[lo:hi],
+                y[lo:hi] if out is None else out[lo : lo + rows.shape[0]],
+                rows,
                 A[slot, :r],
                 Bt[slot, :r],
                 factor,
                 None if weights is None else weights[lo:hi],
                 add=out is None,
-                pad=bucketed,
             )
     if out is not None:
-        y.index_add_(0, plan.rows, out)  # scatter the grouped rows back to their places
+        y.index_add_(0, plan.rows, out[: xs.shape[0]])  # scatter the grouped rows back
     return y
 
 
@@ -213,32 +216,40 @@ def _chunks(start: int, end: int, bucketed: bool):
         yield lo, min(end, lo + CHUNK_ROWS)
 
 
-def _slot_product_(target, x, a, bt, scale, weights, *, add: bool, pad: bool) -> None:
-    """target (+)= ((x @ a.T) * scale * weights) @ bt for one slot's rows, in place.
+def _bucket_rows(xs: Tensor, lo: int, hi: int) -> Tensor:
+    """Rows lo..hi of xs [T, d_in] and more, up to a multiple of ROW_BUCKET: the rows that
+    follow in xs (other segments' rows, whose results are cut off; a view, nothing copied), or
+    zero rows where xs ends first."""
+    rows = -(-(hi - lo) // ROW_BUCKET) * ROW_BUCKET
+    if lo + rows <= xs.shape[0]:
+        return xs[lo : lo + rows]  # [rows, d_in]
+    zeros = xs.new_zeros(lo + rows - xs.shape[0], xs.shape[1])
+    return torch.cat((xs[lo:], zeros))  # [rows, d_in]
 
-    x: [n, d_in], a: [r, d_in], bt: [r, d_out], target: [n, d_out], scale: a 0-dim tensor or
-    None, weights: [n] or None; `add`: accumulate into target, else overwrite it. `pad`: x is
-    first padded with zero rows to a multiple of ROW_BUCKET (the padding rows are cut off the
-    result), so both products see one of few row counts."""
-    n = x.shape[0]
-    padded = -(-n // ROW_BUCKET) * ROW_BUCKET if pad else n
-    if padded != n:
-        x = torch.cat((x, x.new_zeros(padded - n, x.shape[1])))  # [n, d_in] -> [padded, d_in]
-    h = x @ a.T  # [padded, d_in] @ [d_in, r] -> [padded, r]
+
+def _slot_product_(target, x, a, bt, scale, weights, *, add: bool) -> None:
+    """target (+)= ((x[:n] @ a.T) * scale * weights) @ bt for one slot's n rows, in place.
+
+    target: [n, d_out] or, overwritten, [m, d_out] (its rows past n take the padding's results);
+    x: [m, d_in] with m >= n (rows past n: padding, computed and cut off or written to target's
+    extra rows); a: [r, d_in], bt: [r, d_out], scale: a 0-dim tensor or None, weights: [n] or
+    None (n = len(weights) then); `add`: accumulate into target, else overwrite it."""
+    h = x @ a.T  # [m, d_in] @ [d_in, r] -> [m, r]
     if scale is not None:
         h.mul_(scale)
     if weights is not None:
-        h[:n].mul_(weights[:, None])  # [n, r] * [n, 1]
-    if padded != n:
-        delta = (h @ bt)[:n]  # [padded, r] @ [r, d_out] -> [padded, d_out] -> [n, d_out]
+        h[: weights.shape[0]].mul_(weights[:, None])  # [n, r] * [n, 1]
+    if x.shape[0] == target.shape[0]:
         if add:
-            target.add_(delta)
+            target.addmm_(h, bt)  # += [m, r] @ [r, d_out]
         else:
-            target.copy_(delta)
-    elif add:
-        target.addmm_(h, bt)  # += [n, r] @ [r, d_out]
+            torch.mm(h, bt, out=target)  # [m, r] @ [r, d_out]
+        return
+    delta = (h @ bt)[: target.shape[0]]  # [m, r] @ [r, d_out] -> [m, d_out] -> [n, d_out]
+    if add:
+        target.add_(delta)
     else:
-        torch.mm(h, bt, out=target)  # [n, r] @ [r, d_out]
+        target.copy_(delta)
 
 
 def add_lora_gathered_(y, x, A, B, scale, plan: SlotPlan, rank=None, weights=None) -> Tensor:

@@ -122,8 +122,15 @@ def single(env):
 @pytest.fixture(scope="module")
 def fleet(env):
     config = ServerConfig(model_name="tiny", hub_adapters=True, drain_timeout_s=1.0)
+    # float32 as the single server (bfloat16, `auto` on some CPUs, depends on the batching)
     with start_fleet(
-        "tiny", env["adapters"], replicas=2, settings=SETTINGS, config=config, **features(env)
+        "tiny",
+        env["adapters"],
+        replicas=2,
+        settings=SETTINGS,
+        config=config,
+        dtype="float32",
+        **features(env),
     ) as fleet:
         fleet.start_http()
         yield fleet

@@ -69,8 +69,15 @@ def single(dirs):
 def fleet(dirs):
     config = ServerConfig(model_name="tiny", drain_timeout_s=1.0)
     auth = AuthConfig.load(dirs / "auth.json")
+    # float32 as the single server (bfloat16, `auto` on some CPUs, depends on the batching)
     with start_fleet(
-        "tiny", dirs / "adapters", replicas=2, settings=SETTINGS, config=config, auth=auth
+        "tiny",
+        dirs / "adapters",
+        replicas=2,
+        settings=SETTINGS,
+        config=config,
+        auth=auth,
+        dtype="float32",
     ) as fleet:
         fleet.start_http()
         yield fleet

@@ -8,7 +8,7 @@ KL half does not depend on the machine; the speed half does, on whether the CPU 
 bfloat16 natively (oneDNN's AVX512-BF16 / AMX kernels). PICKS holds the rule's verdict for each
 kind of CPU, over every setting (`auto`) and over one dtype's settings (when --dtype is given
 and --quantize is left `auto`), from the committed figures: bench/results/quality.json with
-SPEEDS[kind]'s speeds. tests/serve/api/test_precision.py applies the rule to those files again
+SPEEDS[kind]'s speeds. tests/serve/api/test_auto_precision.py applies the rule to those files again
 and asserts that it still picks PICKS.
 
 A GPU is not a kind the rule measured (int8 / int4 are CPU kernels): `auto` there is exact

@@ -156,12 +156,12 @@ def test_pair_rows_take_the_ratio_of_medians_and_judge_each_target():
         return {"gen_tok_s": {"median": median, "min": median - 1, "max": median + 1, "n": 5}}
 
     summary = {
-        "lorafleet float32|32": fig(320.0),
-        "llama.cpp F32|32": fig(300.0),
-        "lorafleet float32|1": fig(40.0),
-        "llama.cpp F32|1": fig(72.0),
-        "llama.cpp Q4_1 (shipped)|32": fig(160.0),
-        "llama.cpp Q4_1 (shipped)|1": fig(80.0),
+        "lorafleet float32|32": http_summary(320.0),
+        "llama.cpp F32|32": http_summary(300.0),
+        "lorafleet float32|1": http_summary(40.0),
+        "llama.cpp F32|1": http_summary(72.0),
+        "llama.cpp Q4_1 (shipped)|32": http_summary(160.0),
+        "llama.cpp Q4_1 (shipped)|1": http_summary(80.0),
     }
     bytes_per_token = {"lorafleet float32": 513 * 2**20, "llama.cpp F32": 514 * 2**20}
     f32, q41 = peers_inproc.pair_rows(pairs, summary, 32, bytes_per_token)
@@ -297,17 +297,19 @@ def test_the_client_counts_tokens_and_refuses_short_answers():
         server.shutdown()
 
 
-def test_http_rows_judge_the_adapters_workload_only():
-    def fig(median):
-        return {"gen_tok_s": {"median": median}, "ttft_p50": {"median": 1.0}, "load1": [1.0]}
+def http_summary(median: float) -> dict:
+    """One system's summary of one workload (peers_runs.summarise_reps's shape)."""
+    return {"gen_tok_s": {"median": median}, "ttft_p50": {"median": 1.0}, "load1": [1.0]}
 
+
+def test_http_rows_judge_the_adapters_workload_only():
     summary = {
-        "adapters|lorafleet": fig(300.0),
-        "adapters|llama-server": fig(100.0),
-        "all_base|lorafleet": fig(200.0),
-        "all_base|llama-server": fig(150.0),
-        "single|lorafleet": fig(40.0),
-        "single|llama-server": fig(100.0),
+        "adapters|lorafleet": http_summary(300.0),
+        "adapters|llama-server": http_summary(100.0),
+        "all_base|lorafleet": http_summary(200.0),
+        "all_base|llama-server": http_summary(150.0),
+        "single|lorafleet": http_summary(40.0),
+        "single|llama-server": http_summary(100.0),
     }
     rows = {r["workload"]: r for r in peers_http.table_rows(summary)}
     assert rows["adapters"]["ratio"] == pytest.approx(3.0) and rows["adapters"]["verdict"] == "met"
@@ -324,15 +326,12 @@ def test_base_rows_also_face_a_llama_server_without_loras():
         == "llama-server-no-loras"
     )
 
-    def fig(median):
-        return {"gen_tok_s": {"median": median}, "ttft_p50": {"median": 1.0}, "load1": [1.0]}
-
     summary = {
-        "adapters|lorafleet": fig(300.0),
-        "adapters|llama-server": fig(100.0),
-        "all_base|lorafleet": fig(200.0),
-        "all_base|llama-server": fig(20.0),
-        "all_base|llama-server-no-loras": fig(250.0),
+        "adapters|lorafleet": http_summary(300.0),
+        "adapters|llama-server": http_summary(100.0),
+        "all_base|lorafleet": http_summary(200.0),
+        "all_base|llama-server": http_summary(20.0),
+        "all_base|llama-server-no-loras": http_summary(250.0),
     }
     rows = {r["workload"]: r for r in peers_http.table_rows(summary)}
     assert rows["all_base"]["ratio"] == pytest.approx(10.0)

@@ -1,6 +1,8 @@
-"""`lorafleet bench prefix-cache`: its pass rule over runs (pure) and its config checks."""
+"""`lorafleet bench prefix-cache`: its pass rule (pure), its config checks and the command."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -49,3 +51,16 @@ def test_bad_sizes_are_refused_in_one_line():
         PrefixBenchConfig(clients=0)
     with pytest.raises(LorafleetError, match="max_batch_tokens"):
         PrefixBenchConfig(system_tokens=3000)
+
+
+@pytest.mark.parametrize("dtype, quantize", [("bfloat16", "none"), ("float32", "int4")])
+def test_the_command_runs_with_serves_quantisation_for_its_dtype(
+    run_cli, tmp_path, dtype, quantize
+):
+    """serve's `auto` quantisation resolved for --dtype (the rule's pick for that dtype)."""
+    out = tmp_path / "prefix.json"
+    args = ("bench", "prefix-cache", "--quick", "--base", "tiny", "--dtype", dtype)
+    code, _, err = run_cli(*args, "--workload", "shared", "--json", out)
+    assert code == 0, err
+    config = json.loads(out.read_text())["config"]
+    assert (config["dtype"], config["quantize"]) == (dtype, quantize)

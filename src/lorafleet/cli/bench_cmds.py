@@ -934,9 +934,12 @@ def bench_prefix_cache(
         lorafleet bench prefix-cache --workload shared --clients 16 --rounds 2 --dtype bfloat16
     """
     from lorafleet.bench.prefix_cache import run
+    from lorafleet.serve.api import precision
     from lorafleet.serve.api.config import EngineSettings
 
-    more = {"dtype": dtype, "quantize": field_default(EngineSettings, "quantize")}
+    # serve's quantisation for this --dtype (its `auto`: the rule's pick for the dtype)
+    _, quantize = precision.resolve(dtype, field_default(EngineSettings, "quantize"))
+    more = {"dtype": dtype, "quantize": quantize}
     if quick:
         more |= {"clients": 4, "adapters": 2, "rounds": 2, "reps": 1, "new_tokens": 4}
         more |= {"system_tokens": 48, "user_tokens": 8}

@@ -166,12 +166,12 @@ def pick_default(
     is left out; float32 (REFERENCE) qualifies by definition. `among`: the settings the pick
     is made from (serve's --dtype given, --quantize auto: that dtype's settings); None = all.
     Raises ValueError when none of `among` qualifies."""
-    allowed = (lambda name: True) if among is None else (lambda name: name in among)
+    allowed = {REFERENCE, *kl_mean} if among is None else set(among)
     reasons, qualified = {}, {}
-    if allowed(REFERENCE):
+    if REFERENCE in allowed:
         qualified[REFERENCE] = speeds.get(REFERENCE, 1.0)
     for name, kl in kl_mean.items():
-        if name == REFERENCE or not allowed(name):
+        if name == REFERENCE or name not in allowed:
             continue
         q8 = q8_0_kl_mean[name] if isinstance(q8_0_kl_mean, dict) else q8_0_kl_mean
         if kl > q8:
@@ -183,7 +183,7 @@ def pick_default(
         else:
             reasons[name] = f"qualifies (speed {speeds[name]:.2f}x float32)"
             qualified[name] = speeds[name]
-    if allowed(REFERENCE):
+    if REFERENCE in allowed:
         reasons[REFERENCE] = "the reference (KL 0): the fallback"
     if not qualified:
         raise ValueError(f"none of {sorted(among or ())} qualifies under the rule")

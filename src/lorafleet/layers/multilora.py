@@ -273,7 +273,7 @@ def add_lora_gathered_(y, x, A, B, scale, plan: SlotPlan, rank=None, weights=Non
         xg = x.view(G, m, x.shape[1])  # [T, d_in] -> [G, m, d_in]
     else:
         xg = x.index_select(0, lay.src).view(G, m, x.shape[1])  # [G*m, d_in] -> [G, m, d_in]
-    m_run = group_bucket(m) if buckets_rows(x) else m
+    m_run = _group_bucket(m) if buckets_rows(x) else m
     if m_run != m:  # zero rows after each group's m, cut off below
         xg = torch.cat((xg, xg.new_zeros(G, m_run - m, xg.shape[2])), 1)  # [G, m_run, d_in]
     h = torch.bmm(xg, Ag.transpose(1, 2))  # [G, m_run, d_in] @ [G, d_in, r] -> [G, m_run, r]
@@ -295,7 +295,7 @@ def add_lora_gathered_(y, x, A, B, scale, plan: SlotPlan, rank=None, weights=Non
     return y
 
 
-def group_bucket(m: int) -> int:
+def _group_bucket(m: int) -> int:
     """The rows per group a bucketed gathered product runs with: m rounded up to a power of
     two up to ROW_BUCKET, then to a multiple of ROW_BUCKET."""
     if m <= ROW_BUCKET:

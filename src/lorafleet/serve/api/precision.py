@@ -71,7 +71,7 @@ def resolve(
 
 def describe(dtype: str, quantize: str, device_type: str = "cpu") -> str:
     """One line for the startup message: the resolved setting and why, e.g.
-    'bfloat16 (auto: native bfloat16 CPU)'."""
+    'bfloat16 (auto: the quality rule's pick on a native bfloat16 CPU)'."""
     got_dtype, got_quantize = resolve(dtype, quantize, device_type)
     name = got_dtype if got_quantize == "none" else f"{got_dtype} + {got_quantize}"
     if AUTO not in (dtype, quantize):

@@ -11,7 +11,6 @@ from lorafleet import kernels
 from lorafleet.layers import (
     FusedProjections,
     MultiLoRAContext,
-    MultiLoRALinear,
     base_layer,
     base_product,
     can_fuse,
@@ -62,7 +61,10 @@ class LlamaRunner(ModelRunner):
         # block); else None, and the modules are called.
         self.plain = [plain_block(b) for b in body.layers]
         # gate and up of a plain block as one product where that is faster (`one_product`)
-        self.gate_up = [fused_gate_up(p) if fuse else None for p in self.plain]
+        self.gate_up = [
+            fused_gate_up(b, p) if fuse else None
+            for b, p in zip(body.layers, self.plain, strict=True)
+        ]
         # Decode-only steps run `decode_forward` (lorafleet's decode-layer kernels: norms,
         # RoPE + KV write + attention, SiLU in 4 calls per layer instead of ~40 torch ops) where
         # the kernels are built and every norm is Llama's RMSNorm in the model's dtype.
@@ -255,16 +257,14 @@ class LlamaRunner(ModelRunner):
 
     def adapted_mlp(self, index: int, mlp: nn.Module, x: Tensor) -> Tensor:
         """Block `index`'s MLP of x [T, d] -> [T, d] in a step where some row uses an adapter,
-        equal to mlp(x): where gate and up take one product (`one_product`), that product
-        (the fused weight's packed copy or GEMV; gate's and up's own weights are views no
-        kernel packs, so calling them ran MKL in float32 and an unbucketed oneDNN bfloat16
-        GEMM) plus each module's adapter terms on its column block; else the module."""
+        equal to mlp(x): where gate and up take one product (`one_product`), the fused
+        projections (the fused weight's packed copy or GEMV, then each module's adapter terms;
+        gate's and up's own weights are views no kernel packs, so calling them ran MKL in
+        float32 and an unbucketed oneDNN bfloat16 GEMM); else the module."""
         gate_up = self.gate_up[index]
         if not one_product(gate_up, x):
             return mlp(x)
-        g, u = gate_up.base(x).split(gate_up.sizes, dim=-1)  # [T, inter] each: column views
-        g = adapter_terms(mlp.gate_proj, x, g)
-        u = adapter_terms(mlp.up_proj, x, u)
+        g, u = gate_up(x)  # [T, inter] each
         return mlp.down_proj(F.silu(g) * u)  # [T, inter] -> [T, d]
 
     def swiglu(self, index: int, x: Tensor) -> Tensor:
@@ -307,17 +307,14 @@ def plain_block(block: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.M
     return None if any(lin is None for lin in linears) else linears
 
 
-def fused_gate_up(plain: tuple[nn.Module, ...] | None) -> FusedProjections | None:
-    """A plain block's gate and up base layers as one FusedProjections (their weights become
-    views of one), or None when they cannot share one (`can_fuse`)."""
-    if plain is None or not can_fuse(plain[1:3]):
+def fused_gate_up(block: nn.Module, plain: tuple | None) -> FusedProjections | None:
+    """A plain block's gate and up modules as one FusedProjections (their base weights become
+    views of one; calling it adds each module's adapter terms to its column block, as q/k/v),
+    or None when the block is not plain or they cannot share one (`can_fuse`)."""
+    parts = (block.mlp.gate_proj, block.mlp.up_proj) if plain is not None else ()
+    if not parts or not can_fuse(parts):
         return None
-    return FusedProjections(plain[1:3])
-
-
-def adapter_terms(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """y (module's base product of x) plus its adapter terms when it is a MultiLoRALinear."""
-    return module.add_adapters(x, y) if isinstance(module, MultiLoRALinear) else y
+    return FusedProjections(parts)
 
 
 def one_product(gate_up: FusedProjections | None, x: Tensor) -> bool:
